@@ -1,0 +1,205 @@
+"""Checkpoints: a directory with ``config.json`` + ``model.safetensors`` (+ ``trainer_state.pt``).
+
+``config.json`` holds everything needed to rebuild and run the policy: model config, observation and
+action spaces, normalization statistics, return scale, env id, reference scores, dataset provenance
+and the dtlab version. Loading never unpickles code: weights come from safetensors, the config from
+JSON, and the trainer state (resume only) through ``torch.load(weights_only=True)``.
+
+A run directory holds ``step_XXXXXXXX/`` checkpoints and a ``latest`` file naming the newest one.
+Every write goes to a temporary name first and is renamed into place, so a crash at any moment
+leaves the previous checkpoint intact.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+import dtlab
+from dtlab.config import ModelConfig
+from dtlab.errors import CheckpointError, ConfigError
+from dtlab.model import DecisionTransformer
+
+FORMAT_VERSION = 1
+CONFIG_FILE, WEIGHTS_FILE, TRAINER_FILE, LATEST_FILE = (
+    "config.json", "model.safetensors", "trainer_state.pt", "latest")
+
+
+@dataclass(frozen=True)
+class PolicyInfo:
+    """Everything besides the weights that a checkpoint's policy needs (stored in config.json)."""
+
+    model: ModelConfig
+    obs_dim: int
+    act_dim: int
+    action_low: list[float]  # (act_dim,) env action bounds; the model acts in [-1, 1]
+    action_high: list[float]  # (act_dim,)
+    obs_mean: list[float]  # (obs_dim,)
+    obs_std: list[float]  # (obs_dim,)
+    return_scale: float
+    env_id: str
+    ref_min_score: float | None = None
+    ref_max_score: float | None = None
+    dataset: dict[str, Any] = field(default_factory=dict)  # path, provenance, return statistics
+    step: int = 0
+    dtlab_version: str = dtlab.__version__
+    format_version: int = FORMAT_VERSION
+
+    def to_json(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any], source: str) -> "PolicyInfo":
+        version = data.get("format_version")
+        if not isinstance(version, int):
+            raise CheckpointError(f"{source}: no integer 'format_version' (not a dtlab checkpoint?)")
+        if version > FORMAT_VERSION:
+            raise CheckpointError(
+                f"{source}: checkpoint format {version} is newer than this dtlab supports "
+                f"({FORMAT_VERSION}); upgrade dtlab")
+        try:
+            model = ModelConfig(**data["model"])
+            info = cls(**{**data, "model": model})
+        except (TypeError, KeyError, ConfigError) as exc:
+            raise CheckpointError(f"{source}: invalid config: {exc}") from None
+        if len(info.obs_mean) != info.obs_dim or len(info.obs_std) != info.obs_dim:
+            raise CheckpointError(f"{source}: obs_mean/obs_std length differs from obs_dim {info.obs_dim}")
+        if len(info.action_low) != info.act_dim or len(info.action_high) != info.act_dim:
+            raise CheckpointError(f"{source}: action bounds length differs from act_dim {info.act_dim}")
+        return info
+
+
+def resolve(path: str | Path) -> Path:
+    """A checkpoint directory, or a run directory resolved through its ``latest`` file."""
+    path = Path(path)
+    if (path / LATEST_FILE).is_file():
+        name = (path / LATEST_FILE).read_text().strip()
+        path = path / name
+    if not path.is_dir():
+        raise CheckpointError(f"{path}: checkpoint directory not found")
+    if not (path / CONFIG_FILE).is_file():
+        raise CheckpointError(f"{path}: not a dtlab checkpoint (no {CONFIG_FILE}, no {LATEST_FILE})")
+    return path
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _write_atomic_text(path: Path, text: str) -> None:
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.tmp-")
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def save(run_dir: str | Path, name: str, model: DecisionTransformer, info: PolicyInfo,
+         trainer_state: dict[str, Any] | None = None, keep: int | None = None) -> Path:
+    """Write checkpoint ``run_dir/name`` atomically and point ``run_dir/latest`` at it."""
+    run_dir = Path(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=run_dir, prefix=f".{name}.tmp-"))
+    final = run_dir / name
+    try:
+        weights = {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
+        save_file(weights, tmp / WEIGHTS_FILE, metadata={"format": "pt"})
+        (tmp / CONFIG_FILE).write_text(json.dumps(info.to_json(), indent=2))
+        if trainer_state is not None:
+            torch.save(trainer_state, tmp / TRAINER_FILE)
+        for f in tmp.iterdir():
+            with open(f, "rb") as fh:
+                os.fsync(fh.fileno())
+        if final.exists():  # re-saving the same step (e.g. final == periodic): replace it
+            shutil.rmtree(final)
+        os.rename(tmp, final)
+        _fsync_dir(run_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    _write_atomic_text(run_dir / LATEST_FILE, name + "\n")
+    if keep is not None:
+        steps = sorted(p for p in run_dir.glob("step_*") if p.is_dir())
+        for old in steps[:-keep]:
+            if old != final:
+                shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def load_info(path: str | Path) -> tuple[Path, PolicyInfo]:
+    path = resolve(path)
+    source = str(path / CONFIG_FILE)
+    try:
+        data = json.loads((path / CONFIG_FILE).read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise CheckpointError(f"{source}: corrupt JSON: {exc}") from None
+    if not isinstance(data, dict):
+        raise CheckpointError(f"{source}: expected a JSON object")
+    return path, PolicyInfo.from_json(data, source)
+
+
+def load(path: str | Path, device: str | torch.device = "cpu") -> tuple[DecisionTransformer, PolicyInfo]:
+    """Rebuild the model from a checkpoint; refuses weights that do not match the config."""
+    path, info = load_info(path)
+    weights_path = path / WEIGHTS_FILE
+    if not weights_path.is_file():
+        raise CheckpointError(f"{weights_path}: missing")
+    try:
+        weights = load_file(weights_path, device="cpu")
+    except (SafetensorError, OSError, ValueError) as exc:
+        raise CheckpointError(f"{weights_path}: corrupt safetensors file: {exc}") from None
+    model = DecisionTransformer(info.model, info.obs_dim, info.act_dim)
+    expected = model.state_dict()
+    missing = sorted(set(expected) - set(weights))
+    unexpected = sorted(set(weights) - set(expected))
+    if missing or unexpected:
+        raise CheckpointError(f"{weights_path}: weights do not match config.json "
+                              f"(missing {missing[:3]}, unexpected {unexpected[:3]})")
+    for key, value in weights.items():
+        if value.shape != expected[key].shape:
+            raise CheckpointError(f"{weights_path}: '{key}' has shape {tuple(value.shape)}, "
+                                  f"config.json implies {tuple(expected[key].shape)}")
+    model.load_state_dict(weights)
+    return model.to(device).eval(), info
+
+
+def load_trainer_state(path: str | Path) -> dict[str, Any]:
+    """Optimizer/scheduler/RNG state for --resume, loaded without unpickling code."""
+    file = resolve(path) / TRAINER_FILE
+    if not file.is_file():
+        raise CheckpointError(f"{file}: missing (checkpoint was saved without trainer state)")
+    try:
+        return torch.load(file, map_location="cpu", weights_only=True)
+    except Exception as exc:  # torch raises many types for corrupt/unsafe files
+        raise CheckpointError(f"{file}: cannot load trainer state: {exc}") from None
+
+
+def numpy_rng_state(rng: np.random.Generator) -> dict[str, Any]:
+    """The generator's state as plain JSON-able types (for weights_only torch.save)."""
+    return rng.bit_generator.state
+
+
+def restore_numpy_rng(state: dict[str, Any]) -> np.random.Generator:
+    bit_gen = getattr(np.random, state["bit_generator"])()
+    bit_gen.state = state
+    return np.random.Generator(bit_gen)

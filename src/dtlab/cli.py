@@ -1,0 +1,153 @@
+"""The ``dtlab`` command line (tyro subcommands); ``--help`` text comes from the config docstrings.
+
+Every failure on bad input is a DtlabError: printed as one line, exit code 2, no traceback.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from dataclasses import dataclass
+from typing import Annotated, Union
+
+import tyro
+
+from dtlab.config import EvalConfig, TrainConfig
+from dtlab.errors import DtlabError
+
+
+@dataclass(frozen=True)
+class DataInfo:
+    """Print episodes, transitions, return statistics and dims of a dataset."""
+
+    path: Annotated[str, tyro.conf.Positional, tyro.conf.arg(metavar="PATH")]
+    """Dataset file (D4RL HDF5 or dtlab native)."""
+    json: bool = False
+    """Print machine-readable JSON instead of a table."""
+
+
+@dataclass(frozen=True)
+class DataValidate:
+    """Run every load-time check on a dataset and report problems (exit 2 on the first error)."""
+
+    path: Annotated[str, tyro.conf.Positional, tyro.conf.arg(metavar="PATH")]
+    """Dataset file (D4RL HDF5 or dtlab native)."""
+    env: str | None = None
+    """Also check the dataset against this Gymnasium env's spaces and action bounds."""
+
+
+@dataclass(frozen=True)
+class DataCommand:
+    """Inspect and check dataset files."""
+
+    command: Union[
+        Annotated[DataInfo, tyro.conf.subcommand("info")],
+        Annotated[DataValidate, tyro.conf.subcommand("validate")],
+    ]
+
+
+@dataclass(frozen=True)
+class QuickstartConfig:
+    """Build a mixed-quality Pendulum-v1 dataset, train a DT, evaluate it at several targets."""
+
+    out: str = "dtlab-quickstart"
+    """Output directory: dataset, checkpoint, results.json, achieved-vs-target plot."""
+    steps: int = 3000
+    """Training steps."""
+    episodes: int = 10
+    """Evaluation episodes per target."""
+    seed: int = 0
+    """Seed for data collection, training and evaluation."""
+    progress: bool = True
+    """Show a progress bar while training."""
+
+
+Command = Union[
+    Annotated[QuickstartConfig, tyro.conf.subcommand("quickstart")],
+    Annotated[TrainConfig, tyro.conf.subcommand("train")],
+    Annotated[EvalConfig, tyro.conf.subcommand("evaluate")],
+    Annotated[DataCommand, tyro.conf.subcommand("data")],
+]
+
+
+def run_train(cfg: TrainConfig) -> None:
+    from dtlab.train import train
+
+    result = train(cfg)
+    state = "interrupted; resume with --resume" if result.interrupted else "done"
+    print(f"{state}: {result.steps} steps, final loss {result.final_loss:.5f}, "
+          f"checkpoint {result.checkpoint}")
+
+
+def run_evaluate(cfg: EvalConfig) -> None:
+    from dtlab.evaluate import evaluate_checkpoint
+
+    evaluate_checkpoint(cfg, echo=True)
+
+
+def run_data_info(cmd: DataInfo) -> None:
+    from dtlab.data.formats import load_episodes
+
+    summary = load_episodes(cmd.path).summary()
+    if cmd.json:
+        print(json.dumps(summary, indent=2))
+        return
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=str(cmd.path), show_header=False)
+    for key, value in summary.items():
+        if isinstance(value, dict):
+            value = "  ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}"
+                              for k, v in value.items())
+        table.add_row(key, str(value))
+    Console().print(table)
+
+
+def run_data_validate(cmd: DataValidate) -> None:
+    import numpy as np
+
+    from dtlab.data.formats import load_episodes
+    from dtlab.envs import check_spaces, make_env
+
+    episodes = load_episodes(cmd.path)
+    print(f"{cmd.path}: {episodes.num_episodes} episodes, {episodes.num_transitions} transitions: "
+          "keys, lengths, finiteness and episode flags OK")
+    if cmd.env:
+        env = make_env(cmd.env)
+        check_spaces(env, episodes.obs_dim, episodes.act_dim, what=f"dataset {cmd.path}")
+        low, high = env.action_space.low, env.action_space.high
+        outside = int(np.any((episodes.actions < low) | (episodes.actions > high), axis=1).sum())
+        print(f"{cmd.path}: spaces match {cmd.env}; {outside} actions outside the action bounds")
+
+
+def main(argv: list[str] | None = None) -> int:
+    cmd = tyro.cli(Command, args=argv, prog="dtlab",
+                   description="dtlab: Decision Transformers for offline RL.",
+                   config=(tyro.conf.OmitSubcommandPrefixes,))
+    try:
+        if isinstance(cmd, QuickstartConfig):
+            from dtlab.quickstart import quickstart
+
+            quickstart(cmd.out, steps=cmd.steps, episodes=cmd.episodes, seed=cmd.seed,
+                       progress=cmd.progress)
+        elif isinstance(cmd, TrainConfig):
+            run_train(cmd)
+        elif isinstance(cmd, EvalConfig):
+            run_evaluate(cmd)
+        elif isinstance(cmd, DataCommand):
+            if isinstance(cmd.command, DataInfo):
+                run_data_info(cmd.command)
+            else:
+                run_data_validate(cmd.command)
+    except DtlabError as exc:
+        print(f"dtlab: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("dtlab: interrupted", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,130 @@
+"""Frozen configuration dataclasses. Each field's docstring is its ``--help`` text.
+
+Values derived from data (observation/action dims, normalization statistics, reference scores)
+live in the checkpoint, never here.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Annotated, Literal
+
+import tyro
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """Decision Transformer hyperparameters (defaults: the DT paper's gym configuration)."""
+
+    embed_dim: int = 128
+    """Width of every token embedding and of the transformer."""
+    n_layers: int = 3
+    """Number of transformer blocks."""
+    n_heads: int = 1
+    """Attention heads per block (embed_dim must be divisible by it)."""
+    mlp_ratio: int = 4
+    """Hidden width of each block's MLP, as a multiple of embed_dim."""
+    dropout: float = 0.1
+    """Dropout on embeddings, attention weights and residual branches."""
+    context_len: int = 20
+    """K: number of (return-to-go, state, action) steps the model sees."""
+    max_ep_len: int = 1000
+    """Size of the learned timestep embedding; timesteps at or above it are clamped."""
+
+    def __post_init__(self) -> None:
+        from dtlab.errors import ConfigError
+
+        if self.embed_dim % self.n_heads:
+            raise ConfigError(f"embed_dim {self.embed_dim} is not divisible by n_heads {self.n_heads}")
+        for name in ("embed_dim", "n_layers", "n_heads", "mlp_ratio", "context_len", "max_ep_len"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"model.{name} must be >= 1, got {getattr(self, name)}")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ConfigError(f"model.dropout must be in [0, 1), got {self.dropout}")
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Training run: data, optimization, logging, checkpoints (defaults: the DT paper's gym run)."""
+
+    dataset: str
+    """Dataset file: D4RL-layout HDF5 or dtlab's native HDF5."""
+    env: str
+    """Gymnasium environment id used for evaluation and space checks, e.g. Hopper-v5."""
+    out: str = "runs/dt"
+    """Run directory: checkpoints, metrics.jsonl, TensorBoard logs."""
+    steps: int = 100_000
+    """Number of gradient steps."""
+    batch_size: int = 64
+    """Windows per gradient step."""
+    lr: float = 1e-4
+    """Peak learning rate of AdamW."""
+    weight_decay: float = 1e-4
+    """AdamW weight decay, applied to matmul weights only (not biases, LayerNorms, embeddings)."""
+    betas: tuple[float, float] = (0.9, 0.999)
+    """AdamW betas."""
+    warmup_steps: int = 10_000
+    """Linear learning-rate warm-up from 0 over this many steps."""
+    schedule: Literal["constant", "cosine"] = "constant"
+    """Learning rate after warm-up: constant (the DT paper) or cosine decay to 10% at the end."""
+    grad_clip: float = 0.25
+    """Clip the global gradient norm to this value (0 disables)."""
+    return_scale: float | None = None
+    """Divide returns-to-go by this; default from the env registry (1000 for MuJoCo locomotion)."""
+    seed: int = 0
+    """Seed of model init, dropout and window sampling."""
+    model: ModelConfig = field(default_factory=ModelConfig)
+    """Model architecture."""
+    eval_every: int = 0
+    """Evaluate in the env every this many steps (0: only at the end if eval_episodes > 0)."""
+    eval_episodes: int = 0
+    """Episodes per target for periodic/final evaluation (0 disables evaluation during training)."""
+    eval_targets: tuple[float, ...] = ()
+    """Target returns for evaluation during training; default from the env registry."""
+    checkpoint_every: int = 10_000
+    """Write a checkpoint every this many steps (and always at the end)."""
+    keep_checkpoints: int = 3
+    """How many step checkpoints to keep in the run directory (the newest ones)."""
+    log_every: int = 100
+    """Write metrics (loss, lr, steps/s) every this many steps."""
+    resume: bool = False
+    """Continue the run in --out from its latest checkpoint (bit-for-bit on CPU)."""
+    device: str = "auto"
+    """torch device: auto (cuda if available, else cpu), cpu, cuda, cuda:1, ..."""
+    threads: int | None = None
+    """CPU threads for torch (default: OMP_NUM_THREADS if set, else the number of cores)."""
+    progress: bool = True
+    """Show a progress bar."""
+    tensorboard: bool = True
+    """Also write metrics as TensorBoard events under OUT/tb."""
+
+
+@dataclass(frozen=True)
+class EvalConfig:
+    """Return-conditioned evaluation of a checkpoint in its Gymnasium environment."""
+
+    checkpoint: Annotated[str, tyro.conf.Positional, tyro.conf.arg(metavar="CKPT_DIR")]
+    """Checkpoint directory (a run directory resolves to its latest checkpoint)."""
+    targets: tuple[float, ...] = ()
+    """Target returns to condition on; default from the env registry."""
+    episodes: int = 10
+    """Episodes per target."""
+    seed: int = 0
+    """Episode i of every target resets its env with seed + i (same starts for every target)."""
+    env: str | None = None
+    """Override the checkpoint's env id (must have the same spaces)."""
+    out: str | None = None
+    """Write results as JSON to this file."""
+    sweep: bool = False
+    """Evaluate a range of targets (from the dataset's minimum to 1.2x its maximum return) and draw
+    achieved vs target return."""
+    sweep_points: int = 8
+    """Number of targets in --sweep."""
+    plot: str | None = None
+    """PNG path for the achieved-vs-target plot (default: next to --out, or sweep.png)."""
+    max_steps: int | None = None
+    """Cut episodes at this many steps (default: the env's time limit)."""
+    device: str = "auto"
+    """torch device: auto, cpu, cuda, ..."""
+    threads: int | None = None
+    """CPU threads for torch (default: OMP_NUM_THREADS if set, else 1 for rollouts)."""

@@ -1,0 +1,165 @@
+"""EpisodeSet: all episodes of a dataset as flat arrays plus episode offsets.
+
+An episode of T steps holds T observations (the D4RL view): observation t is the state in which
+action t was taken and reward t received. Formats that store T+1 observations (Minari) convert at
+their boundary.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from dtlab.data.returns import returns_to_go as _returns_to_go
+from dtlab.errors import DatasetError
+
+
+@dataclass(frozen=True, eq=False)
+class EpisodeSet:
+    """Flat, validated arrays over all episodes (N transitions, E episodes)."""
+
+    observations: np.ndarray  # (N, obs_dim) float32
+    actions: np.ndarray  # (N, act_dim) float32
+    rewards: np.ndarray  # (N,) float32
+    terminations: np.ndarray  # (N,) bool, True only at the last step of a terminated episode
+    truncations: np.ndarray  # (N,) bool, True only at the last step of a truncated episode
+    episode_starts: np.ndarray  # (E,) int64, index of each episode's first step, starts[0] == 0
+    returns_to_go: np.ndarray = field(init=False)  # (N,) float32, undiscounted, computed once
+    source: str = "<memory>"  # file the data came from (for error messages)
+    metadata: dict[str, Any] = field(default_factory=dict)  # provenance, written with the data
+
+    def __post_init__(self) -> None:
+        def fail(msg: str) -> None:
+            raise DatasetError(f"{self.source}: {msg}")
+
+        obs = np.asarray(self.observations, dtype=np.float32)
+        act = np.asarray(self.actions, dtype=np.float32)
+        if obs.ndim == 1:
+            obs = obs[:, None]
+        if act.ndim == 1:
+            act = act[:, None]
+        rew = np.asarray(self.rewards, dtype=np.float32).reshape(-1)
+        term = np.asarray(self.terminations).astype(bool).reshape(-1)
+        trunc = np.asarray(self.truncations).astype(bool).reshape(-1)
+        starts = np.asarray(self.episode_starts, dtype=np.int64).reshape(-1)
+        n = obs.shape[0]
+        if obs.ndim != 2 or act.ndim != 2:
+            fail(f"observations and actions must be 2-D, got shapes {obs.shape} and {act.shape}")
+        if n == 0:
+            fail("dataset is empty (0 transitions)")
+        for name, arr in (("actions", act), ("rewards", rew), ("terminations", term),
+                          ("truncations", trunc)):
+            if arr.shape[0] != n:
+                fail(f"'{name}' has {arr.shape[0]} entries but 'observations' has {n}")
+        for name, arr in (("observations", obs), ("actions", act), ("rewards", rew)):
+            bad = ~np.isfinite(arr)
+            if bad.any():
+                row = int(np.argwhere(bad)[0][0])
+                fail(f"'{name}' contains NaN or inf (first at transition {row})")
+        if starts.size == 0 or starts[0] != 0:
+            fail("episode_starts must begin with 0")
+        if np.any(np.diff(starts) <= 0) or starts[-1] >= n:
+            fail("episode_starts must be strictly increasing and inside the data (zero-length episode?)")
+        # Terminations win over truncations when both are set (as d3rlpy does).
+        trunc = trunc & ~term
+        ends = np.append(starts[1:], n) - 1
+        inside = np.ones(n, dtype=bool)
+        inside[ends] = False
+        if (term & inside).any() or (trunc & inside).any():
+            row = int(np.argwhere((term | trunc) & inside)[0][0])
+            fail(f"episode flag set in the middle of an episode (transition {row})")
+        for name, value in (("observations", obs), ("actions", act), ("rewards", rew),
+                            ("terminations", term), ("truncations", trunc), ("episode_starts", starts)):
+            value.setflags(write=False)
+            object.__setattr__(self, name, value)
+        rtg = _returns_to_go(rew, starts)
+        rtg.setflags(write=False)
+        object.__setattr__(self, "returns_to_go", rtg)
+
+    # ---- construction -------------------------------------------------------------------------
+    @classmethod
+    def from_flags(cls, observations, actions, rewards, terminations, truncations, *,
+                   source: str = "<memory>", metadata: dict | None = None) -> "EpisodeSet":
+        """Split flat arrays into episodes at ``terminations | truncations`` (the D4RL convention).
+
+        A final episode that ends without a flag (cut off by the file's end) is kept and marked
+        truncated.
+        """
+        term = np.asarray(terminations).astype(bool).reshape(-1)
+        trunc = np.asarray(truncations).astype(bool).reshape(-1)
+        n = term.shape[0]
+        if n == 0:
+            raise DatasetError(f"{source}: dataset is empty (0 transitions)")
+        trunc = trunc & ~term
+        ends = np.flatnonzero(term | trunc)
+        if ends.size == 0 or ends[-1] != n - 1:
+            trunc = trunc.copy()
+            trunc[n - 1] = True
+            ends = np.append(ends, n - 1)
+        starts = np.concatenate([[0], ends[:-1] + 1]).astype(np.int64)
+        return cls(observations, actions, rewards, term, trunc, starts, source=source,
+                   metadata=dict(metadata or {}))
+
+    @classmethod
+    def concatenate(cls, parts: list["EpisodeSet"], *, source: str = "<memory>",
+                    metadata: dict | None = None) -> "EpisodeSet":
+        """Concatenate episode sets (e.g. medium + expert)."""
+        offsets = np.cumsum([0] + [p.num_transitions for p in parts[:-1]])
+        return cls(
+            np.concatenate([p.observations for p in parts]),
+            np.concatenate([p.actions for p in parts]),
+            np.concatenate([p.rewards for p in parts]),
+            np.concatenate([p.terminations for p in parts]),
+            np.concatenate([p.truncations for p in parts]),
+            np.concatenate([p.episode_starts + o for p, o in zip(parts, offsets)]),
+            source=source, metadata=dict(metadata or {}),
+        )
+
+    # ---- derived quantities -------------------------------------------------------------------
+    @property
+    def num_transitions(self) -> int:
+        return int(self.observations.shape[0])
+
+    @property
+    def num_episodes(self) -> int:
+        return int(self.episode_starts.shape[0])
+
+    @property
+    def obs_dim(self) -> int:
+        return int(self.observations.shape[1])
+
+    @property
+    def act_dim(self) -> int:
+        return int(self.actions.shape[1])
+
+    @property
+    def episode_lengths(self) -> np.ndarray:  # (E,) int64
+        return np.diff(np.append(self.episode_starts, self.num_transitions))
+
+    @property
+    def episode_returns(self) -> np.ndarray:  # (E,) float32: return-to-go at each episode's start
+        return self.returns_to_go[self.episode_starts]
+
+    def observation_stats(self, eps: float = 1e-6) -> tuple[np.ndarray, np.ndarray]:
+        """Per-dimension mean and std over all transitions (std floored at ``eps``), float32."""
+        obs = self.observations.astype(np.float64)
+        return obs.mean(0).astype(np.float32), (obs.std(0) + eps).astype(np.float32)
+
+    def summary(self) -> dict[str, Any]:
+        """Statistics printed by ``dtlab data info``."""
+        ret, lens = self.episode_returns.astype(np.float64), self.episode_lengths
+        return {
+            "source": self.source,
+            "episodes": self.num_episodes,
+            "transitions": self.num_transitions,
+            "obs_dim": self.obs_dim,
+            "act_dim": self.act_dim,
+            "terminated_episodes": int(self.terminations.sum()),
+            "truncated_episodes": int(self.truncations.sum()),
+            "episode_length": {"min": int(lens.min()), "mean": float(lens.mean()), "max": int(lens.max())},
+            "episode_return": {"min": float(ret.min()), "mean": float(ret.mean()),
+                               "std": float(ret.std()), "max": float(ret.max())},
+            "action_range": [float(self.actions.min()), float(self.actions.max())],
+        }

@@ -1,0 +1,146 @@
+"""HDF5 plumbing shared by the file formats: opening with clear errors, atomic writes, metadata."""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import h5py
+import numpy as np
+
+from dtlab.errors import DatasetError
+
+# Compression for the per-transition arrays (gzip as in the D4RL files; level 4 is h5py's default).
+COMPRESSION = "gzip"
+
+# Attribute marking a metadata dataset whose string value is JSON (lists, None, ...).
+_JSON_ATTR = "dtlab_json"
+
+
+@contextmanager
+def open_hdf5(path: str | Path) -> Iterator[h5py.File]:
+    """Open an HDF5 file for reading; every failure becomes a DatasetError naming the file."""
+    path = Path(path)
+    if not path.exists():
+        raise DatasetError(f"{path}: file not found")
+    if path.is_dir():
+        raise DatasetError(f"{path}: is a directory, expected an HDF5 file")
+    if not os.access(path, os.R_OK):
+        raise DatasetError(f"{path}: permission denied")
+    if not h5py.is_hdf5(path):
+        raise DatasetError(f"{path}: not an HDF5 file (or truncated/corrupt)")
+    try:
+        f = h5py.File(path, "r")
+    except OSError as e:  # e.g. "truncated file: eof = ..."
+        raise DatasetError(f"{path}: not an HDF5 file (or truncated/corrupt)") from e
+    with f:
+        try:
+            yield f
+        except OSError as e:  # a damaged chunk only shows when it is read
+            raise DatasetError(f"{path}: reading failed, file truncated or corrupt ({e})") from e
+
+
+def read_array(f: h5py.File, key: str, path: str | Path, layout: str) -> np.ndarray:
+    """The whole numeric dataset ``key``; missing or non-numeric -> DatasetError."""
+    if key not in f:
+        raise DatasetError(f"{path}: missing key '{key}' ({layout})")
+    dset = f[key]
+    if not isinstance(dset, h5py.Dataset):
+        raise DatasetError(f"{path}: '{key}' is a group, expected a dataset")
+    if dset.dtype.kind not in "biuf":
+        raise DatasetError(f"{path}: '{key}' has non-numeric dtype {dset.dtype}")
+    return dset[()]
+
+
+@contextmanager
+def atomic_hdf5(path: str | Path) -> Iterator[h5py.File]:
+    """Write an HDF5 file atomically: a temp file in the same directory, fsync, then rename.
+
+    On any exception the temp file is removed, any existing file at ``path`` is left untouched,
+    and the exception propagates.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{secrets.token_hex(4)}")
+    try:
+        with h5py.File(tmp, "w") as f:
+            yield f
+        with open(tmp, "rb+") as fh:
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    _fsync_dir(path.parent)
+
+
+def _fsync_dir(directory: Path) -> None:
+    """Persist the rename (best effort: not every platform/filesystem supports it)."""
+    try:
+        fd = os.open(directory, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def json_default(value: Any) -> Any:
+    """``json.dumps`` fallback for numpy values and paths."""
+    if isinstance(value, np.generic):
+        return value.item()
+    if isinstance(value, np.ndarray):
+        return value.tolist()
+    if isinstance(value, Path):
+        return str(value)
+    raise TypeError(f"metadata value of type {type(value).__name__} cannot be stored")
+
+
+def write_metadata(group: h5py.Group, metadata: dict[str, Any]) -> None:
+    """Store a metadata dict as scalar datasets under ``group``.
+
+    Strings become variable-length UTF-8, numbers and bools stay numbers, nested dicts become
+    subgroups (a key ``"a/b"`` does too), anything else (lists, None, ...) a JSON string.
+    """
+    for key, value in metadata.items():
+        if isinstance(value, dict):
+            write_metadata(group.require_group(key), value)
+        elif isinstance(value, (str, bool, int, float, np.bool_, np.number)):
+            group.create_dataset(key, data=value)
+        else:
+            group.create_dataset(key, data=json.dumps(value, default=json_default))
+            group[key].attrs[_JSON_ATTR] = True
+
+
+def read_metadata(group: h5py.Group) -> dict[str, Any]:
+    """Scalar datasets under ``group`` as a flat dict keyed ``"a/b"``; arrays are skipped.
+
+    (D4RL files keep policy weights under ``metadata/policy/...``: provenance, not data we load.)
+    """
+    out: dict[str, Any] = {}
+
+    def visit(name: str, obj: Any) -> None:
+        if not isinstance(obj, h5py.Dataset) or obj.shape != ():
+            return
+        value = obj[()]
+        if isinstance(value, bytes):
+            value = value.decode("utf-8", errors="replace")
+        elif isinstance(value, np.generic):
+            value = value.item()
+        if obj.attrs.get(_JSON_ATTR, False) and isinstance(value, str):
+            try:
+                value = json.loads(value)
+            except ValueError:
+                pass  # keep the raw string rather than refuse the whole dataset
+        out[name] = value
+
+    group.visititems(visit)
+    return out

@@ -1,0 +1,73 @@
+"""dtlab's own HDF5 format: an EpisodeSet as stored in memory, plus its metadata.
+
+Layout (version 1)::
+
+    attrs  dtlab_format  int, 1
+    attrs  metadata      JSON string (provenance)
+    observations    (N, obs_dim) float32
+    actions         (N, act_dim) float32
+    rewards         (N,)         float32
+    terminations    (N,)         bool
+    truncations     (N,)         bool
+    episode_starts  (E,)         int64
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import h5py
+import numpy as np
+
+from dtlab.data.episodes import EpisodeSet
+from dtlab.data.formats._hdf5 import (COMPRESSION, atomic_hdf5, json_default, open_hdf5,
+                                      read_array)
+from dtlab.errors import DatasetError
+
+FORMAT_VERSION = 1
+FORMAT_ATTR = "dtlab_format"
+_LAYOUT = ("dtlab native layout needs observations, actions, rewards, terminations, truncations, "
+           "episode_starts")
+
+
+def read_native(path: str | Path) -> EpisodeSet:
+    """Read a file written by :func:`write_native`."""
+    with open_hdf5(path) as f:
+        return episodes_from_native(f, path)
+
+
+def episodes_from_native(f: h5py.File, path: str | Path) -> EpisodeSet:
+    """Build an EpisodeSet from an open native file (``path`` only names it in errors)."""
+    version = f.attrs.get(FORMAT_ATTR)
+    if not isinstance(version, (int, np.integer)) or version < 1:
+        raise DatasetError(f"{path}: invalid '{FORMAT_ATTR}' attribute {version!r}")
+    if version > FORMAT_VERSION:
+        raise DatasetError(f"{path}: written by a newer dtlab ({FORMAT_ATTR} {int(version)}, this "
+                           f"version reads {FORMAT_VERSION}); upgrade dtlab to read it")
+    raw = f.attrs.get("metadata", "{}")
+    try:
+        metadata = json.loads(raw.decode() if isinstance(raw, bytes) else raw)
+    except (ValueError, TypeError, AttributeError) as e:
+        raise DatasetError(f"{path}: 'metadata' attribute is not valid JSON ({e})") from e
+    if not isinstance(metadata, dict):
+        raise DatasetError(f"{path}: 'metadata' attribute must be a JSON object")
+    arrays = {key: read_array(f, key, path, _LAYOUT)
+              for key in ("observations", "actions", "rewards", "terminations", "truncations",
+                          "episode_starts")}
+    return EpisodeSet(**arrays, source=str(path), metadata=metadata)
+
+
+def write_native(episodes: EpisodeSet, path: str | Path) -> None:
+    """Write ``episodes`` (with its metadata) in dtlab's format, atomically."""
+    metadata = json.dumps(episodes.metadata, default=json_default)  # fails before any file exists
+    with atomic_hdf5(path) as f:
+        f.attrs[FORMAT_ATTR] = FORMAT_VERSION
+        f.attrs["metadata"] = metadata
+        for key, arr, dtype in (("observations", episodes.observations, np.float32),
+                                ("actions", episodes.actions, np.float32),
+                                ("rewards", episodes.rewards, np.float32),
+                                ("terminations", episodes.terminations, bool),
+                                ("truncations", episodes.truncations, bool),
+                                ("episode_starts", episodes.episode_starts, np.int64)):
+            f.create_dataset(key, data=arr.astype(dtype), compression=COMPRESSION)

@@ -1,0 +1,44 @@
+"""Return-to-go and D4RL-style normalized scores (pure numpy)."""
+
+from __future__ import annotations
+
+import numpy as np
+
+
+def returns_to_go(rewards: np.ndarray, episode_starts: np.ndarray, gamma: float = 1.0) -> np.ndarray:
+    """Return-to-go ``R_t = sum_{t' >= t} gamma^(t'-t) r_t'`` within each episode.
+
+    ``rewards`` is the flat (N,) reward array of all episodes, ``episode_starts`` the (E,) index of
+    each episode's first step. Accumulates in float64 and returns float32.
+
+    >>> returns_to_go(np.array([1.0, 2.0, 3.0, 10.0, 20.0]), np.array([0, 3]))
+    array([ 6.,  5.,  3., 30., 20.], dtype=float32)
+    """
+    rewards = np.asarray(rewards, dtype=np.float64)
+    n = rewards.shape[0]
+    bounds = np.append(np.asarray(episode_starts, dtype=np.int64), n)
+    out = np.empty(n, dtype=np.float64)
+    if gamma == 1.0:
+        # Undiscounted: suffix sums from one reversed cumulative sum per episode (vectorized).
+        suffix = np.cumsum(rewards[::-1])[::-1]  # suffix[t] = sum_{t' >= t} r_t' over the whole array
+        after_end = np.append(suffix, 0.0)[bounds[1:]]  # suffix just past each episode's end
+        lengths = np.diff(bounds)
+        out = suffix - np.repeat(after_end, lengths)
+    else:
+        for start, end in zip(bounds[:-1], bounds[1:]):
+            acc = 0.0
+            for t in range(end - 1, start - 1, -1):
+                acc = rewards[t] + gamma * acc
+                out[t] = acc
+    return out.astype(np.float32)
+
+
+def normalized_score(episode_return: float | np.ndarray, ref_min: float, ref_max: float):
+    """D4RL normalized score: 100 * (return - random) / (expert - random).
+
+    Definition from D4RL (``d4rl.get_normalized_score``), scaled to percent as in the DT paper.
+
+    >>> round(normalized_score(3234.3, -20.272305, 3234.3), 6)
+    100.0
+    """
+    return 100.0 * (np.asarray(episode_return, dtype=np.float64) - ref_min) / (ref_max - ref_min)

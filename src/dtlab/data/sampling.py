@@ -1,0 +1,73 @@
+"""SequenceSampler: vectorized gather of K-step windows for a whole batch.
+
+Each window ends at a transition drawn uniformly over the whole dataset, which is the same as
+drawing an episode in proportion to its length and then a position in it uniformly (the original
+DT's gym sampler draws episodes with p = length / total). Unlike the original, the sampled
+position is the window's *last* step, and windows that would reach before the episode start are
+left-padded: the last token is always real, and windows ending at t < K train exactly the short
+contexts an evaluation episode starts with (see DESIGN.md, "Windows").
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from dtlab.data.episodes import EpisodeSet
+
+
+@dataclass(frozen=True)
+class Batch:
+    """A batch of left-padded windows (numpy arrays; training converts them to tensors)."""
+
+    observations: np.ndarray  # (B, K, obs_dim) float32, normalized, 0 at padding
+    actions: np.ndarray  # (B, K, act_dim) float32, 0 at padding
+    returns_to_go: np.ndarray  # (B, K, 1) float32, divided by return_scale, 0 at padding
+    timesteps: np.ndarray  # (B, K) int64, step index within the episode, 0 at padding
+    masks: np.ndarray  # (B, K) bool, True at real steps
+
+
+class SequenceSampler:
+    """Draws batches of K-windows from an EpisodeSet with one array gather per field."""
+
+    def __init__(self, episodes: EpisodeSet, context_len: int, *, obs_mean: np.ndarray,
+                 obs_std: np.ndarray, return_scale: float, action_low: np.ndarray | None = None,
+                 action_high: np.ndarray | None = None) -> None:
+        """``action_low/high``: the env's action bounds; actions are mapped linearly from them to
+        [-1, 1] (the range of the model's tanh head) and clipped there. None: used as stored."""
+        self.episodes = episodes
+        self.context_len = context_len
+        # Normalize once up front: one gather per batch instead of normalizing every window.
+        self._obs = ((episodes.observations - obs_mean) / obs_std).astype(np.float32)
+        self._rtg = (episodes.returns_to_go / return_scale).astype(np.float32)
+        self._act = episodes.actions
+        if action_low is not None and action_high is not None:
+            scaled = 2.0 * (episodes.actions - action_low) / (action_high - action_low) - 1.0
+            self._act = np.clip(scaled, -1.0, 1.0).astype(np.float32)
+        # Episode start of every transition, for the per-window lower bound.
+        self._start_of = np.repeat(episodes.episode_starts, episodes.episode_lengths)  # (N,)
+
+    def window_ends(self, batch_size: int, rng: np.random.Generator) -> np.ndarray:
+        """Draw the last step of each window, uniformly over all transitions. (B,) int64"""
+        return rng.integers(0, self.episodes.num_transitions, size=batch_size)
+
+    def gather(self, ends: np.ndarray) -> Batch:
+        """Build the windows ending at the given flat transition indices."""
+        k = self.context_len
+        ends = np.asarray(ends, dtype=np.int64)
+        starts = self._start_of[ends]  # (B,)
+        idx = ends[:, None] + np.arange(-k + 1, 1)  # (B, K) flat indices, may reach before start
+        masks = idx >= starts[:, None]  # (B, K)
+        idx = np.where(masks, idx, ends[:, None])  # any valid index; zeroed below
+        obs = self._obs[idx]  # (B, K, obs_dim)
+        act = self._act[idx]  # (B, K, act_dim)
+        rtg = self._rtg[idx]  # (B, K)
+        obs[~masks] = 0.0
+        act[~masks] = 0.0
+        rtg[~masks] = 0.0
+        timesteps = np.where(masks, idx - starts[:, None], 0)  # (B, K)
+        return Batch(obs, act, rtg[..., None], timesteps, masks)
+
+    def sample(self, batch_size: int, rng: np.random.Generator) -> Batch:
+        return self.gather(self.window_ends(batch_size, rng))

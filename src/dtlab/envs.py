@@ -1,0 +1,74 @@
+"""Environment registry: reference scores, return scales and evaluation defaults per env.
+
+Reference min/max returns for D4RL normalized scores are D4RL's (``d4rl/infos.py``,
+REF_MIN_SCORE / REF_MAX_SCORE, the random and expert policies' returns on the v2 MuJoCo tasks).
+dtlab uses the same constants for the Gymnasium v3/v4/v5 versions of those tasks; v5 differs in
+minor details from the v2 tasks D4RL measured on, so normalized scores on v5 are comparable but not
+identical to published D4RL numbers.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import gymnasium as gym
+
+from dtlab.errors import EnvError
+
+
+@dataclass(frozen=True)
+class EnvInfo:
+    """What dtlab knows about an environment family."""
+
+    ref_min_score: float | None  # random-policy return (D4RL normalized score 0)
+    ref_max_score: float | None  # expert-policy return (D4RL normalized score 100)
+    return_scale: float  # return-to-go divisor (DT paper: 1000 for MuJoCo locomotion)
+    targets: tuple[float, ...]  # default evaluation target returns (DT paper's gym configs)
+    max_ep_len: int  # time limit of the task
+
+
+# Targets from the DT paper's gym experiment (experiment.py): hopper 3600/1800,
+# halfcheetah 12000/6000, walker2d 5000/2500. Reference scores from D4RL infos.py.
+_MUJOCO = {
+    "Hopper": EnvInfo(-20.272305, 3234.3, 1000.0, (3600.0, 1800.0), 1000),
+    "HalfCheetah": EnvInfo(-280.178953, 12135.0, 1000.0, (12000.0, 6000.0), 1000),
+    "Walker2d": EnvInfo(1.629008, 4592.3, 1000.0, (5000.0, 2500.0), 1000),
+}
+
+# Pendulum-v1 (the quickstart task): reference min/max are dtlab's own measurements of the
+# random policy and the scripted swing-up controller (see dtlab.collect for how they were made).
+PENDULUM_REF_MIN = -1230.0
+PENDULUM_REF_MAX = -150.0
+
+
+def env_info(env_id: str) -> EnvInfo:
+    """Registry entry for a Gymnasium id like ``Hopper-v5``; generic defaults for unknown tasks."""
+    family = env_id.split("/")[-1].split("-")[0]
+    if family in _MUJOCO:
+        return _MUJOCO[family]
+    if family == "Pendulum":
+        return EnvInfo(PENDULUM_REF_MIN, PENDULUM_REF_MAX, 100.0, (-150.0, -500.0, -900.0), 200)
+    return EnvInfo(None, None, 1000.0, (), 1000)
+
+
+def make_env(env_id: str, **kwargs) -> gym.Env:
+    """``gymnasium.make`` with a one-line EnvError for ids Gymnasium does not know."""
+    try:
+        return gym.make(env_id, **kwargs)
+    except gym.error.Error as exc:
+        raise EnvError(f"unknown environment '{env_id}': {exc}") from None
+    except ImportError as exc:
+        raise EnvError(f"environment '{env_id}' needs a missing package: {exc}") from None
+
+
+def check_spaces(env: gym.Env, obs_dim: int, act_dim: int, *, what: str) -> None:
+    """Raise EnvError when the env's observation/action shapes differ from the data's."""
+    env_id = env.spec.id if env.spec else "env"
+    obs_shape = env.observation_space.shape
+    act_shape = env.action_space.shape
+    if not isinstance(env.action_space, gym.spaces.Box):
+        raise EnvError(f"{env_id}: only continuous (Box) action spaces are supported, got "
+                       f"{env.action_space}")
+    if obs_shape != (obs_dim,) or act_shape != (act_dim,):
+        raise EnvError(f"{env_id} has observations {obs_shape} and actions {act_shape}, but "
+                       f"{what} has observations ({obs_dim},) and actions ({act_dim},)")

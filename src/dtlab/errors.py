@@ -1,0 +1,21 @@
+"""One exception type per failure family. The CLI prints the message (no traceback), exit code 2."""
+
+
+class DtlabError(Exception):
+    """Base class of every error dtlab raises on bad input."""
+
+
+class DatasetError(DtlabError):
+    """A dataset file is missing, unreadable, or its contents are invalid."""
+
+
+class CheckpointError(DtlabError):
+    """A checkpoint directory is missing, corrupt, or inconsistent."""
+
+
+class EnvError(DtlabError):
+    """An environment id is unknown or its spaces do not match the data or checkpoint."""
+
+
+class ConfigError(DtlabError):
+    """A configuration value is invalid."""

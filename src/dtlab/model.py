@@ -1,0 +1,129 @@
+"""The Decision Transformer (Chen et al. 2021), whole, in one file.
+
+Tokens are interleaved per step as (R_1, s_1, a_1, R_2, s_2, a_2, ...). Each modality has its own
+linear embedding; a learned timestep embedding is added to all three tokens of a step and is the
+only position information (as in the original, which removes GPT-2's position embedding). A causal
+pre-LN GPT stack runs over the 3K tokens and the action for step t is read from the hidden state of
+s_t. The loss lives in dtlab.train, not here.
+
+Reference: github.com/kzl/decision-transformer, gym/decision_transformer/models/
+decision_transformer.py (embed_ln over the stacked tokens, tanh action head).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from dtlab.config import ModelConfig
+
+
+class CausalSelfAttention(nn.Module):
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.n_heads = cfg.n_heads
+        self.dropout = cfg.dropout
+        self.qkv = nn.Linear(cfg.embed_dim, 3 * cfg.embed_dim)
+        self.proj = nn.Linear(cfg.embed_dim, cfg.embed_dim)
+        self.resid_drop = nn.Dropout(cfg.dropout)
+
+    def forward(self, x: torch.Tensor, attn_mask: torch.Tensor | None) -> torch.Tensor:
+        b, t, d = x.shape  # (B, T, D), T = 3K tokens
+        q, k, v = self.qkv(x).split(d, dim=2)  # 3 x (B, T, D)
+        q = q.view(b, t, self.n_heads, d // self.n_heads).transpose(1, 2)  # (B, H, T, D/H)
+        k = k.view(b, t, self.n_heads, d // self.n_heads).transpose(1, 2)  # (B, H, T, D/H)
+        v = v.view(b, t, self.n_heads, d // self.n_heads).transpose(1, 2)  # (B, H, T, D/H)
+        y = F.scaled_dot_product_attention(
+            q, k, v, attn_mask=attn_mask, is_causal=attn_mask is None,
+            dropout_p=self.dropout if self.training else 0.0,
+        )  # (B, H, T, D/H)
+        y = y.transpose(1, 2).reshape(b, t, d)  # (B, T, D)
+        return self.resid_drop(self.proj(y))
+
+
+class Block(nn.Module):
+    """Pre-LN transformer block: x + attn(ln(x)), then x + mlp(ln(x))."""
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.ln_1 = nn.LayerNorm(cfg.embed_dim)
+        self.attn = CausalSelfAttention(cfg)
+        self.ln_2 = nn.LayerNorm(cfg.embed_dim)
+        self.mlp = nn.Sequential(
+            nn.Linear(cfg.embed_dim, cfg.mlp_ratio * cfg.embed_dim),
+            nn.GELU(),
+            nn.Linear(cfg.mlp_ratio * cfg.embed_dim, cfg.embed_dim),
+            nn.Dropout(cfg.dropout),
+        )
+
+    def forward(self, x: torch.Tensor, attn_mask: torch.Tensor | None) -> torch.Tensor:
+        x = x + self.attn(self.ln_1(x), attn_mask)
+        return x + self.mlp(self.ln_2(x))
+
+
+class DecisionTransformer(nn.Module):
+    """Predicts a_t from (R_1, s_1, a_1, ..., R_t, s_t) for every step t of a K-step window."""
+
+    def __init__(self, cfg: ModelConfig, obs_dim: int, act_dim: int) -> None:
+        super().__init__()
+        self.cfg, self.obs_dim, self.act_dim = cfg, obs_dim, act_dim
+        d = cfg.embed_dim
+        self.embed_timestep = nn.Embedding(cfg.max_ep_len, d)
+        self.embed_return = nn.Linear(1, d)
+        self.embed_state = nn.Linear(obs_dim, d)
+        self.embed_action = nn.Linear(act_dim, d)
+        self.embed_ln = nn.LayerNorm(d)
+        self.drop = nn.Dropout(cfg.dropout)
+        self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layers))
+        self.ln_f = nn.LayerNorm(d)
+        self.predict_action = nn.Linear(d, act_dim)  # followed by tanh: actions live in [-1, 1]
+        self.apply(self._init_weights)
+        # GPT-2's scaled init of the residual projections (Radford et al. 2019, section 2.3).
+        for name, p in self.named_parameters():
+            if name.endswith("proj.weight") or name.endswith("mlp.2.weight"):
+                nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * cfg.n_layers))
+
+    @staticmethod
+    def _init_weights(module: nn.Module) -> None:
+        if isinstance(module, (nn.Linear, nn.Embedding)):
+            nn.init.normal_(module.weight, mean=0.0, std=0.02)
+        if isinstance(module, nn.Linear) and module.bias is not None:
+            nn.init.zeros_(module.bias)
+
+    def forward(
+        self,
+        observations: torch.Tensor,  # (B, K, obs_dim), normalized
+        actions: torch.Tensor,  # (B, K, act_dim) in [-1, 1]; the last step's entry is unused
+        returns_to_go: torch.Tensor,  # (B, K, 1), scaled
+        timesteps: torch.Tensor,  # (B, K) int64
+        masks: torch.Tensor | None = None,  # (B, K) bool, False at left padding; None: all real
+    ) -> torch.Tensor:  # (B, K, act_dim) predicted actions in [-1, 1]
+        b, k, _ = observations.shape
+        time = self.embed_timestep(timesteps.clamp(max=self.cfg.max_ep_len - 1))  # (B, K, D)
+        r = self.embed_return(returns_to_go) + time  # (B, K, D)
+        s = self.embed_state(observations) + time  # (B, K, D)
+        a = self.embed_action(actions) + time  # (B, K, D)
+        x = torch.stack((r, s, a), dim=2).reshape(b, 3 * k, -1)  # (B, 3K, D): R_1 s_1 a_1 R_2 ...
+        x = self.drop(self.embed_ln(x))
+        attn_mask = None if masks is None else self.attention_mask(masks)  # (B, 1, 3K, 3K)
+        for block in self.blocks:
+            x = block(x, attn_mask)
+        x = self.ln_f(x).reshape(b, k, 3, -1)  # (B, K, 3, D)
+        return torch.tanh(self.predict_action(x[:, :, 1]))  # from s_t's hidden state: (B, K, A)
+
+    @staticmethod
+    def attention_mask(masks: torch.Tensor) -> torch.Tensor:
+        """Causal mask with padded keys removed; (B, K) bool -> (B, 1, 3K, 3K) bool (True: attend).
+
+        Every token may attend to itself, so the rows of padded queries are never empty (an
+        all-masked row would give NaN, and NaN values poison real rows through 0 * NaN).
+        """
+        b, k = masks.shape
+        n = 3 * k
+        keys = masks.repeat_interleave(3, dim=1)  # (B, 3K)
+        causal = torch.ones(n, n, dtype=torch.bool, device=masks.device).tril()  # (3K, 3K)
+        eye = torch.eye(n, dtype=torch.bool, device=masks.device)  # (3K, 3K)
+        return ((causal & keys[:, None, :]) | eye)[:, None]  # (B, 1, 3K, 3K)

@@ -1,0 +1,125 @@
+"""DTPolicy: a stateful, return-conditioned policy over one or many parallel episodes.
+
+``reset(target_return)`` starts episodes, ``act(observation, last_reward)`` returns the next action;
+the return-to-go is decremented by each reward received. ``steer(new_return)`` changes the return
+asked for in the middle of an episode (run-time steering).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import torch
+
+from dtlab import checkpoint
+from dtlab.checkpoint import PolicyInfo
+from dtlab.model import DecisionTransformer
+
+
+class DTPolicy:
+    """Run a trained Decision Transformer in an environment.
+
+    Holds the last K steps of every episode as tensors on the model's device; each ``act`` is one
+    batched forward pass over the full K-window (exact recomputation, no approximate cache).
+
+    >>> import gymnasium as gym
+    >>> policy = DTPolicy.from_checkpoint(getfixture("tiny_checkpoint"))  # doctest: +SKIP
+    >>> env = gym.make("Pendulum-v1")                                     # doctest: +SKIP
+    >>> obs, _ = env.reset(seed=0)                                        # doctest: +SKIP
+    >>> policy.reset(target_return=-150.0)                                # doctest: +SKIP
+    >>> action = policy.act(obs)                                          # doctest: +SKIP
+    """
+
+    def __init__(self, model: DecisionTransformer, info: PolicyInfo, device: str | torch.device = "cpu"):
+        self.model = model.to(device).eval()
+        self.info = info
+        self.device = torch.device(device)
+        self.context_len = info.model.context_len
+        f32 = dict(dtype=torch.float32, device=self.device)
+        self._obs_mean = torch.tensor(info.obs_mean, **f32)
+        self._obs_std = torch.tensor(info.obs_std, **f32)
+        self._act_low = torch.tensor(info.action_low, **f32)
+        self._act_high = torch.tensor(info.action_high, **f32)
+        self.num_envs = 0
+        self._single = True
+
+    @classmethod
+    def from_checkpoint(cls, path: str | Path, device: str = "cpu") -> "DTPolicy":
+        model, info = checkpoint.load(path, device)
+        return cls(model, info, device)
+
+    # ---- episode state ------------------------------------------------------------------------
+    def reset(self, target_return: float | Sequence[float] | np.ndarray) -> None:
+        """Start new episodes: one per target (a scalar starts one episode and ``act`` then takes
+        and returns unbatched arrays)."""
+        targets = np.asarray(target_return, dtype=np.float32)
+        self._single = targets.ndim == 0
+        targets = targets.reshape(-1)
+        n, k, dev = targets.shape[0], self.context_len, self.device
+        self.num_envs = n
+        self._obs = torch.zeros(n, k, self.info.obs_dim, device=dev)  # (N, K, obs_dim)
+        self._act = torch.zeros(n, k, self.info.act_dim, device=dev)  # (N, K, act_dim), in [-1, 1]
+        self._rtg = torch.zeros(n, k, 1, device=dev)  # (N, K, 1), scaled
+        self._timesteps = torch.zeros(n, k, dtype=torch.long, device=dev)  # (N, K)
+        self._masks = torch.zeros(n, k, dtype=torch.bool, device=dev)  # (N, K)
+        self._t = torch.zeros(n, dtype=torch.long, device=dev)  # (N,) steps taken so far
+        self._next_rtg = torch.as_tensor(targets, device=dev) / self.info.return_scale  # (N,)
+
+    def steer(self, return_to_go: float | Sequence[float], index: np.ndarray | None = None) -> None:
+        """Ask for a different return from now on. The return-to-go tokens already in the context
+        shift by the same amount, so the context reads as if this had been asked from the start."""
+        idx = self._index(index)
+        new = torch.as_tensor(np.asarray(return_to_go, dtype=np.float32).reshape(-1), device=self.device)
+        delta = new / self.info.return_scale - self._next_rtg[idx]  # (n,)
+        self._next_rtg[idx] += delta
+        self._rtg[idx] += (delta[:, None, None] * self._masks[idx][..., None])
+
+    @property
+    def returns_to_go(self) -> np.ndarray:
+        """Return still asked for by each episode (unscaled). (N,)"""
+        return (self._next_rtg * self.info.return_scale).cpu().numpy()
+
+    def _index(self, index) -> torch.Tensor:
+        if index is None:
+            return torch.arange(self.num_envs, device=self.device)
+        return torch.as_tensor(np.asarray(index, dtype=np.int64).reshape(-1), device=self.device)
+
+    # ---- acting -------------------------------------------------------------------------------
+    @torch.inference_mode()
+    def act(self, observation: np.ndarray, last_reward: float | np.ndarray | None = None,
+            index: np.ndarray | None = None) -> np.ndarray:
+        """Action for the current observation of each episode in ``index`` (default: all).
+
+        ``last_reward`` is the reward received for the previous action (ignored at an episode's
+        first step); it is subtracted from the return-to-go before acting.
+        """
+        idx = self._index(index)
+        obs = torch.as_tensor(np.asarray(observation, dtype=np.float32), device=self.device)
+        obs = obs.reshape(idx.shape[0], self.info.obs_dim)  # (n, obs_dim)
+        t = self._t[idx]  # (n,)
+        if last_reward is not None:
+            r = torch.as_tensor(np.asarray(last_reward, dtype=np.float32).reshape(-1), device=self.device)
+            r = r.expand(idx.shape[0])
+            self._next_rtg[idx] -= torch.where(t > 0, r / self.info.return_scale, 0.0)
+        # Slide every selected window one step left and write the new step at the end.
+        obs_w = self._obs[idx].roll(-1, dims=1)  # (n, K, obs_dim)
+        act_w = self._act[idx].roll(-1, dims=1)  # (n, K, act_dim)
+        rtg_w = self._rtg[idx].roll(-1, dims=1)  # (n, K, 1)
+        ts_w = self._timesteps[idx].roll(-1, dims=1)  # (n, K)
+        mask_w = self._masks[idx].roll(-1, dims=1)  # (n, K)
+        obs_w[:, -1] = (obs - self._obs_mean) / self._obs_std
+        act_w[:, -1] = 0.0  # not yet known; s_t's prediction cannot see it (causal)
+        rtg_w[:, -1, 0] = self._next_rtg[idx]
+        ts_w[:, -1] = t
+        mask_w[:, -1] = True
+        all_real = bool(mask_w.all())
+        pred = self.model(obs_w, act_w, rtg_w, ts_w, None if all_real else mask_w)[:, -1]  # (n, A)
+        act_w[:, -1] = pred
+        self._obs[idx], self._act[idx], self._rtg[idx] = obs_w, act_w, rtg_w
+        self._timesteps[idx], self._masks[idx] = ts_w, mask_w
+        self._t[idx] = t + 1
+        action = self._act_low + (pred + 1.0) * 0.5 * (self._act_high - self._act_low)  # (n, A)
+        action = action.cpu().numpy()
+        return action[0] if self._single and index is None else action
