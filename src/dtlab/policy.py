@@ -66,19 +66,22 @@ class DTPolicy:
         self._masks = torch.zeros(n, k, dtype=torch.bool, device=dev)  # (N, K)
         self._t = torch.zeros(n, dtype=torch.long, device=dev)  # (N,) steps taken so far
         self._next_rtg = torch.as_tensor(targets, device=dev) / self.info.return_scale  # (N,)
+        self._pending = torch.full((n,), float("nan"), device=dev)  # (N,) steer() requests
 
     def steer(self, return_to_go: float | Sequence[float], index: np.ndarray | None = None) -> None:
-        """Ask for a different return from now on. The return-to-go tokens already in the context
-        shift by the same amount, so the context reads as if this had been asked from the start."""
+        """Ask for a different return from the next step on (run-time steering).
+
+        The next ``act`` conditions on exactly ``return_to_go`` (the reward passed to it is not
+        subtracted), and the return-to-go tokens already in the context shift by the same amount,
+        so the context reads as if this return had been asked for from the start.
+        """
         idx = self._index(index)
-        new = torch.as_tensor(np.asarray(return_to_go, dtype=np.float32).reshape(-1), device=self.device)
-        delta = new / self.info.return_scale - self._next_rtg[idx]  # (n,)
-        self._next_rtg[idx] += delta
-        self._rtg[idx] += (delta[:, None, None] * self._masks[idx][..., None])
+        new = np.asarray(return_to_go, dtype=np.float32).reshape(-1) / self.info.return_scale
+        self._pending[idx] = torch.as_tensor(new, device=self.device)
 
     @property
     def returns_to_go(self) -> np.ndarray:
-        """Return still asked for by each episode (unscaled). (N,)"""
+        """Return-to-go each episode conditioned its last action on (unscaled). (N,)"""
         return (self._next_rtg * self.info.return_scale).cpu().numpy()
 
     def _index(self, index) -> torch.Tensor:
@@ -103,6 +106,13 @@ class DTPolicy:
             r = torch.as_tensor(np.asarray(last_reward, dtype=np.float32).reshape(-1), device=self.device)
             r = r.expand(idx.shape[0])
             self._next_rtg[idx] -= torch.where(t > 0, r / self.info.return_scale, 0.0)
+        pending = self._pending[idx]  # (n,)
+        steered = ~torch.isnan(pending)
+        if bool(steered.any()):
+            delta = torch.where(steered, pending - self._next_rtg[idx], 0.0)  # (n,)
+            self._next_rtg[idx] += delta
+            self._rtg[idx] += delta[:, None, None] * self._masks[idx][..., None]
+            self._pending[idx] = float("nan")
         # Slide every selected window one step left and write the new step at the end.
         obs_w = self._obs[idx].roll(-1, dims=1)  # (n, K, obs_dim)
         act_w = self._act[idx].roll(-1, dims=1)  # (n, K, act_dim)

@@ -1,0 +1,78 @@
+"""Model properties: causality, padding invariance, gradients, loss masking."""
+
+import torch
+
+from dtlab.config import ModelConfig
+from dtlab.model import DecisionTransformer
+from dtlab.train import action_loss, param_groups
+
+CFG = ModelConfig(embed_dim=32, n_layers=2, n_heads=2, context_len=6, max_ep_len=50, dropout=0.0)
+
+
+def inputs(b=3, k=6, obs_dim=5, act_dim=2, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return (torch.randn(b, k, obs_dim, generator=g), torch.rand(b, k, act_dim, generator=g) * 2 - 1,
+            torch.randn(b, k, 1, generator=g), torch.arange(k).repeat(b, 1) + 3)
+
+
+def model(seed=0):
+    torch.manual_seed(seed)
+    return DecisionTransformer(CFG, 5, 2).eval()
+
+
+def test_future_tokens_do_not_change_earlier_predictions():
+    m = model()
+    obs, act, rtg, ts = inputs()
+    base = m(obs, act, rtg, ts)
+    for t in range(CFG.context_len):
+        obs2, act2, rtg2 = obs.clone(), act.clone(), rtg.clone()
+        obs2[:, t + 1:] += 5.0
+        rtg2[:, t + 1:] -= 3.0
+        act2[:, t:] = -act2[:, t:]  # a_t comes after s_t: it must not change the prediction of a_t
+        out = m(obs2, act2, rtg2, ts)
+        torch.testing.assert_close(out[:, :t + 1], base[:, :t + 1], rtol=0, atol=1e-6)
+        if t + 1 < CFG.context_len:
+            assert not torch.allclose(out[:, t + 1:], base[:, t + 1:])  # the change is visible later
+
+
+def test_left_padding_gives_the_same_last_action():
+    m = model()
+    obs, act, rtg, ts = inputs(b=1, k=3)
+    short = m(obs, act, rtg, ts)[:, -1]  # an unpadded 3-step window
+    pad = CFG.context_len - 3
+    masks = torch.tensor([[False] * pad + [True] * 3])
+    garbage = lambda x: torch.cat([torch.full((1, pad, *x.shape[2:]), 7.0, dtype=x.dtype), x], 1)  # noqa
+    padded = m(garbage(obs), garbage(act), garbage(rtg), torch.cat([torch.zeros(1, pad, dtype=torch.long), ts], 1),
+               masks)
+    torch.testing.assert_close(padded[:, -1], short, rtol=0, atol=1e-5)
+    torch.testing.assert_close(padded[:, pad:], m(obs, act, rtg, ts), rtol=0, atol=1e-5)
+    assert torch.isfinite(padded).all()  # padded rows are finite too
+
+
+def test_every_parameter_gets_a_gradient():
+    torch.manual_seed(0)
+    m = DecisionTransformer(ModelConfig(embed_dim=16, n_layers=2, context_len=4, max_ep_len=20), 5, 2)
+    obs, act, rtg, ts = inputs(k=4)
+    masks = torch.tensor([[False, True, True, True]] * 3)
+    loss = action_loss(m(obs, act, rtg, ts, masks), act, masks)
+    loss.backward()
+    for name, p in m.named_parameters():
+        assert p.grad is not None and p.grad.abs().sum() > 0, name
+
+
+def test_loss_ignores_padded_positions():
+    pred = torch.tensor([[[0.5], [0.0], [1.0]]])
+    target = torch.tensor([[[100.0], [1.0], [0.0]]])
+    masks = torch.tensor([[False, True, True]])
+    # Mean over the two real positions: ((0-1)^2 + (1-0)^2) / 2 = 1.
+    assert action_loss(pred, target, masks).item() == 1.0
+
+
+def test_weight_decay_only_on_linear_weights():
+    m = model()
+    decay, no_decay = param_groups(m, 0.1)
+    n_linear = sum(1 for mod in m.modules() if isinstance(mod, torch.nn.Linear))
+    assert len(decay["params"]) == n_linear
+    assert any(p is m.embed_timestep.weight for p in no_decay["params"])
+    assert sum(p.numel() for g in (decay, no_decay) for p in g["params"]) == \
+        sum(p.numel() for p in m.parameters())

@@ -1,0 +1,186 @@
+"""Training loop, checkpoints, resume, policy and evaluation on tiny configs."""
+
+import json
+from dataclasses import replace
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from dtlab import checkpoint
+from dtlab.config import EvalConfig, ModelConfig, TrainConfig
+from dtlab.data import EpisodeSet
+from dtlab.errors import CheckpointError, ConfigError
+from dtlab.evaluate import evaluate_checkpoint
+from dtlab.policy import DTPolicy
+from dtlab.train import train
+
+TINY = ModelConfig(embed_dim=16, n_layers=1, n_heads=2, context_len=5, max_ep_len=200)
+
+
+def pendulum_like(n_episodes=4, length=200, seed=0):
+    rng = np.random.default_rng(seed)
+    n = n_episodes * length
+    trunc = np.zeros(n, bool)
+    trunc[length - 1::length] = True
+    th = rng.uniform(-np.pi, np.pi, n)
+    obs = np.stack([np.cos(th), np.sin(th), rng.normal(size=n)], 1)
+    return EpisodeSet.from_flags(obs, rng.uniform(-2, 2, (n, 1)), -rng.uniform(0, 5, n),
+                                 np.zeros(n, bool), trunc)
+
+
+def config(tmp_path, name="run", **kw):
+    base = dict(dataset="<memory>", env="Pendulum-v1", out=str(tmp_path / name), steps=12,
+                batch_size=8, warmup_steps=4, log_every=3, checkpoint_every=6, progress=False,
+                tensorboard=False, model=TINY, seed=3)
+    return TrainConfig(**{**base, **kw})
+
+
+def weights(path):
+    return load_file(str(checkpoint.resolve(path) / checkpoint.WEIGHTS_FILE))
+
+
+def test_resume_equals_uninterrupted_run(tmp_path):
+    episodes = pendulum_like()
+    full = train(config(tmp_path, "full"), episodes)
+    # Same run stopped at step 6 (its checkpoint), then resumed to 12.
+    train(config(tmp_path, "split", steps=6), episodes)
+    resumed = train(config(tmp_path, "split", resume=True), episodes)
+    assert full.steps == resumed.steps == 12
+    w_full, w_res = weights(tmp_path / "full"), weights(tmp_path / "split")
+    for key in w_full:
+        assert torch.equal(w_full[key], w_res[key]), key
+    # Metrics after the resume point are not duplicated.
+    steps = [json.loads(l)["step"] for l in (tmp_path / "split" / "metrics.jsonl").read_text().splitlines()]
+    assert steps == [3, 6, 9, 12]
+    # Different seed -> different weights (the equality above is not vacuous).
+    other = train(config(tmp_path, "other", seed=4), episodes)
+    assert not torch.equal(weights(other.checkpoint)["predict_action.weight"], w_full["predict_action.weight"])
+
+
+def test_checkpoint_rotation_and_latest(tmp_path):
+    result = train(config(tmp_path, steps=12, checkpoint_every=3, keep_checkpoints=2), pendulum_like())
+    run = tmp_path / "run"
+    assert sorted(p.name for p in run.glob("step_*")) == ["step_00000009", "step_00000012"]
+    assert (run / "latest").read_text().strip() == "step_00000012"
+    assert result.checkpoint == run / "step_00000012"
+    assert not list(run.glob(".*tmp*"))
+
+
+def test_save_load_gives_identical_actions(tmp_path):
+    result = train(config(tmp_path), pendulum_like())
+    model, info = checkpoint.load(result.checkpoint)
+    a = DTPolicy(model, info)
+    b = DTPolicy.from_checkpoint(tmp_path / "run")
+    rng = np.random.default_rng(0)
+    a.reset([-100.0, -300.0])
+    b.reset([-100.0, -300.0])
+    for t in range(8):  # past the context length, so the window slides
+        obs = rng.normal(size=(2, 3)).astype(np.float32)
+        r = rng.normal(size=2).astype(np.float32)
+        np.testing.assert_array_equal(a.act(obs, r), b.act(obs, r))
+
+
+def test_policy_matches_full_window_recomputation(tmp_path):
+    """DTPolicy's rolling context == building the whole left-padded window from the history."""
+    result = train(config(tmp_path), pendulum_like())
+    model, info = checkpoint.load(result.checkpoint)
+    policy = DTPolicy(model, info)
+    k, scale = info.model.context_len, info.return_scale
+    mean, std = np.array(info.obs_mean, np.float32), np.array(info.obs_std, np.float32)
+    rng = np.random.default_rng(1)
+    target = -250.0
+    policy.reset(target)
+    hist_obs, hist_act, hist_rtg = [], [], []
+    rtg = target
+    for t in range(9):
+        obs = rng.normal(size=3).astype(np.float32)
+        reward = float(rng.normal()) if t else None
+        if t:
+            rtg -= reward
+        action = policy.act(obs, reward)
+        hist_obs.append((obs - mean) / std)
+        hist_rtg.append(rtg / scale)
+        # Naive: the last min(t+1, K) steps, left-padded to K, current action slot zero.
+        real = min(t + 1, k)
+        o = np.zeros((1, k, 3), np.float32)
+        a = np.zeros((1, k, 1), np.float32)
+        r = np.zeros((1, k, 1), np.float32)
+        ts = np.zeros((1, k), np.int64)
+        m = np.zeros((1, k), bool)
+        o[0, k - real:] = hist_obs[-real:]
+        a[0, k - real:k - 1] = np.array(hist_act[len(hist_act) - real + 1:]).reshape(-1, 1) if real > 1 else 0
+        r[0, k - real:, 0] = hist_rtg[-real:]
+        ts[0, k - real:] = np.arange(t + 1 - real, t + 1)
+        m[0, k - real:] = True
+        with torch.no_grad():
+            pred = model(*(torch.from_numpy(x) for x in (o, a, r, ts, m)))[0, -1].numpy()
+        hist_act.append(pred[0])
+        expected = info.action_low[0] + (pred + 1) / 2 * (info.action_high[0] - info.action_low[0])
+        np.testing.assert_allclose(action, expected, rtol=0, atol=1e-5)
+
+
+def test_steering_changes_the_return_to_go(tmp_path):
+    result = train(config(tmp_path), pendulum_like())
+    policy = DTPolicy.from_checkpoint(result.checkpoint)
+    policy.reset(-400.0)
+    policy.act(np.zeros(3, np.float32))
+    policy.act(np.zeros(3, np.float32), last_reward=-10.0)
+    assert policy.returns_to_go[0] == pytest.approx(-390.0)
+    policy.steer(-100.0)
+    policy.act(np.zeros(3, np.float32), last_reward=-5.0)  # conditions on exactly -100
+    assert policy.returns_to_go[0] == pytest.approx(-100.0)
+    # Earlier tokens -400, -390 shift by -100 - (-385) = +285, as if -115 had been asked at the start.
+    np.testing.assert_allclose(policy._rtg[0, -3:, 0].numpy() * policy.info.return_scale,
+                               [-115.0, -105.0, -100.0], rtol=1e-5)
+    policy.act(np.zeros(3, np.float32), last_reward=-20.0)  # back to decrementing by rewards
+    assert policy.returns_to_go[0] == pytest.approx(-80.0)
+
+
+def test_tiny_end_to_end_train_and_evaluate(tmp_path):
+    result = train(config(tmp_path, eval_episodes=2, eval_targets=(-200.0,)), pendulum_like())
+    assert result.evaluations and len(result.evaluations[-1]["results"][0]["returns"]) == 2
+    out = tmp_path / "eval.json"
+    data = evaluate_checkpoint(EvalConfig(checkpoint=str(tmp_path / "run"), targets=(-150.0, -600.0),
+                                          episodes=3, out=str(out), max_steps=30))
+    saved = json.loads(out.read_text())
+    assert saved == json.loads(json.dumps(data))
+    assert [r["target"] for r in saved["results"]] == [-150.0, -600.0]
+    for r in saved["results"]:
+        assert r["lengths"] == [30, 30, 30]
+        assert r["mean"] == pytest.approx(np.mean(r["returns"]))
+        assert r["normalized_mean"] is not None
+    metrics = [json.loads(l) for l in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert any("eval/return_-200" in m for m in metrics)
+    assert all(np.isfinite(m["loss"]) for m in metrics if "loss" in m)
+
+
+def test_refuses_to_overwrite_a_run_and_resume_without_run(tmp_path):
+    episodes = pendulum_like(1)
+    train(config(tmp_path, steps=2), episodes)
+    with pytest.raises(ConfigError, match="already holds a run"):
+        train(config(tmp_path, steps=2), episodes)
+    with pytest.raises(ConfigError, match="no checkpoint"):
+        train(config(tmp_path, "nothing", resume=True), episodes)
+
+
+def test_corrupt_and_inconsistent_checkpoints_are_refused(tmp_path):
+    result = train(config(tmp_path, steps=2), pendulum_like(1))
+    ck = result.checkpoint
+    cfg = json.loads((ck / "config.json").read_text())
+    (ck / "config.json").write_text(json.dumps({**cfg, "format_version": 99}))
+    with pytest.raises(CheckpointError, match="newer than this dtlab"):
+        checkpoint.load(ck)
+    (ck / "config.json").write_text(json.dumps({**cfg, "model": {**cfg["model"], "embed_dim": 32}}))
+    with pytest.raises(CheckpointError, match="shape"):
+        checkpoint.load(ck)
+    (ck / "config.json").write_text(json.dumps(cfg))
+    (ck / "model.safetensors").write_bytes(b"\x00garbage")
+    with pytest.raises(CheckpointError, match="corrupt safetensors"):
+        checkpoint.load(ck)
+    (ck / "config.json").write_text("{not json")
+    with pytest.raises(CheckpointError, match="corrupt JSON"):
+        checkpoint.load(ck)
+    with pytest.raises(CheckpointError, match="not found"):
+        checkpoint.load(tmp_path / "missing")
