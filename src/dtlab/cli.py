@@ -60,6 +60,8 @@ class QuickstartConfig:
     """Seed for data collection, training and evaluation."""
     progress: bool = True
     """Show a progress bar while training."""
+    overwrite: bool = False
+    """Replace the run in --out if one is there."""
 
 
 Command = Union[
@@ -130,7 +132,7 @@ def main(argv: list[str] | None = None) -> int:
             from dtlab.quickstart import quickstart
 
             quickstart(cmd.out, steps=cmd.steps, episodes=cmd.episodes, seed=cmd.seed,
-                       progress=cmd.progress)
+                       progress=cmd.progress, overwrite=cmd.overwrite)
         elif isinstance(cmd, TrainConfig):
             run_train(cmd)
         elif isinstance(cmd, EvalConfig):

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 
 import gymnasium as gym
 
+from dtlab.collect import PENDULUM_RANDOM_RETURN, PENDULUM_SCRIPTED_RETURN
 from dtlab.errors import EnvError
 
 
@@ -36,9 +37,9 @@ _MUJOCO = {
 }
 
 # Pendulum-v1 (the quickstart task): reference min/max are dtlab's own measurements of the
-# random policy and the scripted swing-up controller (see dtlab.collect for how they were made).
-PENDULUM_REF_MIN = -1230.0
-PENDULUM_REF_MAX = -150.0
+# random policy and the scripted swing-up controller (dtlab.collect says how they were made).
+PENDULUM_REF_MIN = PENDULUM_RANDOM_RETURN
+PENDULUM_REF_MAX = PENDULUM_SCRIPTED_RETURN
 
 
 def env_info(env_id: str) -> EnvInfo:

@@ -1,0 +1,151 @@
+"""Episode collection: determinism, episode flags, the D4RL observation view, policy quality."""
+
+from __future__ import annotations
+
+import gymnasium
+import numpy as np
+import pytest
+
+import dtlab
+from dtlab.collect import (
+    PendulumSwingUp,
+    RandomPolicy,
+    collect_episodes,
+    pendulum_mixed_dataset,
+)
+from dtlab.errors import ConfigError
+
+FIELDS = ("observations", "actions", "rewards", "terminations", "truncations", "episode_starts")
+
+
+def pendulum_action_space() -> gymnasium.spaces.Box:
+    env = gymnasium.make("Pendulum-v1")
+    space = env.action_space
+    env.close()
+    return space
+
+
+def test_same_seed_same_data_and_other_seed_differs():
+    def run(seed):
+        return collect_episodes("Pendulum-v1", lambda i: PendulumSwingUp(quality=0.5),
+                                num_episodes=2, seed=seed)
+
+    a, b, c = run(3), run(3), run(4)
+    for name in FIELDS:
+        np.testing.assert_array_equal(getattr(a, name), getattr(b, name), err_msg=name)
+    assert not np.array_equal(a.observations, c.observations)
+    assert not np.array_equal(a.actions, c.actions)
+
+
+def test_pendulum_episodes_are_200_steps_truncated_not_terminated():
+    policy = RandomPolicy(pendulum_action_space())
+    data = collect_episodes("Pendulum-v1", policy, num_episodes=2, seed=0)
+    np.testing.assert_array_equal(data.episode_starts, [0, 200])
+    assert data.num_transitions == 400
+    assert data.observations.shape == (400, 3) and data.observations.dtype == np.float32
+    assert data.actions.shape == (400, 1) and data.actions.dtype == np.float32
+    assert not data.terminations.any()
+    np.testing.assert_array_equal(np.flatnonzero(data.truncations), [199, 399])
+
+
+def test_transition_budget_truncates_the_last_episode():
+    data = collect_episodes("Pendulum-v1", PendulumSwingUp(), num_transitions=250, seed=0)
+    assert data.num_transitions == 250
+    np.testing.assert_array_equal(data.episode_lengths, [200, 50])
+    np.testing.assert_array_equal(np.flatnonzero(data.truncations), [199, 249])
+    assert data.metadata["num_episodes"] == 2 and data.metadata["num_transitions"] == 250
+
+
+def test_observations_are_pre_action_states_replayed_in_a_fresh_env():
+    seed = 7
+    data = collect_episodes("Pendulum-v1", lambda i: PendulumSwingUp(quality=0.3),
+                            num_transitions=300, seed=seed)
+    # Replay every recorded action with the documented seeding scheme in a fresh env: reset(seed)
+    # before the first episode, reset() before the next.
+    env = gymnasium.make("Pendulum-v1")
+    for e, (start, length) in enumerate(zip(data.episode_starts, data.episode_lengths)):
+        obs, _ = env.reset(seed=seed if e == 0 else None)
+        for t in range(start, start + length):
+            np.testing.assert_array_equal(data.observations[t], obs)  # state before action t
+            obs, reward, terminated, truncated, _ = env.step(data.actions[t])
+            assert np.float32(reward) == data.rewards[t]
+            assert terminated == data.terminations[t]
+            if t + 1 < start + length:
+                assert not truncated
+                np.testing.assert_array_equal(data.observations[t + 1], obs)  # next observation
+    env.close()
+
+
+def test_terminating_env_and_callable_policy_gets_episode_index():
+    env = gymnasium.make("Hopper-v5")
+    space = env.action_space
+    env.close()
+    seen = []
+
+    def make_policy(i):
+        seen.append(i)
+        return RandomPolicy(space)
+
+    data = collect_episodes("Hopper-v5", make_policy, num_transitions=300, seed=0)
+    assert seen == list(range(data.num_episodes))
+    assert data.num_episodes > 1  # a random Hopper falls within ~20 steps
+    ends = np.append(data.episode_starts[1:], data.num_transitions) - 1
+    assert data.terminations[ends[:-1]].all()  # early episodes end by falling (terminated)
+    assert data.terminations[-1] or data.truncations[-1]
+    assert not (data.terminations & data.truncations).any()
+    assert (np.abs(data.actions) <= 1.0).all()
+
+
+def test_quality_separates_returns():
+    def mean_return(quality):
+        policy = PendulumSwingUp(quality=quality)
+        data = collect_episodes("Pendulum-v1", policy, num_episodes=5, seed=0)
+        return float(data.episode_returns.mean())
+
+    low, mid, high = mean_return(0.0), mean_return(0.6), mean_return(1.0)
+    assert low < -800.0 and high > -300.0
+    assert low + 300.0 < mid < high - 200.0
+
+
+def test_scripted_controller_balances_upright():
+    data = collect_episodes("Pendulum-v1", PendulumSwingUp(), num_episodes=3, seed=1)
+    ends = data.episode_starts + data.episode_lengths - 1
+    cos_th = data.observations[ends, 0]
+    assert (cos_th > 0.999).all()  # upright at the end of every episode
+
+
+def test_metadata_provenance():
+    data = collect_episodes("Pendulum-v1", lambda i: PendulumSwingUp(quality=[0.0, 1.0][i % 2]),
+                            num_episodes=3, seed=5, metadata={"note": "test"})
+    meta = data.metadata
+    assert meta["env_id"] == "Pendulum-v1"
+    assert meta["gymnasium_version"] == gymnasium.__version__
+    assert meta["dtlab_version"] == dtlab.__version__
+    assert meta["seed"] == 5 and meta["note"] == "test"
+    assert meta["policies"] == ["pendulum_swingup(quality=0.000)",
+                                "pendulum_swingup(quality=1.000)"]
+    assert meta["episode_policy"] == [0, 1, 0]
+    returns = data.episode_returns
+    assert meta["episode_return"]["mean"] == pytest.approx(float(returns.mean()))
+    assert meta["episode_return"]["min"] == pytest.approx(float(returns.min()))
+    with pytest.raises(ConfigError, match="seed"):
+        collect_episodes("Pendulum-v1", PendulumSwingUp(), num_episodes=1, metadata={"seed": 1})
+
+
+def test_pendulum_mixed_dataset_spreads_qualities():
+    data = pendulum_mixed_dataset(num_episodes=12, seed=0)
+    assert data.num_episodes == 12 and data.num_transitions == 2400
+    assert len(data.metadata["policies"]) == 12  # one quality per episode
+    returns = data.episode_returns
+    assert returns.max() - returns.min() > 500.0
+
+
+def test_bad_arguments_raise():
+    with pytest.raises(ConfigError):
+        collect_episodes("Pendulum-v1", PendulumSwingUp())
+    with pytest.raises(ConfigError):
+        collect_episodes("Pendulum-v1", PendulumSwingUp(), num_episodes=1, num_transitions=10)
+    with pytest.raises(ConfigError):
+        PendulumSwingUp(quality=1.5)
+    with pytest.raises(RuntimeError, match="reset"):
+        RandomPolicy(pendulum_action_space()).act(np.zeros(3, dtype=np.float32))
