@@ -24,12 +24,30 @@ class DTPolicy:
     Holds the last K steps of every episode as tensors on the model's device; each ``act`` is one
     batched forward pass over the full K-window (exact recomputation, no approximate cache).
 
+    Steering a Pendulum-v1 agent: ask for a high return, then mid-episode for a low one.
+
     >>> import gymnasium as gym
-    >>> policy = DTPolicy.from_checkpoint(getfixture("tiny_checkpoint"))  # doctest: +SKIP
-    >>> env = gym.make("Pendulum-v1")                                     # doctest: +SKIP
-    >>> obs, _ = env.reset(seed=0)                                        # doctest: +SKIP
-    >>> policy.reset(target_return=-150.0)                                # doctest: +SKIP
-    >>> action = policy.act(obs)                                          # doctest: +SKIP
+    >>> policy = DTPolicy.from_checkpoint(getfixture("tiny_checkpoint"))  # any checkpoint dir
+    >>> env = gym.make("Pendulum-v1")
+    >>> obs, _ = env.reset(seed=0)
+    >>> policy.reset(target_return=-150.0)
+    >>> reward, rewards = None, []
+    >>> for t in range(200):
+    ...     if t == 100:
+    ...         policy.steer(-900.0)  # from now on, ask for a much lower return
+    ...     action = policy.act(obs, reward)
+    ...     obs, reward, terminated, truncated, _ = env.step(action)
+    ...     rewards.append(reward)
+    >>> action.shape, bool(env.action_space.contains(action))
+    ((1,), True)
+
+    The last action was conditioned on -900 minus the rewards of steps 100 to 198:
+
+    >>> round(float(policy.returns_to_go[0] - (-900.0 - sum(rewards[100:199]))), 2)
+    0.0
+
+    For many episodes at once, ``reset`` takes one target per episode and ``act`` a batch of
+    observations; ``index`` selects the episodes that advance (see dtlab.evaluate.rollout).
     """
 
     def __init__(self, model: DecisionTransformer, info: PolicyInfo, device: str | torch.device = "cpu"):

@@ -38,7 +38,9 @@ def normalized_score(episode_return: float | np.ndarray, ref_min: float, ref_max
 
     Definition from D4RL (``d4rl.get_normalized_score``), scaled to percent as in the DT paper.
 
-    >>> round(normalized_score(3234.3, -20.272305, 3234.3), 6)
+    >>> float(normalized_score(3234.3, -20.272305, 3234.3))
     100.0
+    >>> round(float(normalized_score(1607.0138475, -20.272305, 3234.3)), 6)  # half way
+    50.0
     """
     return 100.0 * (np.asarray(episode_return, dtype=np.float64) - ref_min) / (ref_max - ref_min)
