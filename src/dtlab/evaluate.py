@@ -146,6 +146,10 @@ def evaluate_checkpoint(cfg, echo: bool = False) -> dict:
         # Rollouts alternate small forwards with env steps on one core; one thread avoids
         # spin-waiting threads fighting the simulator for the CPU.
         set_threads(cfg.threads, default=1)
+    # Check the env before loading weights, so an unknown env id fails fast.
+    env = make_env(env_id)
+    check_spaces(env, info.obs_dim, info.act_dim, what=f"checkpoint {path}")
+    env.close()
     dataset_return = info.dataset.get("episode_return")
     if cfg.sweep:
         if not dataset_return:
@@ -157,10 +161,6 @@ def evaluate_checkpoint(cfg, echo: bool = False) -> dict:
         raise ConfigError(f"no --targets given and no default targets known for {env_id}")
     if cfg.episodes < 1:
         raise ConfigError(f"--episodes must be >= 1, got {cfg.episodes}")
-    # Check the env before loading weights, so an unknown env id fails fast.
-    env = make_env(env_id)
-    check_spaces(env, info.obs_dim, info.act_dim, what=f"checkpoint {path}")
-    env.close()
     policy = DTPolicy.from_checkpoint(path, device=str(device))
     results, stats = rollout(policy, env_id, targets, cfg.episodes, seed=cfg.seed,
                              max_steps=cfg.max_steps)
