@@ -72,13 +72,18 @@ Command = Union[
 ]
 
 
-def run_train(cfg: TrainConfig) -> None:
+def run_train(cfg: TrainConfig) -> int:
     from dtlab.train import train
 
     result = train(cfg)
-    state = "interrupted; resume with --resume" if result.interrupted else "done"
-    print(f"{state}: {result.steps} steps, final loss {result.final_loss:.5f}, "
+    if result.interrupted:
+        print(f"interrupted by signal {result.signal} at step {result.steps}; checkpoint "
+              f"{result.checkpoint}; continue with --resume", file=sys.stderr)
+        return 128 + (result.signal or 0)
+    skipped = f", {result.skipped_nonfinite} non-finite steps skipped" if result.skipped_nonfinite else ""
+    print(f"done: {result.steps} steps, final loss {result.final_loss:.5f}{skipped}, "
           f"checkpoint {result.checkpoint}")
+    return 0
 
 
 def run_evaluate(cfg: EvalConfig) -> None:
@@ -123,7 +128,14 @@ def run_data_validate(cmd: DataValidate) -> None:
         print(f"{cmd.path}: spaces match {cmd.env}; {outside} actions outside the action bounds")
 
 
+def _one_line_warning(message, category, filename, lineno, line=None) -> str:
+    return f"dtlab: warning: {message}\n"
+
+
 def main(argv: list[str] | None = None) -> int:
+    import warnings
+
+    warnings.formatwarning = _one_line_warning
     cmd = tyro.cli(Command, args=argv, prog="dtlab",
                    description="dtlab: Decision Transformers for offline RL.",
                    config=(tyro.conf.OmitSubcommandPrefixes,))
@@ -134,7 +146,7 @@ def main(argv: list[str] | None = None) -> int:
             quickstart(cmd.out, steps=cmd.steps, episodes=cmd.episodes, seed=cmd.seed,
                        progress=cmd.progress, overwrite=cmd.overwrite)
         elif isinstance(cmd, TrainConfig):
-            run_train(cmd)
+            return run_train(cmd)
         elif isinstance(cmd, EvalConfig):
             run_evaluate(cmd)
         elif isinstance(cmd, DataCommand):

@@ -89,6 +89,13 @@ class TrainConfig:
     """Write metrics (loss, lr, steps/s) every this many steps."""
     resume: bool = False
     """Continue the run in --out from its latest checkpoint (bit-for-bit on CPU)."""
+    skip_nonfinite: bool = False
+    """Skip (do not apply) steps whose loss or gradient is NaN/inf, counting them in the metrics,
+    instead of stopping the run."""
+    strict: bool = False
+    """Refuse datasets with actions outside the env's action bounds (default: warn and clip)."""
+    truncate_long_episodes: bool = False
+    """Cut episodes longer than model.max_ep_len to that length (default: refuse the dataset)."""
     device: str = "auto"
     """torch device: auto (cuda if available, else cpu), cpu, cuda, cuda:1, ..."""
     threads: int | None = None

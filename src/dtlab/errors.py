@@ -19,3 +19,11 @@ class EnvError(DtlabError):
 
 class ConfigError(DtlabError):
     """A configuration value is invalid."""
+
+
+class TrainingError(DtlabError):
+    """Training cannot continue (e.g. a non-finite loss or gradient)."""
+
+
+class DtlabWarning(UserWarning):
+    """Suspicious but usable input (e.g. actions outside the action space bounds)."""

@@ -22,7 +22,9 @@ from dtlab.config import ModelConfig, TrainConfig
 from dtlab.data.episodes import EpisodeSet
 from dtlab.data.sampling import Batch, SequenceSampler
 from dtlab.envs import check_spaces, env_info, make_env
-from dtlab.errors import ConfigError, DatasetError, EnvError
+import warnings
+
+from dtlab.errors import ConfigError, DatasetError, DtlabWarning, EnvError, TrainingError
 from dtlab.model import DecisionTransformer
 
 METRICS_FILE = "metrics.jsonl"
@@ -110,6 +112,21 @@ def _action_bounds(env, source: str) -> tuple[np.ndarray, np.ndarray]:
     return low, high
 
 
+def check_action_bounds(episodes: EpisodeSet, env, *, strict: bool) -> None:
+    """Warn (or, strict, fail) when dataset actions lie outside the env's action bounds."""
+    low, high = env.action_space.low, env.action_space.high
+    tol = 1e-5 * np.maximum(1.0, high - low)
+    outside = np.any((episodes.actions < low - tol) | (episodes.actions > high + tol), axis=1)  # (N,)
+    if outside.any():
+        first = int(np.argmax(outside))
+        msg = (f"{episodes.source}: {int(outside.sum())} of {episodes.num_transitions} actions lie "
+               f"outside the action bounds of {env.spec.id if env.spec else 'the env'} (first at "
+               f"transition {first}: {episodes.actions[first].tolist()})")
+        if strict:
+            raise DatasetError(msg)
+        warnings.warn(msg + "; they are clipped for training", DtlabWarning, stacklevel=3)
+
+
 def policy_info_for(cfg: TrainConfig, episodes: EpisodeSet, env) -> PolicyInfo:
     """Everything derived from data and env that the checkpoint must carry."""
     info = env_info(cfg.env)
@@ -136,6 +153,8 @@ class TrainResult:
     final_loss: float
     evaluations: list[dict]
     interrupted: bool = False
+    signal: int | None = None  # the signal that interrupted the run (SIGINT, SIGTERM)
+    skipped_nonfinite: int = 0
 
 
 def prepare(cfg: TrainConfig, episodes: EpisodeSet | None = None):
@@ -147,11 +166,16 @@ def prepare(cfg: TrainConfig, episodes: EpisodeSet | None = None):
     episodes = episodes if episodes is not None else load_dataset(cfg.dataset)
     longest = int(episodes.episode_lengths.max())
     if longest > cfg.model.max_ep_len:
-        ep = int(np.argmax(episodes.episode_lengths))
-        raise DatasetError(f"{episodes.source}: episode {ep} has {longest} steps, more than "
-                           f"model.max_ep_len={cfg.model.max_ep_len}; raise --model.max-ep-len")
+        if cfg.truncate_long_episodes:
+            episodes = episodes.truncate_episodes(cfg.model.max_ep_len)
+        else:
+            ep = int(np.argmax(episodes.episode_lengths))
+            raise DatasetError(f"{episodes.source}: episode {ep} has {longest} steps, more than "
+                               f"model.max_ep_len={cfg.model.max_ep_len}; raise --model.max-ep-len "
+                               "or pass --truncate-long-episodes")
     env = make_env(cfg.env)
     check_spaces(env, episodes.obs_dim, episodes.act_dim, what=f"dataset {episodes.source}")
+    check_action_bounds(episodes, env, strict=cfg.strict)
     info = policy_info_for(cfg, episodes, env)
     env.close()
     return episodes, info
@@ -207,7 +231,7 @@ def train(cfg: TrainConfig, episodes: EpisodeSet | None = None) -> TrainResult:
         state = {
             "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
             "numpy_rng": checkpoint.numpy_rng_state(rng), "torch_rng": torch.get_rng_state(),
-            "step": at_step,
+            "step": at_step, "skipped_nonfinite": skipped,
         }
         if device.type == "cuda":
             state["cuda_rng"] = torch.cuda.get_rng_state(device)
@@ -240,6 +264,7 @@ def train(cfg: TrainConfig, episodes: EpisodeSet | None = None) -> TrainResult:
     evaluations: list[dict] = []
     loss_sum = torch.zeros((), device=device)
     loss_count, last_loss = 0, float("nan")
+    skipped = int(resume_state.get("skipped_nonfinite", 0)) if resume_state else 0
     tick, tick_step = time.perf_counter(), step
     progress = Progress(cfg.steps, step, enabled=cfg.progress)
     last_saved = step if cfg.resume else -1
@@ -251,19 +276,33 @@ def train(cfg: TrainConfig, episodes: EpisodeSet | None = None) -> TrainResult:
             loss = action_loss(pred, batch["actions"], batch["masks"])
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
-            if cfg.grad_clip > 0:
-                torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-            optimizer.step()
+            # The global gradient norm is non-finite iff the loss or any gradient is; with
+            # clipping off it is computed without clipping (max_norm=inf).
+            grad_norm = torch.nn.utils.clip_grad_norm_(
+                model.parameters(), cfg.grad_clip if cfg.grad_clip > 0 else float("inf"))
+            if not bool(torch.isfinite(grad_norm)):
+                if not cfg.skip_nonfinite:
+                    good = checkpoint.resolve(out) if (out / checkpoint.LATEST_FILE).exists() else None
+                    raise TrainingError(
+                        f"non-finite loss or gradient at step {step + 1} (loss {loss.item():g}); "
+                        f"last good checkpoint: {good or 'none'}; --skip-nonfinite skips such steps")
+                optimizer.zero_grad(set_to_none=True)
+                skipped += 1
+            else:
+                optimizer.step()
+                loss_sum += loss.detach()
+                loss_count += 1
             scheduler.step()
             step += 1
-            loss_sum += loss.detach()
-            loss_count += 1
             if step % cfg.log_every == 0 or step == cfg.steps:
-                last_loss = float(loss_sum) / loss_count
+                last_loss = float(loss_sum) / loss_count if loss_count else float("nan")
                 now = time.perf_counter()
                 rate = (step - tick_step) / max(now - tick, 1e-9)
-                metrics.write({"step": step, "loss": last_loss,
-                               "lr": scheduler.get_last_lr()[0], "steps_per_s": rate})
+                record = {"step": step, "loss": last_loss, "lr": scheduler.get_last_lr()[0],
+                          "steps_per_s": rate}
+                if cfg.skip_nonfinite:
+                    record["skipped_nonfinite"] = skipped
+                metrics.write(record)
                 progress.update(step, last_loss, scheduler.get_last_lr()[0], rate)
                 loss_sum.zero_()
                 loss_count, tick, tick_step = 0, now, step
@@ -284,7 +323,8 @@ def train(cfg: TrainConfig, episodes: EpisodeSet | None = None) -> TrainResult:
     metrics.close()
     if loss_count:
         last_loss = float(loss_sum) / loss_count
-    return TrainResult(checkpoint.resolve(out), step, last_loss, evaluations, interrupted)
+    return TrainResult(checkpoint.resolve(out), step, last_loss, evaluations, interrupted,
+                       stop["signal"], skipped)
 
 
 def _main_thread() -> bool:

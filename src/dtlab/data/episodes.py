@@ -117,6 +117,24 @@ class EpisodeSet:
             source=source, metadata=dict(metadata or {}),
         )
 
+    def truncate_episodes(self, max_len: int) -> "EpisodeSet":
+        """Cut every episode longer than ``max_len`` steps to its first ``max_len`` steps (marked
+        truncated, returns-to-go recomputed over the kept steps)."""
+        lengths = self.episode_lengths
+        if lengths.max() <= max_len:
+            return self
+        offsets = np.arange(self.num_transitions) - np.repeat(self.episode_starts, lengths)  # (N,)
+        keep = offsets < max_len
+        term = self.terminations.copy()
+        trunc = self.truncations.copy()
+        cut_ends = self.episode_starts[lengths > max_len] + max_len - 1
+        trunc[cut_ends] = True
+        new_lengths = np.minimum(lengths, max_len)
+        starts = np.concatenate([[0], np.cumsum(new_lengths)[:-1]])
+        return EpisodeSet(self.observations[keep], self.actions[keep], self.rewards[keep], term[keep],
+                          trunc[keep], starts, source=self.source,
+                          metadata={**self.metadata, "truncated_to": int(max_len)})
+
     # ---- derived quantities -------------------------------------------------------------------
     @property
     def num_transitions(self) -> int:

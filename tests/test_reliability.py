@@ -1,0 +1,137 @@
+"""Crash safety, numerical faults, dataset checks at training time."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import warnings
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import dtlab.train as train_module
+from dtlab import checkpoint
+from dtlab.config import ModelConfig, TrainConfig
+from dtlab.data import EpisodeSet
+from dtlab.data.formats import save_episodes
+from dtlab.errors import DatasetError, DtlabWarning, TrainingError
+from dtlab.train import train
+
+TINY = ModelConfig(embed_dim=16, n_layers=1, n_heads=1, context_len=4, max_ep_len=200)
+
+
+def episodes(n_episodes=3, length=200, seed=0, action_scale=2.0):
+    rng = np.random.default_rng(seed)
+    n = n_episodes * length
+    trunc = np.zeros(n, bool)
+    trunc[length - 1::length] = True
+    return EpisodeSet.from_flags(rng.normal(size=(n, 3)), rng.uniform(-action_scale, action_scale, (n, 1)),
+                                 -rng.uniform(0, 5, n), np.zeros(n, bool), trunc, source="data.hdf5")
+
+
+def cfg(tmp_path, name="run", **kw):
+    base = dict(dataset="data.hdf5", env="Pendulum-v1", out=str(tmp_path / name), steps=8, batch_size=4,
+                warmup_steps=2, log_every=2, checkpoint_every=4, progress=False, tensorboard=False,
+                model=TINY)
+    return TrainConfig(**{**base, **kw})
+
+
+def nan_on_call(n):
+    """An action_loss that returns NaN on its n-th call (1-based)."""
+    calls = {"n": 0}
+    real = train_module.action_loss
+
+    def loss(*args):
+        calls["n"] += 1
+        out = real(*args)
+        return out * float("nan") if calls["n"] == n else out
+    return loss
+
+
+def test_nonfinite_loss_stops_with_step_and_last_checkpoint(tmp_path, monkeypatch):
+    monkeypatch.setattr(train_module, "action_loss", nan_on_call(6))
+    with pytest.raises(TrainingError, match=r"non-finite loss or gradient at step 6 .*step_00000004"):
+        train(cfg(tmp_path), episodes())
+    # The last good checkpoint is intact and loadable.
+    model, info = checkpoint.load(tmp_path / "run")
+    assert info.step == 4 and all(torch.isfinite(p).all() for p in model.parameters())
+
+
+def test_skip_nonfinite_counts_and_does_not_apply_the_step(tmp_path, monkeypatch):
+    monkeypatch.setattr(train_module, "action_loss", nan_on_call(3))
+    result = train(cfg(tmp_path, skip_nonfinite=True), episodes())
+    assert result.skipped_nonfinite == 1 and result.steps == 8
+    records = [json.loads(l) for l in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["skipped_nonfinite"] for r in records] == [0, 1, 1, 1]
+    weights = load_file(str(result.checkpoint / "model.safetensors"))
+    assert all(torch.isfinite(w).all() for w in weights.values())
+
+
+def test_long_episodes_refused_or_truncated(tmp_path):
+    data = episodes(length=250)  # longer than max_ep_len=200
+    with pytest.raises(DatasetError, match="episode 0 has 250 steps, more than model.max_ep_len=200"):
+        train(cfg(tmp_path), data)
+    cut = data.truncate_episodes(200)
+    assert cut.episode_lengths.tolist() == [200, 200, 200]
+    assert cut.truncations.sum() == 3
+    np.testing.assert_allclose(cut.episode_returns[0], data.rewards[:200].sum(), rtol=1e-5)
+    result = train(cfg(tmp_path, "cut", truncate_long_episodes=True), data)
+    assert result.steps == 8
+
+
+def test_actions_outside_bounds_warn_or_fail_when_strict(tmp_path):
+    data = episodes(action_scale=3.0)  # Pendulum's torque bound is 2
+    with pytest.warns(DtlabWarning, match="actions lie outside the action bounds"):
+        train(cfg(tmp_path), data)
+    with pytest.raises(DatasetError, match="data.hdf5: .* outside the action bounds"):
+        train(cfg(tmp_path, "strict", strict=True), data)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        train(cfg(tmp_path, "ok"), episodes(action_scale=2.0))  # in bounds: no warning
+
+
+def _train_cmd(data, out, steps, every):
+    return [sys.executable, "-m", "dtlab.cli", "train", "--dataset", str(data), "--env", "Pendulum-v1",
+            "--out", str(out), "--steps", str(steps), "--batch-size", "8", "--warmup-steps", "5",
+            "--log-every", "5", "--checkpoint-every", str(every), "--no-progress", "--no-tensorboard",
+            "--model.embed-dim", "16", "--model.n-layers", "1", "--model.context-len", "4",
+            "--model.max-ep-len", "200", "--threads", "1", "--seed", "7"]
+
+
+def _wait_for_checkpoint(out, proc, timeout=60):
+    start = time.time()
+    while not (out / "latest").exists():
+        assert proc.poll() is None, proc.communicate()
+        assert time.time() - start < timeout
+        time.sleep(0.05)
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGKILL])
+def test_signal_mid_run_then_resume_equals_uninterrupted(tmp_path, sig):
+    data = tmp_path / "data.hdf5"
+    save_episodes(episodes(), data)
+    steps, every = 400, 20
+    full = subprocess.run(_train_cmd(data, tmp_path / "full", steps, every), capture_output=True, text=True)
+    assert full.returncode == 0, full.stderr
+    out = tmp_path / "cut"
+    proc = subprocess.Popen(_train_cmd(data, out, steps, every), stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    _wait_for_checkpoint(out, proc)
+    proc.send_signal(sig)
+    _, stderr = proc.communicate(timeout=60)
+    if sig == signal.SIGTERM:
+        assert proc.returncode == 128 + signal.SIGTERM, stderr
+        assert "continue with --resume" in stderr
+    else:
+        assert proc.returncode == -signal.SIGKILL
+    _, info = checkpoint.load(out)  # whatever moment it died at, the latest checkpoint loads
+    assert 0 < info.step < steps
+    resumed = subprocess.run(_train_cmd(data, out, steps, every) + ["--resume"], capture_output=True, text=True)
+    assert resumed.returncode == 0, resumed.stderr
+    a = load_file(str(checkpoint.resolve(tmp_path / "full") / "model.safetensors"))
+    b = load_file(str(checkpoint.resolve(out) / "model.safetensors"))
+    assert all(torch.equal(a[k], b[k]) for k in a)
