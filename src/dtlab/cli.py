@@ -12,7 +12,7 @@ from typing import Annotated, Union
 
 import tyro
 
-from dtlab.config import EvalConfig, TrainConfig
+from dtlab.config import CollectConfig, EvalConfig, TrainConfig
 from dtlab.errors import DtlabError
 
 
@@ -69,6 +69,7 @@ Command = Union[
     Annotated[TrainConfig, tyro.conf.subcommand("train")],
     Annotated[EvalConfig, tyro.conf.subcommand("evaluate")],
     Annotated[DataCommand, tyro.conf.subcommand("data")],
+    Annotated[CollectConfig, tyro.conf.subcommand("collect")],
 ]
 
 
@@ -90,6 +91,40 @@ def run_evaluate(cfg: EvalConfig) -> None:
     from dtlab.evaluate import evaluate_checkpoint
 
     evaluate_checkpoint(cfg, echo=True)
+
+
+def run_collect(cfg: CollectConfig) -> None:
+    import time
+
+    from dtlab import collect
+    from dtlab.data.formats import save_episodes
+    from dtlab.envs import make_env
+    from dtlab.errors import ConfigError
+
+    started = time.perf_counter()
+    if cfg.policy == "pendulum-mixed":
+        if cfg.env != "Pendulum-v1":
+            raise ConfigError("policy pendulum-mixed is for Pendulum-v1")
+        episodes = collect.pendulum_mixed_dataset(num_episodes=cfg.episodes or 300, seed=cfg.seed)
+    else:
+        if cfg.policy == "random":
+            env = make_env(cfg.env)
+            space = env.action_space
+            env.close()
+            factory = lambda i: collect.RandomPolicy(space)  # noqa: E731
+        elif cfg.policy == "pendulum-swingup":
+            if cfg.env != "Pendulum-v1":
+                raise ConfigError("policy pendulum-swingup is for Pendulum-v1")
+            factory = lambda i: collect.PendulumSwingUp(quality=cfg.quality)  # noqa: E731
+        else:
+            raise ConfigError(f"unknown policy '{cfg.policy}' (random, pendulum-swingup, pendulum-mixed)")
+        episodes = collect.collect_episodes(cfg.env, factory, num_episodes=cfg.episodes,
+                                            num_transitions=cfg.transitions, seed=cfg.seed)
+    save_episodes(episodes, cfg.out, format=cfg.format)
+    ret = episodes.summary()["episode_return"]
+    print(f"wrote {cfg.out}: {episodes.num_episodes} episodes, {episodes.num_transitions} transitions, "
+          f"return mean {ret['mean']:.1f} +- {ret['std']:.1f} (min {ret['min']:.1f}, max "
+          f"{ret['max']:.1f}) in {time.perf_counter() - started:.1f} s")
 
 
 def run_data_info(cmd: DataInfo) -> None:
@@ -149,6 +184,8 @@ def main(argv: list[str] | None = None) -> int:
             return run_train(cmd)
         elif isinstance(cmd, EvalConfig):
             run_evaluate(cmd)
+        elif isinstance(cmd, CollectConfig):
+            run_collect(cmd)
         elif isinstance(cmd, DataCommand):
             if isinstance(cmd.command, DataInfo):
                 run_data_info(cmd.command)

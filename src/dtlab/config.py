@@ -135,3 +135,26 @@ class EvalConfig:
     """torch device: auto, cpu, cuda, ..."""
     threads: int | None = None
     """CPU threads for torch (default: OMP_NUM_THREADS if set, else 1 for rollouts)."""
+
+
+@dataclass(frozen=True)
+class CollectConfig:
+    """Roll out a behaviour policy in a Gymnasium env and write a dataset file."""
+
+    env: str
+    """Gymnasium environment id, e.g. Hopper-v5."""
+    out: str
+    """Dataset file to write (HDF5)."""
+    policy: str = "random"
+    """Behaviour policy: random (uniform actions), pendulum-swingup (scripted, Pendulum-v1 only;
+    --quality degrades it), pendulum-mixed (the quickstart's mixed-quality Pendulum-v1 data)."""
+    quality: float = 1.0
+    """Quality in [0, 1] of the scripted pendulum-swingup policy."""
+    episodes: int | None = None
+    """Collect this many complete episodes."""
+    transitions: int | None = None
+    """Or collect this many transitions (the last episode is cut there and marked truncated)."""
+    seed: int = 0
+    """Seed of the env resets and of the policy's randomness."""
+    format: Literal["d4rl", "native"] = "d4rl"
+    """File layout: D4RL's HDF5 keys, or dtlab's native HDF5."""
