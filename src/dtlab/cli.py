@@ -8,7 +8,7 @@ from __future__ import annotations
 import json
 import sys
 from dataclasses import dataclass
-from typing import Annotated, Union
+from typing import Annotated, Literal, Union
 
 import tyro
 
@@ -37,12 +37,29 @@ class DataValidate:
 
 
 @dataclass(frozen=True)
+class DataConvert:
+    """Convert a dataset between formats: D4RL HDF5, dtlab native HDF5, Minari (minari:<id>)."""
+
+    src: Annotated[str, tyro.conf.Positional, tyro.conf.arg(metavar="IN")]
+    """Source: a D4RL or native HDF5 file, or minari:<dataset id>."""
+    dst: Annotated[str, tyro.conf.Positional, tyro.conf.arg(metavar="OUT")]
+    """Destination: an HDF5 path, or minari:<namespace/name-vN> (written under MINARI_DATASETS_PATH)."""
+    format: Literal["d4rl", "native", "minari"] | None = None
+    """Output format (default: minari for minari:<id>, else native)."""
+    env: str | None = None
+    """Gymnasium env id whose spaces a Minari dataset records (default: the source's env_id)."""
+    overwrite: bool = False
+    """Replace an existing Minari dataset with the same id."""
+
+
+@dataclass(frozen=True)
 class DataCommand:
     """Inspect and check dataset files."""
 
     command: Union[
         Annotated[DataInfo, tyro.conf.subcommand("info")],
         Annotated[DataValidate, tyro.conf.subcommand("validate")],
+        Annotated[DataConvert, tyro.conf.subcommand("convert")],
     ]
 
 
@@ -146,6 +163,18 @@ def run_data_info(cmd: DataInfo) -> None:
     Console().print(table)
 
 
+def run_data_convert(cmd: DataConvert) -> None:
+    from dtlab.data.formats import MINARI_PREFIX, load_episodes, save_episodes
+
+    episodes = load_episodes(cmd.src)
+    options = {}
+    if cmd.dst.startswith(MINARI_PREFIX) or cmd.format == "minari":
+        env_id = cmd.env or episodes.metadata.get("env_id")
+        options = {"env_id": env_id if isinstance(env_id, str) else None, "overwrite": cmd.overwrite}
+    save_episodes(episodes, cmd.dst, cmd.format, **options)
+    print(f"wrote {cmd.dst}: {episodes.num_episodes} episodes, {episodes.num_transitions} transitions")
+
+
 def run_data_validate(cmd: DataValidate) -> None:
     import numpy as np
 
@@ -189,6 +218,8 @@ def main(argv: list[str] | None = None) -> int:
         elif isinstance(cmd, DataCommand):
             if isinstance(cmd.command, DataInfo):
                 run_data_info(cmd.command)
+            elif isinstance(cmd.command, DataConvert):
+                run_data_convert(cmd.command)
             else:
                 run_data_validate(cmd.command)
     except DtlabError as exc:

@@ -34,41 +34,28 @@ class TargetResult:
 
 
 def rollout(policy: DTPolicy, env_id: str, targets: Sequence[float], episodes: int, *,
-            seed: int = 0, max_steps: int | None = None) -> tuple[list[TargetResult], dict]:
-    """Run ``episodes`` episodes per target; returns per-target results and timing stats."""
-    n_targets = len(targets)
-    n = n_targets * episodes
-    envs = [make_env(env_id) for _ in range(n)]
-    check_spaces(envs[0], policy.info.obs_dim, policy.info.act_dim, what="the checkpoint")
-    limit = max_steps or (envs[0].spec.max_episode_steps if envs[0].spec else None) or 1000
+            seed: int = 0, max_steps: int | None = None, max_parallel: int = 256
+            ) -> tuple[list[TargetResult], dict]:
+    """Run ``episodes`` episodes per target; returns per-target results and timing stats.
+
+    Up to ``max_parallel`` episodes run at once (each in its own env, stepped in lockstep, one
+    batched forward per step); more run in successive waves that reuse the same envs.
+    """
+    n = len(targets) * episodes
     # Episode j runs target j // episodes from start state seed + j % episodes.
     target_of = np.repeat(np.asarray(targets, dtype=np.float32), episodes)  # (n,)
-    obs = np.stack([env.reset(seed=seed + j % episodes)[0] for j, env in enumerate(envs)])  # (n, S)
-    for j, env in enumerate(envs):
-        env.action_space.seed(seed + j)
-    policy.reset(target_of)
+    start_seed = seed + np.arange(n) % episodes  # (n,)
+    envs = [make_env(env_id) for _ in range(min(n, max_parallel))]
+    check_spaces(envs[0], policy.info.obs_dim, policy.info.act_dim, what="the checkpoint")
+    limit = max_steps or (envs[0].spec.max_episode_steps if envs[0].spec else None) or 1000
     returns = np.zeros(n)
     lengths = np.zeros(n, dtype=np.int64)
-    rewards = np.zeros(n, dtype=np.float32)
-    active = np.arange(n)
-    env_steps, started = 0, time.perf_counter()
-    model_time = 0.0
-    for _ in range(limit):
-        if active.size == 0:
-            break
-        t0 = time.perf_counter()
-        actions = policy.act(obs[active], rewards[active], index=active)  # (a, A)
-        model_time += time.perf_counter() - t0
-        still = []
-        for row, j in enumerate(active):
-            o, r, terminated, truncated, _ = envs[j].step(actions[row])
-            obs[j], rewards[j] = o, r
-            returns[j] += r
-            lengths[j] += 1
-            if not (terminated or truncated):
-                still.append(j)
-        env_steps += active.size
-        active = np.asarray(still, dtype=np.int64)
+    env_steps, model_time, started = 0, 0.0, time.perf_counter()
+    for first in range(0, n, len(envs)):
+        wave = np.arange(first, min(n, first + len(envs)))  # episode ids of this wave
+        steps, seconds = _run_wave(policy, envs, wave, target_of, start_seed, limit, returns, lengths)
+        env_steps += steps
+        model_time += seconds
     for env in envs:
         env.close()
     elapsed = time.perf_counter() - started
@@ -89,6 +76,37 @@ def rollout(policy: DTPolicy, env_id: str, targets: Sequence[float], episodes: i
     stats = {"env_steps": int(env_steps), "seconds": elapsed,
              "env_steps_per_s": env_steps / max(elapsed, 1e-9), "model_seconds": model_time}
     return results, stats
+
+
+def _run_wave(policy: DTPolicy, envs: list, wave: np.ndarray, target_of: np.ndarray,
+              start_seed: np.ndarray, limit: int, returns: np.ndarray, lengths: np.ndarray
+              ) -> tuple[int, float]:
+    """Run episodes ``wave`` (slot i of the wave in envs[i]) to the end; fills returns/lengths."""
+    m = wave.size
+    obs = np.stack([envs[i].reset(seed=int(start_seed[j]))[0] for i, j in enumerate(wave)])  # (m, S)
+    for i, j in enumerate(wave):
+        envs[i].action_space.seed(int(start_seed[j]))
+    policy.reset(target_of[wave])
+    rewards = np.zeros(m, dtype=np.float32)
+    active = np.arange(m)  # wave slots still running
+    env_steps, model_time = 0, 0.0
+    for _ in range(limit):
+        if active.size == 0:
+            break
+        t0 = time.perf_counter()
+        actions = policy.act(obs[active], rewards[active], index=active)  # (a, A)
+        model_time += time.perf_counter() - t0
+        still = []
+        for row, i in enumerate(active):
+            o, r, terminated, truncated, _ = envs[i].step(actions[row])
+            obs[i], rewards[i] = o, r
+            returns[wave[i]] += r
+            lengths[wave[i]] += 1
+            if not (terminated or truncated):
+                still.append(i)
+        env_steps += active.size
+        active = np.asarray(still, dtype=np.int64)
+    return env_steps, model_time
 
 
 def sweep_targets(dataset_stats: dict, points: int) -> list[float]:

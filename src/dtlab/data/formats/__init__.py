@@ -1,6 +1,8 @@
-"""Dataset files: read any supported format into an EpisodeSet, write one back.
+"""Datasets: read any supported format into an EpisodeSet, write one back, convert between them.
 
-``load_episodes`` recognizes the format from the file's contents, not its name:
+A source or destination is a file path, or ``minari:<dataset id>`` for a Minari dataset in the
+local Minari root (``$MINARI_DATASETS_PATH``, default ``~/.minari/datasets``; minari.py).
+``load_episodes`` recognizes a file's format from its contents, not its name:
 
 - HDF5 with a root attribute ``dtlab_format``            -> dtlab's native format (native.py)
 - HDF5 with a ``terminals`` or ``timeouts`` dataset       -> D4RL's layout (d4rl.py)
@@ -9,21 +11,26 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 from dtlab.data.episodes import EpisodeSet
 from dtlab.data.formats._hdf5 import open_hdf5
 from dtlab.data.formats.d4rl import episodes_from_d4rl, read_d4rl, write_d4rl
+from dtlab.data.formats.minari import PREFIX as MINARI_PREFIX
+from dtlab.data.formats.minari import read_minari, write_minari
 from dtlab.data.formats.native import FORMAT_ATTR, episodes_from_native, read_native, write_native
 from dtlab.errors import DatasetError
 
-__all__ = ["load_episodes", "save_episodes", "read_d4rl", "write_d4rl", "read_native",
-           "write_native"]
+__all__ = ["load_episodes", "save_episodes", "convert", "read_d4rl", "write_d4rl", "read_native",
+           "write_native", "read_minari", "write_minari"]
+
+Format = Literal["native", "d4rl", "minari"]
 
 
 def load_episodes(path: str | Path) -> EpisodeSet:
-    """Load a dataset file in any supported format; every failure is a DatasetError."""
-    # Non-file sources (e.g. a "minari:<dataset id>" prefix) get their branch here.
+    """Load a dataset file in any supported format or ``minari:<id>``; failures: DatasetError."""
+    if str(path).startswith(MINARI_PREFIX):
+        return read_minari(str(path)[len(MINARI_PREFIX):])
     return _load_hdf5(Path(path))
 
 
@@ -40,12 +47,40 @@ def _load_hdf5(path: Path) -> EpisodeSet:
             f"native) and datasets 'terminals'/'timeouts' (D4RL); top-level keys: {shown}")
 
 
-def save_episodes(episodes: EpisodeSet, path: str | Path,
-                  format: Literal["native", "d4rl"] = "native") -> None:
-    """Write ``episodes`` to ``path`` atomically in the given format."""
+def save_episodes(episodes: EpisodeSet, dest: str | Path, format: Format | None = None,
+                  **options: Any) -> None:
+    """Write ``episodes`` to ``dest`` in the given format.
+
+    ``format`` None: "minari" when ``dest`` is ``minari:<id>``, else "native". For "minari",
+    ``dest`` is ``minari:<id>`` or the bare id. ``options`` are the writer's keyword arguments
+    (``write_minari``: env_id, final_observations, overwrite, ...; ``write_d4rl``: metadata).
+    Files are replaced atomically; an existing Minari dataset only with ``overwrite=True``.
+    """
+    is_minari_dest = str(dest).startswith(MINARI_PREFIX)
+    if format is None:
+        format = "minari" if is_minari_dest else "native"
+    if format == "minari":
+        dataset_id = str(dest)[len(MINARI_PREFIX):] if is_minari_dest else str(dest)
+        write_minari(episodes, dataset_id, **options)
+        return
+    if is_minari_dest:
+        raise ValueError(f"destination {dest!r} is a Minari dataset but format is {format!r}")
     if format == "native":
-        write_native(episodes, path)
+        write_native(episodes, dest, **options)
     elif format == "d4rl":
-        write_d4rl(episodes, path)
+        write_d4rl(episodes, dest, **options)
     else:
-        raise ValueError(f"unknown dataset format {format!r}; expected 'native' or 'd4rl'")
+        raise ValueError(f"unknown dataset format {format!r}; expected 'native', 'd4rl' or "
+                         "'minari'")
+
+
+def convert(src: str | Path, dst: str | Path, format: Format | None = None,
+            **options: Any) -> EpisodeSet:
+    """Read ``src`` (any supported source) and write it to ``dst``; returns the episodes.
+
+    ``format`` and ``options`` as in :func:`save_episodes`, e.g.
+    ``convert("hopper.hdf5", "minari:dtlab/hopper/medium-v0", env_id="Hopper-v5")``.
+    """
+    episodes = load_episodes(src)
+    save_episodes(episodes, dst, format, **options)
+    return episodes
