@@ -19,9 +19,11 @@ Reproduce the measured numbers in this module with ``python -m dtlab.collect``.
 from __future__ import annotations
 
 import functools
+import json
 import math
 import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any, Protocol
 
 import gymnasium
@@ -376,3 +378,103 @@ def _report() -> None:
 
 if __name__ == "__main__":
     _report()
+
+
+# ---- trained behaviour agents ------------------------------------------------------------------
+
+# Stable-Baselines3's SAC actor clamps log-std to [-20, 2] (stable_baselines3/sac/policies.py,
+# LOG_STD_MIN / LOG_STD_MAX) and squashes Gaussian samples with tanh.
+_LOG_STD_MIN, _LOG_STD_MAX = -20.0, 2.0
+
+
+class ActorPolicy:
+    """A SAC actor (MLP, ReLU, squashed Gaussian) from a safetensors file, run in numpy.
+
+    The file holds SB3's actor weights (``latent_pi.{0,2,...}``, ``mu``, ``log_std``) and, as
+    safetensors metadata, the env id and action bounds; it loads without unpickling anything.
+    Stochastic by default (D4RL sampled actions from its behaviour policies); ``deterministic``
+    acts with tanh(mean). All sampling uses the generator passed to ``reset``.
+    """
+
+    def __init__(self, path: str, *, deterministic: bool = False) -> None:
+        from safetensors import SafetensorError, safe_open
+
+        try:
+            with safe_open(path, framework="numpy") as f:
+                self.meta = dict(f.metadata() or {})
+                weights = {k: f.get_tensor(k).astype(np.float64) for k in f.keys()}
+        except (OSError, SafetensorError) as exc:
+            raise ConfigError(f"{path}: cannot load actor weights: {exc}") from None
+        layers = sorted({int(k.split(".")[1]) for k in weights if k.startswith("latent_pi.")})
+        try:
+            self.hidden = [(weights[f"latent_pi.{i}.weight"], weights[f"latent_pi.{i}.bias"]) for i in layers]
+            self.mu = (weights["mu.weight"], weights["mu.bias"])
+            self.log_std = (weights["log_std.weight"], weights["log_std.bias"])
+            self.low = np.asarray(json.loads(self.meta["action_low"]), dtype=np.float64)
+            self.high = np.asarray(json.loads(self.meta["action_high"]), dtype=np.float64)
+        except KeyError as exc:
+            raise ConfigError(f"{path}: not a dtlab SAC actor file (missing {exc})") from None
+        self.deterministic = deterministic
+        self.obs_dim = self.hidden[0][0].shape[1]
+        self.act_dim = self.mu[0].shape[0]
+        self.name = f"sac_actor({Path(path).name}{', deterministic' if deterministic else ''})"
+        self._rng: np.random.Generator | None = None
+
+    def reset(self, rng: np.random.Generator) -> None:
+        self._rng = rng
+
+    def act(self, observation: np.ndarray) -> np.ndarray:
+        h = np.asarray(observation, dtype=np.float64)  # (obs_dim,)
+        for w, b in self.hidden:
+            h = np.maximum(w @ h + b, 0.0)  # (hidden,)
+        mean = self.mu[0] @ h + self.mu[1]  # (act_dim,)
+        if not self.deterministic:
+            log_std = np.clip(self.log_std[0] @ h + self.log_std[1], _LOG_STD_MIN, _LOG_STD_MAX)
+            mean = mean + np.exp(log_std) * self._rng.standard_normal(self.act_dim)
+        squashed = np.tanh(mean)  # in [-1, 1]
+        return (self.low + 0.5 * (squashed + 1.0) * (self.high - self.low)).astype(np.float32)
+
+
+class SB3Policy:
+    """A Stable-Baselines3 model zip (SAC/TD3/PPO/...) used through ``model.predict``.
+
+    SB3 zips contain pickled Python objects: loading one can run arbitrary code. dtlab loads them
+    only when the caller passes ``trust=True`` (``--trust-pickle`` on the command line). Prefer
+    exported actor weights (``ActorPolicy``, safetensors) for files you did not write.
+    """
+
+    def __init__(self, path: str, env_id: str, *, trust: bool, deterministic: bool = False) -> None:
+        if not trust:
+            raise ConfigError(f"{path}: Stable-Baselines3 files contain pickles that can run code "
+                              "when loaded; pass --trust-pickle if you trust this file")
+        import stable_baselines3 as sb3
+
+        env = gymnasium.make(env_id)
+        model = None
+        errors = []
+        for algo in ("SAC", "TD3", "PPO", "DDPG", "A2C", "DQN"):
+            try:
+                model = getattr(sb3, algo).load(path, device="cpu")
+                break
+            except Exception as exc:  # SB3 raises many types for a zip of another algorithm
+                errors.append(f"{algo}: {type(exc).__name__}")
+        if model is None:
+            raise ConfigError(f"{path}: not a loadable Stable-Baselines3 model ({', '.join(errors)})")
+        if model.observation_space.shape != env.observation_space.shape or \
+                model.action_space.shape != env.action_space.shape:
+            raise EnvError(f"{path}: model spaces {model.observation_space.shape} -> "
+                           f"{model.action_space.shape} do not match {env_id}'s "
+                           f"{env.observation_space.shape} -> {env.action_space.shape}")
+        env.close()
+        self.model, self.deterministic = model, deterministic
+        self.name = f"sb3:{type(model).__name__}({Path(path).name})"
+
+    def reset(self, rng: np.random.Generator) -> None:
+        import torch
+
+        # SB3 samples with torch's global generator: seed it from the collection's stream.
+        torch.manual_seed(int(rng.integers(0, 2**31 - 1)))
+
+    def act(self, observation: np.ndarray) -> np.ndarray:
+        action, _ = self.model.predict(observation, deterministic=self.deterministic)
+        return np.asarray(action, dtype=np.float32)

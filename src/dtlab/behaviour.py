@@ -1,0 +1,156 @@
+"""Behaviour agents for D4RL-style datasets: train SAC with Stable-Baselines3, keep snapshots.
+
+D4RL built its MuJoCo datasets from SAC agents: "expert" from the fully trained policy, "medium"
+from a snapshot reaching about a third of the expert's return, "medium-replay" from the replay
+buffer up to that snapshot (Fu et al. 2020, section 5). ``train_behaviour`` reproduces that
+protocol: it trains in chunks of ``eval_every`` steps, evaluates after each chunk, saves a snapshot
+and the replay buffer, and records everything in ``manifest.json`` so that a killed run resumes
+from its last snapshot.
+
+Snapshots of SB3 are zip files containing pickles: they are loaded only from this run directory
+(trusted, written by dtlab). The small artifacts meant to be shared -- the actor weights of the
+medium and expert snapshots -- are exported to safetensors (``export_actor``), which load without
+unpickling anything.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from dtlab.checkpoint import _write_atomic_text
+from dtlab.envs import make_env
+from dtlab.errors import ConfigError
+
+MANIFEST = "manifest.json"
+
+
+@dataclass(frozen=True)
+class BehaviourConfig:
+    """Train a SAC behaviour agent (Stable-Baselines3) with periodic evaluation and snapshots."""
+
+    env: str
+    """Gymnasium environment id, e.g. Hopper-v5."""
+    out: str
+    """Run directory: snapshots/, replay_buffer.pkl, manifest.json."""
+    steps: int = 1_000_000
+    """Total environment steps (D4RL trained its SAC agents for 1M steps)."""
+    eval_every: int = 20_000
+    """Evaluate and snapshot every this many steps."""
+    eval_episodes: int = 10
+    """Deterministic evaluation episodes per snapshot."""
+    learning_starts: int = 10_000
+    """Random-action steps before learning starts (SB3 zoo's MuJoCo setting)."""
+    seed: int = 0
+    """Seed of SAC, the env and evaluation."""
+    threads: int = 1
+    """torch CPU threads for SAC updates."""
+
+
+def _evaluate(model, env_id: str, episodes: int, seed: int) -> tuple[float, float]:
+    env = make_env(env_id)
+    returns = []
+    for i in range(episodes):
+        obs, _ = env.reset(seed=seed + i)
+        done, total = False, 0.0
+        while not done:
+            action, _ = model.predict(obs, deterministic=True)
+            obs, r, terminated, truncated, _ = env.step(action)
+            total += float(r)
+            done = terminated or truncated
+        returns.append(total)
+    env.close()
+    return float(np.mean(returns)), float(np.std(returns))
+
+
+def read_manifest(out: str | Path) -> dict[str, Any]:
+    path = Path(out) / MANIFEST
+    return json.loads(path.read_text()) if path.exists() else {}
+
+
+def train_behaviour(cfg: BehaviourConfig, log=print) -> dict[str, Any]:
+    """Train (or resume) a SAC agent; returns the manifest."""
+    import torch
+    from stable_baselines3 import SAC
+
+    torch.set_num_threads(cfg.threads)
+    out = Path(cfg.out)
+    snaps = out / "snapshots"
+    snaps.mkdir(parents=True, exist_ok=True)
+    manifest = read_manifest(out) or {
+        "env_id": cfg.env, "algorithm": "SAC (stable-baselines3, default hyperparameters)",
+        "seed": cfg.seed, "eval_episodes": cfg.eval_episodes, "snapshots": []}
+    if manifest["env_id"] != cfg.env:
+        raise ConfigError(f"{out}: holds a run for {manifest['env_id']}, not {cfg.env}")
+    env = make_env(cfg.env)
+    done_steps = manifest["snapshots"][-1]["step"] if manifest["snapshots"] else 0
+    if done_steps:
+        model = SAC.load(snaps / f"step_{done_steps:08d}.zip", env=env, device="cpu")
+        model.load_replay_buffer(out / "replay_buffer.pkl")
+        log(f"resumed at step {done_steps} from {snaps}")
+    else:
+        model = SAC("MlpPolicy", env, seed=cfg.seed, device="cpu", verbose=0,
+                    learning_starts=cfg.learning_starts)
+    while done_steps < cfg.steps:
+        chunk = min(cfg.eval_every, cfg.steps - done_steps)
+        t0 = time.perf_counter()
+        model.learn(chunk, reset_num_timesteps=False, progress_bar=False)
+        done_steps = int(model.num_timesteps)
+        mean, std = _evaluate(model, cfg.env, cfg.eval_episodes, seed=cfg.seed + 10_000)
+        name = f"step_{done_steps:08d}.zip"
+        tmp = snaps / f".tmp-{name}"  # ends in .zip, so SB3 saves under exactly this name
+        model.save(tmp)
+        tmp.replace(snaps / name)
+        model.save_replay_buffer(out / ".replay_buffer.tmp.pkl")
+        (out / ".replay_buffer.tmp.pkl").replace(out / "replay_buffer.pkl")
+        manifest["snapshots"].append({"step": done_steps, "return_mean": mean, "return_std": std,
+                                      "seconds": time.perf_counter() - t0})
+        _write_atomic_text(out / MANIFEST, json.dumps(manifest, indent=2))
+        log(f"step {done_steps}: return {mean:.1f} +- {std:.1f} "
+            f"({chunk / (time.perf_counter() - t0):.0f} steps/s)")
+    env.close()
+    return manifest
+
+
+def pick_snapshots(manifest: dict[str, Any]) -> dict[str, int]:
+    """D4RL's choice: expert = the best snapshot; medium = the one whose return is closest to a
+    third of the best return."""
+    snaps = manifest["snapshots"]
+    if not snaps:
+        raise ConfigError("the behaviour run has no snapshots yet")
+    best = max(snaps, key=lambda s: s["return_mean"])
+    target = best["return_mean"] / 3.0
+    medium = min(snaps, key=lambda s: abs(s["return_mean"] - target))
+    return {"expert": best["step"], "medium": medium["step"]}
+
+
+def export_actor(snapshot: str | Path, out: str | Path, *, env_id: str,
+                 extra: dict[str, Any] | None = None) -> Path:
+    """Write a SAC snapshot's actor weights (what acting needs, ~0.3 MB for 256x256) to
+    safetensors, with the env id and action bounds as metadata. ``snapshot``: an SB3 zip written by
+    ``train_behaviour`` (trusted: our own file)."""
+    from safetensors.numpy import save_file
+    from stable_baselines3 import SAC
+
+    model = SAC.load(snapshot, device="cpu")
+    actor = model.actor
+    if actor.use_sde:
+        raise ConfigError(f"{snapshot}: gSDE actors are not supported")
+    weights = {f"latent_pi.{k}": v.cpu().numpy() for k, v in actor.latent_pi.state_dict().items()}
+    weights.update({f"mu.{k}": v.cpu().numpy() for k, v in actor.mu.state_dict().items()})
+    weights.update({f"log_std.{k}": v.cpu().numpy() for k, v in actor.log_std.state_dict().items()})
+    space = model.action_space
+    meta = {"env_id": env_id, "algorithm": "SAC", "action_low": json.dumps(space.low.tolist()),
+            "action_high": json.dumps(space.high.tolist()), "source_snapshot": Path(snapshot).name,
+            **{k: json.dumps(v) if not isinstance(v, str) else v for k, v in (extra or {}).items()}}
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(f".{out.name}.tmp")
+    save_file(weights, str(tmp), metadata=meta)
+    tmp.replace(out)
+    return out
