@@ -59,3 +59,44 @@ def test_bad_actor_file(tmp_path):
     bad.write_bytes(b"not safetensors")
     with pytest.raises(ConfigError, match="cannot load actor weights"):
         ActorPolicy(str(bad))
+
+
+@pytest.fixture(scope="module")
+def hopper_run(tmp_path_factory):
+    """A tiny SAC run on Hopper-v5: 3 snapshots, replay buffer, manifest; stopped and resumed."""
+    from dtlab.behaviour import train_behaviour
+    from dtlab.config import BehaviourConfig
+
+    run = tmp_path_factory.mktemp("behaviour") / "hopper"
+    cfg = BehaviourConfig(env="Hopper-v5", out=str(run), steps=200, eval_every=100, eval_episodes=1,
+                          learning_starts=50, buffer_size=1000, seed=0)
+    train_behaviour(cfg, log=lambda m: None)
+    manifest = train_behaviour(BehaviourConfig(**{**cfg.__dict__, "steps": 300}), log=lambda m: None)
+    assert [s["step"] for s in manifest["snapshots"]] == [100, 200, 300]  # resumed at 200
+    return run
+
+
+def test_presets_from_a_behaviour_run(hopper_run, tmp_path, monkeypatch):
+    import dtlab.collect as collect
+    from dtlab.behaviour import export_presets, pick_snapshots, read_manifest
+
+    dest = tmp_path / "presets" / "hopper-v5"
+    manifest = export_presets(hopper_run, dest, env_id="Hopper-v5", episodes=2)
+    chosen = pick_snapshots(read_manifest(hopper_run))
+    assert manifest["expert"]["step"] == chosen["expert"] and manifest["medium"]["step"] == chosen["medium"]
+    assert manifest["ref_min_score"] == manifest["random"]["return_stochastic"]["mean"]
+    monkeypatch.setattr(collect, "PRESET_DIR", tmp_path / "presets")
+    medium = collect.preset_dataset("hopper-medium-v5", num_transitions=300)
+    again = collect.preset_dataset("hopper-medium-v5", num_transitions=300)
+    np.testing.assert_array_equal(medium.actions, again.actions)  # deterministic regeneration
+    assert medium.num_transitions == 300 and medium.metadata["policy_training_steps"] == chosen["medium"]
+    both = collect.preset_dataset("hopper-medium-expert-v5", num_transitions=300)
+    assert both.num_transitions == 600
+    np.testing.assert_array_equal(both.actions[:300], medium.actions)
+    replay = collect.preset_dataset("hopper-medium-replay-v5", behaviour_run=str(hopper_run))
+    assert replay.num_transitions == chosen["medium"]
+    assert replay.actions.min() >= -1.0 and replay.actions.max() <= 1.0
+    with pytest.raises(ConfigError, match="--behaviour-run"):
+        collect.preset_dataset("hopper-medium-replay-v5")
+    with pytest.raises(ConfigError, match="unknown preset"):
+        collect.preset_dataset("cartpole-medium-v5")

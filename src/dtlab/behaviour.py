@@ -17,39 +17,17 @@ from __future__ import annotations
 
 import json
 import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from dtlab.checkpoint import _write_atomic_text
+from dtlab.config import BehaviourConfig
 from dtlab.envs import make_env
 from dtlab.errors import ConfigError
 
 MANIFEST = "manifest.json"
-
-
-@dataclass(frozen=True)
-class BehaviourConfig:
-    """Train a SAC behaviour agent (Stable-Baselines3) with periodic evaluation and snapshots."""
-
-    env: str
-    """Gymnasium environment id, e.g. Hopper-v5."""
-    out: str
-    """Run directory: snapshots/, replay_buffer.pkl, manifest.json."""
-    steps: int = 1_000_000
-    """Total environment steps (D4RL trained its SAC agents for 1M steps)."""
-    eval_every: int = 20_000
-    """Evaluate and snapshot every this many steps."""
-    eval_episodes: int = 10
-    """Deterministic evaluation episodes per snapshot."""
-    learning_starts: int = 10_000
-    """Random-action steps before learning starts (SB3 zoo's MuJoCo setting)."""
-    seed: int = 0
-    """Seed of SAC, the env and evaluation."""
-    threads: int = 1
-    """torch CPU threads for SAC updates."""
 
 
 def _evaluate(model, env_id: str, episodes: int, seed: int) -> tuple[float, float]:
@@ -95,7 +73,7 @@ def train_behaviour(cfg: BehaviourConfig, log=print) -> dict[str, Any]:
         log(f"resumed at step {done_steps} from {snaps}")
     else:
         model = SAC("MlpPolicy", env, seed=cfg.seed, device="cpu", verbose=0,
-                    learning_starts=cfg.learning_starts)
+                    learning_starts=cfg.learning_starts, buffer_size=cfg.buffer_size)
     while done_steps < cfg.steps:
         chunk = min(cfg.eval_every, cfg.steps - done_steps)
         t0 = time.perf_counter()
@@ -153,4 +131,79 @@ def export_actor(snapshot: str | Path, out: str | Path, *, env_id: str,
     tmp = out.with_name(f".{out.name}.tmp")
     save_file(weights, str(tmp), metadata=meta)
     tmp.replace(out)
+    return out
+
+
+def replay_until_medium(run_dir: str | Path, env_id: str) -> "EpisodeSet":
+    """D4RL's medium-replay: every transition the SAC agent collected up to the medium snapshot,
+    read from the run's replay buffer (a pickle written by SB3 in our own run directory)."""
+    from stable_baselines3.common.save_util import load_from_pkl
+
+    from dtlab.data.episodes import EpisodeSet
+
+    run_dir = Path(run_dir)
+    manifest = read_manifest(run_dir)
+    if not manifest.get("snapshots") or not (run_dir / "replay_buffer.pkl").exists():
+        raise ConfigError(f"{run_dir}: not a dtlab train-behaviour run (no manifest or replay buffer)")
+    if manifest["env_id"] != env_id:
+        raise ConfigError(f"{run_dir}: behaviour run is for {manifest['env_id']}, not {env_id}")
+    medium_step = pick_snapshots(manifest)["medium"]
+    buffer = load_from_pkl(run_dir / "replay_buffer.pkl")
+    if buffer.full and buffer.buffer_size < manifest["snapshots"][-1]["step"]:
+        raise ConfigError(f"{run_dir}: the replay buffer wrapped around; the transitions up to the "
+                          "medium snapshot are no longer all in it")
+    n = medium_step  # one env: buffer row t is environment step t
+    obs = buffer.observations[:n, 0]  # (n, obs_dim)
+    scaled = buffer.actions[:n, 0]  # (n, act_dim): SAC stores actions scaled to [-1, 1]
+    low, high = buffer.action_space.low, buffer.action_space.high
+    actions = low + 0.5 * (scaled + 1.0) * (high - low)
+    rewards = buffer.rewards[:n, 0]
+    dones = buffer.dones[:n, 0].astype(bool)
+    timeouts = buffer.timeouts[:n, 0].astype(bool)  # time-limit ends (SB3 handle_timeout_termination)
+    return EpisodeSet.from_flags(obs, actions, rewards, dones & ~timeouts, timeouts,
+                                 source=f"<replay buffer {run_dir}>",
+                                 metadata={"env_id": env_id, "policy_training_steps": medium_step,
+                                           "policies": ["sac replay buffer up to the medium snapshot"]})
+
+
+def _policy_returns(env_id: str, policy, episodes: int, seed: int) -> dict[str, float]:
+    from dtlab.collect import collect_episodes
+
+    data = collect_episodes(env_id, policy, num_episodes=episodes, seed=seed)
+    ret = data.episode_returns.astype(np.float64)
+    return {"mean": float(ret.mean()), "std": float(ret.std()), "episodes": int(ret.size)}
+
+
+def export_presets(run_dir: str | Path, dest: str | Path, *, env_id: str, episodes: int = 20,
+                   seed: int = 0) -> dict[str, Any]:
+    """Export the medium and expert actors of a behaviour run to ``dest`` with a manifest of their
+    measured returns (stochastic, as used for collection, and deterministic) and the reference
+    scores of the presets: min = random policy's mean return, max = expert's."""
+    from dtlab.collect import ActorPolicy, RandomPolicy
+
+    run_dir, dest = Path(run_dir), Path(dest)
+    manifest = read_manifest(run_dir)
+    if not manifest.get("snapshots"):
+        raise ConfigError(f"{run_dir}: no behaviour snapshots to export")
+    chosen = pick_snapshots(manifest)
+    by_step = {s["step"]: s for s in manifest["snapshots"]}
+    out: dict[str, Any] = {"env_id": env_id, "algorithm": manifest["algorithm"],
+                           "training_seed": manifest["seed"], "measured_over_episodes": episodes,
+                           "measurement_seed": seed}
+    for variant, step in chosen.items():
+        path = export_actor(run_dir / "snapshots" / f"step_{step:08d}.zip",
+                            dest / f"{variant}.safetensors", env_id=env_id,
+                            extra={"step": step, "variant": variant})
+        out[variant] = {"file": path.name, "step": step,
+                        "training_eval_return": by_step[step]["return_mean"],
+                        "return_stochastic": _policy_returns(env_id, ActorPolicy(str(path)), episodes, seed),
+                        "return_deterministic": _policy_returns(
+                            env_id, ActorPolicy(str(path), deterministic=True), episodes, seed)}
+    env = make_env(env_id)
+    out["random"] = {"return_stochastic": _policy_returns(env_id, RandomPolicy(env.action_space),
+                                                          episodes, seed)}
+    env.close()
+    out["ref_min_score"] = out["random"]["return_stochastic"]["mean"]
+    out["ref_max_score"] = out["expert"]["return_stochastic"]["mean"]
+    _write_atomic_text(dest / "manifest.json", json.dumps(out, indent=2))
     return out

@@ -12,7 +12,7 @@ from typing import Annotated, Literal, Union
 
 import tyro
 
-from dtlab.config import CollectConfig, EvalConfig, TrainConfig
+from dtlab.config import BehaviourConfig, CollectConfig, EvalConfig, TrainConfig
 from dtlab.errors import DtlabError
 
 
@@ -81,12 +81,27 @@ class QuickstartConfig:
     """Replace the run in --out if one is there."""
 
 
+@dataclass(frozen=True)
+class TrainBehaviourCommand:
+    """Train a SAC behaviour agent (resumable), then optionally export its medium and expert actors."""
+
+    config: Annotated[BehaviourConfig, tyro.conf.arg(name="")]
+    export: str | None = None
+    """Export the medium and expert actors (safetensors) and a manifest to this directory, e.g.
+    src/dtlab/presets/hopper-v5."""
+    export_episodes: int = 20
+    """Episodes to measure each exported policy (and the random policy) over."""
+    export_only: bool = False
+    """Skip training; export from the run as it is."""
+
+
 Command = Union[
     Annotated[QuickstartConfig, tyro.conf.subcommand("quickstart")],
     Annotated[TrainConfig, tyro.conf.subcommand("train")],
     Annotated[EvalConfig, tyro.conf.subcommand("evaluate")],
     Annotated[DataCommand, tyro.conf.subcommand("data")],
     Annotated[CollectConfig, tyro.conf.subcommand("collect")],
+    Annotated[TrainBehaviourCommand, tyro.conf.subcommand("train-behaviour")],
 ]
 
 
@@ -119,29 +134,58 @@ def run_collect(cfg: CollectConfig) -> None:
     from dtlab.errors import ConfigError
 
     started = time.perf_counter()
-    if cfg.policy == "pendulum-mixed":
+    if cfg.preset:
+        kwargs = {"num_transitions": cfg.transitions} if cfg.transitions else {}
+        episodes = collect.preset_dataset(cfg.preset, seed=cfg.seed, behaviour_run=cfg.behaviour_run,
+                                          **kwargs)
+        env_id = episodes.metadata.get("env_id")
+    elif cfg.env is None:
+        raise ConfigError("give --env (or --preset)")
+    elif cfg.policy == "pendulum-mixed":
         if cfg.env != "Pendulum-v1":
             raise ConfigError("policy pendulum-mixed is for Pendulum-v1")
         episodes = collect.pendulum_mixed_dataset(num_episodes=cfg.episodes or 300, seed=cfg.seed)
+        env_id = cfg.env
     else:
+        env_id = cfg.env
+        env = make_env(env_id)
+        space = env.action_space
+        env.close()
         if cfg.policy == "random":
-            env = make_env(cfg.env)
-            space = env.action_space
-            env.close()
-            factory = lambda i: collect.RandomPolicy(space)  # noqa: E731
+            policy = collect.RandomPolicy(space)
+        elif cfg.policy.startswith("actor:"):
+            policy = collect.ActorPolicy(cfg.policy[len("actor:"):], deterministic=cfg.deterministic)
+        elif cfg.policy.startswith("sb3:"):
+            policy = collect.SB3Policy(cfg.policy[len("sb3:"):], env_id, trust=cfg.trust_pickle,
+                                       deterministic=cfg.deterministic)
         elif cfg.policy == "pendulum-swingup":
-            if cfg.env != "Pendulum-v1":
+            if env_id != "Pendulum-v1":
                 raise ConfigError("policy pendulum-swingup is for Pendulum-v1")
-            factory = lambda i: collect.PendulumSwingUp(quality=cfg.quality)  # noqa: E731
+            policy = collect.PendulumSwingUp(quality=cfg.quality)
         else:
-            raise ConfigError(f"unknown policy '{cfg.policy}' (random, pendulum-swingup, pendulum-mixed)")
-        episodes = collect.collect_episodes(cfg.env, factory, num_episodes=cfg.episodes,
+            raise ConfigError(f"unknown policy '{cfg.policy}' (random, actor:PATH, sb3:PATH, "
+                              "pendulum-swingup, pendulum-mixed)")
+        if cfg.episodes is None and cfg.transitions is None:
+            raise ConfigError("give --episodes or --transitions")
+        episodes = collect.collect_episodes(env_id, policy, num_episodes=cfg.episodes,
                                             num_transitions=cfg.transitions, seed=cfg.seed)
-    save_episodes(episodes, cfg.out, format=cfg.format)
+    options = {"env_id": env_id} if cfg.format == "minari" or cfg.out.startswith("minari:") else {}
+    save_episodes(episodes, cfg.out, "minari" if cfg.out.startswith("minari:") else cfg.format, **options)
     ret = episodes.summary()["episode_return"]
     print(f"wrote {cfg.out}: {episodes.num_episodes} episodes, {episodes.num_transitions} transitions, "
           f"return mean {ret['mean']:.1f} +- {ret['std']:.1f} (min {ret['min']:.1f}, max "
           f"{ret['max']:.1f}) in {time.perf_counter() - started:.1f} s")
+
+
+def run_train_behaviour(cfg) -> None:
+    from dtlab.behaviour import export_presets, train_behaviour
+
+    if not cfg.export_only:
+        train_behaviour(cfg.config, log=lambda m: print(m, flush=True))
+    if cfg.export:
+        manifest = export_presets(cfg.config.out, cfg.export, env_id=cfg.config.env,
+                                  episodes=cfg.export_episodes, seed=cfg.config.seed)
+        print(json.dumps(manifest, indent=2))
 
 
 def run_data_info(cmd: DataInfo) -> None:
@@ -213,6 +257,8 @@ def main(argv: list[str] | None = None) -> int:
             return run_train(cmd)
         elif isinstance(cmd, EvalConfig):
             run_evaluate(cmd)
+        elif isinstance(cmd, TrainBehaviourCommand):
+            run_train_behaviour(cmd)
         elif isinstance(cmd, CollectConfig):
             run_collect(cmd)
         elif isinstance(cmd, DataCommand):

@@ -478,3 +478,82 @@ class SB3Policy:
     def act(self, observation: np.ndarray) -> np.ndarray:
         action, _ = self.model.predict(observation, deterministic=self.deterministic)
         return np.asarray(action, dtype=np.float32)
+
+
+# ---- D4RL-style presets from committed behaviour weights ---------------------------------------
+
+PRESET_DIR = Path(__file__).parent / "presets"
+# Gymnasium ids of the D4RL MuJoCo families, by D4RL's lowercase dataset prefix.
+_FAMILIES = {"hopper": "Hopper", "halfcheetah": "HalfCheetah", "walker2d": "Walker2d"}
+VARIANTS = ("random", "medium", "expert", "medium-expert", "medium-replay")
+# D4RL's dataset sizes: 1M transitions for random, medium and expert; medium-expert concatenates
+# medium and expert (2M); medium-replay is the replay buffer up to the medium snapshot.
+PRESET_TRANSITIONS = 1_000_000
+
+
+def parse_preset(name: str) -> tuple[str, str]:
+    """``hopper-medium-v5`` -> (``Hopper-v5``, ``medium``)."""
+    parts = name.split("-")
+    if len(parts) < 3 or parts[0] not in _FAMILIES or not parts[-1].startswith("v"):
+        raise ConfigError(f"unknown preset '{name}': expected <{'|'.join(_FAMILIES)}>-<"
+                          f"{'|'.join(VARIANTS)}>-v5, e.g. hopper-medium-v5")
+    variant = "-".join(parts[1:-1])
+    if variant not in VARIANTS:
+        raise ConfigError(f"unknown preset variant '{variant}' in '{name}' (one of {', '.join(VARIANTS)})")
+    return f"{_FAMILIES[parts[0]]}-{parts[-1]}", variant
+
+
+def preset_manifest(env_id: str) -> dict[str, Any]:
+    path = PRESET_DIR / env_id.lower() / "manifest.json"
+    if not path.exists():
+        raise ConfigError(f"no committed behaviour policies for {env_id} ({path} is missing); train "
+                          f"them with 'dtlab train-behaviour --env {env_id}'")
+    return json.loads(path.read_text())
+
+
+def preset_dataset(name: str, *, seed: int = 0, num_transitions: int = PRESET_TRANSITIONS,
+                   behaviour_run: str | None = None) -> EpisodeSet:
+    """Regenerate a D4RL-style preset dataset deterministically (stochastic actions, as D4RL)."""
+    env_id, variant = parse_preset(name)
+    base = {"dataset": name, "variant": variant}
+    if variant == "random":
+        env = gymnasium.make(env_id)
+        space = env.action_space
+        env.close()
+        data = collect_episodes(env_id, RandomPolicy(space), num_transitions=num_transitions,
+                                seed=seed, metadata=base)
+    elif variant in ("medium", "expert"):
+        manifest = preset_manifest(env_id)
+        path = PRESET_DIR / env_id.lower() / manifest[variant]["file"]
+        data = collect_episodes(env_id, ActorPolicy(str(path)), num_transitions=num_transitions,
+                                seed=seed, metadata={**base, "policy_training_steps":
+                                                     manifest[variant]["step"]})
+    elif variant == "medium-expert":
+        family = name.split("-")[0]
+        version = name.split("-")[-1]
+        parts = [preset_dataset(f"{family}-{v}-{version}", seed=seed + i, num_transitions=num_transitions)
+                 for i, v in enumerate(("medium", "expert"))]
+        data = EpisodeSet.concatenate(parts, source=f"<preset {name}>", metadata={
+            **{k: v for k, v in parts[0].metadata.items() if k not in ("policies", "episode_return")},
+            **base, "parts": [p.metadata.get("policies") for p in parts]})
+    else:  # medium-replay
+        if behaviour_run is None:
+            raise ConfigError(f"{name} is built from the behaviour agent's replay buffer, which is not "
+                              "in git: pass --behaviour-run DIR (made by dtlab train-behaviour)")
+        from dtlab.behaviour import replay_until_medium
+
+        data = replay_until_medium(behaviour_run, env_id)
+        data.metadata.update(base)
+    _record_reference(data, env_id)
+    return data
+
+
+def _record_reference(data: EpisodeSet, env_id: str) -> None:
+    """Reference scores of dtlab's own presets (random and expert policy returns), when known."""
+    try:
+        manifest = preset_manifest(env_id)
+    except ConfigError:
+        return
+    for key in ("ref_min_score", "ref_max_score"):
+        if key in manifest:
+            data.metadata.setdefault(f"dtlab_{key}", manifest[key])

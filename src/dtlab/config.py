@@ -139,22 +139,57 @@ class EvalConfig:
 
 @dataclass(frozen=True)
 class CollectConfig:
-    """Roll out a behaviour policy in a Gymnasium env and write a dataset file."""
+    """Roll out a behaviour policy in a Gymnasium env and write a D4RL-style dataset file."""
 
-    env: str
-    """Gymnasium environment id, e.g. Hopper-v5."""
     out: str
-    """Dataset file to write (HDF5)."""
+    """Dataset file to write (HDF5), or minari:<id> for a Minari dataset."""
+    env: str | None = None
+    """Gymnasium environment id, e.g. Hopper-v5 (implied by --preset)."""
+    preset: str | None = None
+    """Regenerate a reference dataset from dtlab's committed behaviour policies:
+    <hopper|halfcheetah|walker2d>-<random|medium|expert|medium-expert|medium-replay>-v5."""
     policy: str = "random"
-    """Behaviour policy: random (uniform actions), pendulum-swingup (scripted, Pendulum-v1 only;
-    --quality degrades it), pendulum-mixed (the quickstart's mixed-quality Pendulum-v1 data)."""
+    """Behaviour policy: random (uniform actions); actor:PATH (SAC actor weights, safetensors);
+    sb3:PATH (a Stable-Baselines3 zip; needs --trust-pickle); pendulum-swingup (scripted,
+    Pendulum-v1; --quality degrades it); pendulum-mixed (the quickstart's mixed-quality data)."""
+    deterministic: bool = False
+    """Act with the policy's mean action instead of sampling (D4RL sampled)."""
+    trust_pickle: bool = False
+    """Allow loading an sb3:PATH zip: it contains pickles, which can run code when loaded."""
+    behaviour_run: str | None = None
+    """Run directory of dtlab train-behaviour (for the medium-replay preset: its replay buffer)."""
     quality: float = 1.0
     """Quality in [0, 1] of the scripted pendulum-swingup policy."""
     episodes: int | None = None
     """Collect this many complete episodes."""
     transitions: int | None = None
-    """Or collect this many transitions (the last episode is cut there and marked truncated)."""
+    """Or collect this many transitions (the last episode is cut there and marked truncated);
+    presets default to D4RL's 1M."""
     seed: int = 0
     """Seed of the env resets and of the policy's randomness."""
-    format: Literal["d4rl", "native"] = "d4rl"
-    """File layout: D4RL's HDF5 keys, or dtlab's native HDF5."""
+    format: Literal["d4rl", "native", "minari"] = "d4rl"
+    """File layout: D4RL's HDF5 keys, dtlab's native HDF5, or a Minari dataset."""
+
+
+@dataclass(frozen=True)
+class BehaviourConfig:
+    """Train a SAC behaviour agent (Stable-Baselines3) with periodic evaluation and snapshots."""
+
+    env: str
+    """Gymnasium environment id, e.g. Hopper-v5."""
+    out: str
+    """Run directory: snapshots/, replay_buffer.pkl, manifest.json."""
+    steps: int = 1_000_000
+    """Total environment steps (D4RL trained its SAC agents for 1M steps)."""
+    eval_every: int = 20_000
+    """Evaluate and snapshot every this many steps."""
+    eval_episodes: int = 10
+    """Deterministic evaluation episodes per snapshot."""
+    learning_starts: int = 10_000
+    """Random-action steps before learning starts (SB3 zoo's MuJoCo setting)."""
+    buffer_size: int = 1_000_000
+    """Replay buffer capacity (SB3's default; medium-replay needs it to hold the whole run)."""
+    seed: int = 0
+    """Seed of SAC, the env and evaluation."""
+    threads: int = 1
+    """torch CPU threads for SAC updates."""
