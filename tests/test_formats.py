@@ -240,7 +240,7 @@ BAD_FILES = {
     "inf reward": (_inf_reward, r"'rewards' contains NaN or inf \(first at transition 4\)"),
     "empty": (_empty, r"empty \(0 transitions\)"),
     "unknown layout": (_unknown_layout, r"missing root attribute 'dtlab_format'.*'terminals'/"
-                                        r"'timeouts'.*top-level keys: obs"),
+                                        r"'timeouts'.*top-level keys: 'obs'"),
     "newer native": (_newer_native, "written by a newer dtlab"),
     "native missing key": (_native_missing_starts, "missing key 'episode_starts'"),
 }

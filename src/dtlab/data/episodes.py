@@ -44,9 +44,12 @@ class EpisodeSet:
         term = np.asarray(self.terminations).astype(bool).reshape(-1)
         trunc = np.asarray(self.truncations).astype(bool).reshape(-1)
         starts = np.asarray(self.episode_starts, dtype=np.int64).reshape(-1)
-        n = obs.shape[0]
         if obs.ndim != 2 or act.ndim != 2:
             fail(f"observations and actions must be 2-D, got shapes {obs.shape} and {act.shape}")
+        n = obs.shape[0]
+        if n > 0 and (obs.shape[1] == 0 or act.shape[1] == 0):
+            fail(f"observations and actions need at least one dimension, got shapes {obs.shape} "
+                 f"and {act.shape}")
         if n == 0:
             fail("dataset is empty (0 transitions)")
         for name, arr in (("actions", act), ("rewards", rew), ("terminations", term),
@@ -60,7 +63,7 @@ class EpisodeSet:
                 fail(f"'{name}' contains NaN or inf (first at transition {row})")
         if starts.size == 0 or starts[0] != 0:
             fail("episode_starts must begin with 0")
-        if np.any(np.diff(starts) <= 0) or starts[-1] >= n:
+        if np.any(starts[1:] <= starts[:-1]) or starts[-1] >= n:  # (np.diff could overflow)
             fail("episode_starts must be strictly increasing and inside the data (zero-length episode?)")
         # Terminations win over truncations when both are set (as d3rlpy does).
         trunc = trunc & ~term
@@ -74,7 +77,12 @@ class EpisodeSet:
                             ("terminations", term), ("truncations", trunc), ("episode_starts", starts)):
             value.setflags(write=False)
             object.__setattr__(self, name, value)
-        rtg = _returns_to_go(rew, starts)
+        with np.errstate(over="ignore"):
+            rtg = _returns_to_go(rew, starts)
+        if not np.isfinite(rtg).all():
+            row = int(np.argwhere(~np.isfinite(rtg))[0][0])
+            fail(f"returns-to-go overflow float32 (an episode's rewards sum beyond 3.4e38; "
+                 f"first at transition {row})")
         rtg.setflags(write=False)
         object.__setattr__(self, "returns_to_go", rtg)
 

@@ -19,11 +19,10 @@ def returns_to_go(rewards: np.ndarray, episode_starts: np.ndarray, gamma: float 
     bounds = np.append(np.asarray(episode_starts, dtype=np.int64), n)
     out = np.empty(n, dtype=np.float64)
     if gamma == 1.0:
-        # Undiscounted: suffix sums from one reversed cumulative sum per episode (vectorized).
-        suffix = np.cumsum(rewards[::-1])[::-1]  # suffix[t] = sum_{t' >= t} r_t' over the whole array
-        after_end = np.append(suffix, 0.0)[bounds[1:]]  # suffix just past each episode's end
-        lengths = np.diff(bounds)
-        out = suffix - np.repeat(after_end, lengths)
+        # Per-episode reversed cumulative sums: exact within each episode (a global suffix sum
+        # minus an offset would let one episode's large rewards cancel another's small ones).
+        for start, end in zip(bounds[:-1], bounds[1:]):
+            out[start:end] = np.cumsum(rewards[start:end][::-1])[::-1]
     else:
         for start, end in zip(bounds[:-1], bounds[1:]):
             acc = 0.0

@@ -41,7 +41,7 @@ def _load_hdf5(path: Path) -> EpisodeSet:
         if "terminals" in f or "timeouts" in f:
             return episodes_from_d4rl(f, path)
         keys = sorted(f.keys())
-        shown = ", ".join(keys[:10]) + (", ..." if len(keys) > 10 else "") or "none"
+        shown = ", ".join(repr(k) for k in keys[:10]) + (", ..." if len(keys) > 10 else "") or "none"
         raise DatasetError(
             f"{path}: unrecognized HDF5 layout: missing root attribute '{FORMAT_ATTR}' (dtlab "
             f"native) and datasets 'terminals'/'timeouts' (D4RL); top-level keys: {shown}")

@@ -41,20 +41,50 @@ def open_hdf5(path: str | Path) -> Iterator[h5py.File]:
     with f:
         try:
             yield f
-        except OSError as e:  # a damaged chunk only shows when it is read
-            raise DatasetError(f"{path}: reading failed, file truncated or corrupt ({e})") from e
+        except (OSError, KeyError, RuntimeError, ValueError, TypeError) as e:
+            # Damaged object headers, heaps or chunks only show when they are read; h5py reports
+            # them as OSError, KeyError ("Unable to open object (bad object header ...)"),
+            # RuntimeError ("Object visitation failed ..."), ValueError or TypeError.
+            if not isinstance(e, OSError) and not _raised_in_h5py(e):
+                raise  # a bug in dtlab, not a bad file
+            reason = e.args[0] if isinstance(e, KeyError) and e.args else e
+            raise DatasetError(f"{path}: reading failed, file truncated or corrupt ({reason})"
+                               ) from e
+
+
+def _raised_in_h5py(exc: BaseException) -> bool:
+    """Whether ``exc`` was raised inside h5py (its innermost frame is h5py's code)."""
+    tb = exc.__traceback__
+    if tb is None:
+        return False
+    while tb.tb_next is not None:
+        tb = tb.tb_next
+    return "h5py" in Path(tb.tb_frame.f_code.co_filename).parts
 
 
 def read_array(f: h5py.File, key: str, path: str | Path, layout: str) -> np.ndarray:
     """The whole numeric dataset ``key``; missing or non-numeric -> DatasetError."""
     if key not in f:
         raise DatasetError(f"{path}: missing key '{key}' ({layout})")
-    dset = f[key]
+    try:
+        dset = f[key]
+    except KeyError as e:  # a dangling link, a damaged object header, ...
+        raise DatasetError(f"{path}: cannot open '{key}' ({e.args[0] if e.args else e})") from e
     if not isinstance(dset, h5py.Dataset):
-        raise DatasetError(f"{path}: '{key}' is a group, expected a dataset")
+        what = "a group" if isinstance(dset, h5py.Group) else f"an HDF5 {type(dset).__name__}"
+        raise DatasetError(f"{path}: '{key}' is {what}, expected a dataset")
     if dset.dtype.kind not in "biuf":
-        raise DatasetError(f"{path}: '{key}' has non-numeric dtype {dset.dtype}")
-    return dset[()]
+        raise DatasetError(f"{path}: '{key}' has unsupported dtype {dset.dtype} (expected bool, "
+                           "integer or float numbers)")
+    if dset.shape is None:  # HDF5 null dataspace: h5py would return an h5py.Empty
+        raise DatasetError(f"{path}: '{key}' has no data (null dataspace)")
+    try:
+        return dset[()]
+    except OSError as e:  # a damaged or truncated chunk
+        raise DatasetError(f"{path}: cannot read '{key}', file truncated or corrupt ({e})") from e
+    except MemoryError as e:
+        raise DatasetError(f"{path}: '{key}' of shape {dset.shape} and dtype {dset.dtype} does "
+                           "not fit in memory") from e
 
 
 @contextmanager
@@ -104,19 +134,33 @@ def json_default(value: Any) -> Any:
     raise TypeError(f"metadata value of type {type(value).__name__} cannot be stored")
 
 
+def fixed_string(text: str) -> np.ndarray:
+    """``text`` as a fixed-length UTF-8 HDF5 string (a numpy scalar array), as D4RL stores strings.
+
+    dtlab writes no variable-length strings: those live in a global heap, and HDF5 2.0 hangs
+    (a zero-size free-space object) or crashes on a damaged one when the string is read.
+    Fixed-length strings are stored inline. (Length at least 1: HDF5 has no 0-byte strings.)
+    """
+    data = text.encode("utf-8")
+    return np.array(data, dtype=h5py.string_dtype("utf-8", max(1, len(data))))
+
+
 def write_metadata(group: h5py.Group, metadata: dict[str, Any]) -> None:
     """Store a metadata dict as scalar datasets under ``group``.
 
-    Strings become variable-length UTF-8, numbers and bools stay numbers, nested dicts become
-    subgroups (a key ``"a/b"`` does too), anything else (lists, None, ...) a JSON string.
+    Strings become fixed-length UTF-8 (``fixed_string``), numbers and bools stay numbers, nested
+    dicts become subgroups (a key ``"a/b"`` does too), anything else (lists, None, strings with
+    NUL characters, which a fixed-length string would drop at its end) a JSON string.
     """
     for key, value in metadata.items():
         if isinstance(value, dict):
             write_metadata(group.require_group(key), value)
-        elif isinstance(value, (str, bool, int, float, np.bool_, np.number)):
+        elif isinstance(value, str) and "\x00" not in value:
+            group.create_dataset(key, data=fixed_string(value))
+        elif isinstance(value, (bool, int, float, np.bool_, np.number)):
             group.create_dataset(key, data=value)
         else:
-            group.create_dataset(key, data=json.dumps(value, default=json_default))
+            group.create_dataset(key, data=fixed_string(json.dumps(value, default=json_default)))
             group[key].attrs[_JSON_ATTR] = True
 
 
@@ -138,7 +182,7 @@ def read_metadata(group: h5py.Group) -> dict[str, Any]:
         if obj.attrs.get(_JSON_ATTR, False) and isinstance(value, str):
             try:
                 value = json.loads(value)
-            except ValueError:
+            except (ValueError, RecursionError):
                 pass  # keep the raw string rather than refuse the whole dataset
         out[name] = value
 

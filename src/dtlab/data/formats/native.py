@@ -3,7 +3,8 @@
 Layout (version 1)::
 
     attrs  dtlab_format  int, 1
-    attrs  metadata      JSON string (provenance)
+    attrs  metadata      JSON string (provenance): fixed-length UTF-8, variable-length if
+                         over 60 kB (readers accept both)
     observations    (N, obs_dim) float32
     actions         (N, act_dim) float32
     rewards         (N,)         float32
@@ -21,12 +22,13 @@ import h5py
 import numpy as np
 
 from dtlab.data.episodes import EpisodeSet
-from dtlab.data.formats._hdf5 import (COMPRESSION, atomic_hdf5, json_default, open_hdf5,
-                                      read_array)
+from dtlab.data.formats._hdf5 import (COMPRESSION, atomic_hdf5, fixed_string, json_default,
+                                      open_hdf5, read_array)
 from dtlab.errors import DatasetError
 
 FORMAT_VERSION = 1
 FORMAT_ATTR = "dtlab_format"
+_MAX_INLINE_ATTR = 60_000  # bytes; HDF5's limit for an attribute in the object header is 64 KiB
 _LAYOUT = ("dtlab native layout needs observations, actions, rewards, terminations, truncations, "
            "episode_starts")
 
@@ -48,7 +50,7 @@ def episodes_from_native(f: h5py.File, path: str | Path) -> EpisodeSet:
     raw = f.attrs.get("metadata", "{}")
     try:
         metadata = json.loads(raw.decode() if isinstance(raw, bytes) else raw)
-    except (ValueError, TypeError, AttributeError) as e:
+    except (ValueError, TypeError, AttributeError, RecursionError) as e:
         raise DatasetError(f"{path}: 'metadata' attribute is not valid JSON ({e})") from e
     if not isinstance(metadata, dict):
         raise DatasetError(f"{path}: 'metadata' attribute must be a JSON object")
@@ -63,7 +65,9 @@ def write_native(episodes: EpisodeSet, path: str | Path) -> None:
     metadata = json.dumps(episodes.metadata, default=json_default)  # fails before any file exists
     with atomic_hdf5(path) as f:
         f.attrs[FORMAT_ATTR] = FORMAT_VERSION
-        f.attrs["metadata"] = metadata
+        # Inline (fixed_string) unless too big for an object header (64 KiB), then in the heap.
+        big = len(metadata.encode()) > _MAX_INLINE_ATTR
+        f.attrs["metadata"] = metadata if big else fixed_string(metadata)
         for key, arr, dtype in (("observations", episodes.observations, np.float32),
                                 ("actions", episodes.actions, np.float32),
                                 ("rewards", episodes.rewards, np.float32),
