@@ -50,15 +50,20 @@ def main() -> None:
         full_seconds = time.perf_counter() - t0
         out = tmp / "killed"
         kills = []
+        startup = 4.0  # seconds of imports and setup before the first step (measured roughly)
         for k in range(args.kills):
-            cmd = train_cmd(data, out, args.steps) + (["--resume"] if (out / "latest").exists() else [])
-            moment = float(rng.uniform(0.3, 0.9) * full_seconds)
+            done = checkpoint.load_info(out)[1].step if (out / "latest").exists() else 0
+            cmd = train_cmd(data, out, args.steps) + (["--resume"] if done else [])
+            # A random moment inside what is left of the run (each kill lands mid-run).
+            remaining = (args.steps - done) / args.steps * (full_seconds - startup)
+            moment = startup + float(rng.uniform(0.1, 0.9) * remaining)
             proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
             time.sleep(moment)
             proc.send_signal(signal.SIGKILL)
             proc.wait()
             _, info = checkpoint.load(out)
-            kills.append({"kill_after_s": round(moment, 2), "surviving_checkpoint_step": info.step})
+            kills.append({"resumed_from_step": done, "kill_after_s": round(moment, 2),
+                          "surviving_checkpoint_step": info.step})
         subprocess.run(train_cmd(data, out, args.steps) + ["--resume"], check=True, capture_output=True)
         a = load_file(str(checkpoint.resolve(tmp / "full") / "model.safetensors"))
         b = load_file(str(checkpoint.resolve(out) / "model.safetensors"))

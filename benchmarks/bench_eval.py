@@ -1,0 +1,314 @@
+"""Evaluation speed: env steps/s on Hopper-v5, dtlab's batched rollout vs the HF blog loop.
+
+    python benchmarks/bench_eval.py [--quick] [--json out.json]
+
+Cases (untrained models with random weights, DT paper configuration, targets 3600 and 1800):
+  dtlab_rollout      dtlab.evaluate.rollout: all episodes of both targets batched, one forward per
+                     env step (rate from rollout's own timing: env construction excluded)
+  hf_blog            the HF blog's loop: one env, get_action re-runs the whole K window every step,
+                     no torch.no_grad (as in the blog)
+  hf_blog_inference  the same inside torch.inference_mode()
+  sim_random         the simulator alone: one Hopper-v5 env, random actions, resets counted
+Episodes end on termination or at --max-steps (Hopper's own limit is 1000). Throughput phase at 1
+torch thread; then the collapse phase (goal 4) on a smaller workload, thread conditions as in
+bench_train; then where dtlab's eval time goes, and forward-pass what-if experiments.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import gymnasium as gym  # noqa: E402
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+
+import harness  # noqa: E402
+import hf_peer  # noqa: E402
+from synthetic_hopper import ACT_DIM, ENV_ID, OBS_DIM, TARGETS, untrained_policy  # noqa: E402
+
+from dtlab.evaluate import rollout  # noqa: E402
+
+
+def dtlab_case(policy, episodes: int, max_steps: int, seed: int):
+    def run():
+        t0 = time.perf_counter()
+        results, stats = rollout(policy, ENV_ID, TARGETS, episodes, seed=seed, max_steps=max_steps)
+        wall = time.perf_counter() - t0
+        lengths = [n for r in results for n in r.lengths]
+        return stats["env_steps"], stats["seconds"], {
+            "episodes": len(lengths), "mean_length": float(np.mean(lengths)),
+            "model_share": stats["model_seconds"] / stats["seconds"],
+            "rate_incl_env_construction": stats["env_steps"] / wall}
+    return run
+
+
+def hf_case(model, env, episodes: int, max_steps: int, seed: int, inference: bool):
+    zeros, ones = np.zeros(OBS_DIM, np.float32), np.ones(OBS_DIM, np.float32)
+
+    def run():
+        steps, lengths = 0, []
+        t0 = time.perf_counter()
+        with torch.inference_mode(inference):
+            for target in TARGETS:
+                for i in range(episodes):
+                    n, _ = hf_peer.blog_episode(model, env, seed=seed + i, target_return=target,
+                                                state_mean=zeros, state_std=ones, max_ep_len=max_steps)
+                    steps += n
+                    lengths.append(n)
+        return steps, time.perf_counter() - t0, {"episodes": len(lengths),
+                                                 "mean_length": float(np.mean(lengths))}
+    return run
+
+
+def sim_case(env, steps: int, seed: int):
+    def run():
+        env.reset(seed=seed)
+        env.action_space.seed(seed)
+        t0 = time.perf_counter()
+        for _ in range(steps):
+            _, _, terminated, truncated, _ = env.step(env.action_space.sample())
+            if terminated or truncated:
+                env.reset()
+        return steps, time.perf_counter() - t0, {}
+    return run
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--quick", action="store_true",
+                    help="throughput 3 reps, 10 dtlab / 1 HF episode per target; collapse 2 reps "
+                         "(default 5 reps, 20 / 2 episodes; collapse 3 reps)")
+    ap.add_argument("--reps", type=int, help="repetitions of the throughput phase")
+    ap.add_argument("--episodes", type=int, help="dtlab episodes per target (throughput phase)")
+    ap.add_argument("--hf-episodes", type=int, help="HF blog episodes per target (throughput phase)")
+    ap.add_argument("--max-steps", type=int, default=1000, help="cap on steps per episode")
+    ap.add_argument("--sim-steps", type=int, default=3000)
+    ap.add_argument("--collapse-reps", type=int)
+    ap.add_argument("--collapse-episodes", type=int, default=5, help="dtlab episodes per target")
+    ap.add_argument("--collapse-max-steps", type=int, default=60, help="cap on steps per episode")
+    ap.add_argument("--no-collapse", action="store_true", help="skip the busy-core phase")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--json", help="also write the JSON here")
+    ap.add_argument("--no-profile", action="store_true")
+    args = ap.parse_args()
+    reps = args.reps or (3 if args.quick else 5)
+    episodes = args.episodes or (10 if args.quick else 20)
+    hf_episodes = args.hf_episodes or (1 if args.quick else 2)
+    c_reps = args.collapse_reps or (2 if args.quick else 3)
+    harness.seed_everything(args.seed)
+    torch.set_num_threads(1)
+    log = lambda s: print(s, file=sys.stderr, flush=True)  # noqa: E731
+
+    policy = untrained_policy(args.seed)
+    torch.manual_seed(args.seed)
+    hf = hf_peer.hf_model(OBS_DIM, ACT_DIM).eval()
+    hf_env, sim_env = gym.make(ENV_ID), gym.make(ENV_ID)
+
+    def make_cases(eps: int, hf_eps: int, max_steps: int, sim_steps: int) -> dict:
+        return {
+            "dtlab_rollout": dtlab_case(policy, eps, max_steps, args.seed),
+            "hf_blog": hf_case(hf, hf_env, hf_eps, max_steps, args.seed, inference=False),
+            "hf_blog_inference": hf_case(hf, hf_env, hf_eps, max_steps, args.seed, inference=True),
+            "sim_random": sim_case(sim_env, sim_steps, args.seed),
+        }
+
+    cases = make_cases(episodes, hf_episodes, args.max_steps, args.sim_steps)
+    units = {name: "env steps/s" for name in cases}
+    for fn in make_cases(1, 1, 30, 100).values():  # warm-up
+        fn()
+    log(f"eval throughput: {reps} reps; dtlab {episodes} x {len(TARGETS)} episodes, HF "
+        f"{hf_episodes} x {len(TARGETS)}, sim {args.sim_steps} steps, max {args.max_steps} steps")
+    results = {"t1": harness.run_matrix(["t1"], cases, reps, units, log)["t1"]}
+
+    # Collapse phase: a smaller workload (2 threads next to a busy core can be 10-80x slower), with
+    # its own 1-thread reference measured in the same repetitions.
+    collapse = {}
+    if not args.no_collapse:
+        c_cases = make_cases(args.collapse_episodes, 1, args.collapse_max_steps, 1000)
+        log(f"eval collapse: {c_reps} reps; dtlab {args.collapse_episodes} x {len(TARGETS)}, HF 1 x "
+            f"{len(TARGETS)}, max {args.collapse_max_steps} steps; conditions {list(harness.CONDITIONS)}")
+        collapse = harness.run_matrix(list(harness.CONDITIONS), c_cases, c_reps, units, log)
+
+    ratios, rows = {}, []
+
+    def add(key, a, b, goal):
+        ratios[key] = harness.ratio(a, b)
+        rows.append((key, ratios[key], goal))
+
+    r = results["t1"]
+    add("t1: dtlab/HF blog", r["dtlab_rollout"], r["hf_blog"], ">= 15")
+    add("t1: dtlab/HF blog inference_mode", r["dtlab_rollout"], r["hf_blog_inference"], ">= 15")
+    add("t1: dtlab/simulator alone", r["dtlab_rollout"], r["sim_random"], ">= 0.35")
+    if collapse:
+        for ref in ("t1", "t1_busy"):
+            for name in collapse["t1"]:
+                add(f"slowdown t2_busy vs {ref}: {name}", collapse[ref][name], collapse["t2_busy"][name],
+                    "<= 2" if ref == "t1" else "")
+        c = collapse["t2_busy"]
+        add("t2_busy: dtlab/HF blog", c["dtlab_rollout"], c["hf_blog"], "")
+        add("t2_busy: dtlab/simulator alone", c["dtlab_rollout"], c["sim_random"], "")
+
+    profile = None if args.no_profile else profile_eval(policy, hf, episodes, args.max_steps, args.seed)
+    payload = {
+        "benchmark": "eval", "machine": harness.machine_info(),
+        "setup": {"env": ENV_ID, "targets": TARGETS, "dtlab_episodes_per_target": episodes,
+                  "hf_episodes_per_target": hf_episodes, "max_steps": args.max_steps,
+                  "sim_steps": args.sim_steps, "reps": reps, "seed": args.seed,
+                  "collapse": {"reps": c_reps, "dtlab_episodes_per_target": args.collapse_episodes,
+                               "hf_episodes_per_target": 1, "max_steps": args.collapse_max_steps,
+                               "sim_steps": 1000},
+                  "model": "untrained, DT paper configuration (embed 128, 3 layers, 1 head, K=20)"},
+        "results": harness.samples_json(results), "collapse": harness.samples_json(collapse),
+        "ratios": ratios, "profile": profile,
+    }
+    tables = [harness.markdown_table(results, {})]
+    if collapse:
+        tables.append(harness.markdown_table(collapse, {}))
+    tables.append(harness.ratio_table(rows))
+    if profile:
+        tables.append(profile_table(profile))
+    harness.report("bench_eval", payload, tables, args.json)
+
+
+# ---- where the time goes ------------------------------------------------------------------------
+def last_action_forward(m, obs, act, rtg, ts):
+    """Experiment (not dtlab code): DecisionTransformer.forward for full windows (no padding) that
+    computes the last block only for the query that is read out (s_K), returning (B, A)."""
+    b, k, _ = obs.shape
+    time_e = m.embed_timestep(ts.clamp(max=m.cfg.max_ep_len - 1))
+    x = torch.stack((m.embed_return(rtg) + time_e, m.embed_state(obs) + time_e,
+                     m.embed_action(act) + time_e), dim=2).reshape(b, 3 * k, -1)
+    x = m.drop(m.embed_ln(x))
+    for block in m.blocks[:-1]:
+        x = block(x, None)
+    block, attn = m.blocks[-1], m.blocks[-1].attn
+    x = x[:, :3 * k - 1]  # s_K is the last token any output needs
+    h = block.ln_1(x)
+    d, nh = h.shape[-1], attn.n_heads
+    q = F.linear(h[:, -1:], attn.qkv.weight[:d], attn.qkv.bias[:d])  # (B, 1, D)
+    kv = F.linear(h, attn.qkv.weight[d:], attn.qkv.bias[d:])  # (B, T, 2D)
+    kk, v = kv.split(d, dim=2)
+    q = q.view(b, 1, nh, d // nh).transpose(1, 2)
+    kk = kk.view(b, -1, nh, d // nh).transpose(1, 2)
+    v = v.view(b, -1, nh, d // nh).transpose(1, 2)
+    y = F.scaled_dot_product_attention(q, kk, v).transpose(1, 2).reshape(b, 1, d)
+    y = x[:, -1:] + attn.proj(y)
+    y = y + block.mlp(block.ln_2(y))
+    return torch.tanh(m.predict_action(m.ln_f(y)[:, 0]))
+
+
+def profile_eval(policy, hf, episodes: int, max_steps: int, seed: int) -> dict:
+    torch.set_num_threads(1)
+    model = policy.model
+    fwd = {"seconds": 0.0, "calls": 0, "rows": 0}
+    original = model.forward
+
+    def timed_forward(*a, **kw):
+        t0 = time.perf_counter()
+        out = original(*a, **kw)
+        fwd["seconds"] += time.perf_counter() - t0
+        fwd["calls"] += 1
+        fwd["rows"] += a[0].shape[0]
+        return out
+
+    model.forward = timed_forward  # instance attribute: this policy object only
+    try:
+        t0 = time.perf_counter()
+        _, stats = rollout(policy, ENV_ID, TARGETS, episodes, seed=seed, max_steps=max_steps)
+        wall = time.perf_counter() - t0
+    finally:
+        del model.forward
+    s = stats["seconds"]
+    out = {"rollout": {
+        "env_steps": stats["env_steps"], "forward_calls": fwd["calls"],
+        "mean_batch": fwd["rows"] / max(1, fwd["calls"]),
+        "seconds_total": s, "seconds_env_construction_and_reset": wall - s,
+        "seconds_model_forward": fwd["seconds"],
+        "seconds_act_outside_forward": stats["model_seconds"] - fwd["seconds"],
+        "seconds_env_step_loop": s - stats["model_seconds"],
+        "ms_per_forward": fwd["seconds"] / max(1, fwd["calls"]) * 1e3,
+        "us_model_per_env_step": fwd["seconds"] / stats["env_steps"] * 1e6,
+        "us_env_loop_per_env_step": (s - stats["model_seconds"]) / stats["env_steps"] * 1e6,
+    }}
+
+    # Forward-pass experiments on full K windows (steps >= K of an episode).
+    g = torch.Generator().manual_seed(seed)
+    k = policy.context_len
+
+    def inputs(n):
+        return (torch.randn(n, k, OBS_DIM, generator=g), torch.rand(n, k, ACT_DIM, generator=g) * 2 - 1,
+                torch.randn(n, k, 1, generator=g), torch.arange(k).repeat(n, 1) + 100)
+
+    n = 2 * episodes
+    x, x1 = inputs(n), inputs(1)
+    with torch.inference_mode():
+        ref = model(*x)[:, -1]
+        pruned = last_action_forward(model, *x)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            bf = model(*x)[:, -1].float()
+        fns = {
+            f"dtlab_forward_ms_batch{n}": lambda: model(*x),
+            f"dtlab_forward_ms_batch{n}_bf16_autocast": lambda: _bf16(model, x),
+            f"dtlab_forward_ms_batch{n}_last_token_only_in_last_layer": lambda: last_action_forward(model, *x),
+            f"dtlab_forward_ms_batch{n}_bf16_and_last_token": lambda: _bf16(
+                lambda *a: last_action_forward(model, *a), x),
+            # Cost of pushing only the 3 new tokens of a step through the model: a lower bound for
+            # a step with a key/value cache (attention over 3 instead of up to 3K keys).
+            f"dtlab_forward_ms_batch{n}_one_step_3_tokens": lambda: model(*(t[:, -1:] for t in x)),
+            "dtlab_forward_ms_batch1": lambda: model(*x1),
+            "hf_forward_ms_batch1": lambda: hf(
+                states=x1[0], actions=x1[1], rewards=x1[2], returns_to_go=x1[2], timesteps=x1[3],
+                attention_mask=torch.ones(1, k, dtype=torch.long), return_dict=False),
+        }
+        exp = harness.alternating_ms(fns)
+        torch.set_num_threads(2)
+        exp[f"dtlab_forward_ms_batch{n}_2_threads"] = harness.alternating_ms({"x": lambda: model(*x)})["x"]
+        torch.set_num_threads(1)
+    exp["max_abs_diff_last_token_only"] = float((ref - pruned).abs().max())
+    exp["max_abs_diff_bf16"] = float((ref - bf).abs().max())
+    out["forward_experiments"] = exp
+
+    from torch.profiler import ProfilerActivity, profile
+
+    policy.reset(np.repeat(np.asarray(TARGETS, np.float32), episodes))
+    obs = np.random.default_rng(seed).normal(size=(n, OBS_DIM)).astype(np.float32)
+    for _ in range(k):  # fill the windows so the profiled calls are steady-state
+        policy.act(obs, np.zeros(n, np.float32), index=np.arange(n))
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        for _ in range(5):
+            policy.act(obs, np.ones(n, np.float32), index=np.arange(n))
+    total = sum(e.self_cpu_time_total for e in prof.key_averages())
+    out["act_top_ops"] = [
+        {"op": e.key, "self_ms_per_act": e.self_cpu_time_total / 5e3, "share": e.self_cpu_time_total / total,
+         "calls_per_act": e.count / 5}
+        for e in sorted(prof.key_averages(), key=lambda e: -e.self_cpu_time_total)[:10]]
+    return out
+
+
+def _bf16(fn, x):
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        return fn(*x)
+
+
+def profile_table(p: dict) -> str:
+    r = p["rollout"]
+    lines = ["| dtlab rollout, 1 thread | value |", "|---|---:|"]
+    for key, v in r.items():
+        lines.append(f"| {key} | {v:.4g} |")
+    lines += ["", "| forward experiment (1 thread unless named) | value |", "|---|---:|"]
+    for key, v in p["forward_experiments"].items():
+        lines.append(f"| {key} | {v:.3g} |")
+    lines += ["", "| DTPolicy.act top ops (self CPU) | ms/act | share | calls/act |", "|---|---:|---:|---:|"]
+    for e in p["act_top_ops"]:
+        lines.append(f"| {e['op']} | {e['self_ms_per_act']:.2f} | {e['share']:.0%} | {e['calls_per_act']:.0f} |")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    main()
