@@ -23,6 +23,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+import dtlab  # noqa: E402,F401  (first: sets OMP_WAIT_POLICY=PASSIVE before torch loads, as for every dtlab user)
 import gymnasium as gym  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
@@ -106,6 +107,7 @@ def main() -> None:
     log = lambda s: print(s, file=sys.stderr, flush=True)  # noqa: E731
 
     policy = untrained_policy(args.seed)
+    policy_bf16 = type(policy)(policy.model, policy.info, precision="bf16")  # --precision bf16
     torch.manual_seed(args.seed)
     hf = hf_peer.hf_model(OBS_DIM, ACT_DIM).eval()
     hf_env, sim_env = gym.make(ENV_ID), gym.make(ENV_ID)
@@ -113,6 +115,7 @@ def main() -> None:
     def make_cases(eps: int, hf_eps: int, max_steps: int, sim_steps: int) -> dict:
         return {
             "dtlab_rollout": dtlab_case(policy, eps, max_steps, args.seed),
+            "dtlab_rollout_bf16": dtlab_case(policy_bf16, eps, max_steps, args.seed),
             "hf_blog": hf_case(hf, hf_env, hf_eps, max_steps, args.seed, inference=False),
             "hf_blog_inference": hf_case(hf, hf_env, hf_eps, max_steps, args.seed, inference=True),
             "sim_random": sim_case(sim_env, sim_steps, args.seed),
@@ -145,6 +148,8 @@ def main() -> None:
     add("t1: dtlab/HF blog", r["dtlab_rollout"], r["hf_blog"], ">= 15")
     add("t1: dtlab/HF blog inference_mode", r["dtlab_rollout"], r["hf_blog_inference"], ">= 15")
     add("t1: dtlab/simulator alone", r["dtlab_rollout"], r["sim_random"], ">= 0.35")
+    add("t1: dtlab bf16/HF blog", r["dtlab_rollout_bf16"], r["hf_blog"], ">= 15")
+    add("t1: dtlab bf16/simulator alone", r["dtlab_rollout_bf16"], r["sim_random"], ">= 0.35")
     if collapse:
         for ref in ("t1", "t1_busy"):
             for name in collapse["t1"]:

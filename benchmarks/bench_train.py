@@ -27,6 +27,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+import dtlab  # noqa: E402,F401  (first: sets OMP_WAIT_POLICY=PASSIVE before torch loads, as for every dtlab user)
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
@@ -62,9 +63,11 @@ class DtlabTrainer:
     def batch(self) -> dict:
         return to_tensors(self.sampler.sample(B, self.rng), CPU)
 
-    def step(self, b: dict) -> torch.Tensor:
-        pred = self.model(b["observations"], b["actions"], b["returns_to_go"], b["timesteps"], b["masks"])
-        loss = action_loss(pred, b["actions"], b["masks"])
+    def step(self, b: dict, bf16: bool = False) -> torch.Tensor:
+        # As dtlab.train does: bf16 autocast around the forward only (--precision bf16).
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+            pred = self.model(b["observations"], b["actions"], b["returns_to_go"], b["timesteps"], b["masks"])
+        loss = action_loss(pred.float(), b["actions"], b["masks"])
         self.opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(self.model.parameters(), CLIP)
@@ -151,6 +154,8 @@ def main() -> None:
             "dtlab_step": lambda: timed(lambda i: dt.step(pool[i % 8]), n),
             "hf_step": lambda: timed(lambda i: hf.step(hf_pool[i % 8]), n),
             "dtlab_e2e": lambda: timed(lambda i: dt.step(dt.batch()), n),
+            "dtlab_step_bf16": lambda: timed(lambda i: dt.step(pool[i % 8], bf16=True), n),
+            "dtlab_e2e_bf16": lambda: timed(lambda i: dt.step(dt.batch(), bf16=True), n),
             "hf_e2e": lambda: timed(lambda i: hf.step(hf.collator(B)), n),
             "hf_e2e_pre": lambda: timed(lambda i: hf.step(hf.collator_pre(B)), n),
         }
@@ -180,7 +185,7 @@ def main() -> None:
     collapse = {}
     if not args.no_collapse:
         c_cases = {k: v for k, v in make_cases(c_steps).items()
-                   if k in ("dtlab_step", "hf_step", "dtlab_e2e", "hf_e2e")}
+                   if k in ("dtlab_step", "hf_step", "dtlab_e2e", "hf_e2e", "dtlab_step_bf16")}
         log(f"train collapse: {c_reps} reps x {c_steps} steps, conditions {list(harness.CONDITIONS)}")
         collapse = harness.run_matrix(list(harness.CONDITIONS), c_cases, c_reps,
                                       {k: units[k] for k in c_cases}, log)
@@ -194,6 +199,8 @@ def main() -> None:
     r = results["t1"]
     add("t1: step dtlab/HF", r["dtlab_step"], r["hf_step"], ">= 1.4")
     add("t1: e2e dtlab/HF blog collator", r["dtlab_e2e"], r["hf_e2e"], ">= 3")
+    add("t1: step dtlab bf16 (--precision bf16)/HF fp32", r["dtlab_step_bf16"], r["hf_step"], ">= 1.4")
+    add("t1: e2e dtlab bf16/HF blog collator", r["dtlab_e2e_bf16"], r["hf_e2e"], ">= 3")
     add("t1: e2e dtlab/HF blog collator, rtg precomputed", r["dtlab_e2e"], r["hf_e2e_pre"], "")
     if "hf_e2e_arrow" in r:
         add("t1: e2e dtlab/HF blog collator on Arrow dataset", r["dtlab_e2e"], r["hf_e2e_arrow"], "")

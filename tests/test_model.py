@@ -76,3 +76,13 @@ def test_weight_decay_only_on_linear_weights():
     assert any(p is m.embed_timestep.weight for p in no_decay["params"])
     assert sum(p.numel() for g in (decay, no_decay) for p in g["params"]) == \
         sum(p.numel() for p in m.parameters())
+
+
+def test_predict_last_equals_full_forward():
+    m = model()
+    obs, act, rtg, ts = inputs(b=4)
+    torch.testing.assert_close(m.predict_last(obs, act, rtg, ts), m(obs, act, rtg, ts)[:, -1],
+                               rtol=0, atol=1e-6)
+    masks = torch.tensor([[False, False, True, True, True, True]] * 2 + [[True] * 6] * 2)
+    torch.testing.assert_close(m.predict_last(obs, act, rtg, ts, masks), m(obs, act, rtg, ts, masks)[:, -1],
+                               rtol=0, atol=1e-6)

@@ -30,17 +30,22 @@ class CausalSelfAttention(nn.Module):
         self.proj = nn.Linear(cfg.embed_dim, cfg.embed_dim)
         self.resid_drop = nn.Dropout(cfg.dropout)
 
-    def forward(self, x: torch.Tensor, attn_mask: torch.Tensor | None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, attn_mask: torch.Tensor | None,
+                query: int | None = None) -> torch.Tensor:
+        """``query``: compute the output of that one token only (its row of ``attn_mask``);
+        (B, T, D) -> (B, 1, D). Keys and values still come from every token."""
         b, t, d = x.shape  # (B, T, D), T = 3K tokens
         q, k, v = self.qkv(x).split(d, dim=2)  # 3 x (B, T, D)
-        q = q.view(b, t, self.n_heads, d // self.n_heads).transpose(1, 2)  # (B, H, T, D/H)
+        if query is not None:
+            q = q[:, query:query + 1]  # (B, 1, D)
+        q = q.view(b, q.shape[1], self.n_heads, d // self.n_heads).transpose(1, 2)  # (B, H, Tq, D/H)
         k = k.view(b, t, self.n_heads, d // self.n_heads).transpose(1, 2)  # (B, H, T, D/H)
         v = v.view(b, t, self.n_heads, d // self.n_heads).transpose(1, 2)  # (B, H, T, D/H)
         y = F.scaled_dot_product_attention(
-            q, k, v, attn_mask=attn_mask, is_causal=attn_mask is None,
+            q, k, v, attn_mask=attn_mask, is_causal=attn_mask is None and query is None,
             dropout_p=self.dropout if self.training else 0.0,
-        )  # (B, H, T, D/H)
-        y = y.transpose(1, 2).reshape(b, t, d)  # (B, T, D)
+        )  # (B, H, Tq, D/H)
+        y = y.transpose(1, 2).reshape(b, q.shape[2], d)  # (B, Tq, D)
         return self.resid_drop(self.proj(y))
 
 
@@ -59,8 +64,11 @@ class Block(nn.Module):
             nn.Dropout(cfg.dropout),
         )
 
-    def forward(self, x: torch.Tensor, attn_mask: torch.Tensor | None) -> torch.Tensor:
-        x = x + self.attn(self.ln_1(x), attn_mask)
+    def forward(self, x: torch.Tensor, attn_mask: torch.Tensor | None,
+                query: int | None = None) -> torch.Tensor:
+        """(B, T, D) -> (B, T, D), or (B, 1, D) for the single token ``query``."""
+        h = self.attn(self.ln_1(x), attn_mask, query)
+        x = (x if query is None else x[:, query:query + 1]) + h
         return x + self.mlp(self.ln_2(x))
 
 
@@ -102,17 +110,43 @@ class DecisionTransformer(nn.Module):
         masks: torch.Tensor | None = None,  # (B, K) bool, False at left padding; None: all real
     ) -> torch.Tensor:  # (B, K, act_dim) predicted actions in [-1, 1]
         b, k, _ = observations.shape
-        time = self.embed_timestep(timesteps.clamp(max=self.cfg.max_ep_len - 1))  # (B, K, D)
-        r = self.embed_return(returns_to_go) + time  # (B, K, D)
-        s = self.embed_state(observations) + time  # (B, K, D)
-        a = self.embed_action(actions) + time  # (B, K, D)
-        x = torch.stack((r, s, a), dim=2).reshape(b, 3 * k, -1)  # (B, 3K, D): R_1 s_1 a_1 R_2 ...
-        x = self.drop(self.embed_ln(x))
+        x = self.embed(observations, actions, returns_to_go, timesteps)  # (B, 3K, D)
         attn_mask = None if masks is None else self.attention_mask(masks)  # (B, 1, 3K, 3K)
         for block in self.blocks:
             x = block(x, attn_mask)
         x = self.ln_f(x).reshape(b, k, 3, -1)  # (B, K, 3, D)
         return torch.tanh(self.predict_action(x[:, :, 1]))  # from s_t's hidden state: (B, K, A)
+
+    def embed(self, observations, actions, returns_to_go, timesteps) -> torch.Tensor:
+        """Interleaved token embeddings (R_1, s_1, a_1, R_2, ...): (B, K, .) -> (B, 3K, D)."""
+        b, k, _ = observations.shape
+        time = self.embed_timestep(timesteps.clamp(max=self.cfg.max_ep_len - 1))  # (B, K, D)
+        r = self.embed_return(returns_to_go) + time  # (B, K, D)
+        s = self.embed_state(observations) + time  # (B, K, D)
+        a = self.embed_action(actions) + time  # (B, K, D)
+        x = torch.stack((r, s, a), dim=2).reshape(b, 3 * k, -1)  # (B, 3K, D)
+        return self.drop(self.embed_ln(x))
+
+    def predict_last(self, observations, actions, returns_to_go, timesteps,
+                     masks: torch.Tensor | None = None) -> torch.Tensor:
+        """The last step's action only, (B, K, .) -> (B, A): equal to ``forward(...)[:, -1]``.
+
+        Saves work in rollouts: the last block computes only s_K's output (its keys and values
+        still come from every token), and the action head runs on one token.
+        """
+        b, k, _ = observations.shape
+        x = self.embed(observations, actions, returns_to_go, timesteps)  # (B, 3K, D)
+        attn_mask = None if masks is None else self.attention_mask(masks)  # (B, 1, 3K, 3K)
+        for block in self.blocks[:-1]:
+            x = block(x, attn_mask)
+        s_last = 3 * k - 2  # token index of s_K
+        if attn_mask is None:  # all real: s_K attends to every token up to itself
+            row = torch.arange(3 * k, device=x.device) <= s_last  # (3K,)
+            row_mask = row.expand(b, 1, 1, 3 * k)  # (B, 1, 1, 3K)
+        else:
+            row_mask = attn_mask[:, :, s_last:s_last + 1]  # (B, 1, 1, 3K)
+        x = self.blocks[-1](x, row_mask, query=s_last)  # (B, 1, D)
+        return torch.tanh(self.predict_action(self.ln_f(x[:, 0])))  # (B, A)
 
     @staticmethod
     def attention_mask(masks: torch.Tensor) -> torch.Tensor:

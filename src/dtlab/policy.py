@@ -50,8 +50,10 @@ class DTPolicy:
     observations; ``index`` selects the episodes that advance (see dtlab.evaluate.rollout).
     """
 
-    def __init__(self, model: DecisionTransformer, info: PolicyInfo, device: str | torch.device = "cpu"):
+    def __init__(self, model: DecisionTransformer, info: PolicyInfo, device: str | torch.device = "cpu",
+                 precision: str = "fp32"):
         self.model = model.to(device).eval()
+        self.precision = precision  # "fp32", or "bf16" autocast
         self.info = info
         self.device = torch.device(device)
         self.context_len = info.model.context_len
@@ -64,9 +66,9 @@ class DTPolicy:
         self._single = True
 
     @classmethod
-    def from_checkpoint(cls, path: str | Path, device: str = "cpu") -> "DTPolicy":
+    def from_checkpoint(cls, path: str | Path, device: str = "cpu", precision: str = "fp32") -> "DTPolicy":
         model, info = checkpoint.load(path, device)
-        return cls(model, info, device)
+        return cls(model, info, device, precision)
 
     # ---- episode state ------------------------------------------------------------------------
     def reset(self, target_return: float | Sequence[float] | np.ndarray) -> None:
@@ -143,7 +145,9 @@ class DTPolicy:
         ts_w[:, -1] = t
         mask_w[:, -1] = True
         all_real = bool(mask_w.all())
-        pred = self.model(obs_w, act_w, rtg_w, ts_w, None if all_real else mask_w)[:, -1]  # (n, A)
+        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.precision == "bf16"):
+            pred = self.model.predict_last(obs_w, act_w, rtg_w, ts_w, None if all_real else mask_w)
+        pred = pred.float()  # (n, A)
         act_w[:, -1] = pred
         self._obs[idx], self._act[idx], self._rtg[idx] = obs_w, act_w, rtg_w
         self._timesteps[idx], self._masks[idx] = ts_w, mask_w

@@ -242,7 +242,8 @@ def train(cfg: TrainConfig, episodes: EpisodeSet | None = None) -> TrainResult:
         from dtlab.evaluate import rollout
         from dtlab.policy import DTPolicy
 
-        policy = DTPolicy(model, dataclasses.replace(info, step=at_step), device)
+        policy = DTPolicy(model, dataclasses.replace(info, step=at_step), device,
+                          precision=cfg.precision)
         results, stats = rollout(policy, cfg.env, eval_targets, cfg.eval_episodes, seed=cfg.seed)
         model.train()
         record = {"step": at_step}
@@ -260,6 +261,7 @@ def train(cfg: TrainConfig, episodes: EpisodeSet | None = None) -> TrainResult:
 
     previous = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)} \
         if _main_thread() else {}
+    bf16 = cfg.precision == "bf16"
     model.train()
     evaluations: list[dict] = []
     loss_sum = torch.zeros((), device=device)
@@ -271,9 +273,10 @@ def train(cfg: TrainConfig, episodes: EpisodeSet | None = None) -> TrainResult:
     try:
         while step < cfg.steps and stop["signal"] is None:
             batch = to_tensors(sampler.sample(cfg.batch_size, rng), device)
-            pred = model(batch["observations"], batch["actions"], batch["returns_to_go"],
-                         batch["timesteps"], batch["masks"])
-            loss = action_loss(pred, batch["actions"], batch["masks"])
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
+                pred = model(batch["observations"], batch["actions"], batch["returns_to_go"],
+                             batch["timesteps"], batch["masks"])
+            loss = action_loss(pred.float(), batch["actions"], batch["masks"])
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             # The global gradient norm is non-finite iff the loss or any gradient is; with
