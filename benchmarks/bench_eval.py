@@ -108,6 +108,8 @@ def main() -> None:
 
     policy = untrained_policy(args.seed)
     policy_bf16 = type(policy)(policy.model, policy.info, precision="bf16")  # --precision bf16
+    policy_kv = type(policy)(policy.model, policy.info, kv_cache=True)  # --kv-cache (approximate)
+    policy_kv_bf16 = type(policy)(policy.model, policy.info, precision="bf16", kv_cache=True)
     torch.manual_seed(args.seed)
     hf = hf_peer.hf_model(OBS_DIM, ACT_DIM).eval()
     hf_env, sim_env = gym.make(ENV_ID), gym.make(ENV_ID)
@@ -116,6 +118,8 @@ def main() -> None:
         return {
             "dtlab_rollout": dtlab_case(policy, eps, max_steps, args.seed),
             "dtlab_rollout_bf16": dtlab_case(policy_bf16, eps, max_steps, args.seed),
+            "dtlab_rollout_kv": dtlab_case(policy_kv, eps, max_steps, args.seed),
+            "dtlab_rollout_kv_bf16": dtlab_case(policy_kv_bf16, eps, max_steps, args.seed),
             "hf_blog": hf_case(hf, hf_env, hf_eps, max_steps, args.seed, inference=False),
             "hf_blog_inference": hf_case(hf, hf_env, hf_eps, max_steps, args.seed, inference=True),
             "sim_random": sim_case(sim_env, sim_steps, args.seed),
@@ -150,6 +154,10 @@ def main() -> None:
     add("t1: dtlab/simulator alone", r["dtlab_rollout"], r["sim_random"], ">= 0.35")
     add("t1: dtlab bf16/HF blog", r["dtlab_rollout_bf16"], r["hf_blog"], ">= 15")
     add("t1: dtlab bf16/simulator alone", r["dtlab_rollout_bf16"], r["sim_random"], ">= 0.35")
+    add("t1: dtlab kv-cache (approximate)/HF blog", r["dtlab_rollout_kv"], r["hf_blog"], "")
+    add("t1: dtlab kv-cache/simulator alone", r["dtlab_rollout_kv"], r["sim_random"], "")
+    add("t1: dtlab kv-cache + bf16/HF blog", r["dtlab_rollout_kv_bf16"], r["hf_blog"], "")
+    add("t1: dtlab kv-cache + bf16/simulator alone", r["dtlab_rollout_kv_bf16"], r["sim_random"], "")
     if collapse:
         for ref in ("t1", "t1_busy"):
             for name in collapse["t1"]:

@@ -184,3 +184,34 @@ def test_corrupt_and_inconsistent_checkpoints_are_refused(tmp_path):
         checkpoint.load(ck)
     with pytest.raises(CheckpointError, match="not found"):
         checkpoint.load(tmp_path / "missing")
+
+
+def test_kv_cache_is_exact_until_the_window_slides(tmp_path):
+    """Opt-in kv_cache mode: identical to full recomputation for the first K steps (and after
+    steering rebuilds it), then approximate. (With one layer it would stay exact: first-layer keys
+    and values depend on their own token only.)"""
+    result = train(config(tmp_path, model=replace(TINY, n_layers=2)), pendulum_like())
+    exact = DTPolicy.from_checkpoint(result.checkpoint)
+    cached = DTPolicy.from_checkpoint(result.checkpoint, kv_cache=True)
+    k = exact.context_len
+    rng = np.random.default_rng(0)
+    targets = [-100.0, -300.0, -500.0]
+    exact.reset(targets)
+    cached.reset(targets)
+    diffs = []
+    active = np.arange(3)
+    for t in range(3 * k):
+        if t == k + 2:
+            active = np.array([0, 2])  # an episode ends: the cache keeps the others' rows
+        obs = rng.normal(size=(active.size, 3)).astype(np.float32)
+        r = rng.normal(size=active.size).astype(np.float32)
+        a = exact.act(obs, r, index=active)
+        b = cached.act(obs, r, index=active)
+        diffs.append(float(np.abs(a - b).max()))
+    assert max(diffs[:k]) < 1e-5  # exact while the whole episode fits in the window
+    assert max(diffs[k:]) > 1e-6  # then approximate (the test would catch a silent exact fallback)
+    cached.steer(-50.0, index=active)
+    exact.steer(-50.0, index=active)
+    obs = rng.normal(size=(2, 3)).astype(np.float32)
+    np.testing.assert_allclose(cached.act(obs, np.zeros(2), index=active),
+                               exact.act(obs, np.zeros(2), index=active), atol=1e-5)  # rebuilt exactly

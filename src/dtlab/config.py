@@ -141,6 +141,10 @@ class EvalConfig:
     precision: Literal["fp32", "bf16"] = "fp32"
     """Model precision in rollouts: fp32 (exact), or bf16 autocast (faster on CPUs with
     AVX-512-BF16/AMX and on GPUs; actions differ by ~1e-3)."""
+    kv_cache: bool = False
+    """Approximate, faster rollouts: feed only each step's new tokens and reuse cached keys and
+    values. Exact for the first K steps; afterwards older tokens keep keys/values computed with
+    context that has left the window (measured score impact: docs/benchmarks.md)."""
 
 
 @dataclass(frozen=True)

@@ -179,7 +179,8 @@ def evaluate_checkpoint(cfg, echo: bool = False) -> dict:
         raise ConfigError(f"no --targets given and no default targets known for {env_id}")
     if cfg.episodes < 1:
         raise ConfigError(f"--episodes must be >= 1, got {cfg.episodes}")
-    policy = DTPolicy.from_checkpoint(path, device=str(device), precision=cfg.precision)
+    policy = DTPolicy.from_checkpoint(path, device=str(device), precision=cfg.precision,
+                                      kv_cache=cfg.kv_cache)
     results, stats = rollout(policy, env_id, targets, cfg.episodes, seed=cfg.seed,
                              max_steps=cfg.max_steps)
     data = results_json(results, stats, checkpoint=str(path), env_id=env_id,

@@ -48,6 +48,20 @@ class CausalSelfAttention(nn.Module):
         y = y.transpose(1, 2).reshape(b, q.shape[2], d)  # (B, Tq, D)
         return self.resid_drop(self.proj(y))
 
+    def forward_cached(self, x: torch.Tensor, past: tuple[torch.Tensor, torch.Tensor] | None):
+        """New tokens ``x`` (B, Tn, D) attend to cached keys/values ``past`` (2 x (B, H, Tp, D/H))
+        and to each other causally. Returns (B, Tn, D) and the extended (keys, values)."""
+        b, tn, d = x.shape
+        q, k, v = (z.view(b, tn, self.n_heads, d // self.n_heads).transpose(1, 2)
+                   for z in self.qkv(x).split(d, dim=2))  # 3 x (B, H, Tn, D/H)
+        if past is not None:
+            k = torch.cat([past[0], k], dim=2)  # (B, H, Tp + Tn, D/H)
+            v = torch.cat([past[1], v], dim=2)
+        tp = k.shape[2] - tn
+        mask = torch.ones(tn, tp + tn, dtype=torch.bool, device=x.device).tril(diagonal=tp)  # (Tn, T)
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)  # (B, H, Tn, D/H)
+        return self.proj(y.transpose(1, 2).reshape(b, tn, d)), (k, v)
+
 
 class Block(nn.Module):
     """Pre-LN transformer block: x + attn(ln(x)), then x + mlp(ln(x))."""
@@ -70,6 +84,11 @@ class Block(nn.Module):
         h = self.attn(self.ln_1(x), attn_mask, query)
         x = (x if query is None else x[:, query:query + 1]) + h
         return x + self.mlp(self.ln_2(x))
+
+    def forward_cached(self, x: torch.Tensor, past):
+        h, kv = self.attn.forward_cached(self.ln_1(x), past)
+        x = x + h
+        return x + self.mlp(self.ln_2(x)), kv
 
 
 class DecisionTransformer(nn.Module):
@@ -147,6 +166,23 @@ class DecisionTransformer(nn.Module):
             row_mask = attn_mask[:, :, s_last:s_last + 1]  # (B, 1, 1, 3K)
         x = self.blocks[-1](x, row_mask, query=s_last)  # (B, 1, D)
         return torch.tanh(self.predict_action(self.ln_f(x[:, 0])))  # (B, A)
+
+    def predict_cached(self, tokens: torch.Tensor, cache: list | None, keep: int):
+        """Incremental inference for rollouts (eval mode): embedded new tokens (B, Tn, D), the last
+        of which is s_t, attend to each layer's cached keys/values, of which only the newest
+        ``keep`` are kept. Returns the action for s_t (B, A) and the new cache.
+
+        Exact while the cached tokens are the whole episode so far (t < K). Once the window slides,
+        the cached keys/values of older tokens were computed with context that has since left the
+        window, so results differ from full-window recomputation (``forward``).
+        """
+        x, new_cache = tokens, []
+        for i, block in enumerate(self.blocks):
+            past = None if cache is None or keep <= 0 else (cache[i][0][:, :, -keep:],
+                                                             cache[i][1][:, :, -keep:])
+            x, kv = block.forward_cached(x, past)
+            new_cache.append(kv)
+        return torch.tanh(self.predict_action(self.ln_f(x[:, -1]))), new_cache
 
     @staticmethod
     def attention_mask(masks: torch.Tensor) -> torch.Tensor:

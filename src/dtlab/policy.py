@@ -51,9 +51,12 @@ class DTPolicy:
     """
 
     def __init__(self, model: DecisionTransformer, info: PolicyInfo, device: str | torch.device = "cpu",
-                 precision: str = "fp32"):
+                 precision: str = "fp32", kv_cache: bool = False):
+        """``kv_cache``: incremental inference with cached keys/values (opt-in, approximate once
+        the K-step window slides; see ``DecisionTransformer.predict_cached``)."""
         self.model = model.to(device).eval()
         self.precision = precision  # "fp32", or "bf16" autocast
+        self.kv_cache = kv_cache
         self.info = info
         self.device = torch.device(device)
         self.context_len = info.model.context_len
@@ -66,9 +69,10 @@ class DTPolicy:
         self._single = True
 
     @classmethod
-    def from_checkpoint(cls, path: str | Path, device: str = "cpu", precision: str = "fp32") -> "DTPolicy":
+    def from_checkpoint(cls, path: str | Path, device: str = "cpu", precision: str = "fp32",
+                        kv_cache: bool = False) -> "DTPolicy":
         model, info = checkpoint.load(path, device)
-        return cls(model, info, device, precision)
+        return cls(model, info, device, precision, kv_cache)
 
     # ---- episode state ------------------------------------------------------------------------
     def reset(self, target_return: float | Sequence[float] | np.ndarray) -> None:
@@ -87,6 +91,7 @@ class DTPolicy:
         self._t = torch.zeros(n, dtype=torch.long, device=dev)  # (N,) steps taken so far
         self._next_rtg = torch.as_tensor(targets, device=dev) / self.info.return_scale  # (N,)
         self._pending = torch.full((n,), float("nan"), device=dev)  # (N,) steer() requests
+        self._cache, self._cache_ids, self._cache_t = None, None, -1  # kv_cache mode only
 
     def steer(self, return_to_go: float | Sequence[float], index: np.ndarray | None = None) -> None:
         """Ask for a different return from the next step on (run-time steering).
@@ -109,6 +114,36 @@ class DTPolicy:
             return torch.arange(self.num_envs, device=self.device)
         return torch.as_tensor(np.asarray(index, dtype=np.int64).reshape(-1), device=self.device)
 
+    def _predict_cached(self, idx, t, obs_w, act_w, rtg_w, ts_w, mask_w, invalidate: bool) -> torch.Tensor:
+        """kv_cache mode: feed only the 3 new tokens (a_{t-1}, R_t, s_t) when the cache holds these
+        episodes at this step; otherwise (first step, steering, episodes at different steps)
+        rebuild it from the window (an exact pass)."""
+        k, t0 = self.context_len, int(t[0])
+        same_t = bool((t == t0).all())
+        cache = None
+        if self._cache is not None and same_t and self._cache_t == t0 and not invalidate:
+            ids = idx.tolist()
+            if ids == self._cache_ids:
+                cache = self._cache
+            elif set(ids) <= set(self._cache_ids):  # some episodes ended: keep the others' rows
+                pos = {e: i for i, e in enumerate(self._cache_ids)}
+                rows = torch.tensor([pos[e] for e in ids], device=self.device)
+                cache = [(kk[rows], vv[rows]) for kk, vv in self._cache]
+        if cache is not None:
+            tokens = self.model.embed(obs_w[:, -2:], act_w[:, -2:], rtg_w[:, -2:], ts_w[:, -2:])
+            pred, new_cache = self.model.predict_cached(tokens[:, 2:5], cache, keep=3 * k - 4)
+        elif same_t:
+            real = min(t0 + 1, k)  # all selected episodes have exactly this many real steps
+            tokens = self.model.embed(obs_w[:, -real:], act_w[:, -real:], rtg_w[:, -real:],
+                                      ts_w[:, -real:])[:, :-1]  # up to s_t (a_t is not known yet)
+            pred, new_cache = self.model.predict_cached(tokens, None, keep=0)
+        else:  # episodes at different steps: no shared cache, exact recomputation
+            pred = self.model.predict_last(obs_w, act_w, rtg_w, ts_w, mask_w)
+            self._cache, self._cache_ids, self._cache_t = None, None, -1
+            return pred
+        self._cache, self._cache_ids, self._cache_t = new_cache, idx.tolist(), t0 + 1
+        return pred
+
     # ---- acting -------------------------------------------------------------------------------
     @torch.inference_mode()
     def act(self, observation: np.ndarray, last_reward: float | np.ndarray | None = None,
@@ -128,7 +163,8 @@ class DTPolicy:
             self._next_rtg[idx] -= torch.where(t > 0, r / self.info.return_scale, 0.0)
         pending = self._pending[idx]  # (n,)
         steered = ~torch.isnan(pending)
-        if bool(steered.any()):
+        any_steered = bool(steered.any())
+        if any_steered:
             delta = torch.where(steered, pending - self._next_rtg[idx], 0.0)  # (n,)
             self._next_rtg[idx] += delta
             self._rtg[idx] += delta[:, None, None] * self._masks[idx][..., None]
@@ -146,7 +182,11 @@ class DTPolicy:
         mask_w[:, -1] = True
         all_real = bool(mask_w.all())
         with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.precision == "bf16"):
-            pred = self.model.predict_last(obs_w, act_w, rtg_w, ts_w, None if all_real else mask_w)
+            if self.kv_cache:
+                pred = self._predict_cached(idx, t, obs_w, act_w, rtg_w, ts_w, mask_w,
+                                            invalidate=any_steered)
+            else:
+                pred = self.model.predict_last(obs_w, act_w, rtg_w, ts_w, None if all_real else mask_w)
         pred = pred.float()  # (n, A)
         act_w[:, -1] = pred
         self._obs[idx], self._act[idx], self._rtg[idx] = obs_w, act_w, rtg_w
