@@ -11,7 +11,7 @@ import pytest
 from dtlab.data.episodes import EpisodeSet
 from dtlab.data.formats import (load_episodes, read_d4rl, read_native, save_episodes, write_d4rl,
                                 write_native)
-from dtlab.errors import DatasetError
+from dtlab.errors import ConfigError, DatasetError
 
 D4RL_KEYS = {"observations", "actions", "rewards", "terminals", "timeouts"}
 
@@ -164,7 +164,7 @@ def test_save_episodes_d4rl_and_unknown_format(tmp_path):
     save_episodes(eps, tmp_path / "d.hdf5", format="d4rl")
     with h5py.File(tmp_path / "d.hdf5", "r") as f:
         assert "terminals" in f and "dtlab_format" not in f.attrs
-    with pytest.raises(ValueError, match="unknown dataset format"):
+    with pytest.raises(ConfigError, match="unknown dataset format"):
         save_episodes(eps, tmp_path / "x.hdf5", format="pickle")
 
 

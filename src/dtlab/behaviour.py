@@ -47,8 +47,33 @@ def _evaluate(model, env_id: str, episodes: int, seed: int) -> tuple[float, floa
 
 
 def read_manifest(out: str | Path) -> dict[str, Any]:
+    """The run's manifest ({} when there is none yet); ConfigError when it is unreadable."""
     path = Path(out) / MANIFEST
-    return json.loads(path.read_text()) if path.exists() else {}
+    if not path.exists():
+        return {}
+    try:
+        manifest = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ConfigError(f"{path}: cannot read the behaviour run's manifest: {exc}") from None
+    if not isinstance(manifest, dict) or not isinstance(manifest.get("snapshots"), list) \
+            or not isinstance(manifest.get("env_id"), str):
+        raise ConfigError(f"{path}: not a dtlab train-behaviour manifest (needs 'env_id' and a "
+                          "'snapshots' list)")
+    return manifest
+
+
+def _check_buffer_at_step(buffer, step: int, run_dir: Path) -> None:
+    """One env: replay-buffer row t is env step t, so a buffer saved with the snapshot of ``step``
+    has ``step`` rows (modulo wrap-around). A mismatch means the run stopped between writing the
+    snapshot, the buffer and the manifest (written in that order)."""
+    size = buffer.buffer_size
+    if buffer.n_envs != 1 or buffer.pos != step % size or bool(buffer.full) != (step >= size):
+        rows = f"{size} (full, next row {buffer.pos})" if buffer.full else str(buffer.pos)
+        raise ConfigError(
+            f"{run_dir}: replay_buffer.pkl holds {rows} transitions, but the last snapshot in "
+            f"{MANIFEST} is at step {step}: the run was interrupted between writing its snapshot, "
+            f"replay buffer and manifest, so they do not belong together; train again in a new "
+            f"run directory")
 
 
 def train_behaviour(cfg: BehaviourConfig, log=print) -> dict[str, Any]:
@@ -69,7 +94,18 @@ def train_behaviour(cfg: BehaviourConfig, log=print) -> dict[str, Any]:
     done_steps = manifest["snapshots"][-1]["step"] if manifest["snapshots"] else 0
     if done_steps:
         model = SAC.load(snaps / f"step_{done_steps:08d}.zip", env=env, device="cpu")
+        if not (out / "replay_buffer.pkl").exists():
+            raise ConfigError(f"{out}: replay_buffer.pkl is missing; cannot resume the run")
         model.load_replay_buffer(out / "replay_buffer.pkl")
+        buffer = model.replay_buffer
+        _check_buffer_at_step(buffer, done_steps, out)
+        # learn() resets the env on resume, so the episode running at the snapshot ends here:
+        # flag its last stored step as a time-limit cut (SB3's timeouts: done, but bootstrapped),
+        # or the replay buffer would join it with the next episode.
+        last = (buffer.pos - 1) % buffer.buffer_size
+        if not buffer.dones[last, 0]:
+            buffer.timeouts[last, 0] = True
+            buffer.dones[last, 0] = True
         log(f"resumed at step {done_steps} from {snaps}")
     else:
         model = SAC("MlpPolicy", env, seed=cfg.seed, device="cpu", verbose=0,

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 import shutil
 import tempfile
@@ -27,6 +28,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 import dtlab
+from dtlab.atomic import fsync_dir, write_text_atomic
 from dtlab.config import ModelConfig
 from dtlab.errors import CheckpointError, ConfigError
 from dtlab.model import DecisionTransformer
@@ -73,10 +75,25 @@ class PolicyInfo:
             info = cls(**{**data, "model": model})
         except (TypeError, KeyError, ConfigError) as exc:
             raise CheckpointError(f"{source}: invalid config: {exc}") from None
-        if len(info.obs_mean) != info.obs_dim or len(info.obs_std) != info.obs_dim:
-            raise CheckpointError(f"{source}: obs_mean/obs_std length differs from obs_dim {info.obs_dim}")
-        if len(info.action_low) != info.act_dim or len(info.action_high) != info.act_dim:
-            raise CheckpointError(f"{source}: action bounds length differs from act_dim {info.act_dim}")
+
+        def is_number(x) -> bool:
+            return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
+
+        for name, length in (("obs_mean", info.obs_dim), ("obs_std", info.obs_dim),
+                             ("action_low", info.act_dim), ("action_high", info.act_dim)):
+            value = getattr(info, name)
+            if not isinstance(value, list) or len(value) != length or not all(map(is_number, value)):
+                raise CheckpointError(f"{source}: '{name}' must be a list of {length} finite numbers")
+        for name in ("obs_dim", "act_dim", "step"):
+            if not isinstance(getattr(info, name), int) or getattr(info, name) < 0:
+                raise CheckpointError(f"{source}: '{name}' must be a non-negative integer")
+        if not is_number(info.return_scale) or info.return_scale <= 0:
+            raise CheckpointError(f"{source}: 'return_scale' must be a positive number")
+        for name in ("ref_min_score", "ref_max_score"):
+            if getattr(info, name) is not None and not is_number(getattr(info, name)):
+                raise CheckpointError(f"{source}: '{name}' must be a number or null")
+        if not isinstance(info.env_id, str) or not isinstance(info.dataset, dict):
+            raise CheckpointError(f"{source}: 'env_id' must be a string and 'dataset' an object")
         return info
 
 
@@ -84,7 +101,12 @@ def resolve(path: str | Path) -> Path:
     """A checkpoint directory, or a run directory resolved through its ``latest`` file."""
     path = Path(path)
     if (path / LATEST_FILE).is_file():
-        name = (path / LATEST_FILE).read_text().strip()
+        try:
+            name = (path / LATEST_FILE).read_text().strip()
+        except (OSError, UnicodeDecodeError) as exc:
+            raise CheckpointError(f"{path / LATEST_FILE}: unreadable: {exc}") from None
+        if not name or "/" in name or name in (".", ".."):
+            raise CheckpointError(f"{path / LATEST_FILE}: does not name a checkpoint directory")
         path = path / name
     if not path.is_dir():
         raise CheckpointError(f"{path}: checkpoint directory not found")
@@ -93,25 +115,8 @@ def resolve(path: str | Path) -> Path:
     return path
 
 
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _write_atomic_text(path: Path, text: str) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.tmp-")
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+# Kept for modules that imported it from here; new code uses dtlab.atomic.
+_write_atomic_text = write_text_atomic
 
 
 def save(run_dir: str | Path, name: str, model: DecisionTransformer, info: PolicyInfo,
@@ -133,11 +138,11 @@ def save(run_dir: str | Path, name: str, model: DecisionTransformer, info: Polic
         if final.exists():  # re-saving the same step (e.g. final == periodic): replace it
             shutil.rmtree(final)
         os.rename(tmp, final)
-        _fsync_dir(run_dir)
+        fsync_dir(run_dir)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    _write_atomic_text(run_dir / LATEST_FILE, name + "\n")
+    write_text_atomic(run_dir / LATEST_FILE, name + "\n")
     if keep is not None:
         steps = sorted(p for p in run_dir.glob("step_*") if p.is_dir())
         for old in steps[:-keep]:
@@ -151,7 +156,7 @@ def load_info(path: str | Path) -> tuple[Path, PolicyInfo]:
     source = str(path / CONFIG_FILE)
     try:
         data = json.loads((path / CONFIG_FILE).read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+    except (OSError, json.JSONDecodeError, UnicodeDecodeError, RecursionError) as exc:
         raise CheckpointError(f"{source}: corrupt JSON: {exc}") from None
     if not isinstance(data, dict):
         raise CheckpointError(f"{source}: expected a JSON object")

@@ -244,10 +244,11 @@ def main(argv: list[str] | None = None) -> int:
     import warnings
 
     warnings.formatwarning = _one_line_warning
-    cmd = tyro.cli(Command, args=argv, prog="dtlab",
-                   description="dtlab: Decision Transformers for offline RL.",
-                   config=(tyro.conf.OmitSubcommandPrefixes,))
     try:
+        # Inside the try: config dataclasses validate themselves while tyro builds them.
+        cmd = tyro.cli(Command, args=argv, prog="dtlab",
+                       description="dtlab: Decision Transformers for offline RL.",
+                       config=(tyro.conf.OmitSubcommandPrefixes,))
         if isinstance(cmd, QuickstartConfig):
             from dtlab.quickstart import quickstart
 

@@ -30,6 +30,8 @@ class ModelConfig:
     """K: number of (return-to-go, state, action) steps the model sees."""
     max_ep_len: int = 1000
     """Size of the learned timestep embedding; timesteps at or above it are clamped."""
+    activation: Literal["relu", "gelu"] = "relu"
+    """MLP activation (the DT gym code's default, --activation_function, is relu)."""
 
     def __post_init__(self) -> None:
         from dtlab.errors import ConfigError

@@ -17,6 +17,7 @@ import numpy as np
 
 from dtlab.data.returns import normalized_score
 from dtlab.envs import check_spaces, env_info, make_env
+from dtlab.errors import ConfigError
 from dtlab.policy import DTPolicy
 
 
@@ -42,12 +43,15 @@ def rollout(policy: DTPolicy, env_id: str, targets: Sequence[float], episodes: i
     batched forward per step); more run in successive waves that reuse the same envs.
     """
     n = len(targets) * episodes
+    if n == 0:
+        raise ConfigError("rollout needs at least one target and one episode")
     # Episode j runs target j // episodes from start state seed + j % episodes.
     target_of = np.repeat(np.asarray(targets, dtype=np.float32), episodes)  # (n,)
     start_seed = seed + np.arange(n) % episodes  # (n,)
     envs = [make_env(env_id) for _ in range(min(n, max_parallel))]
     check_spaces(envs[0], policy.info.obs_dim, policy.info.act_dim, what="the checkpoint")
-    limit = max_steps or (envs[0].spec.max_episode_steps if envs[0].spec else None) or 1000
+    limit = max_steps if max_steps is not None else (
+        (envs[0].spec.max_episode_steps if envs[0].spec else None) or 1000)
     returns = np.zeros(n)
     lengths = np.zeros(n, dtype=np.int64)
     env_steps, model_time, started = 0, 0.0, time.perf_counter()
@@ -125,11 +129,9 @@ def results_json(results: list[TargetResult], stats: dict, *, checkpoint: str, e
 
 
 def write_json_atomic(path: str | Path, data: dict) -> None:
-    from dtlab.checkpoint import _write_atomic_text
+    from dtlab.atomic import write_text_atomic
 
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    _write_atomic_text(path, json.dumps(data, indent=2))
+    write_text_atomic(path, json.dumps(data, indent=2))
 
 
 def print_table(results: list[TargetResult], *, title: str, dataset_return: dict | None = None) -> None:
@@ -157,6 +159,17 @@ def evaluate_checkpoint(cfg, echo: bool = False) -> dict:
     from dtlab.errors import ConfigError
     from dtlab.train import resolve_device, set_threads
 
+    from dtlab.atomic import check_writable
+
+    if cfg.episodes < 1:
+        raise ConfigError(f"--episodes must be >= 1, got {cfg.episodes}")
+    if cfg.max_steps is not None and cfg.max_steps < 1:
+        raise ConfigError(f"--max-steps must be >= 1, got {cfg.max_steps}")
+    if cfg.sweep and cfg.sweep_points < 2:
+        raise ConfigError(f"--sweep-points must be >= 2, got {cfg.sweep_points}")
+    for out_path in (cfg.out, cfg.plot):
+        if out_path:
+            check_writable(out_path)
     path, info = checkpoint.load_info(cfg.checkpoint)
     env_id = cfg.env or info.env_id
     device = resolve_device(cfg.device)

@@ -73,7 +73,7 @@ class Block(nn.Module):
         self.ln_2 = nn.LayerNorm(cfg.embed_dim)
         self.mlp = nn.Sequential(
             nn.Linear(cfg.embed_dim, cfg.mlp_ratio * cfg.embed_dim),
-            nn.GELU(),
+            nn.ReLU() if cfg.activation == "relu" else nn.GELU(),
             nn.Linear(cfg.mlp_ratio * cfg.embed_dim, cfg.embed_dim),
             nn.Dropout(cfg.dropout),
         )

@@ -11,6 +11,9 @@ import matplotlib
 matplotlib.use("Agg")  # files only; no display needed
 import matplotlib.pyplot as plt  # noqa: E402
 
+from dtlab.atomic import replace_into_place  # noqa: E402
+from dtlab.errors import ConfigError  # noqa: E402
+
 
 def achieved_vs_target(results: Sequence, path: str | Path, *, title: str = "",
                        dataset_return: dict | None = None) -> Path:
@@ -37,9 +40,14 @@ def achieved_vs_target(results: Sequence, path: str | Path, *, title: str = "",
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp.png")
-    fig.savefig(tmp)
-    plt.close(fig)
-    tmp.replace(path)
+    try:
+        fig.savefig(tmp)
+        replace_into_place(tmp, path)
+    except OSError as exc:
+        tmp.unlink(missing_ok=True)
+        raise ConfigError(f"{path}: cannot write plot: {exc.strerror or exc}") from None
+    finally:
+        plt.close(fig)
     return path
 
 

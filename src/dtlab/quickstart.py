@@ -32,6 +32,8 @@ def quickstart(out: str | Path = "dtlab-quickstart", *, steps: int = 3000, episo
     from dtlab.evaluate import evaluate_checkpoint
     from dtlab.train import train
 
+    if steps < 10 or episodes < 1:
+        raise ConfigError(f"quickstart needs --steps >= 10 and --episodes >= 1 (got {steps}, {episodes})")
     out = Path(out)
     run_dir = out / "run"
     if run_dir.exists():
@@ -70,7 +72,7 @@ def quickstart(out: str | Path = "dtlab-quickstart", *, steps: int = 3000, episo
     print(f"[3/3] evaluated {len(targets)} targets x {episodes} episodes "
           f"({time.perf_counter() - t0:.1f} s)")
     print(f"return conditioning: achieved return {'rises' if rising else 'does NOT rise'} with the "
-          f"target; best target achieves {max(means):.0f} vs dataset mean {ret['mean']:.0f}")
+          f"target; the highest target achieves {means[-1]:.0f} vs the dataset mean {ret['mean']:.0f}")
     print(f"total {time.perf_counter() - started:.0f} s; plot {out / 'achieved_vs_target.png'}")
     results["total_seconds"] = time.perf_counter() - started
     return results

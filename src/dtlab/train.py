@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from dtlab import checkpoint
+from dtlab.atomic import write_text_atomic
 from dtlab.checkpoint import PolicyInfo
 from dtlab.config import ModelConfig, TrainConfig
 from dtlab.data.episodes import EpisodeSet
@@ -44,7 +45,8 @@ def action_loss(pred: torch.Tensor, target: torch.Tensor, masks: torch.Tensor) -
 
 def param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
     """Weight decay on matmul weights (Linear) only; never on biases, LayerNorms or embeddings
-    (the minGPT/nanoGPT convention the DT code inherits)."""
+    (the minGPT/nanoGPT convention, used by the DT's Atari code; its gym code decayed all
+    parameters)."""
     decay, no_decay = [], []
     for module in model.modules():
         for name, p in module.named_parameters(recurse=False):
@@ -127,6 +129,18 @@ def check_action_bounds(episodes: EpisodeSet, env, *, strict: bool) -> None:
         warnings.warn(msg + "; they are clipped for training", DtlabWarning, stacklevel=3)
 
 
+def _reference(registry: float | None, meta: dict, key: str) -> float | None:
+    """Reference score for normalization: the env registry's (D4RL's constants) when it has one,
+    else one recorded with the dataset (dtlab's presets, Minari's metadata), if numeric."""
+    if registry is not None:
+        return registry
+    for name in (f"dtlab_{key}", f"minari_{key}", key):
+        value = meta.get(name)
+        if isinstance(value, (int, float)) and not isinstance(value, bool) and np.isfinite(value):
+            return float(value)
+    return None
+
+
 def policy_info_for(cfg: TrainConfig, episodes: EpisodeSet, env) -> PolicyInfo:
     """Everything derived from data and env that the checkpoint must carry."""
     info = env_info(cfg.env)
@@ -137,12 +151,34 @@ def policy_info_for(cfg: TrainConfig, episodes: EpisodeSet, env) -> PolicyInfo:
         model=cfg.model, obs_dim=episodes.obs_dim, act_dim=episodes.act_dim,
         action_low=low.tolist(), action_high=high.tolist(),
         obs_mean=mean.tolist(), obs_std=std.tolist(),
-        return_scale=float(cfg.return_scale or info.return_scale), env_id=cfg.env,
-        ref_min_score=meta.get("ref_min_score", info.ref_min_score),
-        ref_max_score=meta.get("ref_max_score", info.ref_max_score),
+        return_scale=float(cfg.return_scale if cfg.return_scale is not None else info.return_scale),
+        env_id=cfg.env, ref_min_score=_reference(info.ref_min_score, meta, "ref_min_score"),
+        ref_max_score=_reference(info.ref_max_score, meta, "ref_max_score"),
         dataset={"path": str(episodes.source), **episodes.summary(),
                  "metadata": {k: v for k, v in meta.items() if isinstance(v, (str, int, float, bool))}},
     )
+
+
+# Settings that shape the sequence of updates: a resumed run must use the same ones to continue
+# bit for bit (steps matters too for the cosine schedule, whose length it sets).
+_RESUME_KEYS = ("dataset", "env", "batch_size", "lr", "weight_decay", "betas", "warmup_steps",
+                "schedule", "grad_clip", "return_scale", "seed", "model", "precision",
+                "truncate_long_episodes", "skip_nonfinite")
+
+
+def check_resume_config(out: Path, cfg: TrainConfig) -> None:
+    path = out / TRAIN_CONFIG_FILE
+    try:
+        saved = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as exc:
+        raise ConfigError(f"{path}: cannot read the run's configuration to resume: {exc}") from None
+    now = json.loads(json.dumps(dataclasses.asdict(cfg)))  # tuples -> lists, as saved
+    keys = _RESUME_KEYS + (("steps",) if cfg.schedule == "cosine" else ())
+    differ = [k for k in keys if saved.get(k) != now.get(k)]
+    if differ:
+        shown = ", ".join(f"{k}: {saved.get(k)!r} -> {now.get(k)!r}" for k in differ)
+        raise ConfigError(f"{path}: --resume with different settings than the run ({shown}); "
+                          "resume with the same settings, or start a new run")
 
 
 # ---- the loop -------------------------------------------------------------------------------------
@@ -159,10 +195,19 @@ class TrainResult:
 
 def prepare(cfg: TrainConfig, episodes: EpisodeSet | None = None):
     """Load and check everything that can fail on bad input, before any output is written."""
-    if cfg.steps < 1 or cfg.batch_size < 1:
-        raise ConfigError("steps and batch_size must be >= 1")
+    for name in ("steps", "batch_size", "log_every", "checkpoint_every", "keep_checkpoints"):
+        if getattr(cfg, name) < 1:
+            raise ConfigError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(cfg, name)}")
+    for name in ("eval_every", "eval_episodes", "warmup_steps", "weight_decay", "grad_clip"):
+        if getattr(cfg, name) < 0:
+            raise ConfigError(f"--{name.replace('_', '-')} must be >= 0, got {getattr(cfg, name)}")
     if cfg.lr <= 0:
-        raise ConfigError(f"lr must be > 0, got {cfg.lr}")
+        raise ConfigError(f"--lr must be > 0, got {cfg.lr}")
+    if cfg.return_scale is not None and not cfg.return_scale > 0:
+        raise ConfigError(f"--return-scale must be > 0, got {cfg.return_scale}")
+    if cfg.eval_episodes and not (cfg.eval_targets or env_info(cfg.env).targets):
+        raise ConfigError(f"--eval-episodes given but no --eval-targets, and dtlab knows no default "
+                          f"targets for {cfg.env}")
     episodes = episodes if episodes is not None else load_dataset(cfg.dataset)
     longest = int(episodes.episode_lengths.max())
     if longest > cfg.model.max_ep_len:
@@ -193,8 +238,7 @@ def train(cfg: TrainConfig, episodes: EpisodeSet | None = None) -> TrainResult:
         if not (out / checkpoint.LATEST_FILE).is_file():
             raise ConfigError(f"{out}: --resume given but the run directory has no checkpoint")
         resume_path, saved_info = checkpoint.load_info(out)
-        if saved_info.model != cfg.model:
-            raise ConfigError(f"{resume_path}: model config differs from the one being resumed")
+        check_resume_config(out, cfg)
         resume_state = checkpoint.load_trainer_state(resume_path)
     elif (out / checkpoint.LATEST_FILE).exists():
         raise ConfigError(f"{out}: run directory already holds a run; pass --resume or another --out")
@@ -223,7 +267,7 @@ def train(cfg: TrainConfig, episodes: EpisodeSet | None = None) -> TrainResult:
         step = int(resume_state["step"])
 
     out.mkdir(parents=True, exist_ok=True)
-    (out / TRAIN_CONFIG_FILE).write_text(json.dumps(dataclasses.asdict(cfg), indent=2))
+    write_text_atomic(out / TRAIN_CONFIG_FILE, json.dumps(dataclasses.asdict(cfg), indent=2))
     metrics = MetricsLog(out, resume_from=step if cfg.resume else None, tensorboard=cfg.tensorboard)
     eval_targets = tuple(cfg.eval_targets) or env_info(cfg.env).targets
 
@@ -337,6 +381,14 @@ def _main_thread() -> bool:
 
 
 # ---- logging --------------------------------------------------------------------------------------
+def _step_of(line: str) -> int | None:
+    """The step of a metrics line; None for a blank or partly written one (a crash mid-write)."""
+    try:
+        return int(json.loads(line)["step"])
+    except (json.JSONDecodeError, KeyError, TypeError, ValueError):
+        return None
+
+
 class MetricsLog:
     """Appends JSON lines to OUT/metrics.jsonl and mirrors scalars to TensorBoard."""
 
@@ -345,8 +397,8 @@ class MetricsLog:
         if resume_from is not None and self.path.exists():
             # Drop records written after the checkpoint we resume from (they will be redone).
             keep = [line for line in self.path.read_text().splitlines()
-                    if line.strip() and json.loads(line).get("step", 0) <= resume_from]
-            checkpoint._write_atomic_text(self.path, "".join(line + "\n" for line in keep))
+                    if _step_of(line) is not None and _step_of(line) <= resume_from]
+            write_text_atomic(self.path, "".join(line + "\n" for line in keep))
         elif resume_from is None:
             self.path.write_text("")
         self._file = open(self.path, "a")

@@ -19,7 +19,7 @@ from dtlab.data.formats.d4rl import episodes_from_d4rl, read_d4rl, write_d4rl
 from dtlab.data.formats.minari import PREFIX as MINARI_PREFIX
 from dtlab.data.formats.minari import read_minari, write_minari
 from dtlab.data.formats.native import FORMAT_ATTR, episodes_from_native, read_native, write_native
-from dtlab.errors import DatasetError
+from dtlab.errors import ConfigError, DatasetError
 
 __all__ = ["load_episodes", "save_episodes", "convert", "read_d4rl", "write_d4rl", "read_native",
            "write_native", "read_minari", "write_minari"]
@@ -64,13 +64,13 @@ def save_episodes(episodes: EpisodeSet, dest: str | Path, format: Format | None 
         write_minari(episodes, dataset_id, **options)
         return
     if is_minari_dest:
-        raise ValueError(f"destination {dest!r} is a Minari dataset but format is {format!r}")
+        raise ConfigError(f"destination {dest!r} is a Minari dataset but format is {format!r}")
     if format == "native":
         write_native(episodes, dest, **options)
     elif format == "d4rl":
         write_d4rl(episodes, dest, **options)
     else:
-        raise ValueError(f"unknown dataset format {format!r}; expected 'native', 'd4rl' or "
+        raise ConfigError(f"unknown dataset format {format!r}; expected 'native', 'd4rl' or "
                          "'minari'")
 
 
