@@ -21,7 +21,7 @@ class DataInfo:
     """Print episodes, transitions, return statistics and dims of a dataset."""
 
     path: Annotated[str, tyro.conf.Positional, tyro.conf.arg(metavar="PATH")]
-    """Dataset file (D4RL HDF5 or dtlab native)."""
+    """Dataset: D4RL or dtlab native HDF5 file, or minari:<dataset id>."""
     json: bool = False
     """Print machine-readable JSON instead of a table."""
 
@@ -129,15 +129,37 @@ def run_collect(cfg: CollectConfig) -> None:
     import time
 
     from dtlab import collect
-    from dtlab.data.formats import save_episodes
+    from dtlab.data.formats import MINARI_PREFIX, save_episodes
     from dtlab.envs import make_env
     from dtlab.errors import ConfigError
+
+    # Refuse conflicting or meaningless options before collecting anything.
+    for flag, value in (("--episodes", cfg.episodes), ("--transitions", cfg.transitions)):
+        if value is not None and value < 1:
+            raise ConfigError(f"{flag} must be >= 1, got {value}")
+    to_minari = cfg.out.startswith(MINARI_PREFIX)
+    out_format = cfg.format or ("minari" if to_minari else "d4rl")
+    if to_minari and out_format != "minari":
+        raise ConfigError(f"--out {cfg.out} is a Minari dataset, but --format is {out_format}")
+    if out_format == "minari" and not to_minari:
+        raise ConfigError(f"--format minari writes a Minari dataset: give --out {MINARI_PREFIX}<id>, "
+                          f"not {cfg.out}")
+    if cfg.preset:
+        if cfg.episodes is not None:
+            raise ConfigError("presets are sized by --transitions (D4RL's 1M by default), not "
+                              "--episodes")
+        preset_env, _ = collect.parse_preset(cfg.preset)
+        if cfg.env is not None and cfg.env != preset_env:
+            raise ConfigError(f"--env {cfg.env} conflicts with --preset {cfg.preset} ({preset_env})")
+    elif cfg.policy == "pendulum-mixed" and cfg.transitions is not None:
+        raise ConfigError("policy pendulum-mixed collects whole episodes: give --episodes, not "
+                          "--transitions")
 
     started = time.perf_counter()
     if cfg.preset:
         kwargs = {"num_transitions": cfg.transitions} if cfg.transitions else {}
         episodes = collect.preset_dataset(cfg.preset, seed=cfg.seed, behaviour_run=cfg.behaviour_run,
-                                          **kwargs)
+                                          trust=cfg.trust_pickle, **kwargs)
         env_id = episodes.metadata.get("env_id")
     elif cfg.env is None:
         raise ConfigError("give --env (or --preset)")
@@ -169,8 +191,8 @@ def run_collect(cfg: CollectConfig) -> None:
             raise ConfigError("give --episodes or --transitions")
         episodes = collect.collect_episodes(env_id, policy, num_episodes=cfg.episodes,
                                             num_transitions=cfg.transitions, seed=cfg.seed)
-    options = {"env_id": env_id} if cfg.format == "minari" or cfg.out.startswith("minari:") else {}
-    save_episodes(episodes, cfg.out, "minari" if cfg.out.startswith("minari:") else cfg.format, **options)
+    options = {"env_id": env_id} if out_format == "minari" else {}
+    save_episodes(episodes, cfg.out, out_format, **options)
     ret = episodes.summary()["episode_return"]
     print(f"wrote {cfg.out}: {episodes.num_episodes} episodes, {episodes.num_transitions} transitions, "
           f"return mean {ret['mean']:.1f} +- {ret['std']:.1f} (min {ret['min']:.1f}, max "

@@ -50,7 +50,8 @@ class TrainConfig:
     """Training run: data, optimization, logging, checkpoints (defaults: the DT paper's gym run)."""
 
     dataset: str
-    """Dataset file: D4RL-layout HDF5 or dtlab's native HDF5."""
+    """Dataset: a D4RL-layout or dtlab native HDF5 file, or minari:<dataset id> (loaded from
+    MINARI_DATASETS_PATH, downloaded by Minari when not local)."""
     env: str
     """Gymnasium environment id used for evaluation and space checks, e.g. Hopper-v5."""
     out: str = "runs/dt"
@@ -128,12 +129,13 @@ class EvalConfig:
     out: str | None = None
     """Write results as JSON to this file."""
     sweep: bool = False
-    """Evaluate a range of targets (from the dataset's minimum to 1.2x its maximum return) and draw
-    achieved vs target return."""
+    """Evaluate a range of targets (from the dataset's lowest episode return to 20% of the return
+    range past its highest) and draw achieved vs target return."""
     sweep_points: int = 8
     """Number of targets in --sweep."""
     plot: str | None = None
-    """PNG path for the achieved-vs-target plot (default: next to --out, or sweep.png)."""
+    """PNG path for the achieved-vs-target plot (drawn when given, or with --sweep: default next to
+    --out, else sweep.png)."""
     max_steps: int | None = None
     """Cut episodes at this many steps (default: the env's time limit)."""
     device: str = "auto"
@@ -167,9 +169,11 @@ class CollectConfig:
     deterministic: bool = False
     """Act with the policy's mean action instead of sampling (D4RL sampled)."""
     trust_pickle: bool = False
-    """Allow loading an sb3:PATH zip: it contains pickles, which can run code when loaded."""
+    """Allow loading an sb3:PATH zip or a --behaviour-run replay buffer: they contain pickles,
+    which can run code when loaded."""
     behaviour_run: str | None = None
-    """Run directory of dtlab train-behaviour (for the medium-replay preset: its replay buffer)."""
+    """Run directory of dtlab train-behaviour (for the medium-replay preset: its replay buffer,
+    a pickle, so it also needs --trust-pickle)."""
     quality: float = 1.0
     """Quality in [0, 1] of the scripted pendulum-swingup policy."""
     episodes: int | None = None
@@ -179,8 +183,9 @@ class CollectConfig:
     presets default to D4RL's 1M."""
     seed: int = 0
     """Seed of the env resets and of the policy's randomness."""
-    format: Literal["d4rl", "native", "minari"] = "d4rl"
-    """File layout: D4RL's HDF5 keys, dtlab's native HDF5, or a Minari dataset."""
+    format: Literal["d4rl", "native", "minari"] | None = None
+    """File layout: D4RL's HDF5 keys, dtlab's native HDF5, or a Minari dataset (default: minari
+    for --out minari:<id>, else d4rl)."""
 
 
 @dataclass(frozen=True)

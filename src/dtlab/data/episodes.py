@@ -169,7 +169,8 @@ class EpisodeSet:
         return self.returns_to_go[self.episode_starts]
 
     def observation_stats(self, eps: float = 1e-6) -> tuple[np.ndarray, np.ndarray]:
-        """Per-dimension mean and std over all transitions (std floored at ``eps``), float32."""
+        """Per-dimension mean and std over all transitions, float32; ``eps`` is added to the std
+        (as the original DT does), so a constant dimension is scaled by 1/eps."""
         obs = self.observations.astype(np.float64)
         return obs.mean(0).astype(np.float32), (obs.std(0) + eps).astype(np.float32)
 
