@@ -1,5 +1,10 @@
 """Trained behaviour agents: snapshot choice, actor export, SB3 loading only on request."""
 
+import dataclasses
+import json
+import re
+import shutil
+
 import numpy as np
 import pytest
 
@@ -36,12 +41,50 @@ def test_exported_actor_matches_sb3(sac_zip, tmp_path):
         obs = rng.normal(size=3).astype(np.float32)
         expected, _ = model.predict(obs, deterministic=True)
         np.testing.assert_allclose(actor.act(obs), expected, rtol=1e-5, atol=1e-5)
-    # Stochastic sampling is reproducible from the generator and stays inside the bounds.
+    # Stochastic sampling is reproducible from the generator ...
     stochastic = ActorPolicy(str(out))
     a = collect_episodes("Pendulum-v1", stochastic, num_episodes=1, seed=3)
     b = collect_episodes("Pendulum-v1", ActorPolicy(str(out)), num_episodes=1, seed=3)
     np.testing.assert_array_equal(a.actions, b.actions)
-    assert np.abs(a.actions).max() <= 2.0
+    # ... differs from the deterministic actor at the same observations ...
+    mean_actions = np.stack([actor.act(o) for o in a.observations])  # (200, 1)
+    assert np.abs(a.actions - mean_actions).mean() > 0.1
+    # ... and samples SB3's squashed Gaussian: atanh(action / max_torque) ~ N(mean, exp(log_std)).
+    import torch
+
+    obs = np.array([0.3, -0.5, 0.8], dtype=np.float32)
+    with torch.no_grad():
+        mean, log_std, _ = model.actor.get_action_dist_params(torch.as_tensor(obs[None]))
+    mean, std = mean[0, 0].item(), log_std[0, 0].exp().item()
+    stochastic.reset(np.random.default_rng(1))
+    samples = np.stack([stochastic.act(obs) for _ in range(4000)])[:, 0] / 2.0  # in [-1, 1]
+    pre_tanh = np.arctanh(np.clip(samples.astype(np.float64), -1 + 1e-7, 1 - 1e-7))
+    assert pre_tanh.mean() == pytest.approx(mean, abs=4 * std / np.sqrt(4000))
+    assert pre_tanh.std() == pytest.approx(std, rel=0.05)
+
+
+def test_actor_must_match_the_env(sac_zip, tmp_path, capsys):
+    from safetensors.numpy import load_file, save_file
+
+    from dtlab.cli import main
+
+    pendulum = export_actor(sac_zip, tmp_path / "pendulum.safetensors", env_id="Pendulum-v1")
+    code = main(["collect", "--env", "Hopper-v5", "--policy", f"actor:{pendulum}", "--episodes", "1",
+                 "--out", str(tmp_path / "x.hdf5")])
+    err = capsys.readouterr().err
+    assert code == 2 and "Traceback" not in err
+    assert f"{pendulum}: actor was trained on Pendulum-v1, not Hopper-v5" in err
+    assert not (tmp_path / "x.hdf5").exists()
+    # Mislabelled env id: the weights' shapes still give it away.
+    mislabelled = export_actor(sac_zip, tmp_path / "m.safetensors", env_id="Hopper-v5")
+    with pytest.raises(EnvError, match=r"m\.safetensors: actor maps observations \(3,\) to actions "
+                                       r"\(1,\), but Hopper-v5 has observations \(11,\)"):
+        collect_episodes("Hopper-v5", ActorPolicy(str(mislabelled)), num_episodes=1)
+    # Other action bounds than the env's.
+    meta = {"env_id": "Pendulum-v1", "action_low": "[-1.0]", "action_high": "[1.0]"}
+    save_file(load_file(pendulum), str(tmp_path / "b.safetensors"), metadata=meta)
+    with pytest.raises(EnvError, match="action bounds"):
+        collect_episodes("Pendulum-v1", ActorPolicy(str(tmp_path / "b.safetensors")), num_episodes=1)
 
 
 def test_sb3_zip_needs_explicit_trust_and_matching_spaces(sac_zip):
@@ -86,17 +129,121 @@ def test_presets_from_a_behaviour_run(hopper_run, tmp_path, monkeypatch):
     assert manifest["expert"]["step"] == chosen["expert"] and manifest["medium"]["step"] == chosen["medium"]
     assert manifest["ref_min_score"] == manifest["random"]["return_stochastic"]["mean"]
     monkeypatch.setattr(collect, "PRESET_DIR", tmp_path / "presets")
+    # Reference scores are recorded as floats, whatever number type the manifest holds.
+    written = json.loads((dest / "manifest.json").read_text())
+    (dest / "manifest.json").write_text(json.dumps({**written, "ref_min_score": -20}))
     medium = collect.preset_dataset("hopper-medium-v5", num_transitions=300)
+    assert type(medium.metadata["dtlab_ref_min_score"]) is float
+    assert medium.metadata["dtlab_ref_min_score"] == -20.0
+    assert medium.metadata["dtlab_ref_max_score"] == manifest["ref_max_score"]
     again = collect.preset_dataset("hopper-medium-v5", num_transitions=300)
     np.testing.assert_array_equal(medium.actions, again.actions)  # deterministic regeneration
     assert medium.num_transitions == 300 and medium.metadata["policy_training_steps"] == chosen["medium"]
     both = collect.preset_dataset("hopper-medium-expert-v5", num_transitions=300)
     assert both.num_transitions == 600
     np.testing.assert_array_equal(both.actions[:300], medium.actions)
-    replay = collect.preset_dataset("hopper-medium-replay-v5", behaviour_run=str(hopper_run))
+    with pytest.raises(ConfigError, match=r"replay_buffer\.pkl: .*pickle.*--trust-pickle"):
+        collect.preset_dataset("hopper-medium-replay-v5", behaviour_run=str(hopper_run))
+    replay = collect.preset_dataset("hopper-medium-replay-v5", behaviour_run=str(hopper_run),
+                                    trust=True)
     assert replay.num_transitions == chosen["medium"]
-    assert replay.actions.min() >= -1.0 and replay.actions.max() <= 1.0
     with pytest.raises(ConfigError, match="--behaviour-run"):
         collect.preset_dataset("hopper-medium-replay-v5")
     with pytest.raises(ConfigError, match="unknown preset"):
         collect.preset_dataset("cartpole-medium-v5")
+
+
+def test_cli_medium_replay_needs_trust_pickle(hopper_run, tmp_path, capsys):
+    from dtlab.cli import main
+    from dtlab.data.formats import load_episodes
+
+    args = ["collect", "--preset", "hopper-medium-replay-v5", "--behaviour-run", str(hopper_run),
+            "--out", str(tmp_path / "replay.hdf5")]
+    assert main(args) == 2
+    assert "--trust-pickle" in capsys.readouterr().err
+    assert main([*args, "--trust-pickle"]) == 0
+    medium = pick_snapshots(json.loads((hopper_run / "manifest.json").read_text()))["medium"]
+    assert load_episodes(tmp_path / "replay.hdf5").num_transitions == medium
+
+
+def test_corrupt_manifests_name_the_file(tmp_path, monkeypatch):
+    import dtlab.collect as collect
+    from dtlab.behaviour import replay_until_medium, train_behaviour
+    from dtlab.config import BehaviourConfig
+
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "manifest.json").write_text('{"env_id": "Pendulum-v1", "snaps')
+    with pytest.raises(ConfigError, match=r"run/manifest\.json: cannot read"):
+        train_behaviour(BehaviourConfig(env="Pendulum-v1", out=str(run), steps=10), log=lambda m: None)
+    with pytest.raises(ConfigError, match=r"run/manifest\.json: cannot read"):
+        replay_until_medium(run, "Pendulum-v1", trust=True)
+    (run / "manifest.json").write_text("[]")
+    with pytest.raises(ConfigError, match=r"run/manifest\.json: not a dtlab train-behaviour"):
+        replay_until_medium(run, "Pendulum-v1", trust=True)
+
+    monkeypatch.setattr(collect, "PRESET_DIR", tmp_path / "presets")
+    (tmp_path / "presets" / "hopper-v5").mkdir(parents=True)
+    (tmp_path / "presets" / "hopper-v5" / "manifest.json").write_text("{not json")
+    for name in ("hopper-medium-v5", "hopper-random-v5"):
+        with pytest.raises(ConfigError, match=r"hopper-v5/manifest\.json: cannot read"):
+            collect.preset_dataset(name, num_transitions=10)
+    (tmp_path / "presets" / "hopper-v5" / "manifest.json").write_text('{"medium": {"step": 3}}')
+    with pytest.raises(ConfigError, match=r"manifest\.json: no valid 'medium' entry"):
+        collect.preset_dataset("hopper-medium-v5", num_transitions=10)
+
+
+@pytest.fixture(scope="module")
+def pendulum_run(tmp_path_factory):
+    """A tiny SAC run on Pendulum-v1 (episodes always 200 steps, actions in [-2, 2]): stopped at
+    step 250, in the middle of its second episode, and resumed to 500."""
+    from dtlab.behaviour import train_behaviour
+    from dtlab.config import BehaviourConfig
+
+    run = tmp_path_factory.mktemp("behaviour") / "pendulum"
+    cfg = BehaviourConfig(env="Pendulum-v1", out=str(run), steps=250, eval_every=125,
+                          eval_episodes=1, learning_starts=50, buffer_size=1000, seed=0)
+    train_behaviour(cfg, log=lambda m: None)
+    manifest = train_behaviour(dataclasses.replace(cfg, steps=500), log=lambda m: None)
+    assert [s["step"] for s in manifest["snapshots"]] == [125, 250, 375, 500]
+    return run, cfg
+
+
+def test_medium_replay_keeps_episodes_apart_across_a_resume(pendulum_run, monkeypatch):
+    import dtlab.behaviour as behaviour
+
+    run, _ = pendulum_run
+    monkeypatch.setattr(behaviour, "pick_snapshots", lambda m: {"expert": 500, "medium": 500})
+    data = behaviour.replay_until_medium(run, "Pendulum-v1", trust=True)
+    # 200-step episodes, except the one cut by the stop at step 250 and the last one, cut by the
+    # end of the data at the medium snapshot (500).
+    np.testing.assert_array_equal(data.episode_starts, [0, 200, 250, 450])
+    np.testing.assert_array_equal(np.flatnonzero(data.truncations), [199, 249, 449, 499])
+    assert not data.terminations.any()
+    # The first 50 actions are uniform over [-2, 2]: stored scaled to [-1, 1] by SB3, unscaled here.
+    assert data.actions.min() < -1.0 or data.actions.max() > 1.0
+    assert np.abs(data.actions).max() <= 2.0 + 1e-6
+
+
+def test_medium_replay_needs_trust(pendulum_run):
+    from dtlab.behaviour import replay_until_medium
+
+    run, _ = pendulum_run
+    with pytest.raises(ConfigError, match=r"replay_buffer\.pkl: .*pickle.*--trust-pickle"):
+        replay_until_medium(run, "Pendulum-v1")
+
+
+def test_resume_refuses_a_buffer_newer_than_the_manifest(pendulum_run, tmp_path):
+    from dtlab.behaviour import train_behaviour
+
+    run, cfg = pendulum_run
+    copy = tmp_path / "interrupted"
+    shutil.copytree(run, copy)
+    # Interrupted after writing snapshot 500 and the buffer, before the manifest listed step 500.
+    manifest = json.loads((copy / "manifest.json").read_text())
+    manifest["snapshots"].pop()
+    (copy / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(ConfigError, match=rf"^{re.escape(str(copy))}: replay_buffer\.pkl holds 500 "
+                                          r"transitions, but the last snapshot in manifest\.json is "
+                                          r"at step 375"):
+        train_behaviour(dataclasses.replace(cfg, out=str(copy), steps=625), log=lambda m: None)

@@ -13,7 +13,7 @@ from dtlab.collect import (
     collect_episodes,
     pendulum_mixed_dataset,
 )
-from dtlab.errors import ConfigError
+from dtlab.errors import ConfigError, EnvError
 
 FIELDS = ("observations", "actions", "rewards", "terminations", "truncations", "episode_starts")
 
@@ -93,7 +93,19 @@ def test_terminating_env_and_callable_policy_gets_episode_index():
     assert data.terminations[ends[:-1]].all()  # early episodes end by falling (terminated)
     assert data.terminations[-1] or data.truncations[-1]
     assert not (data.terminations & data.truncations).any()
-    assert (np.abs(data.actions) <= 1.0).all()
+    # Uniform over Hopper's [-1, 1]^3: centred, spread over the whole box (std 1/sqrt(3)).
+    assert np.abs(data.actions.mean(axis=0)).max() < 0.15
+    assert (data.actions.min(axis=0) < -0.95).all() and (data.actions.max(axis=0) > 0.95).all()
+    np.testing.assert_allclose(data.actions.std(axis=0), 1 / np.sqrt(3), rtol=0.15)
+
+
+def test_random_policy_spans_pendulum_torque_range():
+    data = collect_episodes("Pendulum-v1", RandomPolicy(pendulum_action_space()), num_episodes=2,
+                            seed=0)
+    actions = data.actions[:, 0]  # uniform over [-2, 2]: mean 0, std 4 / sqrt(12)
+    assert abs(actions.mean()) < 0.2
+    assert actions.min() < -1.9 and actions.max() > 1.9
+    assert actions.std() == pytest.approx(4 / np.sqrt(12), rel=0.1)
 
 
 def test_quality_separates_returns():
@@ -149,3 +161,63 @@ def test_bad_arguments_raise():
         PendulumSwingUp(quality=1.5)
     with pytest.raises(RuntimeError, match="reset"):
         RandomPolicy(pendulum_action_space()).act(np.zeros(3, dtype=np.float32))
+
+
+def test_unknown_or_uninstallable_env_is_an_env_error():
+    with pytest.raises(EnvError, match="unknown environment 'Hopper-v9'"):
+        collect_episodes("Hopper-v9", PendulumSwingUp(), num_episodes=1)
+    gymnasium.register("DtlabTestMissingModule-v0", entry_point="dtlab_no_such_module:Env")
+    try:
+        with pytest.raises(EnvError, match="DtlabTestMissingModule-v0.*missing package"):
+            collect_episodes("DtlabTestMissingModule-v0", PendulumSwingUp(), num_episodes=1)
+    finally:
+        del gymnasium.registry["DtlabTestMissingModule-v0"]
+
+
+def cli(capsys, *argv):
+    from dtlab.cli import main
+
+    code = main([str(a) for a in argv])
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--preset", "hopper-random-v9"], "unknown environment 'Hopper-v9'"),
+    (["--preset", "hopper-random-v5", "--episodes", "3"], "presets are sized by --transitions"),
+    (["--preset", "hopper-random-v5", "--env", "Walker2d-v5"], "conflicts with --preset"),
+    (["--env", "Pendulum-v1", "--policy", "pendulum-mixed", "--transitions", "100"],
+     "give --episodes, not --transitions"),
+    (["--env", "Pendulum-v1", "--episodes", "0"], "--episodes must be >= 1, got 0"),
+    (["--env", "Pendulum-v1", "--transitions", "0"], "--transitions must be >= 1, got 0"),
+    (["--preset", "hopper-random-v5", "--transitions", "0"], "--transitions must be >= 1, got 0"),
+    (["--env", "Pendulum-v1", "--episodes", "1", "--out", "minari:x/y-v0", "--format", "d4rl"],
+     "is a Minari dataset, but --format is d4rl"),
+    (["--env", "Pendulum-v1", "--episodes", "1", "--out", "minari:x/y-v0", "--format", "native"],
+     "is a Minari dataset, but --format is native"),
+    (["--env", "Pendulum-v1", "--episodes", "1", "--format", "minari"],
+     "give --out minari:<id>"),
+])
+def test_cli_collect_refuses_conflicting_options(tmp_path, capsys, args, message):
+    out = tmp_path / "data.hdf5"
+    code, stdout, err = cli(capsys, "collect", "--out", out, *args)
+    assert code == 2 and stdout == "" and "Traceback" not in err
+    assert err.startswith("dtlab: error: ") and message in err
+    assert not out.exists()
+
+
+def test_cli_collect_formats(tmp_path, capsys, monkeypatch):
+    import h5py
+
+    from dtlab.data.formats import load_episodes
+
+    code, _, _ = cli(capsys, "collect", "--env", "Pendulum-v1", "--episodes", 1, "--out",
+                     tmp_path / "d.hdf5")
+    assert code == 0
+    with h5py.File(tmp_path / "d.hdf5") as f:  # default layout: D4RL's keys
+        assert "terminals" in f and "timeouts" in f
+    monkeypatch.setenv("MINARI_DATASETS_PATH", str(tmp_path / "minari"))
+    code, _, err = cli(capsys, "collect", "--env", "Pendulum-v1", "--episodes", 1, "--out",
+                       "minari:dtlab/pendulum-random-v0")
+    assert code == 0, err  # minari:<id> implies --format minari
+    assert load_episodes("minari:dtlab/pendulum-random-v0").num_transitions == 200

@@ -22,7 +22,7 @@ from typing import Any
 
 import numpy as np
 
-from dtlab.checkpoint import _write_atomic_text
+from dtlab.atomic import write_text_atomic
 from dtlab.config import BehaviourConfig
 from dtlab.envs import make_env
 from dtlab.errors import ConfigError
@@ -124,7 +124,7 @@ def train_behaviour(cfg: BehaviourConfig, log=print) -> dict[str, Any]:
         (out / ".replay_buffer.tmp.pkl").replace(out / "replay_buffer.pkl")
         manifest["snapshots"].append({"step": done_steps, "return_mean": mean, "return_std": std,
                                       "seconds": time.perf_counter() - t0})
-        _write_atomic_text(out / MANIFEST, json.dumps(manifest, indent=2))
+        write_text_atomic(out / MANIFEST, json.dumps(manifest, indent=2))
         log(f"step {done_steps}: return {mean:.1f} +- {std:.1f} "
             f"({chunk / (time.perf_counter() - t0):.0f} steps/s)")
     env.close()
@@ -170,24 +170,42 @@ def export_actor(snapshot: str | Path, out: str | Path, *, env_id: str,
     return out
 
 
-def replay_until_medium(run_dir: str | Path, env_id: str) -> "EpisodeSet":
+def replay_until_medium(run_dir: str | Path, env_id: str, *, trust: bool = False) -> "EpisodeSet":
     """D4RL's medium-replay: every transition the SAC agent collected up to the medium snapshot,
-    read from the run's replay buffer (a pickle written by SB3 in our own run directory)."""
+    read from the run's replay buffer.
+
+    The buffer is a pickle written by SB3: loading it can run code, so it is read only with
+    ``trust=True`` (``--trust-pickle``), for runs you made yourself.
+    """
+    import pickle
+
     from stable_baselines3.common.save_util import load_from_pkl
 
     from dtlab.data.episodes import EpisodeSet
 
     run_dir = Path(run_dir)
     manifest = read_manifest(run_dir)
-    if not manifest.get("snapshots") or not (run_dir / "replay_buffer.pkl").exists():
+    pkl = run_dir / "replay_buffer.pkl"
+    if not manifest.get("snapshots") or not pkl.exists():
         raise ConfigError(f"{run_dir}: not a dtlab train-behaviour run (no manifest or replay buffer)")
     if manifest["env_id"] != env_id:
         raise ConfigError(f"{run_dir}: behaviour run is for {manifest['env_id']}, not {env_id}")
+    if not trust:
+        raise ConfigError(f"{pkl}: the replay buffer is a pickle, which can run code when loaded; "
+                          "pass --trust-pickle if you made this behaviour run yourself")
     medium_step = pick_snapshots(manifest)["medium"]
-    buffer = load_from_pkl(run_dir / "replay_buffer.pkl")
-    if buffer.full and buffer.buffer_size < manifest["snapshots"][-1]["step"]:
+    try:
+        buffer = load_from_pkl(pkl)
+    except (OSError, EOFError, pickle.UnpicklingError, AttributeError, ValueError) as exc:
+        raise ConfigError(f"{pkl}: cannot load the replay buffer: {exc}") from None
+    if buffer.n_envs != 1:
+        raise ConfigError(f"{pkl}: expected a single-env replay buffer, got {buffer.n_envs} envs")
+    if buffer.full and (buffer.pos != 0 or buffer.buffer_size < manifest["snapshots"][-1]["step"]):
         raise ConfigError(f"{run_dir}: the replay buffer wrapped around; the transitions up to the "
                           "medium snapshot are no longer all in it")
+    if not buffer.full and buffer.pos < medium_step:
+        raise ConfigError(f"{pkl}: holds {buffer.pos} transitions, fewer than the medium "
+                          f"snapshot's {medium_step} steps: it does not belong to this run's manifest")
     n = medium_step  # one env: buffer row t is environment step t
     obs = buffer.observations[:n, 0]  # (n, obs_dim)
     scaled = buffer.actions[:n, 0]  # (n, act_dim): SAC stores actions scaled to [-1, 1]
@@ -241,5 +259,5 @@ def export_presets(run_dir: str | Path, dest: str | Path, *, env_id: str, episod
     env.close()
     out["ref_min_score"] = out["random"]["return_stochastic"]["mean"]
     out["ref_max_score"] = out["expert"]["return_stochastic"]["mean"]
-    _write_atomic_text(dest / "manifest.json", json.dumps(out, indent=2))
+    write_text_atomic(dest / "manifest.json", json.dumps(out, indent=2))
     return out

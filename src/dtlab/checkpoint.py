@@ -115,10 +115,6 @@ def resolve(path: str | Path) -> Path:
     return path
 
 
-# Kept for modules that imported it from here; new code uses dtlab.atomic.
-_write_atomic_text = write_text_atomic
-
-
 def save(run_dir: str | Path, name: str, model: DecisionTransformer, info: PolicyInfo,
          trainer_state: dict[str, Any] | None = None, keep: int | None = None) -> Path:
     """Write checkpoint ``run_dir/name`` atomically and point ``run_dir/latest`` at it."""

@@ -254,7 +254,9 @@ def run_data_validate(cmd: DataValidate) -> None:
         env = make_env(cmd.env)
         check_spaces(env, episodes.obs_dim, episodes.act_dim, what=f"dataset {cmd.path}")
         low, high = env.action_space.low, env.action_space.high
-        outside = int(np.any((episodes.actions < low) | (episodes.actions > high), axis=1).sum())
+        tol = 1e-5 * np.maximum(1.0, high - low)  # the tolerance training uses
+        outside = int(np.any((episodes.actions < low - tol) | (episodes.actions > high + tol),
+                             axis=1).sum())
         print(f"{cmd.path}: spaces match {cmd.env}; {outside} actions outside the action bounds")
 
 

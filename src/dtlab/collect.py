@@ -31,13 +31,10 @@ import numpy as np
 
 import dtlab
 from dtlab.data.episodes import EpisodeSet
+# The Pendulum-v1 reference returns (random policy, scripted controller) live in the env registry.
+from dtlab.envs import PENDULUM_RANDOM_RETURN, PENDULUM_SCRIPTED_RETURN, make_env  # noqa: F401
 from dtlab.errors import ConfigError, EnvError
 
-# Reference returns on Pendulum-v1 (min/max for D4RL-style normalized scores), measured with
-# `python -m dtlab.collect` (gymnasium 1.4.0): mean undiscounted return of 100 episodes collected
-# by `collect_episodes("Pendulum-v1", policy, num_episodes=100, seed=0)`.
-PENDULUM_RANDOM_RETURN = -1240.1  # RandomPolicy (uniform torque); std 298.4 over the 100 episodes
-PENDULUM_SCRIPTED_RETURN = -153.1  # PendulumSwingUp(quality=1.0); std 89.9 over the 100 episodes
 
 
 # ---- policy interface ------------------------------------------------------------------------
@@ -48,6 +45,8 @@ class BehaviourPolicy(Protocol):
 
     ``reset`` is called at the start of every episode with the generator the policy must draw all
     its randomness from; ``act`` maps one observation (obs_dim,) to one action (act_dim,) float32.
+    A policy made for particular spaces (e.g. ``ActorPolicy``) may also define ``check_env(env)``,
+    raising EnvError on a mismatch; ``collect_episodes`` calls it once per policy before acting.
     """
 
     name: str  # recorded in the dataset's provenance
@@ -202,7 +201,7 @@ def collect_episodes(
     seed: int = 0,
     metadata: dict | None = None,
 ) -> EpisodeSet:
-    """Roll out ``policy`` in ``gymnasium.make(env_id)`` and return the episodes (D4RL view).
+    """Roll out ``policy`` in ``make_env(env_id)`` and return the episodes (D4RL view).
 
     Give exactly one budget: ``num_episodes`` complete episodes, or ``num_transitions`` steps (the
     last episode is cut at the budget and marked truncated, unless it terminated on that step).
@@ -226,10 +225,8 @@ def collect_episodes(
         raise ConfigError(f"collection budget must be at least 1, got {budget}")
     make_policy = policy if not callable(getattr(policy, "act", None)) else (lambda i: policy)
 
-    try:
-        env = gymnasium.make(env_id)
-    except gymnasium.error.Error as exc:
-        raise EnvError(f"cannot make environment '{env_id}': {exc}") from exc
+
+    env = make_env(env_id)
     observations: list[np.ndarray] = []  # N x (obs_dim,)
     actions: list[np.ndarray] = []  # N x (act_dim,)
     rewards: list[float] = []
@@ -253,6 +250,9 @@ def collect_episodes(
         while budget_left(episode):
             pol = make_policy(episode)
             if pol.name not in names:
+                check_env = getattr(pol, "check_env", None)
+                if callable(check_env):
+                    check_env(env)
                 names.append(pol.name)
             episode_policy.append(names.index(pol.name))
             pol.reset(policy_rng)
@@ -332,7 +332,8 @@ def pendulum_mixed_dataset(num_episodes: int = 300, seed: int = 0) -> EpisodeSet
 
 
 def _action_space(env_id: str) -> gymnasium.spaces.Box:
-    env = gymnasium.make(env_id)
+
+    env = make_env(env_id)
     space = env.action_space
     env.close()
     return space
@@ -414,11 +415,32 @@ class ActorPolicy:
             self.high = np.asarray(json.loads(self.meta["action_high"]), dtype=np.float64)
         except KeyError as exc:
             raise ConfigError(f"{path}: not a dtlab SAC actor file (missing {exc})") from None
+        self.path = str(path)
         self.deterministic = deterministic
         self.obs_dim = self.hidden[0][0].shape[1]
         self.act_dim = self.mu[0].shape[0]
+        if self.low.shape != (self.act_dim,) or self.high.shape != (self.act_dim,):
+            raise ConfigError(f"{path}: action bounds {self.low.shape} do not match the actor's "
+                              f"{self.act_dim} action dims")
         self.name = f"sac_actor({Path(path).name}{', deterministic' if deterministic else ''})"
         self._rng: np.random.Generator | None = None
+
+    def check_env(self, env: gymnasium.Env) -> None:
+        """EnvError unless ``env`` is the env these weights were trained on: same env id (when the
+        file records one), observation/action shapes and action bounds."""
+        env_id = env.spec.id if env.spec is not None else None
+        trained_on = self.meta.get("env_id")
+        if trained_on and env_id and trained_on != env_id:
+            raise EnvError(f"{self.path}: actor was trained on {trained_on}, not {env_id}")
+        obs_shape, space = env.observation_space.shape, env.action_space
+        if obs_shape != (self.obs_dim,) or space.shape != (self.act_dim,):
+            raise EnvError(f"{self.path}: actor maps observations ({self.obs_dim},) to actions "
+                           f"({self.act_dim},), but {env_id or 'the env'} has observations "
+                           f"{obs_shape} and actions {space.shape}")
+        if not (np.allclose(space.low, self.low) and np.allclose(space.high, self.high)):
+            raise EnvError(f"{self.path}: actor's action bounds [{self.low.tolist()}, "
+                           f"{self.high.tolist()}] differ from {env_id or 'the env'}'s "
+                           f"[{space.low.tolist()}, {space.high.tolist()}]")
 
     def reset(self, rng: np.random.Generator) -> None:
         self._rng = rng
@@ -449,7 +471,9 @@ class SB3Policy:
                               "when loaded; pass --trust-pickle if you trust this file")
         import stable_baselines3 as sb3
 
-        env = gymnasium.make(env_id)
+    
+        env = make_env(env_id)
+        env.close()
         model = None
         errors = []
         for algo in ("SAC", "TD3", "PPO", "DDPG", "A2C", "DQN"):
@@ -465,7 +489,6 @@ class SB3Policy:
             raise EnvError(f"{path}: model spaces {model.observation_space.shape} -> "
                            f"{model.action_space.shape} do not match {env_id}'s "
                            f"{env.observation_space.shape} -> {env.action_space.shape}")
-        env.close()
         self.model, self.deterministic = model, deterministic
         self.name = f"sb3:{type(model).__name__}({Path(path).name})"
 
@@ -503,31 +526,50 @@ def parse_preset(name: str) -> tuple[str, str]:
     return f"{_FAMILIES[parts[0]]}-{parts[-1]}", variant
 
 
+def _preset_manifest_path(env_id: str) -> Path:
+    return PRESET_DIR / env_id.lower() / "manifest.json"
+
+
 def preset_manifest(env_id: str) -> dict[str, Any]:
-    path = PRESET_DIR / env_id.lower() / "manifest.json"
+    path = _preset_manifest_path(env_id)
     if not path.exists():
         raise ConfigError(f"no committed behaviour policies for {env_id} ({path} is missing); train "
                           f"them with 'dtlab train-behaviour --env {env_id}'")
-    return json.loads(path.read_text())
+    try:
+        manifest = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ConfigError(f"{path}: cannot read the preset manifest: {exc}") from None
+    if not isinstance(manifest, dict):
+        raise ConfigError(f"{path}: the preset manifest is not a JSON object")
+    return manifest
+
+
+def _preset_actor(env_id: str, variant: str) -> tuple[Path, int]:
+    """Path and training step of a committed medium/expert actor, from the preset manifest."""
+    manifest = preset_manifest(env_id)
+    try:
+        entry = manifest[variant]
+        return PRESET_DIR / env_id.lower() / str(entry["file"]), int(entry["step"])
+    except (KeyError, TypeError, ValueError) as exc:
+        raise ConfigError(f"{_preset_manifest_path(env_id)}: no valid '{variant}' entry with "
+                          f"'file' and 'step' ({type(exc).__name__}: {exc})") from None
 
 
 def preset_dataset(name: str, *, seed: int = 0, num_transitions: int = PRESET_TRANSITIONS,
-                   behaviour_run: str | None = None) -> EpisodeSet:
-    """Regenerate a D4RL-style preset dataset deterministically (stochastic actions, as D4RL)."""
+                   behaviour_run: str | None = None, trust: bool = False) -> EpisodeSet:
+    """Regenerate a D4RL-style preset dataset deterministically (stochastic actions, as D4RL).
+
+    medium-replay reads the replay buffer of ``behaviour_run``, a pickle: only with ``trust=True``.
+    """
     env_id, variant = parse_preset(name)
     base = {"dataset": name, "variant": variant}
     if variant == "random":
-        env = gymnasium.make(env_id)
-        space = env.action_space
-        env.close()
-        data = collect_episodes(env_id, RandomPolicy(space), num_transitions=num_transitions,
-                                seed=seed, metadata=base)
+        data = collect_episodes(env_id, RandomPolicy(_action_space(env_id)),
+                                num_transitions=num_transitions, seed=seed, metadata=base)
     elif variant in ("medium", "expert"):
-        manifest = preset_manifest(env_id)
-        path = PRESET_DIR / env_id.lower() / manifest[variant]["file"]
+        path, step = _preset_actor(env_id, variant)
         data = collect_episodes(env_id, ActorPolicy(str(path)), num_transitions=num_transitions,
-                                seed=seed, metadata={**base, "policy_training_steps":
-                                                     manifest[variant]["step"]})
+                                seed=seed, metadata={**base, "policy_training_steps": step})
     elif variant == "medium-expert":
         family = name.split("-")[0]
         version = name.split("-")[-1]
@@ -539,10 +581,11 @@ def preset_dataset(name: str, *, seed: int = 0, num_transitions: int = PRESET_TR
     else:  # medium-replay
         if behaviour_run is None:
             raise ConfigError(f"{name} is built from the behaviour agent's replay buffer, which is not "
-                              "in git: pass --behaviour-run DIR (made by dtlab train-behaviour)")
+                              "in git: pass --behaviour-run DIR (made by dtlab train-behaviour) and "
+                              "--trust-pickle (the buffer is a pickle)")
         from dtlab.behaviour import replay_until_medium
 
-        data = replay_until_medium(behaviour_run, env_id)
+        data = replay_until_medium(behaviour_run, env_id, trust=trust)
         data.metadata.update(base)
     _record_reference(data, env_id)
     return data
@@ -550,10 +593,14 @@ def preset_dataset(name: str, *, seed: int = 0, num_transitions: int = PRESET_TR
 
 def _record_reference(data: EpisodeSet, env_id: str) -> None:
     """Reference scores of dtlab's own presets (random and expert policy returns), when known."""
-    try:
-        manifest = preset_manifest(env_id)
-    except ConfigError:
+    if not _preset_manifest_path(env_id).exists():
         return
+    manifest = preset_manifest(env_id)
     for key in ("ref_min_score", "ref_max_score"):
         if key in manifest:
-            data.metadata.setdefault(f"dtlab_{key}", manifest[key])
+            try:
+                value = float(manifest[key])
+            except (TypeError, ValueError):
+                raise ConfigError(f"{_preset_manifest_path(env_id)}: {key} must be a number, got "
+                                  f"{manifest[key]!r}") from None
+            data.metadata.setdefault(f"dtlab_{key}", value)

@@ -244,7 +244,7 @@ def _final_observations(episodes: EpisodeSet, given: np.ndarray | None, source: 
 
 
 def _make_env(env_id: str, episodes: EpisodeSet, source: str) -> gym.Env:
-    from dtlab.envs import check_spaces, make_env  # imported here: envs pulls in collect
+    from dtlab.envs import check_spaces, make_env
 
     env = make_env(env_id)
     try:
