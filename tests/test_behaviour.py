@@ -247,3 +247,23 @@ def test_resume_refuses_a_buffer_newer_than_the_manifest(pendulum_run, tmp_path)
                                           r"transitions, but the last snapshot in manifest\.json is "
                                           r"at step 375"):
         train_behaviour(dataclasses.replace(cfg, out=str(copy), steps=625), log=lambda m: None)
+
+
+def test_train_behaviour_cli_exports_actors(tmp_path, capsys):
+    import json as _json
+
+    from dtlab.cli import main
+
+    run, dest = tmp_path / "run", tmp_path / "presets"
+    code = main(["train-behaviour", "--env", "Pendulum-v1", "--out", str(run), "--steps", "200",
+                 "--eval-every", "100", "--learning-starts", "50", "--buffer-size", "1000",
+                 "--eval-episodes", "1", "--export", str(dest), "--export-episodes", "2"])
+    assert code == 0, capsys.readouterr().err
+    manifest = _json.loads((dest / "manifest.json").read_text())
+    assert {manifest["medium"]["file"], manifest["expert"]["file"]} <= {p.name for p in dest.iterdir()}
+    assert manifest["ref_max_score"] == manifest["expert"]["return_stochastic"]["mean"]
+    # The exported actor collects data through the CLI.
+    out = tmp_path / "d.hdf5"
+    code = main(["collect", "--env", "Pendulum-v1", "--policy", f"actor:{dest / 'expert.safetensors'}",
+                 "--episodes", "1", "--out", str(out)])
+    assert code == 0 and out.exists()
