@@ -233,3 +233,42 @@ def test_d4rl_to_minari_to_d4rl_is_exact(tmp_path):
     assert back.metadata["env_id"] == "Pendulum-v1"
     assert back.metadata["minari_algorithm_name"] == "sac"
     assert back.metadata["dtlab_final_observations"] == "copied from the last step"
+
+
+def test_dtlab_trains_on_a_dataset_written_by_minari(tmp_path, capsys):
+    """Real Pendulum-v1 rollouts stored with Minari's own writer (T+1 observations per episode)
+    train with `dtlab train --dataset minari:<id>`."""
+    import gymnasium as gym
+
+    from dtlab.cli import main
+
+    env = gym.make("Pendulum-v1")
+    rng = np.random.default_rng(0)
+    buffers = []
+    for ep in range(3):
+        obs, _ = env.reset(seed=ep)
+        observations, actions, rewards, terms, truncs = [obs], [], [], [], []
+        for _ in range(40):  # cut short: the last step is marked truncated
+            action = rng.uniform(-2, 2, size=1).astype(np.float32)
+            obs, r, term, trunc, _ = env.step(action)
+            observations.append(obs)
+            actions.append(action)
+            rewards.append(r)
+            terms.append(term)
+            truncs.append(trunc)
+        truncs[-1] = True
+        buffers.append(EpisodeBuffer(id=ep, observations=np.array(observations), actions=np.array(actions),
+                                     rewards=np.array(rewards), terminations=np.array(terms),
+                                     truncations=np.array(truncs)))
+    minari.create_dataset_from_buffers("test/pendulum-random-v0", buffers, env=env,
+                                       algorithm_name="random", author="tester",
+                                       author_email="t@example.com", code_permalink="none",
+                                       description="random Pendulum data")
+    out = tmp_path / "run"
+    code = main(["train", "--dataset", "minari:test/pendulum-random-v0", "--env", "Pendulum-v1",
+                 "--out", str(out), "--steps", "4", "--batch-size", "4", "--warmup-steps", "2",
+                 "--log-every", "2", "--no-progress", "--no-tensorboard", "--model.embed-dim", "16",
+                 "--model.n-layers", "1", "--model.context-len", "4", "--model.max-ep-len", "200"])
+    assert code == 0, capsys.readouterr().err
+    cfg = json.loads((out / "step_00000004" / "config.json").read_text())
+    assert cfg["dataset"]["episodes"] == 3 and cfg["dataset"]["transitions"] == 120
