@@ -153,6 +153,7 @@ def test_tiny_end_to_end_train_and_evaluate(tmp_path):
         assert r["normalized_mean"] is not None
     metrics = [json.loads(l) for l in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert any("eval/return_-200" in m for m in metrics)
+    assert (tmp_path / "run" / "learning_curve.png").read_bytes()[:4] == b"\x89PNG"
     assert all(np.isfinite(m["loss"]) for m in metrics if "loss" in m)
 
 

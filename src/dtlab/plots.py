@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 from typing import Sequence
 
@@ -54,7 +55,9 @@ def achieved_vs_target(results: Sequence, path: str | Path, *, title: str = "",
 def learning_curve(metrics_file: str | Path, path: str | Path) -> Path:
     """Training loss (and evaluation returns, if logged) against step, from metrics.jsonl."""
     records = [json.loads(line) for line in Path(metrics_file).read_text().splitlines() if line.strip()]
-    loss = [(r["step"], r["loss"]) for r in records if "loss" in r]
+    loss = [(r["step"], r["loss"]) for r in records if "loss" in r and math.isfinite(r["loss"])]
+    if not loss:
+        return None
     evals = sorted({k for r in records for k in r if k.startswith("eval/return_")})
     fig, axes = plt.subplots(1, 2 if evals else 1, figsize=(10 if evals else 5, 3.8), dpi=120,
                              squeeze=False)
@@ -71,6 +74,10 @@ def learning_curve(metrics_file: str | Path, path: str | Path) -> Path:
         axes[0, 1].legend(title="target", fontsize=8)
     fig.tight_layout()
     path = Path(path)
-    fig.savefig(path)
-    plt.close(fig)
+    tmp = path.with_name(f".{path.name}.tmp.png")
+    try:
+        fig.savefig(tmp)
+        replace_into_place(tmp, path)
+    finally:
+        plt.close(fig)
     return path

@@ -368,6 +368,10 @@ def train(cfg: TrainConfig, episodes: EpisodeSet | None = None) -> TrainResult:
     if cfg.eval_episodes and not interrupted:
         evaluations.append(evaluate_now(step))
     metrics.close()
+    if not interrupted:
+        from dtlab.plots import learning_curve
+
+        learning_curve(out / METRICS_FILE, out / "learning_curve.png")
     if loss_count:
         last_loss = float(loss_sum) / loss_count
     return TrainResult(checkpoint.resolve(out), step, last_loss, evaluations, interrupted,
