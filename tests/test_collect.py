@@ -221,3 +221,34 @@ def test_cli_collect_formats(tmp_path, capsys, monkeypatch):
                        "minari:dtlab/pendulum-random-v0")
     assert code == 0, err  # minari:<id> implies --format minari
     assert load_episodes("minari:dtlab/pendulum-random-v0").num_transitions == 200
+
+
+def test_sharded_collection_is_the_same_in_parallel_and_in_sequence():
+    from dtlab.collect import collect_sharded
+
+    space = gymnasium.make("Pendulum-v1").action_space
+    parallel = collect_sharded("Pendulum-v1", RandomPolicy(space), num_transitions=450, seed=5, shards=2)
+    serial = collect_sharded("Pendulum-v1", RandomPolicy(space), num_transitions=450, seed=5, shards=2,
+                             processes=1)
+    np.testing.assert_array_equal(parallel.actions, serial.actions)
+    np.testing.assert_array_equal(parallel.observations, serial.observations)
+    # Shares 225 + 225: each shard is one full 200-step episode plus a 25-step cut-off one.
+    assert parallel.episode_lengths.tolist() == [200, 25, 200, 25]
+    assert parallel.truncations.sum() == 4 and parallel.metadata["shards"] == 2
+    assert parallel.metadata["num_transitions"] == 450
+
+
+def test_sharded_collection_reports_a_failing_shard():
+    from dtlab.collect import collect_sharded
+
+    class Broken:
+        name = "broken"
+
+        def reset(self, rng):
+            pass
+
+        def act(self, observation):
+            raise RuntimeError("policy exploded")
+
+    with pytest.raises(RuntimeError, match="policy exploded"):
+        collect_sharded("Pendulum-v1", Broken(), num_transitions=20, seed=0, shards=2)

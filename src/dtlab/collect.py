@@ -21,6 +21,7 @@ from __future__ import annotations
 import functools
 import json
 import math
+import os
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -555,6 +556,89 @@ def _preset_actor(env_id: str, variant: str) -> tuple[Path, int]:
                           f"'file' and 'step' ({type(exc).__name__}: {exc})") from None
 
 
+# Presets are collected in this many shards, one process each (at most this many run at once), so
+# the dataset is the same on every machine whatever its core count.
+PRESET_SHARDS = 2
+
+
+def collect_sharded(env_id: str, policy, *, num_transitions: int, seed: int, shards: int,
+                    processes: int | None = None, metadata: dict | None = None) -> EpisodeSet:
+    """``collect_episodes`` split into ``shards`` independent parts collected in parallel
+    processes and concatenated in shard order.
+
+    Shard i collects its share of the transitions with seed ``SeedSequence([seed, i])``, so the
+    result depends on (seed, shards) only, not on how many processes ran. Each shard's last
+    episode is cut at its share (marked truncated), as D4RL's files end with a cut-off episode.
+    """
+    import multiprocessing as mp
+
+    if shards < 1 or num_transitions < shards:
+        raise ConfigError(f"need 1 <= shards <= transitions, got {shards} shards, {num_transitions}")
+    shares = [num_transitions // shards + (i < num_transitions % shards) for i in range(shards)]
+    seeds = [int(np.random.SeedSequence([seed, i]).generate_state(1)[0]) for i in range(shards)]
+
+    def one(i: int) -> EpisodeSet:
+        return collect_episodes(env_id, policy, num_transitions=shares[i], seed=seeds[i])
+
+    processes = min(shards, processes or os.cpu_count() or 1)
+    if processes <= 1:
+        parts = [one(i) for i in range(shards)]
+    else:
+        # fork: the policy (and any closure) is inherited, not pickled; results come back as
+        # plain arrays through a pipe.
+        parts = _fork_map(mp.get_context("fork"), one, range(shards), processes)
+    first = parts[0].metadata
+    data = EpisodeSet.concatenate(parts, source=f"<collected from {env_id}>", metadata={
+        **{k: v for k, v in first.items() if k not in ("seed", "num_episodes", "num_transitions",
+                                                        "episode_return")},
+        "seed": int(seed), "shards": shards, "shard_seeds": seeds,
+        "seeding": f"{shards} shards, shard i seeded with SeedSequence([seed, i]); "
+                   + str(first.get("seeding", "")),
+        **(metadata or {})})
+    returns = data.episode_returns.astype(np.float64)
+    data.metadata.update({"num_episodes": data.num_episodes, "num_transitions": data.num_transitions,
+                          "episode_return": {"mean": float(returns.mean()), "std": float(returns.std()),
+                                             "min": float(returns.min()), "max": float(returns.max())}})
+    return data
+
+
+def _fork_map(ctx, fn, items, processes: int) -> list:
+    """Run ``fn(item)`` in forked children (``processes`` at a time); results in item order."""
+    items = list(items)
+    results: dict[int, Any] = {}
+    pending = list(enumerate(items))
+    running: list[tuple[int, Any, Any]] = []
+    while pending or running:
+        while pending and len(running) < processes:
+            k, item = pending.pop(0)
+            recv, send = ctx.Pipe(duplex=False)
+
+            def child(send=send, item=item):
+                try:
+                    d = fn(item)
+                    send.send(("ok", (d.observations, d.actions, d.rewards, d.terminations,
+                                      d.truncations, d.episode_starts, d.metadata)))
+                except BaseException as exc:  # report to the parent; never fall through
+                    send.send(("error", exc))
+                finally:
+                    send.close()
+
+            proc = ctx.Process(target=child)
+            proc.start()
+            send.close()
+            running.append((k, proc, recv))
+        k, proc, recv = running.pop(0)
+        status, payload = recv.recv()
+        proc.join()
+        if status == "error":
+            for _, other, _ in running:
+                other.terminate()
+            raise payload
+        obs, act, rew, term, trunc, starts, meta = payload
+        results[k] = EpisodeSet(obs, act, rew, term, trunc, starts, metadata=meta)
+    return [results[k] for k in range(len(items))]
+
+
 def preset_dataset(name: str, *, seed: int = 0, num_transitions: int = PRESET_TRANSITIONS,
                    behaviour_run: str | None = None, trust: bool = False) -> EpisodeSet:
     """Regenerate a D4RL-style preset dataset deterministically (stochastic actions, as D4RL).
@@ -564,12 +648,13 @@ def preset_dataset(name: str, *, seed: int = 0, num_transitions: int = PRESET_TR
     env_id, variant = parse_preset(name)
     base = {"dataset": name, "variant": variant}
     if variant == "random":
-        data = collect_episodes(env_id, RandomPolicy(_action_space(env_id)),
-                                num_transitions=num_transitions, seed=seed, metadata=base)
+        data = collect_sharded(env_id, RandomPolicy(_action_space(env_id)), shards=PRESET_SHARDS,
+                               num_transitions=num_transitions, seed=seed, metadata=base)
     elif variant in ("medium", "expert"):
         path, step = _preset_actor(env_id, variant)
-        data = collect_episodes(env_id, ActorPolicy(str(path)), num_transitions=num_transitions,
-                                seed=seed, metadata={**base, "policy_training_steps": step})
+        data = collect_sharded(env_id, ActorPolicy(str(path)), num_transitions=num_transitions,
+                               shards=PRESET_SHARDS, seed=seed,
+                               metadata={**base, "policy_training_steps": step})
     elif variant == "medium-expert":
         family = name.split("-")[0]
         version = name.split("-")[-1]
