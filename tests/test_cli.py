@@ -124,3 +124,18 @@ def test_console_script_exit_code_and_no_traceback(tmp_path):
     assert proc.returncode == 2
     assert proc.stderr.strip() == f"dtlab: error: {tmp_path / 'x.hdf5'}: file not found"
     assert "Traceback" not in proc.stderr
+
+
+def test_evaluate_fast_options(tmp_path, capsys, tiny_checkpoint):
+    """--kv-cache and --precision bf16 run through the CLI and report the same fields."""
+    outs = {}
+    for name, flags in (("exact", []), ("fast", ["--kv-cache", "--precision", "bf16"])):
+        out = tmp_path / f"{name}.json"
+        code, _, stderr = run_cli(capsys, "evaluate", tiny_checkpoint, "--targets", -200, "--episodes", 2,
+                                  "--max-steps", 8, "--out", out, *flags)
+        assert code == 0, stderr
+        outs[name] = json.loads(out.read_text())["results"][0]
+    assert outs["fast"]["lengths"] == outs["exact"]["lengths"] == [8, 8]
+    # The tiny checkpoint's context is 4 steps: the first 4 actions are exact in kv-cache mode, so
+    # returns stay close; bf16 perturbs actions by ~1e-3.
+    np.testing.assert_allclose(outs["fast"]["returns"], outs["exact"]["returns"], rtol=0.05)
