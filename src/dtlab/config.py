@@ -160,8 +160,10 @@ class CollectConfig:
     env: str | None = None
     """Gymnasium environment id, e.g. Hopper-v5 (implied by --preset)."""
     preset: str | None = None
-    """Regenerate a reference dataset from dtlab's committed behaviour policies:
-    <hopper|halfcheetah|walker2d>-<random|medium|expert|medium-expert|medium-replay>-v5."""
+    """Regenerate a D4RL-style reference dataset, 1M transitions by default, deterministically:
+    <hopper|halfcheetah|walker2d>-<random|medium|expert|medium-expert|medium-replay>-v5. random
+    needs nothing; medium/expert use behaviour-policy weights under src/dtlab/presets/<env>/
+    (made with dtlab train-behaviour --export; none are committed yet)."""
     policy: str = "random"
     """Behaviour policy: random (uniform actions); actor:PATH (SAC actor weights, safetensors);
     sb3:PATH (a Stable-Baselines3 zip; needs --trust-pickle); pendulum-swingup (scripted,
