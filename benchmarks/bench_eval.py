@@ -142,11 +142,8 @@ def main() -> None:
             f"{len(TARGETS)}, max {args.collapse_max_steps} steps; conditions {list(harness.CONDITIONS)}")
         collapse = harness.run_matrix(list(harness.CONDITIONS), c_cases, c_reps, units, log)
 
-    ratios, rows = {}, []
-
-    def add(key, a, b, goal):
-        ratios[key] = harness.ratio(a, b)
-        rows.append((key, ratios[key], goal))
+    table = harness.Ratios()
+    ratios, rows, add = table.ratios, table.rows, table.add
 
     r = results["t1"]
     add("t1: dtlab/HF blog", r["dtlab_rollout"], r["hf_blog"], ">= 15")

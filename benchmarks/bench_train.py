@@ -190,11 +190,8 @@ def main() -> None:
         collapse = harness.run_matrix(list(harness.CONDITIONS), c_cases, c_reps,
                                       {k: units[k] for k in c_cases}, log)
 
-    ratios, rows = {}, []
-
-    def add(key, a, b, goal):
-        ratios[key] = harness.ratio(a, b)
-        rows.append((key, ratios[key], goal))
+    table = harness.Ratios()
+    ratios, rows, add = table.ratios, table.rows, table.add
 
     r = results["t1"]
     add("t1: step dtlab/HF", r["dtlab_step"], r["hf_step"], ">= 1.4")

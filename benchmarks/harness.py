@@ -175,6 +175,18 @@ def markdown_table(results: dict[str, dict[str, Samples]], labels: dict[str, str
     return "\n".join(lines)
 
 
+class Ratios:
+    """Collects named ratios (a / b with their paired statistics) and the rows of their table."""
+
+    def __init__(self) -> None:
+        self.ratios: dict[str, dict] = {}
+        self.rows: list[tuple[str, dict, str]] = []
+
+    def add(self, key: str, a: "Samples", b: "Samples", goal: str = "") -> None:
+        self.ratios[key] = ratio(a, b)
+        self.rows.append((key, self.ratios[key], goal))
+
+
 def ratio_table(rows: list[tuple[str, dict, str]]) -> str:
     """rows: (what, ratio dict, goal text)."""
     lines = ["| ratio | median of paired | paired min - max | ratio of medians | goal |",
