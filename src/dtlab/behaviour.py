@@ -243,7 +243,10 @@ def export_presets(run_dir: str | Path, dest: str | Path, *, env_id: str, episod
     by_step = {s["step"]: s for s in manifest["snapshots"]}
     out: dict[str, Any] = {"env_id": env_id, "algorithm": manifest["algorithm"],
                            "training_seed": manifest["seed"], "measured_over_episodes": episodes,
-                           "measurement_seed": seed}
+                           "measurement_seed": seed,
+                           "run_steps": manifest["snapshots"][-1]["step"],
+                           "snapshot_every": (manifest["snapshots"][1]["step"] - manifest["snapshots"][0]["step"]
+                                              if len(manifest["snapshots"]) > 1 else None)}
     for variant, step in chosen.items():
         path = export_actor(run_dir / "snapshots" / f"step_{step:08d}.zip",
                             dest / f"{variant}.safetensors", env_id=env_id,
