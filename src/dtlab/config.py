@@ -163,7 +163,7 @@ class CollectConfig:
     """Regenerate a D4RL-style reference dataset, 1M transitions by default, deterministically:
     <hopper|halfcheetah|walker2d>-<random|medium|expert|medium-expert|medium-replay>-v5. random
     needs nothing; medium/expert use behaviour-policy weights under src/dtlab/presets/<env>/
-    (made with dtlab train-behaviour --export; none are committed yet)."""
+    (made with dtlab train-behaviour --export; committed so far: hopper-v5)."""
     policy: str = "random"
     """Behaviour policy: random (uniform actions); actor:PATH (SAC actor weights, safetensors);
     sb3:PATH (a Stable-Baselines3 zip; needs --trust-pickle); pendulum-swingup (scripted,
