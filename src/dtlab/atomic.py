@@ -13,10 +13,16 @@ from dtlab.errors import ConfigError
 
 
 def fsync_dir(path: str | Path) -> None:
-    """Make a rename inside ``path`` durable."""
-    fd = os.open(path, os.O_RDONLY)
+    """Make a rename inside ``path`` durable (best effort: not every platform or file system can
+    fsync a directory)."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
     try:
         os.fsync(fd)
+    except OSError:
+        pass
     finally:
         os.close(fd)
 

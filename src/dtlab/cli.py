@@ -130,7 +130,6 @@ def run_collect(cfg: CollectConfig) -> None:
 
     from dtlab import collect
     from dtlab.data.formats import MINARI_PREFIX, save_episodes
-    from dtlab.envs import make_env
     from dtlab.errors import ConfigError
 
     # Refuse conflicting or meaningless options before collecting anything.
@@ -170,9 +169,7 @@ def run_collect(cfg: CollectConfig) -> None:
         env_id = cfg.env
     else:
         env_id = cfg.env
-        env = make_env(env_id)
-        space = env.action_space
-        env.close()
+        space = collect.env_action_space(env_id)
         if cfg.policy == "random":
             policy = collect.RandomPolicy(space)
         elif cfg.policy.startswith("actor:"):
@@ -242,10 +239,8 @@ def run_data_convert(cmd: DataConvert) -> None:
 
 
 def run_data_validate(cmd: DataValidate) -> None:
-    import numpy as np
-
     from dtlab.data.formats import load_episodes
-    from dtlab.envs import check_spaces, make_env
+    from dtlab.envs import actions_outside_bounds, check_spaces, make_env
 
     episodes = load_episodes(cmd.path)
     print(f"{cmd.path}: {episodes.num_episodes} episodes, {episodes.num_transitions} transitions: "
@@ -253,10 +248,7 @@ def run_data_validate(cmd: DataValidate) -> None:
     if cmd.env:
         env = make_env(cmd.env)
         check_spaces(env, episodes.obs_dim, episodes.act_dim, what=f"dataset {cmd.path}")
-        low, high = env.action_space.low, env.action_space.high
-        tol = 1e-5 * np.maximum(1.0, high - low)  # the tolerance training uses
-        outside = int(np.any((episodes.actions < low - tol) | (episodes.actions > high + tol),
-                             axis=1).sum())
+        outside = int(actions_outside_bounds(episodes.actions, env.action_space).sum())
         print(f"{cmd.path}: spaces match {cmd.env}; {outside} actions outside the action bounds")
 
 

@@ -332,8 +332,8 @@ def pendulum_mixed_dataset(num_episodes: int = 300, seed: int = 0) -> EpisodeSet
 # ---- measurements (python -m dtlab.collect) --------------------------------------------------
 
 
-def _action_space(env_id: str) -> gymnasium.spaces.Box:
-
+def env_action_space(env_id: str) -> gymnasium.spaces.Box:
+    """The action space of ``env_id`` (an env is made and closed to read it)."""
     env = make_env(env_id)
     space = env.action_space
     env.close()
@@ -343,7 +343,7 @@ def _action_space(env_id: str) -> gymnasium.spaces.Box:
 def _report() -> None:
     """Print the reference returns, quality table and timings quoted in this module's comments."""
     pendulum = "Pendulum-v1"
-    policies = (("random", RandomPolicy(_action_space(pendulum))),
+    policies = (("random", RandomPolicy(env_action_space(pendulum))),
                 ("scripted quality=1", PendulumSwingUp(1.0)))
     for label, pol in policies:
         ret = collect_episodes(pendulum, pol, num_episodes=100, seed=0).episode_returns
@@ -369,7 +369,7 @@ def _report() -> None:
     print("  episodes per return bin: "
           + "  ".join(f"[{lo:.0f},{lo + 200:.0f}):{c}" for lo, c in zip(edges, counts)))
 
-    space = _action_space("Hopper-v5")
+    space = env_action_space("Hopper-v5")
     start = time.perf_counter()
     data = collect_episodes("Hopper-v5", lambda i: RandomPolicy(space), num_transitions=20000,
                             seed=0)
@@ -648,7 +648,7 @@ def preset_dataset(name: str, *, seed: int = 0, num_transitions: int = PRESET_TR
     env_id, variant = parse_preset(name)
     base = {"dataset": name, "variant": variant}
     if variant == "random":
-        data = collect_sharded(env_id, RandomPolicy(_action_space(env_id)), shards=PRESET_SHARDS,
+        data = collect_sharded(env_id, RandomPolicy(env_action_space(env_id)), shards=PRESET_SHARDS,
                                num_transitions=num_transitions, seed=seed, metadata=base)
     elif variant in ("medium", "expert"):
         path, step = _preset_actor(env_id, variant)

@@ -12,6 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import gymnasium as gym
+import numpy as np
 
 from dtlab.errors import EnvError
 
@@ -62,6 +63,13 @@ def make_env(env_id: str, **kwargs) -> gym.Env:
         raise EnvError(f"unknown environment '{env_id}': {exc}") from None
     except ImportError as exc:
         raise EnvError(f"environment '{env_id}' needs a missing package: {exc}") from None
+
+
+def actions_outside_bounds(actions: np.ndarray, space: gym.spaces.Box) -> np.ndarray:
+    """(N,) bool: rows of ``actions`` (N, act_dim) outside the Box, with a relative tolerance of
+    1e-5 of the range (float32 round-off in stored data is not a violation)."""
+    tol = 1e-5 * np.maximum(1.0, space.high - space.low)
+    return np.any((actions < space.low - tol) | (actions > space.high + tol), axis=1)
 
 
 def check_spaces(env: gym.Env, obs_dim: int, act_dim: int, *, what: str) -> None:

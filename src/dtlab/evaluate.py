@@ -156,10 +156,8 @@ def print_table(results: list[TargetResult], *, title: str, dataset_return: dict
 def evaluate_checkpoint(cfg, echo: bool = False) -> dict:
     """Evaluate ``cfg.checkpoint`` (an EvalConfig) and write JSON/plot; returns the results dict."""
     from dtlab import checkpoint
-    from dtlab.errors import ConfigError
-    from dtlab.train import resolve_device, set_threads
-
     from dtlab.atomic import check_writable
+    from dtlab.train import resolve_device, set_threads
 
     if cfg.episodes < 1:
         raise ConfigError(f"--episodes must be >= 1, got {cfg.episodes}")
@@ -190,8 +188,6 @@ def evaluate_checkpoint(cfg, echo: bool = False) -> dict:
         targets = list(cfg.targets) or list(env_info(env_id).targets)
     if not targets:
         raise ConfigError(f"no --targets given and no default targets known for {env_id}")
-    if cfg.episodes < 1:
-        raise ConfigError(f"--episodes must be >= 1, got {cfg.episodes}")
     policy = DTPolicy.from_checkpoint(path, device=str(device), precision=cfg.precision,
                                       kv_cache=cfg.kv_cache)
     results, stats = rollout(policy, env_id, targets, cfg.episodes, seed=cfg.seed,

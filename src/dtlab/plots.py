@@ -16,6 +16,22 @@ from dtlab.atomic import replace_into_place  # noqa: E402
 from dtlab.errors import ConfigError  # noqa: E402
 
 
+def _save(fig, path: str | Path) -> Path:
+    """Write ``fig`` as a PNG atomically (temp file, then rename) and close it."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp.png")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fig.savefig(tmp)
+        replace_into_place(tmp, path)
+    except OSError as exc:
+        tmp.unlink(missing_ok=True)
+        raise ConfigError(f"{path}: cannot write plot: {exc.strerror or exc}") from None
+    finally:
+        plt.close(fig)
+    return path
+
+
 def achieved_vs_target(results: Sequence, path: str | Path, *, title: str = "",
                        dataset_return: dict | None = None) -> Path:
     """Mean +- std achieved return per target, with the y = x line and the dataset's best and
@@ -38,18 +54,7 @@ def achieved_vs_target(results: Sequence, path: str | Path, *, title: str = "",
     ax.legend(fontsize=8)
     ax.grid(alpha=0.3)
     fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp.png")
-    try:
-        fig.savefig(tmp)
-        replace_into_place(tmp, path)
-    except OSError as exc:
-        tmp.unlink(missing_ok=True)
-        raise ConfigError(f"{path}: cannot write plot: {exc.strerror or exc}") from None
-    finally:
-        plt.close(fig)
-    return path
+    return _save(fig, path)
 
 
 def learning_curve(metrics_file: str | Path, path: str | Path) -> Path:
@@ -73,11 +78,4 @@ def learning_curve(metrics_file: str | Path, path: str | Path) -> Path:
         axes[0, 1].set_ylabel("eval return")
         axes[0, 1].legend(title="target", fontsize=8)
     fig.tight_layout()
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp.png")
-    try:
-        fig.savefig(tmp)
-        replace_into_place(tmp, path)
-    finally:
-        plt.close(fig)
-    return path
+    return _save(fig, path)

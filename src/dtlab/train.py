@@ -8,6 +8,7 @@ import math
 import os
 import signal
 import time
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -22,9 +23,7 @@ from dtlab.checkpoint import PolicyInfo
 from dtlab.config import ModelConfig, TrainConfig
 from dtlab.data.episodes import EpisodeSet
 from dtlab.data.sampling import Batch, SequenceSampler
-from dtlab.envs import check_spaces, env_info, make_env
-import warnings
-
+from dtlab.envs import actions_outside_bounds, check_spaces, env_info, make_env
 from dtlab.errors import ConfigError, DatasetError, DtlabWarning, EnvError, TrainingError
 from dtlab.model import DecisionTransformer
 
@@ -116,9 +115,7 @@ def _action_bounds(env, source: str) -> tuple[np.ndarray, np.ndarray]:
 
 def check_action_bounds(episodes: EpisodeSet, env, *, strict: bool) -> None:
     """Warn (or, strict, fail) when dataset actions lie outside the env's action bounds."""
-    low, high = env.action_space.low, env.action_space.high
-    tol = 1e-5 * np.maximum(1.0, high - low)
-    outside = np.any((episodes.actions < low - tol) | (episodes.actions > high + tol), axis=1)  # (N,)
+    outside = actions_outside_bounds(episodes.actions, env.action_space)  # (N,)
     if outside.any():
         first = int(np.argmax(outside))
         msg = (f"{episodes.source}: {int(outside.sum())} of {episodes.num_transitions} actions lie "

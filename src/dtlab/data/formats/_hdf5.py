@@ -13,6 +13,7 @@ from typing import Any
 import h5py
 import numpy as np
 
+from dtlab.atomic import replace_into_place
 from dtlab.errors import DatasetError
 
 # Compression for the per-transition arrays (gzip as in the D4RL files; level 4 is h5py's default).
@@ -100,27 +101,10 @@ def atomic_hdf5(path: str | Path) -> Iterator[h5py.File]:
     try:
         with h5py.File(tmp, "w") as f:
             yield f
-        with open(tmp, "rb+") as fh:
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
+        replace_into_place(tmp, path)
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
-    _fsync_dir(path.parent)
-
-
-def _fsync_dir(directory: Path) -> None:
-    """Persist the rename (best effort: not every platform/filesystem supports it)."""
-    try:
-        fd = os.open(directory, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
 
 
 def json_default(value: Any) -> Any:
