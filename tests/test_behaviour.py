@@ -140,7 +140,8 @@ def test_presets_from_a_behaviour_run(hopper_run, tmp_path, monkeypatch):
     np.testing.assert_array_equal(medium.actions, again.actions)  # deterministic regeneration
     assert medium.num_transitions == 300 and medium.metadata["policy_training_steps"] == chosen["medium"]
     both = collect.preset_dataset("hopper-medium-expert-v5", num_transitions=300)
-    assert both.num_transitions == 600
+    assert both.num_transitions == 600 == both.metadata["num_transitions"]
+    assert [p["policy_training_steps"] for p in both.metadata["parts"]] == [chosen["medium"], chosen["expert"]]
     np.testing.assert_array_equal(both.actions[:300], medium.actions)
     with pytest.raises(ConfigError, match=r"replay_buffer\.pkl: .*pickle.*--trust-pickle"):
         collect.preset_dataset("hopper-medium-replay-v5", behaviour_run=str(hopper_run))

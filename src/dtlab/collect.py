@@ -286,7 +286,6 @@ def collect_episodes(
         np.asarray(episode_starts, dtype=np.int64),  # (E,)
         source=f"<collected from {env_id}>",
     )
-    returns = episodes.episode_returns.astype(np.float64)  # (E,)
     provenance: dict[str, Any] = {
         "env_id": env_id,
         "gymnasium_version": gymnasium.__version__,
@@ -294,10 +293,7 @@ def collect_episodes(
         "policies": names,
         "seed": int(seed),
         "seeding": _SEEDING,
-        "num_episodes": episodes.num_episodes,
-        "num_transitions": episodes.num_transitions,
-        "episode_return": {"mean": float(returns.mean()), "std": float(returns.std()),
-                           "min": float(returns.min()), "max": float(returns.max())},
+        **_counts(episodes),
     }
     if len(names) > 1:
         provenance["episode_policy"] = episode_policy  # which entry of "policies" ran each episode
@@ -595,11 +591,16 @@ def collect_sharded(env_id: str, policy, *, num_transitions: int, seed: int, sha
         "seeding": f"{shards} shards, shard i seeded with SeedSequence([seed, i]); "
                    + str(first.get("seeding", "")),
         **(metadata or {})})
-    returns = data.episode_returns.astype(np.float64)
-    data.metadata.update({"num_episodes": data.num_episodes, "num_transitions": data.num_transitions,
-                          "episode_return": {"mean": float(returns.mean()), "std": float(returns.std()),
-                                             "min": float(returns.min()), "max": float(returns.max())}})
+    data.metadata.update(_counts(data))
     return data
+
+
+def _counts(episodes: EpisodeSet) -> dict[str, Any]:
+    """Size and episode-return statistics, recorded with every collected dataset."""
+    returns = episodes.episode_returns.astype(np.float64)  # (E,)
+    return {"num_episodes": episodes.num_episodes, "num_transitions": episodes.num_transitions,
+            "episode_return": {"mean": float(returns.mean()), "std": float(returns.std()),
+                               "min": float(returns.min()), "max": float(returns.max())}}
 
 
 def _fork_map(ctx, fn, items, processes: int) -> list:
@@ -660,9 +661,13 @@ def preset_dataset(name: str, *, seed: int = 0, num_transitions: int = PRESET_TR
         version = name.split("-")[-1]
         parts = [preset_dataset(f"{family}-{v}-{version}", seed=seed + i, num_transitions=num_transitions)
                  for i, v in enumerate(("medium", "expert"))]
+        per_part = ("policies", "policy_training_steps", "seed", "shard_seeds", "dataset", "variant",
+                    "num_episodes", "num_transitions", "episode_return")
         data = EpisodeSet.concatenate(parts, source=f"<preset {name}>", metadata={
-            **{k: v for k, v in parts[0].metadata.items() if k not in ("policies", "episode_return")},
-            **base, "parts": [p.metadata.get("policies") for p in parts]})
+            **{k: v for k, v in parts[0].metadata.items() if k not in per_part},
+            **base, "seed": int(seed),
+            "parts": [{k: p.metadata.get(k) for k in per_part} for p in parts]})
+        data.metadata.update(_counts(data))
     else:  # medium-replay
         if behaviour_run is None:
             raise ConfigError(f"{name} is built from the behaviour agent's replay buffer, which is not "
