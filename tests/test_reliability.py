@@ -1,7 +1,6 @@
 """Crash safety, numerical faults, dataset checks at training time."""
 
 import json
-import os
 import signal
 import subprocess
 import sys

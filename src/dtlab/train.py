@@ -20,7 +20,7 @@ from torch import nn
 from dtlab import checkpoint
 from dtlab.atomic import write_text_atomic
 from dtlab.checkpoint import PolicyInfo
-from dtlab.config import ModelConfig, TrainConfig
+from dtlab.config import TrainConfig
 from dtlab.data.episodes import EpisodeSet
 from dtlab.data.sampling import Batch, SequenceSampler
 from dtlab.envs import actions_outside_bounds, check_spaces, env_info, make_env
