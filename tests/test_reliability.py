@@ -134,3 +134,32 @@ def test_signal_mid_run_then_resume_equals_uninterrupted(tmp_path, sig):
     a = load_file(str(checkpoint.resolve(tmp_path / "full") / "model.safetensors"))
     b = load_file(str(checkpoint.resolve(out) / "model.safetensors"))
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_outputs_get_default_permissions_not_private_temp_ones(tmp_path, tiny_checkpoint):
+    """Atomic writes go through mkstemp/mkdtemp/safetensors (0600/0700); the finished files must
+    have what a plain open() would give (0666/0777 minus the umask), or other users of a shared
+    machine cannot read datasets and checkpoints."""
+    import os
+    import stat
+    from pathlib import Path
+
+    from dtlab.atomic import write_text_atomic
+
+    old = os.umask(0o022)
+    try:
+        write_text_atomic(tmp_path / "a.json", "{}")
+        n = 6
+        ep = EpisodeSet.from_flags(np.zeros((n, 2), np.float32), np.zeros((n, 1), np.float32),
+                                   np.zeros(n, np.float32), np.eye(1, n, n - 1, dtype=bool)[0],
+                                   np.zeros(n, bool))
+        save_episodes(ep, tmp_path / "d.hdf5")
+        model, info = checkpoint.load(tiny_checkpoint)
+        ck = checkpoint.save(tmp_path / "run", "step_1", model, info)
+    finally:
+        os.umask(old)
+    mode = lambda p: stat.S_IMODE(Path(p).stat().st_mode)  # noqa: E731
+    assert mode(tmp_path / "a.json") == 0o644
+    assert mode(tmp_path / "d.hdf5") == 0o644
+    assert mode(ck) == 0o755
+    assert {mode(f) for f in Path(ck).iterdir()} == {0o644}

@@ -12,6 +12,20 @@ from pathlib import Path
 from dtlab.errors import ConfigError
 
 
+def _umask() -> int:
+    mask = os.umask(0o022)  # the only way to read it is to set it; restore at once
+    os.umask(mask)
+    return mask
+
+
+def give_default_mode(path: str | Path) -> None:
+    """Give a finished temporary file or directory the permissions a plain ``open``/``mkdir``
+    would have (``mkstemp``, ``mkdtemp`` and safetensors create them private: 0600/0700)."""
+    path = Path(path)
+    base = 0o777 if path.is_dir() else 0o666
+    os.chmod(path, base & ~_umask())
+
+
 def fsync_dir(path: str | Path) -> None:
     """Make a rename inside ``path`` durable (best effort: not every platform or file system can
     fsync a directory)."""
@@ -50,6 +64,7 @@ def write_text_atomic(path: str | Path, text: str) -> None:
             f.write(text)
             f.flush()
             os.fsync(f.fileno())
+        give_default_mode(tmp)
         os.replace(tmp, path)
         fsync_dir(path.parent)
     except BaseException as exc:
@@ -60,8 +75,9 @@ def write_text_atomic(path: str | Path, text: str) -> None:
 
 
 def replace_into_place(tmp: str | Path, path: str | Path) -> None:
-    """Fsync a finished temporary file and rename it to ``path``."""
+    """Fsync a finished temporary file, give it default permissions and rename it to ``path``."""
     with open(tmp, "rb") as f:
         os.fsync(f.fileno())
+    give_default_mode(tmp)
     os.replace(tmp, path)
     fsync_dir(Path(path).parent)

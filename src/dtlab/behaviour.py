@@ -22,7 +22,7 @@ from typing import Any
 
 import numpy as np
 
-from dtlab.atomic import write_text_atomic
+from dtlab.atomic import replace_into_place, write_text_atomic
 from dtlab.config import BehaviourConfig
 from dtlab.envs import make_env
 from dtlab.errors import ConfigError
@@ -165,8 +165,11 @@ def export_actor(snapshot: str | Path, out: str | Path, *, env_id: str,
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(f".{out.name}.tmp")
-    save_file(weights, str(tmp), metadata=meta)
-    tmp.replace(out)
+    try:
+        save_file(weights, str(tmp), metadata=meta)
+        replace_into_place(tmp, out)
+    finally:
+        tmp.unlink(missing_ok=True)
     return out
 
 

@@ -28,7 +28,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 import dtlab
-from dtlab.atomic import fsync_dir, write_text_atomic
+from dtlab.atomic import fsync_dir, give_default_mode, write_text_atomic
 from dtlab.config import ModelConfig
 from dtlab.errors import CheckpointError, ConfigError
 from dtlab.model import DecisionTransformer
@@ -131,6 +131,8 @@ def save(run_dir: str | Path, name: str, model: DecisionTransformer, info: Polic
         for f in tmp.iterdir():
             with open(f, "rb") as fh:
                 os.fsync(fh.fileno())
+            give_default_mode(f)
+        give_default_mode(tmp)
         if final.exists():  # re-saving the same step (e.g. final == periodic): replace it
             shutil.rmtree(final)
         os.rename(tmp, final)
