@@ -18,7 +18,7 @@ from __future__ import annotations
 import json
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -26,6 +26,9 @@ from dtlab.atomic import replace_into_place, write_text_atomic
 from dtlab.config import BehaviourConfig
 from dtlab.envs import make_env
 from dtlab.errors import ConfigError
+
+if TYPE_CHECKING:
+    from dtlab.data.episodes import EpisodeSet
 
 MANIFEST = "manifest.json"
 

@@ -1,0 +1,214 @@
+"""Discrete actions end to end: data, sampling, model, loss, policy, formats, collection (CartPole)."""
+
+import json
+import subprocess
+import sys
+
+import gymnasium as gym
+import numpy as np
+import pytest
+import torch
+
+from dtlab import checkpoint
+from dtlab.cli import main
+from dtlab.collect import RandomPolicy, SB3Policy, collect_episodes
+from dtlab.config import ModelConfig, TrainConfig
+from dtlab.data import EpisodeSet, SequenceSampler
+from dtlab.data.formats import load_episodes, save_episodes
+from dtlab.errors import DatasetError, EnvError
+from dtlab.evaluate import rollout
+from dtlab.model import DecisionTransformer
+from dtlab.policy import DTPolicy
+from dtlab.train import action_loss, train
+
+TINY = ModelConfig(embed_dim=16, n_layers=1, n_heads=2, context_len=4, max_ep_len=500)
+
+
+def cartpole_random(episodes=12, seed=0) -> EpisodeSet:
+    return collect_episodes("CartPole-v1", RandomPolicy(gym.spaces.Discrete(2)),
+                            num_episodes=episodes, seed=seed)
+
+
+def test_integer_actions_are_discrete_indices():
+    flags = np.array([0, 0, 1])
+    ep = EpisodeSet.from_flags(np.zeros((3, 2)), np.array([[2], [0], [1]], np.int32), np.ones(3),
+                               flags, np.zeros(3))
+    assert ep.discrete and ep.actions.dtype == np.int64 and ep.actions.shape == (3,)
+    assert ep.act_dim == 3 and ep.summary()["discrete_actions"] is True
+    continuous = EpisodeSet.from_flags(np.zeros((3, 2)), np.array([2.0, 0.0, 1.0]), np.ones(3),
+                                       flags, np.zeros(3))
+    assert not continuous.discrete and continuous.actions.shape == (3, 1)
+    with pytest.raises(DatasetError, match=r"^x.hdf5: discrete 'actions' must be >= 0 \(first "
+                                           r"negative at transition 1: -1\)"):
+        EpisodeSet.from_flags(np.zeros((3, 2)), np.array([0, -1, 1]), np.ones(3), flags,
+                              np.zeros(3), source="x.hdf5")
+
+
+def test_discrete_windows_golden():
+    # Episode of 3 steps with actions [1, 0, 1]; K = 4: the window ending at step 1 is
+    # left-padded with two zeros and holds [1, 0].
+    ep = EpisodeSet.from_flags(np.arange(3.0)[:, None], np.array([1, 0, 1]), np.ones(3),
+                               np.array([0, 0, 1]), np.zeros(3))
+    s = SequenceSampler(ep, 4, obs_mean=np.zeros(1, np.float32), obs_std=np.ones(1, np.float32),
+                        return_scale=1.0, action_low=np.zeros(0), action_high=np.zeros(0))
+    b = s.gather(np.array([1, 2]))
+    assert b.actions.dtype == np.int64 and b.actions.shape == (2, 4)
+    np.testing.assert_array_equal(b.actions, [[0, 0, 1, 0], [0, 1, 0, 1]])
+    np.testing.assert_array_equal(b.masks, [[0, 0, 1, 1], [0, 1, 1, 1]])
+
+
+def test_discrete_model_is_causal_and_predict_last_matches_forward():
+    torch.manual_seed(0)
+    model = DecisionTransformer(TINY, obs_dim=3, act_dim=5, discrete=True).eval()
+    g = torch.Generator().manual_seed(1)
+    obs, rtg = torch.randn(2, 4, 3, generator=g), torch.randn(2, 4, 1, generator=g)
+    act = torch.randint(0, 5, (2, 4), generator=g)
+    ts = torch.arange(4).expand(2, 4)
+    logits = model(obs, act, rtg, ts)
+    assert logits.shape == (2, 4, 5)
+    changed = act.clone()
+    changed[:, 2] = (act[:, 2] + 1) % 5  # a_3 is seen only from step 4 on
+    after = model(obs, changed, rtg, ts)
+    torch.testing.assert_close(after[:, :3], logits[:, :3])
+    assert not torch.allclose(after[:, 3], logits[:, 3])
+    torch.testing.assert_close(model.predict_last(obs, act, rtg, ts), logits[:, -1])
+    assert isinstance(model.embed_action, torch.nn.Embedding)
+
+
+def test_discrete_loss_is_masked_cross_entropy():
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(2, 3, 4, generator=g)
+    target = torch.tensor([[1, 3, 0], [2, 2, 1]])
+    masks = torch.tensor([[False, True, True], [True, True, True]])
+    naive = []  # -log softmax(logits)[target], by hand, over the real positions
+    for b in range(2):
+        for k in range(3):
+            if masks[b, k]:
+                z = logits[b, k]
+                naive.append(-(z[target[b, k]] - torch.log(torch.exp(z).sum())))
+    torch.testing.assert_close(action_loss(logits, target, masks), torch.stack(naive).mean())
+
+
+def test_cartpole_train_policy_and_rollout(tmp_path):
+    episodes = cartpole_random()
+    assert episodes.discrete and episodes.actions.dtype == np.int64
+    assert set(np.unique(episodes.actions)) == {0, 1}
+    cfg = TrainConfig(dataset="<memory>", env="CartPole-v1", out=str(tmp_path / "run"), steps=30,
+                      batch_size=16, warmup_steps=5, progress=False, tensorboard=False, model=TINY,
+                      lr=3e-3)
+    result = train(cfg, episodes)
+    model, info = checkpoint.load(result.checkpoint)
+    assert info.discrete and info.act_dim == 2 and info.action_low == []
+    # The policy's rolling context equals the naive full left-padded window; it acts greedily.
+    policy = DTPolicy(model, info)
+    k, scale = info.model.context_len, info.return_scale
+    mean, std = np.array(info.obs_mean, np.float32), np.array(info.obs_std, np.float32)
+    env = gym.make("CartPole-v1")
+    obs, _ = env.reset(seed=0)
+    policy.reset(200.0)
+    hist_obs, hist_act, hist_rtg, rtg, reward = [], [], [], 200.0, None
+    for t in range(7):
+        action = policy.act(obs, reward)
+        assert isinstance(action, np.integer) and env.action_space.contains(int(action))
+        if t:
+            rtg -= reward
+        hist_obs.append((obs - mean) / std)
+        hist_rtg.append(rtg / scale)
+        real = min(t + 1, k)
+        o = np.zeros((1, k, 4), np.float32)
+        a = np.zeros((1, k), np.int64)
+        r = np.zeros((1, k, 1), np.float32)
+        m = np.zeros((1, k), bool)
+        o[0, k - real:] = hist_obs[-real:]
+        if real > 1:
+            a[0, k - real:k - 1] = hist_act[len(hist_act) - real + 1:]
+        r[0, k - real:, 0] = hist_rtg[-real:]
+        ts = np.zeros((1, k), np.int64)
+        ts[0, k - real:] = np.arange(t + 1 - real, t + 1)
+        m[0, k - real:] = True
+        with torch.no_grad():
+            logits = model(*(torch.from_numpy(x) for x in (o, a, r, ts, m)))[0, -1]
+        assert int(action) == int(logits.argmax())
+        hist_act.append(int(action))
+        obs, reward, terminated, truncated, _ = env.step(action)
+        assert not (terminated or truncated)
+    results, _ = rollout(DTPolicy(model, info), "CartPole-v1", (500.0, 100.0), 3, seed=0)
+    assert [r.target for r in results] == [500.0, 100.0]
+    assert all(len(r.returns) == 3 and min(r.returns) >= 1 for r in results)
+    # A discrete checkpoint on a continuous env (and vice versa) is refused.
+    with pytest.raises(EnvError, match="discrete actions but the env's action space is Box"):
+        rollout(DTPolicy(model, info), "Pendulum-v1", (0.0,), 1)
+
+
+@pytest.mark.parametrize("fmt", ["d4rl", "native", "minari"])
+def test_discrete_formats_round_trip(tmp_path, fmt, monkeypatch):
+    monkeypatch.setenv("MINARI_DATASETS_PATH", str(tmp_path / "minari"))
+    episodes = cartpole_random(episodes=3)
+    dst = "minari:test/cartpole-random-v0" if fmt == "minari" else str(tmp_path / f"c.{fmt}.hdf5")
+    options = {"env_id": "CartPole-v1"} if fmt == "minari" else {}
+    save_episodes(episodes, dst, fmt, **options)
+    back = load_episodes(dst)
+    assert back.discrete and back.actions.dtype == np.int64
+    for name in ("observations", "actions", "rewards", "terminations", "truncations",
+                 "episode_starts"):
+        np.testing.assert_array_equal(getattr(back, name), getattr(episodes, name))
+    if fmt == "d4rl":
+        import h5py
+
+        with h5py.File(dst) as f:
+            assert f["actions"].dtype == np.int64 and f["actions"].shape == (episodes.num_transitions,)
+    if fmt == "minari":  # Minari itself, in a fresh process, sees a Discrete(2) dataset
+        code = ("import minari, json; d = minari.load_dataset('test/cartpole-random-v0'); "
+                "ep = next(iter(d.iterate_episodes())); "
+                "print(json.dumps([str(d.action_space), d.total_episodes, d.total_steps, "
+                "str(ep.actions.dtype), len(ep.observations) - len(ep.actions)]))")
+        out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                             check=True, env={"MINARI_DATASETS_PATH": str(tmp_path / "minari"),
+                                              "PATH": "/usr/bin:/bin"})
+        space, n_eps, n_steps, dtype, extra = json.loads(out.stdout.strip().splitlines()[-1])
+        assert space == "Discrete(2)" and n_eps == 3 and n_steps == episodes.num_transitions
+        assert dtype == "int64" and extra == 1
+
+
+@pytest.mark.parametrize("algo", ["DQN", "PPO"])
+def test_sb3_discrete_policies_collect(tmp_path, capsys, algo):
+    import stable_baselines3 as sb3
+
+    kwargs = {"learning_starts": 10, "buffer_size": 500} if algo == "DQN" else {"n_steps": 32,
+                                                                                 "batch_size": 16}
+    model = getattr(sb3, algo)("MlpPolicy", "CartPole-v1", seed=0, device="cpu", **kwargs)
+    model.learn(64)
+    model.save(tmp_path / "agent.zip")
+    out = tmp_path / "data.hdf5"
+    code = main(["collect", "--env", "CartPole-v1", "--policy", f"sb3:{tmp_path / 'agent.zip'}",
+                 "--trust-pickle", "--episodes", "3", "--out", str(out)])
+    assert code == 0, capsys.readouterr().err
+    data = load_episodes(out)
+    assert data.discrete and data.num_episodes == 3
+    assert data.metadata["policies"] == [f"sb3:{algo}(agent.zip)"]
+    # The same agent on an env with other spaces is refused.
+    with pytest.raises(EnvError, match="do not match Acrobot-v1's"):
+        SB3Policy(str(tmp_path / "agent.zip"), "Acrobot-v1", trust=True)
+
+
+def test_cli_collect_train_evaluate_cartpole(tmp_path, capsys):
+    data = tmp_path / "cartpole.hdf5"
+    assert main(["collect", "--env", "CartPole-v1", "--policy", "random", "--episodes", "20",
+                 "--out", str(data)]) == 0
+    assert main(["data", "validate", str(data), "--env", "CartPole-v1"]) == 0
+    assert "0 actions outside" in capsys.readouterr().out
+    run = tmp_path / "run"
+    assert main(["train", "--dataset", str(data), "--env", "CartPole-v1", "--out", str(run),
+                 "--steps", "6", "--batch-size", "4", "--warmup-steps", "2", "--no-progress",
+                 "--no-tensorboard", "--model.embed-dim", "16", "--model.n-layers", "1",
+                 "--model.context-len", "4", "--model.max-ep-len", "500"]) == 0
+    results = tmp_path / "results.json"
+    assert main(["evaluate", str(run), "--episodes", "2", "--out", str(results)]) == 0
+    payload = json.loads(results.read_text())
+    assert [r["target"] for r in payload["results"]] == [500.0, 250.0]
+    # A discrete dataset against a continuous env is refused in one line.
+    assert main(["train", "--dataset", str(data), "--env", "Pendulum-v1", "--out",
+                 str(tmp_path / "bad"), "--steps", "2", "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert "has discrete actions but the env's action space is Box" in err
+    assert not (tmp_path / "bad").exists()
