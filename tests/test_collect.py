@@ -254,15 +254,20 @@ def test_sharded_collection_reports_a_failing_shard():
         collect_sharded("Pendulum-v1", Broken(), num_transitions=20, seed=0, shards=2)
 
 
-def test_committed_hopper_presets_regenerate_deterministically():
-    """The committed Hopper-v5 behaviour actors load safely, match the env, and regenerate the
-    same data for the same seed (a small budget instead of the presets' 1M transitions)."""
+@pytest.mark.parametrize("env_id", ["Hopper-v5", "HalfCheetah-v5"])
+def test_committed_presets_regenerate_deterministically(env_id):
+    """The committed behaviour actors load safely, match the env, and regenerate the same data for
+    the same seed (a small budget instead of the presets' 1M transitions)."""
     from dtlab.collect import preset_dataset, preset_manifest
 
-    manifest = preset_manifest("Hopper-v5")
+    manifest = preset_manifest(env_id)
+    assert manifest["env_id"] == env_id
     assert manifest["expert"]["return_stochastic"]["mean"] > 3 * manifest["medium"]["return_stochastic"]["mean"] / 2
-    a = preset_dataset("hopper-expert-v5", num_transitions=400)
-    b = preset_dataset("hopper-expert-v5", num_transitions=400)
+    assert manifest["expert"]["step"] > manifest["medium"]["step"]
+    name = f"{env_id.split('-')[0].lower()}-expert-v5"
+    a = preset_dataset(name, num_transitions=400)
+    b = preset_dataset(name, num_transitions=400)
     np.testing.assert_array_equal(a.actions, b.actions)
+    assert a.metadata["env_id"] == env_id
     assert a.metadata["policy_training_steps"] == manifest["expert"]["step"]
     assert a.metadata["dtlab_ref_max_score"] == manifest["ref_max_score"]
