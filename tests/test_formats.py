@@ -130,10 +130,10 @@ def test_hand_built_d4rl_file_splits_at_terminals_and_timeouts(tmp_path):
 def test_d4rl_without_timeouts_and_with_column_shaped_rewards_and_1d_actions(tmp_path):
     path = tmp_path / "old.hdf5"
     terminals = np.array([0, 1, 0, 0], np.float32)  # older files store flags as floats
-    write_raw_d4rl(path, observations=np.zeros((4, 2)), actions=np.array([0, 1, 2, 3]),
+    write_raw_d4rl(path, observations=np.zeros((4, 2)), actions=np.array([0.0, 1.0, 2.0, 3.0]),
                    rewards=np.array([[1.0], [2.0], [3.0], [4.0]]), terminals=terminals)
     eps = load_episodes(path)
-    assert eps.actions.shape == (4, 1) and eps.rewards.shape == (4,)
+    assert eps.actions.shape == (4, 1) and eps.rewards.shape == (4,) and not eps.discrete
     np.testing.assert_array_equal(eps.episode_starts, [0, 2])
     np.testing.assert_array_equal(eps.terminations, [False, True, False, False])
     np.testing.assert_array_equal(eps.truncations, [False, False, False, True])

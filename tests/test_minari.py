@@ -195,11 +195,15 @@ def test_dataset_written_by_minari_reads_with_t_observations():
     assert all(isinstance(v, (str, int, float)) for v in eps.metadata.values())
 
 
-def test_non_box_space_is_a_dataset_error():
-    minari_api_dataset("discrete-v0", action_space=gym.spaces.Discrete(3))
-    with pytest.raises(DatasetError, match=r"^minari:discrete-v0: only flat Box action spaces "
-                                           r"are supported, got Discrete\(3\)"):
+def test_unsupported_action_spaces_are_dataset_errors():
+    minari_api_dataset("discrete-v0", action_space=gym.spaces.Discrete(3, start=1))
+    with pytest.raises(DatasetError, match=r"^minari:discrete-v0: Discrete action spaces must "
+                                           r"start at 0, got Discrete\(3, start=1\)"):
         read_minari("discrete-v0")
+    minari_api_dataset("multi-v0", action_space=gym.spaces.MultiBinary(2))
+    with pytest.raises(DatasetError, match=r"^minari:multi-v0: only flat Box action spaces "
+                                           r"are supported, got MultiBinary\(2\)"):
+        read_minari("multi-v0")
 
 
 def test_unknown_id_with_failing_download_is_a_dataset_error(minari_root, monkeypatch):

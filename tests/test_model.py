@@ -86,3 +86,32 @@ def test_predict_last_equals_full_forward():
     masks = torch.tensor([[False, False, True, True, True, True]] * 2 + [[True] * 6] * 2)
     torch.testing.assert_close(m.predict_last(obs, act, rtg, ts, masks), m(obs, act, rtg, ts, masks)[:, -1],
                                rtol=0, atol=1e-6)
+
+
+def naive_forward(m, obs, act, rtg, ts, masks=None):
+    """Every block over every token, then the state tokens' outputs (no readout shortcut)."""
+    b, k, _ = obs.shape
+    x = m.embed(obs, act, rtg, ts)
+    attn_mask = None if masks is None else m.attention_mask(masks)
+    for block in m.blocks:
+        x = block(x, attn_mask)
+    return m.action_head(m.ln_f(x).reshape(b, k, 3, -1)[:, :, 1])
+
+
+def test_forward_readout_equals_computing_every_token():
+    m = model()
+    obs, act, rtg, ts = inputs(b=4)
+    masks = torch.tensor([[False, False, True, True, True, True]] * 2 + [[True] * 6] * 2)
+    for mk in (None, masks):
+        torch.testing.assert_close(m(obs, act, rtg, ts, mk), naive_forward(m, obs, act, rtg, ts, mk),
+                                   rtol=0, atol=1e-6)
+    # Gradients too (training differentiates the shortcut path).
+    m.train()
+    torch.manual_seed(5)
+    g1 = torch.autograd.grad(m(obs, act, rtg, ts, masks).sum(), list(m.parameters()),
+                             allow_unused=True)
+    torch.manual_seed(5)
+    g2 = torch.autograd.grad(naive_forward(m, obs, act, rtg, ts, masks).sum(), list(m.parameters()),
+                             allow_unused=True)
+    for a, b in zip(g1, g2):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)

@@ -44,9 +44,9 @@ class PolicyInfo:
 
     model: ModelConfig
     obs_dim: int
-    act_dim: int
-    action_low: list[float]  # (act_dim,) env action bounds; the model acts in [-1, 1]
-    action_high: list[float]  # (act_dim,)
+    act_dim: int  # action width, or the number of actions if discrete
+    action_low: list[float]  # (act_dim,) env action bounds; the model acts in [-1, 1]; [] if discrete
+    action_high: list[float]  # (act_dim,); [] if discrete
     obs_mean: list[float]  # (obs_dim,)
     obs_std: list[float]  # (obs_dim,)
     return_scale: float
@@ -57,6 +57,7 @@ class PolicyInfo:
     step: int = 0
     dtlab_version: str = dtlab.__version__
     format_version: int = FORMAT_VERSION
+    discrete: bool = False  # actions are indices into Discrete(act_dim)
 
     def to_json(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -79,8 +80,11 @@ class PolicyInfo:
         def is_number(x) -> bool:
             return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
 
+        if not isinstance(info.discrete, bool):
+            raise CheckpointError(f"{source}: 'discrete' must be true or false")
+        bounds = 0 if info.discrete else info.act_dim
         for name, length in (("obs_mean", info.obs_dim), ("obs_std", info.obs_dim),
-                             ("action_low", info.act_dim), ("action_high", info.act_dim)):
+                             ("action_low", bounds), ("action_high", bounds)):
             value = getattr(info, name)
             if not isinstance(value, list) or len(value) != length or not all(map(is_number, value)):
                 raise CheckpointError(f"{source}: '{name}' must be a list of {length} finite numbers")
@@ -171,7 +175,7 @@ def load(path: str | Path, device: str | torch.device = "cpu") -> tuple[Decision
         weights = load_file(weights_path, device="cpu")
     except (SafetensorError, OSError, ValueError) as exc:
         raise CheckpointError(f"{weights_path}: corrupt safetensors file: {exc}") from None
-    model = DecisionTransformer(info.model, info.obs_dim, info.act_dim)
+    model = DecisionTransformer(info.model, info.obs_dim, info.act_dim, info.discrete)
     expected = model.state_dict()
     missing = sorted(set(expected) - set(weights))
     unexpected = sorted(set(weights) - set(expected))

@@ -45,7 +45,8 @@ class BehaviourPolicy(Protocol):
     """A stateful policy for one environment, used to collect data.
 
     ``reset`` is called at the start of every episode with the generator the policy must draw all
-    its randomness from; ``act`` maps one observation (obs_dim,) to one action (act_dim,) float32.
+    its randomness from; ``act`` maps one observation (obs_dim,) to one action: (act_dim,) float32
+    for a Box action space, an integer index for a Discrete one.
     A policy made for particular spaces (e.g. ``ActorPolicy``) may also define ``check_env(env)``,
     raising EnvError on a mismatch; ``collect_episodes`` calls it once per policy before acting.
     """
@@ -58,15 +59,20 @@ class BehaviourPolicy(Protocol):
 
 
 class RandomPolicy:
-    """Uniform random actions over a bounded ``Box`` action space."""
+    """Uniform random actions: over a bounded ``Box``, or over the indices of a ``Discrete``."""
 
     name = "random"
 
-    def __init__(self, action_space: gymnasium.spaces.Box) -> None:
-        if not isinstance(action_space, gymnasium.spaces.Box) or not action_space.is_bounded():
-            raise EnvError(f"RandomPolicy needs a bounded Box action space, got {action_space}")
-        self.low = action_space.low.astype(np.float32)  # (act_dim,)
-        self.high = action_space.high.astype(np.float32)  # (act_dim,)
+    def __init__(self, action_space: gymnasium.spaces.Space) -> None:
+        self.n: int | None = None
+        if isinstance(action_space, gymnasium.spaces.Discrete):
+            self.n, self.start = int(action_space.n), int(action_space.start)
+        elif not isinstance(action_space, gymnasium.spaces.Box) or not action_space.is_bounded():
+            raise EnvError(f"RandomPolicy needs a bounded Box or a Discrete action space, got "
+                           f"{action_space}")
+        else:
+            self.low = action_space.low.astype(np.float32)  # (act_dim,)
+            self.high = action_space.high.astype(np.float32)  # (act_dim,)
         self._rng: np.random.Generator | None = None
 
     def reset(self, rng: np.random.Generator) -> None:
@@ -75,6 +81,8 @@ class RandomPolicy:
     def act(self, observation: np.ndarray) -> np.ndarray:
         if self._rng is None:
             raise RuntimeError("RandomPolicy.act called before reset(rng)")
+        if self.n is not None:
+            return np.int64(self.start + self._rng.integers(self.n))
         return self._rng.uniform(self.low, self.high).astype(np.float32)  # (act_dim,)
 
 
@@ -229,7 +237,7 @@ def collect_episodes(
 
     env = make_env(env_id)
     observations: list[np.ndarray] = []  # N x (obs_dim,)
-    actions: list[np.ndarray] = []  # N x (act_dim,)
+    actions: list[np.ndarray] = []  # N x (act_dim,) float32, or N x () int64 (Discrete)
     rewards: list[float] = []
     terminations: list[bool] = []
     truncations: list[bool] = []
@@ -238,9 +246,13 @@ def collect_episodes(
     episode_policy: list[int] = []  # (E,) index into names
     policy_rng = _stream(seed, _POLICY_STREAM)
     try:
-        if not isinstance(env.action_space, gymnasium.spaces.Box):
-            raise EnvError(f"{env_id}: only Box action spaces are supported, "
-                           f"got {env.action_space}")
+        space = env.action_space
+        discrete = isinstance(space, gymnasium.spaces.Discrete)
+        if discrete and int(space.start) != 0:
+            raise EnvError(f"{env_id}: Discrete action spaces must start at 0, got {space}")
+        if not (discrete or isinstance(space, gymnasium.spaces.Box)):
+            raise EnvError(f"{env_id}: only Box and Discrete action spaces are supported, "
+                           f"got {space}")
 
         def budget_left(episode: int) -> bool:
             if num_episodes is not None:
@@ -260,7 +272,8 @@ def collect_episodes(
             obs, _ = env.reset(seed=seed if episode == 0 else None)
             episode_starts.append(len(rewards))
             while True:
-                action = np.asarray(pol.act(obs), dtype=np.float32).reshape(env.action_space.shape)
+                action = np.asarray(pol.act(obs), dtype=np.int64 if discrete else np.float32)
+                action = action.reshape(space.shape)  # () for Discrete
                 next_obs, reward, terminated, truncated, _ = env.step(action)
                 observations.append(np.asarray(obs, dtype=np.float32))  # state before the action
                 actions.append(action)
@@ -279,7 +292,7 @@ def collect_episodes(
 
     episodes = EpisodeSet(
         np.stack(observations),  # (N, obs_dim)
-        np.stack(actions),  # (N, act_dim)
+        np.stack(actions),  # (N, act_dim), or (N,) int64 if discrete
         np.asarray(rewards, dtype=np.float32),  # (N,)
         np.asarray(terminations),  # (N,)
         np.asarray(truncations),  # (N,)
@@ -328,7 +341,7 @@ def pendulum_mixed_dataset(num_episodes: int = 300, seed: int = 0) -> EpisodeSet
 # ---- measurements (python -m dtlab.collect) --------------------------------------------------
 
 
-def env_action_space(env_id: str) -> gymnasium.spaces.Box:
+def env_action_space(env_id: str) -> gymnasium.spaces.Space:
     """The action space of ``env_id`` (an env is made and closed to read it)."""
     env = make_env(env_id)
     space = env.action_space
@@ -454,6 +467,14 @@ class ActorPolicy:
         return (self.low + 0.5 * (squashed + 1.0) * (self.high - self.low)).astype(np.float32)
 
 
+def _same_action_space(a: gymnasium.spaces.Space, b: gymnasium.spaces.Space) -> bool:
+    """Same kind and size: Box shapes equal, or Discrete with the same n and start."""
+    if isinstance(a, gymnasium.spaces.Discrete) or isinstance(b, gymnasium.spaces.Discrete):
+        return (isinstance(a, gymnasium.spaces.Discrete) and isinstance(b, gymnasium.spaces.Discrete)
+                and int(a.n) == int(b.n) and int(a.start) == int(b.start))
+    return type(a) is type(b) and a.shape == b.shape
+
+
 class SB3Policy:
     """A Stable-Baselines3 model zip (SAC/TD3/PPO/...) used through ``model.predict``.
 
@@ -468,7 +489,6 @@ class SB3Policy:
                               "when loaded; pass --trust-pickle if you trust this file")
         import stable_baselines3 as sb3
 
-    
         env = make_env(env_id)
         env.close()
         model = None
@@ -482,10 +502,10 @@ class SB3Policy:
         if model is None:
             raise ConfigError(f"{path}: not a loadable Stable-Baselines3 model ({', '.join(errors)})")
         if model.observation_space.shape != env.observation_space.shape or \
-                model.action_space.shape != env.action_space.shape:
+                not _same_action_space(model.action_space, env.action_space):
             raise EnvError(f"{path}: model spaces {model.observation_space.shape} -> "
-                           f"{model.action_space.shape} do not match {env_id}'s "
-                           f"{env.observation_space.shape} -> {env.action_space.shape}")
+                           f"{model.action_space} do not match {env_id}'s "
+                           f"{env.observation_space.shape} -> {env.action_space}")
         self.model, self.deterministic = model, deterministic
         self.name = f"sb3:{type(model).__name__}({Path(path).name})"
 
@@ -497,7 +517,7 @@ class SB3Policy:
 
     def act(self, observation: np.ndarray) -> np.ndarray:
         action, _ = self.model.predict(observation, deterministic=self.deterministic)
-        return np.asarray(action, dtype=np.float32)
+        return np.asarray(action)  # float32 (Box) or an integer index (Discrete)
 
 
 # ---- D4RL-style presets from committed behaviour weights ---------------------------------------

@@ -45,6 +45,13 @@ PENDULUM_REF_MIN = PENDULUM_RANDOM_RETURN
 PENDULUM_REF_MAX = PENDULUM_SCRIPTED_RETURN
 
 
+# CartPole-v1 (discrete actions): min is dtlab's measurement, the mean return of 100 episodes of
+# `collect_episodes("CartPole-v1", RandomPolicy(Discrete(2)), num_episodes=100, seed=0)` (std 15.5,
+# gymnasium 1.4.0); max is the most the task pays: +1 per step up to its 500-step time limit.
+CARTPOLE_RANDOM_RETURN = 23.93
+CARTPOLE_MAX_RETURN = 500.0
+
+
 def env_info(env_id: str) -> EnvInfo:
     """Registry entry for a Gymnasium id like ``Hopper-v5``; generic defaults for unknown tasks."""
     family = env_id.split("/")[-1].split("-")[0]
@@ -52,6 +59,8 @@ def env_info(env_id: str) -> EnvInfo:
         return _MUJOCO[family]
     if family == "Pendulum":
         return EnvInfo(PENDULUM_REF_MIN, PENDULUM_REF_MAX, 100.0, (-150.0, -500.0, -900.0), 200)
+    if family == "CartPole":
+        return EnvInfo(CARTPOLE_RANDOM_RETURN, CARTPOLE_MAX_RETURN, 100.0, (500.0, 250.0), 500)
     return EnvInfo(None, None, 1000.0, (), 1000)
 
 
@@ -65,21 +74,35 @@ def make_env(env_id: str, **kwargs) -> gym.Env:
         raise EnvError(f"environment '{env_id}' needs a missing package: {exc}") from None
 
 
-def actions_outside_bounds(actions: np.ndarray, space: gym.spaces.Box) -> np.ndarray:
-    """(N,) bool: rows of ``actions`` (N, act_dim) outside the Box, with a relative tolerance of
-    1e-5 of the range (float32 round-off in stored data is not a violation)."""
+def actions_outside_bounds(actions: np.ndarray, space: gym.spaces.Space) -> np.ndarray:
+    """(N,) bool: actions the space does not hold. Box: rows of ``actions`` (N, act_dim) outside
+    it, with a relative tolerance of 1e-5 of the range (float32 round-off in stored data is not a
+    violation). Discrete: indices (N,) outside [start, start + n)."""
+    if isinstance(space, gym.spaces.Discrete):
+        return (actions < space.start) | (actions >= space.start + space.n)
     tol = 1e-5 * np.maximum(1.0, space.high - space.low)
     return np.any((actions < space.low - tol) | (actions > space.high + tol), axis=1)
 
 
-def check_spaces(env: gym.Env, obs_dim: int, act_dim: int, *, what: str) -> None:
-    """Raise EnvError when the env's observation/action shapes differ from the data's."""
+def check_spaces(env: gym.Env, obs_dim: int, act_dim: int, *, what: str,
+                 discrete: bool = False) -> None:
+    """Raise EnvError when the env's spaces differ from the data's: observation shape, and either
+    the action shape (continuous) or, for ``discrete`` actions, a ``Discrete(n)`` space starting at
+    0 with at least ``act_dim`` actions."""
     env_id = env.spec.id if env.spec else "env"
     obs_shape = env.observation_space.shape
-    act_shape = env.action_space.shape
-    if not isinstance(env.action_space, gym.spaces.Box):
-        raise EnvError(f"{env_id}: only continuous (Box) action spaces are supported, got "
-                       f"{env.action_space}")
-    if obs_shape != (obs_dim,) or act_shape != (act_dim,):
-        raise EnvError(f"{env_id} has observations {obs_shape} and actions {act_shape}, but "
+    space = env.action_space
+    if discrete:
+        if not isinstance(space, gym.spaces.Discrete) or int(space.start) != 0:
+            raise EnvError(f"{env_id}: {what} has discrete actions but the env's action space is "
+                           f"{space} (need Discrete(n) starting at 0)")
+        if obs_shape != (obs_dim,) or act_dim > int(space.n):
+            raise EnvError(f"{env_id} has observations {obs_shape} and {int(space.n)} actions, but "
+                           f"{what} has observations ({obs_dim},) and {act_dim} actions")
+        return
+    if not isinstance(space, gym.spaces.Box):
+        raise EnvError(f"{env_id}: {what} has continuous actions but the env's action space is "
+                       f"{space}")
+    if obs_shape != (obs_dim,) or space.shape != (act_dim,):
+        raise EnvError(f"{env_id} has observations {obs_shape} and actions {space.shape}, but "
                        f"{what} has observations ({obs_dim},) and actions ({act_dim},)")

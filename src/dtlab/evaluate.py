@@ -49,7 +49,8 @@ def rollout(policy: DTPolicy, env_id: str, targets: Sequence[float], episodes: i
     target_of = np.repeat(np.asarray(targets, dtype=np.float32), episodes)  # (n,)
     start_seed = seed + np.arange(n) % episodes  # (n,)
     envs = [make_env(env_id) for _ in range(min(n, max_parallel))]
-    check_spaces(envs[0], policy.info.obs_dim, policy.info.act_dim, what="the checkpoint")
+    check_spaces(envs[0], policy.info.obs_dim, policy.info.act_dim, what="the checkpoint",
+                 discrete=policy.info.discrete)
     limit = max_steps if max_steps is not None else (
         (envs[0].spec.max_episode_steps if envs[0].spec else None) or 1000)
     returns = np.zeros(n)
@@ -177,7 +178,7 @@ def evaluate_checkpoint(cfg, echo: bool = False) -> dict:
         set_threads(cfg.threads, default=1)
     # Check the env before loading weights, so an unknown env id fails fast.
     env = make_env(env_id)
-    check_spaces(env, info.obs_dim, info.act_dim, what=f"checkpoint {path}")
+    check_spaces(env, info.obs_dim, info.act_dim, what=f"checkpoint {path}", discrete=info.discrete)
     env.close()
     dataset_return = info.dataset.get("episode_return")
     if cfg.sweep:

@@ -6,6 +6,10 @@ only position information (as in the original, which removes GPT-2's position em
 pre-LN GPT stack runs over the 3K tokens and the action for step t is read from the hidden state of
 s_t. The loss lives in dtlab.train, not here.
 
+Continuous actions (in [-1, 1]) are embedded linearly and predicted through tanh; discrete actions
+(indices into Discrete(n)) are embedded with a lookup table and predicted as n logits, as the
+original's Atari model does.
+
 Reference: github.com/kzl/decision-transformer, gym/decision_transformer/models/
 decision_transformer.py (embed_ln over the stacked tokens, tanh action head).
 """
@@ -31,13 +35,13 @@ class CausalSelfAttention(nn.Module):
         self.resid_drop = nn.Dropout(cfg.dropout)
 
     def forward(self, x: torch.Tensor, attn_mask: torch.Tensor | None,
-                query: int | None = None) -> torch.Tensor:
-        """``query``: compute the output of that one token only (its row of ``attn_mask``);
-        (B, T, D) -> (B, 1, D). Keys and values still come from every token."""
+                query: slice | None = None) -> torch.Tensor:
+        """``query``: compute the outputs of those tokens only (``attn_mask`` then holds just their
+        rows); (B, T, D) -> (B, Tq, D). Keys and values still come from every token."""
         b, t, d = x.shape  # (B, T, D), T = 3K tokens
         q, k, v = self.qkv(x).split(d, dim=2)  # 3 x (B, T, D)
         if query is not None:
-            q = q[:, query:query + 1]  # (B, 1, D)
+            q = q[:, query]  # (B, Tq, D)
         q = q.view(b, q.shape[1], self.n_heads, d // self.n_heads).transpose(1, 2)  # (B, H, Tq, D/H)
         k = k.view(b, t, self.n_heads, d // self.n_heads).transpose(1, 2)  # (B, H, T, D/H)
         v = v.view(b, t, self.n_heads, d // self.n_heads).transpose(1, 2)  # (B, H, T, D/H)
@@ -79,10 +83,10 @@ class Block(nn.Module):
         )
 
     def forward(self, x: torch.Tensor, attn_mask: torch.Tensor | None,
-                query: int | None = None) -> torch.Tensor:
-        """(B, T, D) -> (B, T, D), or (B, 1, D) for the single token ``query``."""
+                query: slice | None = None) -> torch.Tensor:
+        """(B, T, D) -> (B, T, D), or (B, Tq, D) for the tokens ``query`` selects."""
         h = self.attn(self.ln_1(x), attn_mask, query)
-        x = (x if query is None else x[:, query:query + 1]) + h
+        x = (x if query is None else x[:, query]) + h
         return x + self.mlp(self.ln_2(x))
 
     def forward_cached(self, x: torch.Tensor, past):
@@ -94,19 +98,20 @@ class Block(nn.Module):
 class DecisionTransformer(nn.Module):
     """Predicts a_t from (R_1, s_1, a_1, ..., R_t, s_t) for every step t of a K-step window."""
 
-    def __init__(self, cfg: ModelConfig, obs_dim: int, act_dim: int) -> None:
+    def __init__(self, cfg: ModelConfig, obs_dim: int, act_dim: int, discrete: bool = False) -> None:
+        """``act_dim``: action width, or the number of actions when ``discrete``."""
         super().__init__()
-        self.cfg, self.obs_dim, self.act_dim = cfg, obs_dim, act_dim
+        self.cfg, self.obs_dim, self.act_dim, self.discrete = cfg, obs_dim, act_dim, discrete
         d = cfg.embed_dim
         self.embed_timestep = nn.Embedding(cfg.max_ep_len, d)
         self.embed_return = nn.Linear(1, d)
         self.embed_state = nn.Linear(obs_dim, d)
-        self.embed_action = nn.Linear(act_dim, d)
+        self.embed_action = nn.Embedding(act_dim, d) if discrete else nn.Linear(act_dim, d)
         self.embed_ln = nn.LayerNorm(d)
         self.drop = nn.Dropout(cfg.dropout)
         self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layers))
         self.ln_f = nn.LayerNorm(d)
-        self.predict_action = nn.Linear(d, act_dim)  # followed by tanh: actions live in [-1, 1]
+        self.predict_action = nn.Linear(d, act_dim)  # see action_head
         self.apply(self._init_weights)
         # GPT-2's scaled init of the residual projections (Radford et al. 2019, section 2.3).
         for name, p in self.named_parameters():
@@ -120,21 +125,22 @@ class DecisionTransformer(nn.Module):
         if isinstance(module, nn.Linear) and module.bias is not None:
             nn.init.zeros_(module.bias)
 
+    def action_head(self, h: torch.Tensor) -> torch.Tensor:
+        """Hidden states (..., D) -> actions in [-1, 1] (..., A), or logits (..., n) if discrete."""
+        out = self.predict_action(h)
+        return out if self.discrete else torch.tanh(out)
+
     def forward(
         self,
         observations: torch.Tensor,  # (B, K, obs_dim), normalized
-        actions: torch.Tensor,  # (B, K, act_dim) in [-1, 1]; the last step's entry is unused
+        actions: torch.Tensor,  # (B, K, act_dim) in [-1, 1], or (B, K) int64 indices if discrete;
+        #                         the last step's entry is unused
         returns_to_go: torch.Tensor,  # (B, K, 1), scaled
         timesteps: torch.Tensor,  # (B, K) int64
         masks: torch.Tensor | None = None,  # (B, K) bool, False at left padding; None: all real
-    ) -> torch.Tensor:  # (B, K, act_dim) predicted actions in [-1, 1]
-        b, k, _ = observations.shape
-        x = self.embed(observations, actions, returns_to_go, timesteps)  # (B, 3K, D)
-        attn_mask = None if masks is None else self.attention_mask(masks)  # (B, 1, 3K, 3K)
-        for block in self.blocks:
-            x = block(x, attn_mask)
-        x = self.ln_f(x).reshape(b, k, 3, -1)  # (B, K, 3, D)
-        return torch.tanh(self.predict_action(x[:, :, 1]))  # from s_t's hidden state: (B, K, A)
+    ) -> torch.Tensor:  # (B, K, act_dim) predicted actions in [-1, 1], or (B, K, n) logits
+        return self._readout(observations, actions, returns_to_go, timesteps, masks,
+                             slice(1, None, 3))  # from the K state tokens s_1..s_K: (B, K, A)
 
     def embed(self, observations, actions, returns_to_go, timesteps) -> torch.Tensor:
         """Interleaved token embeddings (R_1, s_1, a_1, R_2, ...): (B, K, .) -> (B, 3K, D)."""
@@ -153,19 +159,31 @@ class DecisionTransformer(nn.Module):
         Saves work in rollouts: the last block computes only s_K's output (its keys and values
         still come from every token), and the action head runs on one token.
         """
+        s_last = 3 * observations.shape[1] - 2  # token index of s_K
+        return self._readout(observations, actions, returns_to_go, timesteps, masks,
+                             slice(s_last, s_last + 1))[:, 0]  # (B, A)
+
+    def _readout(self, observations, actions, returns_to_go, timesteps, masks,
+                 query: slice) -> torch.Tensor:
+        """Actions predicted from the state tokens ``query`` selects: (B, Tq, A).
+
+        Only those tokens' outputs are used, so the last block computes only them (its keys and
+        values still come from every token): exact, and it skips the last block's attention
+        output, projection and MLP for every other token (2/3 of them in training, all but one
+        in rollouts).
+        """
         b, k, _ = observations.shape
         x = self.embed(observations, actions, returns_to_go, timesteps)  # (B, 3K, D)
         attn_mask = None if masks is None else self.attention_mask(masks)  # (B, 1, 3K, 3K)
         for block in self.blocks[:-1]:
             x = block(x, attn_mask)
-        s_last = 3 * k - 2  # token index of s_K
-        if attn_mask is None:  # all real: s_K attends to every token up to itself
-            row = torch.arange(3 * k, device=x.device) <= s_last  # (3K,)
-            row_mask = row.expand(b, 1, 1, 3 * k)  # (B, 1, 1, 3K)
+        if attn_mask is None:  # all real: plain causal rows for the selected queries
+            pos = torch.arange(3 * k, device=x.device)  # (3K,)
+            row_mask = (pos[None, :] <= pos[query][:, None]).expand(b, 1, -1, -1)  # (B, 1, Tq, 3K)
         else:
-            row_mask = attn_mask[:, :, s_last:s_last + 1]  # (B, 1, 1, 3K)
-        x = self.blocks[-1](x, row_mask, query=s_last)  # (B, 1, D)
-        return torch.tanh(self.predict_action(self.ln_f(x[:, 0])))  # (B, A)
+            row_mask = attn_mask[:, :, query]  # (B, 1, Tq, 3K)
+        x = self.blocks[-1](x, row_mask, query=query)  # (B, Tq, D)
+        return self.action_head(self.ln_f(x))  # (B, Tq, A)
 
     def predict_cached(self, tokens: torch.Tensor, cache: list | None, keep: int):
         """Incremental inference for rollouts (eval mode): embedded new tokens (B, Tn, D), the last
@@ -182,7 +200,7 @@ class DecisionTransformer(nn.Module):
                                                              cache[i][1][:, :, -keep:])
             x, kv = block.forward_cached(x, past)
             new_cache.append(kv)
-        return torch.tanh(self.predict_action(self.ln_f(x[:, -1]))), new_cache
+        return self.action_head(self.ln_f(x[:, -1])), new_cache
 
     @staticmethod
     def attention_mask(masks: torch.Tensor) -> torch.Tensor:

@@ -84,7 +84,10 @@ class DTPolicy:
         n, k, dev = targets.shape[0], self.context_len, self.device
         self.num_envs = n
         self._obs = torch.zeros(n, k, self.info.obs_dim, device=dev)  # (N, K, obs_dim)
-        self._act = torch.zeros(n, k, self.info.act_dim, device=dev)  # (N, K, act_dim), in [-1, 1]
+        if self.info.discrete:
+            self._act = torch.zeros(n, k, dtype=torch.long, device=dev)  # (N, K) action indices
+        else:
+            self._act = torch.zeros(n, k, self.info.act_dim, device=dev)  # (N, K, act_dim), [-1, 1]
         self._rtg = torch.zeros(n, k, 1, device=dev)  # (N, K, 1), scaled
         self._timesteps = torch.zeros(n, k, dtype=torch.long, device=dev)  # (N, K)
         self._masks = torch.zeros(n, k, dtype=torch.bool, device=dev)  # (N, K)
@@ -171,12 +174,12 @@ class DTPolicy:
             self._pending[idx] = float("nan")
         # Slide every selected window one step left and write the new step at the end.
         obs_w = self._obs[idx].roll(-1, dims=1)  # (n, K, obs_dim)
-        act_w = self._act[idx].roll(-1, dims=1)  # (n, K, act_dim)
+        act_w = self._act[idx].roll(-1, dims=1)  # (n, K, act_dim), or (n, K) if discrete
         rtg_w = self._rtg[idx].roll(-1, dims=1)  # (n, K, 1)
         ts_w = self._timesteps[idx].roll(-1, dims=1)  # (n, K)
         mask_w = self._masks[idx].roll(-1, dims=1)  # (n, K)
         obs_w[:, -1] = (obs - self._obs_mean) / self._obs_std
-        act_w[:, -1] = 0.0  # not yet known; s_t's prediction cannot see it (causal)
+        act_w[:, -1] = 0  # not yet known; s_t's prediction cannot see it (causal)
         rtg_w[:, -1, 0] = self._next_rtg[idx]
         ts_w[:, -1] = t
         mask_w[:, -1] = True
@@ -187,11 +190,16 @@ class DTPolicy:
                                             invalidate=any_steered)
             else:
                 pred = self.model.predict_last(obs_w, act_w, rtg_w, ts_w, None if all_real else mask_w)
-        pred = pred.float()  # (n, A)
+        pred = pred.float()  # (n, A), or (n, n_actions) logits if discrete
+        if self.info.discrete:
+            pred = pred.argmax(-1)  # (n,) the most likely action (greedy)
         act_w[:, -1] = pred
         self._obs[idx], self._act[idx], self._rtg[idx] = obs_w, act_w, rtg_w
         self._timesteps[idx], self._masks[idx] = ts_w, mask_w
         self._t[idx] = t + 1
-        action = self._act_low + (pred + 1.0) * 0.5 * (self._act_high - self._act_low)  # (n, A)
-        action = action.cpu().numpy()
+        if self.info.discrete:
+            action = pred.cpu().numpy()  # (n,) int64
+        else:
+            action = self._act_low + (pred + 1.0) * 0.5 * (self._act_high - self._act_low)  # (n, A)
+            action = action.cpu().numpy()
         return action[0] if self._single and index is None else action

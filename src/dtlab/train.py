@@ -15,6 +15,7 @@ from typing import Any
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from dtlab import checkpoint
@@ -33,13 +34,17 @@ TRAIN_CONFIG_FILE = "train_config.json"
 
 # ---- pieces ---------------------------------------------------------------------------------------
 def action_loss(pred: torch.Tensor, target: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
-    """Mean squared error over every real (unpadded) position of every window.
+    """Mean over every real (unpadded) position of every window of the squared error (continuous:
+    pred, target (B, K, A)) or the cross entropy (discrete: logits (B, K, n), indices (B, K)).
 
-    pred, target: (B, K, A); masks: (B, K) bool.
+    masks: (B, K) bool.
     """
-    sq = (pred - target).pow(2).mean(-1)  # (B, K)
-    m = masks.to(sq.dtype)
-    return (sq * m).sum() / m.sum()
+    if target.dtype == torch.long:  # discrete
+        per_step = F.cross_entropy(pred.transpose(1, 2), target, reduction="none")  # (B, K)
+    else:
+        per_step = (pred - target).pow(2).mean(-1)  # (B, K)
+    m = masks.to(per_step.dtype)
+    return (per_step * m).sum() / m.sum()
 
 
 def param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
@@ -114,7 +119,10 @@ def _action_bounds(env, source: str) -> tuple[np.ndarray, np.ndarray]:
 
 
 def check_action_bounds(episodes: EpisodeSet, env, *, strict: bool) -> None:
-    """Warn (or, strict, fail) when dataset actions lie outside the env's action bounds."""
+    """Warn (or, strict, fail) when dataset actions lie outside the env's action bounds. (Discrete
+    actions outside the space are caught by check_spaces: they cannot be clipped.)"""
+    if episodes.discrete:
+        return
     outside = actions_outside_bounds(episodes.actions, env.action_space)  # (N,)
     if outside.any():
         first = int(np.argmax(outside))
@@ -142,10 +150,13 @@ def policy_info_for(cfg: TrainConfig, episodes: EpisodeSet, env) -> PolicyInfo:
     """Everything derived from data and env that the checkpoint must carry."""
     info = env_info(cfg.env)
     mean, std = episodes.observation_stats()
-    low, high = _action_bounds(env, cfg.env)
+    if episodes.discrete:  # the model predicts over all of the env's actions
+        act_dim, low, high = int(env.action_space.n), np.zeros(0), np.zeros(0)
+    else:
+        act_dim, (low, high) = episodes.act_dim, _action_bounds(env, cfg.env)
     meta = episodes.metadata
     return PolicyInfo(
-        model=cfg.model, obs_dim=episodes.obs_dim, act_dim=episodes.act_dim,
+        model=cfg.model, obs_dim=episodes.obs_dim, act_dim=act_dim, discrete=episodes.discrete,
         action_low=low.tolist(), action_high=high.tolist(),
         obs_mean=mean.tolist(), obs_std=std.tolist(),
         return_scale=float(cfg.return_scale if cfg.return_scale is not None else info.return_scale),
@@ -216,7 +227,8 @@ def prepare(cfg: TrainConfig, episodes: EpisodeSet | None = None):
                                f"model.max_ep_len={cfg.model.max_ep_len}; raise --model.max-ep-len "
                                "or pass --truncate-long-episodes")
     env = make_env(cfg.env)
-    check_spaces(env, episodes.obs_dim, episodes.act_dim, what=f"dataset {episodes.source}")
+    check_spaces(env, episodes.obs_dim, episodes.act_dim, what=f"dataset {episodes.source}",
+                 discrete=episodes.discrete)
     check_action_bounds(episodes, env, strict=cfg.strict)
     info = policy_info_for(cfg, episodes, env)
     env.close()
@@ -241,7 +253,7 @@ def train(cfg: TrainConfig, episodes: EpisodeSet | None = None) -> TrainResult:
         raise ConfigError(f"{out}: run directory already holds a run; pass --resume or another --out")
 
     torch.manual_seed(cfg.seed)
-    model = DecisionTransformer(cfg.model, info.obs_dim, info.act_dim).to(device)
+    model = DecisionTransformer(cfg.model, info.obs_dim, info.act_dim, info.discrete).to(device)
     fused = device.type == "cuda"
     optimizer = torch.optim.AdamW(param_groups(model, cfg.weight_decay), lr=cfg.lr,
                                   betas=cfg.betas, fused=fused)

@@ -21,7 +21,7 @@ class EpisodeSet:
     """Flat, validated arrays over all episodes (N transitions, E episodes)."""
 
     observations: np.ndarray  # (N, obs_dim) float32
-    actions: np.ndarray  # (N, act_dim) float32
+    actions: np.ndarray  # (N, act_dim) float32, or (N,) int64 action indices (discrete actions)
     rewards: np.ndarray  # (N,) float32
     terminations: np.ndarray  # (N,) bool, True only at the last step of a terminated episode
     truncations: np.ndarray  # (N,) bool, True only at the last step of a truncated episode
@@ -35,19 +35,26 @@ class EpisodeSet:
             raise DatasetError(f"{self.source}: {msg}")
 
         obs = np.asarray(self.observations, dtype=np.float32)
-        act = np.asarray(self.actions, dtype=np.float32)
+        act = np.asarray(self.actions)
+        # Integer actions are indices into a Discrete space: kept as (N,) int64. Anything else is
+        # a continuous action vector: (N, act_dim) float32.
+        discrete = act.dtype.kind in "iu"
+        if discrete and act.ndim == 2 and act.shape[1] == 1:
+            act = act[:, 0]
+        act = act.astype(np.int64) if discrete else act.astype(np.float32)
         if obs.ndim == 1:
             obs = obs[:, None]
-        if act.ndim == 1:
+        if act.ndim == 1 and not discrete:
             act = act[:, None]
         rew = np.asarray(self.rewards, dtype=np.float32).reshape(-1)
         term = np.asarray(self.terminations).astype(bool).reshape(-1)
         trunc = np.asarray(self.truncations).astype(bool).reshape(-1)
         starts = np.asarray(self.episode_starts, dtype=np.int64).reshape(-1)
-        if obs.ndim != 2 or act.ndim != 2:
-            fail(f"observations and actions must be 2-D, got shapes {obs.shape} and {act.shape}")
+        if obs.ndim != 2 or act.ndim != (1 if discrete else 2):
+            fail(f"observations must be 2-D and actions 2-D (continuous) or 1-D (integer, "
+                 f"discrete), got shapes {obs.shape} and {act.shape} ({act.dtype})")
         n = obs.shape[0]
-        if n > 0 and (obs.shape[1] == 0 or act.shape[1] == 0):
+        if n > 0 and (obs.shape[1] == 0 or (not discrete and act.shape[1] == 0)):
             fail(f"observations and actions need at least one dimension, got shapes {obs.shape} "
                  f"and {act.shape}")
         if n == 0:
@@ -61,6 +68,9 @@ class EpisodeSet:
             if bad.any():
                 row = int(np.argwhere(bad)[0][0])
                 fail(f"'{name}' contains NaN or inf (first at transition {row})")
+        if discrete and (act < 0).any():
+            fail(f"discrete 'actions' must be >= 0 (first negative at transition "
+                 f"{int(np.argmax(act < 0))}: {int(act[np.argmax(act < 0)])})")
         if starts.size == 0 or starts[0] != 0:
             fail("episode_starts must begin with 0")
         if np.any(starts[1:] <= starts[:-1]) or starts[-1] >= n:  # (np.diff could overflow)
@@ -157,7 +167,16 @@ class EpisodeSet:
         return int(self.observations.shape[1])
 
     @property
+    def discrete(self) -> bool:
+        """True when actions are indices into a Discrete space ((N,) int64)."""
+        return self.actions.ndim == 1
+
+    @property
     def act_dim(self) -> int:
+        """Width of a continuous action; for discrete actions, the number of actions the data
+        needs (largest index + 1: the smallest ``Discrete(n)`` that holds it)."""
+        if self.discrete:
+            return int(self.actions.max()) + 1
         return int(self.actions.shape[1])
 
     @property
@@ -183,6 +202,7 @@ class EpisodeSet:
             "transitions": self.num_transitions,
             "obs_dim": self.obs_dim,
             "act_dim": self.act_dim,
+            "discrete_actions": self.discrete,
             "terminated_episodes": int(self.terminations.sum()),
             "truncated_episodes": int(self.truncations.sum()),
             "episode_length": {"min": int(lens.min()), "mean": float(lens.mean()), "max": int(lens.max())},

@@ -22,7 +22,7 @@ class Batch:
     """A batch of left-padded windows (numpy arrays; training converts them to tensors)."""
 
     observations: np.ndarray  # (B, K, obs_dim) float32, normalized, 0 at padding
-    actions: np.ndarray  # (B, K, act_dim) float32, 0 at padding
+    actions: np.ndarray  # (B, K, act_dim) float32, or (B, K) int64 if discrete; 0 at padding
     returns_to_go: np.ndarray  # (B, K, 1) float32, divided by return_scale, 0 at padding
     timesteps: np.ndarray  # (B, K) int64, step index within the episode, 0 at padding
     masks: np.ndarray  # (B, K) bool, True at real steps
@@ -35,14 +35,15 @@ class SequenceSampler:
                  obs_std: np.ndarray, return_scale: float, action_low: np.ndarray | None = None,
                  action_high: np.ndarray | None = None) -> None:
         """``action_low/high``: the env's action bounds; actions are mapped linearly from them to
-        [-1, 1] (the range of the model's tanh head) and clipped there. None: used as stored."""
+        [-1, 1] (the range of the model's tanh head) and clipped there. None: used as stored.
+        Discrete actions (indices) are always used as stored."""
         self.episodes = episodes
         self.context_len = context_len
         # Normalize once up front: one gather per batch instead of normalizing every window.
         self._obs = ((episodes.observations - obs_mean) / obs_std).astype(np.float32)
         self._rtg = (episodes.returns_to_go / return_scale).astype(np.float32)
         self._act = episodes.actions
-        if action_low is not None and action_high is not None:
+        if action_low is not None and action_high is not None and not episodes.discrete:
             scaled = 2.0 * (episodes.actions - action_low) / (action_high - action_low) - 1.0
             self._act = np.clip(scaled, -1.0, 1.0).astype(np.float32)
         # Episode start of every transition, for the per-window lower bound.
@@ -61,7 +62,7 @@ class SequenceSampler:
         masks = idx >= starts[:, None]  # (B, K)
         idx = np.where(masks, idx, ends[:, None])  # any valid index; zeroed below
         obs = self._obs[idx]  # (B, K, obs_dim)
-        act = self._act[idx]  # (B, K, act_dim)
+        act = self._act[idx]  # (B, K, act_dim), or (B, K) if discrete
         rtg = self._rtg[idx]  # (B, K)
         obs[~masks] = 0.0
         act[~masks] = 0.0

@@ -3,7 +3,8 @@
 Layout, from D4RL's dataset files and ``d4rl.offline_env.OfflineEnv.get_dataset``::
 
     observations       (N, obs_dim) float32
-    actions            (N, act_dim) float32
+    actions            (N, act_dim) float32  or (N,) int64 for discrete actions (as D4RL's
+                                             Atari-style files store action indices)
     rewards            (N,)         float32
     terminals          (N,)         bool     episode ended by the environment (-> terminations)
     timeouts           (N,)         bool     episode cut by the time limit    (-> truncations)
@@ -78,7 +79,7 @@ def write_d4rl(episodes: EpisodeSet, path: str | Path, *, metadata: dict[str, An
     with atomic_hdf5(path) as f:
         f.create_dataset("observations", data=episodes.observations.astype(np.float32),
                          compression=COMPRESSION)
-        f.create_dataset("actions", data=episodes.actions.astype(np.float32),
+        f.create_dataset("actions", data=episodes.actions,  # float32, or int64 if discrete
                          compression=COMPRESSION)
         f.create_dataset("rewards", data=episodes.rewards.astype(np.float32),
                          compression=COMPRESSION)

@@ -18,7 +18,8 @@ t is the one in which action t was taken. Reading drops each episode's final obs
 needs it back, from ``final_observations`` or, when those are not known, as a copy of the last one
 (recorded in the dataset's description and its ``dtlab_final_observations`` metadata key).
 
-Only flat ``Box`` observation and action spaces are supported (the MuJoCo/classic-control case).
+Only flat ``Box`` observation spaces and flat ``Box`` or ``Discrete`` action spaces are supported
+(the MuJoCo/classic-control case).
 """
 
 from __future__ import annotations
@@ -72,7 +73,7 @@ def read_minari(dataset_id: str) -> EpisodeSet:
     _check_id(dataset_id, source)
     dataset = _open_dataset(dataset_id, source)
     _check_flat_box(dataset.observation_space, "observation", source)
-    _check_flat_box(dataset.action_space, "action", source)
+    _check_action_space(dataset.action_space, source)
 
     observations, actions, rewards, terminations, truncations = [], [], [], [], []
     lengths = []
@@ -88,7 +89,8 @@ def read_minari(dataset_id: str) -> EpisodeSet:
                     f"{source}: episode {ep.id} has {obs.shape[0]} observations and "
                     f"{act.shape[0]} actions for {steps} rewards; Minari stores T+1 and T")
             observations.append(obs[:steps].reshape(steps, -1))  # drop the final observation
-            actions.append(act.reshape(steps, -1))
+            actions.append(act.reshape(steps) if act.dtype.kind in "iu" and act.ndim == 1
+                           else act.reshape(steps, -1))  # Discrete: (T,) indices
             rewards.append(np.asarray(ep.rewards).reshape(steps))
             terminations.append(np.asarray(ep.terminations).reshape(steps))
             truncations.append(np.asarray(ep.truncations).reshape(steps))
@@ -192,7 +194,8 @@ def write_minari(episodes: EpisodeSet, dataset_id: str, *, env_id: str | None = 
             obs_space, act_space = env.observation_space, env.action_space
         else:
             obs_space = _data_box(np.concatenate([episodes.observations, finals]))
-            act_space = _data_box(episodes.actions)
+            act_space = (gym.spaces.Discrete(episodes.act_dim) if episodes.discrete
+                         else _data_box(episodes.actions))
         buffers = _episode_buffers(episodes, finals, obs_space.dtype, act_space.dtype)
         staging = root / f".dtlab-staging-{secrets.token_hex(4)}"
         try:
@@ -248,7 +251,8 @@ def _make_env(env_id: str, episodes: EpisodeSet, source: str) -> gym.Env:
 
     env = make_env(env_id)
     try:
-        check_spaces(env, episodes.obs_dim, episodes.act_dim, what=f"dataset {source}")
+        check_spaces(env, episodes.obs_dim, episodes.act_dim, what=f"dataset {source}",
+                     discrete=episodes.discrete)
         _check_flat_box(env.observation_space, "observation", env_id)
     except BaseException:
         env.close()
@@ -343,6 +347,14 @@ def _check_id(dataset_id: str, source: str) -> str | None:
         raise DatasetError(f"{source}: malformed Minari dataset id; expected "
                            "(namespace/)name-v<version>, e.g. mujoco/hopper/medium-v0") from None
     return namespace
+
+
+def _check_action_space(space: gym.Space, source: str) -> None:
+    if isinstance(space, gym.spaces.Discrete):
+        if int(space.start) != 0:
+            raise DatasetError(f"{source}: Discrete action spaces must start at 0, got {space}")
+        return
+    _check_flat_box(space, "action", source)
 
 
 def _check_flat_box(space: gym.Space, what: str, source: str) -> None:

@@ -6,7 +6,7 @@ Layout (version 1)::
     attrs  metadata      JSON string (provenance): fixed-length UTF-8, variable-length if
                          over 60 kB (readers accept both)
     observations    (N, obs_dim) float32
-    actions         (N, act_dim) float32
+    actions         (N, act_dim) float32, or (N,) int64 (discrete actions)
     rewards         (N,)         float32
     terminations    (N,)         bool
     truncations     (N,)         bool
@@ -69,7 +69,7 @@ def write_native(episodes: EpisodeSet, path: str | Path) -> None:
         big = len(metadata.encode()) > _MAX_INLINE_ATTR
         f.attrs["metadata"] = metadata if big else fixed_string(metadata)
         for key, arr, dtype in (("observations", episodes.observations, np.float32),
-                                ("actions", episodes.actions, np.float32),
+                                ("actions", episodes.actions, episodes.actions.dtype),
                                 ("rewards", episodes.rewards, np.float32),
                                 ("terminations", episodes.terminations, bool),
                                 ("truncations", episodes.truncations, bool),
