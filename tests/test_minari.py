@@ -276,3 +276,50 @@ def test_dtlab_trains_on_a_dataset_written_by_minari(tmp_path, capsys):
     assert code == 0, capsys.readouterr().err
     cfg = json.loads((out / "step_00000004" / "config.json").read_text())
     assert cfg["dataset"]["episodes"] == 3 and cfg["dataset"]["transitions"] == 120
+
+
+def test_dtlab_trains_on_a_dataset_recorded_by_minaris_data_collector(tmp_path, capsys):
+    """Minari's own recorder (`minari.DataCollector`, which needs jax: the `minari[create]` extra in
+    dtlab's test dependencies) wraps a real env; dtlab reads back exactly what was stepped and
+    trains on it with `dtlab train --dataset minari:<id>`."""
+    from minari import DataCollector
+
+    from dtlab.cli import main
+
+    env = DataCollector(gym.make("CartPole-v1"), record_infos=False)
+    rng = np.random.default_rng(0)
+    seen_obs, seen_act, seen_rew, lengths = [], [], [], []
+    for ep in range(4):
+        obs, _ = env.reset(seed=ep)
+        steps = 0
+        while True:
+            action = int(rng.integers(2))
+            seen_obs.append(obs)
+            seen_act.append(action)
+            obs, reward, terminated, truncated, _ = env.step(action)
+            seen_rew.append(reward)
+            steps += 1
+            if terminated or truncated:
+                break
+        lengths.append(steps)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        env.create_dataset("test/cartpole-collector-v0", algorithm_name="random", author="tester",
+                           author_email="t@example.com", code_permalink="none",
+                           description="random CartPole data recorded by DataCollector")
+    env.close()
+    eps = load_episodes("minari:test/cartpole-collector-v0")
+    assert eps.discrete and eps.num_episodes == 4
+    np.testing.assert_array_equal(eps.episode_lengths, lengths)
+    np.testing.assert_array_equal(eps.observations, np.array(seen_obs, np.float32))
+    np.testing.assert_array_equal(eps.actions, seen_act)
+    np.testing.assert_array_equal(eps.rewards, seen_rew)
+    assert eps.terminations.sum() == 4  # random CartPole episodes end by falling over
+    out = tmp_path / "run"
+    code = main(["train", "--dataset", "minari:test/cartpole-collector-v0", "--env", "CartPole-v1",
+                 "--out", str(out), "--steps", "4", "--batch-size", "4", "--warmup-steps", "2",
+                 "--log-every", "2", "--no-progress", "--no-tensorboard", "--model.embed-dim", "16",
+                 "--model.n-layers", "1", "--model.context-len", "4", "--model.max-ep-len", "500"])
+    assert code == 0, capsys.readouterr().err
+    cfg = json.loads((out / "step_00000004" / "config.json").read_text())
+    assert cfg["discrete"] and cfg["dataset"]["transitions"] == sum(lengths)
