@@ -239,12 +239,24 @@ def test_d4rl_to_minari_to_d4rl_is_exact(tmp_path):
     assert back.metadata["dtlab_final_observations"] == "copied from the last step"
 
 
+def train_tiny_on(tmp_path, capsys, dataset_id: str, env_id: str, max_ep_len: int) -> dict:
+    """`dtlab train --dataset minari:<id>` for 4 steps of a tiny model; the checkpoint's config."""
+    from dtlab.cli import main
+
+    out = tmp_path / "run"
+    code = main(["train", "--dataset", f"minari:{dataset_id}", "--env", env_id, "--out", str(out),
+                 "--steps", "4", "--batch-size", "4", "--warmup-steps", "2", "--log-every", "2",
+                 "--no-progress", "--no-tensorboard", "--model.embed-dim", "16", "--model.n-layers",
+                 "1", "--model.context-len", "4", "--model.max-ep-len", str(max_ep_len)])
+    assert code == 0, capsys.readouterr().err
+    return json.loads((out / "step_00000004" / "config.json").read_text())
+
+
 def test_dtlab_trains_on_a_dataset_written_by_minari(tmp_path, capsys):
     """Real Pendulum-v1 rollouts stored with Minari's own writer (T+1 observations per episode)
     train with `dtlab train --dataset minari:<id>`."""
     import gymnasium as gym
 
-    from dtlab.cli import main
 
     env = gym.make("Pendulum-v1")
     rng = np.random.default_rng(0)
@@ -268,13 +280,7 @@ def test_dtlab_trains_on_a_dataset_written_by_minari(tmp_path, capsys):
                                        algorithm_name="random", author="tester",
                                        author_email="t@example.com", code_permalink="none",
                                        description="random Pendulum data")
-    out = tmp_path / "run"
-    code = main(["train", "--dataset", "minari:test/pendulum-random-v0", "--env", "Pendulum-v1",
-                 "--out", str(out), "--steps", "4", "--batch-size", "4", "--warmup-steps", "2",
-                 "--log-every", "2", "--no-progress", "--no-tensorboard", "--model.embed-dim", "16",
-                 "--model.n-layers", "1", "--model.context-len", "4", "--model.max-ep-len", "200"])
-    assert code == 0, capsys.readouterr().err
-    cfg = json.loads((out / "step_00000004" / "config.json").read_text())
+    cfg = train_tiny_on(tmp_path, capsys, "test/pendulum-random-v0", "Pendulum-v1", max_ep_len=200)
     assert cfg["dataset"]["episodes"] == 3 and cfg["dataset"]["transitions"] == 120
 
 
@@ -284,7 +290,6 @@ def test_dtlab_trains_on_a_dataset_recorded_by_minaris_data_collector(tmp_path, 
     trains on it with `dtlab train --dataset minari:<id>`."""
     from minari import DataCollector
 
-    from dtlab.cli import main
 
     env = DataCollector(gym.make("CartPole-v1"), record_infos=False)
     rng = np.random.default_rng(0)
@@ -315,11 +320,5 @@ def test_dtlab_trains_on_a_dataset_recorded_by_minaris_data_collector(tmp_path, 
     np.testing.assert_array_equal(eps.actions, seen_act)
     np.testing.assert_array_equal(eps.rewards, seen_rew)
     assert eps.terminations.sum() == 4  # random CartPole episodes end by falling over
-    out = tmp_path / "run"
-    code = main(["train", "--dataset", "minari:test/cartpole-collector-v0", "--env", "CartPole-v1",
-                 "--out", str(out), "--steps", "4", "--batch-size", "4", "--warmup-steps", "2",
-                 "--log-every", "2", "--no-progress", "--no-tensorboard", "--model.embed-dim", "16",
-                 "--model.n-layers", "1", "--model.context-len", "4", "--model.max-ep-len", "500"])
-    assert code == 0, capsys.readouterr().err
-    cfg = json.loads((out / "step_00000004" / "config.json").read_text())
+    cfg = train_tiny_on(tmp_path, capsys, "test/cartpole-collector-v0", "CartPole-v1", max_ep_len=500)
     assert cfg["discrete"] and cfg["dataset"]["transitions"] == sum(lengths)
