@@ -212,3 +212,72 @@ def test_cli_collect_train_evaluate_cartpole(tmp_path, capsys):
     err = capsys.readouterr().err
     assert "has discrete actions but the env's action space is Box" in err
     assert not (tmp_path / "bad").exists()
+
+
+def test_checkpoint_format_versions(tmp_path, tiny_checkpoint):
+    """Continuous checkpoints stay format 1 without a 'discrete' key (older dtlab reads them);
+    discrete ones are format 2."""
+    cont = json.loads((checkpoint.resolve(tiny_checkpoint) / "config.json").read_text())
+    assert cont["format_version"] == 1 and "discrete" not in cont
+    cfg = TrainConfig(dataset="<memory>", env="CartPole-v1", out=str(tmp_path / "run"), steps=2,
+                      batch_size=4, warmup_steps=1, progress=False, tensorboard=False, model=TINY)
+    disc = json.loads((train(cfg, cartpole_random(3)).checkpoint / "config.json").read_text())
+    assert disc["format_version"] == 2 and disc["discrete"] is True
+
+
+class ThreeActions(gym.Env):
+    """CartPole's observation shape with 3 actions (a checkpoint trained on CartPole must not run)."""
+
+    observation_space = gym.spaces.Box(-1.0, 1.0, (4,), np.float32)
+    action_space = gym.spaces.Discrete(3)
+
+    def reset(self, *, seed=None, options=None):
+        super().reset(seed=seed)
+        return np.zeros(4, np.float32), {}
+
+    def step(self, action):
+        return np.zeros(4, np.float32), 1.0, True, False, {}
+
+
+def test_space_mismatches_are_one_line_errors(tmp_path):
+    from dtlab.behaviour import train_behaviour
+    from dtlab.config import BehaviourConfig
+    from dtlab.envs import describe_space
+
+    if "dtlab-test/ThreeActions-v0" not in gym.registry:
+        gym.register("dtlab-test/ThreeActions-v0", entry_point=ThreeActions, max_episode_steps=10)
+    cfg = TrainConfig(dataset="<memory>", env="CartPole-v1", out=str(tmp_path / "run"), steps=2,
+                      batch_size=4, warmup_steps=1, progress=False, tensorboard=False, model=TINY)
+    model, info = checkpoint.load(train(cfg, cartpole_random(3)).checkpoint)
+    with pytest.raises(EnvError, match=r"has observations \(4,\) and 3 actions, but the "
+                                       r"checkpoint has observations \(4,\) and 2 actions"):
+        rollout(DTPolicy(model, info), "dtlab-test/ThreeActions-v0", (1.0,), 1)
+    # ... while a dataset that uses only some of an env's actions is fine for training.
+    few = EpisodeSet.from_flags(np.zeros((4, 4)), np.array([0, 1, 1, 0]), np.ones(4),
+                                np.array([0, 0, 0, 1]), np.zeros(4))
+    cfg3 = TrainConfig(**{**cfg.__dict__, "env": "dtlab-test/ThreeActions-v0",
+                          "out": str(tmp_path / "three")})
+    assert checkpoint.load(train(cfg3, few).checkpoint)[1].act_dim == 3
+    # Spaces in messages are one line, whatever their bounds.
+    uneven = gym.spaces.Box(np.arange(17, dtype=np.float32) - 50, np.arange(17, dtype=np.float32) * 3 + 1)
+    assert "\n" in str(uneven)  # what gymnasium prints: whole arrays, over several lines
+    assert describe_space(uneven) == "Box(shape=(17,), float32)"
+    assert describe_space(gym.spaces.Discrete(3, start=1)) == "Discrete(3, start=1)"
+    # SAC behaviour agents need Box actions: a clear error, and no run directory left.
+    with pytest.raises(EnvError, match=r"^CartPole-v1: SAC needs a continuous \(Box\) action space, "
+                                       r"got Discrete\(2\)"):
+        train_behaviour(BehaviourConfig(env="CartPole-v1", out=str(tmp_path / "sac")))
+    assert not (tmp_path / "sac").exists()
+    # A policy that returns a non-integer for a Discrete space is refused, not rounded.
+    with pytest.raises(EnvError, match=r"returned 0.5 for a Discrete\(2\) action space"):
+        collect_episodes("CartPole-v1", lambda i: HalfPolicy(), num_episodes=1)
+
+
+class HalfPolicy:
+    name = "half"
+
+    def reset(self, rng):
+        pass
+
+    def act(self, observation):
+        return 0.5

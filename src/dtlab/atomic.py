@@ -13,7 +13,16 @@ from dtlab.errors import ConfigError
 
 
 def _umask() -> int:
-    mask = os.umask(0o022)  # the only way to read it is to set it; restore at once
+    """The process umask, read without changing it where Linux allows (/proc), else by setting and
+    restoring it (a moment in which other threads would create files with mode 022)."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    mask = os.umask(0o022)
     os.umask(mask)
     return mask
 

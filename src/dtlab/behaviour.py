@@ -20,12 +20,13 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import gymnasium as gym
 import numpy as np
 
 from dtlab.atomic import replace_into_place, write_text_atomic
 from dtlab.config import BehaviourConfig
-from dtlab.envs import make_env
-from dtlab.errors import ConfigError
+from dtlab.envs import describe_space, make_env
+from dtlab.errors import ConfigError, EnvError
 
 if TYPE_CHECKING:
     from dtlab.data.episodes import EpisodeSet
@@ -85,6 +86,12 @@ def train_behaviour(cfg: BehaviourConfig, log=print) -> dict[str, Any]:
     from stable_baselines3 import SAC
 
     torch.set_num_threads(cfg.threads)
+    env = make_env(cfg.env)
+    if not isinstance(env.action_space, gym.spaces.Box):
+        env.close()
+        raise EnvError(f"{cfg.env}: SAC needs a continuous (Box) action space, got "
+                       f"{describe_space(env.action_space)}; collect discrete-action data with "
+                       "'dtlab collect --policy sb3:PATH' from a PPO or DQN agent instead")
     out = Path(cfg.out)
     snaps = out / "snapshots"
     snaps.mkdir(parents=True, exist_ok=True)
@@ -93,7 +100,6 @@ def train_behaviour(cfg: BehaviourConfig, log=print) -> dict[str, Any]:
         "seed": cfg.seed, "eval_episodes": cfg.eval_episodes, "snapshots": []}
     if manifest["env_id"] != cfg.env:
         raise ConfigError(f"{out}: holds a run for {manifest['env_id']}, not {cfg.env}")
-    env = make_env(cfg.env)
     done_steps = manifest["snapshots"][-1]["step"] if manifest["snapshots"] else 0
     if done_steps:
         model = SAC.load(snaps / f"step_{done_steps:08d}.zip", env=env, device="cpu")

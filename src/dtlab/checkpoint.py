@@ -33,7 +33,9 @@ from dtlab.config import ModelConfig
 from dtlab.errors import CheckpointError, ConfigError
 from dtlab.model import DecisionTransformer
 
-FORMAT_VERSION = 1
+# Version 2 added discrete actions ("discrete": true). Continuous checkpoints are still written as
+# version 1, without the key, so that older dtlab versions keep reading them.
+FORMAT_VERSION = 2
 CONFIG_FILE, WEIGHTS_FILE, TRAINER_FILE, LATEST_FILE = (
     "config.json", "model.safetensors", "trainer_state.pt", "latest")
 
@@ -60,7 +62,11 @@ class PolicyInfo:
     discrete: bool = False  # actions are indices into Discrete(act_dim)
 
     def to_json(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        data = dataclasses.asdict(self)
+        data["format_version"] = 2 if self.discrete else 1
+        if not self.discrete:
+            del data["discrete"]
+        return data
 
     @classmethod
     def from_json(cls, data: dict[str, Any], source: str) -> "PolicyInfo":

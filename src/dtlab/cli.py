@@ -248,7 +248,7 @@ def run_data_validate(cmd: DataValidate) -> None:
     if cmd.env:
         env = make_env(cmd.env)
         check_spaces(env, episodes.obs_dim, episodes.act_dim, what=f"dataset {cmd.path}",
-                     discrete=episodes.discrete)
+                     discrete=episodes.discrete, data=True)
         outside = int(actions_outside_bounds(episodes.actions, env.action_space).sum())
         print(f"{cmd.path}: spaces match {cmd.env}; {outside} actions outside the action bounds")
 

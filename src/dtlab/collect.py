@@ -33,9 +33,9 @@ import numpy as np
 import dtlab
 from dtlab.data.episodes import EpisodeSet
 # The Pendulum-v1 reference returns (random policy, scripted controller) live in the env registry.
-from dtlab.envs import PENDULUM_RANDOM_RETURN, PENDULUM_SCRIPTED_RETURN, make_env  # noqa: F401
+from dtlab.envs import PENDULUM_RANDOM_RETURN, PENDULUM_SCRIPTED_RETURN  # noqa: F401
+from dtlab.envs import describe_space, make_env
 from dtlab.errors import ConfigError, EnvError
-
 
 
 # ---- policy interface ------------------------------------------------------------------------
@@ -69,7 +69,7 @@ class RandomPolicy:
             self.n, self.start = int(action_space.n), int(action_space.start)
         elif not isinstance(action_space, gymnasium.spaces.Box) or not action_space.is_bounded():
             raise EnvError(f"RandomPolicy needs a bounded Box or a Discrete action space, got "
-                           f"{action_space}")
+                           f"{describe_space(action_space)}")
         else:
             self.low = action_space.low.astype(np.float32)  # (act_dim,)
             self.high = action_space.high.astype(np.float32)  # (act_dim,)
@@ -249,10 +249,11 @@ def collect_episodes(
         space = env.action_space
         discrete = isinstance(space, gymnasium.spaces.Discrete)
         if discrete and int(space.start) != 0:
-            raise EnvError(f"{env_id}: Discrete action spaces must start at 0, got {space}")
+            raise EnvError(f"{env_id}: Discrete action spaces must start at 0, got "
+                           f"{describe_space(space)}")
         if not (discrete or isinstance(space, gymnasium.spaces.Box)):
             raise EnvError(f"{env_id}: only Box and Discrete action spaces are supported, "
-                           f"got {space}")
+                           f"got {describe_space(space)}")
 
         def budget_left(episode: int) -> bool:
             if num_episodes is not None:
@@ -272,8 +273,11 @@ def collect_episodes(
             obs, _ = env.reset(seed=seed if episode == 0 else None)
             episode_starts.append(len(rewards))
             while True:
-                action = np.asarray(pol.act(obs), dtype=np.int64 if discrete else np.float32)
-                action = action.reshape(space.shape)  # () for Discrete
+                raw = np.asarray(pol.act(obs))
+                if discrete and not (raw.dtype.kind in "iu" or np.array_equal(raw, np.round(raw))):
+                    raise EnvError(f"{env_id}: policy {pol.name} returned {raw.tolist()} for a "
+                                   f"{describe_space(space)} action space (needs an integer index)")
+                action = raw.astype(np.int64 if discrete else np.float32).reshape(space.shape)
                 next_obs, reward, terminated, truncated, _ = env.step(action)
                 observations.append(np.asarray(obs, dtype=np.float32))  # state before the action
                 actions.append(action)
@@ -504,8 +508,8 @@ class SB3Policy:
         if model.observation_space.shape != env.observation_space.shape or \
                 not _same_action_space(model.action_space, env.action_space):
             raise EnvError(f"{path}: model spaces {model.observation_space.shape} -> "
-                           f"{model.action_space} do not match {env_id}'s "
-                           f"{env.observation_space.shape} -> {env.action_space}")
+                           f"{describe_space(model.action_space)} do not match {env_id}'s "
+                           f"{env.observation_space.shape} -> {describe_space(env.action_space)}")
         self.model, self.deterministic = model, deterministic
         self.name = f"sb3:{type(model).__name__}({Path(path).name})"
 

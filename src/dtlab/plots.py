@@ -69,7 +69,7 @@ def learning_curve(metrics_file: str | Path, path: str | Path) -> Path:
     axes[0, 0].plot(*zip(*loss))
     axes[0, 0].set_yscale("log")
     axes[0, 0].set_xlabel("step")
-    axes[0, 0].set_ylabel("action MSE")
+    axes[0, 0].set_ylabel("action loss (MSE, or cross entropy if discrete)")
     for key in evals:
         pts = [(r["step"], r[key]) for r in records if key in r]
         axes[0, 1].plot(*zip(*pts), marker="o", label=key.split("_", 1)[1])

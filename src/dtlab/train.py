@@ -1,4 +1,4 @@
-"""Training: masked action MSE, AdamW with warm-up, clipping, metrics, checkpoints, resume."""
+"""Training: masked action loss (MSE, or cross entropy for discrete actions), AdamW with warm-up, clipping, metrics, checkpoints, resume."""
 
 from __future__ import annotations
 
@@ -24,7 +24,7 @@ from dtlab.checkpoint import PolicyInfo
 from dtlab.config import TrainConfig
 from dtlab.data.episodes import EpisodeSet
 from dtlab.data.sampling import Batch, SequenceSampler
-from dtlab.envs import actions_outside_bounds, check_spaces, env_info, make_env
+from dtlab.envs import actions_outside_bounds, check_spaces, describe_space, env_info, make_env
 from dtlab.errors import ConfigError, DatasetError, DtlabWarning, EnvError, TrainingError
 from dtlab.model import DecisionTransformer
 
@@ -113,8 +113,8 @@ def _action_bounds(env, source: str) -> tuple[np.ndarray, np.ndarray]:
     low = np.asarray(env.action_space.low, dtype=np.float64)
     high = np.asarray(env.action_space.high, dtype=np.float64)
     if not (np.isfinite(low).all() and np.isfinite(high).all()):
-        raise EnvError(f"{source}: action space {env.action_space} is unbounded; dtlab's tanh action "
-                       "head needs finite bounds")
+        raise EnvError(f"{source}: action space {describe_space(env.action_space)} is unbounded; "
+                       "dtlab's tanh action head needs finite bounds")
     return low, high
 
 
@@ -228,7 +228,7 @@ def prepare(cfg: TrainConfig, episodes: EpisodeSet | None = None):
                                "or pass --truncate-long-episodes")
     env = make_env(cfg.env)
     check_spaces(env, episodes.obs_dim, episodes.act_dim, what=f"dataset {episodes.source}",
-                 discrete=episodes.discrete)
+                 discrete=episodes.discrete, data=True)
     check_action_bounds(episodes, env, strict=cfg.strict)
     info = policy_info_for(cfg, episodes, env)
     env.close()

@@ -36,9 +36,9 @@ class EpisodeSet:
 
         obs = np.asarray(self.observations, dtype=np.float32)
         act = np.asarray(self.actions)
-        # Integer actions are indices into a Discrete space: kept as (N,) int64. Anything else is
-        # a continuous action vector: (N, act_dim) float32.
-        discrete = act.dtype.kind in "iu"
+        # Integer actions of shape (N,) or (N, 1) are indices into a Discrete space: kept as (N,)
+        # int64. Anything else is a continuous action vector: (N, act_dim) float32.
+        discrete = act.dtype.kind in "iu" and (act.ndim == 1 or (act.ndim == 2 and act.shape[1] == 1))
         if discrete and act.ndim == 2 and act.shape[1] == 1:
             act = act[:, 0]
         act = act.astype(np.int64) if discrete else act.astype(np.float32)

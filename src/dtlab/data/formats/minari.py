@@ -45,6 +45,7 @@ from minari.storage import get_dataset_path
 import dtlab
 from dtlab.data.episodes import EpisodeSet
 from dtlab.data.formats._hdf5 import json_default
+from dtlab.envs import describe_space
 from dtlab.errors import DatasetError, DtlabError
 
 PREFIX = "minari:"
@@ -164,7 +165,8 @@ def write_minari(episodes: EpisodeSet, dataset_id: str, *, env_id: str | None = 
 
     - ``env_id``: observation/action spaces and the env spec come from ``gymnasium.make(env_id)``
       (shapes must match the data, else EnvError). None: Box spaces spanning the data's
-      per-dimension min/max, float32, and no env spec.
+      per-dimension min/max, float32 (discrete actions: ``Discrete(largest index + 1)``), and no
+      env spec.
     - ``final_observations`` (E, obs_dim): the observation after each episode's last step (Minari
       stores T+1 observations). None: the last observation is repeated, and the dataset's
       description and ``dtlab_final_observations`` metadata say so.
@@ -252,7 +254,7 @@ def _make_env(env_id: str, episodes: EpisodeSet, source: str) -> gym.Env:
     env = make_env(env_id)
     try:
         check_spaces(env, episodes.obs_dim, episodes.act_dim, what=f"dataset {source}",
-                     discrete=episodes.discrete)
+                     discrete=episodes.discrete, data=True)
         _check_flat_box(env.observation_space, "observation", env_id)
     except BaseException:
         env.close()
@@ -352,14 +354,16 @@ def _check_id(dataset_id: str, source: str) -> str | None:
 def _check_action_space(space: gym.Space, source: str) -> None:
     if isinstance(space, gym.spaces.Discrete):
         if int(space.start) != 0:
-            raise DatasetError(f"{source}: Discrete action spaces must start at 0, got {space}")
+            raise DatasetError(f"{source}: Discrete action spaces must start at 0, got "
+                               f"{describe_space(space)}")
         return
     _check_flat_box(space, "action", source)
 
 
 def _check_flat_box(space: gym.Space, what: str, source: str) -> None:
     if not isinstance(space, gym.spaces.Box) or len(space.shape) > 1:
-        raise DatasetError(f"{source}: only flat Box {what} spaces are supported, got {space}")
+        raise DatasetError(f"{source}: only flat Box {what} spaces are supported, got "
+                           f"{describe_space(space)}")
 
 
 def _root_description() -> str:
