@@ -4,8 +4,9 @@
 
 Cases (samples = windows of K=20 steps; batch 64; AdamW lr 1e-4 wd 1e-4, clip 0.25, warm-up LR):
   dtlab_step   dtlab DecisionTransformer: forward, masked action MSE, backward, clip, AdamW step,
-               on pre-built batches (goal 1)
-  hf_step      transformers.DecisionTransformerModel, the same windows, the blog's loss (goal 1)
+               on pre-built batches (goal 1); dtlab_step_bf16 under bf16 autocast
+  hf_step      transformers.DecisionTransformerModel, the same windows, the blog's loss (goal 1);
+               hf_step_bf16 under bf16 autocast (what HF's Trainer(bf16=True) does)
   dtlab_e2e    SequenceSampler.sample + to_tensors + the step above (goal 2)
   hf_e2e       the HF blog's collator (Python loop per sample, per-sample discounted cumsum,
                np.concatenate padding) + the HF step (goal 2)
@@ -49,10 +50,12 @@ def warmup_lambda(step: int) -> float:
 
 
 class DtlabTrainer:
-    def __init__(self, seed: int, episodes) -> None:
+    def __init__(self, seed: int, episodes, device: torch.device = CPU) -> None:
         torch.manual_seed(seed)
-        self.model = DecisionTransformer(ModelConfig(), OBS_DIM, ACT_DIM).train()
-        self.opt = torch.optim.AdamW(param_groups(self.model, WD), lr=LR, betas=(0.9, 0.999))
+        self.device = device
+        self.model = DecisionTransformer(ModelConfig(), OBS_DIM, ACT_DIM).to(device).train()
+        self.opt = torch.optim.AdamW(param_groups(self.model, WD), lr=LR, betas=(0.9, 0.999),
+                                     fused=device.type == "cuda")  # as dtlab.train
         self.sched = torch.optim.lr_scheduler.LambdaLR(self.opt, warmup_lambda)
         mean, std = episodes.observation_stats()
         self.sampler = SequenceSampler(
@@ -61,11 +64,11 @@ class DtlabTrainer:
         self.rng = np.random.default_rng(seed)
 
     def batch(self) -> dict:
-        return to_tensors(self.sampler.sample(B, self.rng), CPU)
+        return to_tensors(self.sampler.sample(B, self.rng), self.device)
 
     def step(self, b: dict, bf16: bool = False) -> torch.Tensor:
         # As dtlab.train does: bf16 autocast around the forward only (--precision bf16).
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=bf16):
             pred = self.model(b["observations"], b["actions"], b["returns_to_go"], b["timesteps"], b["masks"])
         loss = action_loss(pred.float(), b["actions"], b["masks"])
         self.opt.zero_grad(set_to_none=True)
@@ -77,9 +80,11 @@ class DtlabTrainer:
 
 
 class HFTrainer:
-    def __init__(self, seed: int, blog_episodes, precompute_rtg: bool = False) -> None:
+    def __init__(self, seed: int, blog_episodes, precompute_rtg: bool = False,
+                 device: torch.device = CPU) -> None:
         torch.manual_seed(seed)
-        self.model = hf_peer.hf_model(OBS_DIM, ACT_DIM).train()
+        self.device = device
+        self.model = hf_peer.hf_model(OBS_DIM, ACT_DIM).to(device).train()
         self.opt = hf_peer.hf_optimizer(self.model, LR, WD)
         self.sched = torch.optim.lr_scheduler.LambdaLR(self.opt, warmup_lambda)
         self.collator = hf_peer.BlogCollator(blog_episodes, max_len=K)
@@ -93,8 +98,9 @@ class HFTrainer:
         except ImportError:
             pass
 
-    def step(self, b: dict) -> torch.Tensor:
-        loss = hf_peer.hf_loss(self.model, b)
+    def step(self, b: dict, bf16: bool = False) -> torch.Tensor:
+        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=bf16):
+            loss = hf_peer.hf_loss(self.model, b)
         self.opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(self.model.parameters(), CLIP)
@@ -155,6 +161,7 @@ def main() -> None:
             "hf_step": lambda: timed(lambda i: hf.step(hf_pool[i % 8]), n),
             "dtlab_e2e": lambda: timed(lambda i: dt.step(dt.batch()), n),
             "dtlab_step_bf16": lambda: timed(lambda i: dt.step(pool[i % 8], bf16=True), n),
+            "hf_step_bf16": lambda: timed(lambda i: hf.step(hf_pool[i % 8], bf16=True), n),
             "dtlab_e2e_bf16": lambda: timed(lambda i: dt.step(dt.batch(), bf16=True), n),
             "hf_e2e": lambda: timed(lambda i: hf.step(hf.collator(B)), n),
             "hf_e2e_pre": lambda: timed(lambda i: hf.step(hf.collator_pre(B)), n),
@@ -197,6 +204,7 @@ def main() -> None:
     add("t1: step dtlab/HF", r["dtlab_step"], r["hf_step"], ">= 1.4")
     add("t1: e2e dtlab/HF blog collator", r["dtlab_e2e"], r["hf_e2e"], ">= 3")
     add("t1: step dtlab bf16 (--precision bf16)/HF fp32", r["dtlab_step_bf16"], r["hf_step"], ">= 1.4")
+    add("t1: step dtlab bf16/HF bf16 (both under autocast)", r["dtlab_step_bf16"], r["hf_step_bf16"])
     add("t1: e2e dtlab bf16/HF blog collator", r["dtlab_e2e_bf16"], r["hf_e2e"], ">= 3")
     add("t1: e2e dtlab/HF blog collator, rtg precomputed", r["dtlab_e2e"], r["hf_e2e_pre"], "")
     if "hf_e2e_arrow" in r:
