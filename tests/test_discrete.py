@@ -258,6 +258,13 @@ def test_space_mismatches_are_one_line_errors(tmp_path):
     cfg3 = TrainConfig(**{**cfg.__dict__, "env": "dtlab-test/ThreeActions-v0",
                           "out": str(tmp_path / "three")})
     assert checkpoint.load(train(cfg3, few).checkpoint)[1].act_dim == 3
+    beyond = EpisodeSet.from_flags(np.zeros((4, 4)), np.array([0, 7, 1, 0]), np.ones(4),
+                                   np.array([0, 0, 0, 1]), np.zeros(4), source="seven.hdf5")
+    with pytest.raises(EnvError, match=r"CartPole-v1 has observations \(4,\) and 2 actions, but "
+                                       r"dataset seven.hdf5 has observations \(4,\) and actions "
+                                       r"up to index 7"):
+        train(TrainConfig(**{**cfg.__dict__, "out": str(tmp_path / "seven")}), beyond)
+    assert not (tmp_path / "seven").exists()
     # Spaces in messages are one line, whatever their bounds.
     uneven = gym.spaces.Box(np.arange(17, dtype=np.float32) - 50, np.arange(17, dtype=np.float32) * 3 + 1)
     assert "\n" in str(uneven)  # what gymnasium prints: whole arrays, over several lines
