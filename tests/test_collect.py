@@ -254,7 +254,7 @@ def test_sharded_collection_reports_a_failing_shard():
         collect_sharded("Pendulum-v1", Broken(), num_transitions=20, seed=0, shards=2)
 
 
-@pytest.mark.parametrize("env_id", ["Hopper-v5", "HalfCheetah-v5"])
+@pytest.mark.parametrize("env_id", ["Hopper-v5", "HalfCheetah-v5", "Walker2d-v5"])
 def test_committed_presets_regenerate_deterministically(env_id):
     """The committed behaviour actors load safely, match the env, and regenerate the same data for
     the same seed (a small budget instead of the presets' 1M transitions)."""

@@ -163,7 +163,7 @@ class CollectConfig:
     """Regenerate a D4RL-style reference dataset, 1M transitions by default, deterministically:
     <hopper|halfcheetah|walker2d>-<random|medium|expert|medium-expert|medium-replay>-v5. random
     needs nothing; medium/expert use behaviour-policy weights under src/dtlab/presets/<env>/
-    (made with dtlab train-behaviour --export; committed: hopper-v5, halfcheetah-v5)."""
+    (made with dtlab train-behaviour --export; committed: hopper-v5, halfcheetah-v5, walker2d-v5)."""
     policy: str = "random"
     """Behaviour policy: random (uniform over a Box, or over a Discrete's actions); actor:PATH
     (SAC actor weights, safetensors); sb3:PATH (a Stable-Baselines3 zip: SAC/TD3/PPO/... for Box
