@@ -120,8 +120,7 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=50, help="optimizer steps per measurement")
     ap.add_argument("--train-steps", type=int, default=100_000)
     ap.add_argument("--episodes", type=int, default=100, help="per target (2 targets)")
-    ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--json", help="also write the JSON here")
+    harness.add_run_args(ap)
     args = ap.parse_args()
     if args.quick:
         args.reps, args.steps, args.train_steps, args.episodes = 2, 3, 20, 2

@@ -49,6 +49,16 @@ def warmup_lambda(step: int) -> float:
     return min(1.0, (step + 1) / WARMUP)
 
 
+def update(model: torch.nn.Module, opt, sched, loss: torch.Tensor) -> torch.Tensor:
+    """The optimizer half of a training step, the same for both peers: backward, clip, AdamW, LR."""
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(model.parameters(), CLIP)
+    opt.step()
+    sched.step()
+    return loss.detach()
+
+
 class DtlabTrainer:
     def __init__(self, seed: int, episodes, device: torch.device = CPU) -> None:
         torch.manual_seed(seed)
@@ -71,12 +81,7 @@ class DtlabTrainer:
         with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=bf16):
             pred = self.model(b["observations"], b["actions"], b["returns_to_go"], b["timesteps"], b["masks"])
         loss = action_loss(pred.float(), b["actions"], b["masks"])
-        self.opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(self.model.parameters(), CLIP)
-        self.opt.step()
-        self.sched.step()
-        return loss.detach()
+        return update(self.model, self.opt, self.sched, loss)
 
 
 class HFTrainer:
@@ -101,12 +106,7 @@ class HFTrainer:
     def step(self, b: dict, bf16: bool = False) -> torch.Tensor:
         with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=bf16):
             loss = hf_peer.hf_loss(self.model, b)
-        self.opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(self.model.parameters(), CLIP)
-        self.opt.step()
-        self.sched.step()
-        return loss.detach()
+        return update(self.model, self.opt, self.sched, loss)
 
 
 def hf_batch_from(b: dict) -> dict:
@@ -134,10 +134,7 @@ def main() -> None:
     ap.add_argument("--steps", type=int, help="optimizer steps per measurement (throughput phase)")
     ap.add_argument("--collapse-reps", type=int)
     ap.add_argument("--collapse-steps", type=int)
-    ap.add_argument("--no-collapse", action="store_true", help="skip the busy-core phase")
-    ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--json", help="also write the JSON here")
-    ap.add_argument("--no-profile", action="store_true")
+    harness.add_run_args(ap, collapse=True, profile=True)
     args = ap.parse_args()
     reps = args.reps or (3 if args.quick else 5)
     steps = args.steps or (4 if args.quick else 10)

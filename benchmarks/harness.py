@@ -29,6 +29,17 @@ CONDITIONS = {
 }
 
 
+def add_run_args(ap, *, collapse: bool = False, profile: bool = False) -> None:
+    """The options every benchmark script shares: --seed, --json, and where the script has those
+    phases, --no-collapse and --no-profile."""
+    if collapse:
+        ap.add_argument("--no-collapse", action="store_true", help="skip the busy-core phase")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--json", help="also write the JSON here")
+    if profile:
+        ap.add_argument("--no-profile", action="store_true")
+
+
 def seed_everything(seed: int) -> None:
     import random
 

@@ -90,8 +90,7 @@ def read_minari(dataset_id: str) -> EpisodeSet:
                     f"{source}: episode {ep.id} has {obs.shape[0]} observations and "
                     f"{act.shape[0]} actions for {steps} rewards; Minari stores T+1 and T")
             observations.append(obs[:steps].reshape(steps, -1))  # drop the final observation
-            actions.append(act.reshape(steps) if act.dtype.kind in "iu" and act.ndim == 1
-                           else act.reshape(steps, -1))  # Discrete: (T,) indices
+            actions.append(act.reshape(steps, -1))  # EpisodeSet reads integer (N, 1) as Discrete
             rewards.append(np.asarray(ep.rewards).reshape(steps))
             terminations.append(np.asarray(ep.terminations).reshape(steps))
             truncations.append(np.asarray(ep.truncations).reshape(steps))
