@@ -1,4 +1,5 @@
-"""Training: masked action loss (MSE, or cross entropy for discrete actions), AdamW with warm-up, clipping, metrics, checkpoints, resume."""
+"""Training: masked action loss (MSE, or cross entropy for discrete actions), AdamW with warm-up,
+clipping, metrics, checkpoints, resume."""
 
 from __future__ import annotations
 
