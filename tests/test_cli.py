@@ -89,7 +89,9 @@ def test_train_and_evaluate_hopper_d4rl_file(tmp_path, capsys, hopper_file):
     assert code == 0, stderr
     data = json.loads(results.read_text())
     assert [r["target"] for r in data["results"]] == [3600.0, 1800.0]
-    assert all(len(r["returns"]) == 2 and r["normalized_mean"] is not None for r in data["results"])
+    # Cut at 20 of Hopper's 1000 steps: no normalized scores (not comparable with D4RL's).
+    assert all(len(r["returns"]) == 2 and r["normalized_mean"] is None for r in data["results"])
+    assert data["normalized_scores_comparable"] is False
     assert "3600" in stdout  # the table
 
 

@@ -12,11 +12,12 @@ import torch
 from dtlab import checkpoint
 from dtlab.cli import main
 from dtlab.collect import RandomPolicy, SB3Policy, collect_episodes
-from dtlab.config import ModelConfig, TrainConfig
+from dtlab.config import ModelConfig
+from tests.configs import flat_fields, train_config
 from dtlab.data import EpisodeSet, SequenceSampler
 from dtlab.data.formats import load_episodes, save_episodes
 from dtlab.errors import DatasetError, EnvError
-from dtlab.evaluate import rollout
+from dtlab.rollout import rollout
 from dtlab.model import DecisionTransformer
 from dtlab.policy import DTPolicy
 from dtlab.train import action_loss, train
@@ -93,7 +94,7 @@ def test_cartpole_train_policy_and_rollout(tmp_path):
     episodes = cartpole_random()
     assert episodes.discrete and episodes.actions.dtype == np.int64
     assert set(np.unique(episodes.actions)) == {0, 1}
-    cfg = TrainConfig(dataset="<memory>", env="CartPole-v1", out=str(tmp_path / "run"), steps=30,
+    cfg = train_config(dataset="<memory>", env="CartPole-v1", out=str(tmp_path / "run"), steps=30,
                       batch_size=16, warmup_steps=5, progress=False, tensorboard=False, model=TINY,
                       lr=3e-3)
     result = train(cfg, episodes)
@@ -132,7 +133,7 @@ def test_cartpole_train_policy_and_rollout(tmp_path):
         hist_act.append(int(action))
         obs, reward, terminated, truncated, _ = env.step(action)
         assert not (terminated or truncated)
-    results, _ = rollout(DTPolicy(model, info), "CartPole-v1", (500.0, 100.0), 3, seed=0)
+    results = rollout(DTPolicy(model, info), "CartPole-v1", (500.0, 100.0), 3, seed=0).results
     assert [r.target for r in results] == [500.0, 100.0]
     assert all(len(r.returns) == 3 and min(r.returns) >= 1 for r in results)
     # A discrete checkpoint on a continuous env (and vice versa) is refused.
@@ -219,7 +220,7 @@ def test_checkpoint_format_versions(tmp_path, tiny_checkpoint):
     discrete ones are format 2."""
     cont = json.loads((checkpoint.resolve(tiny_checkpoint) / "config.json").read_text())
     assert cont["format_version"] == 1 and "discrete" not in cont
-    cfg = TrainConfig(dataset="<memory>", env="CartPole-v1", out=str(tmp_path / "run"), steps=2,
+    cfg = train_config(dataset="<memory>", env="CartPole-v1", out=str(tmp_path / "run"), steps=2,
                       batch_size=4, warmup_steps=1, progress=False, tensorboard=False, model=TINY)
     disc = json.loads((train(cfg, cartpole_random(3)).checkpoint / "config.json").read_text())
     assert disc["format_version"] == 2 and disc["discrete"] is True
@@ -246,7 +247,7 @@ def test_space_mismatches_are_one_line_errors(tmp_path):
 
     if "dtlab-test/ThreeActions-v0" not in gym.registry:
         gym.register("dtlab-test/ThreeActions-v0", entry_point=ThreeActions, max_episode_steps=10)
-    cfg = TrainConfig(dataset="<memory>", env="CartPole-v1", out=str(tmp_path / "run"), steps=2,
+    cfg = train_config(dataset="<memory>", env="CartPole-v1", out=str(tmp_path / "run"), steps=2,
                       batch_size=4, warmup_steps=1, progress=False, tensorboard=False, model=TINY)
     model, info = checkpoint.load(train(cfg, cartpole_random(3)).checkpoint)
     with pytest.raises(EnvError, match=r"has observations \(4,\) and 3 actions, but the "
@@ -255,7 +256,7 @@ def test_space_mismatches_are_one_line_errors(tmp_path):
     # ... while a dataset that uses only some of an env's actions is fine for training.
     few = EpisodeSet.from_flags(np.zeros((4, 4)), np.array([0, 1, 1, 0]), np.ones(4),
                                 np.array([0, 0, 0, 1]), np.zeros(4))
-    cfg3 = TrainConfig(**{**cfg.__dict__, "env": "dtlab-test/ThreeActions-v0",
+    cfg3 = train_config(**{**flat_fields(cfg), "env": "dtlab-test/ThreeActions-v0",
                           "out": str(tmp_path / "three")})
     assert checkpoint.load(train(cfg3, few).checkpoint)[1].act_dim == 3
     beyond = EpisodeSet.from_flags(np.zeros((4, 4)), np.array([0, 7, 1, 0]), np.ones(4),
@@ -263,7 +264,7 @@ def test_space_mismatches_are_one_line_errors(tmp_path):
     with pytest.raises(EnvError, match=r"CartPole-v1 has observations \(4,\) and 2 actions, but "
                                        r"dataset seven.hdf5 has observations \(4,\) and actions "
                                        r"up to index 7"):
-        train(TrainConfig(**{**cfg.__dict__, "out": str(tmp_path / "seven")}), beyond)
+        train(train_config(**{**flat_fields(cfg), "out": str(tmp_path / "seven")}), beyond)
     assert not (tmp_path / "seven").exists()
     # Spaces in messages are one line, whatever their bounds.
     uneven = gym.spaces.Box(np.arange(17, dtype=np.float32) - 50, np.arange(17, dtype=np.float32) * 3 + 1)

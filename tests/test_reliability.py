@@ -14,7 +14,8 @@ from safetensors.torch import load_file
 
 import dtlab.train as train_module
 from dtlab import checkpoint
-from dtlab.config import ModelConfig, TrainConfig
+from dtlab.config import ModelConfig
+from tests.configs import flat_fields, train_config
 from dtlab.data import EpisodeSet
 from dtlab.data.formats import save_episodes
 from dtlab.errors import DatasetError, DtlabWarning, TrainingError
@@ -36,7 +37,7 @@ def cfg(tmp_path, name="run", **kw):
     base = dict(dataset="data.hdf5", env="Pendulum-v1", out=str(tmp_path / name), steps=8, batch_size=4,
                 warmup_steps=2, log_every=2, checkpoint_every=4, progress=False, tensorboard=False,
                 model=TINY)
-    return TrainConfig(**{**base, **kw})
+    return train_config(**{**base, **kw})
 
 
 def nan_on_call(n):

@@ -106,13 +106,27 @@ Command = Union[
 
 
 def run_train(cfg: TrainConfig) -> int:
+    """Train; SIGINT/SIGTERM stop the run at the next step with a checkpoint (exit 128 + signal)."""
+    import signal
+    import threading
+
     from dtlab.train import train
 
-    result = train(cfg)
+    received: list[int] = []
+    handlers = {}
+    if threading.current_thread() is threading.main_thread():
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            handlers[sig] = signal.signal(sig, lambda signum, _frame: received.append(signum))
+    try:
+        result = train(cfg, should_stop=lambda: bool(received))
+    finally:
+        for sig, handler in handlers.items():
+            signal.signal(sig, handler)
     if result.interrupted:
-        print(f"interrupted by signal {result.signal} at step {result.steps}; checkpoint "
+        sig = received[0] if received else 0
+        print(f"interrupted by signal {sig} at step {result.steps}; checkpoint "
               f"{result.checkpoint}; continue with --resume", file=sys.stderr)
-        return 128 + (result.signal or 0)
+        return 128 + sig
     skipped = f", {result.skipped_nonfinite} non-finite steps skipped" if result.skipped_nonfinite else ""
     print(f"done: {result.steps} steps, final loss {result.final_loss:.5f}{skipped}, "
           f"checkpoint {result.checkpoint}")

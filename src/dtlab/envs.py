@@ -64,6 +64,20 @@ def env_info(env_id: str) -> EnvInfo:
     return EnvInfo(None, None, 1000.0, (), 1000)
 
 
+def reference_scores(env_id: str, recorded_min: float | None = None,
+                     recorded_max: float | None = None) -> tuple[float | None, float | None]:
+    """The (min, max) returns that define normalized scores for ``env_id``: the registry's
+    (D4RL's constants, dtlab's measured Pendulum/CartPole references) when it has them, else the
+    ones recorded with a dataset or checkpoint (dtlab's presets, Minari's metadata), else None.
+    The one place this precedence is decided."""
+    info = env_info(env_id)
+    if info.ref_min_score is not None:
+        return info.ref_min_score, info.ref_max_score
+    if recorded_min is None or recorded_max is None:
+        return None, None
+    return float(recorded_min), float(recorded_max)
+
+
 def make_env(env_id: str, **kwargs) -> gym.Env:
     """``gymnasium.make`` with a one-line EnvError for ids Gymnasium does not know."""
     try:
