@@ -341,7 +341,10 @@ class Trainer:
         loss, grad_norm = train_step(self.model, self.optimizer, batch, grad_clip=optim.grad_clip,
                                      precision=optim.precision)
         applied = bool(torch.isfinite(grad_norm))
-        self.scheduler.step()
+        with warnings.catch_warnings():  # a skipped first step makes torch warn about the order
+            warnings.filterwarnings("ignore", message="Detected call of `lr_scheduler.step",
+                                    category=UserWarning)
+            self.scheduler.step()
         self.state.step += 1
         return loss, applied
 
