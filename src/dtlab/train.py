@@ -450,7 +450,8 @@ def _loop(cfg: TrainConfig, trainer: Trainer, info: PolicyInfo, metrics: Metrics
                 loss_count, tick, tick_step = 0, now, step
             if (evaluator is not None and cfg.evaluation.eval_every
                     and step % cfg.evaluation.eval_every == 0 and step < cfg.run.steps):
-                evaluations.append(_evaluate(evaluator, trainer, info, metrics))
+                evaluations.append(_evaluate(evaluator, trainer, info, metrics,
+                                             cfg.optim.precision))
             minutes = cfg.run.checkpoint_every_minutes
             if (step % cfg.run.checkpoint_every == 0 or step == cfg.run.steps
                     or (minutes and time.monotonic() - saved_at >= 60 * minutes)):
@@ -462,7 +463,7 @@ def _loop(cfg: TrainConfig, trainer: Trainer, info: PolicyInfo, metrics: Metrics
     if last_saved != state.step:
         trainer.save(out, info, cfg.run.keep_checkpoints)
     if evaluator is not None and not interrupted:
-        evaluations.append(_evaluate(evaluator, trainer, info, metrics))
+        evaluations.append(_evaluate(evaluator, trainer, info, metrics, cfg.optim.precision))
     if loss_count:
         last_loss = float(loss_sum) / loss_count
     return TrainResult(checkpoint.resolve(out), state.step, last_loss, evaluations, interrupted,
@@ -477,10 +478,11 @@ def default_evaluator(cfg: TrainConfig) -> Evaluate:
     return Evaluator(cfg.data.env, targets, cfg.evaluation.eval_episodes, seed=cfg.optim.seed)
 
 
-def _evaluate(evaluator: Evaluate, trainer: Trainer, info: PolicyInfo, metrics: MetricsLog) -> dict:
+def _evaluate(evaluator: Evaluate, trainer: Trainer, info: PolicyInfo, metrics: MetricsLog,
+              precision: runtime.Precision) -> dict:
     step = trainer.state.step
     policy = DTPolicy(trainer.model, dataclasses.replace(info, step=step), trainer.device,
-                      precision="fp32")
+                      precision=precision)
     report = evaluator(policy)
     trainer.model.train()
     metrics.write(evaluation_record(step, report.results))
