@@ -66,7 +66,7 @@ def test_evaluation_past_max_ep_len_is_refused_unless_capped(short_model_run, tm
                            "--out", results)
     assert code == 2 and err.count("\n") == 1
     assert "episodes run up to 200 steps but the model's max_ep_len is 50" in err
-    assert "--max-steps" in err and not results.exists()
+    assert "max_steps <= 50" in err and not results.exists()
     code, _, err = run_cli(capsys, "evaluate", short_model_run, "--targets", -200, "--episodes", 1,
                            "--max-steps", 50, "--out", results)
     assert code == 0, err

@@ -86,12 +86,12 @@ def evaluate_checkpoint(cfg: EvalConfig, echo: bool = False) -> dict:
     dataset_return = info.dataset.get("episode_return")
     if cfg.sweep:
         if not dataset_return:
-            raise ConfigError(f"{path}: checkpoint has no dataset return statistics for --sweep")
+            raise ConfigError(f"{path}: checkpoint has no dataset return statistics for sweep")
         targets = sweep_targets(dataset_return, cfg.sweep_points)
     else:
         targets = list(cfg.targets) or list(env_info(env_id).targets)
     if not targets:
-        raise ConfigError(f"no --targets given and no default targets known for {env_id}")
+        raise ConfigError(f"no targets given and no default targets known for {env_id}")
     policy = DTPolicy.from_checkpoint(path, device=str(device), precision=cfg.precision,
                                       kv_cache=cfg.kv_cache)
     report = rollout(policy, env_id, targets, cfg.episodes, seed=cfg.seed, max_steps=cfg.max_steps)

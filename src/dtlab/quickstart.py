@@ -34,12 +34,12 @@ def quickstart(out: str | Path = "dtlab-quickstart", *, steps: int = 3000, episo
     from dtlab.train import train
 
     if steps < 10 or episodes < 1:
-        raise ConfigError(f"quickstart needs --steps >= 10 and --episodes >= 1 (got {steps}, {episodes})")
+        raise ConfigError(f"quickstart needs steps >= 10 and episodes >= 1 (got {steps}, {episodes})")
     out = Path(out)
     run_dir = out / "run"
     if run_dir.exists():
         if not overwrite:
-            raise ConfigError(f"{out}: already holds a quickstart run; pass --overwrite or another --out")
+            raise ConfigError(f"{out}: already holds a quickstart run; set overwrite, or choose another out")
         shutil.rmtree(run_dir)
     started = time.perf_counter()
     out.mkdir(parents=True, exist_ok=True)

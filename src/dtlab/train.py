@@ -174,8 +174,8 @@ def prepare(cfg: TrainConfig, episodes: EpisodeSet | None = None) -> tuple[Episo
         else:
             ep = int(np.argmax(episodes.episode_lengths))
             raise DatasetError(f"{episodes.source}: episode {ep} has {longest} steps, more than "
-                               f"model.max_ep_len={cfg.model.max_ep_len}; raise --model.max-ep-len "
-                               "or pass --truncate-long-episodes")
+                               f"model.max_ep_len={cfg.model.max_ep_len}; raise model.max_ep_len "
+                               "or set truncate_long_episodes")
     env = make_env(cfg.data.env)
     check_spaces(env, episodes.obs_dim, episodes.act_dim, what=f"dataset {episodes.source}",
                  discrete=episodes.discrete, data=True)
@@ -209,7 +209,7 @@ def check_resume_config(out: Path, cfg: TrainConfig) -> None:
                 differ.append((group, old, value))
     if differ:
         shown = ", ".join(f"{k}: {a!r} -> {b!r}" for k, a, b in differ)
-        raise ConfigError(f"{path}: --resume with different settings than the run ({shown}); "
+        raise ConfigError(f"{path}: resume with different settings than the run ({shown}); "
                           "resume with the same settings, or start a new run")
 
 
@@ -227,18 +227,18 @@ def resume_point(out: Path, cfg: TrainConfig) -> Path | None:
     has_checkpoint = (out / checkpoint.LATEST_FILE).is_file()
     if not cfg.run.resume:
         if (out / checkpoint.LATEST_FILE).exists():
-            raise ConfigError(f"{out}: run directory already holds a run; pass --resume or another "
-                              "--out")
+            raise ConfigError(f"{out}: run directory already holds a run; set resume to continue it, or "
+                              "choose another out")
         return None
     if has_checkpoint:
         check_resume_config(out, cfg)
         return checkpoint.resolve(out)
     if (out / TRAIN_CONFIG_FILE).is_file():
         check_resume_config(out, cfg)
-        warnings.warn(f"{out}: --resume found the run's settings but no checkpoint yet; starting "
+        warnings.warn(f"{out}: resume found the run's settings but no checkpoint yet; starting "
                       "from step 0", DtlabWarning, stacklevel=3)
         return None
-    raise ConfigError(f"{out}: --resume given but the run directory has no checkpoint")
+    raise ConfigError(f"{out}: resume is set but the run directory has no checkpoint")
 
 
 # ---- one step -------------------------------------------------------------------------------------
@@ -432,7 +432,7 @@ def _loop(cfg: TrainConfig, trainer: Trainer, info: PolicyInfo, metrics: Metrics
                 good = checkpoint.resolve(out) if (out / checkpoint.LATEST_FILE).exists() else None
                 raise TrainingError(
                     f"non-finite loss or gradient at step {state.step} (loss {loss.item():g}); "
-                    f"last good checkpoint: {good or 'none'}; --skip-nonfinite skips such steps"
+                    f"last good checkpoint: {good or 'none'}; skip_nonfinite skips such steps"
                     + _likely_cause(trainer.sampler.episodes, info))
             else:
                 state.skipped_nonfinite += 1
@@ -506,7 +506,7 @@ def _likely_cause(episodes: EpisodeSet, info: PolicyInfo) -> str:
     scaled = float(np.abs(episodes.returns_to_go).max()) / info.return_scale
     if scaled > 1e3:
         return (f"; likely cause: returns-to-go reach {scaled:.3g} times the return scale "
-                f"({info.return_scale:g}): set --return-scale near the largest episode return")
+                f"({info.return_scale:g}): set return_scale near the largest episode return")
     obs = (episodes.observations - np.asarray(info.obs_mean)) / np.asarray(info.obs_std)
     if float(np.abs(obs).max()) > 1e4:
         return (f"; likely cause: normalized observations reach {float(np.abs(obs).max()):.3g} "
