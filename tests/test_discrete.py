@@ -10,8 +10,9 @@ import pytest
 import torch
 
 from dtlab import checkpoint
+from dtlab.behaviour.policies import RandomPolicy, SB3Policy
 from dtlab.cli import main
-from dtlab.collect import RandomPolicy, SB3Policy, collect_episodes
+from dtlab.collect import collect_episodes
 from dtlab.config import ModelConfig, TrainConfig
 from dtlab.data import EpisodeSet, SequenceSampler
 from dtlab.data.formats import load_episodes, save_episodes
@@ -240,7 +241,7 @@ class ThreeActions(gym.Env):
 
 
 def test_space_mismatches_are_one_line_errors(tmp_path):
-    from dtlab.behaviour import train_behaviour
+    from dtlab.behaviour.sac import train_behaviour
     from dtlab.config import BehaviourConfig
     from dtlab.envs import describe_space
 
@@ -282,6 +283,9 @@ def test_space_mismatches_are_one_line_errors(tmp_path):
 
 class HalfPolicy:
     name = "half"
+
+    def check_env(self, env):
+        pass
 
     def reset(self, rng):
         pass
