@@ -25,7 +25,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1)
     args = parser.parse_args()
 
-    from dtlab.collect import pendulum_mixed_dataset
+    from dtlab.behaviour.scripted import pendulum_mixed_dataset
     from dtlab.config import DataConfig, OptimConfig, RunConfig, TrainConfig
     from dtlab.rollout import rollout
     from dtlab.policy import DTPolicy

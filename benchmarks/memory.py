@@ -65,7 +65,7 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(1)
 
-    from dtlab.collect import pendulum_mixed_dataset
+    from dtlab.behaviour.scripted import pendulum_mixed_dataset
     from dtlab.config import DataConfig, ModelConfig, OptimConfig, RunConfig, TrainConfig
     from dtlab.rollout import rollout
     from dtlab.policy import DTPolicy

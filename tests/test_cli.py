@@ -8,8 +8,9 @@ import h5py
 import numpy as np
 import pytest
 
+from dtlab.behaviour.policies import RandomPolicy
 from dtlab.cli import main
-from dtlab.collect import RandomPolicy, collect_episodes
+from dtlab.collect import collect_episodes
 from dtlab.data.formats import write_d4rl
 from dtlab.envs import make_env
 

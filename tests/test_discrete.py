@@ -10,10 +10,10 @@ import pytest
 import torch
 
 from dtlab import checkpoint
+from dtlab.behaviour.policies import RandomPolicy, SB3Policy
 from dtlab.cli import main
-from dtlab.collect import RandomPolicy, SB3Policy, collect_episodes
+from dtlab.collect import collect_episodes
 from dtlab.config import ModelConfig
-from tests.configs import flat_fields, train_config
 from dtlab.data import EpisodeSet, SequenceSampler
 from dtlab.data.formats import load_episodes, save_episodes
 from dtlab.errors import DatasetError, EnvError
@@ -21,6 +21,7 @@ from dtlab.rollout import rollout
 from dtlab.model import DecisionTransformer
 from dtlab.policy import DTPolicy
 from dtlab.train import action_loss, train
+from tests.configs import flat_fields, train_config
 
 TINY = ModelConfig(embed_dim=16, n_layers=1, n_heads=2, context_len=4, max_ep_len=500)
 
@@ -241,7 +242,7 @@ class ThreeActions(gym.Env):
 
 
 def test_space_mismatches_are_one_line_errors(tmp_path):
-    from dtlab.behaviour import train_behaviour
+    from dtlab.behaviour.sac import train_behaviour
     from dtlab.config import BehaviourConfig
     from dtlab.envs import describe_space
 
@@ -283,6 +284,9 @@ def test_space_mismatches_are_one_line_errors(tmp_path):
 
 class HalfPolicy:
     name = "half"
+
+    def check_env(self, env):
+        pass
 
     def reset(self, rng):
         pass

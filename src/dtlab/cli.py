@@ -139,71 +139,55 @@ def run_evaluate(cfg: EvalConfig) -> None:
     evaluate_checkpoint(cfg, echo=True)
 
 
+def _behaviour_policy(cfg: CollectConfig):
+    """The BehaviourPolicy that ``cfg.policy`` names (not pendulum-mixed: a dataset recipe)."""
+    from dtlab.behaviour.policies import ActorPolicy, RandomPolicy, SB3Policy
+    from dtlab.behaviour.scripted import PendulumSwingUp
+
+    spec = cfg.policy_spec
+    if spec.kind == "random":
+        return RandomPolicy.for_env(cfg.env)
+    if spec.kind == "actor":
+        return ActorPolicy(spec.path, deterministic=cfg.deterministic)
+    if spec.kind == "sb3":
+        return SB3Policy(spec.path, cfg.env, trust=cfg.trust_pickle, deterministic=cfg.deterministic)
+    if spec.kind == "pendulum-swingup":
+        return PendulumSwingUp(quality=cfg.quality)
+    raise ValueError(f"policy {spec.kind} is a dataset recipe, not a policy")
+
+
 def run_collect(cfg: CollectConfig) -> None:
     import time
 
-    from dtlab import collect
-    from dtlab.data.formats import MINARI_PREFIX, save_episodes
+    from dtlab.data.formats import save_episodes
     from dtlab.errors import ConfigError
 
-    # Refuse conflicting or meaningless options before collecting anything.
-    for flag, value in (("--episodes", cfg.episodes), ("--transitions", cfg.transitions)):
-        if value is not None and value < 1:
-            raise ConfigError(f"{flag} must be >= 1, got {value}")
-    to_minari = cfg.out.startswith(MINARI_PREFIX)
-    out_format = cfg.format or ("minari" if to_minari else "d4rl")
-    if to_minari and out_format != "minari":
-        raise ConfigError(f"--out {cfg.out} is a Minari dataset, but --format is {out_format}")
-    if out_format == "minari" and not to_minari:
-        raise ConfigError(f"--format minari writes a Minari dataset: give --out {MINARI_PREFIX}<id>, "
-                          f"not {cfg.out}")
+    # CollectConfig has refused conflicting options already; only the preset's env is left.
     if cfg.preset:
-        if cfg.episodes is not None:
-            raise ConfigError("presets are sized by --transitions (D4RL's 1M by default), not "
-                              "--episodes")
-        preset_env, _ = collect.parse_preset(cfg.preset)
+        from dtlab.presets import parse_preset, preset_dataset
+
+        preset_env, _ = parse_preset(cfg.preset)
         if cfg.env is not None and cfg.env != preset_env:
             raise ConfigError(f"--env {cfg.env} conflicts with --preset {cfg.preset} ({preset_env})")
-    elif cfg.policy == "pendulum-mixed" and cfg.transitions is not None:
-        raise ConfigError("policy pendulum-mixed collects whole episodes: give --episodes, not "
-                          "--transitions")
-
     started = time.perf_counter()
     if cfg.preset:
         kwargs = {"num_transitions": cfg.transitions} if cfg.transitions else {}
-        episodes = collect.preset_dataset(cfg.preset, seed=cfg.seed, behaviour_run=cfg.behaviour_run,
-                                          trust=cfg.trust_pickle, **kwargs)
+        episodes = preset_dataset(cfg.preset, seed=cfg.seed, behaviour_run=cfg.behaviour_run,
+                                  trust=cfg.trust_pickle, **kwargs)
         env_id = episodes.metadata.get("env_id")
-    elif cfg.env is None:
-        raise ConfigError("give --env (or --preset)")
-    elif cfg.policy == "pendulum-mixed":
-        if cfg.env != "Pendulum-v1":
-            raise ConfigError("policy pendulum-mixed is for Pendulum-v1")
-        episodes = collect.pendulum_mixed_dataset(num_episodes=cfg.episodes or 300, seed=cfg.seed)
+    elif cfg.policy_spec.kind == "pendulum-mixed":
+        from dtlab.behaviour.scripted import pendulum_mixed_dataset
+
+        episodes = pendulum_mixed_dataset(num_episodes=cfg.episodes or 300, seed=cfg.seed)
         env_id = cfg.env
     else:
+        from dtlab.collect import collect_episodes
+
         env_id = cfg.env
-        space = collect.env_action_space(env_id)
-        if cfg.policy == "random":
-            policy = collect.RandomPolicy(space)
-        elif cfg.policy.startswith("actor:"):
-            policy = collect.ActorPolicy(cfg.policy[len("actor:"):], deterministic=cfg.deterministic)
-        elif cfg.policy.startswith("sb3:"):
-            policy = collect.SB3Policy(cfg.policy[len("sb3:"):], env_id, trust=cfg.trust_pickle,
-                                       deterministic=cfg.deterministic)
-        elif cfg.policy == "pendulum-swingup":
-            if env_id != "Pendulum-v1":
-                raise ConfigError("policy pendulum-swingup is for Pendulum-v1")
-            policy = collect.PendulumSwingUp(quality=cfg.quality)
-        else:
-            raise ConfigError(f"unknown policy '{cfg.policy}' (random, actor:PATH, sb3:PATH, "
-                              "pendulum-swingup, pendulum-mixed)")
-        if cfg.episodes is None and cfg.transitions is None:
-            raise ConfigError("give --episodes or --transitions")
-        episodes = collect.collect_episodes(env_id, policy, num_episodes=cfg.episodes,
-                                            num_transitions=cfg.transitions, seed=cfg.seed)
-    options = {"env_id": env_id} if out_format == "minari" else {}
-    save_episodes(episodes, cfg.out, out_format, **options)
+        episodes = collect_episodes(env_id, _behaviour_policy(cfg), num_episodes=cfg.episodes,
+                                    num_transitions=cfg.transitions, seed=cfg.seed)
+    options = {"env_id": env_id} if cfg.out_format == "minari" else {}
+    save_episodes(episodes, cfg.out, cfg.out_format, **options)
     ret = episodes.summary()["episode_return"]
     print(f"wrote {cfg.out}: {episodes.num_episodes} episodes, {episodes.num_transitions} transitions, "
           f"return mean {ret['mean']:.1f} +- {ret['std']:.1f} (min {ret['min']:.1f}, max "
@@ -211,14 +195,15 @@ def run_collect(cfg: CollectConfig) -> None:
 
 
 def run_train_behaviour(cfg) -> None:
-    from dtlab.behaviour import export_presets, train_behaviour
+    from dtlab.behaviour.sac import train_behaviour
+    from dtlab.presets import export_presets
 
     if not cfg.export_only:
         train_behaviour(cfg.config, log=lambda m: print(m, flush=True))
     if cfg.export:
         manifest = export_presets(cfg.config.out, cfg.export, env_id=cfg.config.env,
                                   episodes=cfg.export_episodes, seed=cfg.config.seed)
-        print(json.dumps(manifest, indent=2))
+        print(manifest.to_json())
 
 
 def run_data_info(cmd: DataInfo) -> None:

@@ -259,6 +259,35 @@ class EvalConfig:
         check_number("threads", self.threads, minimum=1)
 
 
+# Dataset ids written with ``--out minari:<id>``: dtlab.data.formats.MINARI_PREFIX (the data
+# layer sits above this leaf module, so the prefix is repeated; tests/test_collect.py pins both).
+_MINARI_PREFIX = "minari:"
+_POLICY_CHOICES = "random, actor:PATH, sb3:PATH, pendulum-swingup, pendulum-mixed"
+
+
+@dataclass(frozen=True)
+class PolicySpec:
+    """A parsed ``CollectConfig.policy``: which behaviour policy, and its file for actor/sb3."""
+
+    kind: Literal["random", "actor", "sb3", "pendulum-swingup", "pendulum-mixed"]
+    path: str | None = None  # the weights file of actor:PATH (safetensors) and sb3:PATH (zip)
+
+
+def parse_policy(text: str) -> PolicySpec:
+    """``random``, ``actor:PATH``, ``sb3:PATH``, ``pendulum-swingup`` or ``pendulum-mixed`` ->
+    PolicySpec; ConfigError naming the ``policy`` field for anything else."""
+    from dtlab.errors import ConfigError
+
+    if text in ("random", "pendulum-swingup", "pendulum-mixed"):
+        return PolicySpec(text)
+    kind, sep, path = text.partition(":")
+    if sep and kind in ("actor", "sb3"):
+        if not path:
+            raise ConfigError(f"policy {text} needs a file: {kind}:PATH")
+        return PolicySpec(kind, path)
+    raise ConfigError(f"unknown policy '{text}' ({_POLICY_CHOICES})")
+
+
 @dataclass(frozen=True)
 class CollectConfig:
     """Roll out a behaviour policy in a Gymnasium env and write a D4RL-style dataset file."""
@@ -297,6 +326,48 @@ class CollectConfig:
     format: Literal["d4rl", "native", "minari"] | None = None
     """File layout: D4RL's HDF5 keys, dtlab's native HDF5, or a Minari dataset (default: minari
     for --out minari:<id>, else d4rl)."""
+
+    def __post_init__(self) -> None:
+        """Refuse conflicting or meaningless options before anything is collected (ConfigError).
+        The preset's own env is checked by the caller (dtlab.presets.parse_preset)."""
+        from dtlab.errors import ConfigError
+
+        for name in ("episodes", "transitions"):
+            value = getattr(self, name)
+            if value is not None and value < 1:
+                raise ConfigError(f"{name} must be >= 1, got {value}")
+        to_minari = self.out.startswith(_MINARI_PREFIX)
+        if to_minari and self.out_format != "minari":
+            raise ConfigError(f"out {self.out} is a Minari dataset, but format is {self.out_format}")
+        if self.out_format == "minari" and not to_minari:
+            raise ConfigError(f"format minari writes a Minari dataset: give out {_MINARI_PREFIX}<id>, "
+                              f"not {self.out}")
+        kind = parse_policy(self.policy).kind
+        if self.preset:
+            if self.episodes is not None:
+                raise ConfigError("presets are sized by transitions (D4RL's 1M by default), not "
+                                  "episodes")
+            return
+        if kind == "pendulum-mixed" and self.transitions is not None:
+            raise ConfigError("policy pendulum-mixed collects whole episodes: give episodes, not "
+                              "transitions")
+        if self.env is None:
+            raise ConfigError("give env (or preset)")
+        if kind in ("pendulum-mixed", "pendulum-swingup") and self.env != "Pendulum-v1":
+            raise ConfigError(f"policy {kind} is for Pendulum-v1")
+        if kind != "pendulum-mixed" and (self.episodes is None) == (self.transitions is None):
+            raise ConfigError("give episodes or transitions" if self.episodes is None else
+                              "give episodes or transitions, not both")
+
+    @property
+    def policy_spec(self) -> PolicySpec:
+        """``policy`` parsed (it was validated when the config was made)."""
+        return parse_policy(self.policy)
+
+    @property
+    def out_format(self) -> Literal["d4rl", "native", "minari"]:
+        """``format``, or its default for ``out``: minari for minari:<id>, else d4rl."""
+        return self.format or ("minari" if self.out.startswith(_MINARI_PREFIX) else "d4rl")
 
 
 @dataclass(frozen=True)

@@ -37,8 +37,8 @@ _MUJOCO = {
 }
 
 # Pendulum-v1 (the quickstart task): reference min/max are dtlab's own measurements, made with
-# `python -m dtlab.collect` (gymnasium 1.4.0): mean undiscounted return of 100 episodes collected
-# by `collect_episodes("Pendulum-v1", policy, num_episodes=100, seed=0)`.
+# `python benchmarks/pendulum_references.py` (gymnasium 1.4.0): mean undiscounted return of 100
+# episodes collected by `collect_episodes("Pendulum-v1", policy, num_episodes=100, seed=0)`.
 PENDULUM_RANDOM_RETURN = -1240.1  # RandomPolicy (uniform torque); std 298.4 over the 100 episodes
 PENDULUM_SCRIPTED_RETURN = -153.1  # PendulumSwingUp(quality=1.0); std 89.9 over the 100 episodes
 PENDULUM_REF_MIN = PENDULUM_RANDOM_RETURN

@@ -28,7 +28,7 @@ MODEL = ModelConfig(embed_dim=64, n_layers=2, n_heads=1, context_len=10, max_ep_
 def quickstart(out: str | Path = "dtlab-quickstart", *, steps: int = 3000, episodes: int = 10,
                seed: int = 0, progress: bool = True, overwrite: bool = False) -> dict:
     """Run the quickstart; returns the evaluation results dict (also written to OUT/results.json)."""
-    from dtlab.collect import pendulum_mixed_dataset
+    from dtlab.behaviour.scripted import pendulum_mixed_dataset
     from dtlab.data.formats import save_episodes
     from dtlab.evaluate import evaluate_checkpoint
     from dtlab.train import train
