@@ -242,6 +242,7 @@ def collect_episodes(
     terminations: list[bool] = []
     truncations: list[bool] = []
     episode_starts: list[int] = []
+    final_observations: list[np.ndarray] = []  # E x (obs_dim,): the observation after the last step
     names: list[str] = []  # unique policy names, first use order
     episode_policy: list[int] = []  # (E,) index into names
     policy_rng = _stream(seed, _POLICY_STREAM)
@@ -290,6 +291,7 @@ def collect_episodes(
                     truncations[-1] = True  # cut off by the budget
                     break
                 obs = next_obs
+            final_observations.append(np.asarray(next_obs, dtype=np.float32))
             episode += 1
     finally:
         env.close()
@@ -302,6 +304,7 @@ def collect_episodes(
         np.asarray(truncations),  # (N,)
         np.asarray(episode_starts, dtype=np.int64),  # (E,)
         source=f"<collected from {env_id}>",
+        final_observations=np.stack(final_observations),  # (E, obs_dim)
     )
     provenance: dict[str, Any] = {
         "env_id": env_id,
@@ -642,7 +645,8 @@ def _fork_map(ctx, fn, items, processes: int) -> list:
                 try:
                     d = fn(item)
                     send.send(("ok", (d.observations, d.actions, d.rewards, d.terminations,
-                                      d.truncations, d.episode_starts, d.metadata)))
+                                      d.truncations, d.episode_starts, d.metadata,
+                                      d.final_observations)))
                 except BaseException as exc:  # report to the parent; never fall through
                     send.send(("error", exc))
                 finally:
@@ -659,8 +663,9 @@ def _fork_map(ctx, fn, items, processes: int) -> list:
             for _, other, _ in running:
                 other.terminate()
             raise payload
-        obs, act, rew, term, trunc, starts, meta = payload
-        results[k] = EpisodeSet(obs, act, rew, term, trunc, starts, metadata=meta)
+        obs, act, rew, term, trunc, starts, meta, finals = payload
+        results[k] = EpisodeSet(obs, act, rew, term, trunc, starts, metadata=meta,
+                                final_observations=finals)
     return [results[k] for k in range(len(items))]
 
 
