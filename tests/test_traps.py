@@ -120,6 +120,19 @@ def test_timeouts_that_contradict_next_observations(tmp_path):
                                             r"'next_observations' equal to the next row's "
                                             r"'observations' \(first at row 9\)", messages[0])
 
+    # Final observations copied from the last observation (not known to the exporter): the
+    # episodes still split, but the copies are not taken for final observations.
+    copied = nxt.copy()
+    copied[[19, 39, 59, 79, 99]] = obs[[19, 39, 59, 79, 99]]
+    write_h5(tmp_path / "copied.hdf5", **{**base, "next_observations": copied})
+    eps, messages = load_recording(tmp_path / "copied.hdf5")
+    np.testing.assert_array_equal(eps.episode_starts, [0, 20, 40, 60, 80])
+    assert eps.final_observations is None
+    assert len(messages) == 2 and "split into 5 episodes" in messages[0]
+    assert messages[1].endswith("'next_observations' repeats the observation at every episode "
+                                "end (as exporters do that do not know the final observation); "
+                                "final observations unknown")
+
     # A column that is not the next observation at all (normalized): ignored, said so.
     normalized = (nxt - obs.mean(0)) / obs.std(0)
     write_h5(tmp_path / "other.hdf5", **{**base, "next_observations": normalized})
@@ -132,6 +145,9 @@ def test_timeouts_that_contradict_next_observations(tmp_path):
 @pytest.mark.parametrize("bad, message", [
     (np.zeros((30, 2), np.float32), r"'next_observations' has shape \(30, 2\) but 'observations' "
                                      r"has \(30, 3\)"),
+    (np.zeros((30, 3, 1), np.float32), r"'next_observations' has shape \(30, 3, 1\) but"),
+    (np.float32(1.0), r"'next_observations' has shape \(\) but"),
+    (np.array([b"abc"] * 30), r"'next_observations' has unsupported dtype"),
     (np.full((30, 3), np.nan, np.float32), r"'next_observations' contains NaN or inf \(first at "
                                            r"transition 0\)"),
 ])
@@ -450,6 +466,12 @@ def expected_outcome(truth, obs, finals, starts, ends):
     if flagged_continuing:
         warned.append(f"{flagged_continuing} episode ends set by 'terminals'/'timeouts' have "
                       "'next_observations' equal")
+    elif has_next:
+        last_rows = np.append(np.array(found[1:], int) - 1, n - 1)  # found episodes' last rows
+        column = np.concatenate([obs[1:], obs[-1:]])
+        column[ends] = finals  # as written
+        if np.array_equal(column[last_rows], obs[last_rows]):  # all-constant observations
+            warned.append("'next_observations' repeats the observation at every episode end")
     return found, warned
 
 

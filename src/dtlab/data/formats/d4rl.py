@@ -99,9 +99,11 @@ def _ends_from_next_observations(observations: np.ndarray, next_observations: np
       observation (another quantity, normalized differently, zeros); it is ignored. (Real
       episodes this short, under 2 steps on average with no flag at all, are implausible.)
     - a flagged end where the column equals the next row: the flag is kept (the file says the
-      episode ends; e.g. a long trajectory cut into chunks, or a column shifted across episode
-      boundaries), and no final observations are taken from the column, since at that end it
-      may hold the next episode's first observation.
+      episode ends; e.g. a long trajectory cut into chunks, as D4RL's maze2d files mark reached
+      goals, or a column shifted across episode boundaries), and no final observations are taken
+      from the column, since at that end it may hold the next episode's first observation.
+    - the column equals the row's own observation at every episode end: a copy standing in for
+      an unknown final observation (d4rl.qlearning_dataset does this); no final observations.
     """
     n = observations.shape[0]
     obs = observations[:, None] if observations.ndim == 1 else observations  # (N, obs_dim)
@@ -146,6 +148,12 @@ def _ends_from_next_observations(observations: np.ndarray, next_observations: np
         return timeouts, None
     ends = np.append(np.flatnonzero(terminals.astype(bool)[:-1] | timeouts.astype(bool)[:-1]),
                      n - 1)  # (E,) as EpisodeSet.from_flags splits
+    if np.array_equal(nxt[ends], obs[ends]):
+        warnings.warn(
+            f"{path}: 'next_observations' repeats the observation at every episode end (as "
+            "exporters do that do not know the final observation); final observations unknown",
+            DtlabWarning, stacklevel=4)
+        return timeouts, None
     return timeouts, nxt[ends]
 
 
