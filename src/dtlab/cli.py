@@ -28,12 +28,14 @@ class DataInfo:
 
 @dataclass(frozen=True)
 class DataValidate:
-    """Run every load-time check on a dataset and report problems (exit 2 on the first error)."""
+    """Run every load-time check on a dataset and report problems (exit 2 on the first error),
+    then list every valid-but-suspicious finding, one line each (exit 0)."""
 
     path: Annotated[str, tyro.conf.Positional, tyro.conf.arg(metavar="PATH")]
-    """Dataset file (D4RL HDF5 or dtlab native)."""
+    """Dataset file (D4RL HDF5 or dtlab native), or minari:<dataset id>."""
     env: str | None = None
-    """Also check the dataset against this Gymnasium env's spaces and action bounds."""
+    """Also check the dataset against this Gymnasium env's spaces, action bounds and time limit
+    (default for the time limit: the dataset's recorded env id, if any)."""
 
 
 @dataclass(frozen=True)
@@ -206,10 +208,47 @@ def run_train_behaviour(cfg) -> None:
         print(manifest.to_json())
 
 
-def run_data_info(cmd: DataInfo) -> None:
-    from dtlab.data.formats import load_episodes
+def _load_with_findings(path: str, env_id: str | None):
+    """Load ``path``; its DtlabWarnings (kind "read") and ``diagnose``'s findings, for the time
+    limit and return scale of ``env_id`` (None: the dataset's recorded env id; neither: no time
+    limit and dtlab's default return scale, as training would use for an unknown env)."""
+    import warnings
 
-    summary = load_episodes(cmd.path).summary()
+    from dtlab.data.diagnostics import Finding, diagnose, time_limit
+    from dtlab.data.formats import load_episodes
+    from dtlab.envs import env_info
+    from dtlab.errors import DtlabWarning
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        episodes = load_episodes(path)
+    findings = []
+    for w in caught:
+        if issubclass(w.category, DtlabWarning):
+            findings.append(Finding("read", str(w.message).removeprefix(f"{path}: ")))
+        else:  # not ours: shown as usual
+            warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
+    recorded = episodes.metadata.get("env_id")
+    env_id = env_id or (recorded if isinstance(recorded, str) and recorded else None)
+    limit = time_limit(env_id)
+    scale = env_info(env_id or "").return_scale
+    findings += diagnose(episodes, time_limit=limit, return_scale=scale)
+    context = (f"{env_id + ': ' if env_id else ''}time limit "
+               f"{limit if limit is not None else 'unknown'}, return scale {scale:g}")
+    return episodes, findings, context
+
+
+def run_data_info(cmd: DataInfo) -> None:
+    import warnings
+
+    from dtlab.errors import DtlabWarning
+
+    episodes, findings, _ = _load_with_findings(cmd.path, None)
+    for finding in findings:
+        if finding.kind == "read":  # what loading warned about, shown as it would be anywhere
+            warnings.warn(f"{cmd.path}: {finding.message}", DtlabWarning, stacklevel=2)
+    summary = episodes.summary()
+    summary["findings"] = len(findings)  # listed by `dtlab data validate`
     if cmd.json:
         print(json.dumps(summary, indent=2))
         return
@@ -217,6 +256,7 @@ def run_data_info(cmd: DataInfo) -> None:
     from rich.table import Table
 
     table = Table(title=str(cmd.path), show_header=False)
+    summary["findings"] = f"{summary['findings']} (listed by dtlab data validate)"
     for key, value in summary.items():
         if isinstance(value, dict):
             value = "  ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}"
@@ -238,10 +278,9 @@ def run_data_convert(cmd: DataConvert) -> None:
 
 
 def run_data_validate(cmd: DataValidate) -> None:
-    from dtlab.data.formats import load_episodes
     from dtlab.envs import actions_outside_bounds, check_spaces, make_env
 
-    episodes = load_episodes(cmd.path)
+    episodes, findings, context = _load_with_findings(cmd.path, cmd.env)
     print(f"{cmd.path}: {episodes.num_episodes} episodes, {episodes.num_transitions} transitions: "
           "keys, lengths, finiteness and episode flags OK")
     if cmd.env:
@@ -250,6 +289,9 @@ def run_data_validate(cmd: DataValidate) -> None:
                      discrete=episodes.discrete, data=True)
         outside = int(actions_outside_bounds(episodes.actions, env.action_space).sum())
         print(f"{cmd.path}: spaces match {cmd.env}; {outside} actions outside the action bounds")
+    for finding in findings:
+        print(f"{cmd.path}: warning [{finding.kind}]: {finding.message}")
+    print(f"{cmd.path}: {len(findings)} finding{'' if len(findings) == 1 else 's'} ({context})")
 
 
 def _one_line_warning(message, category, filename, lineno, line=None) -> str:

@@ -57,6 +57,7 @@ class _Episode:
     rewards: np.ndarray  # (T,) float32
     terminations: np.ndarray  # (T,) bool
     truncations: np.ndarray  # (T,) bool
+    final_observation: np.ndarray  # (obs_dim,) float32: the observation after the last step
 
 
 def _action_kind(env_id: str, space: gymnasium.spaces.Space) -> bool:
@@ -97,7 +98,8 @@ def _run_episode(env: gymnasium.Env, env_id: str, policy: BehaviourPolicy, *, re
             break
         obs = next_obs
     return _Episode(np.stack(observations), np.stack(actions), np.asarray(rewards, dtype=np.float32),
-                    np.asarray(terminations), np.asarray(truncations))
+                    np.asarray(terminations), np.asarray(truncations),
+                    np.asarray(next_obs, dtype=np.float32))
 
 
 def collect_episodes(
@@ -166,6 +168,7 @@ def collect_episodes(
             "rewards", "terminations", "truncations")),  # (N,) each
         np.cumsum([0, *lengths[:-1]], dtype=np.int64),  # (E,) episode_starts
         source=f"<collected from {env_id}>",
+        final_observations=np.stack([e.final_observation for e in recorded]),  # (E, obs_dim)
     )
     provenance: dict[str, Any] = {
         "env_id": env_id,
@@ -211,7 +214,7 @@ def _collect_shard(job: _ShardJob, i: int) -> tuple:
     env_id, policy, shares, seeds = job
     d = collect_episodes(env_id, policy, num_transitions=shares[i], seed=seeds[i])
     return d.observations, d.actions, d.rewards, d.terminations, d.truncations, d.episode_starts, \
-        d.metadata
+        d.metadata, d.final_observations
 
 
 def _collect_worker_shard(i: int) -> tuple:
@@ -252,7 +255,8 @@ def collect_sharded(env_id: str, policy, *, num_transitions: int, seed: int, sha
             except BaseException:
                 pool.shutdown(cancel_futures=True)
                 raise
-    parts = [EpisodeSet(*arrays, metadata=meta) for *arrays, meta in raw]
+    parts = [EpisodeSet(*arrays, metadata=meta, final_observations=final)
+             for *arrays, meta, final in raw]
     first = parts[0].metadata
     data = EpisodeSet.concatenate(parts, source=f"<collected from {env_id}>", metadata={
         **{k: v for k, v in first.items() if k not in ("seed", "num_episodes", "num_transitions",

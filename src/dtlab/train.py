@@ -29,6 +29,7 @@ from dtlab import checkpoint, runtime
 from dtlab.atomic import write_text_atomic
 from dtlab.checkpoint import PolicyInfo
 from dtlab.config import OptimConfig, TrainConfig
+from dtlab.data.diagnostics import warn_findings
 from dtlab.data.episodes import EpisodeSet
 from dtlab.data.sampling import Batch, SequenceSampler
 from dtlab.envs import (actions_outside_bounds, check_spaces, describe_space, env_info, make_env,
@@ -167,6 +168,8 @@ def prepare(cfg: TrainConfig, episodes: EpisodeSet | None = None) -> tuple[Episo
         raise ConfigError(f"evaluation.eval_episodes given but no eval_targets, and dtlab knows no "
                           f"default targets for {cfg.data.env}")
     episodes = episodes if episodes is not None else load_dataset(cfg.data.dataset)
+    return_scale = cfg.data.return_scale or env_info(cfg.data.env).return_scale
+    warn_findings(episodes, env_id=cfg.data.env, return_scale=return_scale)  # valid-but-suspicious
     longest = int(episodes.episode_lengths.max())
     if longest > cfg.model.max_ep_len:
         if cfg.data.truncate_long_episodes:

@@ -2,7 +2,8 @@
 
 An episode of T steps holds T observations (the D4RL view): observation t is the state in which
 action t was taken and reward t received. Formats that store T+1 observations (Minari) convert at
-their boundary.
+their boundary; the (T+1)-th, the observation after an episode's last step, is kept apart in
+``final_observations`` when the source has it (D4RL's ``next_observations`` at an episode's end).
 """
 
 from __future__ import annotations
@@ -29,6 +30,9 @@ class EpisodeSet:
     returns_to_go: np.ndarray = field(init=False)  # (N,) float32, undiscounted, computed once
     source: str = "<memory>"  # file the data came from (for error messages)
     metadata: dict[str, Any] = field(default_factory=dict)  # provenance, written with the data
+    # (E, obs_dim) float32: the observation after each episode's last step (Minari's T+1-th, D4RL's
+    # next_observations at the episode's end); None when the source did not record it.
+    final_observations: np.ndarray | None = field(default=None, kw_only=True)
 
     def __post_init__(self) -> None:
         def fail(msg: str) -> None:
@@ -75,6 +79,19 @@ class EpisodeSet:
             fail("episode_starts must begin with 0")
         if np.any(starts[1:] <= starts[:-1]) or starts[-1] >= n:  # (np.diff could overflow)
             fail("episode_starts must be strictly increasing and inside the data (zero-length episode?)")
+        finals = self.final_observations
+        if finals is not None:
+            finals = np.array(finals, dtype=np.float32)  # a copy: the caller's array stays writable
+            if finals.ndim == 1 and obs.shape[1] == 1:
+                finals = finals[:, None]
+            if finals.shape != (starts.shape[0], obs.shape[1]):
+                fail(f"'final_observations' has shape {finals.shape}, expected "
+                     f"{(starts.shape[0], obs.shape[1])} (one per episode)")
+            if not np.isfinite(finals).all():
+                row = int(np.argwhere(~np.isfinite(finals))[0][0])
+                fail(f"'final_observations' contains NaN or inf (first at episode {row})")
+            finals.setflags(write=False)
+            object.__setattr__(self, "final_observations", finals)
         # Terminations win over truncations when both are set (as d3rlpy does).
         trunc = trunc & ~term
         ends = np.append(starts[1:], n) - 1
@@ -99,11 +116,12 @@ class EpisodeSet:
     # ---- construction -------------------------------------------------------------------------
     @classmethod
     def from_flags(cls, observations, actions, rewards, terminations, truncations, *,
-                   source: str = "<memory>", metadata: dict | None = None) -> "EpisodeSet":
+                   source: str = "<memory>", metadata: dict | None = None,
+                   final_observations: np.ndarray | None = None) -> "EpisodeSet":
         """Split flat arrays into episodes at ``terminations | truncations`` (the D4RL convention).
 
         A final episode that ends without a flag (cut off by the file's end) is kept and marked
-        truncated.
+        truncated. ``final_observations`` (E, obs_dim), if given, has one row per resulting episode.
         """
         term = np.asarray(terminations).astype(bool).reshape(-1)
         trunc = np.asarray(truncations).astype(bool).reshape(-1)
@@ -118,13 +136,15 @@ class EpisodeSet:
             ends = np.append(ends, n - 1)
         starts = np.concatenate([[0], ends[:-1] + 1]).astype(np.int64)
         return cls(observations, actions, rewards, term, trunc, starts, source=source,
-                   metadata=dict(metadata or {}))
+                   metadata=dict(metadata or {}), final_observations=final_observations)
 
     @classmethod
     def concatenate(cls, parts: list["EpisodeSet"], *, source: str = "<memory>",
                     metadata: dict | None = None) -> "EpisodeSet":
-        """Concatenate episode sets (e.g. medium + expert)."""
+        """Concatenate episode sets (e.g. medium + expert). ``final_observations`` are kept when
+        every part has them, else None."""
         offsets = np.cumsum([0] + [p.num_transitions for p in parts[:-1]])
+        finals = [p.final_observations for p in parts]
         return cls(
             np.concatenate([p.observations for p in parts]),
             np.concatenate([p.actions for p in parts]),
@@ -133,11 +153,13 @@ class EpisodeSet:
             np.concatenate([p.truncations for p in parts]),
             np.concatenate([p.episode_starts + o for p, o in zip(parts, offsets)]),
             source=source, metadata=dict(metadata or {}),
+            final_observations=None if any(f is None for f in finals) else np.concatenate(finals),
         )
 
     def truncate_episodes(self, max_len: int) -> "EpisodeSet":
         """Cut every episode longer than ``max_len`` steps to its first ``max_len`` steps (marked
-        truncated, returns-to-go recomputed over the kept steps)."""
+        truncated, returns-to-go recomputed over the kept steps). A cut episode's final
+        observation becomes its observation ``max_len`` (the one after the last kept step)."""
         lengths = self.episode_lengths
         if lengths.max() <= max_len:
             return self
@@ -149,9 +171,15 @@ class EpisodeSet:
         trunc[cut_ends] = True
         new_lengths = np.minimum(lengths, max_len)
         starts = np.concatenate([[0], np.cumsum(new_lengths)[:-1]])
+        finals = self.final_observations
+        if finals is not None:
+            cut = lengths > max_len
+            finals = finals.copy()
+            finals[cut] = self.observations[self.episode_starts[cut] + max_len]
         return EpisodeSet(self.observations[keep], self.actions[keep], self.rewards[keep], term[keep],
                           trunc[keep], starts, source=self.source,
-                          metadata={**self.metadata, "truncated_to": int(max_len)})
+                          metadata={**self.metadata, "truncated_to": int(max_len)},
+                          final_observations=finals)
 
     # ---- derived quantities -------------------------------------------------------------------
     @property
