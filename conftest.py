@@ -34,3 +34,11 @@ def tiny_checkpoint(tmp_path_factory):
 @pytest.fixture(autouse=True)
 def _doctest_namespace(doctest_namespace, request):
     doctest_namespace["np"] = np
+
+
+@pytest.fixture(autouse=True)
+def _docs_run_in_a_temporary_directory(request, tmp_path, monkeypatch):
+    """The docs' code blocks (pytest-markdown-docs) write files as a user would, into the current
+    directory: give each block a fresh one."""
+    if request.node.path.suffix == ".md":
+        monkeypatch.chdir(tmp_path)
