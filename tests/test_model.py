@@ -4,6 +4,7 @@ import torch
 
 from dtlab.config import ModelConfig
 from dtlab.model import DecisionTransformer
+from dtlab.spaces import ContinuousActions, VectorObservations
 from dtlab.train import action_loss, param_groups
 
 CFG = ModelConfig(embed_dim=32, n_layers=2, n_heads=2, context_len=6, max_ep_len=50, dropout=0.0)
@@ -17,7 +18,7 @@ def inputs(b=3, k=6, obs_dim=5, act_dim=2, seed=0):
 
 def model(seed=0):
     torch.manual_seed(seed)
-    return DecisionTransformer(CFG, 5, 2).eval()
+    return DecisionTransformer(CFG, VectorObservations(5), ContinuousActions(2)).eval()
 
 
 def test_future_tokens_do_not_change_earlier_predictions():
@@ -51,7 +52,8 @@ def test_left_padding_gives_the_same_last_action():
 
 def test_every_parameter_gets_a_gradient():
     torch.manual_seed(0)
-    m = DecisionTransformer(ModelConfig(embed_dim=16, n_layers=2, context_len=4, max_ep_len=20), 5, 2)
+    m = DecisionTransformer(ModelConfig(embed_dim=16, n_layers=2, context_len=4, max_ep_len=20),
+                            VectorObservations(5), ContinuousActions(2))
     obs, act, rtg, ts = inputs(k=4)
     masks = torch.tensor([[False, True, True, True]] * 3)
     loss = action_loss(m(obs, act, rtg, ts, masks), act, masks)

@@ -87,8 +87,8 @@ def test_policy_matches_full_window_recomputation(tmp_path):
     result = train(config(tmp_path), pendulum_like())
     model, info = checkpoint.load(result.checkpoint)
     policy = DTPolicy(model, info)
-    k, scale = info.model.context_len, info.return_scale
-    mean, std = np.array(info.obs_mean, np.float32), np.array(info.obs_std, np.float32)
+    k, scale = info.model.context_len, info.normalizer.return_scale
+    mean, std = info.normalizer.obs_mean, info.normalizer.obs_std
     rng = np.random.default_rng(1)
     target = -250.0
     policy.reset(target)
@@ -117,7 +117,8 @@ def test_policy_matches_full_window_recomputation(tmp_path):
         with torch.no_grad():
             pred = model(*(torch.from_numpy(x) for x in (o, a, r, ts, m)))[0, -1].numpy()
         hist_act.append(pred[0])
-        expected = info.action_low[0] + (pred + 1) / 2 * (info.action_high[0] - info.action_low[0])
+        low, high = info.action_space.low[0], info.action_space.high[0]
+        expected = low + (pred + 1) / 2 * (high - low)
         np.testing.assert_allclose(action, expected, rtol=0, atol=1e-5)
 
 
@@ -132,7 +133,7 @@ def test_steering_changes_the_return_to_go(tmp_path):
     policy.act(np.zeros(3, np.float32), last_reward=-5.0)  # conditions on exactly -100
     assert policy.returns_to_go[0] == pytest.approx(-100.0)
     # Earlier tokens -400, -390 shift by -100 - (-385) = +285, as if -115 had been asked at the start.
-    np.testing.assert_allclose(policy._rtg[0, -3:, 0].numpy() * policy.info.return_scale,
+    np.testing.assert_allclose(policy._rtg[0, -3:, 0].numpy() * policy.info.normalizer.return_scale,
                                [-115.0, -105.0, -100.0], rtol=1e-5)
     policy.act(np.zeros(3, np.float32), last_reward=-20.0)  # back to decrementing by rewards
     assert policy.returns_to_go[0] == pytest.approx(-80.0)

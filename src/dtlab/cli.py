@@ -240,15 +240,16 @@ def run_data_convert(cmd: DataConvert) -> None:
 
 def run_data_validate(cmd: DataValidate) -> None:
     from dtlab.data.formats import load_episodes
-    from dtlab.envs import actions_outside_bounds, check_spaces, make_env
+    from dtlab.envs import actions_outside_bounds, make_env
+    from dtlab.spaces import check_against_env
 
     episodes = load_episodes(cmd.path)
     print(f"{cmd.path}: {episodes.num_episodes} episodes, {episodes.num_transitions} transitions: "
           "keys, lengths, finiteness and episode flags OK")
     if cmd.env:
         env = make_env(cmd.env)
-        check_spaces(env, episodes.obs_dim, episodes.act_dim, what=f"dataset {cmd.path}",
-                     discrete=episodes.discrete, data=True)
+        check_against_env(env, episodes.observation_space, episodes.action_space,
+                          what=f"dataset {cmd.path}", exact_n=False)
         outside = int(actions_outside_bounds(episodes.actions, env.action_space).sum())
         print(f"{cmd.path}: spaces match {cmd.env}; {outside} actions outside the action bounds")
 

@@ -36,6 +36,7 @@ from dtlab.data.episodes import EpisodeSet
 from dtlab.envs import PENDULUM_RANDOM_RETURN, PENDULUM_SCRIPTED_RETURN  # noqa: F401
 from dtlab.envs import describe_space, make_env
 from dtlab.errors import ConfigError, EnvError
+from dtlab.normalizer import from_unit_interval
 
 
 # ---- policy interface ------------------------------------------------------------------------
@@ -317,9 +318,7 @@ def collect_episodes(
     clash = sorted(set(metadata or {}) & set(provenance))
     if clash:
         raise ConfigError(f"metadata may not override collected provenance keys {clash}")
-    episodes.metadata.update(provenance)
-    episodes.metadata.update(metadata or {})
-    return episodes
+    return episodes.with_metadata({**provenance, **(metadata or {})})
 
 
 def pendulum_mixed_dataset(num_episodes: int = 300, seed: int = 0) -> EpisodeSet:
@@ -468,7 +467,7 @@ class ActorPolicy:
             log_std = np.clip(self.log_std[0] @ h + self.log_std[1], _LOG_STD_MIN, _LOG_STD_MAX)
             mean = mean + np.exp(log_std) * self._rng.standard_normal(self.act_dim)
         squashed = np.tanh(mean)  # in [-1, 1]
-        return (self.low + 0.5 * (squashed + 1.0) * (self.high - self.low)).astype(np.float32)
+        return from_unit_interval(squashed, self.low, self.high).astype(np.float32)
 
 
 def _same_action_space(a: gymnasium.spaces.Space, b: gymnasium.spaces.Space) -> bool:
@@ -615,8 +614,7 @@ def collect_sharded(env_id: str, policy, *, num_transitions: int, seed: int, sha
         "seeding": f"{shards} shards, shard i seeded with SeedSequence([seed, i]); "
                    + str(first.get("seeding", "")),
         **(metadata or {})})
-    data.metadata.update(_counts(data))
-    return data
+    return data.with_metadata(_counts(data))
 
 
 def _counts(episodes: EpisodeSet) -> dict[str, Any]:
@@ -642,7 +640,7 @@ def _fork_map(ctx, fn, items, processes: int) -> list:
                 try:
                     d = fn(item)
                     send.send(("ok", (d.observations, d.actions, d.rewards, d.terminations,
-                                      d.truncations, d.episode_starts, d.metadata)))
+                                      d.truncations, d.episode_starts, dict(d.metadata))))
                 except BaseException as exc:  # report to the parent; never fall through
                     send.send(("error", exc))
                 finally:
@@ -691,7 +689,7 @@ def preset_dataset(name: str, *, seed: int = 0, num_transitions: int = PRESET_TR
             **{k: v for k, v in parts[0].metadata.items() if k not in per_part},
             **base, "seed": int(seed),
             "parts": [{k: p.metadata.get(k) for k in per_part} for p in parts]})
-        data.metadata.update(_counts(data))
+        data = data.with_metadata(_counts(data))
     else:  # medium-replay
         if behaviour_run is None:
             raise ConfigError(f"{name} is built from the behaviour agent's replay buffer, which is not "
@@ -699,17 +697,16 @@ def preset_dataset(name: str, *, seed: int = 0, num_transitions: int = PRESET_TR
                               "--trust-pickle (the buffer is a pickle)")
         from dtlab.behaviour import replay_until_medium
 
-        data = replay_until_medium(behaviour_run, env_id, trust=trust)
-        data.metadata.update(base)
-    _record_reference(data, env_id)
-    return data
+        data = replay_until_medium(behaviour_run, env_id, trust=trust).with_metadata(base)
+    return _record_reference(data, env_id)
 
 
-def _record_reference(data: EpisodeSet, env_id: str) -> None:
+def _record_reference(data: EpisodeSet, env_id: str) -> EpisodeSet:
     """Reference scores of dtlab's own presets (random and expert policy returns), when known."""
     if not _preset_manifest_path(env_id).exists():
-        return
+        return data
     manifest = preset_manifest(env_id)
+    found = {}
     for key in ("ref_min_score", "ref_max_score"):
         if key in manifest:
             try:
@@ -717,4 +714,5 @@ def _record_reference(data: EpisodeSet, env_id: str) -> None:
             except (TypeError, ValueError):
                 raise ConfigError(f"{_preset_manifest_path(env_id)}: {key} must be a number, got "
                                   f"{manifest[key]!r}") from None
-            data.metadata.setdefault(f"dtlab_{key}", value)
+            found[f"dtlab_{key}"] = value
+    return data.with_metadata({k: v for k, v in found.items() if k not in data.metadata})

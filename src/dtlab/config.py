@@ -29,7 +29,9 @@ class ModelConfig:
     context_len: int = 20
     """K: number of (return-to-go, state, action) steps the model sees."""
     max_ep_len: int = 1000
-    """Size of the learned timestep embedding; timesteps at or above it are clamped."""
+    """Size of the learned timestep embedding: episodes may run timesteps 0 to max_ep_len - 1.
+    Longer training episodes are refused (or cut, --truncate-long-episodes); an evaluation episode
+    that reaches it stops with an error, never a clamped timestep: cap it with --max-steps."""
     activation: Literal["relu", "gelu"] = "relu"
     """MLP activation (the DT gym code's default, --activation_function, is relu)."""
 

@@ -16,9 +16,10 @@ from typing import Sequence
 import numpy as np
 
 from dtlab.data.returns import normalized_score
-from dtlab.envs import check_spaces, env_info, make_env
+from dtlab.envs import env_info, make_env
 from dtlab.errors import ConfigError
 from dtlab.policy import DTPolicy
+from dtlab.spaces import check_against_env
 
 
 @dataclass(frozen=True)
@@ -49,8 +50,8 @@ def rollout(policy: DTPolicy, env_id: str, targets: Sequence[float], episodes: i
     target_of = np.repeat(np.asarray(targets, dtype=np.float32), episodes)  # (n,)
     start_seed = seed + np.arange(n) % episodes  # (n,)
     envs = [make_env(env_id) for _ in range(min(n, max_parallel))]
-    check_spaces(envs[0], policy.info.obs_dim, policy.info.act_dim, what="the checkpoint",
-                 discrete=policy.info.discrete)
+    check_against_env(envs[0], policy.info.observation_space, policy.info.action_space,
+                      what="the checkpoint", exact_n=True)
     limit = max_steps if max_steps is not None else (
         (envs[0].spec.max_episode_steps if envs[0].spec else None) or 1000)
     returns = np.zeros(n)
@@ -178,7 +179,8 @@ def evaluate_checkpoint(cfg, echo: bool = False) -> dict:
         set_threads(cfg.threads, default=1)
     # Check the env before loading weights, so an unknown env id fails fast.
     env = make_env(env_id)
-    check_spaces(env, info.obs_dim, info.act_dim, what=f"checkpoint {path}", discrete=info.discrete)
+    check_against_env(env, info.observation_space, info.action_space, what=f"checkpoint {path}",
+                      exact_n=True)
     env.close()
     dataset_return = info.dataset.get("episode_return")
     if cfg.sweep:

@@ -25,9 +25,11 @@ from dtlab.checkpoint import PolicyInfo
 from dtlab.config import TrainConfig
 from dtlab.data.episodes import EpisodeSet
 from dtlab.data.sampling import Batch, SequenceSampler
-from dtlab.envs import actions_outside_bounds, check_spaces, describe_space, env_info, make_env
+from dtlab.envs import actions_outside_bounds, describe_space, env_info, make_env
 from dtlab.errors import ConfigError, DatasetError, DtlabWarning, EnvError, TrainingError
 from dtlab.model import DecisionTransformer
+from dtlab.normalizer import Normalizer
+from dtlab.spaces import ContinuousActions, action_space_from_gym, check_against_env
 
 METRICS_FILE = "metrics.jsonl"
 TRAIN_CONFIG_FILE = "train_config.json"
@@ -110,19 +112,10 @@ def load_dataset(path: str) -> EpisodeSet:
     return load_episodes(path)
 
 
-def _action_bounds(env, source: str) -> tuple[np.ndarray, np.ndarray]:
-    low = np.asarray(env.action_space.low, dtype=np.float64)
-    high = np.asarray(env.action_space.high, dtype=np.float64)
-    if not (np.isfinite(low).all() and np.isfinite(high).all()):
-        raise EnvError(f"{source}: action space {describe_space(env.action_space)} is unbounded; "
-                       "dtlab's tanh action head needs finite bounds")
-    return low, high
-
-
 def check_action_bounds(episodes: EpisodeSet, env, *, strict: bool) -> None:
-    """Warn (or, strict, fail) when dataset actions lie outside the env's action bounds. (Discrete
-    actions outside the space are caught by check_spaces: they cannot be clipped.)"""
-    if episodes.discrete:
+    """Warn (or, strict, fail) when dataset actions lie outside the env's action bounds. (Action
+    indices outside the space are caught by check_against_env: they cannot be clipped.)"""
+    if not isinstance(episodes.action_space, ContinuousActions):
         return
     outside = actions_outside_bounds(episodes.actions, env.action_space)  # (N,)
     if outside.any():
@@ -150,17 +143,16 @@ def _reference(registry: float | None, meta: dict, key: str) -> float | None:
 def policy_info_for(cfg: TrainConfig, episodes: EpisodeSet, env) -> PolicyInfo:
     """Everything derived from data and env that the checkpoint must carry."""
     info = env_info(cfg.env)
-    mean, std = episodes.observation_stats()
-    if episodes.discrete:  # the model predicts over all of the env's actions
-        act_dim, low, high = int(env.action_space.n), np.zeros(0), np.zeros(0)
-    else:
-        act_dim, (low, high) = episodes.act_dim, _action_bounds(env, cfg.env)
+    # The env's action space: its bounds for continuous actions, all of its n actions for indices.
+    actions = action_space_from_gym(env.action_space)
+    if isinstance(actions, ContinuousActions) and actions.low is None:
+        raise EnvError(f"{cfg.env}: action space {describe_space(env.action_space)} is unbounded; "
+                       "dtlab's tanh action head needs finite bounds")
+    return_scale = float(cfg.return_scale if cfg.return_scale is not None else info.return_scale)
     meta = episodes.metadata
     return PolicyInfo(
-        model=cfg.model, obs_dim=episodes.obs_dim, act_dim=act_dim, discrete=episodes.discrete,
-        action_low=low.tolist(), action_high=high.tolist(),
-        obs_mean=mean.tolist(), obs_std=std.tolist(),
-        return_scale=float(cfg.return_scale if cfg.return_scale is not None else info.return_scale),
+        model=cfg.model, observation_space=episodes.observation_space, action_space=actions,
+        normalizer=Normalizer.from_episodes(episodes, return_scale, actions),
         env_id=cfg.env, ref_min_score=_reference(info.ref_min_score, meta, "ref_min_score"),
         ref_max_score=_reference(info.ref_max_score, meta, "ref_max_score"),
         dataset={"path": str(episodes.source), **episodes.summary(),
@@ -228,8 +220,8 @@ def prepare(cfg: TrainConfig, episodes: EpisodeSet | None = None):
                                f"model.max_ep_len={cfg.model.max_ep_len}; raise --model.max-ep-len "
                                "or pass --truncate-long-episodes")
     env = make_env(cfg.env)
-    check_spaces(env, episodes.obs_dim, episodes.act_dim, what=f"dataset {episodes.source}",
-                 discrete=episodes.discrete, data=True)
+    check_against_env(env, episodes.observation_space, episodes.action_space,
+                      what=f"dataset {episodes.source}", exact_n=False)
     check_action_bounds(episodes, env, strict=cfg.strict)
     info = policy_info_for(cfg, episodes, env)
     env.close()
@@ -254,16 +246,13 @@ def train(cfg: TrainConfig, episodes: EpisodeSet | None = None) -> TrainResult:
         raise ConfigError(f"{out}: run directory already holds a run; pass --resume or another --out")
 
     torch.manual_seed(cfg.seed)
-    model = DecisionTransformer(cfg.model, info.obs_dim, info.act_dim, info.discrete).to(device)
+    model = DecisionTransformer(cfg.model, info.observation_space, info.action_space).to(device)
     fused = device.type == "cuda"
     optimizer = torch.optim.AdamW(param_groups(model, cfg.weight_decay), lr=cfg.lr,
                                   betas=cfg.betas, fused=fused)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg))
     rng = np.random.default_rng(cfg.seed)
-    sampler = SequenceSampler(
-        episodes, cfg.model.context_len, obs_mean=np.asarray(info.obs_mean, np.float32),
-        obs_std=np.asarray(info.obs_std, np.float32), return_scale=info.return_scale,
-        action_low=np.asarray(info.action_low), action_high=np.asarray(info.action_high))
+    sampler = SequenceSampler(episodes, cfg.model.context_len, info.normalizer)
     step = 0
     if resume_state is not None:
         model_w, _ = checkpoint.load(out, device)
