@@ -61,6 +61,14 @@ class Normalizer:
     Arrays are read-only numpy arrays: ``obs_mean``/``obs_std`` (obs_dim,) float32,
     ``action_low``/``action_high`` (act_dim,) float64, or None (actions pass through unchanged).
     Invalid values raise ConfigError naming the field.
+
+    >>> norm = Normalizer(obs_mean=[1.0], obs_std=[2.0], return_scale=100.0,
+    ...                   action_low=[-2.0], action_high=[2.0])
+    >>> norm.normalize_observations(np.array([[5.0]], np.float32)), norm.scale_returns(-250.0)
+    (array([[2.]], dtype=float32), -2.5)
+    >>> norm.actions_to_model(np.array([[1.0], [3.0]])), norm.actions_from_model(np.array([0.5]))
+    (array([[0.5],
+           [1. ]]), array([1.]))
     """
 
     obs_mean: np.ndarray  # (obs_dim,) float32

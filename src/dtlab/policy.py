@@ -88,8 +88,7 @@ class DTPolicy:
         self._rtg = torch.zeros(n, k, 1, device=dev)  # (N, K, 1), scaled
         self._timesteps = torch.zeros(n, k, dtype=torch.long, device=dev)  # (N, K)
         self._masks = torch.zeros(n, k, dtype=torch.bool, device=dev)  # (N, K)
-        self._t = torch.zeros(n, dtype=torch.long, device=dev)  # (N,) steps taken so far
-        self._t_host = np.zeros(n, dtype=np.int64)  # (N,) the same, for checks without a sync
+        self._t = np.zeros(n, dtype=np.int64)  # (N,) steps taken so far (host: no device sync)
         self._next_rtg = self._norm.scale_returns(torch.from_numpy(targets).to(dev))  # (N,)
         self._pending = torch.full((n,), float("nan"), device=dev)  # (N,) steer() requests
         self._cache: KVCache | None = None  # kv_cache mode only: the cache, its episodes, its step
@@ -161,7 +160,7 @@ class DTPolicy:
         """
         idx = self._index(index)
         rows = np.arange(self.num_envs) if index is None else np.asarray(index, np.int64).reshape(-1)
-        steps = self._t_host[rows]  # (n,)
+        steps = self._t[rows]  # (n,) this step's timestep per episode
         limit = self.info.model.max_ep_len
         if steps.size and steps.max() >= limit:
             e = int(rows[np.argmax(steps)])
@@ -171,7 +170,7 @@ class DTPolicy:
                               f"with max_steps (dtlab evaluate --max-steps {limit})")
         obs = torch.tensor(np.asarray(observation, dtype=np.float32), device=self.device)
         obs = obs.reshape(idx.shape[0], self.info.observation_space.dim)  # (n, obs_dim)
-        t = self._t[idx]  # (n,)
+        t = torch.from_numpy(steps).to(self.device)  # (n,)
         if last_reward is not None:
             r = torch.tensor(np.asarray(last_reward, dtype=np.float32).reshape(-1), device=self.device)
             r = r.expand(idx.shape[0])
@@ -215,7 +214,6 @@ class DTPolicy:
         act_w[:, -1] = pred
         self._obs[idx], self._act[idx], self._rtg[idx] = obs_w, act_w, rtg_w
         self._timesteps[idx], self._masks[idx] = ts_w, mask_w
-        self._t[idx] = t + 1
-        self._t_host[rows] = steps + 1
+        self._t[rows] = steps + 1
         action = self._norm.actions_from_model(pred).cpu().numpy()  # (n, A) env units, or (n,)
         return action[0] if self._single and index is None else action

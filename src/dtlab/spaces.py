@@ -11,6 +11,12 @@ Image observations (``ImageObservations(shape, stack)``) and dict observations
 
 Torch-free: numpy and the standard library only; Gymnasium is imported inside the functions that
 read Gymnasium spaces and envs. Invalid specs raise ConfigError naming the field.
+
+>>> import gymnasium as gym
+>>> action_space_from_gym(gym.spaces.Box(-2.0, 2.0, (1,)))
+ContinuousActions(dim=1, low=(-2.0,), high=(2.0,))
+>>> DiscreteActions(2).to_json(), action_space_from_json({"type": "discrete", "n": 2})
+({'type': 'discrete', 'n': 2}, DiscreteActions(n=2))
 """
 
 from __future__ import annotations

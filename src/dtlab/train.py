@@ -223,6 +223,13 @@ def prepare(cfg: TrainConfig, episodes: EpisodeSet | None = None):
     check_against_env(env, episodes.observation_space, episodes.action_space,
                       what=f"dataset {episodes.source}", exact_n=False)
     check_action_bounds(episodes, env, strict=cfg.strict)
+    limit = env.spec.max_episode_steps if env.spec else None
+    if cfg.eval_episodes and limit and limit > cfg.model.max_ep_len:
+        # Evaluation episodes would reach timesteps the model has no embedding for (an error,
+        # never clamped): refuse now rather than at the first evaluation.
+        raise ConfigError(f"--eval-episodes: {cfg.env} episodes run up to {limit} steps, beyond "
+                          f"model.max_ep_len={cfg.model.max_ep_len}; raise --model.max-ep-len to "
+                          f"{limit} or evaluate afterwards with dtlab evaluate --max-steps")
     info = policy_info_for(cfg, episodes, env)
     env.close()
     return episodes, info
