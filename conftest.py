@@ -10,7 +10,8 @@ torch.set_num_threads(1)
 @pytest.fixture(scope="session")
 def tiny_checkpoint(tmp_path_factory):
     """A briefly trained Pendulum-v1 checkpoint (for doctests and policy tests)."""
-    from dtlab.config import ModelConfig, TrainConfig
+    from dtlab.config import ModelConfig
+    from tests.configs import train_config
     from dtlab.data import EpisodeSet
     from dtlab.train import train
 
@@ -23,7 +24,7 @@ def tiny_checkpoint(tmp_path_factory):
     trunc[199::200] = True
     episodes = EpisodeSet.from_flags(obs, act, rew, np.zeros(n, bool), trunc)
     out = tmp_path_factory.mktemp("tiny") / "run"
-    cfg = TrainConfig(dataset="<memory>", env="Pendulum-v1", out=str(out), steps=4, batch_size=4,
+    cfg = train_config(dataset="<memory>", env="Pendulum-v1", out=str(out), steps=4, batch_size=4,
                       warmup_steps=2, progress=False, tensorboard=False, log_every=2,
                       model=ModelConfig(embed_dim=16, n_layers=1, context_len=4, max_ep_len=200))
     train(cfg, episodes)

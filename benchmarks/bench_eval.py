@@ -33,13 +33,14 @@ import harness  # noqa: E402
 import hf_peer  # noqa: E402
 from synthetic_hopper import ACT_DIM, ENV_ID, OBS_DIM, TARGETS, untrained_policy  # noqa: E402
 
-from dtlab.evaluate import rollout  # noqa: E402
+from dtlab.rollout import rollout  # noqa: E402
 
 
 def dtlab_case(policy, episodes: int, max_steps: int, seed: int):
     def run():
         t0 = time.perf_counter()
-        results, stats = rollout(policy, ENV_ID, TARGETS, episodes, seed=seed, max_steps=max_steps)
+        report = rollout(policy, ENV_ID, TARGETS, episodes, seed=seed, max_steps=max_steps)
+        results, stats = report.results, report.timing()
         wall = time.perf_counter() - t0
         lengths = [n for r in results for n in r.lengths]
         return stats["env_steps"], stats["seconds"], {
@@ -227,7 +228,7 @@ def profile_eval(policy, hf, episodes: int, max_steps: int, seed: int) -> dict:
     model.forward = timed_forward  # instance attribute: this policy object only
     try:
         t0 = time.perf_counter()
-        _, stats = rollout(policy, ENV_ID, TARGETS, episodes, seed=seed, max_steps=max_steps)
+        stats = rollout(policy, ENV_ID, TARGETS, episodes, seed=seed, max_steps=max_steps).timing()
         wall = time.perf_counter() - t0
     finally:
         del model.forward

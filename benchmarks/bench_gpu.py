@@ -32,8 +32,8 @@ import harness  # noqa: E402
 from bench_train import B, DtlabTrainer, HFTrainer, hf_batch_from  # noqa: E402
 from synthetic_hopper import ENV_ID, synthetic_episodes, untrained_policy  # noqa: E402
 
-from dtlab.config import ModelConfig, TrainConfig  # noqa: E402
-from dtlab.evaluate import rollout  # noqa: E402
+from dtlab.config import DataConfig, ModelConfig, OptimConfig, RunConfig, TrainConfig  # noqa: E402
+from dtlab.rollout import rollout  # noqa: E402
 from dtlab.policy import DTPolicy  # noqa: E402
 from dtlab.train import train  # noqa: E402
 
@@ -81,10 +81,11 @@ def step_rates(device: torch.device, reps: int, steps: int, seed: int) -> tuple[
 def full_training(device: torch.device, steps: int, precision: str, seed: int) -> dict:
     episodes, _ = synthetic_episodes(seed=seed)
     with tempfile.TemporaryDirectory() as tmp:
-        cfg = TrainConfig(dataset="<memory>", env=ENV_ID, out=str(Path(tmp) / "run"), steps=steps,
-                          device=str(device), precision=precision, progress=False,
-                          tensorboard=False, checkpoint_every=max(steps // 4, 1), seed=seed,
-                          model=ModelConfig())
+        cfg = TrainConfig(
+            data=DataConfig("<memory>", ENV_ID), model=ModelConfig(),
+            optim=OptimConfig(precision=precision, seed=seed),
+            run=RunConfig(out=str(Path(tmp) / "run"), steps=steps, device=str(device),
+                          progress=False, tensorboard=False, checkpoint_every=max(steps // 4, 1)))
         sync(device)
         t0 = time.perf_counter()
         result = train(cfg, episodes)
@@ -103,7 +104,7 @@ def evaluation(device: torch.device, episodes: int, seed: int) -> list[dict]:
         policy = DTPolicy(base.model, base.info, device, precision=precision, kv_cache=kv)
         sync(device)
         t0 = time.perf_counter()
-        _, stats = rollout(policy, ENV_ID, (3600.0, 1800.0), episodes, seed=seed)
+        stats = rollout(policy, ENV_ID, (3600.0, 1800.0), episodes, seed=seed).timing()
         sync(device)
         seconds = time.perf_counter() - t0
         out.append({"rollout": label, "episodes": 2 * episodes, "seconds": seconds,

@@ -36,12 +36,12 @@ import harness  # noqa: E402
 import hf_peer  # noqa: E402
 from synthetic_hopper import ACT_DIM, OBS_DIM, synthetic_episodes  # noqa: E402
 
-from dtlab.config import ModelConfig  # noqa: E402
+from dtlab.config import ModelConfig, OptimConfig  # noqa: E402
 from dtlab.data.sampling import SequenceSampler  # noqa: E402
 from dtlab.model import DecisionTransformer  # noqa: E402
 from dtlab.normalizer import Normalizer  # noqa: E402
 from dtlab.spaces import ContinuousActions, VectorObservations  # noqa: E402
-from dtlab.train import action_loss, param_groups, to_tensors  # noqa: E402
+from dtlab.train import action_loss, make_optimizer, to_tensors, train_step  # noqa: E402
 
 B, K, CLIP, LR, WD, WARMUP = 64, 20, 0.25, 1e-4, 1e-4, 10_000
 CPU = torch.device("cpu")
@@ -52,7 +52,8 @@ def warmup_lambda(step: int) -> float:
 
 
 def update(model: torch.nn.Module, opt, sched, loss: torch.Tensor) -> torch.Tensor:
-    """The optimizer half of a training step, the same for both peers: backward, clip, AdamW, LR."""
+    """The optimizer half of the HF peer's training step: backward, clip, AdamW, LR (dtlab's is
+    dtlab.train.train_step)."""
     opt.zero_grad(set_to_none=True)
     loss.backward()
     torch.nn.utils.clip_grad_norm_(model.parameters(), CLIP)
@@ -68,8 +69,7 @@ class DtlabTrainer:
         actions = ContinuousActions(ACT_DIM, (-1.0,) * ACT_DIM, (1.0,) * ACT_DIM)
         self.model = DecisionTransformer(ModelConfig(), VectorObservations(OBS_DIM),
                                          actions).to(device).train()
-        self.opt = torch.optim.AdamW(param_groups(self.model, WD), lr=LR, betas=(0.9, 0.999),
-                                     fused=device.type == "cuda")  # as dtlab.train
+        self.opt = make_optimizer(self.model, OptimConfig(lr=LR, weight_decay=WD), device)
         self.sched = torch.optim.lr_scheduler.LambdaLR(self.opt, warmup_lambda)
         self.sampler = SequenceSampler(episodes, K, Normalizer.from_episodes(episodes, 1000.0, actions))
         self.rng = np.random.default_rng(seed)
@@ -78,11 +78,11 @@ class DtlabTrainer:
         return to_tensors(self.sampler.sample(B, self.rng), self.device)
 
     def step(self, b: dict, bf16: bool = False) -> torch.Tensor:
-        # As dtlab.train does: bf16 autocast around the forward only (--precision bf16).
-        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=bf16):
-            pred = self.model(b["observations"], b["actions"], b["returns_to_go"], b["timesteps"], b["masks"])
-        loss = action_loss(pred.float(), b["actions"], b["masks"])
-        return update(self.model, self.opt, self.sched, loss)
+        # The shipped step itself (dtlab.train.train_step), then the schedule as dtlab.train does.
+        loss, _ = train_step(self.model, self.opt, b, grad_clip=CLIP,
+                             precision="bf16" if bf16 else "fp32")
+        self.sched.step()
+        return loss
 
 
 class HFTrainer:

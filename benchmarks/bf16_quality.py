@@ -25,9 +25,9 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1)
     args = parser.parse_args()
 
-    from dtlab.collect import pendulum_mixed_dataset
-    from dtlab.config import TrainConfig
-    from dtlab.evaluate import rollout
+    from dtlab.behaviour.scripted import pendulum_mixed_dataset
+    from dtlab.config import DataConfig, OptimConfig, RunConfig, TrainConfig
+    from dtlab.rollout import rollout
     from dtlab.policy import DTPolicy
     from dtlab.quickstart import MODEL
     from dtlab.train import train
@@ -39,11 +39,13 @@ def main() -> None:
         for seed in args.seeds:
             for precision in ("fp32", "bf16"):
                 out = f"{tmp}/{precision}-{seed}"
-                cfg = TrainConfig(dataset="<memory>", env="Pendulum-v1", out=out, steps=args.steps,
-                                  batch_size=64, lr=1e-3, warmup_steps=300, schedule="cosine",
-                                  return_scale=100.0, seed=seed, model=MODEL, log_every=500,
+                cfg = TrainConfig(
+                    data=DataConfig("<memory>", "Pendulum-v1", return_scale=100.0), model=MODEL,
+                    optim=OptimConfig(batch_size=64, lr=1e-3, warmup_steps=300, schedule="cosine",
+                                      seed=seed, precision=precision),
+                    run=RunConfig(out=out, steps=args.steps, log_every=500,
                                   checkpoint_every=args.steps, progress=False, tensorboard=False,
-                                  threads=args.threads, precision=precision)
+                                  threads=args.threads))
                 t0 = time.perf_counter()
                 result = train(cfg, data)
                 seconds = time.perf_counter() - t0
@@ -52,7 +54,7 @@ def main() -> None:
                        "loss": {r["step"]: round(r["loss"], 5) for r in losses if "loss" in r}}
                 for eval_precision in ("fp32", "bf16"):
                     policy = DTPolicy.from_checkpoint(result.checkpoint, precision=eval_precision)
-                    results, _ = rollout(policy, "Pendulum-v1", targets, 10, seed=10_000)
+                    results = rollout(policy, "Pendulum-v1", targets, 10, seed=10_000).results
                     run[f"achieved_{eval_precision}_eval"] = [round(r.mean, 1) for r in results]
                 report["runs"].append(run)
                 print(json.dumps(run), flush=True)

@@ -26,7 +26,7 @@ def main() -> None:
     import torch
 
     from dtlab.envs import env_info
-    from dtlab.evaluate import rollout
+    from dtlab.rollout import rollout
     from dtlab.policy import DTPolicy
 
     torch.set_num_threads(1)
@@ -38,7 +38,8 @@ def main() -> None:
                      ("kv_cache_bf16", {"precision": "bf16", "kv_cache": True})):
         policy = DTPolicy(base.model, base.info, precision=kw.get("precision", "fp32"),
                           kv_cache=kw.get("kv_cache", False))
-        results, stats = rollout(policy, env_id, targets, args.episodes, seed=1000)
+        report = rollout(policy, env_id, targets, args.episodes, seed=1000)
+        results, stats = report.results, report.timing()
         returns = np.array([r.returns for r in results])  # (targets, episodes)
         exact = returns if exact is None else exact
         report[name] = {"mean": [round(float(m), 1) for m in returns.mean(1)],

@@ -37,7 +37,7 @@ def main() -> None:
     from safetensors.numpy import load_file
 
     from dtlab import checkpoint
-    from dtlab.collect import pendulum_mixed_dataset
+    from dtlab.behaviour.scripted import pendulum_mixed_dataset
     from dtlab.data.formats import save_episodes
 
     rng = np.random.default_rng(args.seed)

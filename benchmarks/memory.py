@@ -65,20 +65,21 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(1)
 
-    from dtlab.collect import pendulum_mixed_dataset
-    from dtlab.config import ModelConfig, TrainConfig
-    from dtlab.evaluate import rollout
+    from dtlab.behaviour.scripted import pendulum_mixed_dataset
+    from dtlab.config import DataConfig, ModelConfig, OptimConfig, RunConfig, TrainConfig
+    from dtlab.rollout import rollout
     from dtlab.policy import DTPolicy
     from dtlab.train import train
 
     episodes = pendulum_mixed_dataset(num_episodes=100, seed=0)
     report = {}
     with tempfile.TemporaryDirectory() as tmp:
-        cfg = TrainConfig(dataset="<memory>", env="Pendulum-v1", out=f"{tmp}/run",
-                          steps=args.train_steps, batch_size=16, warmup_steps=100, log_every=50,
-                          checkpoint_every=5000, progress=False, tensorboard=True, threads=1,
-                          return_scale=100.0,
-                          model=ModelConfig(embed_dim=32, n_layers=1, context_len=10, max_ep_len=200))
+        cfg = TrainConfig(
+            data=DataConfig("<memory>", "Pendulum-v1", return_scale=100.0),
+            model=ModelConfig(embed_dim=32, n_layers=1, context_len=10, max_ep_len=200),
+            optim=OptimConfig(batch_size=16, warmup_steps=100),
+            run=RunConfig(out=f"{tmp}/run", steps=args.train_steps, log_every=50,
+                          checkpoint_every=5000, progress=False, tensorboard=True, threads=1))
         t0 = time.perf_counter()
         with RssMonitor() as mon:
             result = train(cfg, episodes)
@@ -88,7 +89,8 @@ def main() -> None:
         t0 = time.perf_counter()
         with RssMonitor() as mon:
             # 2 targets x N/2 episodes, in waves of 256 parallel envs.
-            results, stats = rollout(policy, "Pendulum-v1", [-150.0, -700.0], args.eval_episodes // 2)
+            report = rollout(policy, "Pendulum-v1", [-150.0, -700.0], args.eval_episodes // 2)
+            results, stats = report.results, report.timing()
         report["evaluate"] = {"episodes": sum(len(r.returns) for r in results),
                               "env_steps": stats["env_steps"],
                               "seconds": round(time.perf_counter() - t0, 1), **mon.summary()}

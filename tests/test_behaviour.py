@@ -8,14 +8,16 @@ import shutil
 import numpy as np
 import pytest
 
-from dtlab.behaviour import export_actor, pick_snapshots
-from dtlab.collect import ActorPolicy, SB3Policy, collect_episodes
+from dtlab.behaviour.policies import ActorPolicy, SB3Policy
+from dtlab.behaviour.sac import RunManifest, Snapshot, export_actor, pick_snapshots, read_run_manifest
+from dtlab.collect import collect_episodes
 from dtlab.errors import ConfigError, EnvError
 
 
 def test_pick_snapshots_follows_d4rl():
-    manifest = {"snapshots": [{"step": s, "return_mean": r} for s, r in
-                              [(10, 20.0), (20, 500.0), (30, 1100.0), (40, 2000.0), (50, 3300.0), (60, 3000.0)]]}
+    manifest = RunManifest("Hopper-v5", "SAC", 0, 1, tuple(
+        Snapshot(s, r, 0.0, 0.0) for s, r in
+        [(10, 20.0), (20, 500.0), (30, 1100.0), (40, 2000.0), (50, 3300.0), (60, 3000.0)]))
     # Expert: best (3300 at step 50); medium: closest to 3300 / 3 = 1100 -> step 30.
     assert pick_snapshots(manifest) == {"expert": 50, "medium": 30}
 
@@ -63,6 +65,51 @@ def test_exported_actor_matches_sb3(sac_zip, tmp_path):
     assert pre_tanh.std() == pytest.approx(std, rel=0.05)
 
 
+def test_actor_file_format(sac_zip, tmp_path):
+    """export_actor writes SB3's own tensor names and the documented metadata; read_actor reads
+    back exactly what write_actor wrote, and refuses files that are not SAC actors."""
+    from safetensors import safe_open
+    from safetensors.numpy import load_file, save_file
+    from stable_baselines3 import SAC
+
+    from dtlab.behaviour.policies import SacActorWeights, read_actor, write_actor
+
+    out = export_actor(sac_zip, tmp_path / "a.safetensors", env_id="Pendulum-v1",
+                       extra={"step": 7, "variant": "medium"})
+    actor = SAC.load(sac_zip, device="cpu").actor
+    expected = {f"{part}.{k}" for part in ("latent_pi", "mu", "log_std")
+                for k in getattr(actor, part).state_dict()}
+    with safe_open(str(out), framework="numpy") as f:
+        assert set(f.keys()) == expected
+        assert f.metadata() == {"env_id": "Pendulum-v1", "algorithm": "SAC", "action_low": "[-2.0]",
+                                "action_high": "[2.0]", "source_snapshot": "snap.zip", "step": "7",
+                                "variant": "medium"}
+    loaded = read_actor(out)
+    np.testing.assert_array_equal(loaded.hidden[1][0], actor.latent_pi[2].weight.detach().numpy())
+    assert (loaded.obs_dim, loaded.act_dim, loaded.env_id) == (3, 1, "Pendulum-v1")
+    copy = write_actor(tmp_path / "sub" / "b.safetensors", loaded)
+    again = read_actor(copy)
+    for (w, b), (w2, b2) in zip(loaded.hidden, again.hidden, strict=True):
+        np.testing.assert_array_equal(w, w2)
+        np.testing.assert_array_equal(b, b2)
+    np.testing.assert_array_equal(again.log_std[0], loaded.log_std[0])
+    assert dict(again.metadata) == dict(loaded.metadata)
+    assert [p.name for p in copy.parent.iterdir()] == ["b.safetensors"]  # no temp file left
+    # A missing tensor, and layers that do not chain, are named.
+    tensors = load_file(out)
+    save_file({k: v for k, v in tensors.items() if k != "mu.bias"}, str(tmp_path / "m.safetensors"),
+              metadata=dict(loaded.metadata))
+    with pytest.raises(ConfigError, match=r"m\.safetensors: not a dtlab SAC actor file "
+                                          r"\(missing 'mu.bias'\)"):
+        read_actor(tmp_path / "m.safetensors")
+    # The second hidden layer cut to 5 outputs: mu still expects 32 inputs.
+    narrow = SacActorWeights((loaded.hidden[0], (loaded.hidden[1][0][:5], loaded.hidden[1][1][:5])),
+                             loaded.mu, loaded.log_std, loaded.low, loaded.high, loaded.metadata)
+    write_actor(tmp_path / "n.safetensors", narrow)
+    with pytest.raises(ConfigError, match=r"n\.safetensors: layer shapes .* do not chain"):
+        read_actor(tmp_path / "n.safetensors")
+
+
 def test_actor_must_match_the_env(sac_zip, tmp_path, capsys):
     from safetensors.numpy import load_file, save_file
 
@@ -107,7 +154,7 @@ def test_bad_actor_file(tmp_path):
 @pytest.fixture(scope="module")
 def hopper_run(tmp_path_factory):
     """A tiny SAC run on Hopper-v5: 3 snapshots, replay buffer, manifest; stopped and resumed."""
-    from dtlab.behaviour import train_behaviour
+    from dtlab.behaviour.sac import train_behaviour
     from dtlab.config import BehaviourConfig
 
     run = tmp_path_factory.mktemp("behaviour") / "hopper"
@@ -115,43 +162,58 @@ def hopper_run(tmp_path_factory):
                           learning_starts=50, buffer_size=1000, seed=0)
     train_behaviour(cfg, log=lambda m: None)
     manifest = train_behaviour(BehaviourConfig(**{**cfg.__dict__, "steps": 300}), log=lambda m: None)
-    assert [s["step"] for s in manifest["snapshots"]] == [100, 200, 300]  # resumed at 200
+    assert [s.step for s in manifest.snapshots] == [100, 200, 300]  # resumed at 200
     return run
 
 
+def test_run_manifest_on_disk(hopper_run, tmp_path):
+    """The run's manifest.json keeps its layout: what read_run_manifest reads writes back as the
+    same text; a bad snapshot entry is named."""
+    text = (hopper_run / "manifest.json").read_text()
+    raw = json.loads(text)
+    assert list(raw) == ["env_id", "algorithm", "seed", "eval_episodes", "snapshots"]
+    assert list(raw["snapshots"][0]) == ["step", "return_mean", "return_std", "seconds"]
+    assert read_run_manifest(hopper_run).to_json() == text
+    assert read_run_manifest(tmp_path) is None
+    (tmp_path / "manifest.json").write_text(json.dumps({**raw, "snapshots": [{"step": 1}]}))
+    with pytest.raises(ConfigError, match=r"manifest\.json: not a dtlab train-behaviour manifest "
+                                          r"\(KeyError: 'return_mean'\)"):
+        read_run_manifest(tmp_path)
+
+
 def test_presets_from_a_behaviour_run(hopper_run, tmp_path, monkeypatch):
-    import dtlab.collect as collect
-    from dtlab.behaviour import export_presets, pick_snapshots, read_manifest
+    import dtlab.presets as presets
 
     dest = tmp_path / "presets" / "hopper-v5"
-    manifest = export_presets(hopper_run, dest, env_id="Hopper-v5", episodes=2)
-    chosen = pick_snapshots(read_manifest(hopper_run))
-    assert manifest["expert"]["step"] == chosen["expert"] and manifest["medium"]["step"] == chosen["medium"]
-    assert manifest["ref_min_score"] == manifest["random"]["return_stochastic"]["mean"]
-    monkeypatch.setattr(collect, "PRESET_DIR", tmp_path / "presets")
+    manifest = presets.export_presets(hopper_run, dest, env_id="Hopper-v5", episodes=2)
+    chosen = pick_snapshots(read_run_manifest(hopper_run))
+    assert manifest.expert.step == chosen["expert"] and manifest.medium.step == chosen["medium"]
+    assert manifest.ref_min_score == manifest.random.mean
+    assert json.loads((dest / "manifest.json").read_text()) == json.loads(manifest.to_json())
+    monkeypatch.setattr(presets, "PRESET_DIR", tmp_path / "presets")
     # Reference scores are recorded as floats, whatever number type the manifest holds.
     written = json.loads((dest / "manifest.json").read_text())
     (dest / "manifest.json").write_text(json.dumps({**written, "ref_min_score": -20}))
-    medium = collect.preset_dataset("hopper-medium-v5", num_transitions=300)
+    medium = presets.preset_dataset("hopper-medium-v5", num_transitions=300)
     assert type(medium.metadata["dtlab_ref_min_score"]) is float
     assert medium.metadata["dtlab_ref_min_score"] == -20.0
-    assert medium.metadata["dtlab_ref_max_score"] == manifest["ref_max_score"]
-    again = collect.preset_dataset("hopper-medium-v5", num_transitions=300)
+    assert medium.metadata["dtlab_ref_max_score"] == manifest.ref_max_score
+    again = presets.preset_dataset("hopper-medium-v5", num_transitions=300)
     np.testing.assert_array_equal(medium.actions, again.actions)  # deterministic regeneration
     assert medium.num_transitions == 300 and medium.metadata["policy_training_steps"] == chosen["medium"]
-    both = collect.preset_dataset("hopper-medium-expert-v5", num_transitions=300)
+    both = presets.preset_dataset("hopper-medium-expert-v5", num_transitions=300)
     assert both.num_transitions == 600 == both.metadata["num_transitions"]
     assert [p["policy_training_steps"] for p in both.metadata["parts"]] == [chosen["medium"], chosen["expert"]]
     np.testing.assert_array_equal(both.actions[:300], medium.actions)
     with pytest.raises(ConfigError, match=r"replay_buffer\.pkl: .*pickle.*--trust-pickle"):
-        collect.preset_dataset("hopper-medium-replay-v5", behaviour_run=str(hopper_run))
-    replay = collect.preset_dataset("hopper-medium-replay-v5", behaviour_run=str(hopper_run),
+        presets.preset_dataset("hopper-medium-replay-v5", behaviour_run=str(hopper_run))
+    replay = presets.preset_dataset("hopper-medium-replay-v5", behaviour_run=str(hopper_run),
                                     trust=True)
     assert replay.num_transitions == chosen["medium"]
     with pytest.raises(ConfigError, match="--behaviour-run"):
-        collect.preset_dataset("hopper-medium-replay-v5")
+        presets.preset_dataset("hopper-medium-replay-v5")
     with pytest.raises(ConfigError, match="unknown preset"):
-        collect.preset_dataset("cartpole-medium-v5")
+        presets.preset_dataset("cartpole-medium-v5")
 
 
 def test_cli_medium_replay_needs_trust_pickle(hopper_run, tmp_path, capsys):
@@ -163,13 +225,13 @@ def test_cli_medium_replay_needs_trust_pickle(hopper_run, tmp_path, capsys):
     assert main(args) == 2
     assert "--trust-pickle" in capsys.readouterr().err
     assert main([*args, "--trust-pickle"]) == 0
-    medium = pick_snapshots(json.loads((hopper_run / "manifest.json").read_text()))["medium"]
+    medium = pick_snapshots(read_run_manifest(hopper_run))["medium"]
     assert load_episodes(tmp_path / "replay.hdf5").num_transitions == medium
 
 
 def test_corrupt_manifests_name_the_file(tmp_path, monkeypatch):
-    import dtlab.collect as collect
-    from dtlab.behaviour import replay_until_medium, train_behaviour
+    import dtlab.presets as presets
+    from dtlab.behaviour.sac import replay_until_medium, train_behaviour
     from dtlab.config import BehaviourConfig
 
     run = tmp_path / "run"
@@ -183,22 +245,28 @@ def test_corrupt_manifests_name_the_file(tmp_path, monkeypatch):
     with pytest.raises(ConfigError, match=r"run/manifest\.json: not a dtlab train-behaviour"):
         replay_until_medium(run, "Pendulum-v1", trust=True)
 
-    monkeypatch.setattr(collect, "PRESET_DIR", tmp_path / "presets")
+    committed = json.loads(presets.preset_manifest_path("Hopper-v5").read_text())
+    monkeypatch.setattr(presets, "PRESET_DIR", tmp_path / "presets")
     (tmp_path / "presets" / "hopper-v5").mkdir(parents=True)
     (tmp_path / "presets" / "hopper-v5" / "manifest.json").write_text("{not json")
     for name in ("hopper-medium-v5", "hopper-random-v5"):
         with pytest.raises(ConfigError, match=r"hopper-v5/manifest\.json: cannot read"):
-            collect.preset_dataset(name, num_transitions=10)
-    (tmp_path / "presets" / "hopper-v5" / "manifest.json").write_text('{"medium": {"step": 3}}')
-    with pytest.raises(ConfigError, match=r"manifest\.json: no valid 'medium' entry"):
-        collect.preset_dataset("hopper-medium-v5", num_transitions=10)
+            presets.preset_dataset(name, num_transitions=10)
+    (tmp_path / "presets" / "hopper-v5" / "manifest.json").write_text(
+        json.dumps({**committed, "medium": {"step": 3}}))
+    with pytest.raises(ConfigError, match=r"manifest\.json: no valid 'medium' entry \(KeyError: 'file'\)"):
+        presets.preset_dataset("hopper-medium-v5", num_transitions=10)
+    (tmp_path / "presets" / "hopper-v5" / "manifest.json").write_text(
+        json.dumps({**committed, "ref_max_score": "high"}))
+    with pytest.raises(ConfigError, match=r"manifest\.json: no valid 'ref_max_score' entry"):
+        presets.preset_dataset("hopper-random-v5", num_transitions=10)
 
 
 @pytest.fixture(scope="module")
 def pendulum_run(tmp_path_factory):
     """A tiny SAC run on Pendulum-v1 (episodes always 200 steps, actions in [-2, 2]): stopped at
     step 250, in the middle of its second episode, and resumed to 500."""
-    from dtlab.behaviour import train_behaviour
+    from dtlab.behaviour.sac import train_behaviour
     from dtlab.config import BehaviourConfig
 
     run = tmp_path_factory.mktemp("behaviour") / "pendulum"
@@ -206,16 +274,16 @@ def pendulum_run(tmp_path_factory):
                           eval_episodes=1, learning_starts=50, buffer_size=1000, seed=0)
     train_behaviour(cfg, log=lambda m: None)
     manifest = train_behaviour(dataclasses.replace(cfg, steps=500), log=lambda m: None)
-    assert [s["step"] for s in manifest["snapshots"]] == [125, 250, 375, 500]
+    assert [s.step for s in manifest.snapshots] == [125, 250, 375, 500]
     return run, cfg
 
 
 def test_medium_replay_keeps_episodes_apart_across_a_resume(pendulum_run, monkeypatch):
-    import dtlab.behaviour as behaviour
+    import dtlab.behaviour.sac as sac
 
     run, _ = pendulum_run
-    monkeypatch.setattr(behaviour, "pick_snapshots", lambda m: {"expert": 500, "medium": 500})
-    data = behaviour.replay_until_medium(run, "Pendulum-v1", trust=True)
+    monkeypatch.setattr(sac, "pick_snapshots", lambda m: {"expert": 500, "medium": 500})
+    data = sac.replay_until_medium(run, "Pendulum-v1", trust=True)
     # 200-step episodes, except the one cut by the stop at step 250 and the last one, cut by the
     # end of the data at the medium snapshot (500).
     np.testing.assert_array_equal(data.episode_starts, [0, 200, 250, 450])
@@ -227,7 +295,7 @@ def test_medium_replay_keeps_episodes_apart_across_a_resume(pendulum_run, monkey
 
 
 def test_medium_replay_needs_trust(pendulum_run):
-    from dtlab.behaviour import replay_until_medium
+    from dtlab.behaviour.sac import replay_until_medium
 
     run, _ = pendulum_run
     with pytest.raises(ConfigError, match=r"replay_buffer\.pkl: .*pickle.*--trust-pickle"):
@@ -235,7 +303,7 @@ def test_medium_replay_needs_trust(pendulum_run):
 
 
 def test_resume_refuses_a_buffer_newer_than_the_manifest(pendulum_run, tmp_path):
-    from dtlab.behaviour import train_behaviour
+    from dtlab.behaviour.sac import train_behaviour
 
     run, cfg = pendulum_run
     copy = tmp_path / "interrupted"

@@ -7,12 +7,10 @@ import numpy as np
 import pytest
 
 import dtlab
-from dtlab.collect import (
-    PendulumSwingUp,
-    RandomPolicy,
-    collect_episodes,
-    pendulum_mixed_dataset,
-)
+from dtlab.behaviour.policies import RandomPolicy
+from dtlab.behaviour.scripted import PendulumSwingUp, pendulum_mixed_dataset
+from dtlab.collect import collect_episodes
+from dtlab.config import PolicySpec, parse_policy
 from dtlab.errors import ConfigError, EnvError
 
 FIELDS = ("observations", "actions", "rewards", "terminations", "truncations", "episode_starts")
@@ -184,19 +182,28 @@ def cli(capsys, *argv):
 
 @pytest.mark.parametrize("args, message", [
     (["--preset", "hopper-random-v9"], "unknown environment 'Hopper-v9'"),
-    (["--preset", "hopper-random-v5", "--episodes", "3"], "presets are sized by --transitions"),
+    (["--preset", "hopper-random-v5", "--episodes", "3"], "presets are sized by transitions"),
     (["--preset", "hopper-random-v5", "--env", "Walker2d-v5"], "conflicts with --preset"),
     (["--env", "Pendulum-v1", "--policy", "pendulum-mixed", "--transitions", "100"],
-     "give --episodes, not --transitions"),
-    (["--env", "Pendulum-v1", "--episodes", "0"], "--episodes must be >= 1, got 0"),
-    (["--env", "Pendulum-v1", "--transitions", "0"], "--transitions must be >= 1, got 0"),
-    (["--preset", "hopper-random-v5", "--transitions", "0"], "--transitions must be >= 1, got 0"),
+     "give episodes, not transitions"),
+    (["--env", "Pendulum-v1", "--episodes", "0"], "episodes must be >= 1, got 0"),
+    (["--env", "Pendulum-v1", "--transitions", "0"], "transitions must be >= 1, got 0"),
+    (["--preset", "hopper-random-v5", "--transitions", "0"], "transitions must be >= 1, got 0"),
     (["--env", "Pendulum-v1", "--episodes", "1", "--out", "minari:x/y-v0", "--format", "d4rl"],
-     "is a Minari dataset, but --format is d4rl"),
+     "is a Minari dataset, but format is d4rl"),
     (["--env", "Pendulum-v1", "--episodes", "1", "--out", "minari:x/y-v0", "--format", "native"],
-     "is a Minari dataset, but --format is native"),
+     "is a Minari dataset, but format is native"),
     (["--env", "Pendulum-v1", "--episodes", "1", "--format", "minari"],
-     "give --out minari:<id>"),
+     "give out minari:<id>"),
+    (["--env", "Pendulum-v1", "--episodes", "1", "--policy", "scripted"], "unknown policy 'scripted'"),
+    (["--env", "Pendulum-v1", "--episodes", "1", "--policy", "actor:"], "policy actor: needs a file"),
+    (["--env", "Hopper-v5", "--episodes", "1", "--policy", "pendulum-swingup"],
+     "policy pendulum-swingup is for Pendulum-v1"),
+    (["--env", "Hopper-v5", "--policy", "pendulum-mixed"], "policy pendulum-mixed is for Pendulum-v1"),
+    (["--env", "Pendulum-v1"], "give episodes or transitions"),
+    (["--env", "Pendulum-v1", "--episodes", "1", "--transitions", "5"],
+     "give episodes or transitions, not both"),
+    (["--episodes", "1"], "give env (or preset)"),
 ])
 def test_cli_collect_refuses_conflicting_options(tmp_path, capsys, args, message):
     out = tmp_path / "data.hdf5"
@@ -244,6 +251,9 @@ def test_sharded_collection_reports_a_failing_shard():
     class Broken:
         name = "broken"
 
+        def check_env(self, env):
+            pass
+
         def reset(self, rng):
             pass
 
@@ -258,16 +268,78 @@ def test_sharded_collection_reports_a_failing_shard():
 def test_committed_presets_regenerate_deterministically(env_id):
     """The committed behaviour actors load safely, match the env, and regenerate the same data for
     the same seed (a small budget instead of the presets' 1M transitions)."""
-    from dtlab.collect import preset_dataset, preset_manifest
+    from dtlab.presets import preset_dataset, read_preset_manifest
 
-    manifest = preset_manifest(env_id)
-    assert manifest["env_id"] == env_id
-    assert manifest["expert"]["return_stochastic"]["mean"] > 3 * manifest["medium"]["return_stochastic"]["mean"] / 2
-    assert manifest["expert"]["step"] > manifest["medium"]["step"]
+    manifest = read_preset_manifest(env_id)
+    assert manifest.env_id == env_id
+    assert manifest.expert.return_stochastic.mean > 3 * manifest.medium.return_stochastic.mean / 2
+    assert manifest.expert.step > manifest.medium.step
     name = f"{env_id.split('-')[0].lower()}-expert-v5"
     a = preset_dataset(name, num_transitions=400)
     b = preset_dataset(name, num_transitions=400)
     np.testing.assert_array_equal(a.actions, b.actions)
     assert a.metadata["env_id"] == env_id
-    assert a.metadata["policy_training_steps"] == manifest["expert"]["step"]
-    assert a.metadata["dtlab_ref_max_score"] == manifest["ref_max_score"]
+    assert a.metadata["policy_training_steps"] == manifest.expert.step
+    assert a.metadata["dtlab_ref_max_score"] == manifest.ref_max_score
+
+
+def test_sharded_collection_forks_a_policy_factory_that_cannot_be_pickled():
+    import pickle
+
+    from dtlab.collect import collect_sharded
+
+    def factory(i):
+        return PendulumSwingUp(quality=0.5)
+
+    with pytest.raises((pickle.PicklingError, AttributeError)):
+        pickle.dumps(factory)  # a local function: a pool that pickled its job would fail
+    parallel = collect_sharded("Pendulum-v1", factory, num_transitions=300, seed=2, shards=3)
+    serial = collect_sharded("Pendulum-v1", factory, num_transitions=300, seed=2, shards=3,
+                             processes=1)
+    for name in FIELDS:
+        np.testing.assert_array_equal(getattr(parallel, name), getattr(serial, name), err_msg=name)
+    assert parallel.episode_lengths.tolist() == [100, 100, 100]
+
+
+def test_parse_policy():
+    assert parse_policy("random") == PolicySpec("random")
+    assert parse_policy("pendulum-mixed") == PolicySpec("pendulum-mixed")
+    assert parse_policy("actor:runs/a:b.safetensors") == PolicySpec("actor", "runs/a:b.safetensors")
+    assert parse_policy("sb3:ppo.zip") == PolicySpec("sb3", "ppo.zip")
+    for bad in ("Random", "actor", "ppo:x.zip", "", "random:x"):
+        with pytest.raises(ConfigError, match="unknown policy"):
+            parse_policy(bad)
+    with pytest.raises(ConfigError, match=r"^policy sb3: needs a file"):
+        parse_policy("sb3:")
+
+
+def test_config_minari_prefix_is_the_data_layers():
+    from dtlab.config import _MINARI_PREFIX
+    from dtlab.data.formats import MINARI_PREFIX
+
+    assert _MINARI_PREFIX == MINARI_PREFIX
+
+
+def test_policies_check_their_env():
+    box = pendulum_action_space()
+    with pytest.raises(EnvError, match=r"^CartPole-v1: RandomPolicy draws from Box\(shape=\(1,\)"):
+        collect_episodes("CartPole-v1", RandomPolicy(box), num_episodes=1)
+    wider = gymnasium.spaces.Box(-3.0, 3.0, (1,), np.float32)  # Pendulum's shape, other bounds
+    with pytest.raises(EnvError, match="RandomPolicy draws from"):
+        collect_episodes("Pendulum-v1", RandomPolicy(wider), num_episodes=1)
+    with pytest.raises(EnvError, match="RandomPolicy draws from Discrete"):
+        collect_episodes("Pendulum-v1", RandomPolicy(gymnasium.spaces.Discrete(2)), num_episodes=1)
+    with pytest.raises(EnvError, match=r"^policy pendulum-swingup is for Pendulum-v1, not "
+                                       r"MountainCarContinuous-v0$"):
+        collect_episodes("MountainCarContinuous-v0", PendulumSwingUp(), num_episodes=1)
+
+
+@pytest.mark.parametrize("env_id", ["Hopper-v5", "HalfCheetah-v5", "Walker2d-v5"])
+def test_committed_preset_manifests_read_and_write_back_byte_for_byte(env_id, tmp_path):
+    from dtlab.presets import preset_manifest_path, read_preset_manifest, write_preset_manifest
+
+    manifest = read_preset_manifest(env_id)
+    assert manifest.ref_min_score == manifest.random.mean
+    assert manifest.ref_max_score == manifest.expert.return_stochastic.mean
+    written = write_preset_manifest(tmp_path, manifest)
+    assert written.read_bytes() == preset_manifest_path(env_id).read_bytes()

@@ -10,18 +10,20 @@ import pytest
 import torch
 
 from dtlab import checkpoint
+from dtlab.behaviour.policies import RandomPolicy, SB3Policy
 from dtlab.cli import main
-from dtlab.collect import RandomPolicy, SB3Policy, collect_episodes
-from dtlab.config import ModelConfig, TrainConfig
+from dtlab.collect import collect_episodes
+from dtlab.config import ModelConfig
 from dtlab.data import EpisodeSet, SequenceSampler
 from dtlab.data.formats import load_episodes, save_episodes
 from dtlab.errors import DatasetError, EnvError
-from dtlab.evaluate import rollout
+from dtlab.rollout import rollout
 from dtlab.model import DecisionTransformer
 from dtlab.normalizer import Normalizer
 from dtlab.policy import DTPolicy
 from dtlab.spaces import ContinuousActions, DiscreteActions, VectorObservations
 from dtlab.train import action_loss, train
+from tests.configs import flat_fields, train_config
 
 TINY = ModelConfig(embed_dim=16, n_layers=1, n_heads=2, context_len=4, max_ep_len=500)
 
@@ -97,7 +99,7 @@ def test_cartpole_train_policy_and_rollout(tmp_path):
     episodes = cartpole_random()
     assert episodes.action_space == DiscreteActions(2) and episodes.actions.dtype == np.int64
     assert set(np.unique(episodes.actions)) == {0, 1}
-    cfg = TrainConfig(dataset="<memory>", env="CartPole-v1", out=str(tmp_path / "run"), steps=30,
+    cfg = train_config(dataset="<memory>", env="CartPole-v1", out=str(tmp_path / "run"), steps=30,
                       batch_size=16, warmup_steps=5, progress=False, tensorboard=False, model=TINY,
                       lr=3e-3)
     result = train(cfg, episodes)
@@ -136,7 +138,7 @@ def test_cartpole_train_policy_and_rollout(tmp_path):
         hist_act.append(int(action))
         obs, reward, terminated, truncated, _ = env.step(action)
         assert not (terminated or truncated)
-    results, _ = rollout(DTPolicy(model, info), "CartPole-v1", (500.0, 100.0), 3, seed=0)
+    results = rollout(DTPolicy(model, info), "CartPole-v1", (500.0, 100.0), 3, seed=0).results
     assert [r.target for r in results] == [500.0, 100.0]
     assert all(len(r.returns) == 3 and min(r.returns) >= 1 for r in results)
     # A discrete checkpoint on a continuous env (and vice versa) is refused.
@@ -227,7 +229,7 @@ def test_checkpoint_format_versions(tmp_path, tiny_checkpoint):
     assert cont["action_space"] == {"type": "continuous", "dim": 1, "low": [-2.0], "high": [2.0]}
     assert cont["observation_space"] == {"type": "vector", "dim": 3}
     assert cont["normalizer"]["action_low"] == [-2.0] and cont["normalizer"]["return_scale"] == 100.0
-    cfg = TrainConfig(dataset="<memory>", env="CartPole-v1", out=str(tmp_path / "run"), steps=2,
+    cfg = train_config(dataset="<memory>", env="CartPole-v1", out=str(tmp_path / "run"), steps=2,
                       batch_size=4, warmup_steps=1, progress=False, tensorboard=False, model=TINY)
     disc = json.loads((train(cfg, cartpole_random(3)).checkpoint / "config.json").read_text())
     assert disc["format_version"] == 3 and "discrete" not in disc
@@ -250,13 +252,13 @@ class ThreeActions(gym.Env):
 
 
 def test_space_mismatches_are_one_line_errors(tmp_path):
-    from dtlab.behaviour import train_behaviour
+    from dtlab.behaviour.sac import train_behaviour
     from dtlab.config import BehaviourConfig
     from dtlab.envs import describe_space
 
     if "dtlab-test/ThreeActions-v0" not in gym.registry:
         gym.register("dtlab-test/ThreeActions-v0", entry_point=ThreeActions, max_episode_steps=10)
-    cfg = TrainConfig(dataset="<memory>", env="CartPole-v1", out=str(tmp_path / "run"), steps=2,
+    cfg = train_config(dataset="<memory>", env="CartPole-v1", out=str(tmp_path / "run"), steps=2,
                       batch_size=4, warmup_steps=1, progress=False, tensorboard=False, model=TINY)
     model, info = checkpoint.load(train(cfg, cartpole_random(3)).checkpoint)
     with pytest.raises(EnvError, match=r"has observations \(4,\) and 3 actions, but the "
@@ -265,7 +267,7 @@ def test_space_mismatches_are_one_line_errors(tmp_path):
     # ... while a dataset that uses only some of an env's actions is fine for training.
     few = EpisodeSet.from_flags(np.zeros((4, 4)), np.array([0, 1, 1, 0]), np.ones(4),
                                 np.array([0, 0, 0, 1]), np.zeros(4))
-    cfg3 = TrainConfig(**{**cfg.__dict__, "env": "dtlab-test/ThreeActions-v0",
+    cfg3 = train_config(**{**flat_fields(cfg), "env": "dtlab-test/ThreeActions-v0",
                           "out": str(tmp_path / "three")})
     assert checkpoint.load(train(cfg3, few).checkpoint)[1].action_space == DiscreteActions(3)
     beyond = EpisodeSet.from_flags(np.zeros((4, 4)), np.array([0, 7, 1, 0]), np.ones(4),
@@ -273,7 +275,7 @@ def test_space_mismatches_are_one_line_errors(tmp_path):
     with pytest.raises(EnvError, match=r"CartPole-v1 has observations \(4,\) and 2 actions, but "
                                        r"dataset seven.hdf5 has observations \(4,\) and actions "
                                        r"up to index 7"):
-        train(TrainConfig(**{**cfg.__dict__, "out": str(tmp_path / "seven")}), beyond)
+        train(train_config(**{**flat_fields(cfg), "out": str(tmp_path / "seven")}), beyond)
     assert not (tmp_path / "seven").exists()
     # Spaces in messages are one line, whatever their bounds.
     uneven = gym.spaces.Box(np.arange(17, dtype=np.float32) - 50, np.arange(17, dtype=np.float32) * 3 + 1)
@@ -292,6 +294,9 @@ def test_space_mismatches_are_one_line_errors(tmp_path):
 
 class HalfPolicy:
     name = "half"
+
+    def check_env(self, env):
+        pass
 
     def reset(self, rng):
         pass

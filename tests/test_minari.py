@@ -202,7 +202,8 @@ def test_dataset_written_by_minari_reads_with_t_observations():
 def test_discrete_n_comes_from_the_datasets_space(tmp_path):
     """A Discrete(4) dataset that only uses actions 0 and 1 keeps n = 4 (not largest index + 1),
     through dtlab's Minari and native writers; D4RL files record no space: largest index + 1."""
-    buffers = [EpisodeBuffer(observations=np.zeros((4, 2), np.float32), actions=np.array([0, 1, 0]),
+    buffers = [EpisodeBuffer(observations=np.arange(8, dtype=np.float32).reshape(4, 2) / 10,
+                             actions=np.array([0, 1, 0]),
                              rewards=np.ones(3), terminations=np.array([False, False, True]),
                              truncations=np.zeros(3, bool))]
     with warnings.catch_warnings():

@@ -14,10 +14,11 @@ from safetensors.torch import load_file
 
 import dtlab.train as train_module
 from dtlab import checkpoint
-from dtlab.config import ModelConfig, TrainConfig
+from dtlab.config import ModelConfig
+from tests.configs import flat_fields, train_config
 from dtlab.data import EpisodeSet
 from dtlab.data.formats import save_episodes
-from dtlab.errors import ConfigError, DatasetError, DtlabWarning, TrainingError
+from dtlab.errors import DatasetError, DtlabWarning, TrainingError
 from dtlab.train import train
 
 TINY = ModelConfig(embed_dim=16, n_layers=1, n_heads=1, context_len=4, max_ep_len=200)
@@ -36,7 +37,7 @@ def cfg(tmp_path, name="run", **kw):
     base = dict(dataset="data.hdf5", env="Pendulum-v1", out=str(tmp_path / name), steps=8, batch_size=4,
                 warmup_steps=2, log_every=2, checkpoint_every=4, progress=False, tensorboard=False,
                 model=TINY)
-    return TrainConfig(**{**base, **kw})
+    return train_config(**{**base, **kw})
 
 
 def nan_on_call(n):
@@ -163,13 +164,3 @@ def test_outputs_get_default_permissions_not_private_temp_ones(tmp_path, tiny_ch
     assert mode(tmp_path / "d.hdf5") == 0o644
     assert mode(ck) == 0o755
     assert {mode(f) for f in Path(ck).iterdir()} == {0o644}
-
-
-def test_evaluation_beyond_max_ep_len_is_refused_before_training(tmp_path):
-    """Pendulum-v1 episodes run 200 steps: a model embedding only 100 timesteps cannot be
-    evaluated on them (timesteps are never clamped), so training refuses up front."""
-    small = ModelConfig(embed_dim=16, n_layers=1, n_heads=1, context_len=4, max_ep_len=100)
-    with pytest.raises(ConfigError, match=r"^--eval-episodes: Pendulum-v1 episodes run up to 200 "
-                                          r"steps, beyond model.max_ep_len=100"):
-        train(cfg(tmp_path, model=small, eval_episodes=1), episodes(length=100))
-    assert not (tmp_path / "run").exists()

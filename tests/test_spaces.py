@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from dtlab import checkpoint
-from dtlab.config import ModelConfig, TrainConfig
+from dtlab.config import ModelConfig
 from dtlab.data import EpisodeSet
 from dtlab.errors import CheckpointError, ConfigError, DtlabWarning, EnvError
 from dtlab.normalizer import Normalizer, from_unit_interval, to_unit_interval
@@ -18,6 +18,7 @@ from dtlab.spaces import (ContinuousActions, DiscreteActions, VectorObservations
                           action_space_from_gym, action_space_from_json, check_against_env,
                           observation_space_from_gym, observation_space_from_json)
 from dtlab.train import train
+from tests.configs import train_config
 
 
 # ---- specs ---------------------------------------------------------------------------------------
@@ -131,11 +132,14 @@ def test_constant_observation_dimension_gets_std_one(tmp_path):
     obs64 = episodes.observations.astype(np.float64)  # the other dims: data std + 1e-6 (DT)
     np.testing.assert_array_equal(norm.obs_std[:2], (obs64.std(0) + 1e-6).astype(np.float32)[:2])
 
-    cfg = TrainConfig(dataset="<memory>", env="Pendulum-v1", out=str(tmp_path / "run"), steps=4,
-                      batch_size=4, warmup_steps=2, progress=False, tensorboard=False,
-                      model=ModelConfig(embed_dim=16, n_layers=1, context_len=4, max_ep_len=200))
-    with pytest.warns(DtlabWarning, match=r"observation dimensions \[2\] are constant"):
+    cfg = train_config(dataset="<memory>", env="Pendulum-v1", out=str(tmp_path / "run"), steps=4,
+                       batch_size=4, warmup_steps=2, progress=False, tensorboard=False,
+                       model=ModelConfig(embed_dim=16, n_layers=1, context_len=4, max_ep_len=200))
+    with pytest.warns(DtlabWarning) as record:
         result = train(cfg, episodes)
+    constant = [str(w.message) for w in record if "constant" in str(w.message)]
+    assert len(constant) == 1, constant  # one line (the data diagnostics' finding is not repeated)
+    assert "observation dimensions [2] are constant in the data" in constant[0]
     saved = json.loads((result.checkpoint / "config.json").read_text())["normalizer"]
     assert saved["constant_dims"] == [2] and saved["obs_std"][2] == 1.0
     policy = DTPolicy.from_checkpoint(result.checkpoint)

@@ -1,13 +1,22 @@
-"""Atomic file writes: write to a temporary name in the destination directory, fsync, rename.
+"""Atomic writes, one primitive for every writer: ``atomic_path`` hands out a temporary name in
+the destination's directory; when the block succeeds the result is fsynced, given the permissions
+a plain ``open``/``mkdir`` would have, and renamed over the destination; when it fails the
+temporary is removed and any previous file stays as it was.
 
-A crash at any moment leaves either the previous file or the new one, never a half-written one.
+A crash at any moment leaves either the previous file (or directory) or the new one, never a
+half-written one. Used by the HDF5 writers, checkpoints, Minari staging, JSON, plots and manifests.
 """
 
 from __future__ import annotations
 
+import json
 import os
+import shutil
 import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 from dtlab.errors import ConfigError
 
@@ -61,32 +70,93 @@ def check_writable(path: str | Path) -> Path:
     return path
 
 
-def write_text_atomic(path: str | Path, text: str) -> None:
-    path = check_writable(path)
+def _fsync_tree(path: Path) -> None:
+    paths = [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.is_file())
+    for p in paths:
+        with open(p, "rb") as fh:
+            os.fsync(fh.fileno())
+        give_default_mode(p)
+    if path.is_dir():
+        for d in sorted((p for p in path.rglob("*") if p.is_dir()), reverse=True):
+            give_default_mode(d)
+            fsync_dir(d)
+        give_default_mode(path)
+
+
+@contextmanager
+def atomic_path(path: str | Path, *, directory: bool = False) -> Iterator[Path]:
+    """Yield a temporary path beside ``path`` to write; rename it to ``path`` when the block ends.
+
+    ``directory``: the temporary is an empty directory (a checkpoint, a Minari dataset) and an
+    existing directory at ``path`` is replaced; otherwise the temporary is a name (nothing created)
+    for a writer that creates the file itself (h5py, matplotlib, safetensors, ``open``).
+    Raises ConfigError when the destination's directory cannot be created or written.
+    """
+    path = Path(path) if directory else check_writable(path)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.tmp-")
+        if directory:
+            tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.tmp-"))
+        else:
+            fd, name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.tmp-",
+                                        suffix=path.suffix)
+            os.close(fd)
+            tmp = Path(name)
     except OSError as exc:
         raise ConfigError(f"{path}: cannot write: {exc.strerror or exc}") from None
     try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        give_default_mode(tmp)
-        os.replace(tmp, path)
+        yield tmp
+        _fsync_tree(tmp)
+        if directory and path.exists():
+            old = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.old-"))
+            os.replace(path, old / path.name)
+            os.replace(tmp, path)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, path)
         fsync_dir(path.parent)
     except BaseException as exc:
-        Path(tmp).unlink(missing_ok=True)
+        if tmp.is_dir():
+            shutil.rmtree(tmp, ignore_errors=True)
+        else:
+            tmp.unlink(missing_ok=True)
         if isinstance(exc, OSError):
             raise ConfigError(f"{path}: cannot write: {exc.strerror or exc}") from None
         raise
 
 
+def write_text_atomic(path: str | Path, text: str) -> None:
+    """Write ``text`` to ``path`` atomically (ConfigError when it cannot be written)."""
+    with atomic_path(path) as tmp:
+        tmp.write_text(text)
+
+
+def write_json(path: str | Path, data: Any) -> None:
+    """Write ``data`` as strict JSON (RFC 8259: no NaN/Infinity tokens) atomically.
+
+    Non-finite floats are written as null; every JSON file dtlab writes goes through here.
+    """
+    write_text_atomic(path, dumps_json(data))
+
+
+def dumps_json(data: Any, indent: int | None = 2) -> str:
+    """``json.dumps`` that writes non-finite floats as null (strict JSON)."""
+    return json.dumps(_finite(data), indent=indent, allow_nan=False)
+
+
+def _finite(value: Any) -> Any:
+    if isinstance(value, float):
+        return value if value == value and value not in (float("inf"), float("-inf")) else None
+    if isinstance(value, dict):
+        return {k: _finite(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_finite(v) for v in value]
+    return value
+
+
 def replace_into_place(tmp: str | Path, path: str | Path) -> None:
-    """Fsync a finished temporary file, give it default permissions and rename it to ``path``."""
-    with open(tmp, "rb") as f:
-        os.fsync(f.fileno())
-    give_default_mode(tmp)
+    """Fsync a finished temporary file, give it default permissions and rename it to ``path``
+    (for writers that must create their temporary themselves; prefer ``atomic_path``)."""
+    _fsync_tree(Path(tmp))
     os.replace(tmp, path)
     fsync_dir(Path(path).parent)

@@ -28,12 +28,14 @@ class DataInfo:
 
 @dataclass(frozen=True)
 class DataValidate:
-    """Run every load-time check on a dataset and report problems (exit 2 on the first error)."""
+    """Run every load-time check on a dataset and report problems (exit 2 on the first error),
+    then list every valid-but-suspicious finding, one line each (exit 0)."""
 
     path: Annotated[str, tyro.conf.Positional, tyro.conf.arg(metavar="PATH")]
-    """Dataset file (D4RL HDF5 or dtlab native)."""
+    """Dataset file (D4RL HDF5 or dtlab native), or minari:<dataset id>."""
     env: str | None = None
-    """Also check the dataset against this Gymnasium env's spaces and action bounds."""
+    """Also check the dataset against this Gymnasium env's spaces, action bounds and time limit
+    (default for the time limit: the dataset's recorded env id, if any)."""
 
 
 @dataclass(frozen=True)
@@ -106,13 +108,27 @@ Command = Union[
 
 
 def run_train(cfg: TrainConfig) -> int:
+    """Train; SIGINT/SIGTERM stop the run at the next step with a checkpoint (exit 128 + signal)."""
+    import signal
+    import threading
+
     from dtlab.train import train
 
-    result = train(cfg)
+    received: list[int] = []
+    handlers = {}
+    if threading.current_thread() is threading.main_thread():
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            handlers[sig] = signal.signal(sig, lambda signum, _frame: received.append(signum))
+    try:
+        result = train(cfg, should_stop=lambda: bool(received))
+    finally:
+        for sig, handler in handlers.items():
+            signal.signal(sig, handler)
     if result.interrupted:
-        print(f"interrupted by signal {result.signal} at step {result.steps}; checkpoint "
+        sig = received[0] if received else 0
+        print(f"interrupted by signal {sig} at step {result.steps}; checkpoint "
               f"{result.checkpoint}; continue with --resume", file=sys.stderr)
-        return 128 + (result.signal or 0)
+        return 128 + sig
     skipped = f", {result.skipped_nonfinite} non-finite steps skipped" if result.skipped_nonfinite else ""
     print(f"done: {result.steps} steps, final loss {result.final_loss:.5f}{skipped}, "
           f"checkpoint {result.checkpoint}")
@@ -125,71 +141,55 @@ def run_evaluate(cfg: EvalConfig) -> None:
     evaluate_checkpoint(cfg, echo=True)
 
 
+def _behaviour_policy(cfg: CollectConfig):
+    """The BehaviourPolicy that ``cfg.policy`` names (not pendulum-mixed: a dataset recipe)."""
+    from dtlab.behaviour.policies import ActorPolicy, RandomPolicy, SB3Policy
+    from dtlab.behaviour.scripted import PendulumSwingUp
+
+    spec = cfg.policy_spec
+    if spec.kind == "random":
+        return RandomPolicy.for_env(cfg.env)
+    if spec.kind == "actor":
+        return ActorPolicy(spec.path, deterministic=cfg.deterministic)
+    if spec.kind == "sb3":
+        return SB3Policy(spec.path, cfg.env, trust=cfg.trust_pickle, deterministic=cfg.deterministic)
+    if spec.kind == "pendulum-swingup":
+        return PendulumSwingUp(quality=cfg.quality)
+    raise ValueError(f"policy {spec.kind} is a dataset recipe, not a policy")
+
+
 def run_collect(cfg: CollectConfig) -> None:
     import time
 
-    from dtlab import collect
-    from dtlab.data.formats import MINARI_PREFIX, save_episodes
+    from dtlab.data.formats import save_episodes
     from dtlab.errors import ConfigError
 
-    # Refuse conflicting or meaningless options before collecting anything.
-    for flag, value in (("--episodes", cfg.episodes), ("--transitions", cfg.transitions)):
-        if value is not None and value < 1:
-            raise ConfigError(f"{flag} must be >= 1, got {value}")
-    to_minari = cfg.out.startswith(MINARI_PREFIX)
-    out_format = cfg.format or ("minari" if to_minari else "d4rl")
-    if to_minari and out_format != "minari":
-        raise ConfigError(f"--out {cfg.out} is a Minari dataset, but --format is {out_format}")
-    if out_format == "minari" and not to_minari:
-        raise ConfigError(f"--format minari writes a Minari dataset: give --out {MINARI_PREFIX}<id>, "
-                          f"not {cfg.out}")
+    # CollectConfig has refused conflicting options already; only the preset's env is left.
     if cfg.preset:
-        if cfg.episodes is not None:
-            raise ConfigError("presets are sized by --transitions (D4RL's 1M by default), not "
-                              "--episodes")
-        preset_env, _ = collect.parse_preset(cfg.preset)
+        from dtlab.presets import parse_preset, preset_dataset
+
+        preset_env, _ = parse_preset(cfg.preset)
         if cfg.env is not None and cfg.env != preset_env:
             raise ConfigError(f"--env {cfg.env} conflicts with --preset {cfg.preset} ({preset_env})")
-    elif cfg.policy == "pendulum-mixed" and cfg.transitions is not None:
-        raise ConfigError("policy pendulum-mixed collects whole episodes: give --episodes, not "
-                          "--transitions")
-
     started = time.perf_counter()
     if cfg.preset:
         kwargs = {"num_transitions": cfg.transitions} if cfg.transitions else {}
-        episodes = collect.preset_dataset(cfg.preset, seed=cfg.seed, behaviour_run=cfg.behaviour_run,
-                                          trust=cfg.trust_pickle, **kwargs)
+        episodes = preset_dataset(cfg.preset, seed=cfg.seed, behaviour_run=cfg.behaviour_run,
+                                  trust=cfg.trust_pickle, **kwargs)
         env_id = episodes.metadata.get("env_id")
-    elif cfg.env is None:
-        raise ConfigError("give --env (or --preset)")
-    elif cfg.policy == "pendulum-mixed":
-        if cfg.env != "Pendulum-v1":
-            raise ConfigError("policy pendulum-mixed is for Pendulum-v1")
-        episodes = collect.pendulum_mixed_dataset(num_episodes=cfg.episodes or 300, seed=cfg.seed)
+    elif cfg.policy_spec.kind == "pendulum-mixed":
+        from dtlab.behaviour.scripted import pendulum_mixed_dataset
+
+        episodes = pendulum_mixed_dataset(num_episodes=cfg.episodes or 300, seed=cfg.seed)
         env_id = cfg.env
     else:
+        from dtlab.collect import collect_episodes
+
         env_id = cfg.env
-        space = collect.env_action_space(env_id)
-        if cfg.policy == "random":
-            policy = collect.RandomPolicy(space)
-        elif cfg.policy.startswith("actor:"):
-            policy = collect.ActorPolicy(cfg.policy[len("actor:"):], deterministic=cfg.deterministic)
-        elif cfg.policy.startswith("sb3:"):
-            policy = collect.SB3Policy(cfg.policy[len("sb3:"):], env_id, trust=cfg.trust_pickle,
-                                       deterministic=cfg.deterministic)
-        elif cfg.policy == "pendulum-swingup":
-            if env_id != "Pendulum-v1":
-                raise ConfigError("policy pendulum-swingup is for Pendulum-v1")
-            policy = collect.PendulumSwingUp(quality=cfg.quality)
-        else:
-            raise ConfigError(f"unknown policy '{cfg.policy}' (random, actor:PATH, sb3:PATH, "
-                              "pendulum-swingup, pendulum-mixed)")
-        if cfg.episodes is None and cfg.transitions is None:
-            raise ConfigError("give --episodes or --transitions")
-        episodes = collect.collect_episodes(env_id, policy, num_episodes=cfg.episodes,
-                                            num_transitions=cfg.transitions, seed=cfg.seed)
-    options = {"env_id": env_id} if out_format == "minari" else {}
-    save_episodes(episodes, cfg.out, out_format, **options)
+        episodes = collect_episodes(env_id, _behaviour_policy(cfg), num_episodes=cfg.episodes,
+                                    num_transitions=cfg.transitions, seed=cfg.seed)
+    options = {"env_id": env_id} if cfg.out_format == "minari" else {}
+    save_episodes(episodes, cfg.out, cfg.out_format, **options)
     ret = episodes.summary()["episode_return"]
     print(f"wrote {cfg.out}: {episodes.num_episodes} episodes, {episodes.num_transitions} transitions, "
           f"return mean {ret['mean']:.1f} +- {ret['std']:.1f} (min {ret['min']:.1f}, max "
@@ -197,20 +197,58 @@ def run_collect(cfg: CollectConfig) -> None:
 
 
 def run_train_behaviour(cfg) -> None:
-    from dtlab.behaviour import export_presets, train_behaviour
+    from dtlab.behaviour.sac import train_behaviour
+    from dtlab.presets import export_presets
 
     if not cfg.export_only:
         train_behaviour(cfg.config, log=lambda m: print(m, flush=True))
     if cfg.export:
         manifest = export_presets(cfg.config.out, cfg.export, env_id=cfg.config.env,
                                   episodes=cfg.export_episodes, seed=cfg.config.seed)
-        print(json.dumps(manifest, indent=2))
+        print(manifest.to_json())
+
+
+def _load_with_findings(path: str, env_id: str | None):
+    """Load ``path``; its DtlabWarnings (kind "read") and ``diagnose``'s findings, for the time
+    limit and return scale of ``env_id`` (None: the dataset's recorded env id; neither: no time
+    limit and dtlab's default return scale, as training would use for an unknown env)."""
+    import warnings
+
+    from dtlab.data.diagnostics import Finding, diagnose, time_limit
+    from dtlab.data.formats import load_episodes
+    from dtlab.envs import env_info
+    from dtlab.errors import DtlabWarning
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        episodes = load_episodes(path)
+    findings = []
+    for w in caught:
+        if issubclass(w.category, DtlabWarning):
+            findings.append(Finding("read", str(w.message).removeprefix(f"{path}: ")))
+        else:  # not ours: shown as usual
+            warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
+    recorded = episodes.metadata.get("env_id")
+    env_id = env_id or (recorded if isinstance(recorded, str) and recorded else None)
+    limit = time_limit(env_id)
+    scale = env_info(env_id or "").return_scale
+    findings += diagnose(episodes, time_limit=limit, return_scale=scale)
+    context = (f"{env_id + ': ' if env_id else ''}time limit "
+               f"{limit if limit is not None else 'unknown'}, return scale {scale:g}")
+    return episodes, findings, context
 
 
 def run_data_info(cmd: DataInfo) -> None:
-    from dtlab.data.formats import load_episodes
+    import warnings
 
-    summary = load_episodes(cmd.path).summary()
+    from dtlab.errors import DtlabWarning
+
+    episodes, findings, _ = _load_with_findings(cmd.path, None)
+    for finding in findings:
+        if finding.kind == "read":  # what loading warned about, shown as it would be anywhere
+            warnings.warn(f"{cmd.path}: {finding.message}", DtlabWarning, stacklevel=2)
+    summary = episodes.summary()
+    summary["findings"] = len(findings)  # listed by `dtlab data validate`
     if cmd.json:
         print(json.dumps(summary, indent=2))
         return
@@ -218,6 +256,7 @@ def run_data_info(cmd: DataInfo) -> None:
     from rich.table import Table
 
     table = Table(title=str(cmd.path), show_header=False)
+    summary["findings"] = f"{summary['findings']} (listed by dtlab data validate)"
     for key, value in summary.items():
         if isinstance(value, dict):
             value = "  ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}"
@@ -239,11 +278,10 @@ def run_data_convert(cmd: DataConvert) -> None:
 
 
 def run_data_validate(cmd: DataValidate) -> None:
-    from dtlab.data.formats import load_episodes
     from dtlab.envs import actions_outside_bounds, make_env
     from dtlab.spaces import check_against_env
 
-    episodes = load_episodes(cmd.path)
+    episodes, findings, context = _load_with_findings(cmd.path, cmd.env)
     print(f"{cmd.path}: {episodes.num_episodes} episodes, {episodes.num_transitions} transitions: "
           "keys, lengths, finiteness and episode flags OK")
     if cmd.env:
@@ -252,6 +290,9 @@ def run_data_validate(cmd: DataValidate) -> None:
                           what=f"dataset {cmd.path}", exact_n=False)
         outside = int(actions_outside_bounds(episodes.actions, env.action_space).sum())
         print(f"{cmd.path}: spaces match {cmd.env}; {outside} actions outside the action bounds")
+    for finding in findings:
+        print(f"{cmd.path}: warning [{finding.kind}]: {finding.message}")
+    print(f"{cmd.path}: {len(findings)} finding{'' if len(findings) == 1 else 's'} ({context})")
 
 
 def _one_line_warning(message, category, filename, lineno, line=None) -> str:

@@ -1,15 +1,41 @@
 """Frozen configuration dataclasses. Each field's docstring is its ``--help`` text.
 
-Values derived from data (observation/action dims, normalization statistics, reference scores)
-live in the checkpoint, never here.
+Every config validates itself in ``__post_init__`` and names the offending field (``lr``,
+``model.context_len``), never a CLI flag. Values derived from data (observation/action specs,
+normalization statistics, reference scores) live in the checkpoint, never here.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Annotated, Literal
 
 import tyro
+
+from dtlab.errors import ConfigError
+
+
+def check_number(name: str, value: float | int | None, *, minimum: float | None = None,
+                 above: float | None = None, maximum: float | None = None,
+                 below: float | None = None) -> None:
+    """Raise ConfigError naming ``name`` unless ``value`` is None or a finite number in range
+    (``minimum``/``maximum`` inclusive, ``above``/``below`` exclusive)."""
+    if value is None:
+        return
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise ConfigError(f"{name} must be a finite number, got {value!r}")
+    for bound, ok, word in ((minimum, lambda b: value >= b, ">="), (above, lambda b: value > b, ">"),
+                            (maximum, lambda b: value <= b, "<="), (below, lambda b: value < b, "<")):
+        if bound is not None and not ok(bound):
+            raise ConfigError(f"{name} must be {word} {bound:g}, got {value!r}")
+
+
+def check_targets(name: str, targets: tuple[float, ...], *, limit: float = 1e9) -> None:
+    """Target returns must be finite and within +-``limit`` (a return of 1e30 cannot be asked of
+    any task dtlab knows; its returns-to-go overflow float32 arithmetic in the model)."""
+    for t in targets:
+        check_number(name, t, minimum=-limit, maximum=limit)
 
 
 @dataclass(frozen=True)
@@ -29,37 +55,45 @@ class ModelConfig:
     context_len: int = 20
     """K: number of (return-to-go, state, action) steps the model sees."""
     max_ep_len: int = 1000
-    """Size of the learned timestep embedding: episodes may run timesteps 0 to max_ep_len - 1.
-    Longer training episodes are refused (or cut, --truncate-long-episodes); an evaluation episode
-    that reaches it stops with an error, never a clamped timestep: cap it with --max-steps."""
+    """Size of the learned timestep embedding: episodes may have at most this many steps (longer
+    ones are refused in training and evaluation, never clamped)."""
     activation: Literal["relu", "gelu"] = "relu"
     """MLP activation (the DT gym code's default, --activation_function, is relu)."""
 
     def __post_init__(self) -> None:
-        from dtlab.errors import ConfigError
-
-        if self.embed_dim % self.n_heads:
-            raise ConfigError(f"embed_dim {self.embed_dim} is not divisible by n_heads {self.n_heads}")
+        if self.n_heads >= 1 and self.embed_dim % self.n_heads:
+            raise ConfigError(f"model.embed_dim {self.embed_dim} is not divisible by model.n_heads "
+                              f"{self.n_heads}")
         for name in ("embed_dim", "n_layers", "n_heads", "mlp_ratio", "context_len", "max_ep_len"):
-            if getattr(self, name) < 1:
-                raise ConfigError(f"model.{name} must be >= 1, got {getattr(self, name)}")
-        if not 0.0 <= self.dropout < 1.0:
-            raise ConfigError(f"model.dropout must be in [0, 1), got {self.dropout}")
+            check_number(f"model.{name}", getattr(self, name), minimum=1)
+        check_number("model.dropout", self.dropout, minimum=0.0, below=1.0)
 
 
 @dataclass(frozen=True)
-class TrainConfig:
-    """Training run: data, optimization, logging, checkpoints (defaults: the DT paper's gym run)."""
+class DataConfig:
+    """What to train on."""
 
     dataset: str
     """Dataset: a D4RL-layout or dtlab native HDF5 file, or minari:<dataset id> (loaded from
     MINARI_DATASETS_PATH, downloaded by Minari when not local)."""
     env: str
     """Gymnasium environment id used for evaluation and space checks, e.g. Hopper-v5."""
-    out: str = "runs/dt"
-    """Run directory: checkpoints, metrics.jsonl, TensorBoard logs."""
-    steps: int = 100_000
-    """Number of gradient steps."""
+    return_scale: float | None = None
+    """Divide returns-to-go by this; default from the env registry (1000 for MuJoCo locomotion)."""
+    strict: bool = False
+    """Refuse datasets with actions outside the env's action bounds (default: warn and clip)."""
+    truncate_long_episodes: bool = False
+    """Cut episodes longer than model.max_ep_len to that length (default: refuse the dataset)."""
+
+    def __post_init__(self) -> None:
+        check_number("return_scale", self.return_scale, above=0)
+
+
+@dataclass(frozen=True)
+class OptimConfig:
+    """How the weights are updated (defaults: the DT paper's gym run). A resumed run must keep all
+    of these to continue bit for bit."""
+
     batch_size: int = 64
     """Windows per gradient step."""
     lr: float = 1e-4
@@ -74,44 +108,108 @@ class TrainConfig:
     """Learning rate after warm-up: constant (the DT paper) or cosine decay to 10% at the end."""
     grad_clip: float = 0.25
     """Clip the global gradient norm to this value (0 disables)."""
-    return_scale: float | None = None
-    """Divide returns-to-go by this; default from the env registry (1000 for MuJoCo locomotion)."""
     seed: int = 0
     """Seed of model init, dropout and window sampling."""
-    model: ModelConfig = field(default_factory=ModelConfig)
-    """Model architecture."""
+    precision: Literal["fp32", "bf16"] = "fp32"
+    """Matmul precision: fp32, or bf16 autocast (weights, optimizer and loss stay fp32; on CPUs
+    with AVX-512-BF16 or AMX, and on GPUs, about 1.5x faster; see docs/benchmarks.md)."""
+    skip_nonfinite: bool = False
+    """Skip (do not apply) steps whose loss or gradient is NaN/inf, counting them in the metrics,
+    instead of stopping the run (a run in which almost no step was applied still fails)."""
+
+    def __post_init__(self) -> None:
+        check_number("batch_size", self.batch_size, minimum=1)
+        check_number("lr", self.lr, above=0)
+        check_number("weight_decay", self.weight_decay, minimum=0)
+        check_number("warmup_steps", self.warmup_steps, minimum=0)
+        check_number("grad_clip", self.grad_clip, minimum=0)
+        check_number("seed", self.seed, minimum=0)
+        if len(self.betas) != 2:
+            raise ConfigError(f"betas must be two numbers, got {self.betas!r}")
+        for beta in self.betas:
+            check_number("betas", beta, minimum=0, below=1)
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    """How long to train, where to write, on what hardware."""
+
+    out: str = "runs/dt"
+    """Run directory: checkpoints, metrics.jsonl, TensorBoard logs."""
+    steps: int = 100_000
+    """Number of gradient steps."""
+    resume: bool = False
+    """Continue the run in --out from its latest checkpoint (bit-for-bit on CPU); a run directory
+    with this run's settings but no checkpoint yet starts from step 0."""
+    checkpoint_every: int = 10_000
+    """Write a checkpoint every this many steps (and always at the end)."""
+    checkpoint_every_minutes: float = 10.0
+    """Also write one when this many minutes have passed since the last (0 disables), so a killed
+    run loses at most that much work."""
+    keep_checkpoints: int = 3
+    """How many step checkpoints to keep in the run directory (the newest ones)."""
+    log_every: int = 100
+    """Write metrics (loss, lr, steps/s) every this many steps."""
+    device: str = "auto"
+    """torch device: auto (cuda if available, else cpu), cpu, cuda, cuda:1, ..."""
+    threads: int | None = None
+    """CPU threads for torch (default: OMP_NUM_THREADS if set, else the number of cores)."""
+    progress: bool = True
+    """Show a progress bar."""
+    tensorboard: bool = True
+    """Also write metrics as TensorBoard events under OUT/tb."""
+
+    def __post_init__(self) -> None:
+        for name in ("steps", "checkpoint_every", "keep_checkpoints", "log_every"):
+            check_number(name, getattr(self, name), minimum=1)
+        check_number("checkpoint_every_minutes", self.checkpoint_every_minutes, minimum=0)
+        check_number("threads", self.threads, minimum=1)
+
+
+@dataclass(frozen=True)
+class EvalDuringTraining:
+    """Evaluation in the env while training."""
+
     eval_every: int = 0
     """Evaluate in the env every this many steps (0: only at the end if eval_episodes > 0)."""
     eval_episodes: int = 0
     """Episodes per target for periodic/final evaluation (0 disables evaluation during training)."""
     eval_targets: tuple[float, ...] = ()
     """Target returns for evaluation during training; default from the env registry."""
-    checkpoint_every: int = 10_000
-    """Write a checkpoint every this many steps (and always at the end)."""
-    keep_checkpoints: int = 3
-    """How many step checkpoints to keep in the run directory (the newest ones)."""
-    log_every: int = 100
-    """Write metrics (loss, lr, steps/s) every this many steps."""
-    resume: bool = False
-    """Continue the run in --out from its latest checkpoint (bit-for-bit on CPU)."""
-    skip_nonfinite: bool = False
-    """Skip (do not apply) steps whose loss or gradient is NaN/inf, counting them in the metrics,
-    instead of stopping the run."""
-    strict: bool = False
-    """Refuse datasets with actions outside the env's action bounds (default: warn and clip)."""
-    truncate_long_episodes: bool = False
-    """Cut episodes longer than model.max_ep_len to that length (default: refuse the dataset)."""
-    device: str = "auto"
-    """torch device: auto (cuda if available, else cpu), cpu, cuda, cuda:1, ..."""
-    threads: int | None = None
-    """CPU threads for torch (default: OMP_NUM_THREADS if set, else the number of cores)."""
-    precision: Literal["fp32", "bf16"] = "fp32"
-    """Matmul precision: fp32, or bf16 autocast (weights, optimizer and loss stay fp32; on CPUs
-    with AVX-512-BF16 or AMX, and on GPUs, about 1.5x faster; see docs/benchmarks.md)."""
-    progress: bool = True
-    """Show a progress bar."""
-    tensorboard: bool = True
-    """Also write metrics as TensorBoard events under OUT/tb."""
+
+    def __post_init__(self) -> None:
+        check_number("eval_every", self.eval_every, minimum=0)
+        check_number("eval_episodes", self.eval_episodes, minimum=0)
+        check_targets("eval_targets", self.eval_targets)
+
+
+_FLAT = tyro.conf.arg(name="")  # the group's fields keep their flat flags: --lr, --steps, --out
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Training run (defaults: the DT paper's gym run), in groups: what to train on (data), the
+    network (model), the updates (optim), the run's length, outputs and hardware (run), and
+    evaluation during training. A resumed run must keep data, model and optim unchanged."""
+
+    data: Annotated[DataConfig, _FLAT]
+    """What to train on."""
+    model: ModelConfig = field(default_factory=ModelConfig)
+    """Model architecture."""
+    optim: Annotated[OptimConfig, _FLAT] = field(default_factory=OptimConfig)
+    """Optimization."""
+    run: Annotated[RunConfig, _FLAT] = field(default_factory=RunConfig)
+    """Run length, outputs, hardware."""
+    evaluation: Annotated[EvalDuringTraining, _FLAT] = field(default_factory=EvalDuringTraining)
+    """Evaluation during training."""
+
+    def resume_groups(self) -> dict:
+        """What a resumed run must share with the original to continue bit for bit: the data,
+        model and optimization groups, and the length of a cosine schedule."""
+        groups = {"data": self.data, "model": self.model, "optim": self.optim}
+        if self.optim.schedule == "cosine":
+            groups["steps"] = self.run.steps
+        return groups
 
 
 @dataclass(frozen=True)
@@ -151,6 +249,43 @@ class EvalConfig:
     """Approximate, faster rollouts: feed only each step's new tokens and reuse cached keys and
     values. Exact for the first K steps; afterwards older tokens keep keys/values computed with
     context that has left the window (measured score impact: docs/benchmarks.md)."""
+
+    def __post_init__(self) -> None:
+        check_targets("targets", self.targets)
+        check_number("episodes", self.episodes, minimum=1)
+        check_number("seed", self.seed, minimum=0)
+        check_number("sweep_points", self.sweep_points, minimum=2)
+        check_number("max_steps", self.max_steps, minimum=1)
+        check_number("threads", self.threads, minimum=1)
+
+
+# Dataset ids written with ``--out minari:<id>``: dtlab.data.formats.MINARI_PREFIX (the data
+# layer sits above this leaf module, so the prefix is repeated; tests/test_collect.py pins both).
+_MINARI_PREFIX = "minari:"
+_POLICY_CHOICES = "random, actor:PATH, sb3:PATH, pendulum-swingup, pendulum-mixed"
+
+
+@dataclass(frozen=True)
+class PolicySpec:
+    """A parsed ``CollectConfig.policy``: which behaviour policy, and its file for actor/sb3."""
+
+    kind: Literal["random", "actor", "sb3", "pendulum-swingup", "pendulum-mixed"]
+    path: str | None = None  # the weights file of actor:PATH (safetensors) and sb3:PATH (zip)
+
+
+def parse_policy(text: str) -> PolicySpec:
+    """``random``, ``actor:PATH``, ``sb3:PATH``, ``pendulum-swingup`` or ``pendulum-mixed`` ->
+    PolicySpec; ConfigError naming the ``policy`` field for anything else."""
+    from dtlab.errors import ConfigError
+
+    if text in ("random", "pendulum-swingup", "pendulum-mixed"):
+        return PolicySpec(text)
+    kind, sep, path = text.partition(":")
+    if sep and kind in ("actor", "sb3"):
+        if not path:
+            raise ConfigError(f"policy {text} needs a file: {kind}:PATH")
+        return PolicySpec(kind, path)
+    raise ConfigError(f"unknown policy '{text}' ({_POLICY_CHOICES})")
 
 
 @dataclass(frozen=True)
@@ -192,6 +327,48 @@ class CollectConfig:
     """File layout: D4RL's HDF5 keys, dtlab's native HDF5, or a Minari dataset (default: minari
     for --out minari:<id>, else d4rl)."""
 
+    def __post_init__(self) -> None:
+        """Refuse conflicting or meaningless options before anything is collected (ConfigError).
+        The preset's own env is checked by the caller (dtlab.presets.parse_preset)."""
+        from dtlab.errors import ConfigError
+
+        for name in ("episodes", "transitions"):
+            value = getattr(self, name)
+            if value is not None and value < 1:
+                raise ConfigError(f"{name} must be >= 1, got {value}")
+        to_minari = self.out.startswith(_MINARI_PREFIX)
+        if to_minari and self.out_format != "minari":
+            raise ConfigError(f"out {self.out} is a Minari dataset, but format is {self.out_format}")
+        if self.out_format == "minari" and not to_minari:
+            raise ConfigError(f"format minari writes a Minari dataset: give out {_MINARI_PREFIX}<id>, "
+                              f"not {self.out}")
+        kind = parse_policy(self.policy).kind
+        if self.preset:
+            if self.episodes is not None:
+                raise ConfigError("presets are sized by transitions (D4RL's 1M by default), not "
+                                  "episodes")
+            return
+        if kind == "pendulum-mixed" and self.transitions is not None:
+            raise ConfigError("policy pendulum-mixed collects whole episodes: give episodes, not "
+                              "transitions")
+        if self.env is None:
+            raise ConfigError("give env (or preset)")
+        if kind in ("pendulum-mixed", "pendulum-swingup") and self.env != "Pendulum-v1":
+            raise ConfigError(f"policy {kind} is for Pendulum-v1")
+        if kind != "pendulum-mixed" and (self.episodes is None) == (self.transitions is None):
+            raise ConfigError("give episodes or transitions" if self.episodes is None else
+                              "give episodes or transitions, not both")
+
+    @property
+    def policy_spec(self) -> PolicySpec:
+        """``policy`` parsed (it was validated when the config was made)."""
+        return parse_policy(self.policy)
+
+    @property
+    def out_format(self) -> Literal["d4rl", "native", "minari"]:
+        """``format``, or its default for ``out``: minari for minari:<id>, else d4rl."""
+        return self.format or ("minari" if self.out.startswith(_MINARI_PREFIX) else "d4rl")
+
 
 @dataclass(frozen=True)
 class BehaviourConfig:
@@ -215,3 +392,9 @@ class BehaviourConfig:
     """Seed of SAC, the env and evaluation."""
     threads: int = 1
     """torch CPU threads for SAC updates."""
+
+    def __post_init__(self) -> None:
+        for name in ("steps", "eval_every", "eval_episodes", "buffer_size", "threads"):
+            check_number(name, getattr(self, name), minimum=1)
+        check_number("learning_starts", self.learning_starts, minimum=0)
+        check_number("seed", self.seed, minimum=0)

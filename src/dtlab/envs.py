@@ -38,8 +38,8 @@ _MUJOCO = {
 }
 
 # Pendulum-v1 (the quickstart task): reference min/max are dtlab's own measurements, made with
-# `python -m dtlab.collect` (gymnasium 1.4.0): mean undiscounted return of 100 episodes collected
-# by `collect_episodes("Pendulum-v1", policy, num_episodes=100, seed=0)`.
+# `python benchmarks/pendulum_references.py` (gymnasium 1.4.0): mean undiscounted return of 100
+# episodes collected by `collect_episodes("Pendulum-v1", policy, num_episodes=100, seed=0)`.
 PENDULUM_RANDOM_RETURN = -1240.1  # RandomPolicy (uniform torque); std 298.4 over the 100 episodes
 PENDULUM_SCRIPTED_RETURN = -153.1  # PendulumSwingUp(quality=1.0); std 89.9 over the 100 episodes
 PENDULUM_REF_MIN = PENDULUM_RANDOM_RETURN
@@ -63,6 +63,20 @@ def env_info(env_id: str) -> EnvInfo:
     if family == "CartPole":
         return EnvInfo(CARTPOLE_RANDOM_RETURN, CARTPOLE_MAX_RETURN, 100.0, (500.0, 250.0), 500)
     return EnvInfo(None, None, 1000.0, (), 1000)
+
+
+def reference_scores(env_id: str, recorded_min: float | None = None,
+                     recorded_max: float | None = None) -> tuple[float | None, float | None]:
+    """The (min, max) returns that define normalized scores for ``env_id``: the registry's
+    (D4RL's constants, dtlab's measured Pendulum/CartPole references) when it has them, else the
+    ones recorded with a dataset or checkpoint (dtlab's presets, Minari's metadata), else None.
+    The one place this precedence is decided."""
+    info = env_info(env_id)
+    if info.ref_min_score is not None:
+        return info.ref_min_score, info.ref_max_score
+    if recorded_min is None or recorded_max is None:
+        return None, None
+    return float(recorded_min), float(recorded_max)
 
 
 def make_env(env_id: str, **kwargs) -> gym.Env:

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import json
-import math
 from pathlib import Path
 from typing import Sequence
 
@@ -12,24 +10,18 @@ import matplotlib
 matplotlib.use("Agg")  # files only; no display needed
 import matplotlib.pyplot as plt  # noqa: E402
 
-from dtlab.atomic import replace_into_place  # noqa: E402
-from dtlab.errors import ConfigError  # noqa: E402
+from dtlab.atomic import atomic_path  # noqa: E402
+from dtlab.metrics import evaluation_curves, loss_curve, read_metrics  # noqa: E402
 
 
 def _save(fig, path: str | Path) -> Path:
-    """Write ``fig`` as a PNG atomically (temp file, then rename) and close it."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp.png")
+    """Write ``fig`` as a PNG atomically and close it."""
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fig.savefig(tmp)
-        replace_into_place(tmp, path)
-    except OSError as exc:
-        tmp.unlink(missing_ok=True)
-        raise ConfigError(f"{path}: cannot write plot: {exc.strerror or exc}") from None
+        with atomic_path(path) as tmp:
+            fig.savefig(tmp, format="png")
     finally:
         plt.close(fig)
-    return path
+    return Path(path)
 
 
 def achieved_vs_target(results: Sequence, path: str | Path, *, title: str = "",
@@ -57,22 +49,22 @@ def achieved_vs_target(results: Sequence, path: str | Path, *, title: str = "",
     return _save(fig, path)
 
 
-def learning_curve(metrics_file: str | Path, path: str | Path) -> Path:
-    """Training loss (and evaluation returns, if logged) against step, from metrics.jsonl."""
-    records = [json.loads(line) for line in Path(metrics_file).read_text().splitlines() if line.strip()]
-    loss = [(r["step"], r["loss"]) for r in records if "loss" in r and math.isfinite(r["loss"])]
+def learning_curve(metrics_file: str | Path, path: str | Path) -> Path | None:
+    """Training loss (and evaluation returns, if logged) against step, from metrics.jsonl; None
+    when the file holds no finite loss yet."""
+    records = read_metrics(metrics_file)
+    loss = loss_curve(records)
     if not loss:
         return None
-    evals = sorted({k for r in records for k in r if k.startswith("eval/return_")})
+    evals = evaluation_curves(records)
     fig, axes = plt.subplots(1, 2 if evals else 1, figsize=(10 if evals else 5, 3.8), dpi=120,
                              squeeze=False)
     axes[0, 0].plot(*zip(*loss))
     axes[0, 0].set_yscale("log")
     axes[0, 0].set_xlabel("step")
     axes[0, 0].set_ylabel("action loss (MSE, or cross entropy if discrete)")
-    for key in evals:
-        pts = [(r["step"], r[key]) for r in records if key in r]
-        axes[0, 1].plot(*zip(*pts), marker="o", label=key.split("_", 1)[1])
+    for target, pts in sorted(evals.items()):
+        axes[0, 1].plot(*zip(*pts), marker="o", label=target)
     if evals:
         axes[0, 1].set_xlabel("step")
         axes[0, 1].set_ylabel("eval return")

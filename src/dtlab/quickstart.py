@@ -15,7 +15,8 @@ from pathlib import Path
 
 import numpy as np
 
-from dtlab.config import EvalConfig, ModelConfig, TrainConfig
+from dtlab.config import (DataConfig, EvalConfig, ModelConfig, OptimConfig, RunConfig,
+                          TrainConfig)
 from dtlab.errors import ConfigError
 
 ENV_ID = "Pendulum-v1"
@@ -27,18 +28,18 @@ MODEL = ModelConfig(embed_dim=64, n_layers=2, n_heads=1, context_len=10, max_ep_
 def quickstart(out: str | Path = "dtlab-quickstart", *, steps: int = 3000, episodes: int = 10,
                seed: int = 0, progress: bool = True, overwrite: bool = False) -> dict:
     """Run the quickstart; returns the evaluation results dict (also written to OUT/results.json)."""
-    from dtlab.collect import pendulum_mixed_dataset
+    from dtlab.behaviour.scripted import pendulum_mixed_dataset
     from dtlab.data.formats import save_episodes
     from dtlab.evaluate import evaluate_checkpoint
     from dtlab.train import train
 
     if steps < 10 or episodes < 1:
-        raise ConfigError(f"quickstart needs --steps >= 10 and --episodes >= 1 (got {steps}, {episodes})")
+        raise ConfigError(f"quickstart needs steps >= 10 and episodes >= 1 (got {steps}, {episodes})")
     out = Path(out)
     run_dir = out / "run"
     if run_dir.exists():
         if not overwrite:
-            raise ConfigError(f"{out}: already holds a quickstart run; pass --overwrite or another --out")
+            raise ConfigError(f"{out}: already holds a quickstart run; set overwrite, or choose another out")
         shutil.rmtree(run_dir)
     started = time.perf_counter()
     out.mkdir(parents=True, exist_ok=True)
@@ -53,10 +54,12 @@ def quickstart(out: str | Path = "dtlab-quickstart", *, steps: int = 3000, episo
           f"-> {data_path} ({time.perf_counter() - t0:.1f} s)")
 
     t0 = time.perf_counter()
-    cfg = TrainConfig(dataset=str(data_path), env=ENV_ID, out=str(run_dir), steps=steps,
-                      batch_size=64, lr=1e-3, weight_decay=1e-4, warmup_steps=min(300, steps // 10),
-                      schedule="cosine", return_scale=100.0, seed=seed, model=MODEL,
-                      checkpoint_every=steps, log_every=100, progress=progress)
+    cfg = TrainConfig(
+        data=DataConfig(dataset=str(data_path), env=ENV_ID, return_scale=100.0), model=MODEL,
+        optim=OptimConfig(batch_size=64, lr=1e-3, weight_decay=1e-4,
+                          warmup_steps=min(300, steps // 10), schedule="cosine", seed=seed),
+        run=RunConfig(out=str(run_dir), steps=steps, checkpoint_every=steps, log_every=100,
+                      progress=progress))
     result = train(cfg)
     print(f"[2/3] trained {result.steps} steps, final loss {result.final_loss:.4f} "
           f"-> {result.checkpoint} ({time.perf_counter() - t0:.1f} s)")

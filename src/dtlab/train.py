@@ -1,5 +1,10 @@
 """Training: masked action loss (MSE, or cross entropy for discrete actions), AdamW with warm-up,
-clipping, metrics, checkpoints, resume."""
+clipping, checkpoints, resume.
+
+``train_step`` is one gradient step (the benchmarks time exactly this function); ``train`` is the
+loop around it: prepare (everything that can fail on bad input, before any output), set up or
+resume a ``Trainer``, step, log, evaluate through a callable it is handed, checkpoint.
+"""
 
 from __future__ import annotations
 
@@ -7,10 +12,11 @@ import dataclasses
 import json
 import math
 import os
-import signal
+import shutil
 import time
 import warnings
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -19,19 +25,21 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from dtlab import checkpoint
+from dtlab import checkpoint, runtime
 from dtlab.atomic import write_text_atomic
 from dtlab.checkpoint import PolicyInfo
-from dtlab.config import TrainConfig
+from dtlab.config import OptimConfig, TrainConfig
+from dtlab.data.diagnostics import warn_findings
 from dtlab.data.episodes import EpisodeSet
 from dtlab.data.sampling import Batch, SequenceSampler
-from dtlab.envs import actions_outside_bounds, describe_space, env_info, make_env
+from dtlab.envs import actions_outside_bounds, describe_space, env_info, make_env, reference_scores
 from dtlab.errors import ConfigError, DatasetError, DtlabWarning, EnvError, TrainingError
+from dtlab.metrics import MetricsLog, evaluation_record, training_record
 from dtlab.model import DecisionTransformer
 from dtlab.normalizer import Normalizer
+from dtlab.policy import DTPolicy
 from dtlab.spaces import ContinuousActions, action_space_from_gym, check_against_env
 
-METRICS_FILE = "metrics.jsonl"
 TRAIN_CONFIG_FILE = "train_config.json"
 
 
@@ -62,38 +70,22 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
             {"params": no_decay, "weight_decay": 0.0}]
 
 
-def lr_lambda(cfg: TrainConfig):
-    """Linear warm-up to the peak lr, then constant (DT paper) or cosine to 10% at the last step."""
-    def f(step: int) -> float:
-        if cfg.warmup_steps > 0 and step < cfg.warmup_steps:
-            return (step + 1) / cfg.warmup_steps
-        if cfg.schedule == "constant":
+@dataclass(frozen=True)
+class LRSchedule:
+    """Learning-rate multiplier at a step: linear warm-up to the peak, then constant (DT paper)
+    or cosine decay to 10% at ``total_steps``. A picklable callable for ``LambdaLR``."""
+
+    warmup_steps: int
+    schedule: str  # "constant" or "cosine"
+    total_steps: int
+
+    def __call__(self, step: int) -> float:
+        if self.warmup_steps > 0 and step < self.warmup_steps:
+            return (step + 1) / self.warmup_steps
+        if self.schedule == "constant":
             return 1.0
-        progress = (step - cfg.warmup_steps) / max(1, cfg.steps - cfg.warmup_steps)
+        progress = (step - self.warmup_steps) / max(1, self.total_steps - self.warmup_steps)
         return 0.1 + 0.9 * 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
-    return f
-
-
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        device = torch.device(name)
-    except RuntimeError as exc:
-        raise ConfigError(f"invalid device '{name}': {exc}") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ConfigError(f"device '{name}' requested but CUDA is not available")
-    return device
-
-
-def set_threads(threads: int | None, default: int) -> int:
-    """Pick torch's CPU thread count deliberately: explicit option, else OMP_NUM_THREADS, else
-    ``default``. (With more threads than free cores, torch's spinning threads collapse throughput.)"""
-    if threads is None:
-        env = os.environ.get("OMP_NUM_THREADS")
-        threads = int(env) if env and env.isdigit() and int(env) > 0 else default
-    torch.set_num_threads(max(1, threads))
-    return torch.get_num_threads()
 
 
 def to_tensors(batch: Batch, device: torch.device) -> dict[str, torch.Tensor]:
@@ -128,11 +120,8 @@ def check_action_bounds(episodes: EpisodeSet, env, *, strict: bool) -> None:
         warnings.warn(msg + "; they are clipped for training", DtlabWarning, stacklevel=3)
 
 
-def _reference(registry: float | None, meta: dict, key: str) -> float | None:
-    """Reference score for normalization: the env registry's (D4RL's constants) when it has one,
-    else one recorded with the dataset (dtlab's presets, Minari's metadata), if numeric."""
-    if registry is not None:
-        return registry
+def _recorded_reference(meta, key: str) -> float | None:
+    """A reference score recorded with the dataset (dtlab's presets, Minari's metadata), if numeric."""
     for name in (f"dtlab_{key}", f"minari_{key}", key):
         value = meta.get(name)
         if isinstance(value, (int, float)) and not isinstance(value, bool) and np.isfinite(value):
@@ -142,44 +131,228 @@ def _reference(registry: float | None, meta: dict, key: str) -> float | None:
 
 def policy_info_for(cfg: TrainConfig, episodes: EpisodeSet, env) -> PolicyInfo:
     """Everything derived from data and env that the checkpoint must carry."""
-    info = env_info(cfg.env)
+    info = env_info(cfg.data.env)
     # The env's action space: its bounds for continuous actions, all of its n actions for indices.
     actions = action_space_from_gym(env.action_space)
     if isinstance(actions, ContinuousActions) and actions.low is None:
-        raise EnvError(f"{cfg.env}: action space {describe_space(env.action_space)} is unbounded; "
-                       "dtlab's tanh action head needs finite bounds")
-    return_scale = float(cfg.return_scale if cfg.return_scale is not None else info.return_scale)
+        raise EnvError(f"{cfg.data.env}: action space {describe_space(env.action_space)} is "
+                       "unbounded; dtlab's tanh action head needs finite bounds")
     meta = episodes.metadata
+    ref_min, ref_max = reference_scores(cfg.data.env, _recorded_reference(meta, "ref_min_score"),
+                                        _recorded_reference(meta, "ref_max_score"))
+    return_scale = cfg.data.return_scale
+    return_scale = float(return_scale if return_scale is not None else info.return_scale)
     return PolicyInfo(
         model=cfg.model, observation_space=episodes.observation_space, action_space=actions,
         normalizer=Normalizer.from_episodes(episodes, return_scale, actions),
-        env_id=cfg.env, ref_min_score=_reference(info.ref_min_score, meta, "ref_min_score"),
-        ref_max_score=_reference(info.ref_max_score, meta, "ref_max_score"),
+        env_id=cfg.data.env, ref_min_score=ref_min, ref_max_score=ref_max,
         dataset={"path": str(episodes.source), **episodes.summary(),
                  "metadata": {k: v for k, v in meta.items() if isinstance(v, (str, int, float, bool))}},
     )
 
 
-# Settings that shape the sequence of updates: a resumed run must use the same ones to continue
-# bit for bit (steps matters too for the cosine schedule, whose length it sets).
-_RESUME_KEYS = ("dataset", "env", "batch_size", "lr", "weight_decay", "betas", "warmup_steps",
-                "schedule", "grad_clip", "return_scale", "seed", "model", "precision",
-                "truncate_long_episodes", "skip_nonfinite")
+# ---- preparing a run ------------------------------------------------------------------------------
+def prepare(cfg: TrainConfig, episodes: EpisodeSet | None = None) -> tuple[EpisodeSet, PolicyInfo]:
+    """Load and check everything that can fail on bad input, before any output is written."""
+    if cfg.evaluation.eval_episodes and not (cfg.evaluation.eval_targets
+                                             or env_info(cfg.data.env).targets):
+        raise ConfigError(f"evaluation.eval_episodes given but no eval_targets, and dtlab knows no "
+                          f"default targets for {cfg.data.env}")
+    episodes = episodes if episodes is not None else load_dataset(cfg.data.dataset)
+    return_scale = cfg.data.return_scale or env_info(cfg.data.env).return_scale
+    # Valid-but-suspicious data, one warning line each; constant observation dimensions are
+    # warned where the Normalizer is built (policy_info_for), which says how it treats them.
+    warn_findings(episodes, env_id=cfg.data.env, return_scale=return_scale,
+                  skip=("constant_observations",))
+    longest = int(episodes.episode_lengths.max())
+    if longest > cfg.model.max_ep_len:
+        if cfg.data.truncate_long_episodes:
+            episodes = episodes.truncate_episodes(cfg.model.max_ep_len)
+        else:
+            ep = int(np.argmax(episodes.episode_lengths))
+            raise DatasetError(f"{episodes.source}: episode {ep} has {longest} steps, more than "
+                               f"model.max_ep_len={cfg.model.max_ep_len}; raise model.max_ep_len "
+                               "or set truncate_long_episodes")
+    env = make_env(cfg.data.env)
+    check_against_env(env, episodes.observation_space, episodes.action_space,
+                      what=f"dataset {episodes.source}", exact_n=False)
+    check_action_bounds(episodes, env, strict=cfg.data.strict)
+    info = policy_info_for(cfg, episodes, env)
+    env.close()
+    return episodes, info
 
 
 def check_resume_config(out: Path, cfg: TrainConfig) -> None:
+    """Refuse to resume with settings that change the sequence of updates
+    (``TrainConfig.resume_groups``: data, model, optim, and steps for a cosine schedule)."""
     path = out / TRAIN_CONFIG_FILE
     try:
         saved = json.loads(path.read_text())
     except (OSError, json.JSONDecodeError) as exc:
         raise ConfigError(f"{path}: cannot read the run's configuration to resume: {exc}") from None
-    now = json.loads(json.dumps(dataclasses.asdict(cfg)))  # tuples -> lists, as saved
-    keys = _RESUME_KEYS + (("steps",) if cfg.schedule == "cosine" else ())
-    differ = [k for k in keys if saved.get(k) != now.get(k)]
+    if not isinstance(saved, dict):
+        raise ConfigError(f"{path}: cannot read the run's configuration to resume: not an object")
+    differ = []
+    for group, value in _jsonable({k: dataclasses.asdict(v) if dataclasses.is_dataclass(v) else v
+                                   for k, v in cfg.resume_groups().items()}).items():
+        if isinstance(value, dict):
+            old = saved.get(group)
+            old = old if isinstance(old, dict) else saved  # runs before issue 9 saved flat keys
+            differ += [(f"{group}.{k}", old.get(k), v) for k, v in value.items() if old.get(k) != v]
+        else:
+            old = saved.get("run", {}).get(group) if isinstance(saved.get("run"), dict) \
+                else saved.get(group)
+            if old != value:
+                differ.append((group, old, value))
     if differ:
-        shown = ", ".join(f"{k}: {saved.get(k)!r} -> {now.get(k)!r}" for k in differ)
-        raise ConfigError(f"{path}: --resume with different settings than the run ({shown}); "
+        shown = ", ".join(f"{k}: {a!r} -> {b!r}" for k, a, b in differ)
+        raise ConfigError(f"{path}: resume with different settings than the run ({shown}); "
                           "resume with the same settings, or start a new run")
+
+
+def _jsonable(value: Any) -> Any:
+    return json.loads(json.dumps(value))  # tuples -> lists, as saved
+
+
+def resume_point(out: Path, cfg: TrainConfig) -> Path | None:
+    """The checkpoint a run continues from, or None to start at step 0.
+
+    Without ``resume`` the run directory must not hold a checkpoint. With it: a directory with a
+    checkpoint resumes from it; one with this run's settings but no checkpoint yet (a job killed
+    before its first save) starts from step 0 with a one-line note; anything else is an error.
+    """
+    has_checkpoint = (out / checkpoint.LATEST_FILE).is_file()
+    if not cfg.run.resume:
+        if (out / checkpoint.LATEST_FILE).exists():
+            raise ConfigError(f"{out}: run directory already holds a run; set resume to continue it, or "
+                              "choose another out")
+        return None
+    if has_checkpoint:
+        check_resume_config(out, cfg)
+        return checkpoint.resolve(out)
+    if (out / TRAIN_CONFIG_FILE).is_file():
+        check_resume_config(out, cfg)
+        warnings.warn(f"{out}: resume found the run's settings but no checkpoint yet; starting "
+                      "from step 0", DtlabWarning, stacklevel=3)
+        return None
+    raise ConfigError(f"{out}: resume is set but the run directory has no checkpoint")
+
+
+# ---- one step -------------------------------------------------------------------------------------
+def train_step(model: DecisionTransformer, optimizer: torch.optim.Optimizer,
+               batch: dict[str, torch.Tensor], *, grad_clip: float,
+               precision: runtime.Precision = "fp32") -> tuple[torch.Tensor, torch.Tensor]:
+    """One gradient step on ``batch`` (``to_tensors`` of a sampled Batch): forward (under the
+    precision's autocast), masked action loss in fp32, backward, global-norm clipping
+    (``grad_clip`` 0: none), and the optimizer step, which is skipped when the gradient norm is
+    non-finite (the gradients are then cleared). The scheduler is the caller's.
+
+    Returns (loss, grad_norm), both detached 0-d tensors on the model's device; the step was
+    applied iff ``grad_norm`` is finite (reading that is the caller's only host sync).
+    """
+    device = batch["observations"].device
+    with runtime.autocast(device, precision):
+        pred = model(batch["observations"], batch["actions"], batch["returns_to_go"],
+                     batch["timesteps"], batch["masks"])
+    loss = action_loss(pred.float(), batch["actions"], batch["masks"])
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    # The global gradient norm is non-finite iff the loss or any gradient is; with clipping off it
+    # is computed without clipping (max_norm=inf).
+    grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(),
+                                               grad_clip if grad_clip > 0 else float("inf"))
+    if bool(torch.isfinite(grad_norm)):
+        optimizer.step()
+    else:
+        optimizer.zero_grad(set_to_none=True)
+    return loss.detach(), grad_norm.detach()
+
+
+# ---- the trainer ----------------------------------------------------------------------------------
+@dataclass
+class TrainerState:
+    """Where a run stands: saved with every checkpoint (trainer_state.pt, loaded with
+    ``weights_only=True``) so that a resumed run continues bit for bit."""
+
+    step: int
+    skipped_nonfinite: int
+    rng: np.random.Generator  # window sampling
+
+    def to_dict(self, optimizer, scheduler, device: torch.device) -> dict[str, Any]:
+        state = {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                 "numpy_rng": checkpoint.numpy_rng_state(self.rng),
+                 "torch_rng": torch.get_rng_state(), "step": self.step,
+                 "skipped_nonfinite": self.skipped_nonfinite}
+        if device.type == "cuda":
+            state["cuda_rng"] = torch.cuda.get_rng_state(device)
+        return state
+
+    @classmethod
+    def restore(cls, saved: dict[str, Any], optimizer, scheduler, device: torch.device
+                ) -> "TrainerState":
+        optimizer.load_state_dict(saved["optimizer"])
+        scheduler.load_state_dict(saved["scheduler"])
+        torch.set_rng_state(saved["torch_rng"])
+        if device.type == "cuda" and "cuda_rng" in saved:
+            torch.cuda.set_rng_state(saved["cuda_rng"], device)
+        return cls(int(saved["step"]), int(saved.get("skipped_nonfinite", 0)),
+                   checkpoint.restore_numpy_rng(saved["numpy_rng"]))
+
+
+@dataclass
+class Trainer:
+    """The model, its optimizer and schedule, the sampler and the run's state."""
+
+    model: DecisionTransformer
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+    sampler: SequenceSampler
+    state: TrainerState
+    device: torch.device
+
+    @classmethod
+    def create(cls, cfg: TrainConfig, episodes: EpisodeSet, info: PolicyInfo,
+               device: torch.device) -> "Trainer":
+        torch.manual_seed(cfg.optim.seed)
+        model = DecisionTransformer(cfg.model, info.observation_space, info.action_space).to(device)
+        optimizer = make_optimizer(model, cfg.optim, device)
+        scheduler = torch.optim.lr_scheduler.LambdaLR(
+            optimizer, LRSchedule(cfg.optim.warmup_steps, cfg.optim.schedule, cfg.run.steps))
+        sampler = SequenceSampler(episodes, cfg.model.context_len, info.normalizer)
+        state = TrainerState(0, 0, np.random.default_rng(cfg.optim.seed))
+        return cls(model, optimizer, scheduler, sampler, state, device)
+
+    def resume(self, path: Path) -> None:
+        """Continue from checkpoint ``path``: weights, optimizer, schedule, RNG streams, step."""
+        weights, _ = checkpoint.load(path, self.device)
+        self.model.load_state_dict(weights.state_dict())
+        self.state = TrainerState.restore(checkpoint.load_trainer_state(path), self.optimizer,
+                                          self.scheduler, self.device)
+
+    def step(self, batch_size: int, optim: OptimConfig) -> tuple[torch.Tensor, bool]:
+        """Sample a batch, take one ``train_step``, advance the schedule; (loss, applied)."""
+        batch = to_tensors(self.sampler.sample(batch_size, self.state.rng), self.device)
+        loss, grad_norm = train_step(self.model, self.optimizer, batch, grad_clip=optim.grad_clip,
+                                     precision=optim.precision)
+        applied = bool(torch.isfinite(grad_norm))
+        with warnings.catch_warnings():  # a skipped first step makes torch warn about the order
+            warnings.filterwarnings("ignore", message="Detected call of `lr_scheduler.step",
+                                    category=UserWarning)
+            self.scheduler.step()
+        self.state.step += 1
+        return loss, applied
+
+    def save(self, out: Path, info: PolicyInfo, keep: int) -> Path:
+        at = self.state.step
+        return checkpoint.save(out, f"step_{at:08d}", self.model, dataclasses.replace(info, step=at),
+                               self.state.to_dict(self.optimizer, self.scheduler, self.device),
+                               keep=keep)
+
+
+def make_optimizer(model: nn.Module, optim: OptimConfig, device: torch.device) -> torch.optim.AdamW:
+    """AdamW over ``param_groups`` (fused kernels on CUDA)."""
+    return torch.optim.AdamW(param_groups(model, optim.weight_decay), lr=optim.lr,
+                             betas=optim.betas, fused=device.type == "cuda")
 
 
 # ---- the loop -------------------------------------------------------------------------------------
@@ -188,248 +361,180 @@ class TrainResult:
     checkpoint: Path  # the final checkpoint directory
     steps: int
     final_loss: float
-    evaluations: list[dict]
-    interrupted: bool = False
-    signal: int | None = None  # the signal that interrupted the run (SIGINT, SIGTERM)
+    evaluations: list[dict] = field(default_factory=list)
+    interrupted: bool = False  # stopped early by ``should_stop`` (the CLI: SIGINT/SIGTERM)
     skipped_nonfinite: int = 0
 
 
-def prepare(cfg: TrainConfig, episodes: EpisodeSet | None = None):
-    """Load and check everything that can fail on bad input, before any output is written."""
-    for name in ("steps", "batch_size", "log_every", "checkpoint_every", "keep_checkpoints"):
-        if getattr(cfg, name) < 1:
-            raise ConfigError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(cfg, name)}")
-    for name in ("eval_every", "eval_episodes", "warmup_steps", "weight_decay", "grad_clip"):
-        if getattr(cfg, name) < 0:
-            raise ConfigError(f"--{name.replace('_', '-')} must be >= 0, got {getattr(cfg, name)}")
-    if cfg.lr <= 0:
-        raise ConfigError(f"--lr must be > 0, got {cfg.lr}")
-    if cfg.return_scale is not None and not cfg.return_scale > 0:
-        raise ConfigError(f"--return-scale must be > 0, got {cfg.return_scale}")
-    if cfg.eval_episodes and not (cfg.eval_targets or env_info(cfg.env).targets):
-        raise ConfigError(f"--eval-episodes given but no --eval-targets, and dtlab knows no default "
-                          f"targets for {cfg.env}")
-    episodes = episodes if episodes is not None else load_dataset(cfg.dataset)
-    longest = int(episodes.episode_lengths.max())
-    if longest > cfg.model.max_ep_len:
-        if cfg.truncate_long_episodes:
-            episodes = episodes.truncate_episodes(cfg.model.max_ep_len)
-        else:
-            ep = int(np.argmax(episodes.episode_lengths))
-            raise DatasetError(f"{episodes.source}: episode {ep} has {longest} steps, more than "
-                               f"model.max_ep_len={cfg.model.max_ep_len}; raise --model.max-ep-len "
-                               "or pass --truncate-long-episodes")
-    env = make_env(cfg.env)
-    check_against_env(env, episodes.observation_space, episodes.action_space,
-                      what=f"dataset {episodes.source}", exact_n=False)
-    check_action_bounds(episodes, env, strict=cfg.strict)
-    limit = env.spec.max_episode_steps if env.spec else None
-    if cfg.eval_episodes and limit and limit > cfg.model.max_ep_len:
-        # Evaluation episodes would reach timesteps the model has no embedding for (an error,
-        # never clamped): refuse now rather than at the first evaluation.
-        raise ConfigError(f"--eval-episodes: {cfg.env} episodes run up to {limit} steps, beyond "
-                          f"model.max_ep_len={cfg.model.max_ep_len}; raise --model.max-ep-len to "
-                          f"{limit} or evaluate afterwards with dtlab evaluate --max-steps")
-    info = policy_info_for(cfg, episodes, env)
-    env.close()
-    return episodes, info
+Evaluate = Callable[[DTPolicy], Any]  # a policy in, a RolloutReport-like result out
 
 
-def train(cfg: TrainConfig, episodes: EpisodeSet | None = None) -> TrainResult:
-    """Train a Decision Transformer as configured; returns where the final checkpoint is."""
+def train(cfg: TrainConfig, episodes: EpisodeSet | None = None, *,
+          evaluator: Evaluate | None = None,
+          should_stop: Callable[[], bool] = lambda: False) -> TrainResult:
+    """Train a Decision Transformer as configured; returns where the final checkpoint is.
+
+    ``episodes``: train on these instead of loading ``cfg.data.dataset``. ``evaluator``: called
+    with a DTPolicy every ``eval_every`` steps and at the end when ``eval_episodes`` > 0 (default:
+    ``dtlab.rollout.Evaluator`` over the configured targets). ``should_stop``: polled every step;
+    True ends the run early with a checkpoint (the CLI wires SIGINT/SIGTERM to it).
+    Raises DtlabError subclasses for bad input, a non-finite step (unless ``skip_nonfinite``), or
+    a run in which most steps were skipped; a run that fails before its first checkpoint leaves
+    nothing it created behind.
+    """
     episodes, info = prepare(cfg, episodes)
-    device = resolve_device(cfg.device)
-    if device.type == "cpu":
-        set_threads(cfg.threads, default=os.cpu_count() or 1)
-    out = Path(cfg.out)
-    resume_state = None
-    if cfg.resume:
-        if not (out / checkpoint.LATEST_FILE).is_file():
-            raise ConfigError(f"{out}: --resume given but the run directory has no checkpoint")
-        resume_path, saved_info = checkpoint.load_info(out)
-        check_resume_config(out, cfg)
-        resume_state = checkpoint.load_trainer_state(resume_path)
-    elif (out / checkpoint.LATEST_FILE).exists():
-        raise ConfigError(f"{out}: run directory already holds a run; pass --resume or another --out")
-
-    torch.manual_seed(cfg.seed)
-    model = DecisionTransformer(cfg.model, info.observation_space, info.action_space).to(device)
-    fused = device.type == "cuda"
-    optimizer = torch.optim.AdamW(param_groups(model, cfg.weight_decay), lr=cfg.lr,
-                                  betas=cfg.betas, fused=fused)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg))
-    rng = np.random.default_rng(cfg.seed)
-    sampler = SequenceSampler(episodes, cfg.model.context_len, info.normalizer)
-    step = 0
-    if resume_state is not None:
-        model_w, _ = checkpoint.load(out, device)
-        model.load_state_dict(model_w.state_dict())
-        optimizer.load_state_dict(resume_state["optimizer"])
-        scheduler.load_state_dict(resume_state["scheduler"])
-        rng = checkpoint.restore_numpy_rng(resume_state["numpy_rng"])
-        torch.set_rng_state(resume_state["torch_rng"])
-        if device.type == "cuda" and "cuda_rng" in resume_state:
-            torch.cuda.set_rng_state(resume_state["cuda_rng"], device)
-        step = int(resume_state["step"])
-
-    out.mkdir(parents=True, exist_ok=True)
-    write_text_atomic(out / TRAIN_CONFIG_FILE, json.dumps(dataclasses.asdict(cfg), indent=2))
-    metrics = MetricsLog(out, resume_from=step if cfg.resume else None, tensorboard=cfg.tensorboard)
-    eval_targets = tuple(cfg.eval_targets) or env_info(cfg.env).targets
-
-    def save(at_step: int) -> Path:
-        state = {
-            "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-            "numpy_rng": checkpoint.numpy_rng_state(rng), "torch_rng": torch.get_rng_state(),
-            "step": at_step, "skipped_nonfinite": skipped,
-        }
-        if device.type == "cuda":
-            state["cuda_rng"] = torch.cuda.get_rng_state(device)
-        return checkpoint.save(out, f"step_{at_step:08d}", model,
-                               dataclasses.replace(info, step=at_step), state, keep=cfg.keep_checkpoints)
-
-    def evaluate_now(at_step: int) -> dict:
-        from dtlab.evaluate import rollout
-        from dtlab.policy import DTPolicy
-
-        policy = DTPolicy(model, dataclasses.replace(info, step=at_step), device,
-                          precision=cfg.precision)
-        results, stats = rollout(policy, cfg.env, eval_targets, cfg.eval_episodes, seed=cfg.seed)
-        model.train()
-        record = {"step": at_step}
-        for r in results:
-            record[f"eval/return_{r.target:g}"] = r.mean
-            if r.normalized_mean is not None:
-                record[f"eval/normalized_{r.target:g}"] = r.normalized_mean
-        metrics.write(record)
-        return {"step": at_step, "results": [dataclasses.asdict(r) for r in results], "timing": stats}
-
-    stop = {"signal": None}
-
-    def on_signal(signum, _frame):
-        stop["signal"] = signum
-
-    previous = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)} \
-        if _main_thread() else {}
-    bf16 = cfg.precision == "bf16"
-    model.train()
-    evaluations: list[dict] = []
-    loss_sum = torch.zeros((), device=device)
-    loss_count, last_loss = 0, float("nan")
-    skipped = int(resume_state.get("skipped_nonfinite", 0)) if resume_state else 0
-    tick, tick_step = time.perf_counter(), step
-    progress = Progress(cfg.steps, step, enabled=cfg.progress)
-    last_saved = step if cfg.resume else -1
+    device = runtime.setup(cfg.run.device, cfg.run.threads, default_threads=os.cpu_count() or 1)
+    out = Path(cfg.run.out)
+    start_from = resume_point(out, cfg)
+    trainer = Trainer.create(cfg, episodes, info, device)
+    if start_from is not None:
+        trainer.resume(start_from)
+    if evaluator is None and cfg.evaluation.eval_episodes:
+        evaluator = default_evaluator(cfg)
+    created = _RunFiles.start(out, cfg, resume_from=trainer.state.step if cfg.run.resume else None)
     try:
-        while step < cfg.steps and stop["signal"] is None:
-            batch = to_tensors(sampler.sample(cfg.batch_size, rng), device)
-            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
-                pred = model(batch["observations"], batch["actions"], batch["returns_to_go"],
-                             batch["timesteps"], batch["masks"])
-            loss = action_loss(pred.float(), batch["actions"], batch["masks"])
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            # The global gradient norm is non-finite iff the loss or any gradient is; with
-            # clipping off it is computed without clipping (max_norm=inf).
-            grad_norm = torch.nn.utils.clip_grad_norm_(
-                model.parameters(), cfg.grad_clip if cfg.grad_clip > 0 else float("inf"))
-            if not bool(torch.isfinite(grad_norm)):
-                if not cfg.skip_nonfinite:
-                    good = checkpoint.resolve(out) if (out / checkpoint.LATEST_FILE).exists() else None
-                    raise TrainingError(
-                        f"non-finite loss or gradient at step {step + 1} (loss {loss.item():g}); "
-                        f"last good checkpoint: {good or 'none'}; --skip-nonfinite skips such steps")
-                optimizer.zero_grad(set_to_none=True)
-                skipped += 1
-            else:
-                optimizer.step()
-                loss_sum += loss.detach()
+        result = _loop(cfg, trainer, info, created.metrics, evaluator, should_stop)
+    except BaseException:
+        created.discard_if_no_checkpoint()
+        raise
+    created.metrics.close()
+    if not result.interrupted:
+        _check_enough_steps_applied(trainer, cfg, episodes, info, final=True)
+        from dtlab.plots import learning_curve
+
+        learning_curve(created.metrics.path, out / "learning_curve.png")
+    return result
+
+
+def _loop(cfg: TrainConfig, trainer: Trainer, info: PolicyInfo, metrics: MetricsLog,
+          evaluator: Evaluate | None, should_stop: Callable[[], bool]) -> TrainResult:
+    out, state = Path(cfg.run.out), trainer.state
+    evaluations: list[dict] = []
+    loss_sum = torch.zeros((), device=trainer.device)
+    loss_count, last_loss = 0, float("nan")
+    tick, tick_step = time.perf_counter(), state.step
+    last_saved, saved_at = (state.step if cfg.run.resume else -1), time.monotonic()
+    progress = Progress(cfg.run.steps, state.step, enabled=cfg.run.progress)
+    trainer.model.train()
+    try:
+        while state.step < cfg.run.steps and not should_stop():
+            loss, applied = trainer.step(cfg.optim.batch_size, cfg.optim)
+            if applied:
+                loss_sum += loss
                 loss_count += 1
-            scheduler.step()
-            step += 1
-            if step % cfg.log_every == 0 or step == cfg.steps:
+            elif not cfg.optim.skip_nonfinite:
+                good = checkpoint.resolve(out) if (out / checkpoint.LATEST_FILE).exists() else None
+                raise TrainingError(
+                    f"non-finite loss or gradient at step {state.step} (loss {loss.item():g}); "
+                    f"last good checkpoint: {good or 'none'}; skip_nonfinite skips such steps"
+                    + _likely_cause(trainer.sampler.episodes, info))
+            else:
+                state.skipped_nonfinite += 1
+            step = state.step
+            if step % cfg.run.log_every == 0 or step == cfg.run.steps:
                 last_loss = float(loss_sum) / loss_count if loss_count else float("nan")
                 now = time.perf_counter()
                 rate = (step - tick_step) / max(now - tick, 1e-9)
-                record = {"step": step, "loss": last_loss, "lr": scheduler.get_last_lr()[0],
-                          "steps_per_s": rate}
-                if cfg.skip_nonfinite:
-                    record["skipped_nonfinite"] = skipped
-                metrics.write(record)
-                progress.update(step, last_loss, scheduler.get_last_lr()[0], rate)
+                lr = trainer.scheduler.get_last_lr()[0]
+                metrics.write(training_record(step, last_loss, lr, rate, state.skipped_nonfinite
+                                              if cfg.optim.skip_nonfinite else None))
+                progress.update(step, last_loss, lr, rate)
+                _check_enough_steps_applied(trainer, cfg, trainer.sampler.episodes, info)
                 loss_sum.zero_()
                 loss_count, tick, tick_step = 0, now, step
-            if cfg.eval_every and cfg.eval_episodes and step % cfg.eval_every == 0 and step < cfg.steps:
-                evaluations.append(evaluate_now(step))
-            if step % cfg.checkpoint_every == 0 or step == cfg.steps:
-                save(step)
-                last_saved = step
+            if (evaluator is not None and cfg.evaluation.eval_every
+                    and step % cfg.evaluation.eval_every == 0 and step < cfg.run.steps):
+                evaluations.append(_evaluate(evaluator, trainer, info, metrics,
+                                             cfg.optim.precision))
+            minutes = cfg.run.checkpoint_every_minutes
+            if (step % cfg.run.checkpoint_every == 0 or step == cfg.run.steps
+                    or (minutes and time.monotonic() - saved_at >= 60 * minutes)):
+                trainer.save(out, info, cfg.run.keep_checkpoints)
+                last_saved, saved_at = step, time.monotonic()
     finally:
         progress.close()
-        for s, handler in previous.items():
-            signal.signal(s, handler)
-    interrupted = stop["signal"] is not None
-    if last_saved != step:
-        save(step)
-    if cfg.eval_episodes and not interrupted:
-        evaluations.append(evaluate_now(step))
-    metrics.close()
-    if not interrupted:
-        from dtlab.plots import learning_curve
-
-        learning_curve(out / METRICS_FILE, out / "learning_curve.png")
+    interrupted = state.step < cfg.run.steps
+    if last_saved != state.step:
+        trainer.save(out, info, cfg.run.keep_checkpoints)
+    if evaluator is not None and not interrupted:
+        evaluations.append(_evaluate(evaluator, trainer, info, metrics, cfg.optim.precision))
     if loss_count:
         last_loss = float(loss_sum) / loss_count
-    return TrainResult(checkpoint.resolve(out), step, last_loss, evaluations, interrupted,
-                       stop["signal"], skipped)
+    return TrainResult(checkpoint.resolve(out), state.step, last_loss, evaluations, interrupted,
+                       state.skipped_nonfinite)
 
 
-def _main_thread() -> bool:
-    import threading
+def default_evaluator(cfg: TrainConfig) -> Evaluate:
+    """Evaluation during training over ``eval_targets`` (default: the env registry's)."""
+    from dtlab.rollout import Evaluator
 
-    return threading.current_thread() is threading.main_thread()
-
-
-# ---- logging --------------------------------------------------------------------------------------
-def _step_of(line: str) -> int | None:
-    """The step of a metrics line; None for a blank or partly written one (a crash mid-write)."""
-    try:
-        return int(json.loads(line)["step"])
-    except (json.JSONDecodeError, KeyError, TypeError, ValueError):
-        return None
+    targets = tuple(cfg.evaluation.eval_targets) or env_info(cfg.data.env).targets
+    return Evaluator(cfg.data.env, targets, cfg.evaluation.eval_episodes, seed=cfg.optim.seed)
 
 
-class MetricsLog:
-    """Appends JSON lines to OUT/metrics.jsonl and mirrors scalars to TensorBoard."""
+def _evaluate(evaluator: Evaluate, trainer: Trainer, info: PolicyInfo, metrics: MetricsLog,
+              precision: runtime.Precision) -> dict:
+    step = trainer.state.step
+    policy = DTPolicy(trainer.model, dataclasses.replace(info, step=step), trainer.device,
+                      precision=precision)
+    report = evaluator(policy)
+    trainer.model.train()
+    metrics.write(evaluation_record(step, report.results))
+    return {"step": step, "results": [dataclasses.asdict(r) for r in report.results],
+            "timing": report.timing()}
 
-    def __init__(self, out: Path, resume_from: int | None, tensorboard: bool) -> None:
-        self.path = out / METRICS_FILE
-        if resume_from is not None and self.path.exists():
-            # Drop records written after the checkpoint we resume from (they will be redone).
-            keep = [line for line in self.path.read_text().splitlines()
-                    if _step_of(line) is not None and _step_of(line) <= resume_from]
-            write_text_atomic(self.path, "".join(line + "\n" for line in keep))
-        elif resume_from is None:
-            self.path.write_text("")
-        self._file = open(self.path, "a")
-        self._tb = None
-        if tensorboard:
-            from torch.utils.tensorboard import SummaryWriter
 
-            self._tb = SummaryWriter(str(out / "tb"), purge_step=resume_from)
+def _check_enough_steps_applied(trainer: Trainer, cfg: TrainConfig, episodes: EpisodeSet,
+                                info: PolicyInfo, final: bool = False) -> None:
+    """A run never reports success when its numbers went bad: with ``skip_nonfinite``, fail once
+    more than half of the steps taken so far (at least 10, or all at the end) were skipped."""
+    done, skipped = trainer.state.step, trainer.state.skipped_nonfinite
+    if skipped and (done >= 10 or final) and skipped > done / 2:
+        raise TrainingError(
+            f"{skipped} of {done} steps were skipped as non-finite; the run is not usable"
+            + _likely_cause(episodes, info))
 
-    def write(self, record: dict) -> None:
-        self._file.write(json.dumps(record) + "\n")
-        self._file.flush()
-        if self._tb is not None:
-            for key, value in record.items():
-                if key != "step" and isinstance(value, (int, float)):
-                    self._tb.add_scalar(key if "/" in key else f"train/{key}", value, record["step"])
 
-    def close(self) -> None:
-        self._file.close()
-        if self._tb is not None:
-            self._tb.close()
+def _likely_cause(episodes: EpisodeSet, info: PolicyInfo) -> str:
+    """A hint from the data for a run whose numbers went bad ('' when nothing stands out)."""
+    scale = info.normalizer.return_scale
+    scaled = float(np.abs(episodes.returns_to_go).max()) / scale
+    if scaled > 1e3:
+        return (f"; likely cause: returns-to-go reach {scaled:.3g} times the return scale "
+                f"({scale:g}): set return_scale near the largest episode return")
+    obs = info.normalizer.normalize_observations(episodes.observations)
+    if float(np.abs(obs).max()) > 1e4:
+        return (f"; likely cause: normalized observations reach {float(np.abs(obs).max()):.3g} "
+                "(a near-constant observation dimension?)")
+    return ""
+
+
+@dataclass
+class _RunFiles:
+    """What a run writes before its first checkpoint, so that a failure can take it back."""
+
+    out: Path
+    created_dir: bool
+    metrics: MetricsLog
+
+    @classmethod
+    def start(cls, out: Path, cfg: TrainConfig, resume_from: int | None) -> "_RunFiles":
+        created_dir = not out.exists()
+        out.mkdir(parents=True, exist_ok=True)
+        write_text_atomic(out / TRAIN_CONFIG_FILE, json.dumps(dataclasses.asdict(cfg), indent=2))
+        return cls(out, created_dir, MetricsLog(out, resume_from=resume_from,
+                                                tensorboard=cfg.run.tensorboard))
+
+    def discard_if_no_checkpoint(self) -> None:
+        self.metrics.close()
+        if (self.out / checkpoint.LATEST_FILE).exists():
+            return
+        if self.created_dir:
+            shutil.rmtree(self.out, ignore_errors=True)
+            return
+        for name in (TRAIN_CONFIG_FILE, "metrics.jsonl"):
+            (self.out / name).unlink(missing_ok=True)
+        shutil.rmtree(self.out / "tb", ignore_errors=True)
 
 
 class Progress:

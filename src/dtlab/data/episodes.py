@@ -2,7 +2,8 @@
 
 An episode of T steps holds T observations (the D4RL view): observation t is the state in which
 action t was taken and reward t received. Formats that store T+1 observations (Minari) convert at
-their boundary.
+their boundary; the (T+1)-th, the observation after an episode's last step, is kept apart in
+``final_observations`` when the source has it (D4RL's ``next_observations`` at an episode's end).
 """
 
 from __future__ import annotations
@@ -42,8 +43,12 @@ class EpisodeSet:
     returns_to_go: np.ndarray = field(init=False)  # (N,) float32, undiscounted, computed once
     source: str = "<memory>"  # file the data came from (for error messages)
     metadata: Mapping[str, Any] = field(default_factory=dict)  # provenance, written with the data
-    action_space: ActionSpec | None = None  # None: decided from the arrays (see above)
-    observation_space: ObservationSpec | None = None  # None: VectorObservations(obs_dim)
+    # (E, obs_dim) float32: the observation after each episode's last step (Minari's T+1-th, D4RL's
+    # next_observations at the episode's end); None when the source did not record it.
+    final_observations: np.ndarray | None = field(default=None, kw_only=True)
+    # None: decided from the arrays (see above).
+    action_space: ActionSpec | None = field(default=None, kw_only=True)
+    observation_space: ObservationSpec | None = field(default=None, kw_only=True)
 
     def __post_init__(self) -> None:
         def fail(msg: str) -> None:
@@ -112,6 +117,19 @@ class EpisodeSet:
             fail("episode_starts must begin with 0")
         if np.any(starts[1:] <= starts[:-1]) or starts[-1] >= n:  # (np.diff could overflow)
             fail("episode_starts must be strictly increasing and inside the data (zero-length episode?)")
+        finals = self.final_observations
+        if finals is not None:
+            finals = np.array(finals, dtype=np.float32)  # a copy: the caller's array stays writable
+            if finals.ndim == 1 and obs.shape[1] == 1:
+                finals = finals[:, None]
+            if finals.shape != (starts.shape[0], obs.shape[1]):
+                fail(f"'final_observations' has shape {finals.shape}, expected "
+                     f"{(starts.shape[0], obs.shape[1])} (one per episode)")
+            if not np.isfinite(finals).all():
+                row = int(np.argwhere(~np.isfinite(finals))[0][0])
+                fail(f"'final_observations' contains NaN or inf (first at episode {row})")
+            finals.setflags(write=False)
+            object.__setattr__(self, "final_observations", finals)
         # Terminations win over truncations when both are set (as d3rlpy does).
         trunc = trunc & ~term
         ends = np.append(starts[1:], n) - 1
@@ -156,12 +174,13 @@ class EpisodeSet:
     @classmethod
     def from_flags(cls, observations, actions, rewards, terminations, truncations, *,
                    source: str = "<memory>", metadata: Mapping[str, Any] | None = None,
+                   final_observations: np.ndarray | None = None,
                    action_space: ActionSpec | None = None,
                    observation_space: ObservationSpec | None = None) -> "EpisodeSet":
         """Split flat arrays into episodes at ``terminations | truncations`` (the D4RL convention).
 
         A final episode that ends without a flag (cut off by the file's end) is kept and marked
-        truncated.
+        truncated. ``final_observations`` (E, obs_dim), if given, has one row per resulting episode.
         """
         term = np.asarray(terminations).astype(bool).reshape(-1)
         trunc = np.asarray(truncations).astype(bool).reshape(-1)
@@ -176,15 +195,17 @@ class EpisodeSet:
             ends = np.append(ends, n - 1)
         starts = np.concatenate([[0], ends[:-1] + 1]).astype(np.int64)
         return cls(observations, actions, rewards, term, trunc, starts, source=source,
-                   metadata=metadata or {}, action_space=action_space,
-                   observation_space=observation_space)
+                   metadata=metadata or {}, final_observations=final_observations,
+                   action_space=action_space, observation_space=observation_space)
 
     @classmethod
     def concatenate(cls, parts: list["EpisodeSet"], *, source: str = "<memory>",
                     metadata: Mapping[str, Any] | None = None) -> "EpisodeSet":
-        """Concatenate episode sets (e.g. medium + expert). The parts' action space when they
-        agree; discrete parts with different n: the largest n; else decided from the arrays."""
+        """Concatenate episode sets (e.g. medium + expert). ``final_observations`` are kept when
+        every part has them, else None. The action space: the parts' when they agree; discrete
+        parts with different n: the largest n; else decided from the arrays."""
         offsets = np.cumsum([0] + [p.num_transitions for p in parts[:-1]])
+        finals = [p.final_observations for p in parts]
         spaces = {p.action_space for p in parts}
         action_space = next(iter(spaces)) if len(spaces) == 1 else None
         if len(spaces) > 1 and all(isinstance(s, DiscreteActions) for s in spaces):
@@ -197,11 +218,13 @@ class EpisodeSet:
             np.concatenate([p.truncations for p in parts]),
             np.concatenate([p.episode_starts + o for p, o in zip(parts, offsets)]),
             source=source, metadata=metadata or {}, action_space=action_space,
+            final_observations=None if any(f is None for f in finals) else np.concatenate(finals),
         )
 
     def truncate_episodes(self, max_len: int) -> "EpisodeSet":
         """Cut every episode longer than ``max_len`` steps to its first ``max_len`` steps (marked
-        truncated, returns-to-go recomputed over the kept steps)."""
+        truncated, returns-to-go recomputed over the kept steps). A cut episode's final
+        observation becomes its observation ``max_len`` (the one after the last kept step)."""
         lengths = self.episode_lengths
         if lengths.max() <= max_len:
             return self
@@ -213,10 +236,16 @@ class EpisodeSet:
         trunc[cut_ends] = True
         new_lengths = np.minimum(lengths, max_len)
         starts = np.concatenate([[0], np.cumsum(new_lengths)[:-1]])
+        finals = self.final_observations
+        if finals is not None:
+            cut = lengths > max_len
+            finals = finals.copy()
+            finals[cut] = self.observations[self.episode_starts[cut] + max_len]
         return EpisodeSet(self.observations[keep], self.actions[keep], self.rewards[keep], term[keep],
                           trunc[keep], starts, source=self.source,
                           metadata={**self.metadata, "truncated_to": int(max_len)},
-                          action_space=self.action_space, observation_space=self.observation_space)
+                          final_observations=finals, action_space=self.action_space,
+                          observation_space=self.observation_space)
 
     # ---- derived quantities -------------------------------------------------------------------
     @property

@@ -8,16 +8,25 @@ Layout, from D4RL's dataset files and ``d4rl.offline_env.OfflineEnv.get_dataset`
     rewards            (N,)         float32
     terminals          (N,)         bool     episode ended by the environment (-> terminations)
     timeouts           (N,)         bool     episode cut by the time limit    (-> truncations)
-    next_observations  (N, obs_dim) float32  optional, ignored here
+    next_observations  (N, obs_dim) float32  optional: the observation after step i; equal to
+                                             observations[i + 1] inside an episode
     infos/*                                  optional (qpos, qvel, action_log_probs), ignored
     metadata/*                               optional provenance (algorithm, policy/...)
 
 Episodes end at ``terminals | timeouts``; rows after the last flag form a cut-off episode that is
 kept and marked truncated (``EpisodeSet.from_flags``).
+
+``next_observations`` shows episode ends the flags may miss: many exporters write no
+``timeouts`` (and ``terminals`` all False for a time-limited env), but where
+``next_observations[i] != observations[i + 1]`` row i + 1 starts another episode (an env reset).
+The reader splits there, marked truncated, and warns (DtlabWarning) with the count. Its rows at
+episode ends become ``EpisodeSet.final_observations``. When the column contradicts the flags, the
+flags win and a one-line warning says what was assumed (``_ends_from_next_observations``).
 """
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -27,7 +36,7 @@ import numpy as np
 from dtlab.data.episodes import EpisodeSet
 from dtlab.data.formats._hdf5 import (COMPRESSION, atomic_hdf5, open_hdf5, read_array,
                                       read_metadata, write_metadata)
-from dtlab.errors import DatasetError
+from dtlab.errors import DatasetError, DtlabWarning
 
 _LAYOUT = "D4RL layout needs observations, actions, rewards, terminals, timeouts"
 
@@ -62,10 +71,90 @@ def episodes_from_d4rl(f: h5py.File, path: str | Path) -> EpisodeSet:
             length = arr.shape[0] if arr.ndim else "no"
             raise DatasetError(f"{path}: '{key}' has {length} entries but 'observations' has {n}")
     metadata = read_metadata(f["metadata"]) if isinstance(f.get("metadata"), h5py.Group) else {}
+    timeouts, finals = columns["timeouts"], None
+    if "next_observations" in f and n > 0 and observations.ndim in (1, 2):
+        next_observations = read_array(f, "next_observations", path, _LAYOUT)
+        timeouts, finals = _ends_from_next_observations(
+            observations, next_observations, columns["terminals"], timeouts, path,
+            has_timeouts="timeouts" in f)
     return EpisodeSet.from_flags(
         observations, columns["actions"], columns["rewards"], columns["terminals"],
-        columns["timeouts"], source=str(path), metadata=metadata,
+        timeouts, source=str(path), metadata=metadata, final_observations=finals,
     )
+
+
+def _ends_from_next_observations(observations: np.ndarray, next_observations: np.ndarray,
+                                 terminals: np.ndarray, timeouts: np.ndarray, path: str | Path, *,
+                                 has_timeouts: bool) -> tuple[np.ndarray, np.ndarray | None]:
+    """Episode ends that ``next_observations`` shows, and the final observations it gives.
+
+    Compares ``next_observations[i]`` with ``observations[i + 1]`` in float32 (dtlab's storage
+    type, so a float64 column that equals the next row after rounding counts as equal). Returns
+    ``(timeouts, final_observations)``: ``timeouts`` (N,) bool with a truncation added at every
+    row where the two differ and no flag is set (warned, with the count), and the (E, obs_dim)
+    rows of ``next_observations`` at the episode ends, or None when they cannot be trusted.
+    Decisions when the column and the flags disagree (each a one-line DtlabWarning):
+
+    - unflagged differences at more than half of the unflagged rows: the column is not the next
+      observation (another quantity, normalized differently, zeros); it is ignored. (Real
+      episodes this short, under 2 steps on average with no flag at all, are implausible.)
+    - a flagged end where the column equals the next row: the flag is kept (the file says the
+      episode ends; e.g. a long trajectory cut into chunks, as D4RL's maze2d files mark reached
+      goals, or a column shifted across episode boundaries), and no final observations are taken
+      from the column, since at that end it may hold the next episode's first observation.
+    - the column equals the row's own observation at every episode end: a copy standing in for
+      an unknown final observation (d4rl.qlearning_dataset does this); no final observations.
+    """
+    n = observations.shape[0]
+    obs = observations[:, None] if observations.ndim == 1 else observations  # (N, obs_dim)
+    nxt = next_observations[:, None] if next_observations.ndim == 1 else next_observations
+    if nxt.shape != obs.shape:
+        raise DatasetError(f"{path}: 'next_observations' has shape {next_observations.shape} but "
+                           f"'observations' has {observations.shape}")
+    with np.errstate(over="ignore", invalid="ignore"):
+        obs, nxt = obs.astype(np.float32), nxt.astype(np.float32)
+    bad = ~np.isfinite(nxt)
+    if bad.any():
+        raise DatasetError(f"{path}: 'next_observations' contains NaN or inf (first at transition "
+                           f"{int(np.argwhere(bad)[0][0])})")
+    flagged = (terminals.astype(bool) | timeouts.astype(bool))[:-1]  # (N-1,) ends by flag
+    continues = np.all(nxt[:-1] == obs[1:], axis=1)  # (N-1,) row i+1 follows row i
+    unflagged_breaks = np.flatnonzero(~continues & ~flagged)
+    no_timeouts = "" if has_timeouts else " (the file has no 'timeouts')"
+    if unflagged_breaks.size and unflagged_breaks.size > (~flagged).sum() / 2:
+        warnings.warn(
+            f"{path}: 'next_observations' differs from the next row's 'observations' at "
+            f"{unflagged_breaks.size} of {int((~flagged).sum())} rows without an episode flag: "
+            "it is not the next observation, so it is ignored (episodes end at 'terminals' and "
+            "'timeouts' only; final observations unknown)", DtlabWarning, stacklevel=4)
+        return timeouts, None
+    if unflagged_breaks.size:
+        timeouts = timeouts.astype(bool).copy()
+        timeouts[unflagged_breaks] = True
+        episodes = int(flagged.sum()) + unflagged_breaks.size + 1
+        warnings.warn(
+            f"{path}: split into {episodes} episodes, {unflagged_breaks.size} more than the "
+            f"flags give: 'next_observations' differs from the next row's 'observations' at "
+            f"{unflagged_breaks.size} rows where neither 'terminals' nor 'timeouts' is "
+            f"set{no_timeouts} (first at row {int(unflagged_breaks[0])}); those episodes are "
+            "marked truncated", DtlabWarning, stacklevel=4)
+    flagged_continuing = np.flatnonzero(continues & flagged)
+    if flagged_continuing.size:
+        warnings.warn(
+            f"{path}: {flagged_continuing.size} episode ends set by 'terminals'/'timeouts' have "
+            "'next_observations' equal to the next row's 'observations' (first at row "
+            f"{int(flagged_continuing[0])}); the ends are kept, and no final observations are "
+            "taken from 'next_observations'", DtlabWarning, stacklevel=4)
+        return timeouts, None
+    ends = np.append(np.flatnonzero(terminals.astype(bool)[:-1] | timeouts.astype(bool)[:-1]),
+                     n - 1)  # (E,) as EpisodeSet.from_flags splits
+    if np.array_equal(nxt[ends], obs[ends]):
+        warnings.warn(
+            f"{path}: 'next_observations' repeats the observation at every episode end (as "
+            "exporters do that do not know the final observation); final observations unknown",
+            DtlabWarning, stacklevel=4)
+        return timeouts, None
+    return timeouts, nxt[ends]
 
 
 def write_d4rl(episodes: EpisodeSet, path: str | Path, *, metadata: dict[str, Any] | None = None
@@ -73,7 +162,9 @@ def write_d4rl(episodes: EpisodeSet, path: str | Path, *, metadata: dict[str, An
     """Write ``episodes`` in D4RL's layout, atomically.
 
     ``metadata`` (default: ``episodes.metadata``) goes under ``metadata/``. ``next_observations``
-    is not written: the next observation after an episode's last step is not in an EpisodeSet.
+    (N, obs_dim) float32 is written when ``episodes.final_observations`` is known: row i is
+    ``observations[i + 1]`` inside an episode and the episode's final observation at its last
+    step (as in D4RL's v2 files); otherwise it is left out.
     """
     metadata = episodes.metadata if metadata is None else metadata
     with atomic_hdf5(path) as f:
@@ -87,5 +178,22 @@ def write_d4rl(episodes: EpisodeSet, path: str | Path, *, metadata: dict[str, An
                          compression=COMPRESSION)
         f.create_dataset("timeouts", data=episodes.truncations.astype(bool),
                          compression=COMPRESSION)
+        if episodes.final_observations is not None:
+            f.create_dataset("next_observations", data=next_observations(episodes),
+                             compression=COMPRESSION)
         if metadata:
             write_metadata(f.create_group("metadata"), metadata)
+
+
+def next_observations(episodes: EpisodeSet) -> np.ndarray:
+    """(N, obs_dim) float32: the observation after each step, D4RL's ``next_observations``:
+    ``observations[i + 1]`` inside an episode, ``final_observations[e]`` at episode e's last step.
+    Needs ``episodes.final_observations`` (ValueError if it is None)."""
+    if episodes.final_observations is None:
+        raise ValueError("next_observations needs episodes.final_observations")
+    obs = episodes.observations
+    out = np.empty_like(obs)  # (N, obs_dim)
+    out[:-1] = obs[1:]
+    ends = np.append(episodes.episode_starts[1:], episodes.num_transitions) - 1  # (E,)
+    out[ends] = episodes.final_observations
+    return out

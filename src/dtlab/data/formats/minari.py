@@ -14,9 +14,10 @@ Standards"): an episode of T steps stores
     truncations    (T,)  bool
 
 dtlab keeps T observations per episode (the D4RL view, DESIGN.md "Episode storage"): observation
-t is the one in which action t was taken. Reading drops each episode's final observation; writing
-needs it back, from ``final_observations`` or, when those are not known, as a copy of the last one
-(recorded in the dataset's description and its ``dtlab_final_observations`` metadata key).
+t is the one in which action t was taken. Reading keeps each episode's final observation apart, in
+``EpisodeSet.final_observations``; writing puts it back from there (or from the writer's
+``final_observations`` argument) or, when neither is known, as a copy of the last one (recorded
+in the dataset's description and its ``dtlab_final_observations`` metadata key).
 
 Only flat ``Box`` observation spaces and flat ``Box`` or ``Discrete`` action spaces are supported
 (the MuJoCo/classic-control case).
@@ -56,6 +57,7 @@ _ROOT_VAR = "MINARI_DATASETS_PATH"
 # JSON-serializable key besides its own fixed ones).
 _DTLAB_METADATA = "dtlab_metadata"
 _DTLAB_FINALS = "dtlab_final_observations"
+_FINALS_COPIED = "copied from the last step"  # its value when they were not known
 # Optional dataset-level keys of Minari's metadata.json (minari.utils._generate_dataset_metadata)
 # copied into EpisodeSet.metadata on read, prefixed "minari_".
 _MINARI_KEYS = ("algorithm_name", "author", "author_email", "code_permalink", "description",
@@ -67,8 +69,9 @@ _MINARI_KEYS = ("algorithm_name", "author", "author_email", "code_permalink", "d
 def read_minari(dataset_id: str) -> EpisodeSet:
     """Read the Minari dataset ``dataset_id``, downloading it first if it is not local.
 
-    Each episode's T+1 observations become T (the final one is dropped); terminations and
-    truncations are kept per step. Every failure is a one-line DatasetError naming
+    Each episode's T+1 observations become T, and the (T+1)-th goes to ``final_observations``;
+    terminations and truncations are kept per step (final observations None when dtlab wrote
+    the dataset with copied ones: ``dtlab_final_observations``). Every failure is a one-line DatasetError naming
     ``minari:<id>``.
     """
     source = PREFIX + dataset_id
@@ -82,7 +85,7 @@ def read_minari(dataset_id: str) -> EpisodeSet:
     except DtlabError as e:
         raise DatasetError(f"{source}: {e}") from None
 
-    observations, actions, rewards, terminations, truncations = [], [], [], [], []
+    observations, actions, rewards, terminations, truncations, finals = [], [], [], [], [], []
     lengths = []
     try:
         for ep in dataset.iterate_episodes():
@@ -95,7 +98,8 @@ def read_minari(dataset_id: str) -> EpisodeSet:
                 raise DatasetError(
                     f"{source}: episode {ep.id} has {obs.shape[0]} observations and "
                     f"{act.shape[0]} actions for {steps} rewards; Minari stores T+1 and T")
-            observations.append(obs[:steps].reshape(steps, -1))  # drop the final observation
+            observations.append(obs[:steps].reshape(steps, -1))  # the final one kept apart
+            finals.append(obs[steps].reshape(-1))  # (obs_dim,)
             actions.append(act.reshape(steps, -1))  # (T, 1) indices become (N,) in EpisodeSet
             rewards.append(np.asarray(ep.rewards).reshape(steps))
             terminations.append(np.asarray(ep.terminations).reshape(steps))
@@ -109,10 +113,14 @@ def read_minari(dataset_id: str) -> EpisodeSet:
         raise DatasetError(f"{source}: dataset has no episodes")
 
     starts = np.concatenate([[0], np.cumsum(lengths[:-1])]).astype(np.int64)  # (E,)
+    metadata = _metadata_from_minari(dataset, dataset_id)
+    if metadata.get(_DTLAB_FINALS) == _FINALS_COPIED:
+        finals = None  # dtlab wrote copies of the last observations: the real ones are unknown
     return EpisodeSet(np.concatenate(observations), np.concatenate(actions),
                       np.concatenate(rewards), np.concatenate(terminations),
                       np.concatenate(truncations), starts, source=source,
-                      metadata=_metadata_from_minari(dataset, dataset_id),
+                      metadata=metadata,
+                      final_observations=None if finals is None else np.stack(finals),
                       action_space=action_space, observation_space=observation_space)
 
 
@@ -174,8 +182,9 @@ def write_minari(episodes: EpisodeSet, dataset_id: str, *, env_id: str | None = 
       per-dimension min/max, float32 (action indices: ``Discrete(n)`` of the episodes'
       ``action_space``), and no env spec.
     - ``final_observations`` (E, obs_dim): the observation after each episode's last step (Minari
-      stores T+1 observations). None: the last observation is repeated, and the dataset's
-      description and ``dtlab_final_observations`` metadata say so.
+      stores T+1 observations). None: ``episodes.final_observations``; when that is None too, the
+      last observation is repeated, and the dataset's description and
+      ``dtlab_final_observations`` metadata say so.
     - ``episodes.metadata`` goes into the dataset's ``dtlab_metadata`` key (read back by
       ``read_minari``); ``algorithm_name`` defaults to its ``algorithm`` or ``policies`` entry.
     - Atomic as far as the file system allows: the dataset is built under a hidden staging root
@@ -193,6 +202,8 @@ def write_minari(episodes: EpisodeSet, dataset_id: str, *, env_id: str | None = 
         raise DatasetError(f"{source}: dataset already exists at {target}; pass overwrite=True "
                            "to replace it")
     # Everything that can fail on the input fails here, before anything touches the disk.
+    if final_observations is None:
+        final_observations = episodes.final_observations
     finals_copied = final_observations is None
     finals = _final_observations(episodes, final_observations, source)  # (E, obs_dim)
     provenance = json.loads(json.dumps(episodes.metadata, default=json_default))
@@ -220,7 +231,7 @@ def write_minari(episodes: EpisodeSet, dataset_id: str, *, env_id: str | None = 
                     description=_description(episodes, finals_copied, description))
                 dataset.storage.update_metadata({
                     _DTLAB_METADATA: provenance,
-                    _DTLAB_FINALS: "copied from the last step" if finals_copied else "recorded",
+                    _DTLAB_FINALS: _FINALS_COPIED if finals_copied else "recorded",
                     "dtlab_version": dtlab.__version__,
                 })
             if namespace is not None and namespace not in list_local_namespaces():

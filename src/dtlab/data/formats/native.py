@@ -13,6 +13,9 @@ Layout (version 1)::
     terminations    (N,)         bool
     truncations     (N,)         bool
     episode_starts  (E,)         int64
+    final_observations  (E, obs_dim) float32  optional: the observation after each episode's
+                                              last step (EpisodeSet.final_observations); absent
+                                              when unknown. Readers before it ignore it.
 """
 
 from __future__ import annotations
@@ -68,6 +71,8 @@ def episodes_from_native(f: h5py.File, path: str | Path) -> EpisodeSet:
     arrays = {key: read_array(f, key, path, _LAYOUT)
               for key in ("observations", "actions", "rewards", "terminations", "truncations",
                           "episode_starts")}
+    if "final_observations" in f:
+        arrays["final_observations"] = read_array(f, "final_observations", path, _LAYOUT)
     return EpisodeSet(**arrays, source=str(path), metadata=metadata, action_space=action_space)
 
 
@@ -87,3 +92,6 @@ def write_native(episodes: EpisodeSet, path: str | Path) -> None:
                                 ("truncations", episodes.truncations, bool),
                                 ("episode_starts", episodes.episode_starts, np.int64)):
             f.create_dataset(key, data=arr.astype(dtype), compression=COMPRESSION)
+        if episodes.final_observations is not None:
+            f.create_dataset("final_observations", data=episodes.final_observations,
+                             compression=COMPRESSION)

@@ -1,0 +1,173 @@
+"""Return-conditioned rollouts: every episode of every target advances together.
+
+One batched forward pass per environment step serves all unfinished episodes of all targets.
+Episode i of every target starts from the same state (env seed ``seed + i``), so targets are
+compared on paired starts. Used by evaluation (dtlab.evaluate) and by evaluation during training
+(``Evaluator``), so that neither loop imports the other.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Sequence
+
+import numpy as np
+
+from dtlab.data.returns import normalized_score
+from dtlab.envs import env_info, make_env, reference_scores
+from dtlab.errors import ConfigError
+from dtlab.policy import DTPolicy
+from dtlab.spaces import check_against_env
+
+
+@dataclass(frozen=True)
+class TargetResult:
+    """Outcome of all episodes conditioned on one target return (returns undiscounted)."""
+
+    target: float
+    returns: list[float]  # (episodes,)
+    lengths: list[int]  # (episodes,) steps per episode
+    mean: float
+    std: float
+    normalized_mean: float | None  # D4RL normalized score of the mean return, when comparable
+    normalized_std: float | None
+
+
+@dataclass(frozen=True)
+class RolloutReport:
+    """What a rollout produced: per-target results, how episodes were limited, and timing."""
+
+    results: list[TargetResult]
+    max_steps: int  # episodes were cut at this many steps
+    standard_time_limit: int | None  # the env's standard limit (None: unknown)
+    comparable: bool  # normalized scores are reported only when episodes ran to that limit
+    env_steps: int
+    seconds: float
+    model_seconds: float  # time inside the policy (forward passes)
+
+    @property
+    def env_steps_per_s(self) -> float:
+        return self.env_steps / max(self.seconds, 1e-9)
+
+    def timing(self) -> dict[str, float]:
+        return {"env_steps": self.env_steps, "seconds": self.seconds,
+                "env_steps_per_s": self.env_steps_per_s, "model_seconds": self.model_seconds}
+
+
+def episode_limit(env, env_id: str, max_steps: int | None, max_ep_len: int) -> tuple[int, int | None]:
+    """(steps to run each episode for, the env's standard time limit).
+
+    The limit is ``max_steps`` or the env's own. Raises ConfigError when episodes could run past the
+    model's ``max_ep_len`` (its timestep embedding has no entry for later steps): dtlab never clamps
+    timesteps silently.
+    """
+    spec_limit = env.spec.max_episode_steps if env.spec else None
+    limit = max_steps if max_steps is not None else (spec_limit or 1000)
+    if limit > max_ep_len:
+        raise ConfigError(
+            f"{env_id}: episodes run up to {limit} steps but the model's max_ep_len is {max_ep_len} "
+            f"(timesteps beyond it have no embedding); cap episodes with max_steps <= {max_ep_len}, "
+            "or train with a larger model.max_ep_len")
+    info = env_info(env_id)
+    standard = info.max_ep_len if info.ref_min_score is not None else spec_limit
+    return limit, standard
+
+
+def rollout(policy: DTPolicy, env_id: str, targets: Sequence[float], episodes: int, *,
+            seed: int = 0, max_steps: int | None = None, max_parallel: int = 256) -> RolloutReport:
+    """Run ``episodes`` episodes per target in ``env_id`` and report their returns.
+
+    Up to ``max_parallel`` episodes run at once (each in its own env, stepped in lockstep, one
+    batched forward per step); more run in successive waves that reuse the same envs. Raises
+    ConfigError for no targets/episodes, non-finite targets or episodes longer than the model's
+    max_ep_len, EnvError when the env's spaces differ from the checkpoint's.
+    """
+    n = len(targets) * episodes
+    if n == 0:
+        raise ConfigError("rollout needs at least one target and one episode")
+    target_of = np.repeat(np.asarray(targets, dtype=np.float64), episodes)  # (n,)
+    if not np.isfinite(target_of).all():
+        raise ConfigError(f"targets must be finite, got {list(targets)}")
+    target_of = target_of.astype(np.float32)
+    # Episode j runs target j // episodes from start state seed + j % episodes.
+    start_seed = seed + np.arange(n) % episodes  # (n,)
+    envs = [make_env(env_id) for _ in range(min(n, max_parallel))]
+    try:
+        check_against_env(envs[0], policy.info.observation_space, policy.info.action_space,
+                          what="the checkpoint", exact_n=True)
+        limit, standard = episode_limit(envs[0], env_id, max_steps, policy.info.model.max_ep_len)
+        returns = np.zeros(n)
+        lengths = np.zeros(n, dtype=np.int64)
+        env_steps, model_time, started = 0, 0.0, time.perf_counter()
+        for first in range(0, n, len(envs)):
+            wave = np.arange(first, min(n, first + len(envs)))  # episode ids of this wave
+            steps, seconds = _run_wave(policy, envs, wave, target_of, start_seed, limit, returns,
+                                       lengths)
+            env_steps += steps
+            model_time += seconds
+        elapsed = time.perf_counter() - started
+    finally:
+        for env in envs:
+            env.close()
+    comparable = standard is not None and limit == standard
+    ref_min, ref_max = reference_scores(env_id, policy.info.ref_min_score, policy.info.ref_max_score)
+    results = []
+    for i, target in enumerate(targets):
+        ret = returns[i * episodes:(i + 1) * episodes]
+        norm = normalized_score(ret, ref_min, ref_max) if comparable and ref_min is not None else None
+        results.append(TargetResult(
+            target=float(target), returns=ret.tolist(),
+            lengths=lengths[i * episodes:(i + 1) * episodes].tolist(),
+            mean=float(ret.mean()), std=float(ret.std()),
+            normalized_mean=None if norm is None else float(norm.mean()),
+            normalized_std=None if norm is None else float(norm.std()),
+        ))
+    return RolloutReport(results, limit, standard, comparable, int(env_steps), elapsed, model_time)
+
+
+def _run_wave(policy: DTPolicy, envs: list, wave: np.ndarray, target_of: np.ndarray,
+              start_seed: np.ndarray, limit: int, returns: np.ndarray, lengths: np.ndarray
+              ) -> tuple[int, float]:
+    """Run episodes ``wave`` (slot i of the wave in envs[i]) to the end; fills returns/lengths."""
+    m = wave.size
+    obs = np.stack([envs[i].reset(seed=int(start_seed[j]))[0] for i, j in enumerate(wave)])  # (m, S)
+    for i, j in enumerate(wave):
+        envs[i].action_space.seed(int(start_seed[j]))
+    policy.reset(target_of[wave])
+    rewards = np.zeros(m, dtype=np.float32)
+    active = np.arange(m)  # wave slots still running
+    env_steps, model_time = 0, 0.0
+    for _ in range(limit):
+        if active.size == 0:
+            break
+        t0 = time.perf_counter()
+        actions = policy.act(obs[active], rewards[active], index=active)  # (a, A)
+        model_time += time.perf_counter() - t0
+        still = []
+        for row, i in enumerate(active):
+            o, r, terminated, truncated, _ = envs[i].step(actions[row])
+            obs[i], rewards[i] = o, r
+            returns[wave[i]] += r
+            lengths[wave[i]] += 1
+            if not (terminated or truncated):
+                still.append(i)
+        env_steps += active.size
+        active = np.asarray(still, dtype=np.int64)
+    return env_steps, model_time
+
+
+@dataclass(frozen=True)
+class Evaluator:
+    """Evaluation during training, as a callable the training loop is handed:
+    ``evaluator(policy) -> RolloutReport``."""
+
+    env_id: str
+    targets: tuple[float, ...]
+    episodes: int
+    seed: int = 0
+    max_steps: int | None = None
+
+    def __call__(self, policy: DTPolicy) -> RolloutReport:
+        return rollout(policy, self.env_id, self.targets, self.episodes, seed=self.seed,
+                       max_steps=self.max_steps)
