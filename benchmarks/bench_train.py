@@ -39,6 +39,8 @@ from synthetic_hopper import ACT_DIM, OBS_DIM, synthetic_episodes  # noqa: E402
 from dtlab.config import ModelConfig, OptimConfig  # noqa: E402
 from dtlab.data.sampling import SequenceSampler  # noqa: E402
 from dtlab.model import DecisionTransformer  # noqa: E402
+from dtlab.normalizer import Normalizer  # noqa: E402
+from dtlab.spaces import ContinuousActions, VectorObservations  # noqa: E402
 from dtlab.train import action_loss, make_optimizer, to_tensors, train_step  # noqa: E402
 
 B, K, CLIP, LR, WD, WARMUP = 64, 20, 0.25, 1e-4, 1e-4, 10_000
@@ -64,13 +66,12 @@ class DtlabTrainer:
     def __init__(self, seed: int, episodes, device: torch.device = CPU) -> None:
         torch.manual_seed(seed)
         self.device = device
-        self.model = DecisionTransformer(ModelConfig(), OBS_DIM, ACT_DIM).to(device).train()
+        actions = ContinuousActions(ACT_DIM, (-1.0,) * ACT_DIM, (1.0,) * ACT_DIM)
+        self.model = DecisionTransformer(ModelConfig(), VectorObservations(OBS_DIM),
+                                         actions).to(device).train()
         self.opt = make_optimizer(self.model, OptimConfig(lr=LR, weight_decay=WD), device)
         self.sched = torch.optim.lr_scheduler.LambdaLR(self.opt, warmup_lambda)
-        mean, std = episodes.observation_stats()
-        self.sampler = SequenceSampler(
-            episodes, K, obs_mean=np.asarray(mean, np.float32), obs_std=np.asarray(std, np.float32),
-            return_scale=1000.0, action_low=-np.ones(ACT_DIM), action_high=np.ones(ACT_DIM))
+        self.sampler = SequenceSampler(episodes, K, Normalizer.from_episodes(episodes, 1000.0, actions))
         self.rng = np.random.default_rng(seed)
 
     def batch(self) -> dict:

@@ -51,14 +51,19 @@ def untrained_policy(seed: int = 0):
     from dtlab.config import ModelConfig
     from dtlab.envs import env_info
     from dtlab.model import DecisionTransformer
+    from dtlab.normalizer import Normalizer
     from dtlab.policy import DTPolicy
+    from dtlab.spaces import ContinuousActions, VectorObservations
 
     torch.manual_seed(seed)
     cfg = ModelConfig()
-    model = DecisionTransformer(cfg, OBS_DIM, ACT_DIM)
+    observations = VectorObservations(OBS_DIM)
+    actions = ContinuousActions(ACT_DIM, (-1.0,) * ACT_DIM, (1.0,) * ACT_DIM)
+    model = DecisionTransformer(cfg, observations, actions)
     info = env_info(ENV_ID)
-    pinfo = PolicyInfo(model=cfg, obs_dim=OBS_DIM, act_dim=ACT_DIM, action_low=[-1.0] * ACT_DIM,
-                       action_high=[1.0] * ACT_DIM, obs_mean=[0.0] * OBS_DIM, obs_std=[1.0] * OBS_DIM,
-                       return_scale=info.return_scale, env_id=ENV_ID,
+    normalizer = Normalizer([0.0] * OBS_DIM, [1.0] * OBS_DIM, info.return_scale, actions.low,
+                            actions.high)
+    pinfo = PolicyInfo(model=cfg, observation_space=observations, action_space=actions,
+                       normalizer=normalizer, env_id=ENV_ID,
                        ref_min_score=info.ref_min_score, ref_max_score=info.ref_max_score)
     return DTPolicy(model, pinfo, "cpu")

@@ -19,7 +19,9 @@ from dtlab.data.formats import load_episodes, save_episodes
 from dtlab.errors import DatasetError, EnvError
 from dtlab.rollout import rollout
 from dtlab.model import DecisionTransformer
+from dtlab.normalizer import Normalizer
 from dtlab.policy import DTPolicy
+from dtlab.spaces import ContinuousActions, DiscreteActions, VectorObservations
 from dtlab.train import action_loss, train
 from tests.configs import flat_fields, train_config
 
@@ -35,11 +37,14 @@ def test_integer_actions_are_discrete_indices():
     flags = np.array([0, 0, 1])
     ep = EpisodeSet.from_flags(np.zeros((3, 2)), np.array([[2], [0], [1]], np.int32), np.ones(3),
                                flags, np.zeros(3))
-    assert ep.discrete and ep.actions.dtype == np.int64 and ep.actions.shape == (3,)
-    assert ep.act_dim == 3 and ep.summary()["discrete_actions"] is True
+    assert ep.action_space == DiscreteActions(3)  # largest index + 1
+    assert ep.actions.dtype == np.int64 and ep.actions.shape == (3,)
+    assert ep.summary()["discrete_actions"] is True and ep.summary()["num_actions"] == 3
+    assert not hasattr(ep, "act_dim")  # act_dim is the width of continuous actions only
     continuous = EpisodeSet.from_flags(np.zeros((3, 2)), np.array([2.0, 0.0, 1.0]), np.ones(3),
                                        flags, np.zeros(3))
-    assert not continuous.discrete and continuous.actions.shape == (3, 1)
+    assert continuous.action_space == ContinuousActions(1) and continuous.actions.shape == (3, 1)
+    assert continuous.act_dim == 1 and continuous.observation_space == VectorObservations(2)
     with pytest.raises(DatasetError, match=r"^x.hdf5: discrete 'actions' must be >= 0 \(first "
                                            r"negative at transition 1: -1\)"):
         EpisodeSet.from_flags(np.zeros((3, 2)), np.array([0, -1, 1]), np.ones(3), flags,
@@ -51,8 +56,7 @@ def test_discrete_windows_golden():
     # left-padded with two zeros and holds [1, 0].
     ep = EpisodeSet.from_flags(np.arange(3.0)[:, None], np.array([1, 0, 1]), np.ones(3),
                                np.array([0, 0, 1]), np.zeros(3))
-    s = SequenceSampler(ep, 4, obs_mean=np.zeros(1, np.float32), obs_std=np.ones(1, np.float32),
-                        return_scale=1.0, action_low=np.zeros(0), action_high=np.zeros(0))
+    s = SequenceSampler(ep, 4, Normalizer(obs_mean=[0.0], obs_std=[1.0], return_scale=1.0))
     b = s.gather(np.array([1, 2]))
     assert b.actions.dtype == np.int64 and b.actions.shape == (2, 4)
     np.testing.assert_array_equal(b.actions, [[0, 0, 1, 0], [0, 1, 0, 1]])
@@ -61,7 +65,7 @@ def test_discrete_windows_golden():
 
 def test_discrete_model_is_causal_and_predict_last_matches_forward():
     torch.manual_seed(0)
-    model = DecisionTransformer(TINY, obs_dim=3, act_dim=5, discrete=True).eval()
+    model = DecisionTransformer(TINY, VectorObservations(3), DiscreteActions(5)).eval()
     g = torch.Generator().manual_seed(1)
     obs, rtg = torch.randn(2, 4, 3, generator=g), torch.randn(2, 4, 1, generator=g)
     act = torch.randint(0, 5, (2, 4), generator=g)
@@ -93,18 +97,18 @@ def test_discrete_loss_is_masked_cross_entropy():
 
 def test_cartpole_train_policy_and_rollout(tmp_path):
     episodes = cartpole_random()
-    assert episodes.discrete and episodes.actions.dtype == np.int64
+    assert episodes.action_space == DiscreteActions(2) and episodes.actions.dtype == np.int64
     assert set(np.unique(episodes.actions)) == {0, 1}
     cfg = train_config(dataset="<memory>", env="CartPole-v1", out=str(tmp_path / "run"), steps=30,
                       batch_size=16, warmup_steps=5, progress=False, tensorboard=False, model=TINY,
                       lr=3e-3)
     result = train(cfg, episodes)
     model, info = checkpoint.load(result.checkpoint)
-    assert info.discrete and info.act_dim == 2 and info.action_low == []
+    assert info.action_space == DiscreteActions(2) and info.normalizer.action_low is None
     # The policy's rolling context equals the naive full left-padded window; it acts greedily.
     policy = DTPolicy(model, info)
-    k, scale = info.model.context_len, info.return_scale
-    mean, std = np.array(info.obs_mean, np.float32), np.array(info.obs_std, np.float32)
+    k, scale = info.model.context_len, info.normalizer.return_scale
+    mean, std = info.normalizer.obs_mean, info.normalizer.obs_std
     env = gym.make("CartPole-v1")
     obs, _ = env.reset(seed=0)
     policy.reset(200.0)
@@ -150,7 +154,7 @@ def test_discrete_formats_round_trip(tmp_path, fmt, monkeypatch):
     options = {"env_id": "CartPole-v1"} if fmt == "minari" else {}
     save_episodes(episodes, dst, fmt, **options)
     back = load_episodes(dst)
-    assert back.discrete and back.actions.dtype == np.int64
+    assert back.action_space == DiscreteActions(2) and back.actions.dtype == np.int64
     for name in ("observations", "actions", "rewards", "terminations", "truncations",
                  "episode_starts"):
         np.testing.assert_array_equal(getattr(back, name), getattr(episodes, name))
@@ -186,7 +190,7 @@ def test_sb3_discrete_policies_collect(tmp_path, capsys, algo):
                  "--trust-pickle", "--episodes", "3", "--out", str(out)])
     assert code == 0, capsys.readouterr().err
     data = load_episodes(out)
-    assert data.discrete and data.num_episodes == 3
+    assert data.action_space == DiscreteActions(2) and data.num_episodes == 3
     assert data.metadata["policies"] == [f"sb3:{algo}(agent.zip)"]
     # The same agent on an env with other spaces is refused.
     with pytest.raises(EnvError, match="do not match Acrobot-v1's"):
@@ -217,14 +221,20 @@ def test_cli_collect_train_evaluate_cartpole(tmp_path, capsys):
 
 
 def test_checkpoint_format_versions(tmp_path, tiny_checkpoint):
-    """Continuous checkpoints stay format 1 without a 'discrete' key (older dtlab reads them);
-    discrete ones are format 2."""
+    """New checkpoints, continuous and discrete alike, are format 3: spaces and normalizer as
+    records, no flat 'discrete'/'act_dim' fields (formats 1 and 2 still load:
+    test_legacy_checkpoints.py)."""
     cont = json.loads((checkpoint.resolve(tiny_checkpoint) / "config.json").read_text())
-    assert cont["format_version"] == 1 and "discrete" not in cont
+    assert cont["format_version"] == 3 and "discrete" not in cont and "act_dim" not in cont
+    assert cont["action_space"] == {"type": "continuous", "dim": 1, "low": [-2.0], "high": [2.0]}
+    assert cont["observation_space"] == {"type": "vector", "dim": 3}
+    assert cont["normalizer"]["action_low"] == [-2.0] and cont["normalizer"]["return_scale"] == 100.0
     cfg = train_config(dataset="<memory>", env="CartPole-v1", out=str(tmp_path / "run"), steps=2,
                       batch_size=4, warmup_steps=1, progress=False, tensorboard=False, model=TINY)
     disc = json.loads((train(cfg, cartpole_random(3)).checkpoint / "config.json").read_text())
-    assert disc["format_version"] == 2 and disc["discrete"] is True
+    assert disc["format_version"] == 3 and "discrete" not in disc
+    assert disc["action_space"] == {"type": "discrete", "n": 2}
+    assert disc["normalizer"]["action_low"] is None and disc["normalizer"]["action_high"] is None
 
 
 class ThreeActions(gym.Env):
@@ -259,7 +269,7 @@ def test_space_mismatches_are_one_line_errors(tmp_path):
                                 np.array([0, 0, 0, 1]), np.zeros(4))
     cfg3 = train_config(**{**flat_fields(cfg), "env": "dtlab-test/ThreeActions-v0",
                           "out": str(tmp_path / "three")})
-    assert checkpoint.load(train(cfg3, few).checkpoint)[1].act_dim == 3
+    assert checkpoint.load(train(cfg3, few).checkpoint)[1].action_space == DiscreteActions(3)
     beyond = EpisodeSet.from_flags(np.zeros((4, 4)), np.array([0, 7, 1, 0]), np.ones(4),
                                    np.array([0, 0, 0, 1]), np.zeros(4), source="seven.hdf5")
     with pytest.raises(EnvError, match=r"CartPole-v1 has observations \(4,\) and 2 actions, but "

@@ -12,6 +12,7 @@ from dtlab.data.episodes import EpisodeSet
 from dtlab.data.formats import (load_episodes, read_d4rl, read_native, save_episodes, write_d4rl,
                                 write_native)
 from dtlab.errors import ConfigError, DatasetError
+from dtlab.spaces import ContinuousActions
 
 D4RL_KEYS = {"observations", "actions", "rewards", "terminals", "timeouts"}
 
@@ -133,7 +134,8 @@ def test_d4rl_without_timeouts_and_with_column_shaped_rewards_and_1d_actions(tmp
     write_raw_d4rl(path, observations=np.zeros((4, 2)), actions=np.array([0.0, 1.0, 2.0, 3.0]),
                    rewards=np.array([[1.0], [2.0], [3.0], [4.0]]), terminals=terminals)
     eps = load_episodes(path)
-    assert eps.actions.shape == (4, 1) and eps.rewards.shape == (4,) and not eps.discrete
+    assert eps.actions.shape == (4, 1) and eps.rewards.shape == (4,)
+    assert eps.action_space == ContinuousActions(1)
     np.testing.assert_array_equal(eps.episode_starts, [0, 2])
     np.testing.assert_array_equal(eps.terminations, [False, True, False, False])
     np.testing.assert_array_equal(eps.truncations, [False, False, False, True])

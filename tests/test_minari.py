@@ -22,6 +22,7 @@ from dtlab.data.episodes import EpisodeSet
 from dtlab.data.formats import convert, load_episodes, read_minari, save_episodes, write_d4rl
 from dtlab.data.formats import write_minari
 from dtlab.errors import DatasetError, EnvError
+from dtlab.spaces import ContinuousActions, DiscreteActions, VectorObservations
 
 
 @pytest.fixture(autouse=True)
@@ -193,6 +194,36 @@ def test_dataset_written_by_minari_reads_with_t_observations():
     assert eps.metadata["minari_description"] == "test data"
     assert "env_id" not in eps.metadata
     assert all(isinstance(v, (str, int, float)) for v in eps.metadata.values())
+    # The dataset's own spaces, bounds included, decide the EpisodeSet's specs.
+    assert eps.action_space == ContinuousActions(1, (-1e3,), (1e3,))
+    assert eps.observation_space == VectorObservations(2)
+
+
+def test_discrete_n_comes_from_the_datasets_space(tmp_path):
+    """A Discrete(4) dataset that only uses actions 0 and 1 keeps n = 4 (not largest index + 1),
+    through dtlab's Minari and native writers; D4RL files record no space: largest index + 1."""
+    buffers = [EpisodeBuffer(observations=np.arange(8, dtype=np.float32).reshape(4, 2) / 10,
+                             actions=np.array([0, 1, 0]),
+                             rewards=np.ones(3), terminations=np.array([False, False, True]),
+                             truncations=np.zeros(3, bool))]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        minari.create_dataset_from_buffers(
+            "four/actions-v0", buffers, observation_space=gym.spaces.Box(-1, 1, (2,), np.float32),
+            action_space=gym.spaces.Discrete(4), algorithm_name="hand-made")
+    eps = read_minari("four/actions-v0")
+    assert eps.action_space == DiscreteActions(4) and eps.actions.tolist() == [0, 1, 0]
+    save_episodes(eps, "minari:four/copy-v0")  # no env: the space comes from the episodes
+    assert read_minari("four/copy-v0").action_space == DiscreteActions(4)
+    save_episodes(eps, tmp_path / "n.hdf5", "native")
+    assert load_episodes(tmp_path / "n.hdf5").action_space == DiscreteActions(4)
+    save_episodes(eps, tmp_path / "d.hdf5", "d4rl")
+    assert load_episodes(tmp_path / "d.hdf5").action_space == DiscreteActions(2)
+    # An EpisodeSet refuses indices outside a given space.
+    with pytest.raises(DatasetError, match=r"^x: 'actions' hold index 4 at transition 1, outside "
+                                           r"the action space Discrete\(4\)$"):
+        EpisodeSet(np.zeros((2, 2)), np.array([0, 4]), np.zeros(2), np.array([0, 1]),
+                   np.zeros(2), np.array([0]), source="x", action_space=DiscreteActions(4))
 
 
 def test_unsupported_action_spaces_are_dataset_errors():
@@ -314,11 +345,12 @@ def test_dtlab_trains_on_a_dataset_recorded_by_minaris_data_collector(tmp_path, 
                            description="random CartPole data recorded by DataCollector")
     env.close()
     eps = load_episodes("minari:test/cartpole-collector-v0")
-    assert eps.discrete and eps.num_episodes == 4
+    assert eps.action_space == DiscreteActions(2) and eps.num_episodes == 4
     np.testing.assert_array_equal(eps.episode_lengths, lengths)
     np.testing.assert_array_equal(eps.observations, np.array(seen_obs, np.float32))
     np.testing.assert_array_equal(eps.actions, seen_act)
     np.testing.assert_array_equal(eps.rewards, seen_rew)
     assert eps.terminations.sum() == 4  # random CartPole episodes end by falling over
     cfg = train_tiny_on(tmp_path, capsys, "test/cartpole-collector-v0", "CartPole-v1", max_ep_len=500)
-    assert cfg["discrete"] and cfg["dataset"]["transitions"] == sum(lengths)
+    assert cfg["action_space"] == {"type": "discrete", "n": 2}
+    assert cfg["dataset"]["transitions"] == sum(lengths)

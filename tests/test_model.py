@@ -1,9 +1,12 @@
 """Model properties: causality, padding invariance, gradients, loss masking."""
 
+import pytest
 import torch
 
 from dtlab.config import ModelConfig
-from dtlab.model import DecisionTransformer
+from dtlab.errors import ConfigError
+from dtlab.model import DecisionTransformer, KVCache
+from dtlab.spaces import ContinuousActions, VectorObservations
 from dtlab.train import action_loss, param_groups
 
 CFG = ModelConfig(embed_dim=32, n_layers=2, n_heads=2, context_len=6, max_ep_len=50, dropout=0.0)
@@ -17,7 +20,7 @@ def inputs(b=3, k=6, obs_dim=5, act_dim=2, seed=0):
 
 def model(seed=0):
     torch.manual_seed(seed)
-    return DecisionTransformer(CFG, 5, 2).eval()
+    return DecisionTransformer(CFG, VectorObservations(5), ContinuousActions(2)).eval()
 
 
 def test_future_tokens_do_not_change_earlier_predictions():
@@ -51,7 +54,8 @@ def test_left_padding_gives_the_same_last_action():
 
 def test_every_parameter_gets_a_gradient():
     torch.manual_seed(0)
-    m = DecisionTransformer(ModelConfig(embed_dim=16, n_layers=2, context_len=4, max_ep_len=20), 5, 2)
+    m = DecisionTransformer(ModelConfig(embed_dim=16, n_layers=2, context_len=4, max_ep_len=20),
+                            VectorObservations(5), ContinuousActions(2))
     obs, act, rtg, ts = inputs(k=4)
     masks = torch.tensor([[False, True, True, True]] * 3)
     loss = action_loss(m(obs, act, rtg, ts, masks), act, masks)
@@ -115,3 +119,50 @@ def test_forward_readout_equals_computing_every_token():
                              allow_unused=True)
     for a, b in zip(g1, g2):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_timesteps_beyond_max_ep_len_are_an_error_not_clamped():
+    m = model()
+    obs, act, rtg, ts = inputs(b=2)
+    late = ts.clone()
+    late[1, -1] = CFG.max_ep_len  # one past the last embedded timestep
+    message = (r"^timestep 50 is beyond the model's max_ep_len=50 \(it embeds timesteps 0 to 49\); "
+               r"cap episodes at 50 steps with max_steps$")
+    for call in (lambda: m(obs, act, rtg, late), lambda: m.predict_last(obs, act, rtg, late),
+                 lambda: m.predict_cached(obs, act, rtg, late)):
+        with pytest.raises(ConfigError, match=message):
+            call()
+    ok = ts.clone()
+    ok[1, -1] = CFG.max_ep_len - 1
+    assert torch.isfinite(m(obs, act, rtg, ok)).all()
+
+
+@torch.no_grad()
+def test_cached_steps_equal_exact_recomputation_within_the_first_k_steps():
+    """predict_cached (first call: the whole short episode; then the cache plus one new step)
+    equals predict_last on the same steps while the episode fits in the window, and keeps at most
+    K steps (3K - 1 tokens) once it slides."""
+    m = model()
+    for p in m.parameters():  # weights larger than the init's: the approximation shows clearly
+        p.normal_(0.0, 0.3)
+    k = CFG.context_len
+    obs, act, rtg, _ = inputs(b=2, k=k + 3, seed=1)
+    ts = torch.arange(k + 3).repeat(2, 1)
+    cache, slid = None, []
+    for t in range(k + 3):
+        if cache is None:
+            pred, cache = m.predict_cached(obs[:, :1], act[:, :1], rtg[:, :1], ts[:, :1])
+        else:
+            pred, cache = m.predict_cached(obs[:, t - 1:t + 1], act[:, t - 1:t + 1],
+                                           rtg[:, t - 1:t + 1], ts[:, t - 1:t + 1], cache)
+        assert isinstance(cache, KVCache) and cache.steps == min(t + 1, k)
+        assert all(key.shape[2] == 3 * cache.steps - 1 for key in cache.keys)
+        first = max(0, t + 1 - k)
+        exact = m.predict_last(obs[:, first:t + 1], act[:, first:t + 1], rtg[:, first:t + 1],
+                               ts[:, first:t + 1])
+        if t < k:
+            torch.testing.assert_close(pred, exact, rtol=0, atol=1e-5)
+        else:
+            slid.append(float((pred - exact).abs().max()))
+    assert min(slid) > 1e-3  # approximate once the window slid (older keys saw older context)
+    torch.testing.assert_close(cache.select(torch.tensor([1])).keys[0], cache.keys[0][1:])

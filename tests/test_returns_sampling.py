@@ -7,6 +7,7 @@ from hypothesis import strategies as st
 
 from dtlab.data import EpisodeSet, SequenceSampler, returns_to_go
 from dtlab.errors import DatasetError
+from dtlab.normalizer import Normalizer
 
 
 def naive_rtg(rewards, starts, gamma=1.0):
@@ -52,8 +53,7 @@ def test_window_golden_three_step_episode_k5():
     # actions [[.1], [.2], [.3]], rewards [1, 2, 3] -> rtg [6, 5, 3].
     ep = EpisodeSet.from_flags(np.array([[1.0], [2.0], [3.0]]), np.array([[0.1], [0.2], [0.3]]),
                                np.array([1.0, 2.0, 3.0]), np.array([0, 0, 1]), np.zeros(3))
-    s = SequenceSampler(ep, 5, obs_mean=np.zeros(1, np.float32), obs_std=np.ones(1, np.float32),
-                        return_scale=1.0)
+    s = SequenceSampler(ep, 5, Normalizer(obs_mean=[0.0], obs_std=[1.0], return_scale=1.0))
     b = s.gather(np.array([0, 2]))
     np.testing.assert_array_equal(b.masks, [[0, 0, 0, 0, 1], [0, 0, 1, 1, 1]])
     np.testing.assert_array_equal(b.timesteps, [[0, 0, 0, 0, 0], [0, 0, 0, 1, 2]])
@@ -61,8 +61,7 @@ def test_window_golden_three_step_episode_k5():
     np.testing.assert_array_equal(b.observations[..., 0], [[0, 0, 0, 0, 1], [0, 0, 1, 2, 3]])
     np.testing.assert_allclose(b.actions[..., 0], [[0, 0, 0, 0, 0.1], [0, 0, 0.1, 0.2, 0.3]])
     # Scaling: return_scale 2 halves returns-to-go; normalization shifts real observations only.
-    s2 = SequenceSampler(ep, 5, obs_mean=np.ones(1, np.float32), obs_std=np.full(1, 2.0, np.float32),
-                         return_scale=2.0)
+    s2 = SequenceSampler(ep, 5, Normalizer(obs_mean=[1.0], obs_std=[2.0], return_scale=2.0))
     b2 = s2.gather(np.array([2]))
     np.testing.assert_array_equal(b2.returns_to_go[0, :, 0], [0, 0, 3, 2.5, 1.5])
     np.testing.assert_array_equal(b2.observations[0, :, 0], [0, 0, 0, 0.5, 1.0])
@@ -90,12 +89,14 @@ def naive_window(ep, end, k, mean, std, scale):
     return obs, act, rtg, ts, mask
 
 
+@pytest.mark.filterwarnings("ignore:.*constant in the data")  # e.g. a one-step dataset
 @settings(max_examples=30, deadline=None)
 @given(st.lists(st.integers(1, 30), min_size=1, max_size=6), st.integers(1, 8), st.integers(0, 10**6))
 def test_sampler_matches_naive_loop(lengths, k, seed):
     ep = make_episodes(lengths, seed)
-    mean, std = ep.observation_stats()
-    s = SequenceSampler(ep, k, obs_mean=mean, obs_std=std, return_scale=10.0)
+    norm = Normalizer.from_episodes(ep, 10.0, ep.action_space)
+    mean, std = norm.obs_mean, norm.obs_std
+    s = SequenceSampler(ep, k, norm)
     rng = np.random.default_rng(seed)
     b = s.sample(16, rng)
     ends = np.random.default_rng(seed).integers(0, ep.num_transitions, size=16)
@@ -111,8 +112,7 @@ def test_sampler_matches_naive_loop(lengths, k, seed):
 
 def test_sampling_is_proportional_to_episode_length():
     ep = make_episodes([10, 90])
-    s = SequenceSampler(ep, 4, obs_mean=np.zeros(2, np.float32), obs_std=np.ones(2, np.float32),
-                        return_scale=1.0)
+    s = SequenceSampler(ep, 4, Normalizer(obs_mean=[0.0, 0.0], obs_std=[1.0, 1.0], return_scale=1.0))
     ends = s.window_ends(20000, np.random.default_rng(0))
     frac_long = np.mean(ends >= 10)
     assert abs(frac_long - 0.9) < 0.01
@@ -121,8 +121,8 @@ def test_sampling_is_proportional_to_episode_length():
 def test_action_scaling_to_unit_range():
     ep = EpisodeSet.from_flags(np.zeros((3, 1)), np.array([[-2.0], [0.0], [2.5]]), np.zeros(3),
                                np.zeros(3), np.array([0, 0, 1]))
-    s = SequenceSampler(ep, 3, obs_mean=np.zeros(1, np.float32), obs_std=np.ones(1, np.float32),
-                        return_scale=1.0, action_low=np.array([-2.0]), action_high=np.array([2.0]))
+    s = SequenceSampler(ep, 3, Normalizer(obs_mean=[0.0], obs_std=[1.0], return_scale=1.0,
+                                          action_low=[-2.0], action_high=[2.0]))
     np.testing.assert_allclose(s.gather(np.array([2])).actions[0, :, 0], [-1.0, 0.0, 1.0])  # clipped
 
 

@@ -1,6 +1,7 @@
 """Training loop, checkpoints, resume, policy and evaluation on tiny configs."""
 
 import json
+import warnings
 from dataclasses import replace
 
 import numpy as np
@@ -12,7 +13,7 @@ from dtlab import checkpoint
 from dtlab.config import EvalConfig, ModelConfig
 from tests.configs import train_config
 from dtlab.data import EpisodeSet
-from dtlab.errors import CheckpointError, ConfigError
+from dtlab.errors import CheckpointError, ConfigError, TrainingError
 from dtlab.evaluate import evaluate_checkpoint
 from dtlab.policy import DTPolicy
 from dtlab.train import train
@@ -88,8 +89,8 @@ def test_policy_matches_full_window_recomputation(tmp_path):
     result = train(config(tmp_path), pendulum_like())
     model, info = checkpoint.load(result.checkpoint)
     policy = DTPolicy(model, info)
-    k, scale = info.model.context_len, info.return_scale
-    mean, std = np.array(info.obs_mean, np.float32), np.array(info.obs_std, np.float32)
+    k, scale = info.model.context_len, info.normalizer.return_scale
+    mean, std = info.normalizer.obs_mean, info.normalizer.obs_std
     rng = np.random.default_rng(1)
     target = -250.0
     policy.reset(target)
@@ -118,7 +119,8 @@ def test_policy_matches_full_window_recomputation(tmp_path):
         with torch.no_grad():
             pred = model(*(torch.from_numpy(x) for x in (o, a, r, ts, m)))[0, -1].numpy()
         hist_act.append(pred[0])
-        expected = info.action_low[0] + (pred + 1) / 2 * (info.action_high[0] - info.action_low[0])
+        low, high = info.action_space.low[0], info.action_space.high[0]
+        expected = low + (pred + 1) / 2 * (high - low)
         np.testing.assert_allclose(action, expected, rtol=0, atol=1e-5)
 
 
@@ -133,7 +135,7 @@ def test_steering_changes_the_return_to_go(tmp_path):
     policy.act(np.zeros(3, np.float32), last_reward=-5.0)  # conditions on exactly -100
     assert policy.returns_to_go[0] == pytest.approx(-100.0)
     # Earlier tokens -400, -390 shift by -100 - (-385) = +285, as if -115 had been asked at the start.
-    np.testing.assert_allclose(policy._rtg[0, -3:, 0].numpy() * policy.info.return_scale,
+    np.testing.assert_allclose(policy._rtg[0, -3:, 0].numpy() * policy.info.normalizer.return_scale,
                                [-115.0, -105.0, -100.0], rtol=1e-5)
     policy.act(np.zeros(3, np.float32), last_reward=-20.0)  # back to decrementing by rewards
     assert policy.returns_to_go[0] == pytest.approx(-80.0)
@@ -221,3 +223,43 @@ def test_kv_cache_is_exact_until_the_window_slides(tmp_path):
     obs = rng.normal(size=(2, 3)).astype(np.float32)
     np.testing.assert_allclose(cached.act(obs, np.zeros(2), index=active),
                                exact.act(obs, np.zeros(2), index=active), atol=1e-5)  # rebuilt exactly
+
+
+def test_policy_takes_read_only_arrays_without_warnings(tiny_checkpoint):
+    """Rows of a loaded dataset are read-only (EpisodeSet arrays): acting on them must not warn
+    (torch.from_numpy/as_tensor warn about non-writable arrays)."""
+    policy = DTPolicy.from_checkpoint(tiny_checkpoint)
+    obs = np.random.default_rng(0).normal(size=(2, 3)).astype(np.float32)
+    targets, rewards, index = np.array([-100.0, -300.0]), np.array([-1.0, -2.0]), np.array([0, 1])
+    for arr in (obs, targets, rewards, index):
+        arr.setflags(write=False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        policy.reset(targets)
+        first = policy.act(obs, None, index=index)
+        policy.act(obs, rewards, index=index)
+        policy.steer(targets, index=index)
+    assert first.shape == (2, 1) and np.isfinite(first).all()
+
+
+def test_policy_refuses_timesteps_beyond_max_ep_len(tiny_checkpoint):
+    policy = DTPolicy.from_checkpoint(tiny_checkpoint)  # max_ep_len 200
+    policy.reset([-100.0, -300.0])
+    obs = np.zeros((2, 3), np.float32)
+    for _ in range(200):  # timesteps 0..199 are embedded
+        policy.act(obs, np.zeros(2))
+    with pytest.raises(ConfigError, match=r"^episode 0 \(target -100\) reached timestep 200, but the "
+                                          r"model's max_ep_len is 200 \(it embeds timesteps 0 to "
+                                          r"199\); cap episodes at 200 steps with max_steps "
+                                          r"\(dtlab evaluate --max-steps 200\)$"):
+        policy.act(obs, np.zeros(2))
+
+
+def test_policy_refuses_non_finite_actions_naming_target_and_step(tiny_checkpoint):
+    policy = DTPolicy.from_checkpoint(tiny_checkpoint)
+    policy.reset([-100.0, -300.0])
+    policy.act(np.zeros((2, 3), np.float32), None)
+    bad = np.array([[0.0, 0.0, 0.0], [np.inf, 0.0, 0.0]], np.float32)  # overflows episode 1 only
+    with pytest.raises(TrainingError, match=r"^the model produced a non-finite action \(\[nan\]\) "
+                                            r"for episode 1 \(target -300\) at step 1;"):
+        policy.act(bad, np.zeros(2))

@@ -30,6 +30,7 @@ from dtlab.data.diagnostics import (CONSTANT_STD, HUGE_REWARD, MAX_DISCRETE_ACTI
 from dtlab.data.episodes import EpisodeSet
 from dtlab.data.formats import load_episodes
 from dtlab.errors import DatasetError, DtlabWarning
+from dtlab.spaces import ContinuousActions, DiscreteActions
 
 
 def concatenated_pendulum(episodes: int, steps: int, seed: int = 0):
@@ -525,9 +526,10 @@ def test_trapped_files_are_handled_right_or_said_so(tmp_path, truth):
     # Actions: integer (N,) / (N, 1) are discrete indices, kept exactly; bool, integer (N, k > 1)
     # and integer-valued floats become continuous floats, and are said to be odd.
     if truth["actions"] in ("int_index", "int_index_col"):
-        assert eps.discrete and np.array_equal(eps.actions, actions.reshape(-1))
+        assert isinstance(eps.action_space, DiscreteActions)
+        assert np.array_equal(eps.actions, actions.reshape(-1))
     else:
-        assert not eps.discrete
+        assert isinstance(eps.action_space, ContinuousActions)
         np.testing.assert_array_equal(eps.actions, actions.astype(np.float32).reshape(len(obs), -1))
     odd = truth["actions"] in ("bool", "int_wide", "float_int_valued")
     assert ("odd_actions" in found) == odd

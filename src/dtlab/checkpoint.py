@@ -32,12 +32,19 @@ from dtlab.atomic import fsync_dir, give_default_mode, write_text_atomic
 from dtlab.config import ModelConfig
 from dtlab.errors import CheckpointError, ConfigError
 from dtlab.model import DecisionTransformer
+from dtlab.normalizer import Normalizer
+from dtlab.spaces import (ActionSpec, ContinuousActions, DiscreteActions, ObservationSpec,
+                          VectorObservations, action_space_from_json, observation_space_from_json)
 
-# Version 2 added discrete actions ("discrete": true). Continuous checkpoints are still written as
-# version 1, without the key, so that older dtlab versions keep reading them.
-FORMAT_VERSION = 2
+# Version 3: "observation_space", "action_space" (dtlab.spaces) and "normalizer"
+# (dtlab.normalizer) records. Versions 1 (continuous actions) and 2 (discrete actions, "discrete":
+# true) kept flat fields (obs_dim, act_dim, action_low/high, obs_mean/std, return_scale); they are
+# still read.
+FORMAT_VERSION = 3
 CONFIG_FILE, WEIGHTS_FILE, TRAINER_FILE, LATEST_FILE = (
     "config.json", "model.safetensors", "trainer_state.pt", "latest")
+_V3_KEYS = {"model", "observation_space", "action_space", "normalizer", "env_id", "ref_min_score",
+            "ref_max_score", "dataset", "step", "dtlab_version", "format_version"}
 
 
 @dataclass(frozen=True)
@@ -45,66 +52,129 @@ class PolicyInfo:
     """Everything besides the weights that a checkpoint's policy needs (stored in config.json)."""
 
     model: ModelConfig
-    obs_dim: int
-    act_dim: int  # action width, or the number of actions if discrete
-    action_low: list[float]  # (act_dim,) env action bounds; the model acts in [-1, 1]; [] if discrete
-    action_high: list[float]  # (act_dim,); [] if discrete
-    obs_mean: list[float]  # (obs_dim,)
-    obs_std: list[float]  # (obs_dim,)
-    return_scale: float
+    observation_space: ObservationSpec
+    action_space: ActionSpec  # the env's: continuous with its bounds, or Discrete(n)
+    normalizer: Normalizer  # observation statistics, return scale, action mapping
     env_id: str
     ref_min_score: float | None = None
     ref_max_score: float | None = None
     dataset: dict[str, Any] = field(default_factory=dict)  # path, provenance, return statistics
     step: int = 0
     dtlab_version: str = dtlab.__version__
-    format_version: int = FORMAT_VERSION
-    discrete: bool = False  # actions are indices into Discrete(act_dim)
+    format_version: int = FORMAT_VERSION  # of the file it was read from; always written as 3
 
     def to_json(self) -> dict[str, Any]:
-        data = dataclasses.asdict(self)
-        data["format_version"] = 2 if self.discrete else 1
-        if not self.discrete:
-            del data["discrete"]
-        return data
+        return {
+            "format_version": FORMAT_VERSION, "model": dataclasses.asdict(self.model),
+            "observation_space": self.observation_space.to_json(),
+            "action_space": self.action_space.to_json(), "normalizer": self.normalizer.to_json(),
+            "env_id": self.env_id, "ref_min_score": self.ref_min_score,
+            "ref_max_score": self.ref_max_score, "dataset": self.dataset, "step": self.step,
+            "dtlab_version": self.dtlab_version,
+        }
 
     @classmethod
     def from_json(cls, data: dict[str, Any], source: str) -> "PolicyInfo":
+        """Read format 1, 2 or 3; CheckpointError (one line, naming the field) when invalid."""
         version = data.get("format_version")
-        if not isinstance(version, int):
+        if not isinstance(version, int) or isinstance(version, bool):
             raise CheckpointError(f"{source}: no integer 'format_version' (not a dtlab checkpoint?)")
         if version > FORMAT_VERSION:
             raise CheckpointError(
                 f"{source}: checkpoint format {version} is newer than this dtlab supports "
                 f"({FORMAT_VERSION}); upgrade dtlab")
         try:
-            model = ModelConfig(**data["model"])
-            info = cls(**{**data, "model": model})
+            if version < 3:
+                info = _from_legacy_json(data, source)
+            else:
+                unknown, missing = sorted(set(data) - _V3_KEYS), sorted(
+                    {"model", "observation_space", "action_space", "normalizer", "env_id"} - set(data))
+                if unknown or missing:
+                    raise CheckpointError(f"{source}: invalid config: unknown keys {unknown}, "
+                                          f"missing keys {missing}")
+                info = cls(**{**data, "model": ModelConfig(**data["model"]),
+                              "observation_space": observation_space_from_json(
+                                  data["observation_space"]),
+                              "action_space": action_space_from_json(data["action_space"]),
+                              "normalizer": Normalizer.from_json(data["normalizer"])})
         except (TypeError, KeyError, ConfigError) as exc:
             raise CheckpointError(f"{source}: invalid config: {exc}") from None
-
-        def is_number(x) -> bool:
-            return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
-
-        if not isinstance(info.discrete, bool):
-            raise CheckpointError(f"{source}: 'discrete' must be true or false")
-        bounds = 0 if info.discrete else info.act_dim
-        for name, length in (("obs_mean", info.obs_dim), ("obs_std", info.obs_dim),
-                             ("action_low", bounds), ("action_high", bounds)):
-            value = getattr(info, name)
-            if not isinstance(value, list) or len(value) != length or not all(map(is_number, value)):
-                raise CheckpointError(f"{source}: '{name}' must be a list of {length} finite numbers")
-        for name in ("obs_dim", "act_dim", "step"):
-            if not isinstance(getattr(info, name), int) or getattr(info, name) < 0:
-                raise CheckpointError(f"{source}: '{name}' must be a non-negative integer")
-        if not is_number(info.return_scale) or info.return_scale <= 0:
-            raise CheckpointError(f"{source}: 'return_scale' must be a positive number")
-        for name in ("ref_min_score", "ref_max_score"):
-            if getattr(info, name) is not None and not is_number(getattr(info, name)):
-                raise CheckpointError(f"{source}: '{name}' must be a number or null")
-        if not isinstance(info.env_id, str) or not isinstance(info.dataset, dict):
-            raise CheckpointError(f"{source}: 'env_id' must be a string and 'dataset' an object")
+        _check(info, source)
         return info
+
+
+def _is_number(x) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
+
+
+def _from_legacy_json(data: dict[str, Any], source: str) -> PolicyInfo:
+    """Format 1 (continuous) or 2 (discrete: "discrete": true): flat fields, the same checks and
+    messages as the dtlab that wrote them."""
+    fields = {"model", "obs_dim", "act_dim", "action_low", "action_high", "obs_mean", "obs_std",
+              "return_scale", "env_id", "ref_min_score", "ref_max_score", "dataset", "step",
+              "dtlab_version", "format_version", "discrete"}
+    unknown = sorted(set(data) - fields)
+    if unknown:
+        raise TypeError(f"unexpected keys {unknown}")
+    missing = sorted({"model", "obs_dim", "act_dim", "action_low", "action_high", "obs_mean",
+                      "obs_std", "return_scale", "env_id"} - set(data))
+    if missing:
+        raise TypeError(f"missing keys {missing}")
+    model = ModelConfig(**data["model"])
+    discrete = data.get("discrete", False)
+    if not isinstance(discrete, bool):
+        raise CheckpointError(f"{source}: 'discrete' must be true or false")
+    for name in ("obs_dim", "act_dim", "step"):
+        value = data.get(name, 0)
+        if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+            raise CheckpointError(f"{source}: '{name}' must be a non-negative integer")
+    bounds = 0 if discrete else data["act_dim"]
+    for name, length in (("obs_mean", data["obs_dim"]), ("obs_std", data["obs_dim"]),
+                         ("action_low", bounds), ("action_high", bounds)):
+        value = data[name]
+        if not isinstance(value, list) or len(value) != length or not all(map(_is_number, value)):
+            raise CheckpointError(f"{source}: '{name}' must be a list of {length} finite numbers")
+    if not _is_number(data["return_scale"]) or data["return_scale"] <= 0:
+        raise CheckpointError(f"{source}: 'return_scale' must be a positive number")
+    actions = (DiscreteActions(data["act_dim"]) if discrete else
+               ContinuousActions(data["act_dim"], data["action_low"], data["action_high"]))
+    normalizer = Normalizer(data["obs_mean"], data["obs_std"], data["return_scale"],
+                            None if discrete else data["action_low"],
+                            None if discrete else data["action_high"])
+    return PolicyInfo(
+        model=model, observation_space=VectorObservations(data["obs_dim"]), action_space=actions,
+        normalizer=normalizer, env_id=data["env_id"], ref_min_score=data.get("ref_min_score"),
+        ref_max_score=data.get("ref_max_score"), dataset=data.get("dataset", {}),
+        step=data.get("step", 0), dtlab_version=data.get("dtlab_version", "unknown"),
+        format_version=data["format_version"])
+
+
+def _check(info: PolicyInfo, source: str) -> None:
+    """Checks shared by every format version, and the records' agreement with each other."""
+    if not isinstance(info.step, int) or isinstance(info.step, bool) or info.step < 0:
+        raise CheckpointError(f"{source}: 'step' must be a non-negative integer")
+    for name in ("ref_min_score", "ref_max_score"):
+        if getattr(info, name) is not None and not _is_number(getattr(info, name)):
+            raise CheckpointError(f"{source}: '{name}' must be a number or null")
+    if not isinstance(info.env_id, str) or not isinstance(info.dataset, dict):
+        raise CheckpointError(f"{source}: 'env_id' must be a string and 'dataset' an object")
+    if not isinstance(info.dtlab_version, str):
+        raise CheckpointError(f"{source}: 'dtlab_version' must be a string")
+    norm, obs_dim = info.normalizer, info.observation_space.dim
+    if norm.obs_mean.shape != (obs_dim,):
+        raise CheckpointError(f"{source}: 'normalizer.obs_mean' has {norm.obs_mean.size} entries "
+                              f"but 'observation_space.dim' is {obs_dim}")
+    actions = info.action_space
+    low = getattr(actions, "low", None)
+    if low is None and isinstance(actions, ContinuousActions):
+        raise CheckpointError(f"{source}: 'action_space' needs the env's bounds 'low' and 'high' "
+                              "(the model acts in [-1, 1])")
+    same = (norm.action_low is None if low is None else
+            norm.action_low is not None and norm.action_low.tolist() == list(low)
+            and norm.action_high.tolist() == list(actions.high))
+    if not same:
+        raise CheckpointError(f"{source}: 'normalizer.action_low'/'action_high' differ from the "
+                              "bounds in 'action_space'")
 
 
 def resolve(path: str | Path) -> Path:
@@ -181,7 +251,7 @@ def load(path: str | Path, device: str | torch.device = "cpu") -> tuple[Decision
         weights = load_file(weights_path, device="cpu")
     except (SafetensorError, OSError, ValueError) as exc:
         raise CheckpointError(f"{weights_path}: corrupt safetensors file: {exc}") from None
-    model = DecisionTransformer(info.model, info.obs_dim, info.act_dim, info.discrete)
+    model = DecisionTransformer(info.model, info.observation_space, info.action_space)
     expected = model.state_dict()
     missing = sorted(set(expected) - set(weights))
     unexpected = sorted(set(weights) - set(expected))

@@ -278,15 +278,16 @@ def run_data_convert(cmd: DataConvert) -> None:
 
 
 def run_data_validate(cmd: DataValidate) -> None:
-    from dtlab.envs import actions_outside_bounds, check_spaces, make_env
+    from dtlab.envs import actions_outside_bounds, make_env
+    from dtlab.spaces import check_against_env
 
     episodes, findings, context = _load_with_findings(cmd.path, cmd.env)
     print(f"{cmd.path}: {episodes.num_episodes} episodes, {episodes.num_transitions} transitions: "
           "keys, lengths, finiteness and episode flags OK")
     if cmd.env:
         env = make_env(cmd.env)
-        check_spaces(env, episodes.obs_dim, episodes.act_dim, what=f"dataset {cmd.path}",
-                     discrete=episodes.discrete, data=True)
+        check_against_env(env, episodes.observation_space, episodes.action_space,
+                          what=f"dataset {cmd.path}", exact_n=False)
         outside = int(actions_outside_bounds(episodes.actions, env.action_space).sum())
         print(f"{cmd.path}: spaces match {cmd.env}; {outside} actions outside the action bounds")
     for finding in findings:

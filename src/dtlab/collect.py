@@ -184,9 +184,7 @@ def collect_episodes(
     clash = sorted(set(metadata or {}) & set(provenance))
     if clash:
         raise ConfigError(f"metadata may not override collected provenance keys {clash}")
-    episodes.metadata.update(provenance)
-    episodes.metadata.update(metadata or {})
-    return episodes
+    return episodes.with_metadata({**provenance, **(metadata or {})})
 
 
 def collection_counts(episodes: EpisodeSet) -> dict[str, Any]:
@@ -214,7 +212,7 @@ def _collect_shard(job: _ShardJob, i: int) -> tuple:
     env_id, policy, shares, seeds = job
     d = collect_episodes(env_id, policy, num_transitions=shares[i], seed=seeds[i])
     return d.observations, d.actions, d.rewards, d.terminations, d.truncations, d.episode_starts, \
-        d.metadata, d.final_observations
+        dict(d.metadata), d.final_observations
 
 
 def _collect_worker_shard(i: int) -> tuple:
@@ -265,5 +263,4 @@ def collect_sharded(env_id: str, policy, *, num_transitions: int, seed: int, sha
         "seeding": f"{shards} shards, shard i seeded with SeedSequence([seed, i]); "
                    + str(first.get("seeding", "")),
         **(metadata or {})})
-    data.metadata.update(collection_counts(data))
-    return data
+    return data.with_metadata(collection_counts(data))

@@ -15,6 +15,7 @@ import gymnasium as gym
 import numpy as np
 
 from dtlab.errors import EnvError
+from dtlab.spaces import describe_space  # noqa: F401  (its home before dtlab.spaces)
 
 
 @dataclass(frozen=True)
@@ -96,39 +97,3 @@ def actions_outside_bounds(actions: np.ndarray, space: gym.spaces.Space) -> np.n
         return (actions < space.start) | (actions >= space.start + space.n)
     tol = 1e-5 * np.maximum(1.0, space.high - space.low)
     return np.any((actions < space.low - tol) | (actions > space.high + tol), axis=1)
-
-
-def describe_space(space: gym.spaces.Space) -> str:
-    """A one-line description for error messages (``str`` of a Box with uneven bounds prints whole
-    arrays, over several lines)."""
-    if isinstance(space, gym.spaces.Box):
-        return f"Box(shape={space.shape}, {space.dtype})"
-    text = str(space)
-    return text if "\n" not in text and len(text) < 120 else f"{type(space).__name__}(shape={space.shape})"
-
-
-def check_spaces(env: gym.Env, obs_dim: int, act_dim: int, *, what: str,
-                 discrete: bool = False, data: bool = False) -> None:
-    """Raise EnvError when the env's spaces differ from the data's or the checkpoint's:
-    observation shape, and either the action shape (continuous) or, for ``discrete`` actions, a
-    ``Discrete(n)`` space starting at 0 with n == ``act_dim`` (a checkpoint's number of logits), or
-    n >= ``act_dim`` for ``data`` (a dataset need not use every action)."""
-    env_id = env.spec.id if env.spec else "env"
-    obs_shape = env.observation_space.shape
-    space = env.action_space
-    if discrete:
-        if not isinstance(space, gym.spaces.Discrete) or int(space.start) != 0:
-            raise EnvError(f"{env_id}: {what} has discrete actions but the env's action space is "
-                           f"{describe_space(space)} (need Discrete(n) starting at 0)")
-        fits = act_dim <= int(space.n) if data else act_dim == int(space.n)
-        if obs_shape != (obs_dim,) or not fits:
-            ours = f"actions up to index {act_dim - 1}" if data else f"{act_dim} actions"
-            raise EnvError(f"{env_id} has observations {obs_shape} and {int(space.n)} actions, but "
-                           f"{what} has observations ({obs_dim},) and {ours}")
-        return
-    if not isinstance(space, gym.spaces.Box):
-        raise EnvError(f"{env_id}: {what} has continuous actions but the env's action space is "
-                       f"{describe_space(space)}")
-    if obs_shape != (obs_dim,) or space.shape != (act_dim,):
-        raise EnvError(f"{env_id} has observations {obs_shape} and actions {space.shape}, but "
-                       f"{what} has observations ({obs_dim},) and actions ({act_dim},)")

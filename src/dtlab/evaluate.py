@@ -11,10 +11,11 @@ import numpy as np
 from dtlab import checkpoint, runtime
 from dtlab.atomic import check_writable, write_json
 from dtlab.config import EvalConfig
-from dtlab.envs import check_spaces, env_info, make_env
+from dtlab.envs import env_info, make_env
 from dtlab.errors import ConfigError
 from dtlab.policy import DTPolicy
 from dtlab.rollout import RolloutReport, TargetResult, episode_limit, rollout
+from dtlab.spaces import check_against_env
 
 __all__ = ["evaluate_checkpoint", "rollout", "sweep_targets", "results_json", "TargetResult",
            "RolloutReport"]
@@ -78,8 +79,8 @@ def evaluate_checkpoint(cfg: EvalConfig, echo: bool = False) -> dict:
     # Check the env before loading weights, so an unknown env id fails fast.
     env = make_env(env_id)
     try:
-        check_spaces(env, info.obs_dim, info.act_dim, what=f"checkpoint {path}",
-                     discrete=info.discrete)
+        check_against_env(env, info.observation_space, info.action_space,
+                          what=f"checkpoint {path}", exact_n=True)
         episode_limit(env, env_id, cfg.max_steps, info.model.max_ep_len)
     finally:
         env.close()

@@ -6,9 +6,11 @@ only position information (as in the original, which removes GPT-2's position em
 pre-LN GPT stack runs over the 3K tokens and the action for step t is read from the hidden state of
 s_t. The loss lives in dtlab.train, not here.
 
-Continuous actions (in [-1, 1]) are embedded linearly and predicted through tanh; discrete actions
-(indices into Discrete(n)) are embedded with a lookup table and predicted as n logits, as the
-original's Atari model does.
+The model is built from the data's specs (dtlab.spaces): ``ContinuousActions(dim)`` (actions in
+[-1, 1], see dtlab.normalizer) are embedded linearly and predicted through tanh;
+``DiscreteActions(n)`` indices are embedded with a lookup table and predicted as n logits, as the
+original's Atari model does. The model owns its token layout: callers hand it per-step inputs
+(normalized observations, model-space actions, scaled returns-to-go, timesteps), never tokens.
 
 Reference: github.com/kzl/decision-transformer, gym/decision_transformer/models/
 decision_transformer.py (embed_ln over the stacked tokens, tanh action head).
@@ -17,12 +19,33 @@ decision_transformer.py (embed_ln over the stacked tokens, tanh action head).
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from dtlab.config import ModelConfig
+from dtlab.errors import ConfigError
+from dtlab.spaces import ActionSpec, ContinuousActions, DiscreteActions, ObservationSpec
+
+
+@dataclass(frozen=True)
+class KVCache:
+    """Keys and values of the tokens an incremental rollout has seen (``predict_cached``).
+
+    Holds the tokens (R_1, s_1, a_1, ..., R_steps, s_steps) of the newest ``steps`` steps (at most
+    context_len): 3 * steps - 1 tokens, the last step's action being not yet known.
+    """
+
+    keys: tuple[torch.Tensor, ...]  # per layer: (B, H, 3 * steps - 1, D/H)
+    values: tuple[torch.Tensor, ...]  # per layer: (B, H, 3 * steps - 1, D/H)
+    steps: int
+
+    def select(self, rows: torch.Tensor) -> "KVCache":
+        """The cache of the batch rows ``rows`` (B',) only."""
+        return KVCache(tuple(k[rows] for k in self.keys), tuple(v[rows] for v in self.values),
+                       self.steps)
 
 
 class CausalSelfAttention(nn.Module):
@@ -98,20 +121,29 @@ class Block(nn.Module):
 class DecisionTransformer(nn.Module):
     """Predicts a_t from (R_1, s_1, a_1, ..., R_t, s_t) for every step t of a K-step window."""
 
-    def __init__(self, cfg: ModelConfig, obs_dim: int, act_dim: int, discrete: bool = False) -> None:
-        """``act_dim``: action width, or the number of actions when ``discrete``."""
+    def __init__(self, cfg: ModelConfig, observation_space: ObservationSpec,
+                 action_space: ActionSpec) -> None:
+        """Embeddings and action head from the specs: ``VectorObservations(dim)`` observations;
+        ``ContinuousActions(dim)`` (linear embedding, tanh head of width dim) or
+        ``DiscreteActions(n)`` (lookup embedding, n logits). Other specs: ConfigError."""
         super().__init__()
-        self.cfg, self.obs_dim, self.act_dim, self.discrete = cfg, obs_dim, act_dim, discrete
+        if isinstance(action_space, DiscreteActions):
+            width, self._logits = action_space.n, True
+        elif isinstance(action_space, ContinuousActions):
+            width, self._logits = action_space.dim, False
+        else:
+            raise ConfigError(f"the model cannot act in {action_space!r}")
+        self.cfg, self.observation_space, self.action_space = cfg, observation_space, action_space
         d = cfg.embed_dim
         self.embed_timestep = nn.Embedding(cfg.max_ep_len, d)
         self.embed_return = nn.Linear(1, d)
-        self.embed_state = nn.Linear(obs_dim, d)
-        self.embed_action = nn.Embedding(act_dim, d) if discrete else nn.Linear(act_dim, d)
+        self.embed_state = nn.Linear(observation_space.dim, d)
+        self.embed_action = nn.Embedding(width, d) if self._logits else nn.Linear(width, d)
         self.embed_ln = nn.LayerNorm(d)
         self.drop = nn.Dropout(cfg.dropout)
         self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layers))
         self.ln_f = nn.LayerNorm(d)
-        self.predict_action = nn.Linear(d, act_dim)  # see action_head
+        self.predict_action = nn.Linear(d, width)  # see action_head
         self.apply(self._init_weights)
         # GPT-2's scaled init of the residual projections (Radford et al. 2019, section 2.3).
         for name, p in self.named_parameters():
@@ -126,26 +158,48 @@ class DecisionTransformer(nn.Module):
             nn.init.zeros_(module.bias)
 
     def action_head(self, h: torch.Tensor) -> torch.Tensor:
-        """Hidden states (..., D) -> actions in [-1, 1] (..., A), or logits (..., n) if discrete."""
+        """Hidden states (..., D) -> actions in [-1, 1] (..., A), or logits (..., n) for indices."""
         out = self.predict_action(h)
-        return out if self.discrete else torch.tanh(out)
+        return out if self._logits else torch.tanh(out)
+
+    def greedy_action(self, out: torch.Tensor) -> torch.Tensor:
+        """Model-space action from the head's output (B, A): continuous actions as they are, the
+        most likely index of logits ((B,) int64)."""
+        return out.argmax(-1) if self._logits else out
+
+    def empty_actions(self, b: int, k: int, device: torch.device | str) -> torch.Tensor:
+        """Zero actions for a (B, K) window: (B, K, act_dim) float32, or (B, K) int64 indices."""
+        if self._logits:
+            return torch.zeros(b, k, dtype=torch.long, device=device)
+        return torch.zeros(b, k, self.action_space.dim, device=device)
 
     def forward(
         self,
         observations: torch.Tensor,  # (B, K, obs_dim), normalized
-        actions: torch.Tensor,  # (B, K, act_dim) in [-1, 1], or (B, K) int64 indices if discrete;
+        actions: torch.Tensor,  # (B, K, act_dim) in [-1, 1], or (B, K) int64 indices;
         #                         the last step's entry is unused
         returns_to_go: torch.Tensor,  # (B, K, 1), scaled
         timesteps: torch.Tensor,  # (B, K) int64
         masks: torch.Tensor | None = None,  # (B, K) bool, False at left padding; None: all real
     ) -> torch.Tensor:  # (B, K, act_dim) predicted actions in [-1, 1], or (B, K, n) logits
+        """Predicted actions for every step of the windows. Timesteps must lie in
+        [0, max_ep_len) (ConfigError otherwise)."""
         return self._readout(observations, actions, returns_to_go, timesteps, masks,
                              slice(1, None, 3))  # from the K state tokens s_1..s_K: (B, K, A)
 
     def embed(self, observations, actions, returns_to_go, timesteps) -> torch.Tensor:
-        """Interleaved token embeddings (R_1, s_1, a_1, R_2, ...): (B, K, .) -> (B, 3K, D)."""
+        """Interleaved token embeddings (R_1, s_1, a_1, R_2, ...): (B, K, .) -> (B, 3K, D).
+
+        Timesteps at or beyond ``max_ep_len`` have no embedding: ConfigError, never clamped.
+        """
         b, k, _ = observations.shape
-        time = self.embed_timestep(timesteps.clamp(max=self.cfg.max_ep_len - 1))  # (B, K, D)
+        latest = int(timesteps.max()) if timesteps.numel() else 0
+        if latest >= self.cfg.max_ep_len:
+            raise ConfigError(
+                f"timestep {latest} is beyond the model's max_ep_len={self.cfg.max_ep_len} (it "
+                f"embeds timesteps 0 to {self.cfg.max_ep_len - 1}); cap episodes at "
+                f"{self.cfg.max_ep_len} steps with max_steps")
+        time = self.embed_timestep(timesteps)  # (B, K, D)
         r = self.embed_return(returns_to_go) + time  # (B, K, D)
         s = self.embed_state(observations) + time  # (B, K, D)
         a = self.embed_action(actions) + time  # (B, K, D)
@@ -185,22 +239,35 @@ class DecisionTransformer(nn.Module):
         x = self.blocks[-1](x, row_mask, query=query)  # (B, Tq, D)
         return self.action_head(self.ln_f(x))  # (B, Tq, A)
 
-    def predict_cached(self, tokens: torch.Tensor, cache: list | None, keep: int):
-        """Incremental inference for rollouts (eval mode): embedded new tokens (B, Tn, D), the last
-        of which is s_t, attend to each layer's cached keys/values, of which only the newest
-        ``keep`` are kept. Returns the action for s_t (B, A) and the new cache.
+    def predict_cached(self, observations, actions, returns_to_go, timesteps,
+                       cache: KVCache | None = None) -> tuple[torch.Tensor, KVCache]:
+        """Incremental inference for rollouts (eval mode): the action for the newest step (B, A)
+        and the cache to pass with the next step. Inputs are steps, (B, n, .) as in ``forward``:
+
+        - ``cache`` None: every step of the episodes so far (n = t + 1 <= context_len, no
+          padding); the tokens up to s_n are computed (exact).
+        - with a ``cache``: the cache's last step, whose action is now known, and the new step
+          (n = 2); only the new tokens (a_{t-1}, R_t, s_t) are computed, attending to the cached
+          keys/values of the newest context_len - 1 steps.
 
         Exact while the cached tokens are the whole episode so far (t < K). Once the window slides,
         the cached keys/values of older tokens were computed with context that has since left the
         window, so results differ from full-window recomputation (``forward``).
         """
-        x, new_cache = tokens, []
+        x = self.embed(observations, actions, returns_to_go, timesteps)  # (B, 3n, D)
+        if cache is None:
+            x, steps, keep = x[:, :-1], observations.shape[1], 0  # up to s_n: (B, 3n - 1, D)
+        else:
+            x, steps = x[:, 2:5], min(cache.steps + 1, self.cfg.context_len)  # a_{t-1}, R_t, s_t
+            keep = 3 * steps - 4  # the window's 3 * steps - 1 tokens, less the 3 new ones
+        keys, values = [], []
         for i, block in enumerate(self.blocks):
-            past = None if cache is None or keep <= 0 else (cache[i][0][:, :, -keep:],
-                                                             cache[i][1][:, :, -keep:])
-            x, kv = block.forward_cached(x, past)
-            new_cache.append(kv)
-        return self.action_head(self.ln_f(x[:, -1])), new_cache
+            past = None if cache is None or keep <= 0 else (cache.keys[i][:, :, -keep:],
+                                                             cache.values[i][:, :, -keep:])
+            x, (k, v) = block.forward_cached(x, past)
+            keys.append(k)
+            values.append(v)
+        return self.action_head(self.ln_f(x[:, -1])), KVCache(tuple(keys), tuple(values), steps)
 
     @staticmethod
     def attention_mask(masks: torch.Tensor) -> torch.Tensor:

@@ -15,7 +15,8 @@ import torch
 
 from dtlab import checkpoint
 from dtlab.checkpoint import PolicyInfo
-from dtlab.model import DecisionTransformer
+from dtlab.errors import ConfigError, TrainingError
+from dtlab.model import DecisionTransformer, KVCache
 
 
 class DTPolicy:
@@ -60,11 +61,9 @@ class DTPolicy:
         self.info = info
         self.device = torch.device(device)
         self.context_len = info.model.context_len
-        f32 = dict(dtype=torch.float32, device=self.device)
-        self._obs_mean = torch.tensor(info.obs_mean, **f32)
-        self._obs_std = torch.tensor(info.obs_std, **f32)
-        self._act_low = torch.tensor(info.action_low, **f32)
-        self._act_high = torch.tensor(info.action_high, **f32)
+        # The normalizer's arrays as float32 tensors on the device, converted once.
+        self._norm = info.normalizer.converted(
+            lambda a: torch.tensor(a, dtype=torch.float32, device=self.device))
         self.num_envs = 0
         self._single = True
 
@@ -78,23 +77,22 @@ class DTPolicy:
     def reset(self, target_return: float | Sequence[float] | np.ndarray) -> None:
         """Start new episodes: one per target (a scalar starts one episode and ``act`` then takes
         and returns unbatched arrays)."""
-        targets = np.asarray(target_return, dtype=np.float32)
+        targets = np.array(target_return, dtype=np.float32)  # a copy: the input may be read-only
         self._single = targets.ndim == 0
         targets = targets.reshape(-1)
         n, k, dev = targets.shape[0], self.context_len, self.device
         self.num_envs = n
-        self._obs = torch.zeros(n, k, self.info.obs_dim, device=dev)  # (N, K, obs_dim)
-        if self.info.discrete:
-            self._act = torch.zeros(n, k, dtype=torch.long, device=dev)  # (N, K) action indices
-        else:
-            self._act = torch.zeros(n, k, self.info.act_dim, device=dev)  # (N, K, act_dim), [-1, 1]
+        self._targets = targets  # (N,) for error messages
+        self._obs = torch.zeros(n, k, self.info.observation_space.dim, device=dev)  # (N, K, obs_dim)
+        self._act = self.model.empty_actions(n, k, dev)  # (N, K, act_dim) in [-1, 1], or (N, K)
         self._rtg = torch.zeros(n, k, 1, device=dev)  # (N, K, 1), scaled
         self._timesteps = torch.zeros(n, k, dtype=torch.long, device=dev)  # (N, K)
         self._masks = torch.zeros(n, k, dtype=torch.bool, device=dev)  # (N, K)
-        self._t = torch.zeros(n, dtype=torch.long, device=dev)  # (N,) steps taken so far
-        self._next_rtg = torch.as_tensor(targets, device=dev) / self.info.return_scale  # (N,)
+        self._t = np.zeros(n, dtype=np.int64)  # (N,) steps taken so far (host: no device sync)
+        self._next_rtg = self._norm.scale_returns(torch.from_numpy(targets).to(dev))  # (N,)
         self._pending = torch.full((n,), float("nan"), device=dev)  # (N,) steer() requests
-        self._cache, self._cache_ids, self._cache_t = None, None, -1  # kv_cache mode only
+        self._cache: KVCache | None = None  # kv_cache mode only: the cache, its episodes, its step
+        self._cache_ids, self._cache_t = None, -1
 
     def steer(self, return_to_go: float | Sequence[float], index: np.ndarray | None = None) -> None:
         """Ask for a different return from the next step on (run-time steering).
@@ -104,23 +102,23 @@ class DTPolicy:
         so the context reads as if this return had been asked for from the start.
         """
         idx = self._index(index)
-        new = np.asarray(return_to_go, dtype=np.float32).reshape(-1) / self.info.return_scale
-        self._pending[idx] = torch.as_tensor(new, device=self.device)
+        new = torch.tensor(np.asarray(return_to_go, dtype=np.float32).reshape(-1), device=self.device)
+        self._pending[idx] = self._norm.scale_returns(new)
 
     @property
     def returns_to_go(self) -> np.ndarray:
         """Return-to-go each episode conditioned its last action on (unscaled). (N,)"""
-        return (self._next_rtg * self.info.return_scale).cpu().numpy()
+        return self._norm.unscale_returns(self._next_rtg).cpu().numpy()
 
     def _index(self, index) -> torch.Tensor:
         if index is None:
             return torch.arange(self.num_envs, device=self.device)
-        return torch.as_tensor(np.asarray(index, dtype=np.int64).reshape(-1), device=self.device)
+        return torch.tensor(np.asarray(index, dtype=np.int64).reshape(-1), device=self.device)
 
     def _predict_cached(self, idx, t, obs_w, act_w, rtg_w, ts_w, mask_w, invalidate: bool) -> torch.Tensor:
-        """kv_cache mode: feed only the 3 new tokens (a_{t-1}, R_t, s_t) when the cache holds these
-        episodes at this step; otherwise (first step, steering, episodes at different steps)
-        rebuild it from the window (an exact pass)."""
+        """kv_cache mode: feed only the new step (and the previous step's now known action) when
+        the cache holds these episodes at this step; otherwise (first step, steering, episodes at
+        different steps) rebuild it from the window's real steps (an exact pass)."""
         k, t0 = self.context_len, int(t[0])
         same_t = bool((t == t0).all())
         cache = None
@@ -130,16 +128,14 @@ class DTPolicy:
                 cache = self._cache
             elif set(ids) <= set(self._cache_ids):  # some episodes ended: keep the others' rows
                 pos = {e: i for i, e in enumerate(self._cache_ids)}
-                rows = torch.tensor([pos[e] for e in ids], device=self.device)
-                cache = [(kk[rows], vv[rows]) for kk, vv in self._cache]
-        if cache is not None:
-            tokens = self.model.embed(obs_w[:, -2:], act_w[:, -2:], rtg_w[:, -2:], ts_w[:, -2:])
-            pred, new_cache = self.model.predict_cached(tokens[:, 2:5], cache, keep=3 * k - 4)
+                cache = self._cache.select(torch.tensor([pos[e] for e in ids], device=self.device))
+        if cache is not None:  # the last two steps: (a_{t-1}) and (R_t, s_t) are new
+            pred, new_cache = self.model.predict_cached(obs_w[:, -2:], act_w[:, -2:], rtg_w[:, -2:],
+                                                        ts_w[:, -2:], cache)
         elif same_t:
             real = min(t0 + 1, k)  # all selected episodes have exactly this many real steps
-            tokens = self.model.embed(obs_w[:, -real:], act_w[:, -real:], rtg_w[:, -real:],
-                                      ts_w[:, -real:])[:, :-1]  # up to s_t (a_t is not known yet)
-            pred, new_cache = self.model.predict_cached(tokens, None, keep=0)
+            pred, new_cache = self.model.predict_cached(obs_w[:, -real:], act_w[:, -real:],
+                                                        rtg_w[:, -real:], ts_w[:, -real:])
         else:  # episodes at different steps: no shared cache, exact recomputation
             pred = self.model.predict_last(obs_w, act_w, rtg_w, ts_w, mask_w)
             self._cache, self._cache_ids, self._cache_t = None, None, -1
@@ -154,16 +150,31 @@ class DTPolicy:
         """Action for the current observation of each episode in ``index`` (default: all).
 
         ``last_reward`` is the reward received for the previous action (ignored at an episode's
-        first step); it is subtracted from the return-to-go before acting.
+        first step); it is subtracted from the return-to-go before acting. Inputs may be
+        read-only arrays (they are copied). Returns (n, act_dim) float32 in the env's units, or
+        (n,) int64 indices (unbatched after a scalar ``reset``).
+
+        Raises ConfigError when an episode reaches the model's ``max_ep_len`` (timesteps beyond
+        it have no embedding: cap episodes with max_steps), and TrainingError when the model
+        produces a non-finite action, naming the episode, its target and step.
         """
         idx = self._index(index)
-        obs = torch.as_tensor(np.asarray(observation, dtype=np.float32), device=self.device)
-        obs = obs.reshape(idx.shape[0], self.info.obs_dim)  # (n, obs_dim)
-        t = self._t[idx]  # (n,)
+        rows = np.arange(self.num_envs) if index is None else np.asarray(index, np.int64).reshape(-1)
+        steps = self._t[rows]  # (n,) this step's timestep per episode
+        limit = self.info.model.max_ep_len
+        if steps.size and steps.max() >= limit:
+            e = int(rows[np.argmax(steps)])
+            raise ConfigError(f"episode {e} (target {float(self._targets[e]):g}) reached timestep "
+                              f"{int(steps.max())}, but the model's max_ep_len is {limit} (it "
+                              f"embeds timesteps 0 to {limit - 1}); cap episodes at {limit} steps "
+                              f"with max_steps (dtlab evaluate --max-steps {limit})")
+        obs = torch.tensor(np.asarray(observation, dtype=np.float32), device=self.device)
+        obs = obs.reshape(idx.shape[0], self.info.observation_space.dim)  # (n, obs_dim)
+        t = torch.from_numpy(steps).to(self.device)  # (n,)
         if last_reward is not None:
-            r = torch.as_tensor(np.asarray(last_reward, dtype=np.float32).reshape(-1), device=self.device)
+            r = torch.tensor(np.asarray(last_reward, dtype=np.float32).reshape(-1), device=self.device)
             r = r.expand(idx.shape[0])
-            self._next_rtg[idx] -= torch.where(t > 0, r / self.info.return_scale, 0.0)
+            self._next_rtg[idx] -= torch.where(t > 0, self._norm.scale_returns(r), 0.0)
         pending = self._pending[idx]  # (n,)
         steered = ~torch.isnan(pending)
         any_steered = bool(steered.any())
@@ -174,11 +185,11 @@ class DTPolicy:
             self._pending[idx] = float("nan")
         # Slide every selected window one step left and write the new step at the end.
         obs_w = self._obs[idx].roll(-1, dims=1)  # (n, K, obs_dim)
-        act_w = self._act[idx].roll(-1, dims=1)  # (n, K, act_dim), or (n, K) if discrete
+        act_w = self._act[idx].roll(-1, dims=1)  # (n, K, act_dim), or (n, K) indices
         rtg_w = self._rtg[idx].roll(-1, dims=1)  # (n, K, 1)
         ts_w = self._timesteps[idx].roll(-1, dims=1)  # (n, K)
         mask_w = self._masks[idx].roll(-1, dims=1)  # (n, K)
-        obs_w[:, -1] = (obs - self._obs_mean) / self._obs_std
+        obs_w[:, -1] = self._norm.normalize_observations(obs)
         act_w[:, -1] = 0  # not yet known; s_t's prediction cannot see it (causal)
         rtg_w[:, -1, 0] = self._next_rtg[idx]
         ts_w[:, -1] = t
@@ -190,16 +201,19 @@ class DTPolicy:
                                             invalidate=any_steered)
             else:
                 pred = self.model.predict_last(obs_w, act_w, rtg_w, ts_w, None if all_real else mask_w)
-        pred = pred.float()  # (n, A), or (n, n_actions) logits if discrete
-        if self.info.discrete:
-            pred = pred.argmax(-1)  # (n,) the most likely action (greedy)
+        pred = pred.float()  # (n, A) in [-1, 1], or (n, n_actions) logits
+        finite = torch.isfinite(pred).all(-1)  # (n,)
+        if not bool(finite.all()):
+            bad = int(torch.argmin(finite.int()))
+            e = int(rows[bad])
+            raise TrainingError(
+                f"the model produced a non-finite action ({pred[bad].tolist()}) for episode {e} "
+                f"(target {float(self._targets[e]):g}) at step {int(steps[bad])}; its weights or "
+                "inputs are not finite or overflow")
+        pred = self.model.greedy_action(pred)  # (n, A), or (n,) the most likely index
         act_w[:, -1] = pred
         self._obs[idx], self._act[idx], self._rtg[idx] = obs_w, act_w, rtg_w
         self._timesteps[idx], self._masks[idx] = ts_w, mask_w
-        self._t[idx] = t + 1
-        if self.info.discrete:
-            action = pred.cpu().numpy()  # (n,) int64
-        else:
-            action = self._act_low + (pred + 1.0) * 0.5 * (self._act_high - self._act_low)  # (n, A)
-            action = action.cpu().numpy()
+        self._t[rows] = steps + 1
+        action = self._norm.actions_from_model(pred).cpu().numpy()  # (n, A) env units, or (n,)
         return action[0] if self._single and index is None else action

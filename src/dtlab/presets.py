@@ -227,23 +227,22 @@ def preset_dataset(name: str, *, seed: int = 0, num_transitions: int = PRESET_TR
             **{k: v for k, v in parts[0].metadata.items() if k not in per_part},
             **base, "seed": int(seed),
             "parts": [{k: p.metadata.get(k) for k in per_part} for p in parts]})
-        data.metadata.update(collection_counts(data))
+        data = data.with_metadata(collection_counts(data))
     else:  # medium-replay
         if behaviour_run is None:
             raise ConfigError(f"{name} is built from the behaviour agent's replay buffer, which is not "
                               "in git: pass --behaviour-run DIR (made by dtlab train-behaviour) and "
                               "--trust-pickle (the buffer is a pickle)")
-        data = replay_until_medium(behaviour_run, env_id, trust=trust)
-        data.metadata.update(base)
-    _record_reference(data, env_id)
-    return data
+        data = replay_until_medium(behaviour_run, env_id, trust=trust).with_metadata(base)
+    return _record_reference(data, env_id)
 
 
-def _record_reference(data: EpisodeSet, env_id: str) -> None:
+def _record_reference(data: EpisodeSet, env_id: str) -> EpisodeSet:
     """Reference scores of dtlab's own presets (random and expert policy returns), when the env has
     a manifest: ``dtlab_ref_min_score`` / ``dtlab_ref_max_score`` in the metadata."""
     if not preset_manifest_path(env_id).exists():
-        return
+        return data
     manifest = read_preset_manifest(env_id)
-    data.metadata.setdefault("dtlab_ref_min_score", manifest.ref_min_score)
-    data.metadata.setdefault("dtlab_ref_max_score", manifest.ref_max_score)
+    found = {"dtlab_ref_min_score": manifest.ref_min_score,
+             "dtlab_ref_max_score": manifest.ref_max_score}
+    return data.with_metadata({k: v for k, v in found.items() if k not in data.metadata})

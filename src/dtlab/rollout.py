@@ -15,9 +15,10 @@ from typing import Sequence
 import numpy as np
 
 from dtlab.data.returns import normalized_score
-from dtlab.envs import check_spaces, env_info, make_env, reference_scores
+from dtlab.envs import env_info, make_env, reference_scores
 from dtlab.errors import ConfigError
 from dtlab.policy import DTPolicy
+from dtlab.spaces import check_against_env
 
 
 @dataclass(frozen=True)
@@ -93,8 +94,8 @@ def rollout(policy: DTPolicy, env_id: str, targets: Sequence[float], episodes: i
     start_seed = seed + np.arange(n) % episodes  # (n,)
     envs = [make_env(env_id) for _ in range(min(n, max_parallel))]
     try:
-        check_spaces(envs[0], policy.info.obs_dim, policy.info.act_dim, what="the checkpoint",
-                     discrete=policy.info.discrete)
+        check_against_env(envs[0], policy.info.observation_space, policy.info.action_space,
+                          what="the checkpoint", exact_n=True)
         limit, standard = episode_limit(envs[0], env_id, max_steps, policy.info.model.max_ep_len)
         returns = np.zeros(n)
         lengths = np.zeros(n, dtype=np.int64)

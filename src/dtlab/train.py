@@ -32,12 +32,13 @@ from dtlab.config import OptimConfig, TrainConfig
 from dtlab.data.diagnostics import warn_findings
 from dtlab.data.episodes import EpisodeSet
 from dtlab.data.sampling import Batch, SequenceSampler
-from dtlab.envs import (actions_outside_bounds, check_spaces, describe_space, env_info, make_env,
-                        reference_scores)
+from dtlab.envs import actions_outside_bounds, describe_space, env_info, make_env, reference_scores
 from dtlab.errors import ConfigError, DatasetError, DtlabWarning, EnvError, TrainingError
 from dtlab.metrics import MetricsLog, evaluation_record, training_record
 from dtlab.model import DecisionTransformer
+from dtlab.normalizer import Normalizer
 from dtlab.policy import DTPolicy
+from dtlab.spaces import ContinuousActions, action_space_from_gym, check_against_env
 
 TRAIN_CONFIG_FILE = "train_config.json"
 
@@ -103,19 +104,10 @@ def load_dataset(path: str) -> EpisodeSet:
     return load_episodes(path)
 
 
-def _action_bounds(env, source: str) -> tuple[np.ndarray, np.ndarray]:
-    low = np.asarray(env.action_space.low, dtype=np.float64)
-    high = np.asarray(env.action_space.high, dtype=np.float64)
-    if not (np.isfinite(low).all() and np.isfinite(high).all()):
-        raise EnvError(f"{source}: action space {describe_space(env.action_space)} is unbounded; "
-                       "dtlab's tanh action head needs finite bounds")
-    return low, high
-
-
 def check_action_bounds(episodes: EpisodeSet, env, *, strict: bool) -> None:
-    """Warn (or, strict, fail) when dataset actions lie outside the env's action bounds. (Discrete
-    actions outside the space are caught by check_spaces: they cannot be clipped.)"""
-    if episodes.discrete:
+    """Warn (or, strict, fail) when dataset actions lie outside the env's action bounds. (Action
+    indices outside the space are caught by check_against_env: they cannot be clipped.)"""
+    if not isinstance(episodes.action_space, ContinuousActions):
         return
     outside = actions_outside_bounds(episodes.actions, env.action_space)  # (N,)
     if outside.any():
@@ -140,20 +132,19 @@ def _recorded_reference(meta, key: str) -> float | None:
 def policy_info_for(cfg: TrainConfig, episodes: EpisodeSet, env) -> PolicyInfo:
     """Everything derived from data and env that the checkpoint must carry."""
     info = env_info(cfg.data.env)
-    mean, std = episodes.observation_stats()
-    if episodes.discrete:  # the model predicts over all of the env's actions
-        act_dim, low, high = int(env.action_space.n), np.zeros(0), np.zeros(0)
-    else:
-        act_dim, (low, high) = episodes.act_dim, _action_bounds(env, cfg.data.env)
+    # The env's action space: its bounds for continuous actions, all of its n actions for indices.
+    actions = action_space_from_gym(env.action_space)
+    if isinstance(actions, ContinuousActions) and actions.low is None:
+        raise EnvError(f"{cfg.data.env}: action space {describe_space(env.action_space)} is "
+                       "unbounded; dtlab's tanh action head needs finite bounds")
     meta = episodes.metadata
     ref_min, ref_max = reference_scores(cfg.data.env, _recorded_reference(meta, "ref_min_score"),
                                         _recorded_reference(meta, "ref_max_score"))
     return_scale = cfg.data.return_scale
+    return_scale = float(return_scale if return_scale is not None else info.return_scale)
     return PolicyInfo(
-        model=cfg.model, obs_dim=episodes.obs_dim, act_dim=act_dim, discrete=episodes.discrete,
-        action_low=low.tolist(), action_high=high.tolist(),
-        obs_mean=mean.tolist(), obs_std=std.tolist(),
-        return_scale=float(return_scale if return_scale is not None else info.return_scale),
+        model=cfg.model, observation_space=episodes.observation_space, action_space=actions,
+        normalizer=Normalizer.from_episodes(episodes, return_scale, actions),
         env_id=cfg.data.env, ref_min_score=ref_min, ref_max_score=ref_max,
         dataset={"path": str(episodes.source), **episodes.summary(),
                  "metadata": {k: v for k, v in meta.items() if isinstance(v, (str, int, float, bool))}},
@@ -169,7 +160,10 @@ def prepare(cfg: TrainConfig, episodes: EpisodeSet | None = None) -> tuple[Episo
                           f"default targets for {cfg.data.env}")
     episodes = episodes if episodes is not None else load_dataset(cfg.data.dataset)
     return_scale = cfg.data.return_scale or env_info(cfg.data.env).return_scale
-    warn_findings(episodes, env_id=cfg.data.env, return_scale=return_scale)  # valid-but-suspicious
+    # Valid-but-suspicious data, one warning line each; constant observation dimensions are
+    # warned where the Normalizer is built (policy_info_for), which says how it treats them.
+    warn_findings(episodes, env_id=cfg.data.env, return_scale=return_scale,
+                  skip=("constant_observations",))
     longest = int(episodes.episode_lengths.max())
     if longest > cfg.model.max_ep_len:
         if cfg.data.truncate_long_episodes:
@@ -180,8 +174,8 @@ def prepare(cfg: TrainConfig, episodes: EpisodeSet | None = None) -> tuple[Episo
                                f"model.max_ep_len={cfg.model.max_ep_len}; raise model.max_ep_len "
                                "or set truncate_long_episodes")
     env = make_env(cfg.data.env)
-    check_spaces(env, episodes.obs_dim, episodes.act_dim, what=f"dataset {episodes.source}",
-                 discrete=episodes.discrete, data=True)
+    check_against_env(env, episodes.observation_space, episodes.action_space,
+                      what=f"dataset {episodes.source}", exact_n=False)
     check_action_bounds(episodes, env, strict=cfg.data.strict)
     info = policy_info_for(cfg, episodes, env)
     env.close()
@@ -320,14 +314,11 @@ class Trainer:
     def create(cls, cfg: TrainConfig, episodes: EpisodeSet, info: PolicyInfo,
                device: torch.device) -> "Trainer":
         torch.manual_seed(cfg.optim.seed)
-        model = DecisionTransformer(cfg.model, info.obs_dim, info.act_dim, info.discrete).to(device)
+        model = DecisionTransformer(cfg.model, info.observation_space, info.action_space).to(device)
         optimizer = make_optimizer(model, cfg.optim, device)
         scheduler = torch.optim.lr_scheduler.LambdaLR(
             optimizer, LRSchedule(cfg.optim.warmup_steps, cfg.optim.schedule, cfg.run.steps))
-        sampler = SequenceSampler(
-            episodes, cfg.model.context_len, obs_mean=np.asarray(info.obs_mean, np.float32),
-            obs_std=np.asarray(info.obs_std, np.float32), return_scale=info.return_scale,
-            action_low=np.asarray(info.action_low), action_high=np.asarray(info.action_high))
+        sampler = SequenceSampler(episodes, cfg.model.context_len, info.normalizer)
         state = TrainerState(0, 0, np.random.default_rng(cfg.optim.seed))
         return cls(model, optimizer, scheduler, sampler, state, device)
 
@@ -506,11 +497,12 @@ def _check_enough_steps_applied(trainer: Trainer, cfg: TrainConfig, episodes: Ep
 
 def _likely_cause(episodes: EpisodeSet, info: PolicyInfo) -> str:
     """A hint from the data for a run whose numbers went bad ('' when nothing stands out)."""
-    scaled = float(np.abs(episodes.returns_to_go).max()) / info.return_scale
+    scale = info.normalizer.return_scale
+    scaled = float(np.abs(episodes.returns_to_go).max()) / scale
     if scaled > 1e3:
         return (f"; likely cause: returns-to-go reach {scaled:.3g} times the return scale "
-                f"({info.return_scale:g}): set return_scale near the largest episode return")
-    obs = (episodes.observations - np.asarray(info.obs_mean)) / np.asarray(info.obs_std)
+                f"({scale:g}): set return_scale near the largest episode return")
+    obs = info.normalizer.normalize_observations(episodes.observations)
     if float(np.abs(obs).max()) > 1e4:
         return (f"; likely cause: normalized observations reach {float(np.abs(obs).max()):.3g} "
                 "(a near-constant observation dimension?)")

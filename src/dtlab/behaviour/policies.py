@@ -25,6 +25,7 @@ import numpy as np
 from dtlab.atomic import check_writable, replace_into_place
 from dtlab.envs import describe_space, make_env
 from dtlab.errors import ConfigError, EnvError
+from dtlab.normalizer import from_unit_interval
 
 
 class BehaviourPolicy(Protocol):
@@ -316,4 +317,4 @@ class ActorPolicy:
                               _LOG_STD_MIN, _LOG_STD_MAX)
             mean = mean + np.exp(log_std) * self._rng.standard_normal(self.act_dim)
         squashed = np.tanh(mean)  # in [-1, 1]
-        return (self.low + 0.5 * (squashed + 1.0) * (self.high - self.low)).astype(np.float32)
+        return from_unit_interval(squashed, self.low, self.high).astype(np.float32)

@@ -258,6 +258,7 @@ def replay_until_medium(run_dir: str | Path, env_id: str, *, trust: bool = False
     from stable_baselines3.common.save_util import load_from_pkl
 
     from dtlab.data.episodes import EpisodeSet
+    from dtlab.normalizer import from_unit_interval
 
     run_dir = Path(run_dir)
     manifest = read_run_manifest(run_dir)
@@ -286,7 +287,7 @@ def replay_until_medium(run_dir: str | Path, env_id: str, *, trust: bool = False
     obs = buffer.observations[:n, 0]  # (n, obs_dim)
     scaled = buffer.actions[:n, 0]  # (n, act_dim): SAC stores actions scaled to [-1, 1]
     low, high = buffer.action_space.low, buffer.action_space.high
-    actions = low + 0.5 * (scaled + 1.0) * (high - low)
+    actions = from_unit_interval(scaled, low, high)
     rewards = buffer.rewards[:n, 0]
     dones = buffer.dones[:n, 0].astype(bool)
     timeouts = buffer.timeouts[:n, 0].astype(bool)  # time-limit ends (SB3 handle_timeout_termination)

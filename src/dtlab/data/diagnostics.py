@@ -30,11 +30,13 @@ import numpy as np
 
 from dtlab.data.episodes import EpisodeSet
 from dtlab.errors import DtlabWarning
+from dtlab.normalizer import STD_EPS
+from dtlab.spaces import DiscreteActions
 
 # A dimension whose std (over all transitions, float64) is at most this counts as constant: the
-# epsilon the original DT adds to the std before dividing (EpisodeSet.observation_stats, 1e-6);
-# at or below it a dimension is scaled by about 1/eps = 1e6 instead of to unit variance.
-CONSTANT_STD = 1e-6
+# epsilon the original DT adds to the std before dividing; dtlab.normalizer gives such dimensions
+# std 1 (the same threshold: it is defined there).
+CONSTANT_STD = STD_EPS
 
 # Largest |return-to-go / return_scale| that is not flagged. dtlab's return scales make this
 # O(1-10) for the data it targets (D4RL MuJoCo returns up to ~12,000 over scale 1000; envs.py).
@@ -101,16 +103,18 @@ def time_limit(env_id: str | None) -> int | None:
     return info.max_ep_len if info.ref_min_score is not None else None  # a known family
 
 
-def warn_findings(episodes: EpisodeSet, *, env_id: str | None,
-                  return_scale: float | None) -> list[Finding]:
+def warn_findings(episodes: EpisodeSet, *, env_id: str | None, return_scale: float | None,
+                  skip: tuple[str, ...] = ()) -> list[Finding]:
     """``diagnose`` with the time limit of ``env_id`` (None: the dataset's own ``env_id``
-    metadata, if any), each finding warned as one ``DtlabWarning`` line ``"<source>: <message>"``.
-    Returns the findings. For training: call it once on the loaded dataset, before any cutting
+    metadata, if any), each finding warned as one ``DtlabWarning`` line ``"<source>: <message>"``,
+    except the kinds in ``skip`` (reported by their caller some other way). Returns the findings
+    (all of them). For training: call it once on the loaded dataset, before any cutting
     (``truncate_episodes``), with the return scale training will use."""
     env_id = env_id or _metadata_env_id(episodes)
     findings = diagnose(episodes, time_limit=time_limit(env_id), return_scale=return_scale)
     for finding in findings:
-        warnings.warn(f"{episodes.source}: {finding.message}", DtlabWarning, stacklevel=2)
+        if finding.kind not in skip:
+            warnings.warn(f"{episodes.source}: {finding.message}", DtlabWarning, stacklevel=2)
     return findings
 
 
@@ -131,8 +135,8 @@ def _constant_observations(episodes: EpisodeSet) -> Finding | None:
     return Finding("constant_observations",
                    f"observation dimensions [{shown}] ({dims.size} of {episodes.obs_dim}) are "
                    f"constant over all {episodes.num_transitions} transitions (std <= "
-                   f"{CONSTANT_STD:g}): they carry no information, and any other value the env "
-                   "shows there is far outside the data")
+                   f"{CONSTANT_STD:g}): they carry no information (training normalizes them with "
+                   "std 1), and any other value the env shows there is outside the data")
 
 
 def _episode_lengths(episodes: EpisodeSet, limit: int | None) -> Finding | None:
@@ -200,11 +204,12 @@ def _huge_rewards(episodes: EpisodeSet) -> Finding | None:
 
 def _odd_actions(episodes: EpisodeSet) -> Finding | None:
     actions = episodes.actions
-    if episodes.discrete:
-        if episodes.act_dim <= MAX_DISCRETE_ACTIONS:
+    if isinstance(episodes.action_space, DiscreteActions):
+        top = int(actions.max())
+        if top + 1 <= MAX_DISCRETE_ACTIONS:
             return None
         return Finding("odd_actions",
-                       f"integer actions read as discrete indices go up to {episodes.act_dim - 1}, "
+                       f"integer actions read as discrete indices go up to {top}, "
                        f"more than {MAX_DISCRETE_ACTIONS} actions: they are probably not indices "
                        "into a Discrete space (store continuous actions as floats)")
     if not (np.all(actions >= 0) and np.array_equal(actions, np.round(actions))):

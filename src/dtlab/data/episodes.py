@@ -8,31 +8,47 @@ their boundary; the (T+1)-th, the observation after an episode's last step, is k
 
 from __future__ import annotations
 
+import copy
+from collections.abc import Mapping
 from dataclasses import dataclass, field
+from types import MappingProxyType
 from typing import Any
 
 import numpy as np
 
 from dtlab.data.returns import returns_to_go as _returns_to_go
 from dtlab.errors import DatasetError
+from dtlab.spaces import (ActionSpec, ContinuousActions, DiscreteActions, ObservationSpec,
+                          VectorObservations)
 
 
 @dataclass(frozen=True, eq=False)
 class EpisodeSet:
-    """Flat, validated arrays over all episodes (N transitions, E episodes)."""
+    """Flat, validated, read-only arrays over all episodes (N transitions, E episodes).
+
+    ``action_space`` and ``observation_space`` are decided here, once: given by the file format
+    (e.g. a Minari dataset's ``Discrete(n)``), or else from the arrays: integer actions of shape
+    (N,) or (N, 1) are indices into ``DiscreteActions(largest index + 1)``, anything else is a
+    ``ContinuousActions(act_dim)`` vector without known bounds. ``metadata`` is an immutable
+    mapping (a private copy of what was passed); ``with_metadata`` returns an updated copy.
+    Invalid data raises DatasetError naming ``source``.
+    """
 
     observations: np.ndarray  # (N, obs_dim) float32
-    actions: np.ndarray  # (N, act_dim) float32, or (N,) int64 action indices (discrete actions)
+    actions: np.ndarray  # (N, act_dim) float32, or (N,) int64 indices for DiscreteActions
     rewards: np.ndarray  # (N,) float32
     terminations: np.ndarray  # (N,) bool, True only at the last step of a terminated episode
     truncations: np.ndarray  # (N,) bool, True only at the last step of a truncated episode
     episode_starts: np.ndarray  # (E,) int64, index of each episode's first step, starts[0] == 0
     returns_to_go: np.ndarray = field(init=False)  # (N,) float32, undiscounted, computed once
     source: str = "<memory>"  # file the data came from (for error messages)
-    metadata: dict[str, Any] = field(default_factory=dict)  # provenance, written with the data
+    metadata: Mapping[str, Any] = field(default_factory=dict)  # provenance, written with the data
     # (E, obs_dim) float32: the observation after each episode's last step (Minari's T+1-th, D4RL's
     # next_observations at the episode's end); None when the source did not record it.
     final_observations: np.ndarray | None = field(default=None, kw_only=True)
+    # None: decided from the arrays (see above).
+    action_space: ActionSpec | None = field(default=None, kw_only=True)
+    observation_space: ObservationSpec | None = field(default=None, kw_only=True)
 
     def __post_init__(self) -> None:
         def fail(msg: str) -> None:
@@ -40,9 +56,17 @@ class EpisodeSet:
 
         obs = np.asarray(self.observations, dtype=np.float32)
         act = np.asarray(self.actions)
+        spec = self.action_space
+        if spec is not None and not isinstance(spec, (ContinuousActions, DiscreteActions)):
+            fail(f"action_space must be ContinuousActions or DiscreteActions, got {spec!r}")
         # Integer actions of shape (N,) or (N, 1) are indices into a Discrete space: kept as (N,)
-        # int64. Anything else is a continuous action vector: (N, act_dim) float32.
-        discrete = act.dtype.kind in "iu" and (act.ndim == 1 or (act.ndim == 2 and act.shape[1] == 1))
+        # int64. Anything else is a continuous action vector: (N, act_dim) float32. A given
+        # action space decides instead.
+        index_shaped = act.ndim == 1 or (act.ndim == 2 and act.shape[1] == 1)
+        discrete = isinstance(spec, DiscreteActions) or (
+            spec is None and act.dtype.kind in "iu" and index_shaped)
+        if discrete and act.dtype.kind not in "iu":
+            fail(f"'actions' must be integers for {spec}, got {act.dtype}")
         if discrete and act.ndim == 2 and act.shape[1] == 1:
             act = act[:, 0]
         act = act.astype(np.int64) if discrete else act.astype(np.float32)
@@ -75,6 +99,20 @@ class EpisodeSet:
         if discrete and (act < 0).any():
             fail(f"discrete 'actions' must be >= 0 (first negative at transition "
                  f"{int(np.argmax(act < 0))}: {int(act[np.argmax(act < 0)])})")
+        if spec is None:
+            spec = DiscreteActions(int(act.max()) + 1) if discrete else ContinuousActions(act.shape[1])
+        elif discrete and act.max() >= spec.n:
+            row = int(np.argmax(act >= spec.n))
+            fail(f"'actions' hold index {int(act[row])} at transition {row}, outside the "
+                 f"action space Discrete({spec.n})")
+        elif not discrete and act.shape[1] != spec.dim:
+            fail(f"'actions' have width {act.shape[1]} but the action space has {spec.dim}")
+        obs_spec = self.observation_space
+        if obs_spec is None:
+            obs_spec = VectorObservations(obs.shape[1])
+        elif not isinstance(obs_spec, VectorObservations) or obs_spec.dim != obs.shape[1]:
+            fail(f"'observations' have width {obs.shape[1]} but the observation space is "
+                 f"{obs_spec!r}")
         if starts.size == 0 or starts[0] != 0:
             fail("episode_starts must begin with 0")
         if np.any(starts[1:] <= starts[:-1]) or starts[-1] >= n:  # (np.diff could overflow)
@@ -112,12 +150,33 @@ class EpisodeSet:
                  f"first at transition {row})")
         rtg.setflags(write=False)
         object.__setattr__(self, "returns_to_go", rtg)
+        object.__setattr__(self, "action_space", spec)
+        object.__setattr__(self, "observation_space", obs_spec)
+        object.__setattr__(self, "metadata", MappingProxyType(copy.deepcopy(dict(self.metadata))))
+
+    def __getstate__(self) -> dict[str, Any]:  # pickling: a mappingproxy cannot be pickled
+        return {**self.__dict__, "metadata": dict(self.metadata)}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        for name, value in state.items():
+            object.__setattr__(self, name, value)
+        object.__setattr__(self, "metadata", MappingProxyType(state["metadata"]))
+
+    def with_metadata(self, updates: Mapping[str, Any]) -> "EpisodeSet":
+        """A copy whose metadata is this one's updated with ``updates`` (the read-only arrays are
+        shared, not copied)."""
+        new = copy.copy(self)
+        object.__setattr__(new, "metadata",
+                           MappingProxyType({**self.metadata, **copy.deepcopy(dict(updates))}))
+        return new
 
     # ---- construction -------------------------------------------------------------------------
     @classmethod
     def from_flags(cls, observations, actions, rewards, terminations, truncations, *,
-                   source: str = "<memory>", metadata: dict | None = None,
-                   final_observations: np.ndarray | None = None) -> "EpisodeSet":
+                   source: str = "<memory>", metadata: Mapping[str, Any] | None = None,
+                   final_observations: np.ndarray | None = None,
+                   action_space: ActionSpec | None = None,
+                   observation_space: ObservationSpec | None = None) -> "EpisodeSet":
         """Split flat arrays into episodes at ``terminations | truncations`` (the D4RL convention).
 
         A final episode that ends without a flag (cut off by the file's end) is kept and marked
@@ -136,15 +195,21 @@ class EpisodeSet:
             ends = np.append(ends, n - 1)
         starts = np.concatenate([[0], ends[:-1] + 1]).astype(np.int64)
         return cls(observations, actions, rewards, term, trunc, starts, source=source,
-                   metadata=dict(metadata or {}), final_observations=final_observations)
+                   metadata=metadata or {}, final_observations=final_observations,
+                   action_space=action_space, observation_space=observation_space)
 
     @classmethod
     def concatenate(cls, parts: list["EpisodeSet"], *, source: str = "<memory>",
-                    metadata: dict | None = None) -> "EpisodeSet":
+                    metadata: Mapping[str, Any] | None = None) -> "EpisodeSet":
         """Concatenate episode sets (e.g. medium + expert). ``final_observations`` are kept when
-        every part has them, else None."""
+        every part has them, else None. The action space: the parts' when they agree; discrete
+        parts with different n: the largest n; else decided from the arrays."""
         offsets = np.cumsum([0] + [p.num_transitions for p in parts[:-1]])
         finals = [p.final_observations for p in parts]
+        spaces = {p.action_space for p in parts}
+        action_space = next(iter(spaces)) if len(spaces) == 1 else None
+        if len(spaces) > 1 and all(isinstance(s, DiscreteActions) for s in spaces):
+            action_space = DiscreteActions(max(s.n for s in spaces))
         return cls(
             np.concatenate([p.observations for p in parts]),
             np.concatenate([p.actions for p in parts]),
@@ -152,7 +217,7 @@ class EpisodeSet:
             np.concatenate([p.terminations for p in parts]),
             np.concatenate([p.truncations for p in parts]),
             np.concatenate([p.episode_starts + o for p, o in zip(parts, offsets)]),
-            source=source, metadata=dict(metadata or {}),
+            source=source, metadata=metadata or {}, action_space=action_space,
             final_observations=None if any(f is None for f in finals) else np.concatenate(finals),
         )
 
@@ -179,7 +244,8 @@ class EpisodeSet:
         return EpisodeSet(self.observations[keep], self.actions[keep], self.rewards[keep], term[keep],
                           trunc[keep], starts, source=self.source,
                           metadata={**self.metadata, "truncated_to": int(max_len)},
-                          final_observations=finals)
+                          final_observations=finals, action_space=self.action_space,
+                          observation_space=self.observation_space)
 
     # ---- derived quantities -------------------------------------------------------------------
     @property
@@ -195,17 +261,13 @@ class EpisodeSet:
         return int(self.observations.shape[1])
 
     @property
-    def discrete(self) -> bool:
-        """True when actions are indices into a Discrete space ((N,) int64)."""
-        return self.actions.ndim == 1
-
-    @property
     def act_dim(self) -> int:
-        """Width of a continuous action; for discrete actions, the number of actions the data
-        needs (largest index + 1: the smallest ``Discrete(n)`` that holds it)."""
-        if self.discrete:
-            return int(self.actions.max()) + 1
-        return int(self.actions.shape[1])
+        """Width of a continuous action vector (``action_space.dim``). Discrete actions have no
+        width (AttributeError): their number is ``action_space.n``."""
+        if not isinstance(self.action_space, ContinuousActions):
+            raise AttributeError(f"{self.source}: discrete actions have no act_dim; use "
+                                 f"action_space.n ({self.action_space})")
+        return self.action_space.dim
 
     @property
     def episode_lengths(self) -> np.ndarray:  # (E,) int64
@@ -215,22 +277,18 @@ class EpisodeSet:
     def episode_returns(self) -> np.ndarray:  # (E,) float32: return-to-go at each episode's start
         return self.returns_to_go[self.episode_starts]
 
-    def observation_stats(self, eps: float = 1e-6) -> tuple[np.ndarray, np.ndarray]:
-        """Per-dimension mean and std over all transitions, float32; ``eps`` is added to the std
-        (as the original DT does), so a constant dimension is scaled by 1/eps."""
-        obs = self.observations.astype(np.float64)
-        return obs.mean(0).astype(np.float32), (obs.std(0) + eps).astype(np.float32)
-
     def summary(self) -> dict[str, Any]:
         """Statistics printed by ``dtlab data info``."""
         ret, lens = self.episode_returns.astype(np.float64), self.episode_lengths
+        space = self.action_space
         return {
             "source": self.source,
             "episodes": self.num_episodes,
             "transitions": self.num_transitions,
             "obs_dim": self.obs_dim,
-            "act_dim": self.act_dim,
-            "discrete_actions": self.discrete,
+            **({"num_actions": space.n} if isinstance(space, DiscreteActions)
+               else {"act_dim": space.dim}),
+            "discrete_actions": isinstance(space, DiscreteActions),
             "terminated_episodes": int(self.terminations.sum()),
             "truncated_episodes": int(self.truncations.sum()),
             "episode_length": {"min": int(lens.min()), "mean": float(lens.mean()), "max": int(lens.max())},

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from dtlab.data.episodes import EpisodeSet
+from dtlab.normalizer import Normalizer
 
 
 @dataclass(frozen=True)
@@ -22,7 +23,7 @@ class Batch:
     """A batch of left-padded windows (numpy arrays; training converts them to tensors)."""
 
     observations: np.ndarray  # (B, K, obs_dim) float32, normalized, 0 at padding
-    actions: np.ndarray  # (B, K, act_dim) float32, or (B, K) int64 if discrete; 0 at padding
+    actions: np.ndarray  # (B, K, act_dim) float32 in model space, or (B, K) int64 indices; 0 at padding
     returns_to_go: np.ndarray  # (B, K, 1) float32, divided by return_scale, 0 at padding
     timesteps: np.ndarray  # (B, K) int64, step index within the episode, 0 at padding
     masks: np.ndarray  # (B, K) bool, True at real steps
@@ -31,21 +32,16 @@ class Batch:
 class SequenceSampler:
     """Draws batches of K-windows from an EpisodeSet with one array gather per field."""
 
-    def __init__(self, episodes: EpisodeSet, context_len: int, *, obs_mean: np.ndarray,
-                 obs_std: np.ndarray, return_scale: float, action_low: np.ndarray | None = None,
-                 action_high: np.ndarray | None = None) -> None:
-        """``action_low/high``: the env's action bounds; actions are mapped linearly from them to
-        [-1, 1] (the range of the model's tanh head) and clipped there. None: used as stored.
-        Discrete actions (indices) are always used as stored."""
+    def __init__(self, episodes: EpisodeSet, context_len: int, normalizer: Normalizer) -> None:
+        """``normalizer``: observations are normalized, returns-to-go scaled and actions mapped to
+        the model's space (continuous: from the env's bounds to [-1, 1], clipped there) with it."""
         self.episodes = episodes
         self.context_len = context_len
+        self.normalizer = normalizer
         # Normalize once up front: one gather per batch instead of normalizing every window.
-        self._obs = ((episodes.observations - obs_mean) / obs_std).astype(np.float32)
-        self._rtg = (episodes.returns_to_go / return_scale).astype(np.float32)
-        self._act = episodes.actions
-        if action_low is not None and action_high is not None and not episodes.discrete:
-            scaled = 2.0 * (episodes.actions - action_low) / (action_high - action_low) - 1.0
-            self._act = np.clip(scaled, -1.0, 1.0).astype(np.float32)
+        self._obs = np.asarray(normalizer.normalize_observations(episodes.observations), np.float32)
+        self._rtg = np.asarray(normalizer.scale_returns(episodes.returns_to_go), np.float32)
+        self._act = np.asarray(normalizer.actions_to_model(episodes.actions), episodes.actions.dtype)
         # Episode start of every transition, for the per-window lower bound.
         self._start_of = np.repeat(episodes.episode_starts, episodes.episode_lengths)  # (N,)
 
@@ -62,7 +58,7 @@ class SequenceSampler:
         masks = idx >= starts[:, None]  # (B, K)
         idx = np.where(masks, idx, ends[:, None])  # any valid index; zeroed below
         obs = self._obs[idx]  # (B, K, obs_dim)
-        act = self._act[idx]  # (B, K, act_dim), or (B, K) if discrete
+        act = self._act[idx]  # (B, K, act_dim), or (B, K) indices
         rtg = self._rtg[idx]  # (B, K)
         obs[~masks] = 0.0
         act[~masks] = 0.0

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import os
 import secrets
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -108,7 +108,10 @@ def atomic_hdf5(path: str | Path) -> Iterator[h5py.File]:
 
 
 def json_default(value: Any) -> Any:
-    """``json.dumps`` fallback for numpy values and paths."""
+    """``json.dumps`` fallback for numpy values, paths and read-only mappings (an EpisodeSet's
+    metadata)."""
+    if isinstance(value, Mapping):
+        return dict(value)
     if isinstance(value, np.generic):
         return value.item()
     if isinstance(value, np.ndarray):

@@ -46,8 +46,9 @@ from minari.storage import get_dataset_path
 import dtlab
 from dtlab.data.episodes import EpisodeSet
 from dtlab.data.formats._hdf5 import json_default
-from dtlab.envs import describe_space
 from dtlab.errors import DatasetError, DtlabError
+from dtlab.spaces import (DiscreteActions, action_space_from_gym, check_against_env,
+                          describe_space, observation_space_from_gym)
 
 PREFIX = "minari:"
 # Minari's environment variable for the local datasets root (minari/storage/datasets_root_dir.py).
@@ -78,6 +79,11 @@ def read_minari(dataset_id: str) -> EpisodeSet:
     dataset = _open_dataset(dataset_id, source)
     _check_flat_box(dataset.observation_space, "observation", source)
     _check_action_space(dataset.action_space, source)
+    try:  # the dataset's own spaces: a Discrete(n) keeps its n even if the data never uses n - 1
+        action_space = action_space_from_gym(dataset.action_space)
+        observation_space = observation_space_from_gym(dataset.observation_space)
+    except DtlabError as e:
+        raise DatasetError(f"{source}: {e}") from None
 
     observations, actions, rewards, terminations, truncations, finals = [], [], [], [], [], []
     lengths = []
@@ -94,7 +100,7 @@ def read_minari(dataset_id: str) -> EpisodeSet:
                     f"{act.shape[0]} actions for {steps} rewards; Minari stores T+1 and T")
             observations.append(obs[:steps].reshape(steps, -1))  # the final one kept apart
             finals.append(obs[steps].reshape(-1))  # (obs_dim,)
-            actions.append(act.reshape(steps, -1))  # EpisodeSet reads integer (N, 1) as Discrete
+            actions.append(act.reshape(steps, -1))  # (T, 1) indices become (N,) in EpisodeSet
             rewards.append(np.asarray(ep.rewards).reshape(steps))
             terminations.append(np.asarray(ep.terminations).reshape(steps))
             truncations.append(np.asarray(ep.truncations).reshape(steps))
@@ -114,7 +120,8 @@ def read_minari(dataset_id: str) -> EpisodeSet:
                       np.concatenate(rewards), np.concatenate(terminations),
                       np.concatenate(truncations), starts, source=source,
                       metadata=metadata,
-                      final_observations=None if finals is None else np.stack(finals))
+                      final_observations=None if finals is None else np.stack(finals),
+                      action_space=action_space, observation_space=observation_space)
 
 
 def _open_dataset(dataset_id: str, source: str) -> minari.MinariDataset:
@@ -172,8 +179,8 @@ def write_minari(episodes: EpisodeSet, dataset_id: str, *, env_id: str | None = 
 
     - ``env_id``: observation/action spaces and the env spec come from ``gymnasium.make(env_id)``
       (shapes must match the data, else EnvError). None: Box spaces spanning the data's
-      per-dimension min/max, float32 (discrete actions: ``Discrete(largest index + 1)``), and no
-      env spec.
+      per-dimension min/max, float32 (action indices: ``Discrete(n)`` of the episodes'
+      ``action_space``), and no env spec.
     - ``final_observations`` (E, obs_dim): the observation after each episode's last step (Minari
       stores T+1 observations). None: ``episodes.final_observations``; when that is None too, the
       last observation is repeated, and the dataset's description and
@@ -206,7 +213,8 @@ def write_minari(episodes: EpisodeSet, dataset_id: str, *, env_id: str | None = 
             obs_space, act_space = env.observation_space, env.action_space
         else:
             obs_space = _data_box(np.concatenate([episodes.observations, finals]))
-            act_space = (gym.spaces.Discrete(episodes.act_dim) if episodes.discrete
+            act_space = (gym.spaces.Discrete(episodes.action_space.n)
+                         if isinstance(episodes.action_space, DiscreteActions)
                          else _data_box(episodes.actions))
         buffers = _episode_buffers(episodes, finals, obs_space.dtype, act_space.dtype)
         staging = root / f".dtlab-staging-{secrets.token_hex(4)}"
@@ -259,12 +267,12 @@ def _final_observations(episodes: EpisodeSet, given: np.ndarray | None, source: 
 
 
 def _make_env(env_id: str, episodes: EpisodeSet, source: str) -> gym.Env:
-    from dtlab.envs import check_spaces, make_env
+    from dtlab.envs import make_env
 
     env = make_env(env_id)
     try:
-        check_spaces(env, episodes.obs_dim, episodes.act_dim, what=f"dataset {source}",
-                     discrete=episodes.discrete, data=True)
+        check_against_env(env, episodes.observation_space, episodes.action_space,
+                          what=f"dataset {source}", exact_n=False)
         _check_flat_box(env.observation_space, "observation", env_id)
     except BaseException:
         env.close()

@@ -5,8 +5,10 @@ Layout (version 1)::
     attrs  dtlab_format  int, 1
     attrs  metadata      JSON string (provenance): fixed-length UTF-8, variable-length if
                          over 60 kB (readers accept both)
+    attrs  action_space  JSON string, optional: the EpisodeSet's dtlab.spaces action spec, e.g.
+                         {"type": "discrete", "n": 4} (absent: decided from the arrays)
     observations    (N, obs_dim) float32
-    actions         (N, act_dim) float32, or (N,) int64 (discrete actions)
+    actions         (N, act_dim) float32, or (N,) int64 action indices
     rewards         (N,)         float32
     terminations    (N,)         bool
     truncations     (N,)         bool
@@ -27,7 +29,8 @@ import numpy as np
 from dtlab.data.episodes import EpisodeSet
 from dtlab.data.formats._hdf5 import (COMPRESSION, atomic_hdf5, fixed_string, json_default,
                                       open_hdf5, read_array)
-from dtlab.errors import DatasetError
+from dtlab.errors import ConfigError, DatasetError
+from dtlab.spaces import action_space_from_json
 
 FORMAT_VERSION = 1
 FORMAT_ATTR = "dtlab_format"
@@ -57,12 +60,20 @@ def episodes_from_native(f: h5py.File, path: str | Path) -> EpisodeSet:
         raise DatasetError(f"{path}: 'metadata' attribute is not valid JSON ({e})") from e
     if not isinstance(metadata, dict):
         raise DatasetError(f"{path}: 'metadata' attribute must be a JSON object")
+    action_space = None
+    if "action_space" in f.attrs:
+        raw = f.attrs["action_space"]
+        try:
+            action_space = action_space_from_json(json.loads(raw.decode() if isinstance(raw, bytes)
+                                                             else raw))
+        except (ValueError, TypeError, AttributeError, RecursionError, ConfigError) as e:
+            raise DatasetError(f"{path}: 'action_space' attribute is invalid ({e})") from e
     arrays = {key: read_array(f, key, path, _LAYOUT)
               for key in ("observations", "actions", "rewards", "terminations", "truncations",
                           "episode_starts")}
     if "final_observations" in f:
         arrays["final_observations"] = read_array(f, "final_observations", path, _LAYOUT)
-    return EpisodeSet(**arrays, source=str(path), metadata=metadata)
+    return EpisodeSet(**arrays, source=str(path), metadata=metadata, action_space=action_space)
 
 
 def write_native(episodes: EpisodeSet, path: str | Path) -> None:
@@ -73,6 +84,7 @@ def write_native(episodes: EpisodeSet, path: str | Path) -> None:
         # Inline (fixed_string) unless too big for an object header (64 KiB), then in the heap.
         big = len(metadata.encode()) > _MAX_INLINE_ATTR
         f.attrs["metadata"] = metadata if big else fixed_string(metadata)
+        f.attrs["action_space"] = fixed_string(json.dumps(episodes.action_space.to_json()))
         for key, arr, dtype in (("observations", episodes.observations, np.float32),
                                 ("actions", episodes.actions, episodes.actions.dtype),
                                 ("rewards", episodes.rewards, np.float32),
