@@ -75,6 +75,15 @@ def test_evaluation_past_max_ep_len_is_refused_unless_capped(short_model_run, tm
     assert data["results"][0]["normalized_mean"] is None  # cut below the standard 200 steps
 
 
+def test_training_refuses_evaluation_past_max_ep_len_before_it_starts(tmp_path):
+    short = ModelConfig(embed_dim=16, n_layers=1, context_len=4, max_ep_len=50)
+    with pytest.raises(ConfigError, match="episodes run up to 200 steps but the model's max_ep_len "
+                                          "is 50"):
+        train(cfg(tmp_path, model=short, truncate_long_episodes=True, eval_episodes=1),
+              pendulum_data())
+    assert not (tmp_path / "run").exists()
+
+
 @pytest.mark.parametrize("target", ["nan", "inf", "-inf", "1e30"])
 def test_non_finite_or_absurd_targets_are_refused(short_model_run, tmp_path, capsys, target):
     results = tmp_path / "r.json"

@@ -38,6 +38,7 @@ from dtlab.metrics import MetricsLog, evaluation_record, training_record
 from dtlab.model import DecisionTransformer
 from dtlab.normalizer import Normalizer
 from dtlab.policy import DTPolicy
+from dtlab.rollout import Evaluator, episode_limit
 from dtlab.spaces import ContinuousActions, action_space_from_gym, check_against_env
 
 TRAIN_CONFIG_FILE = "train_config.json"
@@ -177,6 +178,8 @@ def prepare(cfg: TrainConfig, episodes: EpisodeSet | None = None) -> tuple[Episo
     check_against_env(env, episodes.observation_space, episodes.action_space,
                       what=f"dataset {episodes.source}", exact_n=False)
     check_action_bounds(episodes, env, strict=cfg.data.strict)
+    if cfg.evaluation.eval_episodes:  # refuse now what the first evaluation would refuse
+        episode_limit(env, cfg.data.env, None, cfg.model.max_ep_len)
     info = policy_info_for(cfg, episodes, env)
     env.close()
     return episodes, info
@@ -466,8 +469,6 @@ def _loop(cfg: TrainConfig, trainer: Trainer, info: PolicyInfo, metrics: Metrics
 
 def default_evaluator(cfg: TrainConfig) -> Evaluate:
     """Evaluation during training over ``eval_targets`` (default: the env registry's)."""
-    from dtlab.rollout import Evaluator
-
     targets = tuple(cfg.evaluation.eval_targets) or env_info(cfg.data.env).targets
     return Evaluator(cfg.data.env, targets, cfg.evaluation.eval_episodes, seed=cfg.optim.seed)
 
