@@ -28,16 +28,18 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 import dtlab
-from dtlab.atomic import fsync_dir, give_default_mode, write_text_atomic
+from dtlab.atomic import fsync_dir, give_default_mode, write_json, write_text_atomic
 from dtlab.config import ModelConfig
 from dtlab.errors import CheckpointError, ConfigError
-from dtlab.model import DecisionTransformer
+from dtlab.model import DecisionTransformer, build_model
 
 # Version 2 added discrete actions ("discrete": true). Continuous checkpoints are still written as
 # version 1, without the key, so that older dtlab versions keep reading them.
 FORMAT_VERSION = 2
 CONFIG_FILE, WEIGHTS_FILE, TRAINER_FILE, LATEST_FILE = (
     "config.json", "model.safetensors", "trainer_state.pt", "latest")
+# Written by `dtlab calibrate` into a checkpoint directory; optional.
+CALIBRATION_FILE = "calibration.json"
 
 
 @dataclass(frozen=True)
@@ -181,7 +183,7 @@ def load(path: str | Path, device: str | torch.device = "cpu") -> tuple[Decision
         weights = load_file(weights_path, device="cpu")
     except (SafetensorError, OSError, ValueError) as exc:
         raise CheckpointError(f"{weights_path}: corrupt safetensors file: {exc}") from None
-    model = DecisionTransformer(info.model, info.obs_dim, info.act_dim, info.discrete)
+    model = build_model(info.model, info.obs_dim, info.act_dim, info.discrete)
     expected = model.state_dict()
     missing = sorted(set(expected) - set(weights))
     unexpected = sorted(set(weights) - set(expected))

@@ -40,7 +40,10 @@ def check_targets(name: str, targets: tuple[float, ...], *, limit: float = 1e9) 
 
 @dataclass(frozen=True)
 class ModelConfig:
-    """Decision Transformer hyperparameters (defaults: the DT paper's gym configuration)."""
+    """Decision Transformer hyperparameters (defaults: the DT paper's gym configuration, as its code
+    sets them: github.com/kzl/decision-transformer gym/experiment.py argument defaults embed_dim
+    128, n_layer 3, n_head 1, n_inner 4 x embed_dim, activation_function relu, dropout 0.1, K 20,
+    max_ep_len 1000)."""
 
     embed_dim: int = 128
     """Width of every token embedding and of the transformer."""
@@ -59,8 +62,17 @@ class ModelConfig:
     ones are refused in training and evaluation, never clamped)."""
     activation: Literal["relu", "gelu"] = "relu"
     """MLP activation (the DT gym code's default, --activation_function, is relu)."""
+    architecture: Literal["decision-transformer", "transformer-bc", "mlp-bc"] = "decision-transformer"
+    """What predicts the actions: decision-transformer (return-conditioned); transformer-bc, the
+    same transformer without return-to-go tokens (s_1, a_1, s_2, a_2, ...), a behaviour-cloning
+    baseline; mlp-bc, an MLP on the current state alone (model.n_layers hidden layers of
+    model.embed_dim units with model.activation and model.dropout, the DT code's MLPBCModel;
+    needs model.context_len 1). Both baselines ignore the target return."""
 
     def __post_init__(self) -> None:
+        if self.architecture == "mlp-bc" and self.context_len != 1:
+            raise ConfigError(f"model.context_len must be 1 for model.architecture mlp-bc (it sees "
+                              f"one state), got {self.context_len}")
         if self.n_heads >= 1 and self.embed_dim % self.n_heads:
             raise ConfigError(f"model.embed_dim {self.embed_dim} is not divisible by model.n_heads "
                               f"{self.n_heads}")
@@ -84,15 +96,23 @@ class DataConfig:
     """Refuse datasets with actions outside the env's action bounds (default: warn and clip)."""
     truncate_long_episodes: bool = False
     """Cut episodes longer than model.max_ep_len to that length (default: refuse the dataset)."""
+    top_fraction: float | None = None
+    """Train only on the highest-return episodes, taken from the best down while they hold at most
+    this fraction of the transitions (at least one episode): the DT paper's Percentile BC
+    (section 5.3, 0.1 for 10%BC). Observation statistics still come from the whole dataset, as
+    in the DT code."""
 
     def __post_init__(self) -> None:
         check_number("return_scale", self.return_scale, above=0)
+        check_number("top_fraction", self.top_fraction, above=0, maximum=1)
 
 
 @dataclass(frozen=True)
 class OptimConfig:
-    """How the weights are updated (defaults: the DT paper's gym run). A resumed run must keep all
-    of these to continue bit for bit."""
+    """How the weights are updated (defaults: the DT paper's gym run, as its code sets them:
+    gym/experiment.py batch_size 64, learning_rate 1e-4, weight_decay 1e-4, warmup_steps 10000
+    then constant; gym/decision_transformer/training/seq_trainer.py clips gradients at 0.25).
+    A resumed run must keep all of these to continue bit for bit."""
 
     batch_size: int = 64
     """Windows per gradient step."""

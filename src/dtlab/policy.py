@@ -15,6 +15,7 @@ import torch
 
 from dtlab import checkpoint
 from dtlab.checkpoint import PolicyInfo
+from dtlab.errors import ConfigError, DtlabWarning
 from dtlab.model import DecisionTransformer
 
 
@@ -53,7 +54,11 @@ class DTPolicy:
     def __init__(self, model: DecisionTransformer, info: PolicyInfo, device: str | torch.device = "cpu",
                  precision: str = "fp32", kv_cache: bool = False):
         """``kv_cache``: incremental inference with cached keys/values (opt-in, approximate once
-        the K-step window slides; see ``DecisionTransformer.predict_cached``)."""
+        the K-step window slides; see ``DecisionTransformer.predict_cached``); decision-transformer
+        models only (ConfigError otherwise)."""
+        if kv_cache and info.model.architecture != "decision-transformer":
+            raise ConfigError(f"kv_cache: kv-cache rollouts are for decision-transformer models, "
+                              f"not {info.model.architecture}; set kv_cache False")
         self.model = model.to(device).eval()
         self.precision = precision  # "fp32", or "bf16" autocast
         self.kv_cache = kv_cache

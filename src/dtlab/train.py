@@ -36,7 +36,7 @@ from dtlab.envs import (actions_outside_bounds, check_spaces, describe_space, en
                         reference_scores)
 from dtlab.errors import ConfigError, DatasetError, DtlabWarning, EnvError, TrainingError
 from dtlab.metrics import MetricsLog, evaluation_record, training_record
-from dtlab.model import DecisionTransformer
+from dtlab.model import DecisionTransformer, build_model
 from dtlab.policy import DTPolicy
 
 TRAIN_CONFIG_FILE = "train_config.json"
@@ -128,7 +128,7 @@ def check_action_bounds(episodes: EpisodeSet, env, *, strict: bool) -> None:
         warnings.warn(msg + "; they are clipped for training", DtlabWarning, stacklevel=3)
 
 
-def _recorded_reference(meta, key: str) -> float | None:
+def recorded_reference(meta, key: str) -> float | None:
     """A reference score recorded with the dataset (dtlab's presets, Minari's metadata), if numeric."""
     for name in (f"dtlab_{key}", f"minari_{key}", key):
         value = meta.get(name)
@@ -146,8 +146,8 @@ def policy_info_for(cfg: TrainConfig, episodes: EpisodeSet, env) -> PolicyInfo:
     else:
         act_dim, (low, high) = episodes.act_dim, _action_bounds(env, cfg.data.env)
     meta = episodes.metadata
-    ref_min, ref_max = reference_scores(cfg.data.env, _recorded_reference(meta, "ref_min_score"),
-                                        _recorded_reference(meta, "ref_max_score"))
+    ref_min, ref_max = reference_scores(cfg.data.env, recorded_reference(meta, "ref_min_score"),
+                                        recorded_reference(meta, "ref_max_score"))
     return_scale = cfg.data.return_scale
     return PolicyInfo(
         model=cfg.model, obs_dim=episodes.obs_dim, act_dim=act_dim, discrete=episodes.discrete,
@@ -185,6 +185,12 @@ def prepare(cfg: TrainConfig, episodes: EpisodeSet | None = None) -> tuple[Episo
     check_action_bounds(episodes, env, strict=cfg.data.strict)
     info = policy_info_for(cfg, episodes, env)
     env.close()
+    if cfg.data.top_fraction is not None:  # Percentile BC; normalization from all data (DT code)
+        episodes = episodes.top_fraction(cfg.data.top_fraction)
+        info = dataclasses.replace(info, dataset={**info.dataset, "top_fraction": {
+            "fraction": cfg.data.top_fraction, "episodes": episodes.num_episodes,
+            "transitions": episodes.num_transitions,
+            "min_episode_return": float(episodes.episode_returns.min())}})
     return episodes, info
 
 
@@ -199,12 +205,17 @@ def check_resume_config(out: Path, cfg: TrainConfig) -> None:
     if not isinstance(saved, dict):
         raise ConfigError(f"{path}: cannot read the run's configuration to resume: not an object")
     differ = []
+    groups = cfg.resume_groups()
     for group, value in _jsonable({k: dataclasses.asdict(v) if dataclasses.is_dataclass(v) else v
-                                   for k, v in cfg.resume_groups().items()}).items():
+                                   for k, v in groups.items()}).items():
         if isinstance(value, dict):
             old = saved.get(group)
             old = old if isinstance(old, dict) else saved  # runs before issue 9 saved flat keys
-            differ += [(f"{group}.{k}", old.get(k), v) for k, v in value.items() if old.get(k) != v]
+            # A field added since the run was saved (e.g. model.architecture) had its default.
+            defaults = _jsonable({f.name: f.default for f in dataclasses.fields(groups[group])
+                                  if f.default is not dataclasses.MISSING})
+            differ += [(f"{group}.{k}", old.get(k), v) for k, v in value.items()
+                       if old.get(k, defaults.get(k)) != v]
         else:
             old = saved.get("run", {}).get(group) if isinstance(saved.get("run"), dict) \
                 else saved.get(group)
@@ -320,7 +331,7 @@ class Trainer:
     def create(cls, cfg: TrainConfig, episodes: EpisodeSet, info: PolicyInfo,
                device: torch.device) -> "Trainer":
         torch.manual_seed(cfg.optim.seed)
-        model = DecisionTransformer(cfg.model, info.obs_dim, info.act_dim, info.discrete).to(device)
+        model = build_model(cfg.model, info.obs_dim, info.act_dim, info.discrete).to(device)
         optimizer = make_optimizer(model, cfg.optim, device)
         scheduler = torch.optim.lr_scheduler.LambdaLR(
             optimizer, LRSchedule(cfg.optim.warmup_steps, cfg.optim.schedule, cfg.run.steps))
