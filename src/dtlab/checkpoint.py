@@ -198,6 +198,30 @@ def load(path: str | Path, device: str | torch.device = "cpu") -> tuple[Decision
     return model.to(device).eval(), info
 
 
+def save_calibration(path: str | Path, calibration: dict[str, Any]) -> Path:
+    """Write ``calibration`` (dtlab.evaluate.calibrate_checkpoint's record, with a numeric
+    ``reliable_max_target``) as ``calibration.json`` into checkpoint ``path``, atomically."""
+    file = resolve(path) / CALIBRATION_FILE
+    write_json(file, calibration)
+    return file
+
+
+def load_calibration(path: str | Path) -> dict[str, Any] | None:
+    """The checkpoint's calibration record, or None when it has none. CheckpointError when the
+    file is unreadable or has no finite number ``reliable_max_target``."""
+    file = resolve(path) / CALIBRATION_FILE
+    if not file.is_file():
+        return None
+    try:
+        data = json.loads(file.read_text())
+    except (OSError, json.JSONDecodeError, UnicodeDecodeError, RecursionError) as exc:
+        raise CheckpointError(f"{file}: corrupt JSON: {exc}") from None
+    value = data.get("reliable_max_target") if isinstance(data, dict) else None
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise CheckpointError(f"{file}: 'reliable_max_target' must be a finite number")
+    return data
+
+
 def load_trainer_state(path: str | Path) -> dict[str, Any]:
     """Optimizer/scheduler/RNG state for --resume, loaded without unpickling code."""
     file = resolve(path) / TRAINER_FILE

@@ -7,6 +7,7 @@ asked for in the middle of an episode (run-time steering).
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 from typing import Sequence
 
@@ -72,17 +73,36 @@ class DTPolicy:
         self._act_high = torch.tensor(info.action_high, **f32)
         self.num_envs = 0
         self._single = True
+        # Targets above this warn (set from the checkpoint's calibration.json by from_checkpoint).
+        self.reliable_max_target: float | None = None
 
     @classmethod
     def from_checkpoint(cls, path: str | Path, device: str = "cpu", precision: str = "fp32",
                         kv_cache: bool = False) -> "DTPolicy":
+        """Load a checkpoint (and its reliable maximum target, when ``dtlab calibrate`` stored
+        one)."""
         model, info = checkpoint.load(path, device)
-        return cls(model, info, device, precision, kv_cache)
+        policy = cls(model, info, device, precision, kv_cache)
+        calibration = checkpoint.load_calibration(path)
+        if calibration is not None:
+            policy.reliable_max_target = float(calibration["reliable_max_target"])
+        return policy
+
+    def _warn_above_reliable_max(self, targets: np.ndarray) -> None:
+        """One line when a target exceeds the calibrated reliable maximum (the same text for every
+        call, so Python's default filter shows it once)."""
+        limit = self.reliable_max_target
+        if limit is not None and targets.size and float(np.max(targets)) > limit:
+            warnings.warn(f"target returns above {limit:g}, the reliable maximum target found by "
+                          "calibration (calibration.json), were asked for: achieved returns "
+                          "stopped rising there", DtlabWarning, stacklevel=3)
 
     # ---- episode state ------------------------------------------------------------------------
     def reset(self, target_return: float | Sequence[float] | np.ndarray) -> None:
         """Start new episodes: one per target (a scalar starts one episode and ``act`` then takes
-        and returns unbatched arrays)."""
+        and returns unbatched arrays). Warns (DtlabWarning) for a target above the checkpoint's
+        calibrated reliable maximum target."""
+        self._warn_above_reliable_max(np.asarray(target_return, dtype=np.float64))
         targets = np.asarray(target_return, dtype=np.float32)
         self._single = targets.ndim == 0
         targets = targets.reshape(-1)
@@ -106,9 +126,11 @@ class DTPolicy:
 
         The next ``act`` conditions on exactly ``return_to_go`` (the reward passed to it is not
         subtracted), and the return-to-go tokens already in the context shift by the same amount,
-        so the context reads as if this return had been asked for from the start.
+        so the context reads as if this return had been asked for from the start. Warns
+        (DtlabWarning) above the checkpoint's calibrated reliable maximum target.
         """
         idx = self._index(index)
+        self._warn_above_reliable_max(np.asarray(return_to_go, dtype=np.float64))
         new = np.asarray(return_to_go, dtype=np.float32).reshape(-1) / self.info.return_scale
         self._pending[idx] = torch.as_tensor(new, device=self.device)
 
