@@ -529,9 +529,10 @@ def _cell_text(stats: dict) -> tuple[str, str]:
 def results_markdown(report: dict) -> str:
     """results.md: the per-dataset table, the aggregate over datasets, the calibration table."""
     kinds = set(report["score"].values())
-    score = ("D4RL normalized score: 100 * (return - random) / (expert - random)"
-             if kinds == {"normalized"} else "normalized score where the env has reference "
-             "returns, else the raw return (see results.json: score)")
+    score = ("normalized score, 100 * (return - random) / (expert - random) with the env's "
+             "reference returns (D4RL's for MuJoCo)" if kinds == {"normalized"} else
+             "normalized score where the env has reference returns, else the raw return (see "
+             "results.json: score)")
     expected = report["runs_expected"]
     lines = ["# dtlab benchmark", "",
              f"Score: {score}. Runs finished: {report['runs_finished']}"
