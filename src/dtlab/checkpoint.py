@@ -28,10 +28,10 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 import dtlab
-from dtlab.atomic import fsync_dir, give_default_mode, write_text_atomic
+from dtlab.atomic import fsync_dir, give_default_mode, write_json, write_text_atomic
 from dtlab.config import ModelConfig
 from dtlab.errors import CheckpointError, ConfigError
-from dtlab.model import DecisionTransformer
+from dtlab.model import DecisionTransformer, build_model
 from dtlab.normalizer import Normalizer
 from dtlab.spaces import (ActionSpec, ContinuousActions, DiscreteActions, ObservationSpec,
                           VectorObservations, action_space_from_json, observation_space_from_json)
@@ -45,6 +45,8 @@ CONFIG_FILE, WEIGHTS_FILE, TRAINER_FILE, LATEST_FILE = (
     "config.json", "model.safetensors", "trainer_state.pt", "latest")
 _V3_KEYS = {"model", "observation_space", "action_space", "normalizer", "env_id", "ref_min_score",
             "ref_max_score", "dataset", "step", "dtlab_version", "format_version"}
+# Written by `dtlab calibrate` into a checkpoint directory; optional.
+CALIBRATION_FILE = "calibration.json"
 
 
 @dataclass(frozen=True)
@@ -251,7 +253,7 @@ def load(path: str | Path, device: str | torch.device = "cpu") -> tuple[Decision
         weights = load_file(weights_path, device="cpu")
     except (SafetensorError, OSError, ValueError) as exc:
         raise CheckpointError(f"{weights_path}: corrupt safetensors file: {exc}") from None
-    model = DecisionTransformer(info.model, info.observation_space, info.action_space)
+    model = build_model(info.model, info.observation_space, info.action_space)
     expected = model.state_dict()
     missing = sorted(set(expected) - set(weights))
     unexpected = sorted(set(weights) - set(expected))
@@ -264,6 +266,30 @@ def load(path: str | Path, device: str | torch.device = "cpu") -> tuple[Decision
                                   f"config.json implies {tuple(expected[key].shape)}")
     model.load_state_dict(weights)
     return model.to(device).eval(), info
+
+
+def save_calibration(path: str | Path, calibration: dict[str, Any]) -> Path:
+    """Write ``calibration`` (dtlab.evaluate.calibrate_checkpoint's record, with a numeric
+    ``reliable_max_target``) as ``calibration.json`` into checkpoint ``path``, atomically."""
+    file = resolve(path) / CALIBRATION_FILE
+    write_json(file, calibration)
+    return file
+
+
+def load_calibration(path: str | Path) -> dict[str, Any] | None:
+    """The checkpoint's calibration record, or None when it has none. CheckpointError when the
+    file is unreadable or has no finite number ``reliable_max_target``."""
+    file = resolve(path) / CALIBRATION_FILE
+    if not file.is_file():
+        return None
+    try:
+        data = json.loads(file.read_text())
+    except (OSError, json.JSONDecodeError, UnicodeDecodeError, RecursionError) as exc:
+        raise CheckpointError(f"{file}: corrupt JSON: {exc}") from None
+    value = data.get("reliable_max_target") if isinstance(data, dict) else None
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise CheckpointError(f"{file}: 'reliable_max_target' must be a finite number")
+    return data
 
 
 def load_trainer_state(path: str | Path) -> dict[str, Any]:

@@ -5,6 +5,7 @@ Every failure on bad input is a DtlabError: printed as one line, exit code 2, no
 
 from __future__ import annotations
 
+import contextlib
 import json
 import sys
 from dataclasses import dataclass
@@ -12,7 +13,8 @@ from typing import Annotated, Literal, Union
 
 import tyro
 
-from dtlab.config import BehaviourConfig, CollectConfig, EvalConfig, TrainConfig
+from dtlab.config import (BehaviourConfig, BenchmarkConfig, CalibrateConfig, CollectConfig,
+                          EvalConfig, TrainConfig)
 from dtlab.errors import DtlabError
 
 
@@ -104,15 +106,17 @@ Command = Union[
     Annotated[DataCommand, tyro.conf.subcommand("data")],
     Annotated[CollectConfig, tyro.conf.subcommand("collect")],
     Annotated[TrainBehaviourCommand, tyro.conf.subcommand("train-behaviour")],
+    Annotated[BenchmarkConfig, tyro.conf.subcommand("benchmark")],
+    Annotated[CalibrateConfig, tyro.conf.subcommand("calibrate")],
 ]
 
 
-def run_train(cfg: TrainConfig) -> int:
-    """Train; SIGINT/SIGTERM stop the run at the next step with a checkpoint (exit 128 + signal)."""
+@contextlib.contextmanager
+def signals_received():
+    """Record SIGINT/SIGTERM in the yielded list instead of raising, while the block runs (a
+    long job polls it to stop cleanly); the previous handlers come back afterwards."""
     import signal
     import threading
-
-    from dtlab.train import train
 
     received: list[int] = []
     handlers = {}
@@ -120,10 +124,18 @@ def run_train(cfg: TrainConfig) -> int:
         for sig in (signal.SIGINT, signal.SIGTERM):
             handlers[sig] = signal.signal(sig, lambda signum, _frame: received.append(signum))
     try:
-        result = train(cfg, should_stop=lambda: bool(received))
+        yield received
     finally:
         for sig, handler in handlers.items():
             signal.signal(sig, handler)
+
+
+def run_train(cfg: TrainConfig) -> int:
+    """Train; SIGINT/SIGTERM stop the run at the next step with a checkpoint (exit 128 + signal)."""
+    from dtlab.train import train
+
+    with signals_received() as received:
+        result = train(cfg, should_stop=lambda: bool(received))
     if result.interrupted:
         sig = received[0] if received else 0
         print(f"interrupted by signal {sig} at step {result.steps}; checkpoint "
@@ -133,6 +145,27 @@ def run_train(cfg: TrainConfig) -> int:
     print(f"done: {result.steps} steps, final loss {result.final_loss:.5f}{skipped}, "
           f"checkpoint {result.checkpoint}")
     return 0
+
+
+def run_benchmark(cfg: BenchmarkConfig) -> int:
+    """Benchmark; SIGINT/SIGTERM stop the current run at its next step with a checkpoint and
+    rebuild the report from the finished runs (exit 128 + signal; run again to continue)."""
+    from dtlab.benchmark import run_benchmark as benchmark
+
+    with signals_received() as received:
+        result = benchmark(cfg, should_stop=lambda: bool(received), echo=True)
+    if result.interrupted:
+        sig = received[0] if received else 0
+        print(f"interrupted by signal {sig}: {result.report['runs_finished']} runs finished; run "
+              "the same command again to continue", file=sys.stderr)
+        return 128 + sig
+    return 0
+
+
+def run_calibrate(cfg: CalibrateConfig) -> None:
+    from dtlab.evaluate import calibrate_checkpoint
+
+    calibrate_checkpoint(cfg, echo=True)
 
 
 def run_evaluate(cfg: EvalConfig) -> None:
@@ -317,6 +350,10 @@ def main(argv: list[str] | None = None) -> int:
             return run_train(cmd)
         elif isinstance(cmd, EvalConfig):
             run_evaluate(cmd)
+        elif isinstance(cmd, BenchmarkConfig):
+            return run_benchmark(cmd)
+        elif isinstance(cmd, CalibrateConfig):
+            run_calibrate(cmd)
         elif isinstance(cmd, TrainBehaviourCommand):
             run_train_behaviour(cmd)
         elif isinstance(cmd, CollectConfig):

@@ -40,7 +40,10 @@ def check_targets(name: str, targets: tuple[float, ...], *, limit: float = 1e9) 
 
 @dataclass(frozen=True)
 class ModelConfig:
-    """Decision Transformer hyperparameters (defaults: the DT paper's gym configuration)."""
+    """Decision Transformer hyperparameters (defaults: the DT paper's gym configuration, as its code
+    sets them: github.com/kzl/decision-transformer gym/experiment.py argument defaults embed_dim
+    128, n_layer 3, n_head 1, n_inner 4 x embed_dim, activation_function relu, dropout 0.1, K 20,
+    max_ep_len 1000)."""
 
     embed_dim: int = 128
     """Width of every token embedding and of the transformer."""
@@ -59,8 +62,17 @@ class ModelConfig:
     ones are refused in training and evaluation, never clamped)."""
     activation: Literal["relu", "gelu"] = "relu"
     """MLP activation (the DT gym code's default, --activation_function, is relu)."""
+    architecture: Literal["decision-transformer", "transformer-bc", "mlp-bc"] = "decision-transformer"
+    """What predicts the actions: decision-transformer (return-conditioned); transformer-bc, the
+    same transformer without return-to-go tokens (s_1, a_1, s_2, a_2, ...), a behaviour-cloning
+    baseline; mlp-bc, an MLP on the current state alone (model.n_layers hidden layers of
+    model.embed_dim units with model.activation and model.dropout, the DT code's MLPBCModel;
+    needs model.context_len 1). Both baselines ignore the target return."""
 
     def __post_init__(self) -> None:
+        if self.architecture == "mlp-bc" and self.context_len != 1:
+            raise ConfigError(f"model.context_len must be 1 for model.architecture mlp-bc (it sees "
+                              f"one state), got {self.context_len}")
         if self.n_heads >= 1 and self.embed_dim % self.n_heads:
             raise ConfigError(f"model.embed_dim {self.embed_dim} is not divisible by model.n_heads "
                               f"{self.n_heads}")
@@ -84,15 +96,23 @@ class DataConfig:
     """Refuse datasets with actions outside the env's action bounds (default: warn and clip)."""
     truncate_long_episodes: bool = False
     """Cut episodes longer than model.max_ep_len to that length (default: refuse the dataset)."""
+    top_fraction: float | None = None
+    """Train only on the highest-return episodes, taken from the best down while they hold at most
+    this fraction of the transitions (at least one episode): the DT paper's Percentile BC
+    (section 5.3, 0.1 for 10%BC). Observation statistics still come from the whole dataset, as
+    in the DT code."""
 
     def __post_init__(self) -> None:
         check_number("return_scale", self.return_scale, above=0)
+        check_number("top_fraction", self.top_fraction, above=0, maximum=1)
 
 
 @dataclass(frozen=True)
 class OptimConfig:
-    """How the weights are updated (defaults: the DT paper's gym run). A resumed run must keep all
-    of these to continue bit for bit."""
+    """How the weights are updated (defaults: the DT paper's gym run, as its code sets them:
+    gym/experiment.py batch_size 64, learning_rate 1e-4, weight_decay 1e-4, warmup_steps 10000
+    then constant; gym/decision_transformer/training/seq_trainer.py clips gradients at 0.25).
+    A resumed run must keep all of these to continue bit for bit."""
 
     batch_size: int = 64
     """Windows per gradient step."""
@@ -250,11 +270,34 @@ class EvalConfig:
     values. Exact for the first K steps; afterwards older tokens keep keys/values computed with
     context that has left the window (measured score impact: docs/benchmarks.md)."""
 
+    offline: bool = False
+    """Evaluate without an environment, on --dataset's windows: action error per return-to-go
+    bucket, and how much the predicted actions change when the return-to-go is swapped (no env is
+    made)."""
+    dataset: str | None = None
+    """Dataset for --offline: a D4RL or native HDF5 file, or minari:<id>."""
+    buckets: int = 4
+    """--offline: number of return-to-go buckets (quantiles of the windows' returns-to-go)."""
+    windows: int = 10_000
+    """--offline: evaluate this many windows, drawn without replacement with --seed (0: all)."""
+    swap_quantiles: tuple[float, float] = (0.1, 0.9)
+    """--offline: the low and high quantiles of the dataset's returns-to-go whose values replace
+    each window's return-to-go in the swap test."""
+
     def __post_init__(self) -> None:
         check_targets("targets", self.targets)
         check_number("episodes", self.episodes, minimum=1)
         check_number("seed", self.seed, minimum=0)
         check_number("sweep_points", self.sweep_points, minimum=2)
+        check_number("buckets", self.buckets, minimum=1)
+        check_number("windows", self.windows, minimum=0)
+        if len(self.swap_quantiles) != 2 or not self.swap_quantiles[0] < self.swap_quantiles[1]:
+            raise ConfigError(f"swap_quantiles must be two increasing quantiles, got "
+                              f"{self.swap_quantiles!r}")
+        for q in self.swap_quantiles:
+            check_number("swap_quantiles", q, minimum=0, maximum=1)
+        if self.offline and self.dataset is None:
+            raise ConfigError("offline evaluation needs dataset (a file to evaluate on)")
         check_number("max_steps", self.max_steps, minimum=1)
         check_number("threads", self.threads, minimum=1)
 
@@ -286,6 +329,123 @@ def parse_policy(text: str) -> PolicySpec:
             raise ConfigError(f"policy {text} needs a file: {kind}:PATH")
         return PolicySpec(kind, path)
     raise ConfigError(f"unknown policy '{text}' ({_POLICY_CHOICES})")
+
+
+@dataclass(frozen=True)
+class CalibrateConfig:
+    """Return-conditioning calibration of a checkpoint: sweep targets over the data's returns, find
+    where the achieved return stops rising with the target, and store that reliable maximum
+    target in the checkpoint (calibration.json), so that asking for more warns."""
+
+    checkpoint: Annotated[str, tyro.conf.Positional, tyro.conf.arg(metavar="CKPT_DIR")]
+    """Checkpoint directory (a run directory resolves to its latest checkpoint)."""
+    points: int = 10
+    """Targets in the sweep: evenly spaced from the data's lowest episode return to 50% of the
+    return range past its best (1.5x the best when the lowest return is 0)."""
+    episodes: int = 10
+    """Episodes per target (the noise margin shrinks with 1/sqrt(episodes))."""
+    z: float = 2.0
+    """Noise margin in standard errors: achieved return "rises" from one target to a higher one
+    when the difference of their means exceeds z times its standard error."""
+    seed: int = 0
+    """Episode i of every target resets its env with seed + i."""
+    dataset: str | None = None
+    """Dataset whose episode returns are drawn behind the curve (default: the checkpoint's
+    training dataset when its file is still there)."""
+    plot: str | None = None
+    """PNG path of the calibration plot (default: calibration.png in the checkpoint directory)."""
+    max_steps: int | None = None
+    """Cut episodes at this many steps (default: the env's time limit)."""
+    device: str = "auto"
+    """torch device: auto, cpu, cuda, ..."""
+    threads: int | None = None
+    """CPU threads for torch (default: OMP_NUM_THREADS if set, else 1 for rollouts)."""
+
+    def __post_init__(self) -> None:
+        check_number("points", self.points, minimum=2)
+        check_number("episodes", self.episodes, minimum=1)
+        check_number("z", self.z, minimum=0)
+        check_number("seed", self.seed, minimum=0)
+        check_number("max_steps", self.max_steps, minimum=1)
+        check_number("threads", self.threads, minimum=1)
+
+
+Algorithm = Literal["decision-transformer", "transformer-bc", "mlp-bc", "percentile-bc"]
+ALGORITHMS: tuple[Algorithm, ...] = ("decision-transformer", "transformer-bc", "mlp-bc",
+                                     "percentile-bc")
+
+
+@dataclass(frozen=True)
+class BenchmarkConfig:
+    """The DT paper's protocol as one command: for every dataset x algorithm x seed, train
+    --steps steps, evaluate every --eval-every steps, and report the last and best normalized
+    scores (mean +- std over seeds, interquartile mean with a 95% stratified-bootstrap CI).
+    Resumable: run it again with the same arguments to continue."""
+
+    datasets: tuple[str, ...] = ()
+    """Datasets: D4RL or native HDF5 files, or minari:<id>; each is evaluated in --env or, without
+    it, in the env_id its metadata records."""
+    env: str | None = None
+    """Gymnasium env id for every dataset (default: each dataset's recorded env_id)."""
+    algorithms: tuple[Algorithm, ...] = ALGORITHMS
+    """decision-transformer; transformer-bc (no return-to-go tokens); mlp-bc (an MLP on single
+    states); percentile-bc (mlp-bc on the best --top-fraction of the data, the DT paper's %BC)."""
+    seeds: tuple[int, ...] = (0, 1, 2)
+    """Training seeds (each replaces --seed); the DT paper averages 3 seeds."""
+    steps: int = 100_000
+    """Gradient steps per run (DT code: 10 iterations x 10,000 steps)."""
+    eval_every: int = 10_000
+    """Evaluate every this many steps, and at the end (DT code: every 10,000 steps)."""
+    eval_episodes: int = 100
+    """Episodes per target per evaluation (DT code: num_eval_episodes 100). Seed k's episodes start
+    from env seeds k * eval_episodes + i, the same for every algorithm."""
+    top_fraction: float = 0.1
+    """percentile-bc: fraction of the transitions, best episodes first (DT paper: 10%BC)."""
+    out: str = "benchmark"
+    """Output directory: runs/<dataset>/<algorithm>/seed<k>/, results.json, results.md, plots/."""
+    calibrate: bool = False
+    """After each decision-transformer run, calibrate its return conditioning (dtlab calibrate)
+    and store the reliable maximum target in its final checkpoint."""
+    calibrate_points: int = 10
+    """--calibrate: targets in the sweep."""
+    calibrate_episodes: int = 10
+    """--calibrate: episodes per target."""
+    report_only: bool = False
+    """Rebuild results.json, results.md and the plots from the finished runs under --out; train
+    nothing (--datasets may then be left out)."""
+    bootstrap_reps: int = 2000
+    """Bootstrap resamples for the interquartile mean's confidence interval (seeded: a rebuilt
+    report gives the same numbers)."""
+    model: ModelConfig = field(default_factory=ModelConfig)
+    """Model hyperparameters of the transformer runs (mlp-bc uses embed_dim, n_layers, activation
+    and dropout, with context_len 1)."""
+    optim: Annotated[OptimConfig, _FLAT] = field(default_factory=OptimConfig)
+    """Optimization, the same for every algorithm (--seed is replaced by each of --seeds)."""
+    device: str = "auto"
+    """torch device: auto (cuda if available, else cpu), cpu, cuda, ..."""
+    threads: int | None = None
+    """CPU threads for torch (default: OMP_NUM_THREADS if set, else the number of cores)."""
+    progress: bool = True
+    """Show progress: runs done / total and an estimate of the time left."""
+
+    def __post_init__(self) -> None:
+        if not self.datasets and not self.report_only:
+            raise ConfigError("datasets must name at least one dataset (unless report_only)")
+        if self.model.architecture != "decision-transformer":
+            raise ConfigError(f"model.architecture is set per run by algorithms, not to "
+                              f"{self.model.architecture} for all")
+        if not self.algorithms or len(set(self.algorithms)) != len(self.algorithms):
+            raise ConfigError(f"algorithms must be distinct and not empty, got {self.algorithms!r}")
+        if not self.seeds or len(set(self.seeds)) != len(self.seeds):
+            raise ConfigError(f"seeds must be distinct and not empty, got {self.seeds!r}")
+        for seed in self.seeds:
+            check_number("seeds", seed, minimum=0)
+        for name in ("steps", "eval_every", "eval_episodes", "calibrate_points",
+                     "calibrate_episodes", "bootstrap_reps"):
+            check_number(name, getattr(self, name), minimum=1)
+        check_number("calibrate_points", self.calibrate_points, minimum=2)
+        check_number("top_fraction", self.top_fraction, above=0, maximum=1)
+        check_number("threads", self.threads, minimum=1)
 
 
 @dataclass(frozen=True)

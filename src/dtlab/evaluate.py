@@ -1,24 +1,32 @@
 """Evaluate a checkpoint: batched return-conditioned rollouts (dtlab.rollout) at chosen targets
-or a sweep, a results table, strict-JSON results and an achieved-vs-target plot."""
+or a sweep, a results table, strict-JSON results and an achieved-vs-target plot; calibration of
+the return conditioning (``calibrate_checkpoint``); and evaluation without an environment on a
+dataset's windows (``offline_evaluation``)."""
 
 from __future__ import annotations
 
-from dataclasses import asdict
+import math
+import os
+import warnings
+from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Sequence
 
 import numpy as np
 
 from dtlab import checkpoint, runtime
 from dtlab.atomic import check_writable, write_json
-from dtlab.config import EvalConfig
+from dtlab.config import CalibrateConfig, EvalConfig
+from dtlab.data.episodes import EpisodeSet
 from dtlab.envs import env_info, make_env
-from dtlab.errors import ConfigError
+from dtlab.errors import ConfigError, DatasetError, DtlabWarning
 from dtlab.policy import DTPolicy
 from dtlab.rollout import RolloutReport, TargetResult, episode_limit, rollout
-from dtlab.spaces import check_against_env
+from dtlab.spaces import ContinuousActions, DiscreteActions, check_against_env
 
 __all__ = ["evaluate_checkpoint", "rollout", "sweep_targets", "results_json", "TargetResult",
-           "RolloutReport"]
+           "RolloutReport", "Calibration", "reliable_maximum", "calibrate_checkpoint",
+           "offline_evaluation"]
 
 
 def sweep_targets(dataset_stats: dict, points: int) -> list[float]:
@@ -71,19 +79,15 @@ def evaluate_checkpoint(cfg: EvalConfig, echo: bool = False) -> dict:
     for out_path in (cfg.out, cfg.plot):
         if out_path:
             check_writable(out_path)
+    if cfg.offline:
+        return evaluate_offline(cfg, echo=echo)
     path, info = checkpoint.load_info(cfg.checkpoint)
     env_id = cfg.env or info.env_id
     # Rollouts alternate small forwards with env steps on one core; one thread avoids spin-waiting
     # threads fighting the simulator for the CPU.
     device = runtime.setup(cfg.device, cfg.threads, default_threads=1)
     # Check the env before loading weights, so an unknown env id fails fast.
-    env = make_env(env_id)
-    try:
-        check_against_env(env, info.observation_space, info.action_space,
-                          what=f"checkpoint {path}", exact_n=True)
-        episode_limit(env, env_id, cfg.max_steps, info.model.max_ep_len)
-    finally:
-        env.close()
+    _check_env(env_id, info, path, cfg.max_steps)
     dataset_return = info.dataset.get("episode_return")
     if cfg.sweep:
         if not dataset_return:
@@ -116,3 +120,313 @@ def evaluate_checkpoint(cfg: EvalConfig, echo: bool = False) -> dict:
     if echo and (cfg.out or plot):
         print("wrote " + ", ".join(p for p in (cfg.out, plot) if p))
     return data
+
+
+def _check_env(env_id: str, info, path: Path, max_steps: int | None) -> None:
+    """EnvError/ConfigError before any weights load: unknown env, spaces differ, episodes longer
+    than the model's max_ep_len."""
+    env = make_env(env_id)
+    try:
+        check_against_env(env, info.observation_space, info.action_space,
+                          what=f"checkpoint {path}", exact_n=True)
+        episode_limit(env, env_id, max_steps, info.model.max_ep_len)
+    finally:
+        env.close()
+
+
+# ---- calibration of the return conditioning ------------------------------------------------------
+@dataclass(frozen=True)
+class Calibration:
+    """Where the achieved return rises with the target, and where it stops.
+
+    With standard errors ``se`` of the mean achieved returns ``y`` at increasing targets ``x``, the
+    noise margin between targets i and j is ``m(i, j) = z * sqrt(se_i**2 + se_j**2)`` (z standard
+    errors of the difference of two independent means; z = 2 is about a 95% two-sided test).
+
+    - ``rises[i]``: y[i+1] - y[i] > m(i, i+1): one step up raises the achieved return.
+    - reliable maximum: the lowest target x[j] above which no target achieves significantly more
+      (y[i] - y[j] <= m(i, j) for every i > j). Asking for more than x[j] is not rewarded.
+    - rising range: from x[a] to x[j], where x[a] is the highest target up to x[j] that achieves
+      significantly more than no lower target (the top of the flat start, usually x[0]); None
+      when a == j, i.e. the achieved return never rises with the target.
+    - ``saturated``: a higher target in the sweep achieved no more (False: the curve still rises
+      at the top of the sweep, so the reliable maximum is only a lower bound).
+    """
+
+    targets: list[float]  # (n,) increasing
+    means: list[float]  # (n,) mean achieved return per target
+    standard_errors: list[float]  # (n,)
+    z: float
+    rises: list[bool]  # (n - 1,)
+    reliable_max_target: float
+    achieved_at_reliable_max: float
+    rising_range: tuple[float, float] | None
+    saturated: bool
+
+
+def reliable_maximum(targets: Sequence[float], means: Sequence[float],
+                     standard_errors: Sequence[float], z: float = 2.0) -> Calibration:
+    """Calibration of an achieved-vs-target curve (see ``Calibration`` for the definitions).
+
+    Raises ConfigError unless the targets are strictly increasing and the three sequences have the
+    same length (at least 2), finite values, and standard errors >= 0.
+    """
+    x, y, se = (np.asarray(v, dtype=np.float64) for v in (targets, means, standard_errors))
+    n = x.size
+    if n < 2 or y.shape != (n,) or se.shape != (n,):
+        raise ConfigError(f"calibration needs at least 2 targets with one mean and one standard "
+                          f"error each, got {x.size}, {y.size}, {se.size}")
+    if not (np.isfinite(x).all() and np.isfinite(y).all() and np.isfinite(se).all()) \
+            or (se < 0).any() or not (np.diff(x) > 0).all():
+        raise ConfigError("calibration needs strictly increasing finite targets, finite means and "
+                          "standard errors >= 0")
+    margin = z * np.sqrt(se[:, None] ** 2 + se[None, :] ** 2)  # (n, n)
+    above = (y[:, None] - y[None, :]) > margin  # (n, n): above[i, j] = i significantly above j
+    j = next(j for j in range(n) if not above[j + 1:, j].any())  # the last j always qualifies
+    a = max(i for i in range(j + 1) if not above[i, :i].any())  # i = 0 always qualifies
+    return Calibration(
+        targets=x.tolist(), means=y.tolist(), standard_errors=se.tolist(), z=float(z),
+        rises=[bool(above[i + 1, i]) for i in range(n - 1)],
+        reliable_max_target=float(x[j]), achieved_at_reliable_max=float(y[j]),
+        rising_range=(float(x[a]), float(x[j])) if a < j else None, saturated=j < n - 1)
+
+
+def calibration_targets(dataset_return: dict, points: int) -> list[float]:
+    """``points`` targets from the data's lowest episode return to 50% of its return range past
+    the best (1.5x the best when the lowest return is 0), rounded to 0.1."""
+    lo, hi = float(dataset_return["min"]), float(dataset_return["max"])
+    span = hi - lo if hi > lo else max(abs(hi), 1.0)
+    return np.unique(np.linspace(lo, hi + 0.5 * span, points).round(1)).tolist()
+
+
+def calibrate_checkpoint(cfg: CalibrateConfig, *, echo: bool = False,
+                         episodes: EpisodeSet | None = None) -> dict:
+    """Sweep the targets of ``calibration_targets``, find the reliable maximum target
+    (``reliable_maximum``), store it in the checkpoint (calibration.json, read by
+    ``DTPolicy.from_checkpoint``) and draw achieved vs target over the data's episode returns.
+
+    ``episodes``: the training data, for the histogram behind the curve (default: ``cfg.dataset``,
+    else the checkpoint's dataset file when it is still there). Returns the calibration record.
+    Raises CheckpointError, EnvError, or ConfigError (not a decision-transformer checkpoint, no
+    dataset return statistics) before any rollout runs.
+    """
+    path, info = checkpoint.load_info(cfg.checkpoint)
+    if info.model.architecture != "decision-transformer":
+        raise ConfigError(f"{path}: calibration measures return conditioning; a "
+                          f"{info.model.architecture} checkpoint ignores the target")
+    dataset_return = info.dataset.get("episode_return")
+    if not dataset_return:
+        raise ConfigError(f"{path}: checkpoint has no dataset return statistics to calibrate over")
+    if cfg.plot:
+        check_writable(cfg.plot)
+    if episodes is None and cfg.dataset is not None:
+        from dtlab.data.formats import load_episodes
+
+        episodes = load_episodes(cfg.dataset)
+    device = runtime.setup(cfg.device, cfg.threads, default_threads=1)
+    _check_env(info.env_id, info, path, cfg.max_steps)
+    episode_returns = (episodes.episode_returns.tolist() if episodes is not None
+                       else _recorded_episode_returns(info.dataset.get("path")))
+    targets = calibration_targets(dataset_return, cfg.points)
+    policy = DTPolicy.from_checkpoint(path, device=str(device))
+    policy.reliable_max_target = None  # the sweep asks for more on purpose
+    report = rollout(policy, info.env_id, targets, cfg.episodes, seed=cfg.seed,
+                     max_steps=cfg.max_steps)
+    se = [float(np.std(r.returns, ddof=1) / math.sqrt(len(r.returns))) if len(r.returns) > 1
+          else 0.0 for r in report.results]
+    cal = reliable_maximum(targets, [r.mean for r in report.results], se, z=cfg.z)
+    record = {**asdict(cal), "achieved_std": [r.std for r in report.results],
+              "normalized_mean": [r.normalized_mean for r in report.results],
+              "episodes": cfg.episodes, "seed": cfg.seed, "max_steps": report.max_steps,
+              "env": info.env_id, "checkpoint_step": info.step, "dataset_return": dataset_return}
+    checkpoint.save_calibration(path, record)
+    from dtlab.plots import calibration_plot
+
+    plot = cfg.plot or str(path / "calibration.png")
+    calibration_plot([("Decision Transformer", record)], plot, episode_returns=episode_returns,
+                     title=f"{info.env_id}: return-conditioning calibration")
+    record["plot"] = plot
+    if echo:
+        _print_calibration(record, path)
+    return record
+
+
+def _recorded_episode_returns(dataset_path) -> list[float] | None:
+    """Episode returns of the checkpoint's training file for the plot, or None (with a one-line
+    warning) when the file cannot be read any more."""
+    if not isinstance(dataset_path, str) or dataset_path.startswith("<"):
+        return None
+    from dtlab.data.formats import load_episodes
+    from dtlab.errors import DtlabError
+
+    try:
+        return load_episodes(dataset_path).episode_returns.tolist()
+    except DtlabError as exc:
+        warnings.warn(f"{exc}; the calibration plot is drawn without the data's return "
+                      "histogram (set dataset)", DtlabWarning, stacklevel=3)
+        return None
+
+
+def _print_calibration(record: dict, path: Path) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=f"{path}: achieved return per target ({record['episodes']} episodes)")
+    for name in ("target", "achieved (mean ± std)", "standard error", "rises to next"):
+        table.add_column(name, justify="right")
+    rises = record["rises"] + [None]
+    for t, m, s, e, r in zip(record["targets"], record["means"], record["achieved_std"],
+                             record["standard_errors"], rises):
+        table.add_row(f"{t:g}", f"{m:.1f} ± {s:.1f}", f"{e:.1f}", "" if r is None else
+                      ("yes" if r else "no"))
+    console = Console()
+    console.print(table)
+    rng = record["rising_range"]
+    console.print(
+        f"reliable maximum target {record['reliable_max_target']:g} (achieved "
+        f"{record['achieved_at_reliable_max']:.1f}); "
+        + (f"achieved return rises with the target from {rng[0]:g} to {rng[1]:g}" if rng else
+           "achieved return does not rise with the target")
+        + ("" if record["saturated"] else "; still rising at the top of the sweep")
+        + f"; stored in {path / checkpoint.CALIBRATION_FILE}")
+
+
+# ---- evaluation without an environment -----------------------------------------------------------
+def offline_evaluation(model, info, episodes: EpisodeSet, *, buckets: int = 4, windows: int = 10_000,
+                       seed: int = 0, swap_quantiles: tuple[float, float] = (0.1, 0.9),
+                       batch_size: int = 256, device: str = "cpu") -> dict:
+    """Action error and return sensitivity of ``model`` on ``episodes``' windows; no env is made.
+
+    Windows are the training sampler's (K steps ending at a transition, left-padded), ending at
+    ``windows`` transitions drawn without replacement with ``seed`` (0: every transition). Each is
+    scored at its last step, the prediction a rollout acts on:
+
+    - error: squared error of the predicted action in the model's [-1, 1] units, mean over action
+      dimensions (continuous), or whether the most likely action is the dataset's (discrete:
+      accuracy); overall and per return-to-go bucket (``buckets`` quantile bins of the windows'
+      last returns-to-go, in the data's units);
+    - swap: every window's returns-to-go shifted so that its last one equals the low, then the
+      high ``swap_quantiles`` quantile of the windows' last returns-to-go (as
+      ``DTPolicy.steer`` shifts a context); mean |action(high) - action(low)| in [-1, 1] units
+      (continuous), or the fraction of windows whose most likely action changes (discrete).
+      About 0: the policy ignores the return it is asked for.
+
+    Raises DatasetError when the data does not fit the checkpoint (observation or action
+    dimensions, kind of actions, episodes longer than the model's max_ep_len).
+    """
+    import torch
+
+    from dtlab.data.sampling import SequenceSampler
+
+    src = episodes.source
+    data_actions, ckpt_actions = episodes.action_space, info.action_space
+    fits = (episodes.observation_space.dim == info.observation_space.dim
+            and type(data_actions) is type(ckpt_actions)
+            and (data_actions.n <= ckpt_actions.n if isinstance(ckpt_actions, DiscreteActions)
+                 else data_actions.dim == ckpt_actions.dim))
+    if not fits:
+        raise DatasetError(
+            f"{src}: observations ({episodes.observation_space.dim},) and actions {data_actions} do "
+            f"not fit the checkpoint's ({info.observation_space.dim},) and {ckpt_actions}")
+    longest = int(episodes.episode_lengths.max())
+    if longest > info.model.max_ep_len:
+        raise DatasetError(f"{src}: an episode has {longest} steps, more than the model's "
+                           f"max_ep_len={info.model.max_ep_len}")
+    k = info.model.context_len
+    continuous = isinstance(ckpt_actions, ContinuousActions)
+    sampler = SequenceSampler(episodes, k, info.normalizer)
+    n_all = episodes.num_transitions
+    if windows and windows < n_all:
+        ends = np.sort(np.random.default_rng(seed).choice(n_all, size=windows, replace=False))
+    else:
+        ends = np.arange(n_all)
+    rtg_last = episodes.returns_to_go[ends].astype(np.float64)  # (W,) in the data's units
+    low, high = (float(q) for q in np.quantile(rtg_last, swap_quantiles))
+    error = np.empty(ends.size)  # (W,) squared error, or 1.0 for a correct discrete action
+    delta = np.empty(ends.size)  # (W,) |action(high) - action(low)|, or 1.0 if it changed
+    model.eval()
+    with torch.inference_mode():
+        for first in range(0, ends.size, batch_size):
+            batch = sampler.gather(ends[first:first + batch_size])
+            t = {name: torch.from_numpy(getattr(batch, name)).to(device) for name in
+                 ("observations", "actions", "returns_to_go", "timesteps", "masks")}
+            args = (t["observations"], t["actions"])
+            rest = (t["timesteps"], t["masks"])
+            pred = model.predict_last(*args, t["returns_to_go"], *rest).float()  # (b, A)
+            shifted = []
+            for value in (low, high):
+                rtg = t["returns_to_go"] - t["returns_to_go"][:, -1:] + value / info.normalizer.return_scale
+                rtg = torch.where(t["masks"][..., None], rtg, 0.0)  # padding stays 0
+                shifted.append(model.predict_last(*args, rtg, *rest).float())  # (b, A)
+            rows = slice(first, first + pred.shape[0])
+            target = t["actions"][:, -1]  # (b, A) in [-1, 1], or (b,) indices
+            if continuous:
+                error[rows] = (pred - target).pow(2).mean(-1).cpu().numpy()
+                delta[rows] = (shifted[1] - shifted[0]).abs().mean(-1).cpu().numpy()
+            else:
+                error[rows] = (pred.argmax(-1) == target).double().cpu().numpy()
+                delta[rows] = (shifted[1].argmax(-1) != shifted[0].argmax(-1)).double().cpu().numpy()
+    edges = np.quantile(rtg_last, np.linspace(0.0, 1.0, buckets + 1))  # (buckets + 1,)
+    bucket = np.clip(np.searchsorted(edges[1:-1], rtg_last, side="right"), 0, buckets - 1)
+    metric = "mse" if continuous else "accuracy"
+    rows = []
+    for b in range(buckets):
+        inside = bucket == b
+        rows.append({"rtg_low": float(edges[b]), "rtg_high": float(edges[b + 1]),
+                     "windows": int(inside.sum()),
+                     metric: float(error[inside].mean()) if inside.any() else None})
+    swap_metric = "mean_abs_delta" if continuous else "changed_fraction"
+    return {"dataset": str(src), "windows": int(ends.size), "context_len": k,
+            "architecture": info.model.architecture, "metric": metric,
+            metric: float(error.mean()), "buckets": rows,
+            "swap": {"low_quantile": float(swap_quantiles[0]),
+                     "high_quantile": float(swap_quantiles[1]), "low_rtg": low, "high_rtg": high,
+                     swap_metric: float(delta.mean())}}
+
+
+def evaluate_offline(cfg: EvalConfig, echo: bool = False) -> dict:
+    """``dtlab evaluate CKPT --offline --dataset FILE``: ``offline_evaluation`` with JSON out and a
+    table. Raises CheckpointError or DatasetError before anything is written."""
+    from dtlab.data.formats import load_episodes
+
+    path, _ = checkpoint.load_info(cfg.checkpoint)
+    episodes = load_episodes(cfg.dataset)
+    device = runtime.setup(cfg.device, cfg.threads, default_threads=os.cpu_count() or 1)
+    model, info = checkpoint.load(path, device)
+    data = {"checkpoint": str(path), "seed": cfg.seed, **offline_evaluation(
+        model, info, episodes, buckets=cfg.buckets, windows=cfg.windows, seed=cfg.seed,
+        swap_quantiles=cfg.swap_quantiles, device=str(device))}
+    if echo:
+        _print_offline(data)
+    if cfg.out:
+        write_json(cfg.out, data)
+        if echo:
+            print(f"wrote {cfg.out}")
+    return data
+
+
+def _print_offline(data: dict) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    metric = data["metric"]
+    name = "action MSE ([-1, 1] units)" if metric == "mse" else "action accuracy"
+    table = Table(title=f"{data['checkpoint']} on {data['dataset']}: {data['windows']} windows "
+                        f"of {data['context_len']} steps, no env")
+    table.add_column("return-to-go bucket", justify="right")
+    table.add_column("windows", justify="right")
+    table.add_column(name, justify="right")
+    for row in data["buckets"]:
+        value = "-" if row[metric] is None else f"{row[metric]:.4f}"
+        table.add_row(f"{row['rtg_low']:.1f} .. {row['rtg_high']:.1f}", str(row["windows"]), value)
+    table.add_row("all", str(data["windows"]), f"{data[metric]:.4f}")
+    console = Console()
+    console.print(table)
+    swap = data["swap"]
+    if metric == "mse":
+        what = f"mean |delta action| {swap['mean_abs_delta']:.4f} ([-1, 1] units)"
+    else:
+        what = f"most likely action changes in {100 * swap['changed_fraction']:.1f}% of windows"
+    console.print(f"return-to-go swapped from {swap['low_rtg']:.1f} (quantile "
+                  f"{swap['low_quantile']:g}) to {swap['high_rtg']:.1f} (quantile "
+                  f"{swap['high_quantile']:g}): {what}")

@@ -14,6 +14,10 @@ original's Atari model does. The model owns its token layout: callers hand it pe
 
 Reference: github.com/kzl/decision-transformer, gym/decision_transformer/models/
 decision_transformer.py (embed_ln over the stacked tokens, tanh action head).
+
+Baselines (``ModelConfig.architecture``, built by ``build_model``): transformer-bc is the same
+model without return-to-go tokens, (s_1, a_1, s_2, a_2, ...), the action for step t read from s_t;
+mlp-bc (``MLPBC``) sees the current state alone.
 """
 
 from __future__ import annotations
@@ -119,7 +123,8 @@ class Block(nn.Module):
 
 
 class DecisionTransformer(nn.Module):
-    """Predicts a_t from (R_1, s_1, a_1, ..., R_t, s_t) for every step t of a K-step window."""
+    """Predicts a_t from (R_1, s_1, a_1, ..., R_t, s_t) for every step t of a K-step window; with
+    ``cfg.architecture == "transformer-bc"`` from (s_1, a_1, ..., s_t): returns-to-go are ignored."""
 
     def __init__(self, cfg: ModelConfig, observation_space: ObservationSpec,
                  action_space: ActionSpec) -> None:
@@ -134,9 +139,12 @@ class DecisionTransformer(nn.Module):
         else:
             raise ConfigError(f"the model cannot act in {action_space!r}")
         self.cfg, self.observation_space, self.action_space = cfg, observation_space, action_space
+        self.returns_tokens = cfg.architecture != "transformer-bc"
+        self.tokens_per_step = 3 if self.returns_tokens else 2  # (R, s, a) or (s, a)
         d = cfg.embed_dim
         self.embed_timestep = nn.Embedding(cfg.max_ep_len, d)
-        self.embed_return = nn.Linear(1, d)
+        if self.returns_tokens:
+            self.embed_return = nn.Linear(1, d)
         self.embed_state = nn.Linear(observation_space.dim, d)
         self.embed_action = nn.Embedding(width, d) if self._logits else nn.Linear(width, d)
         self.embed_ln = nn.LayerNorm(d)
@@ -184,11 +192,13 @@ class DecisionTransformer(nn.Module):
     ) -> torch.Tensor:  # (B, K, act_dim) predicted actions in [-1, 1], or (B, K, n) logits
         """Predicted actions for every step of the windows. Timesteps must lie in
         [0, max_ep_len) (ConfigError otherwise)."""
+        n = self.tokens_per_step  # s_t is the second-to-last token of each step
         return self._readout(observations, actions, returns_to_go, timesteps, masks,
-                             slice(1, None, 3))  # from the K state tokens s_1..s_K: (B, K, A)
+                             slice(n - 2, None, n))  # from the K state tokens s_1..s_K: (B, K, A)
 
     def embed(self, observations, actions, returns_to_go, timesteps) -> torch.Tensor:
-        """Interleaved token embeddings (R_1, s_1, a_1, R_2, ...): (B, K, .) -> (B, 3K, D).
+        """Interleaved token embeddings (R_1, s_1, a_1, R_2, ...): (B, K, .) -> (B, 3K, D); without
+        return tokens (s_1, a_1, s_2, ...): (B, 2K, D).
 
         Timesteps at or beyond ``max_ep_len`` have no embedding: ConfigError, never clamped.
         """
@@ -200,10 +210,13 @@ class DecisionTransformer(nn.Module):
                 f"embeds timesteps 0 to {self.cfg.max_ep_len - 1}); cap episodes at "
                 f"{self.cfg.max_ep_len} steps with max_steps")
         time = self.embed_timestep(timesteps)  # (B, K, D)
-        r = self.embed_return(returns_to_go) + time  # (B, K, D)
         s = self.embed_state(observations) + time  # (B, K, D)
         a = self.embed_action(actions) + time  # (B, K, D)
-        x = torch.stack((r, s, a), dim=2).reshape(b, 3 * k, -1)  # (B, 3K, D)
+        if self.returns_tokens:
+            r = self.embed_return(returns_to_go) + time  # (B, K, D)
+            x = torch.stack((r, s, a), dim=2).reshape(b, 3 * k, -1)  # (B, 3K, D)
+        else:
+            x = torch.stack((s, a), dim=2).reshape(b, 2 * k, -1)  # (B, 2K, D)
         return self.drop(self.embed_ln(x))
 
     def predict_last(self, observations, actions, returns_to_go, timesteps,
@@ -213,7 +226,7 @@ class DecisionTransformer(nn.Module):
         Saves work in rollouts: the last block computes only s_K's output (its keys and values
         still come from every token), and the action head runs on one token.
         """
-        s_last = 3 * observations.shape[1] - 2  # token index of s_K
+        s_last = self.tokens_per_step * observations.shape[1] - 2  # token index of s_K
         return self._readout(observations, actions, returns_to_go, timesteps, masks,
                              slice(s_last, s_last + 1))[:, 0]  # (B, A)
 
@@ -227,12 +240,13 @@ class DecisionTransformer(nn.Module):
         in rollouts).
         """
         b, k, _ = observations.shape
+        n = self.tokens_per_step
         x = self.embed(observations, actions, returns_to_go, timesteps)  # (B, 3K, D)
-        attn_mask = None if masks is None else self.attention_mask(masks)  # (B, 1, 3K, 3K)
+        attn_mask = None if masks is None else self.attention_mask(masks, n)  # (B, 1, 3K, 3K)
         for block in self.blocks[:-1]:
             x = block(x, attn_mask)
         if attn_mask is None:  # all real: plain causal rows for the selected queries
-            pos = torch.arange(3 * k, device=x.device)  # (3K,)
+            pos = torch.arange(n * k, device=x.device)  # (3K,)
             row_mask = (pos[None, :] <= pos[query][:, None]).expand(b, 1, -1, -1)  # (B, 1, Tq, 3K)
         else:
             row_mask = attn_mask[:, :, query]  # (B, 1, Tq, 3K)
@@ -254,6 +268,9 @@ class DecisionTransformer(nn.Module):
         the cached keys/values of older tokens were computed with context that has since left the
         window, so results differ from full-window recomputation (``forward``).
         """
+        if not self.returns_tokens:
+            raise ConfigError(f"kv_cache rollouts need return-to-go tokens; {self.cfg.architecture} "
+                              "has none (evaluate it without kv_cache)")
         x = self.embed(observations, actions, returns_to_go, timesteps)  # (B, 3n, D)
         if cache is None:
             x, steps, keep = x[:, :-1], observations.shape[1], 0  # up to s_n: (B, 3n - 1, D)
@@ -270,15 +287,71 @@ class DecisionTransformer(nn.Module):
         return self.action_head(self.ln_f(x[:, -1])), KVCache(tuple(keys), tuple(values), steps)
 
     @staticmethod
-    def attention_mask(masks: torch.Tensor) -> torch.Tensor:
-        """Causal mask with padded keys removed; (B, K) bool -> (B, 1, 3K, 3K) bool (True: attend).
+    def attention_mask(masks: torch.Tensor, tokens_per_step: int = 3) -> torch.Tensor:
+        """Causal mask with padded keys removed; (B, K) bool -> (B, 1, 3K, 3K) bool (True: attend)
+        (2K with ``tokens_per_step`` 2: no return tokens).
 
         Every token may attend to itself, so the rows of padded queries are never empty (an
         all-masked row would give NaN, and NaN values poison real rows through 0 * NaN).
         """
         b, k = masks.shape
-        n = 3 * k
-        keys = masks.repeat_interleave(3, dim=1)  # (B, 3K)
+        n = tokens_per_step * k
+        keys = masks.repeat_interleave(tokens_per_step, dim=1)  # (B, 3K)
         causal = torch.ones(n, n, dtype=torch.bool, device=masks.device).tril()  # (3K, 3K)
         eye = torch.eye(n, dtype=torch.bool, device=masks.device)  # (3K, 3K)
         return ((causal & keys[:, None, :]) | eye)[:, None]  # (B, 1, 3K, 3K)
+
+
+class MLPBC(nn.Module):
+    """Behaviour cloning with an MLP on the current state alone: a_t from s_t.
+
+    The DT code's BC baseline (github.com/kzl/decision-transformer, gym/decision_transformer/
+    models/mlp_bc.py, MLPBCModel with its default max_length=1): ``cfg.n_layers`` hidden layers of
+    ``cfg.embed_dim`` units, each followed by the activation and dropout, then a linear head
+    (tanh for continuous actions in [-1, 1], logits for discrete ones). Takes the same arguments
+    as ``DecisionTransformer`` so that the same sampler, ``train_step`` and policy run it; actions,
+    returns-to-go, timesteps and masks are ignored. CORL's BC actor (algorithms/offline/
+    any_percent_bc.py: 2 x 256, ReLU, no dropout) is ``embed_dim=256, n_layers=2, dropout=0``.
+    """
+
+    def __init__(self, cfg: ModelConfig, observation_space: ObservationSpec,
+                 action_space: ActionSpec) -> None:
+        super().__init__()
+        if isinstance(action_space, DiscreteActions):
+            out, self._logits = action_space.n, True
+        elif isinstance(action_space, ContinuousActions):
+            out, self._logits = action_space.dim, False
+        else:
+            raise ConfigError(f"the model cannot act in {action_space!r}")
+        self.cfg, self.observation_space, self.action_space = cfg, observation_space, action_space
+        layers: list[nn.Module] = []
+        width = observation_space.dim
+        for _ in range(cfg.n_layers):
+            layers += [nn.Linear(width, cfg.embed_dim),
+                       nn.ReLU() if cfg.activation == "relu" else nn.GELU(), nn.Dropout(cfg.dropout)]
+            width = cfg.embed_dim
+        self.hidden = nn.Sequential(*layers)
+        self.predict_action = nn.Linear(width, out)
+
+    # The same action head, greedy choice and empty action window as the Decision Transformer.
+    action_head = DecisionTransformer.action_head
+    greedy_action = DecisionTransformer.greedy_action
+    empty_actions = DecisionTransformer.empty_actions
+
+    def forward(self, observations: torch.Tensor, actions=None, returns_to_go=None, timesteps=None,
+                masks=None) -> torch.Tensor:
+        """Each step's action from its own state: (B, K, obs_dim) -> (B, K, A)."""
+        return self.action_head(self.hidden(observations))
+
+    def predict_last(self, observations: torch.Tensor, actions=None, returns_to_go=None,
+                     timesteps=None, masks=None) -> torch.Tensor:
+        """The last step's action, (B, K, obs_dim) -> (B, A)."""
+        return self.action_head(self.hidden(observations[:, -1]))
+
+
+def build_model(cfg: ModelConfig, observation_space: ObservationSpec,
+                action_space: ActionSpec) -> DecisionTransformer | MLPBC:
+    """The network ``cfg.architecture`` names (the one place that choice is made)."""
+    if cfg.architecture == "mlp-bc":
+        return MLPBC(cfg, observation_space, action_space)
+    return DecisionTransformer(cfg, observation_space, action_space)

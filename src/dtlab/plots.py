@@ -71,3 +71,65 @@ def learning_curve(metrics_file: str | Path, path: str | Path) -> Path | None:
         axes[0, 1].legend(title="target", fontsize=8)
     fig.tight_layout()
     return _save(fig, path)
+
+
+def calibration_plot(curves: Sequence[tuple[str, dict]], path: str | Path, *,
+                     episode_returns: Sequence[float] | None = None, title: str = "") -> Path:
+    """Achieved vs target return with the y = x line, over a histogram of the data's episode
+    returns (right axis); each curve's reliable maximum target is marked and its rising range
+    shaded. ``curves``: (label, calibration record with targets, means, achieved_std,
+    reliable_max_target, rising_range)."""
+    fig, ax = plt.subplots(figsize=(6.0, 4.4), dpi=120)
+    hist = None
+    if episode_returns is not None and len(episode_returns):
+        hist = ax.twinx()
+        hist.hist(episode_returns, bins=30, color="0.85", label="dataset episode returns")
+        hist.set_ylabel("episodes in the dataset")
+        ax.set_zorder(hist.get_zorder() + 1)  # the curves in front of the histogram
+        ax.patch.set_visible(False)
+    values = [v for _, c in curves for v in c["targets"] + c["means"]]
+    lo, hi = min(values), max(values)
+    ax.plot([lo, hi], [lo, hi], "k:", lw=1, label="achieved = target")
+    for i, (label, c) in enumerate(curves):
+        color = f"C{i % 10}"
+        ax.errorbar(c["targets"], c["means"], yerr=c.get("achieved_std"), marker="o", ms=3,
+                    capsize=2, color=color, label=label)
+        ax.axvline(c["reliable_max_target"], color=color, ls="--", lw=1)
+        if c.get("rising_range"):
+            ax.axvspan(*c["rising_range"], color=color, alpha=0.08)
+    ax.plot([], [], "k--", lw=1, label="reliable maximum target")
+    ax.set_xlabel("target return")
+    ax.set_ylabel("achieved return (mean ± std)")
+    ax.set_title(title or "Return-conditioning calibration")
+    handles, labels = ax.get_legend_handles_labels()
+    if hist is not None:
+        h2, l2 = hist.get_legend_handles_labels()
+        handles, labels = handles + h2, labels + l2
+    ax.legend(handles, labels, fontsize=7)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    return _save(fig, path)
+
+
+def score_curves(curves: Sequence[tuple[str, Sequence[int], Sequence[float], Sequence[float]]],
+                 path: str | Path, *, title: str = "", ylabel: str = "score",
+                 reference: tuple[str, float] | None = None) -> Path:
+    """Learning curves: mean score against training step with a ± std band, one line per
+    (label, steps, means, stds); ``reference`` draws a labelled horizontal line (e.g. the
+    behaviour policy's score)."""
+    fig, ax = plt.subplots(figsize=(6.0, 4.0), dpi=120)
+    for i, (label, steps, means, stds) in enumerate(curves):
+        color = f"C{i % 10}"
+        ax.plot(steps, means, marker="o", ms=3, color=color, label=label)
+        lower = [m - s for m, s in zip(means, stds)]
+        upper = [m + s for m, s in zip(means, stds)]
+        ax.fill_between(steps, lower, upper, color=color, alpha=0.15)
+    if reference is not None:
+        ax.axhline(reference[1], color="0.4", ls="--", lw=1, label=reference[0])
+    ax.set_xlabel("training step")
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
+    ax.legend(fontsize=7)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    return _save(fig, path)

@@ -7,6 +7,7 @@ asked for in the middle of an episode (run-time steering).
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 from typing import Sequence
 
@@ -15,7 +16,7 @@ import torch
 
 from dtlab import checkpoint
 from dtlab.checkpoint import PolicyInfo
-from dtlab.errors import ConfigError, TrainingError
+from dtlab.errors import ConfigError, DtlabWarning, TrainingError
 from dtlab.model import DecisionTransformer, KVCache
 
 
@@ -54,7 +55,11 @@ class DTPolicy:
     def __init__(self, model: DecisionTransformer, info: PolicyInfo, device: str | torch.device = "cpu",
                  precision: str = "fp32", kv_cache: bool = False):
         """``kv_cache``: incremental inference with cached keys/values (opt-in, approximate once
-        the K-step window slides; see ``DecisionTransformer.predict_cached``)."""
+        the K-step window slides; see ``DecisionTransformer.predict_cached``); decision-transformer
+        models only (ConfigError otherwise)."""
+        if kv_cache and info.model.architecture != "decision-transformer":
+            raise ConfigError(f"kv_cache: kv-cache rollouts are for decision-transformer models, "
+                              f"not {info.model.architecture}; set kv_cache False")
         self.model = model.to(device).eval()
         self.precision = precision  # "fp32", or "bf16" autocast
         self.kv_cache = kv_cache
@@ -66,17 +71,36 @@ class DTPolicy:
             lambda a: torch.tensor(a, dtype=torch.float32, device=self.device))
         self.num_envs = 0
         self._single = True
+        # Targets above this warn (set from the checkpoint's calibration.json by from_checkpoint).
+        self.reliable_max_target: float | None = None
 
     @classmethod
     def from_checkpoint(cls, path: str | Path, device: str = "cpu", precision: str = "fp32",
                         kv_cache: bool = False) -> "DTPolicy":
+        """Load a checkpoint (and its reliable maximum target, when ``dtlab calibrate`` stored
+        one)."""
         model, info = checkpoint.load(path, device)
-        return cls(model, info, device, precision, kv_cache)
+        policy = cls(model, info, device, precision, kv_cache)
+        calibration = checkpoint.load_calibration(path)
+        if calibration is not None:
+            policy.reliable_max_target = float(calibration["reliable_max_target"])
+        return policy
+
+    def _warn_above_reliable_max(self, targets: np.ndarray) -> None:
+        """One line when a target exceeds the calibrated reliable maximum (the same text for every
+        call, so Python's default filter shows it once)."""
+        limit = self.reliable_max_target
+        if limit is not None and targets.size and float(np.max(targets)) > limit:
+            warnings.warn(f"target returns above {limit:g}, the reliable maximum target found by "
+                          "calibration (calibration.json), were asked for: achieved returns "
+                          "stopped rising there", DtlabWarning, stacklevel=3)
 
     # ---- episode state ------------------------------------------------------------------------
     def reset(self, target_return: float | Sequence[float] | np.ndarray) -> None:
         """Start new episodes: one per target (a scalar starts one episode and ``act`` then takes
-        and returns unbatched arrays)."""
+        and returns unbatched arrays). Warns (DtlabWarning) for a target above the checkpoint's
+        calibrated reliable maximum target."""
+        self._warn_above_reliable_max(np.asarray(target_return, dtype=np.float64))
         targets = np.array(target_return, dtype=np.float32)  # a copy: the input may be read-only
         self._single = targets.ndim == 0
         targets = targets.reshape(-1)
@@ -99,9 +123,11 @@ class DTPolicy:
 
         The next ``act`` conditions on exactly ``return_to_go`` (the reward passed to it is not
         subtracted), and the return-to-go tokens already in the context shift by the same amount,
-        so the context reads as if this return had been asked for from the start.
+        so the context reads as if this return had been asked for from the start. Warns
+        (DtlabWarning) above the checkpoint's calibrated reliable maximum target.
         """
         idx = self._index(index)
+        self._warn_above_reliable_max(np.asarray(return_to_go, dtype=np.float64))
         new = torch.tensor(np.asarray(return_to_go, dtype=np.float32).reshape(-1), device=self.device)
         self._pending[idx] = self._norm.scale_returns(new)
 

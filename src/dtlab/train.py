@@ -35,7 +35,7 @@ from dtlab.data.sampling import Batch, SequenceSampler
 from dtlab.envs import actions_outside_bounds, describe_space, env_info, make_env, reference_scores
 from dtlab.errors import ConfigError, DatasetError, DtlabWarning, EnvError, TrainingError
 from dtlab.metrics import MetricsLog, evaluation_record, training_record
-from dtlab.model import DecisionTransformer
+from dtlab.model import DecisionTransformer, build_model
 from dtlab.normalizer import Normalizer
 from dtlab.policy import DTPolicy
 from dtlab.rollout import Evaluator, episode_limit
@@ -121,7 +121,7 @@ def check_action_bounds(episodes: EpisodeSet, env, *, strict: bool) -> None:
         warnings.warn(msg + "; they are clipped for training", DtlabWarning, stacklevel=3)
 
 
-def _recorded_reference(meta, key: str) -> float | None:
+def recorded_reference(meta, key: str) -> float | None:
     """A reference score recorded with the dataset (dtlab's presets, Minari's metadata), if numeric."""
     for name in (f"dtlab_{key}", f"minari_{key}", key):
         value = meta.get(name)
@@ -139,8 +139,8 @@ def policy_info_for(cfg: TrainConfig, episodes: EpisodeSet, env) -> PolicyInfo:
         raise EnvError(f"{cfg.data.env}: action space {describe_space(env.action_space)} is "
                        "unbounded; dtlab's tanh action head needs finite bounds")
     meta = episodes.metadata
-    ref_min, ref_max = reference_scores(cfg.data.env, _recorded_reference(meta, "ref_min_score"),
-                                        _recorded_reference(meta, "ref_max_score"))
+    ref_min, ref_max = reference_scores(cfg.data.env, recorded_reference(meta, "ref_min_score"),
+                                        recorded_reference(meta, "ref_max_score"))
     return_scale = cfg.data.return_scale
     return_scale = float(return_scale if return_scale is not None else info.return_scale)
     return PolicyInfo(
@@ -182,6 +182,12 @@ def prepare(cfg: TrainConfig, episodes: EpisodeSet | None = None) -> tuple[Episo
         episode_limit(env, cfg.data.env, None, cfg.model.max_ep_len)
     info = policy_info_for(cfg, episodes, env)
     env.close()
+    if cfg.data.top_fraction is not None:  # Percentile BC; normalization from all data (DT code)
+        episodes = episodes.top_fraction(cfg.data.top_fraction)
+        info = dataclasses.replace(info, dataset={**info.dataset, "top_fraction": {
+            "fraction": cfg.data.top_fraction, "episodes": episodes.num_episodes,
+            "transitions": episodes.num_transitions,
+            "min_episode_return": float(episodes.episode_returns.min())}})
     return episodes, info
 
 
@@ -196,12 +202,17 @@ def check_resume_config(out: Path, cfg: TrainConfig) -> None:
     if not isinstance(saved, dict):
         raise ConfigError(f"{path}: cannot read the run's configuration to resume: not an object")
     differ = []
+    groups = cfg.resume_groups()
     for group, value in _jsonable({k: dataclasses.asdict(v) if dataclasses.is_dataclass(v) else v
-                                   for k, v in cfg.resume_groups().items()}).items():
+                                   for k, v in groups.items()}).items():
         if isinstance(value, dict):
             old = saved.get(group)
             old = old if isinstance(old, dict) else saved  # runs before issue 9 saved flat keys
-            differ += [(f"{group}.{k}", old.get(k), v) for k, v in value.items() if old.get(k) != v]
+            # A field added since the run was saved (e.g. model.architecture) had its default.
+            defaults = _jsonable({f.name: f.default for f in dataclasses.fields(groups[group])
+                                  if f.default is not dataclasses.MISSING})
+            differ += [(f"{group}.{k}", old.get(k), v) for k, v in value.items()
+                       if old.get(k, defaults.get(k)) != v]
         else:
             old = saved.get("run", {}).get(group) if isinstance(saved.get("run"), dict) \
                 else saved.get(group)
@@ -317,7 +328,7 @@ class Trainer:
     def create(cls, cfg: TrainConfig, episodes: EpisodeSet, info: PolicyInfo,
                device: torch.device) -> "Trainer":
         torch.manual_seed(cfg.optim.seed)
-        model = DecisionTransformer(cfg.model, info.observation_space, info.action_space).to(device)
+        model = build_model(cfg.model, info.observation_space, info.action_space).to(device)
         optimizer = make_optimizer(model, cfg.optim, device)
         scheduler = torch.optim.lr_scheduler.LambdaLR(
             optimizer, LRSchedule(cfg.optim.warmup_steps, cfg.optim.schedule, cfg.run.steps))

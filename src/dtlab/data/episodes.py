@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 
 from dtlab.data.returns import returns_to_go as _returns_to_go
-from dtlab.errors import DatasetError
+from dtlab.errors import ConfigError, DatasetError
 from dtlab.spaces import (ActionSpec, ContinuousActions, DiscreteActions, ObservationSpec,
                           VectorObservations)
 
@@ -246,6 +246,35 @@ class EpisodeSet:
                           metadata={**self.metadata, "truncated_to": int(max_len)},
                           final_observations=finals, action_space=self.action_space,
                           observation_space=self.observation_space)
+
+    def top_fraction(self, fraction: float) -> "EpisodeSet":
+        """The highest-return episodes holding at most ``fraction`` of the transitions: episodes
+        are taken from the best return down (ties: the earlier episode first) while their
+        lengths sum to at most ``max(1, int(fraction * N))``; the best episode is always kept.
+        They keep their order in the file.
+
+        The DT paper's Percentile BC (section 5.3) as its code selects it (gym/experiment.py,
+        pct_traj), except that an episode that fills the budget exactly is kept (the code's
+        strict < drops the lowest-return episode even at pct_traj = 1). Final observations, when
+        the set has them, follow their episodes. Raises ConfigError unless 0 < fraction <= 1.
+        """
+        if isinstance(fraction, bool) or not isinstance(fraction, (int, float)) or \
+                not 0 < fraction <= 1:
+            raise ConfigError(f"top_fraction must be in (0, 1], got {fraction!r}")
+        budget = max(1, int(fraction * self.num_transitions))
+        lengths = self.episode_lengths  # (E,)
+        best_first = np.argsort(-self.episode_returns.astype(np.float64), kind="stable")  # (E,)
+        fits = int(np.searchsorted(np.cumsum(lengths[best_first]), budget, side="right"))
+        keep = np.sort(best_first[:max(1, fits)])  # (E',) episode ids in file order
+        new_lengths = lengths[keep]
+        new_starts = np.concatenate([[0], np.cumsum(new_lengths)[:-1]]).astype(np.int64)
+        idx = (np.repeat(self.episode_starts[keep] - new_starts, new_lengths)
+               + np.arange(int(new_lengths.sum())))  # (N',) flat indices of the kept steps
+        finals = self.final_observations
+        return EpisodeSet(self.observations[idx], self.actions[idx], self.rewards[idx],
+                          self.terminations[idx], self.truncations[idx], new_starts,
+                          source=self.source, metadata={**self.metadata, "top_fraction": fraction},
+                          final_observations=None if finals is None else finals[keep])
 
     # ---- derived quantities -------------------------------------------------------------------
     @property

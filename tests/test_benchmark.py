@@ -1,0 +1,199 @@
+"""``dtlab benchmark`` end to end at a tiny budget through the CLI: stopped by SIGINT after its
+first run and continued (finished runs are not redone; the interrupted one continues bit for bit),
+the report rebuilt with --report-only, its IQM and confidence intervals checked against numpy."""
+
+import dataclasses
+import json
+import os
+import signal
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from safetensors.numpy import load_file
+
+from dtlab import benchmark
+from dtlab.cli import main
+from dtlab.behaviour.scripted import pendulum_mixed_dataset
+from dtlab.config import BenchmarkConfig, EvalDuringTraining, ModelConfig
+from dtlab.data.formats import save_episodes
+from dtlab.errors import ConfigError
+
+RUNS = [("decision-transformer", 0), ("decision-transformer", 1), ("mlp-bc", 0), ("mlp-bc", 1)]
+
+
+@pytest.fixture(scope="module")
+def pendulum_file(tmp_path_factory):
+    path = tmp_path_factory.mktemp("bench") / "pendulum-small.hdf5"
+    save_episodes(pendulum_mixed_dataset(num_episodes=12, seed=0), path)
+    return path
+
+
+def bench_args(data, out, *extra):
+    return ["benchmark", "--datasets", str(data), "--env", "Pendulum-v1",
+            "--algorithms", "decision-transformer", "mlp-bc", "--seeds", "0", "1",
+            "--steps", "30", "--eval-every", "15", "--eval-episodes", "1",
+            "--model.embed-dim", "16", "--model.n-layers", "1", "--model.context-len", "4",
+            "--model.max-ep-len", "200", "--batch-size", "8", "--warmup-steps", "5",
+            "--bootstrap-reps", "300", "--no-progress", "--out", str(out), *extra]
+
+
+def run_files(out):
+    return {(a, s): benchmark.run_dir(out, "pendulum-small", a, s) / benchmark.RUN_FILE
+            for a, s in RUNS}
+
+
+def interrupt_second_run(files, stop: threading.Event):
+    """Send this process SIGINT (as Ctrl-C does) once the first run has finished and the second
+    has started training."""
+    while not stop.is_set():
+        if files[0].is_file() and (files[1].parent / "train_config.json").is_file():
+            os.kill(os.getpid(), signal.SIGINT)
+            return
+        time.sleep(0.005)
+
+
+def naive_iqm(scores):
+    """Interquartile mean: drop the lowest and highest quarter (floor(n / 4) each), average."""
+    x = np.sort(np.asarray(scores, dtype=np.float64).ravel())
+    cut = int(0.25 * x.size)
+    return float(x[cut:x.size - cut].mean())
+
+
+def test_benchmark_stops_continues_and_reports(tmp_path, capsys, pendulum_file):
+    out = tmp_path / "bench"
+    files = run_files(out)
+    stop = threading.Event()
+    watcher = threading.Thread(target=interrupt_second_run, args=(list(files.values()), stop))
+    watcher.start()
+    try:
+        code = main(bench_args(pendulum_file, out))
+    finally:
+        stop.set()
+        watcher.join()
+    err = capsys.readouterr().err
+    assert code == 128 + signal.SIGINT, err
+    assert "run the same command again to continue" in err
+    done_first = {k: f.read_bytes() for k, f in files.items() if f.is_file()}
+    assert list(done_first) == [RUNS[0]]
+    metrics_mtime = {k: (files[k].parent / "metrics.jsonl").stat().st_mtime_ns for k in done_first}
+    # The run that was stopped has a checkpoint and no run.json: it continues from there.
+    stopped = RUNS[1]
+    assert (files[stopped].parent / "latest").is_file() and not files[stopped].exists()
+    stopped_at = int((files[stopped].parent / "latest").read_text().strip()[len("step_"):])
+    assert stopped_at < 30  # stopped mid-run, with a checkpoint
+
+    code = main(bench_args(pendulum_file, out))
+    captured = capsys.readouterr()
+    assert code == 0, captured.err
+    assert all(f.is_file() for f in files.values())
+    for k, content in done_first.items():  # finished runs were not redone
+        assert files[k].read_bytes() == content
+        assert (files[k].parent / "metrics.jsonl").stat().st_mtime_ns == metrics_mtime[k]
+
+    # The stopped run continued bit for bit: the same weights as one uninterrupted training.
+    cfg = BenchmarkConfig(datasets=(str(pendulum_file),), env="Pendulum-v1", steps=30,
+                          eval_every=15, eval_episodes=1, model=ModelConfig(
+                              embed_dim=16, n_layers=1, context_len=4, max_ep_len=200))
+    cfg = dataclasses.replace(cfg, optim=dataclasses.replace(cfg.optim, batch_size=8,
+                                                             warmup_steps=5))
+    entry = benchmark.load_datasets(cfg)[0]
+    fresh = benchmark.run_train_config(cfg, entry, *stopped, tmp_path / "fresh")
+    from dtlab.train import train
+
+    result = train(dataclasses.replace(fresh, evaluation=EvalDuringTraining()), entry.episodes)
+    stopped_run = json.loads(files[stopped].read_text())
+    final = files[stopped].parent / stopped_run["checkpoint"] / "model.safetensors"
+    a, b = load_file(final), load_file(result.checkpoint / "model.safetensors")
+    assert a.keys() == b.keys() and all(np.array_equal(a[k], b[k]) for k in a)
+
+    report = json.loads((out / benchmark.RESULTS_JSON).read_text())
+    assert report["runs_finished"] == 4 and report["runs_expected"] == 4
+    cells = {(c["algorithm"], c["target"]): c for c in report["results"]}
+    # DT at each of Pendulum's registry targets; mlp-bc once, target-free.
+    assert set(cells) == {("decision-transformer", -150.0), ("decision-transformer", -500.0),
+                          ("decision-transformer", -900.0), ("mlp-bc", None)}
+    for (algorithm, target), cell in cells.items():
+        assert cell["seeds"] == [0, 1]
+        runs = [json.loads(files[(algorithm, s)].read_text()) for s in (0, 1)]
+        per_eval = [[r["normalized_mean"] for e in run["evaluations"] for r in e["results"]
+                     if target is None or r["target"] == target] for run in runs]
+        assert [e["step"] for e in runs[0]["evaluations"]] == [15, 30]
+        last = [scores[-1] for scores in per_eval]
+        best = [max(scores) for scores in per_eval]
+        for which, scores in (("last", last), ("best", best)):
+            stats = cell[which]
+            np.testing.assert_allclose(stats["per_seed"], scores, rtol=1e-12)
+            np.testing.assert_allclose(stats["mean"], np.mean(scores), rtol=1e-12)
+            np.testing.assert_allclose(stats["std"], np.std(scores), rtol=1e-12)
+            np.testing.assert_allclose(stats["iqm"], naive_iqm(scores), rtol=1e-12)
+            lo, hi = stats["ci95"]
+            assert min(scores) - 1e-9 <= lo <= stats["iqm"] <= hi <= max(scores) + 1e-9
+    behaviour = report["datasets"]["pendulum-small"]["behaviour"]
+    from dtlab.data.formats import load_episodes
+    from dtlab.envs import PENDULUM_REF_MAX, PENDULUM_REF_MIN
+
+    mean_return = float(load_episodes(pendulum_file).episode_returns.astype(np.float64).mean())
+    np.testing.assert_allclose(behaviour["normalized"], 100 * (mean_return - PENDULUM_REF_MIN)
+                               / (PENDULUM_REF_MAX - PENDULUM_REF_MIN), rtol=1e-9)
+    table = (out / benchmark.RESULTS_MD).read_text()
+    assert "| pendulum-small | mlp-bc | target-free | 2 |" in table
+    assert "| pendulum-small | behaviour policy (dataset mean) |" in table
+    assert all((out / p).read_bytes()[:4] == b"\x89PNG" for p in report["plots"])
+
+    # --report-only rebuilds the same table from the runs alone.
+    for name in (benchmark.RESULTS_JSON, benchmark.RESULTS_MD):
+        (out / name).unlink()
+    assert main(["benchmark", "--out", str(out), "--report-only", "--bootstrap-reps", "300"]) == 0
+    rebuilt = json.loads((out / benchmark.RESULTS_JSON).read_text())
+    assert rebuilt["results"] == report["results"] and rebuilt["runs_finished"] == 4
+    assert (out / benchmark.RESULTS_MD).read_text().splitlines()[4:] == table.splitlines()[4:]
+
+
+def test_iqm_interval_against_numpy():
+    """rliable's IQM over a (runs, tasks) matrix equals the 25%-trimmed mean of all its entries,
+    and its bootstrap interval contains it; the interval does not depend on numpy's global state."""
+    scores = np.random.default_rng(3).normal(50, 20, size=(8, 3))  # (runs, tasks)
+    np.random.seed(123)
+    iqm, lo, hi = benchmark.iqm_with_ci(scores, reps=500)
+    assert np.random.randint(1 << 30) == np.random.RandomState(123).randint(1 << 30)  # restored
+    np.testing.assert_allclose(iqm, naive_iqm(scores), rtol=1e-12)
+    assert lo < iqm < hi
+    assert benchmark.iqm_with_ci(scores, reps=500) == (iqm, lo, hi)  # seeded: reproducible
+
+
+def test_benchmark_refuses_other_settings_in_the_same_directory(tmp_path, pendulum_file):
+    out = tmp_path / "bench"
+    out.mkdir()
+    cfg = BenchmarkConfig(datasets=(str(pendulum_file),), env="Pendulum-v1", steps=30, out=str(out))
+    entries = benchmark.load_datasets(cfg)
+    benchmark.check_settings(out, cfg, entries)
+    with pytest.raises(ConfigError, match="steps: 30 -> 40"):
+        benchmark.check_settings(out, dataclasses.replace(cfg, steps=40), entries)
+    benchmark.check_settings(out, dataclasses.replace(cfg, seeds=(5,)), entries)  # seeds may grow
+
+
+def test_benchmark_bad_input_is_one_line_and_writes_nothing(tmp_path, capsys, pendulum_file):
+    out = tmp_path / "bench"
+    cases = [
+        (["--datasets", str(tmp_path / "missing.hdf5"), "--env", "Pendulum-v1"], "file not found"),
+        (["--datasets", str(pendulum_file), "--env", "NoSuchEnv-v0"], "unknown environment"),
+        (["--datasets", str(pendulum_file), "--env", "Hopper-v5"], "observations"),
+        (["--datasets", str(pendulum_file), str(pendulum_file)], "would share the directory"),
+        (["--model.architecture", "transformer-bc", "--datasets", str(pendulum_file)],
+         "set per run by algorithms"),
+        ([], "datasets must name at least one"),
+    ]
+    for args, message in cases:
+        code = main(["benchmark", "--out", str(out), "--no-progress", *args])
+        err = capsys.readouterr().err
+        assert code == 2 and message in err and len(err.strip().splitlines()) == 1, err
+        assert not out.exists()
+
+
+def test_dataset_names():
+    assert benchmark.dataset_name("data/hopper-medium-v5.hdf5") == "hopper-medium-v5"
+    assert benchmark.dataset_name("minari:mujoco/hopper/medium-v0") == "mujoco-hopper-medium-v0"
+    assert Path(benchmark.dataset_name("a b/c d.hdf5")).name == "c_d"

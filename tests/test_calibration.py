@@ -1,0 +1,241 @@
+"""Return-conditioning calibration (the reliable maximum target, stored in the checkpoint, warned
+about) and evaluation without an environment (offline action error and return sensitivity)."""
+
+import json
+import math
+import shutil
+import warnings
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from dtlab import checkpoint
+from dtlab.cli import main
+from dtlab.data import EpisodeSet
+from dtlab.data.formats import save_episodes
+from dtlab.errors import CheckpointError, ConfigError, DtlabWarning
+from dtlab.evaluate import offline_evaluation, reliable_maximum
+from dtlab.policy import DTPolicy
+from dtlab.spaces import DiscreteActions
+
+FIXTURES = Path(__file__).parent / "fixtures"
+
+
+# ---- the reliable maximum on hand-computed curves -------------------------------------------------
+def test_rises_then_saturates():
+    # se 5 everywhere: margin 2 * sqrt(25 + 25) = 14.14. Steps up: +40, +70, +5, -7.
+    cal = reliable_maximum([0, 100, 200, 300, 400], [10, 50, 120, 125, 118], [5] * 5)
+    assert cal.rises == [True, True, False, False]
+    assert cal.reliable_max_target == 200 and cal.achieved_at_reliable_max == 120
+    assert cal.rising_range == (0, 200) and cal.saturated
+
+
+def test_flat_curve_does_not_rise():
+    cal = reliable_maximum([-900, -500, -150], [-400, -395, -405], [5, 5, 5])
+    assert cal.rises == [False, False] and cal.rising_range is None
+    assert cal.reliable_max_target == -900 and cal.saturated
+
+
+def test_still_rising_at_the_top_of_the_sweep():
+    cal = reliable_maximum([0, 1, 2], [0, 100, 200], [1, 1, 1])
+    assert cal.reliable_max_target == 2 and cal.rising_range == (0, 2) and not cal.saturated
+
+
+def test_flat_start_then_rise_then_plateau():
+    # se 3: margin 2 * sqrt(18) = 8.49. 10, 12, 9 are one plateau; 60, 110 rise; 112, 108 do not.
+    cal = reliable_maximum([0, 100, 200, 300, 400, 500, 600], [10, 12, 9, 60, 110, 112, 108], [3] * 7)
+    assert cal.rises == [False, False, True, True, False, False]
+    assert cal.rising_range == (200, 400) and cal.reliable_max_target == 400
+
+
+def test_the_margin_is_z_standard_errors_of_the_difference():
+    # se 3 and 4: the difference's standard error is 5; z = 2 makes the margin exactly 10.
+    assert reliable_maximum([0, 1], [0, 10], [3, 4]).reliable_max_target == 0  # not more than 10
+    assert reliable_maximum([0, 1], [0, 10.01], [3, 4]).reliable_max_target == 1
+    assert reliable_maximum([0, 1], [0, 6], [3, 4], z=1.0).reliable_max_target == 1  # margin 5
+    with pytest.raises(ConfigError, match="strictly increasing"):
+        reliable_maximum([1, 0], [0, 1], [1, 1])
+
+
+# ---- stored in the checkpoint, warned about -------------------------------------------------------
+@pytest.fixture
+def checkpoint_copy(tmp_path, tiny_checkpoint):
+    copy = tmp_path / "run"
+    shutil.copytree(tiny_checkpoint, copy)
+    return copy
+
+
+def test_targets_above_the_reliable_maximum_warn(checkpoint_copy):
+    checkpoint.save_calibration(checkpoint_copy, {"reliable_max_target": -300.0})
+    policy = DTPolicy.from_checkpoint(checkpoint_copy)
+    assert policy.reliable_max_target == -300.0
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        policy.reset([-500.0, -300.0])
+        policy.steer(-400.0)
+        assert not caught
+        policy.reset([-500.0, -200.0])
+        policy.steer(-100.0, index=[0])
+    assert [w.category for w in caught] == [DtlabWarning, DtlabWarning]
+    assert all("above -300" in str(w.message) and "\n" not in str(w.message) for w in caught)
+    with pytest.warns(DtlabWarning, match="reliable maximum target") as record:
+        assert main(["evaluate", str(checkpoint_copy), "--targets", "-200", "-250", "--episodes",
+                     "2", "--max-steps", "3"]) == 0
+    assert len([w for w in record if issubclass(w.category, DtlabWarning)]) == 1
+
+
+def test_a_corrupt_calibration_file_is_refused(checkpoint_copy):
+    file = checkpoint.resolve(checkpoint_copy) / checkpoint.CALIBRATION_FILE
+    file.write_text('{"reliable_max_target": "high"}')
+    with pytest.raises(CheckpointError, match="reliable_max_target"):
+        DTPolicy.from_checkpoint(checkpoint_copy)
+
+
+def test_calibrate_command(checkpoint_copy, capsys):
+    code = main(["calibrate", str(checkpoint_copy), "--points", "3", "--episodes", "2",
+                 "--max-steps", "10"])
+    out = capsys.readouterr().out
+    assert code == 0 and "reliable maximum target" in out
+    ckpt = checkpoint.resolve(checkpoint_copy)
+    record = json.loads((ckpt / checkpoint.CALIBRATION_FILE).read_text())
+    _, info = checkpoint.load_info(ckpt)
+    lo, hi = info.dataset["episode_return"]["min"], info.dataset["episode_return"]["max"]
+    np.testing.assert_allclose(record["targets"], np.round([lo, (lo + hi + 0.5 * (hi - lo)) / 2,
+                                                            hi + 0.5 * (hi - lo)], 1))
+    # 2 episodes: the standard error (ddof 1) equals the population std.
+    np.testing.assert_allclose(record["standard_errors"], record["achieved_std"], rtol=1e-9)
+    again = reliable_maximum(record["targets"], record["means"], record["standard_errors"])
+    assert record["reliable_max_target"] == again.reliable_max_target
+    assert (ckpt / "calibration.png").read_bytes()[:4] == b"\x89PNG"
+    assert DTPolicy.from_checkpoint(checkpoint_copy).reliable_max_target == again.reliable_max_target
+
+
+# ---- offline evaluation ---------------------------------------------------------------------------
+def pendulum_like(lengths, seed=0, discrete_actions=None):
+    rng = np.random.default_rng(seed)
+    n = sum(lengths)
+    obs_dim = 3 if discrete_actions is None else 4
+    obs = rng.normal(size=(n, obs_dim)).astype(np.float32)
+    if discrete_actions is None:
+        act = rng.uniform(-2.5, 2.5, size=(n, 1)).astype(np.float32)  # some outside: clipped
+    else:
+        act = rng.integers(0, discrete_actions, size=n)
+    rew = -rng.uniform(0, 10, size=n).astype(np.float32)
+    trunc = np.zeros(n, bool)
+    trunc[np.cumsum(lengths) - 1] = True
+    return EpisodeSet.from_flags(obs, act, rew, np.zeros(n, bool), trunc)
+
+
+@torch.no_grad()
+def naive_offline(model, info, episodes, buckets, quantiles):
+    """One window at a time: left-padded by hand, the full forward, its last step."""
+    norm = info.normalizer
+    k, scale = info.model.context_len, norm.return_scale
+    mean, std = np.asarray(norm.obs_mean), np.asarray(norm.obs_std)
+    discrete = isinstance(info.action_space, DiscreteActions)
+    ends = np.arange(episodes.num_transitions)
+    rtg_all = episodes.returns_to_go.astype(np.float64)
+    low, high = np.quantile(rtg_all[ends], quantiles)
+    errors, deltas = [], []
+    for e in ends:
+        s = max(int(x) for x in episodes.episode_starts if x <= e)
+        obs = np.zeros((k, info.observation_space.dim), np.float32)
+        act = np.zeros(k, np.int64) if discrete else np.zeros((k, info.action_space.dim), np.float32)
+        rtg, ts, mask = np.zeros((k, 1), np.float32), np.zeros(k, np.int64), np.zeros(k, bool)
+        for i, p in enumerate(range(e - k + 1, e + 1)):
+            if p < s:
+                continue
+            obs[i] = (episodes.observations[p] - mean) / std
+            if discrete:
+                act[i] = episodes.actions[p]
+            else:
+                lo, hi = np.asarray(norm.action_low), np.asarray(norm.action_high)
+                act[i] = np.clip(2 * (episodes.actions[p] - lo) / (hi - lo) - 1, -1, 1)
+            rtg[i, 0], ts[i], mask[i] = rtg_all[p] / scale, p - s, True
+        run = lambda r: model(*(torch.from_numpy(x)[None] for x in (obs, act, r, ts, mask)))[0, -1]  # noqa
+        pred = run(rtg)
+        swapped = [run(np.where(mask[:, None], rtg - rtg[-1] + q / scale, 0).astype(np.float32))
+                   for q in (low, high)]
+        if discrete:
+            errors.append(float(pred.argmax() == act[-1]))
+            deltas.append(float(swapped[0].argmax() != swapped[1].argmax()))
+        else:
+            errors.append(float(((pred.numpy() - act[-1]) ** 2).mean()))
+            deltas.append(float((swapped[1] - swapped[0]).abs().mean()))
+    rtg_ends = rtg_all[ends]
+    edges = np.quantile(rtg_ends, np.linspace(0, 1, buckets + 1))
+    which = np.array([sum(r >= edges[i] for i in range(1, buckets)) for r in rtg_ends])
+    per_bucket = [np.mean(np.asarray(errors)[which == b]) if (which == b).any() else None
+                  for b in range(buckets)]
+    return np.mean(errors), per_bucket, [(which == b).sum() for b in range(buckets)], np.mean(deltas)
+
+
+def test_offline_evaluation_matches_a_naive_loop_and_makes_no_env(tmp_path, capsys, monkeypatch):
+    data = tmp_path / "pendulum.hdf5"
+    episodes = pendulum_like([30, 7, 45, 18])
+    save_episodes(episodes, data)
+
+    def no_env(*args, **kwargs):
+        raise AssertionError("offline evaluation made an env")
+
+    import gymnasium
+
+    monkeypatch.setattr(gymnasium, "make", no_env)
+    out = tmp_path / "offline.json"
+    ckpt = FIXTURES / "legacy_continuous"
+    code = main(["evaluate", str(ckpt), "--offline", "--dataset", str(data), "--windows", "0",
+                 "--buckets", "3", "--out", str(out)])
+    assert code == 0, capsys.readouterr().err
+    result = json.loads(out.read_text())
+    model, info = checkpoint.load(ckpt)
+    overall, per_bucket, counts, delta = naive_offline(model, info, episodes, 3, (0.1, 0.9))
+    assert result["metric"] == "mse" and result["windows"] == episodes.num_transitions
+    np.testing.assert_allclose(result["mse"], overall, rtol=1e-5)
+    assert [b["windows"] for b in result["buckets"]] == counts
+    np.testing.assert_allclose([b["mse"] for b in result["buckets"]], per_bucket, rtol=1e-5)
+    np.testing.assert_allclose(result["swap"]["mean_abs_delta"], delta, rtol=1e-5, atol=1e-7)
+    assert result["swap"]["mean_abs_delta"] > 0  # this DT reads the return-to-go
+    assert "return-to-go swapped" in capsys.readouterr().out
+
+
+def test_offline_evaluation_discrete_and_subsampled():
+    episodes = pendulum_like([25, 40, 12], seed=1, discrete_actions=2)
+    model, info = checkpoint.load(FIXTURES / "legacy_discrete")
+    result = offline_evaluation(model, info, episodes, buckets=2, windows=0)
+    overall, per_bucket, counts, changed = naive_offline(model, info, episodes, 2, (0.1, 0.9))
+    assert result["metric"] == "accuracy"
+    np.testing.assert_allclose(result["accuracy"], overall, rtol=1e-12)
+    np.testing.assert_allclose([b["accuracy"] for b in result["buckets"]], per_bucket, rtol=1e-12)
+    np.testing.assert_allclose(result["swap"]["changed_fraction"], changed, rtol=1e-12)
+    sub = offline_evaluation(model, info, episodes, buckets=2, windows=20, seed=3)
+    assert sub["windows"] == 20 and sum(b["windows"] for b in sub["buckets"]) == 20
+
+
+def test_offline_evaluation_refuses_data_that_does_not_fit(tmp_path, capsys):
+    data = tmp_path / "cartpole-like.hdf5"
+    save_episodes(pendulum_like([10], discrete_actions=2), data)
+    code = main(["evaluate", str(FIXTURES / "legacy_continuous"), "--offline", "--dataset",
+                 str(data), "--out", str(tmp_path / "o.json")])
+    err = capsys.readouterr().err
+    assert code == 2 and "do not fit the checkpoint" in err and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "o.json").exists()
+    assert main(["evaluate", str(FIXTURES / "legacy_continuous"), "--offline"]) == 2
+    assert "needs dataset" in capsys.readouterr().err
+
+
+@pytest.mark.filterwarnings("ignore::dtlab.errors.DtlabWarning")  # the data's actions reach 2.5
+def test_baselines_are_return_insensitive_offline(tmp_path):
+    from dtlab.config import ModelConfig
+    from dtlab.train import train
+    from tests.configs import train_config
+
+    episodes = pendulum_like([60, 40, 50])
+    cfg = train_config(dataset="<memory>", env="Pendulum-v1", out=str(tmp_path / "run"), steps=3,
+                       batch_size=4, warmup_steps=1, progress=False, tensorboard=False,
+                       model=ModelConfig(embed_dim=16, n_layers=1, context_len=4, max_ep_len=200,
+                                         architecture="transformer-bc"))
+    model, info = checkpoint.load(train(cfg, episodes).checkpoint)
+    result = offline_evaluation(model, info, episodes, windows=50)
+    assert result["swap"]["mean_abs_delta"] == 0.0 and math.isfinite(result["mse"])
