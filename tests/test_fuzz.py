@@ -103,13 +103,15 @@ class Worker:
         env = {**os.environ, "OMP_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1"}  # under RLIMIT_AS
         self.proc = subprocess.Popen([sys.executable, "-c", WORKER], stdin=subprocess.PIPE,
                                      stdout=subprocess.PIPE, text=True, env=env)
+        # Each worker gets its own queue, bound here: a killed worker's pump thread must not put
+        # its end-of-stream marker into its successor's queue (a false "crash").
         self.lines: queue.Queue = queue.Queue()
-        stdout = self.proc.stdout
+        stdout, lines = self.proc.stdout, self.lines
 
         def pump() -> None:
             for line in stdout:
-                self.lines.put(line)
-            self.lines.put(None)  # the worker died
+                lines.put(line)
+            lines.put(None)  # the worker died
 
         threading.Thread(target=pump, daemon=True).start()
 
