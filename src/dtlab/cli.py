@@ -132,10 +132,13 @@ def signals_received():
 
 def run_train(cfg: TrainConfig) -> int:
     """Train; SIGINT/SIGTERM stop the run at the next step with a checkpoint (exit 128 + signal)."""
+    from dtlab.distributed import World
     from dtlab.train import train
 
     with signals_received() as received:
         result = train(cfg, should_stop=lambda: bool(received))
+    if not World.current().is_main:  # under torchrun, rank 0 reports
+        return 128 + received[0] if result.interrupted and received else 0
     if result.interrupted:
         sig = received[0] if received else 0
         print(f"interrupted by signal {sig} at step {result.steps}; checkpoint "

@@ -115,7 +115,8 @@ class OptimConfig:
     A resumed run must keep all of these to continue bit for bit."""
 
     batch_size: int = 64
-    """Windows per gradient step."""
+    """Windows per gradient step, per process: under torchrun with N processes a step averages
+    the gradient over N x batch_size windows."""
     lr: float = 1e-4
     """Peak learning rate of AdamW."""
     weight_decay: float = 1e-4
@@ -129,10 +130,13 @@ class OptimConfig:
     grad_clip: float = 0.25
     """Clip the global gradient norm to this value (0 disables)."""
     seed: int = 0
-    """Seed of model init, dropout and window sampling."""
-    precision: Literal["fp32", "bf16"] = "fp32"
-    """Matmul precision: fp32, or bf16 autocast (weights, optimizer and loss stay fp32; on CPUs
-    with AVX-512-BF16 or AMX, and on GPUs, about 1.5x faster; see docs/benchmarks.md)."""
+    """Seed of model init, dropout and window sampling (under torchrun, rank r samples and draws
+    dropout from streams derived from (seed, r))."""
+    precision: Literal["auto", "fp32", "bf16"] = "auto"
+    """Matmul precision: auto (bf16 where the hardware computes it natively: CPUs with
+    AVX-512-BF16 or AMX, GPUs of compute capability 8.0+; else fp32), fp32, or bf16 autocast
+    (weights, optimizer and loss stay fp32). The run records what auto chose, and a resumed run
+    keeps it. bf16 on a CPU without native bf16 is 2-31x slower (docs/benchmarks.md)."""
     skip_nonfinite: bool = False
     """Skip (do not apply) steps whose loss or gradient is NaN/inf, counting them in the metrics,
     instead of stopping the run (a run in which almost no step was applied still fails)."""
@@ -171,9 +175,11 @@ class RunConfig:
     log_every: int = 100
     """Write metrics (loss, lr, steps/s) every this many steps."""
     device: str = "auto"
-    """torch device: auto (cuda if available, else cpu), cpu, cuda, cuda:1, ..."""
+    """torch device: auto (cuda if available, else cpu), cpu, cuda, cuda:1, ... (under torchrun
+    with several processes on a node: auto or cuda, each process takes cuda:LOCAL_RANK)."""
     threads: int | None = None
-    """CPU threads for torch (default: OMP_NUM_THREADS if set, else the number of cores)."""
+    """CPU threads for torch (default: OMP_NUM_THREADS if set, else the number of cores divided
+    by the processes torchrun starts on the node)."""
     progress: bool = True
     """Show a progress bar."""
     tensorboard: bool = True
@@ -196,11 +202,15 @@ class EvalDuringTraining:
     """Episodes per target for periodic/final evaluation (0 disables evaluation during training)."""
     eval_targets: tuple[float, ...] = ()
     """Target returns for evaluation during training; default from the env registry."""
+    eval_workers: int = 0
+    """Step the evaluation environments in this many worker processes while the model acts in the
+    training process (0: in the training process). Returns are identical either way."""
 
     def __post_init__(self) -> None:
         check_number("eval_every", self.eval_every, minimum=0)
         check_number("eval_episodes", self.eval_episodes, minimum=0)
         check_targets("eval_targets", self.eval_targets)
+        check_number("eval_workers", self.eval_workers, minimum=0)
 
 
 _FLAT = tyro.conf.arg(name="")  # the group's fields keep their flat flags: --lr, --steps, --out
@@ -262,9 +272,14 @@ class EvalConfig:
     """torch device: auto, cpu, cuda, ..."""
     threads: int | None = None
     """CPU threads for torch (default: OMP_NUM_THREADS if set, else 1 for rollouts)."""
-    precision: Literal["fp32", "bf16"] = "fp32"
-    """Model precision in rollouts: fp32 (exact), or bf16 autocast (faster on CPUs with
-    AVX-512-BF16/AMX and on GPUs; actions differ by ~1e-3)."""
+    precision: Literal["auto", "fp32", "bf16"] = "auto"
+    """Model precision in rollouts: auto (bf16 where the hardware computes it natively: CPUs with
+    AVX-512-BF16 or AMX, GPUs of compute capability 8.0+; else fp32), fp32 (exact), or bf16
+    autocast (actions differ by ~1e-3; 2-31x slower on CPUs without native bf16)."""
+    eval_workers: int = 0
+    """Step the environments in this many worker processes while the model acts in this one
+    (0: all in this process). Returns are identical either way; it pays when the simulator's share
+    of the time is large (MuJoCo) and cores are free."""
     kv_cache: bool = False
     """Approximate, faster rollouts: feed only each step's new tokens and reuse cached keys and
     values. Exact for the first K steps; afterwards older tokens keep keys/values computed with
@@ -300,6 +315,7 @@ class EvalConfig:
             raise ConfigError("offline evaluation needs dataset (a file to evaluate on)")
         check_number("max_steps", self.max_steps, minimum=1)
         check_number("threads", self.threads, minimum=1)
+        check_number("eval_workers", self.eval_workers, minimum=0)
 
 
 # Dataset ids written with ``--out minari:<id>``: dtlab.data.formats.MINARI_PREFIX (the data

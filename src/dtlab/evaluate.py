@@ -97,9 +97,11 @@ def evaluate_checkpoint(cfg: EvalConfig, echo: bool = False) -> dict:
         targets = list(cfg.targets) or list(env_info(env_id).targets)
     if not targets:
         raise ConfigError(f"no targets given and no default targets known for {env_id}")
-    policy = DTPolicy.from_checkpoint(path, device=str(device), precision=cfg.precision,
+    precision = runtime.resolve_precision(cfg.precision, device)
+    policy = DTPolicy.from_checkpoint(path, device=str(device), precision=precision,
                                       kv_cache=cfg.kv_cache)
-    report = rollout(policy, env_id, targets, cfg.episodes, seed=cfg.seed, max_steps=cfg.max_steps)
+    report = rollout(policy, env_id, targets, cfg.episodes, seed=cfg.seed, max_steps=cfg.max_steps,
+                     workers=cfg.eval_workers)
     data = results_json(report, checkpoint=str(path), env_id=env_id, episodes=cfg.episodes,
                         seed=cfg.seed, dataset=info.dataset)
     if echo:

@@ -15,6 +15,7 @@ from typing import Sequence
 import numpy as np
 
 from dtlab.data.returns import normalized_score
+from dtlab.env_workers import EnvWorkers, LocalEnvs
 from dtlab.envs import env_info, make_env, reference_scores
 from dtlab.errors import ConfigError
 from dtlab.policy import DTPolicy
@@ -75,13 +76,16 @@ def episode_limit(env, env_id: str, max_steps: int | None, max_ep_len: int) -> t
 
 
 def rollout(policy: DTPolicy, env_id: str, targets: Sequence[float], episodes: int, *,
-            seed: int = 0, max_steps: int | None = None, max_parallel: int = 256) -> RolloutReport:
+            seed: int = 0, max_steps: int | None = None, max_parallel: int = 256,
+            workers: int = 0) -> RolloutReport:
     """Run ``episodes`` episodes per target in ``env_id`` and report their returns.
 
     Up to ``max_parallel`` episodes run at once (each in its own env, stepped in lockstep, one
-    batched forward per step); more run in successive waves that reuse the same envs. Raises
-    ConfigError for no targets/episodes, non-finite targets or episodes longer than the model's
-    max_ep_len, EnvError when the env's spaces differ from the checkpoint's.
+    batched forward per step); more run in successive waves that reuse the same envs. ``workers``
+    > 0: the envs live in that many worker processes (dtlab.env_workers) while the policy acts
+    here; the results are identical. Raises ConfigError for no targets/episodes, non-finite
+    targets or episodes longer than the model's max_ep_len, EnvError when the env's spaces differ
+    from the checkpoint's or a worker fails.
     """
     n = len(targets) * episodes
     if n == 0:
@@ -92,24 +96,28 @@ def rollout(policy: DTPolicy, env_id: str, targets: Sequence[float], episodes: i
     target_of = target_of.astype(np.float32)
     # Episode j runs target j // episodes from start state seed + j % episodes.
     start_seed = seed + np.arange(n) % episodes  # (n,)
-    envs = [make_env(env_id) for _ in range(min(n, max_parallel))]
+    slots = min(n, max_parallel)
+    probe = make_env(env_id)  # checks before any worker starts
     try:
-        check_against_env(envs[0], policy.info.observation_space, policy.info.action_space,
+        check_against_env(probe, policy.info.observation_space, policy.info.action_space,
                           what="the checkpoint", exact_n=True)
-        limit, standard = episode_limit(envs[0], env_id, max_steps, policy.info.model.max_ep_len)
+        limit, standard = episode_limit(probe, env_id, max_steps, policy.info.model.max_ep_len)
+    finally:
+        probe.close()
+    envs = EnvWorkers(env_id, slots, workers) if workers > 0 else LocalEnvs(env_id, slots)
+    try:
         returns = np.zeros(n)
         lengths = np.zeros(n, dtype=np.int64)
         env_steps, model_time, started = 0, 0.0, time.perf_counter()
-        for first in range(0, n, len(envs)):
-            wave = np.arange(first, min(n, first + len(envs)))  # episode ids of this wave
+        for first in range(0, n, slots):
+            wave = np.arange(first, min(n, first + slots))  # episode ids of this wave
             steps, seconds = _run_wave(policy, envs, wave, target_of, start_seed, limit, returns,
                                        lengths)
             env_steps += steps
             model_time += seconds
         elapsed = time.perf_counter() - started
     finally:
-        for env in envs:
-            env.close()
+        envs.close()
     comparable = standard is not None and limit == standard
     ref_min, ref_max = reference_scores(env_id, policy.info.ref_min_score, policy.info.ref_max_score)
     results = []
@@ -126,14 +134,12 @@ def rollout(policy: DTPolicy, env_id: str, targets: Sequence[float], episodes: i
     return RolloutReport(results, limit, standard, comparable, int(env_steps), elapsed, model_time)
 
 
-def _run_wave(policy: DTPolicy, envs: list, wave: np.ndarray, target_of: np.ndarray,
-              start_seed: np.ndarray, limit: int, returns: np.ndarray, lengths: np.ndarray
-              ) -> tuple[int, float]:
-    """Run episodes ``wave`` (slot i of the wave in envs[i]) to the end; fills returns/lengths."""
+def _run_wave(policy: DTPolicy, envs: LocalEnvs | EnvWorkers, wave: np.ndarray,
+              target_of: np.ndarray, start_seed: np.ndarray, limit: int, returns: np.ndarray,
+              lengths: np.ndarray) -> tuple[int, float]:
+    """Run episodes ``wave`` (slot i of the wave in env slot i) to the end; fills returns/lengths."""
     m = wave.size
-    obs = np.stack([envs[i].reset(seed=int(start_seed[j]))[0] for i, j in enumerate(wave)])  # (m, S)
-    for i, j in enumerate(wave):
-        envs[i].action_space.seed(int(start_seed[j]))
+    obs = np.stack(envs.reset(np.arange(m), start_seed[wave]))  # (m, S)
     policy.reset(target_of[wave])
     rewards = np.zeros(m, dtype=np.float32)
     active = np.arange(m)  # wave slots still running
@@ -145,12 +151,13 @@ def _run_wave(policy: DTPolicy, envs: list, wave: np.ndarray, target_of: np.ndar
         actions = policy.act(obs[active], rewards[active], index=active)  # (a, A)
         model_time += time.perf_counter() - t0
         still = []
+        step_obs, step_rewards, terminated, truncated = envs.step(active, actions)
         for row, i in enumerate(active):
-            o, r, terminated, truncated, _ = envs[i].step(actions[row])
-            obs[i], rewards[i] = o, r
+            r = step_rewards[row]
+            obs[i], rewards[i] = step_obs[row], r
             returns[wave[i]] += r
             lengths[wave[i]] += 1
-            if not (terminated or truncated):
+            if not (terminated[row] or truncated[row]):
                 still.append(i)
         env_steps += active.size
         active = np.asarray(still, dtype=np.int64)
@@ -167,7 +174,8 @@ class Evaluator:
     episodes: int
     seed: int = 0
     max_steps: int | None = None
+    workers: int = 0  # env worker processes (0: in this process)
 
     def __call__(self, policy: DTPolicy) -> RolloutReport:
         return rollout(policy, self.env_id, self.targets, self.episodes, seed=self.seed,
-                       max_steps=self.max_steps)
+                       max_steps=self.max_steps, workers=self.workers)

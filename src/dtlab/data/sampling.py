@@ -45,6 +45,12 @@ class SequenceSampler:
         # Episode start of every transition, for the per-window lower bound.
         self._start_of = np.repeat(episodes.episode_starts, episodes.episode_lengths)  # (N,)
 
+    def flat_arrays(self) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+        """What ``gather`` indexes, for a gather elsewhere (dtlab.train's on a GPU): observations
+        normalized (N, obs_dim) float32, actions in model space (N, act_dim) float32 or (N,)
+        int64, returns-to-go scaled (N,) float32, and each transition's episode start (N,) int64."""
+        return self._obs, self._act, self._rtg, self._start_of
+
     def window_ends(self, batch_size: int, rng: np.random.Generator) -> np.ndarray:
         """Draw the last step of each window, uniformly over all transitions. (B,) int64"""
         return rng.integers(0, self.episodes.num_transitions, size=batch_size)

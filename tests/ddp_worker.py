@@ -1,0 +1,98 @@
+"""Worker code for tests/test_distributed.py, run in processes the tests start.
+
+- ``gradient_step(rank, ...)``: one ``train_step`` of a DistributedDataParallel model on this
+  rank's half of a fixed batch (started by ``torch.multiprocessing.start_processes``).
+- As a script under torchrun: ``dtlab train`` whose rank 1 kills itself with SIGKILL right after
+  step ``KILL_AT`` of the first attempt (``TORCHELASTIC_RESTART_COUNT`` 0):
+  ``torchrun ... tests/ddp_worker.py KILL_AT train --dataset ...``.
+"""
+
+import os
+import signal
+import sys
+
+import numpy as np
+import torch
+
+TINY_NO_DROPOUT = dict(embed_dim=16, n_layers=1, n_heads=2, context_len=5, max_ep_len=200,
+                       dropout=0.0)
+# Window ends over pendulum_like()'s 4 episodes of 200 steps: the first half holds windows cut by
+# an episode start (1 + 2 + 3 + 5 = 11 real positions), the second 5 + 5 + 2 + 5 = 17.
+ENDS = np.array([0, 1, 2, 50, 100, 199, 201, 450])
+
+
+def pendulum_like(n_episodes=4, length=200, seed=0):
+    """The episodes of tests/test_train.py's pendulum_like (kept in step with it)."""
+    from dtlab.data import EpisodeSet
+
+    rng = np.random.default_rng(seed)
+    n = n_episodes * length
+    trunc = np.zeros(n, bool)
+    trunc[length - 1::length] = True
+    th = rng.uniform(-np.pi, np.pi, n)
+    obs = np.stack([np.cos(th), np.sin(th), rng.normal(size=n)], 1)
+    return EpisodeSet.from_flags(obs, rng.uniform(-2, 2, (n, 1)), -rng.uniform(0, 5, n),
+                                 np.zeros(n, bool), trunc)
+
+
+def model_and_batches(ends_per_part: list[np.ndarray]):
+    """The same freshly initialised model (seed 0), its AdamW, and one batch per part of the
+    window ends, for a process of its own."""
+    from dtlab.config import ModelConfig
+    from dtlab.data.sampling import SequenceSampler
+    from dtlab.model import build_model
+    from dtlab.train import make_optimizer, prepare, to_tensors
+    from tests.configs import train_config
+
+    cfg = train_config(dataset="<memory>", env="Pendulum-v1", lr=1e-3, grad_clip=0.0,
+                       model=ModelConfig(**TINY_NO_DROPOUT))
+    episodes, info = prepare(cfg, pendulum_like())
+    torch.manual_seed(0)
+    model = build_model(cfg.model, info.observation_space, info.action_space)
+    optimizer = make_optimizer(model, cfg.optim, torch.device("cpu"))
+    sampler = SequenceSampler(episodes, cfg.model.context_len, info.normalizer)
+    batches = [to_tensors(sampler.gather(ends), torch.device("cpu")) for ends in ends_per_part]
+    return model, optimizer, batches
+
+
+def gradient_step(rank: int, store: str, out: str) -> None:
+    """Rank ``rank`` of 2: one train_step of the DDP-wrapped model on its half of ENDS; rank 0
+    saves the gradients, the gradient norm and the weights after the step to ``out``."""
+    import torch.distributed as dist
+    from torch.nn.parallel import DistributedDataParallel
+
+    from dtlab.train import train_step
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=2)
+    try:
+        model, optimizer, (batch,) = model_and_batches([np.split(ENDS, 2)[rank]])
+        ddp = DistributedDataParallel(model)
+        _, grad_norm = train_step(ddp, optimizer, batch, grad_clip=0.0)
+        if rank == 0:
+            torch.save({"grads": {n: p.grad.clone() for n, p in model.named_parameters()},
+                        "grad_norm": grad_norm, "weights": model.state_dict()}, out)
+    finally:
+        dist.destroy_process_group()
+
+
+def _kill_rank_1_after(step: int) -> None:
+    from dtlab import train as train_module
+
+    original = train_module.Trainer.step
+
+    def step_then_die(self, *args, **kwargs):
+        result = original(self, *args, **kwargs)
+        if self.state.step == step:
+            os.kill(os.getpid(), signal.SIGKILL)
+        return result
+
+    train_module.Trainer.step = step_then_die
+
+
+if __name__ == "__main__":
+    from dtlab.cli import main
+
+    if os.environ.get("RANK") == "1" and os.environ.get("TORCHELASTIC_RESTART_COUNT") == "0":
+        _kill_rank_1_after(int(sys.argv[1]))
+    sys.exit(main(sys.argv[2:]))

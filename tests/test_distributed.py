@@ -1,0 +1,170 @@
+"""Training in several processes (torchrun, DistributedDataParallel over gloo on the CPU): the
+gradient equals one process's on the concatenated batch; a 2-process run's checkpoint loads and
+evaluates; a rank killed mid-run and restarted by torchrun resumes to the same weights."""
+
+import json
+import os
+import subprocess
+import sys
+import warnings
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.multiprocessing as mp
+
+import dtlab
+from dtlab import checkpoint
+from dtlab.config import EvalConfig, ModelConfig
+from dtlab.data.formats import save_episodes
+from dtlab.distributed import World, sampling_rng
+from dtlab.errors import ConfigError, DtlabWarning
+from dtlab.evaluate import evaluate_checkpoint
+from dtlab.train import train, train_step
+from tests.configs import train_config
+from tests.ddp_worker import ENDS, model_and_batches, pendulum_like
+
+SRC = str(Path(dtlab.__file__).resolve().parents[1])
+WORKER = str(Path(__file__).with_name("ddp_worker.py"))
+ROOT = str(Path(__file__).resolve().parents[1])
+
+
+def test_two_process_gradient_equals_one_process_on_the_concatenated_batch(tmp_path):
+    out = tmp_path / "rank0.pt"
+    mp.start_processes(_gradient_step, args=(str(tmp_path / "store"), str(out)), nprocs=2,
+                       start_method="spawn")
+    ddp = torch.load(out, weights_only=True)
+    # One process, the whole batch (8 windows): the reference.
+    model, optimizer, (whole,) = model_and_batches([ENDS])
+    _, grad_norm = train_step(model, optimizer, whole, grad_clip=0.0)
+    for name, p in model.named_parameters():
+        torch.testing.assert_close(ddp["grads"][name], p.grad, rtol=1e-5, atol=1e-8, msg=name)
+    torch.testing.assert_close(ddp["grad_norm"], grad_norm, rtol=1e-5, atol=0)
+    for name, w in model.state_dict().items():
+        torch.testing.assert_close(ddp["weights"][name], w, msg=name)
+    # The halves hold 11 and 17 real positions: a plain average of the two halves' mean-loss
+    # gradients (what DDP alone computes) is measurably different, so the test can tell.
+    halves = []
+    for part in np.split(ENDS, 2):
+        m, opt, (batch,) = model_and_batches([part])
+        train_step(m, opt, batch, grad_clip=0.0)
+        halves.append({n: p.grad for n, p in m.named_parameters()})
+    naive = {n: (halves[0][n] + halves[1][n]) / 2 for n in halves[0]}
+    worst = max(float((naive[n] - p.grad).abs().max() / p.grad.abs().max())
+                for n, p in model.named_parameters())
+    assert worst > 1e-2
+
+
+def _gradient_step(rank, store, out):  # spawn needs a function importable by name
+    sys.path.insert(0, ROOT)
+    from tests.ddp_worker import gradient_step
+
+    gradient_step(rank, store, out)
+
+
+def test_rank_streams_and_environment():
+    one = World()
+    assert np.array_equal(sampling_rng(3, one).integers(0, 1000, 5),
+                          np.random.default_rng(3).integers(0, 1000, 5))  # as before torchrun
+    r0, r1 = (sampling_rng(3, World(rank=r, size=2, local_size=2)).integers(0, 10**9, 5)
+              for r in (0, 1))
+    assert not np.array_equal(r0, r1)
+    assert np.array_equal(r0, np.random.default_rng(np.random.SeedSequence([3, 0]))
+                          .integers(0, 10**9, 5))
+    env = {"RANK": "1", "WORLD_SIZE": "4", "LOCAL_RANK": "1", "LOCAL_WORLD_SIZE": "2",
+           "TORCHELASTIC_RESTART_COUNT": "2"}
+    assert World.current(env) == World(rank=1, size=4, local_rank=1, local_size=2, restart=2)
+    assert World.current({}) == World()
+    with pytest.raises(ConfigError, match="RANK"):
+        World.current({"WORLD_SIZE": "2", "RANK": "x"})
+    with pytest.raises(ConfigError, match="inconsistent"):
+        World.current({"WORLD_SIZE": "2", "RANK": "2"})
+
+
+def _torchrun(args, tmp_path, *, restarts=0, script=None, timeout=240):
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([SRC, ROOT, os.environ.get("PYTHONPATH", "")]),
+           "OMP_NUM_THREADS": "1",
+           # torch 2.13's torchrun shares its rendezvous store with the workers, and restarted
+           # workers read the killed attempt's addresses from it (pytorch/pytorch#135712).
+           "TORCH_DISABLE_SHARE_RDZV_TCP_STORE": "1"}
+    target = [script] if script else ["-m", "dtlab"]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+           "--max-restarts", str(restarts), *target, *args]
+    return subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=tmp_path,
+                          timeout=timeout)
+
+
+def _train_args(dataset, out):
+    return ["train", "--dataset", str(dataset), "--env", "Pendulum-v1", "--out", str(out),
+            "--steps", "12", "--batch-size", "8", "--warmup-steps", "4", "--log-every", "3",
+            "--checkpoint-every", "6", "--seed", "3", "--no-progress", "--no-tensorboard",
+            "--precision", "fp32", "--model.embed-dim", "16", "--model.n-layers", "1",
+            "--model.n-heads", "2", "--model.context-len", "5", "--model.max-ep-len", "200"]
+
+
+@pytest.fixture(scope="module")
+def two_process_run(tmp_path_factory):
+    """An uninterrupted 2-process torchrun run of 12 steps (checkpoints at 6 and 12)."""
+    tmp = tmp_path_factory.mktemp("ddp")
+    dataset = tmp / "pendulum.hdf5"
+    save_episodes(pendulum_like(), dataset)
+    proc = _torchrun(_train_args(dataset, tmp / "full"), tmp)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return tmp, dataset, proc
+
+
+def _weights(run):
+    from safetensors.torch import load_file
+
+    return load_file(str(checkpoint.resolve(run) / checkpoint.WEIGHTS_FILE))
+
+
+def test_two_process_run_checkpoint_loads_and_evaluates(two_process_run):
+    tmp, _, proc = two_process_run
+    run = tmp / "full"
+    assert proc.stdout.count("done: 12 steps") == 1  # rank 0 reports, once
+    state = checkpoint.load_trainer_state(run)
+    assert state["world_size"] == 2 and len(state["ranks"]) == 2
+    assert state["ranks"][0]["numpy_rng"] != state["ranks"][1]["numpy_rng"]
+    steps = [json.loads(line)["step"] for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert steps == [3, 6, 9, 12]
+    data = evaluate_checkpoint(EvalConfig(checkpoint=str(run), targets=(-300.0,), episodes=2,
+                                          max_steps=10, device="cpu", precision="fp32"))
+    assert data["results"][0]["lengths"] == [10, 10]
+    assert np.isfinite(data["results"][0]["mean"])
+
+
+def test_killed_rank_restarted_by_torchrun_resumes_to_the_same_weights(two_process_run):
+    tmp, dataset, _ = two_process_run
+    # ddp_worker.py's first argument: rank 1 kills itself (SIGKILL) right after step 8, past the
+    # checkpoint of step 6; torchrun restarts both workers, which resume from it.
+    proc = _torchrun(["8", *_train_args(dataset, tmp / "killed")], tmp, restarts=1,
+                     script=WORKER, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "torchrun restarted the workers" in proc.stderr
+    full, resumed = _weights(tmp / "full"), _weights(tmp / "killed")
+    for key in full:
+        assert torch.equal(full[key], resumed[key]), key
+    steps = [json.loads(line)["step"]
+             for line in (tmp / "killed" / "metrics.jsonl").read_text().splitlines()]
+    assert steps == [3, 6, 9, 12]
+
+
+def test_resume_with_another_number_of_processes_notes_it(two_process_run, tmp_path):
+    import shutil
+
+    tmp, dataset, _ = two_process_run
+    run = tmp_path / "run"
+    shutil.copytree(tmp / "full", run)
+    cfg = train_config(dataset=str(dataset), env="Pendulum-v1", out=str(run), steps=15,
+                       batch_size=8, warmup_steps=4, log_every=3, checkpoint_every=6, seed=3,
+                       progress=False, tensorboard=False, precision="fp32", resume=True,
+                       model=ModelConfig(embed_dim=16, n_layers=1, n_heads=2, context_len=5,
+                                         max_ep_len=200))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        result = train(cfg)
+    notes = [str(w.message) for w in caught if issubclass(w.category, DtlabWarning)]
+    assert any("resuming a run of 2 process(es) with 1" in n for n in notes), notes
+    assert result.steps == 15
