@@ -125,13 +125,22 @@ class EnvWorkers:
             self.close()
             raise
 
+    def _exited(self, w: int) -> EnvError:
+        self._procs[w].join(timeout=5)
+        return EnvError(f"{self.env_id}: env worker {w} exited (exit code "
+                        f"{self._procs[w].exitcode})")
+
+    def _send(self, w: int, message: tuple) -> None:
+        try:
+            self._conns[w].send(message)
+        except OSError:  # BrokenPipeError: the worker is gone
+            raise self._exited(w) from None
+
     def _receive(self, w: int) -> Any:
         try:
             status, value = self._conns[w].recv()
         except (EOFError, OSError):
-            self._procs[w].join(timeout=5)
-            raise EnvError(f"{self.env_id}: env worker {w} exited (exit code "
-                           f"{self._procs[w].exitcode})") from None
+            raise self._exited(w) from None
         if status == "error":
             raise value
         return value
@@ -145,7 +154,7 @@ class EnvWorkers:
         for w in range(self.workers):
             rows = np.flatnonzero(owner == w)
             if rows.size:
-                self._conns[w].send((kind, slots[rows] // self.workers, values[rows]))
+                self._send(w, (kind, slots[rows] // self.workers, values[rows]))
                 busy.append((w, rows))
         return [(rows, self._receive(w)) for w, rows in busy]
 

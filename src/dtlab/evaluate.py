@@ -36,10 +36,12 @@ def sweep_targets(dataset_stats: dict, points: int) -> list[float]:
 
 
 def results_json(report: RolloutReport, *, checkpoint: str, env_id: str, episodes: int, seed: int,
-                 dataset: dict) -> dict:
-    """The results file's content (strict JSON once written by ``atomic.write_json``)."""
+                 dataset: dict, precision: str | None = None) -> dict:
+    """The results file's content (strict JSON once written by ``atomic.write_json``);
+    ``precision``: the one the rollouts ran at (recorded when given)."""
     return {
         "checkpoint": checkpoint, "env": env_id, "episodes_per_target": episodes, "seed": seed,
+        **({"precision": precision} if precision is not None else {}),
         "max_steps": report.max_steps, "standard_time_limit": report.standard_time_limit,
         "normalized_scores_comparable": report.comparable,
         "dataset_return": dataset.get("episode_return"),
@@ -103,7 +105,7 @@ def evaluate_checkpoint(cfg: EvalConfig, echo: bool = False) -> dict:
     report = rollout(policy, env_id, targets, cfg.episodes, seed=cfg.seed, max_steps=cfg.max_steps,
                      workers=cfg.eval_workers)
     data = results_json(report, checkpoint=str(path), env_id=env_id, episodes=cfg.episodes,
-                        seed=cfg.seed, dataset=info.dataset)
+                        seed=cfg.seed, dataset=info.dataset, precision=precision)
     if echo:
         print_table(report, title=f"{env_id}, {cfg.episodes} episodes per target "
                                   f"({report.env_steps_per_s:.0f} env steps/s)",

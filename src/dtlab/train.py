@@ -116,10 +116,11 @@ class DeviceSampler:
     def __init__(self, sampler: SequenceSampler, device: torch.device) -> None:
         obs, act, rtg, start_of = sampler.flat_arrays()
         self.sampler, self.device = sampler, device
-        self._obs = torch.from_numpy(obs).to(device)  # (N, obs_dim) normalized
-        self._act = torch.from_numpy(act).to(device)  # (N, act_dim) model space, or (N,) indices
-        self._rtg = torch.from_numpy(rtg).to(device)  # (N,) scaled
-        self._start_of = torch.from_numpy(start_of).to(device)  # (N,) episode start
+        # Copies (torch.tensor): the sampler's arrays may be read-only views of the episodes.
+        self._obs = torch.tensor(obs, device=device)  # (N, obs_dim) normalized
+        self._act = torch.tensor(act, device=device)  # (N, act_dim) model space, or (N,) indices
+        self._rtg = torch.tensor(rtg, device=device)  # (N,) scaled
+        self._start_of = torch.tensor(start_of, device=device)  # (N,) episode start
         k = sampler.context_len
         self._offsets = torch.arange(-k + 1, 1, device=device)  # (K,)
 
@@ -448,7 +449,7 @@ class Trainer:
             torch.manual_seed(distributed.rank_torch_seed(cfg.optim.seed, world))
             ddp = DistributedDataParallel(model, device_ids=[device] if device.type == "cuda"
                                           else None)
-        device_sampler = DeviceSampler(sampler, device) if device.type == "cuda" else None
+        device_sampler = DeviceSampler(sampler, device) if _device_side(device) else None
         return cls(model, optimizer, scheduler, sampler, state, device, world, ddp,
                    device_sampler, cfg.optim.seed)
 
@@ -494,10 +495,17 @@ class Trainer:
         return path
 
 
+def _device_side(device: torch.device) -> bool:
+    """Whether training keeps its per-step work on ``device`` without host syncs: windows gathered
+    there (DeviceSampler), fused AdamW skipping non-finite steps itself, the loss and skip counts
+    read at log points only. True for CUDA; the CPU path syncs every step at no cost."""
+    return device.type == "cuda"
+
+
 def make_optimizer(model: nn.Module, optim: OptimConfig, device: torch.device) -> torch.optim.AdamW:
     """AdamW over ``param_groups`` (fused kernels on CUDA)."""
     return torch.optim.AdamW(param_groups(model, optim.weight_decay), lr=optim.lr,
-                             betas=optim.betas, fused=device.type == "cuda")
+                             betas=optim.betas, fused=_device_side(device))
 
 
 # ---- the loop -------------------------------------------------------------------------------------
@@ -646,7 +654,7 @@ class _Tally:
 def _loop(cfg: TrainConfig, trainer: Trainer, info: PolicyInfo, metrics: MetricsLog,
           evaluator: Evaluate | None, should_stop: Callable[[], bool]) -> TrainResult:
     out, state, world = Path(cfg.run.out), trainer.state, trainer.world
-    on_device = trainer.device.type == "cuda"
+    on_device = _device_side(trainer.device)
     evaluations: list[dict] = []
     tally = _Tally.zeros(trainer.device)
     loss_sum = tally.loss_sum
@@ -657,7 +665,7 @@ def _loop(cfg: TrainConfig, trainer: Trainer, info: PolicyInfo, metrics: Metrics
     stop = False  # torchrun: agreed between the ranks
     trainer.model.train()
 
-    def settle() -> None:  # CUDA: read the device's tally; the CPU settles every step
+    def settle() -> None:  # device side: read the tally; the CPU path settles every step
         nonlocal loss_count
         if not on_device:
             return
