@@ -1,6 +1,7 @@
 """Evaluation speed: env steps/s on Hopper-v5, dtlab's batched rollout vs the HF blog loop.
 
     python benchmarks/bench_eval.py [--quick] [--json out.json]
+    python benchmarks/bench_eval.py --workers 1 2 [--episodes 50]   # env worker processes only
 
 Cases (untrained models with random weights, DT paper configuration, targets 3600 and 1800):
   dtlab_rollout      dtlab.evaluate.rollout: all episodes of both targets batched, one forward per
@@ -9,6 +10,9 @@ Cases (untrained models with random weights, DT paper configuration, targets 360
                      no torch.no_grad (as in the blog)
   hf_blog_inference  the same inside torch.inference_mode()
   sim_random         the simulator alone: one Hopper-v5 env, random actions, resets counted
+  dtlab_rollout_wN   (--workers N ...: this phase alone) the rollout with its envs stepped in N
+                     worker processes (--eval-workers N), alternated with dtlab_rollout; the
+                     returns of every run are checked identical
 Episodes end on termination or at --max-steps (Hopper's own limit is 1000). Throughput phase at 1
 torch thread; then the collapse phase (goal 4) on a smaller workload, thread conditions as in
 bench_train; then where dtlab's eval time goes, and forward-pass what-if experiments.
@@ -36,13 +40,18 @@ from synthetic_hopper import ACT_DIM, ENV_ID, OBS_DIM, TARGETS, untrained_policy
 from dtlab.rollout import rollout  # noqa: E402
 
 
-def dtlab_case(policy, episodes: int, max_steps: int, seed: int):
+def dtlab_case(policy, episodes: int, max_steps: int, seed: int, workers: int = 0,
+               returns: list | None = None):
+    """``returns``: a list that collects each run's returns (to check runs agree)."""
     def run():
         t0 = time.perf_counter()
-        report = rollout(policy, ENV_ID, TARGETS, episodes, seed=seed, max_steps=max_steps)
+        report = rollout(policy, ENV_ID, TARGETS, episodes, seed=seed, max_steps=max_steps,
+                         workers=workers)
         results, stats = report.results, report.timing()
         wall = time.perf_counter() - t0
         lengths = [n for r in results for n in r.lengths]
+        if returns is not None:
+            returns.append([r.returns for r in results])
         return stats["env_steps"], stats["seconds"], {
             "episodes": len(lengths), "mean_length": float(np.mean(lengths)),
             "model_share": stats["model_seconds"] / stats["seconds"],
@@ -94,6 +103,9 @@ def main() -> None:
     ap.add_argument("--collapse-reps", type=int)
     ap.add_argument("--collapse-episodes", type=int, default=5, help="dtlab episodes per target")
     ap.add_argument("--collapse-max-steps", type=int, default=60, help="cap on steps per episode")
+    ap.add_argument("--workers", type=int, nargs="+",
+                    help="measure only rollouts with the envs in N worker processes (per N given) "
+                         "against the in-process rollout")
     harness.add_run_args(ap, collapse=True, profile=True)
     args = ap.parse_args()
     reps = args.reps or (3 if args.quick else 5)
@@ -105,6 +117,10 @@ def main() -> None:
     log = lambda s: print(s, file=sys.stderr, flush=True)  # noqa: E731
 
     policy = untrained_policy(args.seed)
+    if args.workers:
+        workers_phase(policy, args.workers, reps, episodes, args.max_steps, args.seed, args.json,
+                      log)
+        return
     policy_bf16 = type(policy)(policy.model, policy.info, precision="bf16")  # --precision bf16
     policy_kv = type(policy)(policy.model, policy.info, kv_cache=True)  # --kv-cache (approximate)
     policy_kv_bf16 = type(policy)(policy.model, policy.info, precision="bf16", kv_cache=True)
@@ -182,6 +198,38 @@ def main() -> None:
     if profile:
         tables.append(profile_table(profile))
     harness.report("bench_eval", payload, tables, args.json)
+
+
+def workers_phase(policy, workers: list[int], reps: int, episodes: int, max_steps: int, seed: int,
+                  json_path: str | None, log) -> None:
+    """In-process rollout vs the same rollout with its envs in N worker processes, alternated;
+    checks every run returned the same returns."""
+    # Exact fp32 (the model's share of the time is large) and kv-cache + bf16 (the simulator's is).
+    fast = type(policy)(policy.model, policy.info, precision="bf16", kv_cache=True)
+    returns: dict[str, list] = {"exact": [], "kv_bf16": []}
+    cases = {}
+    for label, pol in (("exact", policy), ("kv_bf16", fast)):
+        for n in [0, *workers]:
+            cases[f"{label}_w{n}"] = dtlab_case(pol, episodes, max_steps, seed, n, returns[label])
+    units = {name: "env steps/s" for name in cases}
+    dtlab_case(policy, 1, 30, seed, max(workers))()  # warm-up (imports in a worker)
+    log(f"workers phase: {reps} reps; {episodes} x {len(TARGETS)} episodes, workers {workers}")
+    results = {"t1": harness.alternate(cases, reps, units, log)}
+    identical = all(r == runs[0] for runs in returns.values() for r in runs)
+    table = harness.Ratios()
+    for label in returns:
+        for n in workers:
+            table.add(f"t1 {label}: envs in {n} worker process(es) / in-process",
+                      results["t1"][f"{label}_w{n}"], results["t1"][f"{label}_w0"], "")
+    payload = {"benchmark": "eval_workers", "machine": harness.machine_info(),
+               "setup": {"env": ENV_ID, "targets": TARGETS, "episodes_per_target": episodes,
+                         "max_steps": max_steps, "reps": reps, "seed": seed, "workers": workers,
+                         "model": "untrained, DT paper configuration", "torch_threads": 1},
+               "returns_identical": identical, "results": harness.samples_json(results),
+               "ratios": table.ratios}
+    harness.report("bench_eval_workers", payload,
+                   [harness.markdown_table(results, {}), harness.ratio_table(table.rows),
+                    f"returns identical in every run: {identical}"], json_path)
 
 
 # ---- where the time goes ------------------------------------------------------------------------

@@ -83,8 +83,11 @@ def _serve(conn, env_id: str, count: int) -> None:
             kind, slots, values = message
             try:
                 chosen = [envs[i] for i in slots]
-                result = reset_envs(chosen, values) if kind == "reset" else step_envs(chosen, values)
-                conn.send(("ok", result))
+                if kind == "reset":
+                    conn.send(("ok", np.stack(reset_envs(chosen, values))))
+                else:  # observations as one array: one pickled buffer per message
+                    obs, rewards, terminated, truncated = step_envs(chosen, values)
+                    conn.send(("ok", (np.stack(obs), rewards, terminated, truncated)))
             except Exception as exc:  # noqa: BLE001
                 conn.send(("error", exc))
     except (EOFError, KeyboardInterrupt):  # the caller went away, or Ctrl-C reached the group
