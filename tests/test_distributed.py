@@ -18,7 +18,7 @@ import dtlab
 from dtlab import checkpoint
 from dtlab.config import EvalConfig, ModelConfig
 from dtlab.data.formats import save_episodes
-from dtlab.distributed import World, sampling_rng
+from dtlab.distributed import World, process_device, sampling_rng
 from dtlab.errors import ConfigError, DtlabWarning
 from dtlab.evaluate import evaluate_checkpoint
 from dtlab.train import train, train_step
@@ -80,6 +80,17 @@ def test_rank_streams_and_environment():
         World.current({"WORLD_SIZE": "2", "RANK": "x"})
     with pytest.raises(ConfigError, match="inconsistent"):
         World.current({"WORLD_SIZE": "2", "RANK": "2"})
+    # One GPU per process: cuda:LOCAL_RANK; a named GPU only for one process on the node.
+    two = World(rank=1, size=2, local_rank=1, local_size=2)
+    assert process_device(two, torch.device("cpu")) == torch.device("cpu")
+    assert process_device(World(), torch.device("cuda", 3)) == torch.device("cuda", 3)
+    with pytest.raises(ConfigError, match="device: cuda:0 names one GPU but torchrun starts 2"):
+        process_device(two, torch.device("cuda", 0))
+    if torch.cuda.device_count() < 2:
+        with pytest.raises(ConfigError, match="2 processes on this node but it has"):
+            process_device(two, torch.device("cuda"))
+    else:
+        assert process_device(two, torch.device("cuda")) == torch.device("cuda", 1)
 
 
 def _torchrun(args, tmp_path, *, restarts=0, script=None, timeout=240):

@@ -55,18 +55,17 @@ class World:
         env = os.environ if environ is None else environ
         if "WORLD_SIZE" not in env:
             return cls()
-        values = {}
-        for name, var, default in (("rank", "RANK", None), ("size", "WORLD_SIZE", None),
-                                   ("local_rank", "LOCAL_RANK", "0"),
-                                   ("local_size", "LOCAL_WORLD_SIZE", None),
-                                   ("restart", "TORCHELASTIC_RESTART_COUNT", "0")):
-            text = env.get(var, default if default is not None else
-                           (env.get("WORLD_SIZE") if var == "LOCAL_WORLD_SIZE" else None))
+        # A launcher other than torchrun may leave out the last three: one node, first attempt.
+        defaults = {"RANK": None, "WORLD_SIZE": None, "LOCAL_RANK": "0",
+                    "LOCAL_WORLD_SIZE": env["WORLD_SIZE"], "TORCHELASTIC_RESTART_COUNT": "0"}
+        values = []
+        for var, default in defaults.items():
+            text = env.get(var, default)
             if text is None or not text.strip().isdigit():
                 raise ConfigError(f"environment variable {var}: expected a number >= 0 with "
                                   f"WORLD_SIZE set (torchrun sets both), got {text!r}")
-            values[name] = int(text)
-        world = cls(**values)
+            values.append(int(text))
+        world = cls(*values)
         if world.size < 1 or not world.rank < world.size or not world.local_rank < world.local_size:
             raise ConfigError(f"environment variables RANK={world.rank}, WORLD_SIZE={world.size}, "
                               f"LOCAL_RANK={world.local_rank}, LOCAL_WORLD_SIZE="
@@ -75,12 +74,15 @@ class World:
 
 
 def process_device(world: World, device: torch.device) -> torch.device:
-    """The device this process trains on: ``device`` itself for CPU; for CUDA with several
-    processes, ``cuda:LOCAL_RANK`` (one GPU per process). ConfigError when ``device`` names one
-    GPU (``cuda:N``) for several processes on a node, or the node has fewer GPUs than processes."""
-    if device.type != "cuda" or world.local_size == 1:
+    """The device this process trains on: ``device`` itself for the CPU or one process; for CUDA
+    under torchrun, ``cuda:LOCAL_RANK`` (one GPU per process; a given ``cuda:N`` with one process
+    on the node). ConfigError when ``cuda:N`` is given for several processes on a node, or the
+    node has fewer GPUs than processes."""
+    if device.type != "cuda" or not world.distributed:
         return device
-    if device.index is not None and not (device.index == world.local_rank):
+    if device.index is not None:
+        if world.local_size == 1:
+            return device
         raise ConfigError(f"device: {device} names one GPU but torchrun starts {world.local_size} "
                           "processes on this node; give device cuda (or auto): each process takes "
                           "cuda:LOCAL_RANK")

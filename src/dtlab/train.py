@@ -248,6 +248,10 @@ def check_resume_config(out: Path, cfg: TrainConfig) -> None:
         raise ConfigError(f"{path}: cannot read the run's configuration to resume: not an object")
     differ = []
     groups = cfg.resume_groups()
+    saved_optim = saved.get("optim") if isinstance(saved.get("optim"), dict) else saved
+    if groups["optim"].precision == "auto" and saved_optim.get("precision") in ("fp32", "bf16"):
+        # auto resumes at the precision the run resolved it to (train() does the same).
+        groups["optim"] = dataclasses.replace(groups["optim"], precision=saved_optim["precision"])
     for group, value in _jsonable({k: dataclasses.asdict(v) if dataclasses.is_dataclass(v) else v
                                    for k, v in groups.items()}).items():
         if isinstance(value, dict):
