@@ -152,11 +152,3 @@ def _finite(value: Any) -> Any:
     if isinstance(value, (list, tuple)):
         return [_finite(v) for v in value]
     return value
-
-
-def replace_into_place(tmp: str | Path, path: str | Path) -> None:
-    """Fsync a finished temporary file, give it default permissions and rename it to ``path``
-    (for writers that must create their temporary themselves; prefer ``atomic_path``)."""
-    _fsync_tree(Path(tmp))
-    os.replace(tmp, path)
-    fsync_dir(Path(path).parent)

@@ -43,7 +43,8 @@ from minari.dataset.minari_dataset import parse_dataset_id
 from minari.namespace import create_namespace, list_local_namespaces
 from minari.storage import get_dataset_path
 
-import dtlab
+from dtlab._version import __version__
+from dtlab.atomic import atomic_path
 from dtlab.data.episodes import EpisodeSet
 from dtlab.data.formats._hdf5 import json_default
 from dtlab.errors import DatasetError, DtlabError
@@ -232,7 +233,7 @@ def write_minari(episodes: EpisodeSet, dataset_id: str, *, env_id: str | None = 
                 dataset.storage.update_metadata({
                     _DTLAB_METADATA: provenance,
                     _DTLAB_FINALS: _FINALS_COPIED if finals_copied else "recorded",
-                    "dtlab_version": dtlab.__version__,
+                    "dtlab_version": __version__,
                 })
             if namespace is not None and namespace not in list_local_namespaces():
                 create_namespace(namespace)  # Minari's namespace_metadata.json files
@@ -315,7 +316,7 @@ def _algorithm_name(metadata: dict[str, Any]) -> str | None:
 def _description(episodes: EpisodeSet, finals_copied: bool, given: str | None) -> str:
     """``given`` (default: where the data came from), plus a note when final observations are
     copies."""
-    text = given or (f"Written by dtlab {dtlab.__version__} from {episodes.source}: "
+    text = given or (f"Written by dtlab {__version__} from {episodes.source}: "
                      f"{episodes.num_episodes} episodes, {episodes.num_transitions} steps.")
     if finals_copied:
         text += (" The final observation of each episode (observations[T]) is a copy of "
@@ -327,21 +328,11 @@ def _description(episodes: EpisodeSet, finals_copied: bool, given: str | None) -
 def _move_into_place(built: Path, target: Path, staging: Path, overwrite: bool,
                      source: str) -> None:
     """Rename the staged dataset directory to ``target``; an old one goes to ``staging``."""
-    target.parent.mkdir(parents=True, exist_ok=True)
-    previous = staging / "previous"
-    moved_previous = False
-    if target.exists():
-        if not overwrite:  # created meanwhile by someone else
-            raise DatasetError(f"{source}: dataset already exists at {target}; pass "
-                               "overwrite=True to replace it")
-        os.replace(target, previous)  # same file system: staging is inside the datasets root
-        moved_previous = True
-    try:
-        os.replace(built, target)
-    except BaseException:
-        if moved_previous:
-            os.replace(previous, target)
-        raise
+    if target.exists() and not overwrite:  # created meanwhile by someone else
+        raise DatasetError(f"{source}: dataset already exists at {target}; pass "
+                           "overwrite=True to replace it")
+    with atomic_path(target, directory=True) as tmp:
+        os.replace(built, tmp)  # same file system: staging is inside the datasets root
 
 
 @contextmanager
