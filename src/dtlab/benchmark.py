@@ -99,7 +99,7 @@ def load_datasets(cfg: BenchmarkConfig) -> list[DatasetEntry]:
                               f"{RUNS_DIR}/{name}; rename one")
         seen[name] = source
         episodes = load_episodes(source)
-        env = cfg.env or episodes.metadata.get("env_id")
+        env = cfg.env or episodes.provenance.env_id
         if not isinstance(env, str) or not env:
             raise ConfigError(f"{source}: the dataset records no env_id; set env")
         make_env(env).close()  # EnvError for an id Gymnasium does not know
@@ -113,12 +113,9 @@ def load_datasets(cfg: BenchmarkConfig) -> list[DatasetEntry]:
 
 def dataset_record(entry: DatasetEntry) -> dict[str, Any]:
     """dataset.json: what the report needs about a dataset without loading it again."""
-    from dtlab.train import recorded_reference
-
     returns = entry.episodes.episode_returns.astype(np.float64)
-    meta = entry.episodes.metadata
-    ref_min, ref_max = reference_scores(entry.env, recorded_reference(meta, "ref_min_score"),
-                                        recorded_reference(meta, "ref_max_score"))
+    recorded = entry.episodes.provenance
+    ref_min, ref_max = reference_scores(entry.env, recorded.ref_min_score, recorded.ref_max_score)
     mean = float(returns.mean())
     return {
         "name": entry.name, "source": entry.source, "env": entry.env,

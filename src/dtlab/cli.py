@@ -223,10 +223,10 @@ def run_collect(cfg: CollectConfig) -> None:
                                     num_transitions=cfg.transitions, seed=cfg.seed)
     options = {"env_id": env_id} if cfg.out_format == "minari" else {}
     save_episodes(episodes, cfg.out, cfg.out_format, **options)
-    ret = episodes.summary()["episode_return"]
+    ret = episodes.return_stats
     print(f"wrote {cfg.out}: {episodes.num_episodes} episodes, {episodes.num_transitions} transitions, "
-          f"return mean {ret['mean']:.1f} +- {ret['std']:.1f} (min {ret['min']:.1f}, max "
-          f"{ret['max']:.1f}) in {time.perf_counter() - started:.1f} s")
+          f"return mean {ret.mean:.1f} +- {ret.std:.1f} (min {ret.min:.1f}, max "
+          f"{ret.max:.1f}) in {time.perf_counter() - started:.1f} s")
 
 
 def run_train_behaviour(cfg) -> None:

@@ -121,15 +121,6 @@ def check_action_bounds(episodes: EpisodeSet, env, *, strict: bool) -> None:
         warnings.warn(msg + "; they are clipped for training", DtlabWarning, stacklevel=3)
 
 
-def recorded_reference(meta, key: str) -> float | None:
-    """A reference score recorded with the dataset (dtlab's presets, Minari's metadata), if numeric."""
-    for name in (f"dtlab_{key}", f"minari_{key}", key):
-        value = meta.get(name)
-        if isinstance(value, (int, float)) and not isinstance(value, bool) and np.isfinite(value):
-            return float(value)
-    return None
-
-
 def policy_info_for(cfg: TrainConfig, episodes: EpisodeSet, env) -> PolicyInfo:
     """Everything derived from data and env that the checkpoint must carry."""
     info = env_info(cfg.data.env)
@@ -139,8 +130,8 @@ def policy_info_for(cfg: TrainConfig, episodes: EpisodeSet, env) -> PolicyInfo:
         raise EnvError(f"{cfg.data.env}: action space {describe_space(env.action_space)} is "
                        "unbounded; dtlab's tanh action head needs finite bounds")
     meta = episodes.metadata
-    ref_min, ref_max = reference_scores(cfg.data.env, recorded_reference(meta, "ref_min_score"),
-                                        recorded_reference(meta, "ref_max_score"))
+    recorded = episodes.provenance
+    ref_min, ref_max = reference_scores(cfg.data.env, recorded.ref_min_score, recorded.ref_max_score)
     return_scale = cfg.data.return_scale
     return_scale = float(return_scale if return_scale is not None else info.return_scale)
     return PolicyInfo(
