@@ -289,7 +289,9 @@ def run_benchmark(cfg: BenchmarkConfig, *, should_stop: Callable[[], bool] = lam
     check_settings(out, cfg, entries)
     for entry in entries:
         write_json(out / RUNS_DIR / entry.name / DATASET_FILE, dataset_record(entry))
-    grid = [(e, a, s) for e in entries for a in cfg.algorithms for s in cfg.seeds]
+    # Seed-major: each seed completes every dataset x algorithm before the next seed starts, so a
+    # benchmark stopped early already compares every algorithm on the seeds it finished.
+    grid = [(e, a, s) for s in cfg.seeds for e in entries for a in cfg.algorithms]
     finished = sum(run_dir(out, e.name, a, s).joinpath(RUN_FILE).is_file() for e, a, s in grid)
     progress = RunProgress(len(grid), finished, enabled=cfg.progress)
     interrupted, trained = False, 0
