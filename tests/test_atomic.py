@@ -55,3 +55,21 @@ def test_unwritable_destinations_are_one_line_config_errors(tmp_path):
             pass
     with pytest.raises(ConfigError, match="parent .* is not a directory"):
         write_text_atomic(tmp_path / "file" / "out.txt", "x")
+
+
+def test_a_failed_directory_rename_puts_the_previous_directory_back(tmp_path, monkeypatch):
+    target = tmp_path / "ckpt"
+    with atomic_path(target, directory=True) as tmp:
+        (tmp / "w").write_text("old")
+    real = os.replace
+
+    def failing(src, dst):
+        if str(src).startswith(str(tmp_path / ".ckpt.tmp-")) and dst == target:
+            raise OSError(28, "No space left on device")
+        return real(src, dst)
+
+    monkeypatch.setattr(os, "replace", failing)
+    with pytest.raises(ConfigError, match="No space left on device"):
+        with atomic_path(target, directory=True) as tmp:
+            (tmp / "w").write_text("new")
+    assert (target / "w").read_text() == "old" and leftovers(tmp_path) == []

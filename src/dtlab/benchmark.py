@@ -113,20 +113,19 @@ def load_datasets(cfg: BenchmarkConfig) -> list[DatasetEntry]:
 
 def dataset_record(entry: DatasetEntry) -> dict[str, Any]:
     """dataset.json: what the report needs about a dataset without loading it again."""
-    returns = entry.episodes.episode_returns.astype(np.float64)
+    stats = entry.episodes.return_stats
     recorded = entry.episodes.provenance
     ref_min, ref_max = reference_scores(entry.env, recorded.ref_min_score, recorded.ref_max_score)
-    mean = float(returns.mean())
     return {
         "name": entry.name, "source": entry.source, "env": entry.env,
         "targets": list(entry.targets), "episodes": entry.episodes.num_episodes,
         "transitions": entry.episodes.num_transitions,
         "score": "normalized" if ref_min is not None else "return",
         "ref_min_score": ref_min, "ref_max_score": ref_max,
-        "behaviour": {"mean_return": mean, "std_return": float(returns.std()),
+        "behaviour": {"mean_return": stats.mean, "std_return": stats.std,
                       "normalized": None if ref_min is None
-                      else float(normalized_score(mean, ref_min, ref_max))},
-        "episode_returns": returns.tolist(),
+                      else float(normalized_score(stats.mean, ref_min, ref_max))},
+        "episode_returns": entry.episodes.episode_returns.astype(np.float64).tolist(),
     }
 
 
@@ -427,7 +426,8 @@ def build_report(out: Path, cfg: BenchmarkConfig | None = None, *, expected: int
                         "best": _stats(best, best[:, None], reps)})
     report = {
         "score": {name: d["score"] for name, d in datasets.items()},
-        "settings": settings(cfg) if cfg is not None else _read_json_or_none(out / SETTINGS_FILE),
+        # The settings the runs were trained with (benchmark.json), not this call's defaults.
+        "settings": _read_json_or_none(out / SETTINGS_FILE) or (settings(cfg) if cfg else None),
         "runs_finished": len(runs), "runs_expected": expected,
         "datasets": {name: {k: v for k, v in d.items() if k != "episode_returns"}
                      for name, d in datasets.items()},

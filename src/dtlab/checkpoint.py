@@ -210,7 +210,8 @@ def save(run_dir: str | Path, name: str, model: DecisionTransformer, info: Polic
             torch.save(trainer_state, tmp / TRAINER_FILE)
     write_text_atomic(run_dir / LATEST_FILE, name + "\n")
     if keep is not None:
-        steps = sorted(p for p in run_dir.glob("step_*") if p.is_dir())
+        steps = sorted((p for p in run_dir.glob("step_*") if p.is_dir() and p.name[5:].isdigit()),
+                       key=lambda p: int(p.name[5:]))  # by step (names past 10^8 stop sorting)
         for old in steps[:-keep]:
             if old != final:
                 shutil.rmtree(old, ignore_errors=True)

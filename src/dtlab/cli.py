@@ -6,15 +6,15 @@ Every failure on bad input is a DtlabError: printed as one line, exit code 2, no
 from __future__ import annotations
 
 import contextlib
-import json
 import sys
 from dataclasses import dataclass
 from typing import Annotated, Literal, Union
 
 import tyro
 
+from dtlab.atomic import dumps_json
 from dtlab.config import (BehaviourConfig, BenchmarkConfig, CalibrateConfig, CollectConfig,
-                          EvalConfig, TrainConfig)
+                          EvalConfig, MAX_SEED, TrainConfig, check_number)
 from dtlab.errors import DtlabError
 
 
@@ -84,6 +84,11 @@ class QuickstartConfig:
     overwrite: bool = False
     """Replace the run in --out if one is there."""
 
+    def __post_init__(self) -> None:
+        check_number("steps", self.steps, minimum=10, integer=True)
+        check_number("episodes", self.episodes, minimum=1, integer=True)
+        check_number("seed", self.seed, minimum=0, maximum=MAX_SEED, integer=True)
+
 
 @dataclass(frozen=True)
 class TrainBehaviourCommand:
@@ -97,6 +102,9 @@ class TrainBehaviourCommand:
     """Episodes to measure each exported policy (and the random policy) over."""
     export_only: bool = False
     """Skip training; export from the run as it is."""
+
+    def __post_init__(self) -> None:
+        check_number("export_episodes", self.export_episodes, minimum=1, integer=True)
 
 
 Command = Union[
@@ -283,7 +291,7 @@ def run_data_info(cmd: DataInfo) -> None:
     summary = episodes.summary()
     summary["findings"] = len(findings)  # listed by `dtlab data validate`
     if cmd.json:
-        print(json.dumps(summary, indent=2))
+        print(dumps_json(summary))
         return
     from rich.console import Console
     from rich.table import Table

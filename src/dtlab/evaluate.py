@@ -34,7 +34,8 @@ def sweep_targets(dataset_return: ReturnStats, points: int) -> list[float]:
     """Targets from the dataset's lowest episode return to 20% of its return range past its
     highest."""
     lo, hi = dataset_return.min, dataset_return.max
-    return np.linspace(lo, hi + 0.2 * abs(hi - lo), points).round(1).tolist()
+    span = hi - lo if hi > lo else max(abs(hi), 1.0)  # all episodes alike: spread around them
+    return np.unique(np.linspace(lo, hi + 0.2 * span, points).round(1)).tolist()
 
 
 def results_json(report: RolloutReport, *, checkpoint: str, env_id: str, episodes: int, seed: int,
@@ -109,8 +110,6 @@ def evaluate_checkpoint(cfg: EvalConfig, echo: bool = False) -> dict:
         print_table(report, title=f"{env_id}, {cfg.episodes} episodes per target "
                                   f"({report.env_steps_per_s:.0f} env steps/s)",
                     dataset_return=dataset_return)
-    if cfg.out:
-        write_json(cfg.out, data)
     plot = cfg.plot or (str(Path(cfg.out).with_suffix(".png")) if cfg.out and cfg.sweep else None)
     if cfg.sweep and plot is None:
         plot = "sweep.png"
@@ -120,6 +119,8 @@ def evaluate_checkpoint(cfg: EvalConfig, echo: bool = False) -> dict:
         achieved_vs_target(report.results, plot, title=f"{env_id}: achieved vs target return",
                            dataset_return=dataset_return)
         data["plot"] = plot
+    if cfg.out:
+        write_json(cfg.out, data)
     if echo and (cfg.out or plot):
         print("wrote " + ", ".join(p for p in (cfg.out, plot) if p))
     return data

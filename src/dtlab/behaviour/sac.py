@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING, Any
 import gymnasium as gym
 import numpy as np
 
-from dtlab.atomic import atomic_path, write_text_atomic
+from dtlab.atomic import atomic_path, dumps_json, write_text_atomic
 from dtlab.behaviour.policies import SacActorWeights, write_actor
 from dtlab.config import BehaviourConfig
 from dtlab.envs import describe_space, make_env
@@ -66,7 +66,7 @@ class RunManifest:
         return self.snapshots[-1].step if self.snapshots else 0
 
     def to_json(self) -> str:
-        return json.dumps(dataclasses.asdict(self), indent=2)  # snapshots: a list of objects
+        return dumps_json(dataclasses.asdict(self))  # snapshots: a list of objects
 
 
 def read_run_manifest(out: str | Path) -> RunManifest | None:

@@ -44,7 +44,7 @@ from minari.namespace import create_namespace, list_local_namespaces
 from minari.storage import get_dataset_path
 
 from dtlab._version import __version__
-from dtlab.atomic import atomic_path
+from dtlab.atomic import atomic_path, dumps_json
 from dtlab.data.episodes import EpisodeSet
 from dtlab.data.formats._hdf5 import json_default
 from dtlab.errors import DatasetError, DtlabError
@@ -207,7 +207,7 @@ def write_minari(episodes: EpisodeSet, dataset_id: str, *, env_id: str | None = 
         final_observations = episodes.final_observations
     finals_copied = final_observations is None
     finals = _final_observations(episodes, final_observations, source)  # (E, obs_dim)
-    provenance = json.loads(json.dumps(episodes.metadata, default=json_default))
+    provenance = json.loads(dumps_json(episodes.metadata, default=json_default))
     env = _make_env(env_id, episodes, source) if env_id is not None else None
     try:
         if env is not None:
@@ -237,7 +237,7 @@ def write_minari(episodes: EpisodeSet, dataset_id: str, *, env_id: str | None = 
                 })
             if namespace is not None and namespace not in list_local_namespaces():
                 create_namespace(namespace)  # Minari's namespace_metadata.json files
-            _move_into_place(staging / dataset_id, target, staging, overwrite, source)
+            _move_into_place(staging / dataset_id, target, overwrite, source)
         except DtlabError:
             raise
         except Exception as e:
@@ -325,9 +325,9 @@ def _description(episodes: EpisodeSet, finals_copied: bool, given: str | None) -
     return text
 
 
-def _move_into_place(built: Path, target: Path, staging: Path, overwrite: bool,
-                     source: str) -> None:
-    """Rename the staged dataset directory to ``target``; an old one goes to ``staging``."""
+def _move_into_place(built: Path, target: Path, overwrite: bool, source: str) -> None:
+    """Rename the staged dataset directory to ``target`` (``atomic_path``: an old one is replaced
+    whole, and put back if the rename fails)."""
     if target.exists() and not overwrite:  # created meanwhile by someone else
         raise DatasetError(f"{source}: dataset already exists at {target}; pass "
                            "overwrite=True to replace it")
