@@ -21,7 +21,8 @@ from dtlab.config import BenchmarkConfig, EvalDuringTraining, ModelConfig
 from dtlab.data.formats import save_episodes
 from dtlab.errors import ConfigError
 
-RUNS = [("decision-transformer", 0), ("decision-transformer", 1), ("mlp-bc", 0), ("mlp-bc", 1)]
+# The order runs are trained in: seed-major (every algorithm of seed 0 first).
+RUNS = [("mlp-bc", 0), ("decision-transformer", 0), ("mlp-bc", 1), ("decision-transformer", 1)]
 
 
 @pytest.fixture(scope="module")
@@ -33,7 +34,7 @@ def pendulum_file(tmp_path_factory):
 
 def bench_args(data, out, *extra):
     return ["benchmark", "--datasets", str(data), "--env", "Pendulum-v1",
-            "--algorithms", "decision-transformer", "mlp-bc", "--seeds", "0", "1",
+            "--algorithms", "mlp-bc", "decision-transformer", "--seeds", "0", "1",
             "--steps", "30", "--eval-every", "15", "--eval-episodes", "1",
             "--model.embed-dim", "16", "--model.n-layers", "1", "--model.context-len", "4",
             "--model.max-ep-len", "200", "--batch-size", "8", "--warmup-steps", "5",

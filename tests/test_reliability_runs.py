@@ -227,3 +227,46 @@ def test_training_writes_strict_json_metrics_when_no_step_in_a_window_was_applie
     lines = (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()
     assert "NaN" not in "".join(lines)
     assert json.loads(lines[0])["loss"] is None and json.loads(lines[0])["skipped_nonfinite"] == 2
+
+
+def test_policy_refuses_bad_targets_and_acting_before_reset(short_model_run):
+    from dtlab.policy import DTPolicy
+
+    policy = DTPolicy.from_checkpoint(short_model_run)
+    with pytest.raises(ConfigError, match="call reset"):
+        policy.act(np.zeros(3, np.float32))
+    with pytest.raises(ConfigError, match=r"^target_return must be a finite number, got nan"):
+        policy.reset(float("nan"))
+    policy.reset([-100.0, -200.0])
+    with pytest.raises(ConfigError, match=r"^return_to_go must be <= 1e\+09"):
+        policy.steer(1e30)
+    with pytest.raises(ConfigError, match=r"^return_to_go must be a finite number"):
+        policy.steer(float("nan"))  # (NaN also marks "no steer pending": never silently ignored)
+
+
+@pytest.mark.parametrize("field,value", [("batch_size", 1.5), ("steps", 10.5), ("seed", 2**70),
+                                         ("schedule", "linear"), ("precision", "fp16")])
+def test_configs_refuse_wrong_types_and_choices(tmp_path, field, value):
+    with pytest.raises(ConfigError, match=rf"^{field} must be"):
+        cfg(tmp_path, **{field: value})
+
+
+def test_resume_may_switch_on_skip_nonfinite(tmp_path):
+    data = pendulum_data()
+    train(cfg(tmp_path, steps=4), data)
+    resumed = train(cfg(tmp_path, resume=True, skip_nonfinite=True), data)
+    assert resumed.steps == 8
+
+
+def test_a_run_in_new_nested_directories_that_fails_removes_them_all(tmp_path, monkeypatch):
+    real = train_module.action_loss
+    monkeypatch.setattr(train_module, "action_loss", lambda *a: real(*a) * float("nan"))
+    with pytest.raises(TrainingError):
+        train(cfg(tmp_path, "a/b/run"), pendulum_data())
+    assert not (tmp_path / "a").exists()
+
+
+def test_a_stop_request_while_loading_writes_nothing(tmp_path):
+    with pytest.raises(KeyboardInterrupt):
+        train(cfg(tmp_path), pendulum_data(), should_stop=lambda: True)
+    assert not (tmp_path / "run").exists()

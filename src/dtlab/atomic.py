@@ -13,7 +13,7 @@ import json
 import os
 import shutil
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -88,8 +88,10 @@ def atomic_path(path: str | Path, *, directory: bool = False) -> Iterator[Path]:
     """Yield a temporary path beside ``path`` to write; rename it to ``path`` when the block ends.
 
     ``directory``: the temporary is an empty directory (a checkpoint, a Minari dataset) and an
-    existing directory at ``path`` is replaced; otherwise the temporary is a name (nothing created)
-    for a writer that creates the file itself (h5py, matplotlib, safetensors, ``open``).
+    existing directory at ``path`` is replaced (moved aside, then removed once the new one is in
+    place; put back if that rename fails); otherwise the temporary is an empty file with the
+    destination's suffix, for a writer that (re)creates it (h5py, matplotlib, safetensors,
+    ``open``): a block that writes nothing replaces the destination with an empty file.
     Raises ConfigError when the destination's directory cannot be created or written.
     """
     path = Path(path) if directory else check_writable(path)
@@ -110,7 +112,12 @@ def atomic_path(path: str | Path, *, directory: bool = False) -> Iterator[Path]:
         if directory and path.exists():
             old = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.old-"))
             os.replace(path, old / path.name)
-            os.replace(tmp, path)
+            try:
+                os.replace(tmp, path)
+            except BaseException:
+                os.replace(old / path.name, path)  # the previous directory goes back
+                old.rmdir()
+                raise
             shutil.rmtree(old, ignore_errors=True)
         else:
             os.replace(tmp, path)
@@ -139,9 +146,12 @@ def write_json(path: str | Path, data: Any) -> None:
     write_text_atomic(path, dumps_json(data))
 
 
-def dumps_json(data: Any, indent: int | None = 2) -> str:
-    """``json.dumps`` that writes non-finite floats as null (strict JSON)."""
-    return json.dumps(_finite(data), indent=indent, allow_nan=False)
+def dumps_json(data: Any, indent: int | None = 2,
+               default: Callable[[Any], Any] | None = None) -> str:
+    """``json.dumps`` that writes non-finite floats as null (strict JSON); ``default`` converts
+    other types (e.g. numpy scalars), and its results are made strict too."""
+    strict_default = None if default is None else (lambda value: _finite(default(value)))
+    return json.dumps(_finite(data), indent=indent, allow_nan=False, default=strict_default)
 
 
 def _finite(value: Any) -> Any:
@@ -152,11 +162,3 @@ def _finite(value: Any) -> Any:
     if isinstance(value, (list, tuple)):
         return [_finite(v) for v in value]
     return value
-
-
-def replace_into_place(tmp: str | Path, path: str | Path) -> None:
-    """Fsync a finished temporary file, give it default permissions and rename it to ``path``
-    (for writers that must create their temporary themselves; prefer ``atomic_path``)."""
-    _fsync_tree(Path(tmp))
-    os.replace(tmp, path)
-    fsync_dir(Path(path).parent)

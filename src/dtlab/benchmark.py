@@ -99,7 +99,7 @@ def load_datasets(cfg: BenchmarkConfig) -> list[DatasetEntry]:
                               f"{RUNS_DIR}/{name}; rename one")
         seen[name] = source
         episodes = load_episodes(source)
-        env = cfg.env or episodes.metadata.get("env_id")
+        env = cfg.env or episodes.provenance.env_id
         if not isinstance(env, str) or not env:
             raise ConfigError(f"{source}: the dataset records no env_id; set env")
         make_env(env).close()  # EnvError for an id Gymnasium does not know
@@ -113,23 +113,19 @@ def load_datasets(cfg: BenchmarkConfig) -> list[DatasetEntry]:
 
 def dataset_record(entry: DatasetEntry) -> dict[str, Any]:
     """dataset.json: what the report needs about a dataset without loading it again."""
-    from dtlab.train import recorded_reference
-
-    returns = entry.episodes.episode_returns.astype(np.float64)
-    meta = entry.episodes.metadata
-    ref_min, ref_max = reference_scores(entry.env, recorded_reference(meta, "ref_min_score"),
-                                        recorded_reference(meta, "ref_max_score"))
-    mean = float(returns.mean())
+    stats = entry.episodes.return_stats
+    recorded = entry.episodes.provenance
+    ref_min, ref_max = reference_scores(entry.env, recorded.ref_min_score, recorded.ref_max_score)
     return {
         "name": entry.name, "source": entry.source, "env": entry.env,
         "targets": list(entry.targets), "episodes": entry.episodes.num_episodes,
         "transitions": entry.episodes.num_transitions,
         "score": "normalized" if ref_min is not None else "return",
         "ref_min_score": ref_min, "ref_max_score": ref_max,
-        "behaviour": {"mean_return": mean, "std_return": float(returns.std()),
+        "behaviour": {"mean_return": stats.mean, "std_return": stats.std,
                       "normalized": None if ref_min is None
-                      else float(normalized_score(mean, ref_min, ref_max))},
-        "episode_returns": returns.tolist(),
+                      else float(normalized_score(stats.mean, ref_min, ref_max))},
+        "episode_returns": entry.episodes.episode_returns.astype(np.float64).tolist(),
     }
 
 
@@ -292,7 +288,9 @@ def run_benchmark(cfg: BenchmarkConfig, *, should_stop: Callable[[], bool] = lam
     check_settings(out, cfg, entries)
     for entry in entries:
         write_json(out / RUNS_DIR / entry.name / DATASET_FILE, dataset_record(entry))
-    grid = [(e, a, s) for e in entries for a in cfg.algorithms for s in cfg.seeds]
+    # Seed-major: each seed completes every dataset x algorithm before the next seed starts, so a
+    # benchmark stopped early already compares every algorithm on the seeds it finished.
+    grid = [(e, a, s) for s in cfg.seeds for e in entries for a in cfg.algorithms]
     finished = sum(run_dir(out, e.name, a, s).joinpath(RUN_FILE).is_file() for e, a, s in grid)
     progress = RunProgress(len(grid), finished, enabled=cfg.progress)
     interrupted, trained = False, 0
@@ -428,7 +426,8 @@ def build_report(out: Path, cfg: BenchmarkConfig | None = None, *, expected: int
                         "best": _stats(best, best[:, None], reps)})
     report = {
         "score": {name: d["score"] for name, d in datasets.items()},
-        "settings": settings(cfg) if cfg is not None else _read_json_or_none(out / SETTINGS_FILE),
+        # The settings the runs were trained with (benchmark.json), not this call's defaults.
+        "settings": _read_json_or_none(out / SETTINGS_FILE) or (settings(cfg) if cfg else None),
         "runs_finished": len(runs), "runs_expected": expected,
         "datasets": {name: {k: v for k, v in d.items() if k != "episode_returns"}
                      for name, d in datasets.items()},

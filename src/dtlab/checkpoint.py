@@ -15,9 +15,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-import os
 import shutil
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -27,8 +25,8 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-import dtlab
-from dtlab.atomic import fsync_dir, give_default_mode, write_json, write_text_atomic
+from dtlab._version import __version__
+from dtlab.atomic import atomic_path, dumps_json, write_json, write_text_atomic
 from dtlab.config import ModelConfig
 from dtlab.errors import CheckpointError, ConfigError
 from dtlab.model import DecisionTransformer, build_model
@@ -62,7 +60,7 @@ class PolicyInfo:
     ref_max_score: float | None = None
     dataset: dict[str, Any] = field(default_factory=dict)  # path, provenance, return statistics
     step: int = 0
-    dtlab_version: str = dtlab.__version__
+    dtlab_version: str = __version__
     format_version: int = FORMAT_VERSION  # of the file it was read from; always written as 3
 
     def to_json(self) -> dict[str, Any]:
@@ -201,30 +199,19 @@ def save(run_dir: str | Path, name: str, model: DecisionTransformer, info: Polic
          trainer_state: dict[str, Any] | None = None, keep: int | None = None) -> Path:
     """Write checkpoint ``run_dir/name`` atomically and point ``run_dir/latest`` at it."""
     run_dir = Path(run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=run_dir, prefix=f".{name}.tmp-"))
     final = run_dir / name
-    try:
+    # A directory written whole, then renamed into place (an existing one, e.g. the final save of
+    # a step that was also a periodic one, is replaced).
+    with atomic_path(final, directory=True) as tmp:
         weights = {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
         save_file(weights, tmp / WEIGHTS_FILE, metadata={"format": "pt"})
-        (tmp / CONFIG_FILE).write_text(json.dumps(info.to_json(), indent=2))
+        (tmp / CONFIG_FILE).write_text(dumps_json(info.to_json()))
         if trainer_state is not None:
             torch.save(trainer_state, tmp / TRAINER_FILE)
-        for f in tmp.iterdir():
-            with open(f, "rb") as fh:
-                os.fsync(fh.fileno())
-            give_default_mode(f)
-        give_default_mode(tmp)
-        if final.exists():  # re-saving the same step (e.g. final == periodic): replace it
-            shutil.rmtree(final)
-        os.rename(tmp, final)
-        fsync_dir(run_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     write_text_atomic(run_dir / LATEST_FILE, name + "\n")
     if keep is not None:
-        steps = sorted(p for p in run_dir.glob("step_*") if p.is_dir())
+        steps = sorted((p for p in run_dir.glob("step_*") if p.is_dir() and p.name[5:].isdigit()),
+                       key=lambda p: int(p.name[5:]))  # by step (names past 10^8 stop sorting)
         for old in steps[:-keep]:
             if old != final:
                 shutil.rmtree(old, ignore_errors=True)

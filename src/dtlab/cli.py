@@ -6,15 +6,15 @@ Every failure on bad input is a DtlabError: printed as one line, exit code 2, no
 from __future__ import annotations
 
 import contextlib
-import json
 import sys
 from dataclasses import dataclass
 from typing import Annotated, Literal, Union
 
 import tyro
 
+from dtlab.atomic import dumps_json
 from dtlab.config import (BehaviourConfig, BenchmarkConfig, CalibrateConfig, CollectConfig,
-                          EvalConfig, TrainConfig)
+                          EvalConfig, MAX_SEED, TrainConfig, check_number)
 from dtlab.errors import DtlabError
 
 
@@ -84,6 +84,11 @@ class QuickstartConfig:
     overwrite: bool = False
     """Replace the run in --out if one is there."""
 
+    def __post_init__(self) -> None:
+        check_number("steps", self.steps, minimum=10, integer=True)
+        check_number("episodes", self.episodes, minimum=1, integer=True)
+        check_number("seed", self.seed, minimum=0, maximum=MAX_SEED, integer=True)
+
 
 @dataclass(frozen=True)
 class TrainBehaviourCommand:
@@ -97,6 +102,9 @@ class TrainBehaviourCommand:
     """Episodes to measure each exported policy (and the random policy) over."""
     export_only: bool = False
     """Skip training; export from the run as it is."""
+
+    def __post_init__(self) -> None:
+        check_number("export_episodes", self.export_episodes, minimum=1, integer=True)
 
 
 Command = Union[
@@ -226,10 +234,10 @@ def run_collect(cfg: CollectConfig) -> None:
                                     num_transitions=cfg.transitions, seed=cfg.seed)
     options = {"env_id": env_id} if cfg.out_format == "minari" else {}
     save_episodes(episodes, cfg.out, cfg.out_format, **options)
-    ret = episodes.summary()["episode_return"]
+    ret = episodes.return_stats
     print(f"wrote {cfg.out}: {episodes.num_episodes} episodes, {episodes.num_transitions} transitions, "
-          f"return mean {ret['mean']:.1f} +- {ret['std']:.1f} (min {ret['min']:.1f}, max "
-          f"{ret['max']:.1f}) in {time.perf_counter() - started:.1f} s")
+          f"return mean {ret.mean:.1f} +- {ret.std:.1f} (min {ret.min:.1f}, max "
+          f"{ret.max:.1f}) in {time.perf_counter() - started:.1f} s")
 
 
 def run_train_behaviour(cfg) -> None:
@@ -286,7 +294,7 @@ def run_data_info(cmd: DataInfo) -> None:
     summary = episodes.summary()
     summary["findings"] = len(findings)  # listed by `dtlab data validate`
     if cmd.json:
-        print(json.dumps(summary, indent=2))
+        print(dumps_json(summary))
         return
     from rich.console import Console
     from rich.table import Table

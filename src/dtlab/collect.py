@@ -189,10 +189,8 @@ def collect_episodes(
 
 def collection_counts(episodes: EpisodeSet) -> dict[str, Any]:
     """Size and episode-return statistics (float64), recorded with every collected dataset."""
-    returns = episodes.episode_returns.astype(np.float64)  # (E,)
     return {"num_episodes": episodes.num_episodes, "num_transitions": episodes.num_transitions,
-            "episode_return": {"mean": float(returns.mean()), "std": float(returns.std()),
-                               "min": float(returns.min()), "max": float(returns.max())}}
+            "episode_return": episodes.return_stats.to_json()}
 
 
 # ---- sharded collection ------------------------------------------------------------------------

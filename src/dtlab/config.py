@@ -16,19 +16,32 @@ import tyro
 from dtlab.errors import ConfigError
 
 
+PRECISIONS = ("auto", "fp32", "bf16")  # auto: resolved by dtlab.runtime.resolve_precision
+MAX_SEED = 2**63 - 1  # torch.manual_seed's largest seed; numpy's generators take any of these
+
+
 def check_number(name: str, value: float | int | None, *, minimum: float | None = None,
                  above: float | None = None, maximum: float | None = None,
-                 below: float | None = None) -> None:
+                 below: float | None = None, integer: bool = False) -> None:
     """Raise ConfigError naming ``name`` unless ``value`` is None or a finite number in range
-    (``minimum``/``maximum`` inclusive, ``above``/``below`` exclusive)."""
+    (``minimum``/``maximum`` inclusive, ``above``/``below`` exclusive); ``integer``: an int."""
     if value is None:
         return
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
         raise ConfigError(f"{name} must be a finite number, got {value!r}")
+    if integer and not isinstance(value, int):
+        raise ConfigError(f"{name} must be an integer, got {value!r}")
     for bound, ok, word in ((minimum, lambda b: value >= b, ">="), (above, lambda b: value > b, ">"),
                             (maximum, lambda b: value <= b, "<="), (below, lambda b: value < b, "<")):
         if bound is not None and not ok(bound):
             raise ConfigError(f"{name} must be {word} {bound:g}, got {value!r}")
+
+
+def check_choice(name: str, value: object, choices: tuple) -> None:
+    """Raise ConfigError naming ``name`` unless ``value`` is one of ``choices`` (Literal fields
+    are not checked at run time by Python itself)."""
+    if value not in choices:
+        raise ConfigError(f"{name} must be one of {', '.join(map(str, choices))}; got {value!r}")
 
 
 def check_targets(name: str, targets: tuple[float, ...], *, limit: float = 1e9) -> None:
@@ -77,8 +90,12 @@ class ModelConfig:
             raise ConfigError(f"model.embed_dim {self.embed_dim} is not divisible by model.n_heads "
                               f"{self.n_heads}")
         for name in ("embed_dim", "n_layers", "n_heads", "mlp_ratio", "context_len", "max_ep_len"):
-            check_number(f"model.{name}", getattr(self, name), minimum=1)
+            check_number(f"model.{name}", getattr(self, name), minimum=1, integer=True)
         check_number("model.dropout", self.dropout, minimum=0.0, below=1.0)
+        check_choice("model.activation", self.activation, ("relu", "gelu"))
+        if self.embed_dim % self.n_heads:
+            raise ConfigError(f"model.embed_dim {self.embed_dim} is not divisible by model.n_heads "
+                              f"{self.n_heads}")
 
 
 @dataclass(frozen=True)
@@ -142,12 +159,14 @@ class OptimConfig:
     instead of stopping the run (a run in which almost no step was applied still fails)."""
 
     def __post_init__(self) -> None:
-        check_number("batch_size", self.batch_size, minimum=1)
+        check_number("batch_size", self.batch_size, minimum=1, integer=True)
         check_number("lr", self.lr, above=0)
         check_number("weight_decay", self.weight_decay, minimum=0)
-        check_number("warmup_steps", self.warmup_steps, minimum=0)
+        check_number("warmup_steps", self.warmup_steps, minimum=0, integer=True)
         check_number("grad_clip", self.grad_clip, minimum=0)
-        check_number("seed", self.seed, minimum=0)
+        check_number("seed", self.seed, minimum=0, maximum=MAX_SEED, integer=True)
+        check_choice("schedule", self.schedule, ("constant", "cosine"))
+        check_choice("precision", self.precision, PRECISIONS)
         if len(self.betas) != 2:
             raise ConfigError(f"betas must be two numbers, got {self.betas!r}")
         for beta in self.betas:
@@ -187,9 +206,9 @@ class RunConfig:
 
     def __post_init__(self) -> None:
         for name in ("steps", "checkpoint_every", "keep_checkpoints", "log_every"):
-            check_number(name, getattr(self, name), minimum=1)
+            check_number(name, getattr(self, name), minimum=1, integer=True)
         check_number("checkpoint_every_minutes", self.checkpoint_every_minutes, minimum=0)
-        check_number("threads", self.threads, minimum=1)
+        check_number("threads", self.threads, minimum=1, integer=True)
 
 
 @dataclass(frozen=True)
@@ -207,10 +226,10 @@ class EvalDuringTraining:
     training process (0: in the training process). Returns are identical either way."""
 
     def __post_init__(self) -> None:
-        check_number("eval_every", self.eval_every, minimum=0)
-        check_number("eval_episodes", self.eval_episodes, minimum=0)
+        check_number("eval_every", self.eval_every, minimum=0, integer=True)
+        check_number("eval_episodes", self.eval_episodes, minimum=0, integer=True)
         check_targets("eval_targets", self.eval_targets)
-        check_number("eval_workers", self.eval_workers, minimum=0)
+        check_number("eval_workers", self.eval_workers, minimum=0, integer=True)
 
 
 _FLAT = tyro.conf.arg(name="")  # the group's fields keep their flat flags: --lr, --steps, --out
@@ -233,9 +252,15 @@ class TrainConfig:
     evaluation: Annotated[EvalDuringTraining, _FLAT] = field(default_factory=EvalDuringTraining)
     """Evaluation during training."""
 
+    # Fields of those groups a resumed run may change: skip_nonfinite only decides what a
+    # non-finite step does, so a run stopped by one resumes from its last good checkpoint with it
+    # set (what the error message advises).
+    RESUME_MAY_CHANGE = frozenset({"optim.skip_nonfinite"})
+
     def resume_groups(self) -> dict:
         """What a resumed run must share with the original to continue bit for bit: the data,
-        model and optimization groups, and the length of a cosine schedule."""
+        model and optimization groups (less ``RESUME_MAY_CHANGE``), and the length of a cosine
+        schedule."""
         groups = {"data": self.data, "model": self.model, "optim": self.optim}
         if self.optim.schedule == "cosine":
             groups["steps"] = self.run.steps
@@ -301,11 +326,12 @@ class EvalConfig:
 
     def __post_init__(self) -> None:
         check_targets("targets", self.targets)
-        check_number("episodes", self.episodes, minimum=1)
-        check_number("seed", self.seed, minimum=0)
-        check_number("sweep_points", self.sweep_points, minimum=2)
-        check_number("buckets", self.buckets, minimum=1)
-        check_number("windows", self.windows, minimum=0)
+        check_choice("precision", self.precision, PRECISIONS)
+        check_number("episodes", self.episodes, minimum=1, integer=True)
+        check_number("seed", self.seed, minimum=0, maximum=MAX_SEED, integer=True)
+        check_number("sweep_points", self.sweep_points, minimum=2, integer=True)
+        check_number("buckets", self.buckets, minimum=1, integer=True)
+        check_number("windows", self.windows, minimum=0, integer=True)
         if len(self.swap_quantiles) != 2 or not self.swap_quantiles[0] < self.swap_quantiles[1]:
             raise ConfigError(f"swap_quantiles must be two increasing quantiles, got "
                               f"{self.swap_quantiles!r}")
@@ -313,9 +339,9 @@ class EvalConfig:
             check_number("swap_quantiles", q, minimum=0, maximum=1)
         if self.offline and self.dataset is None:
             raise ConfigError("offline evaluation needs dataset (a file to evaluate on)")
-        check_number("max_steps", self.max_steps, minimum=1)
-        check_number("threads", self.threads, minimum=1)
-        check_number("eval_workers", self.eval_workers, minimum=0)
+        check_number("max_steps", self.max_steps, minimum=1, integer=True)
+        check_number("threads", self.threads, minimum=1, integer=True)
+        check_number("eval_workers", self.eval_workers, minimum=0, integer=True)
 
 
 # Dataset ids written with ``--out minari:<id>``: dtlab.data.formats.MINARI_PREFIX (the data
@@ -378,12 +404,12 @@ class CalibrateConfig:
     """CPU threads for torch (default: OMP_NUM_THREADS if set, else 1 for rollouts)."""
 
     def __post_init__(self) -> None:
-        check_number("points", self.points, minimum=2)
-        check_number("episodes", self.episodes, minimum=1)
+        check_number("points", self.points, minimum=2, integer=True)
+        check_number("episodes", self.episodes, minimum=1, integer=True)
         check_number("z", self.z, minimum=0)
-        check_number("seed", self.seed, minimum=0)
-        check_number("max_steps", self.max_steps, minimum=1)
-        check_number("threads", self.threads, minimum=1)
+        check_number("seed", self.seed, minimum=0, maximum=MAX_SEED, integer=True)
+        check_number("max_steps", self.max_steps, minimum=1, integer=True)
+        check_number("threads", self.threads, minimum=1, integer=True)
 
 
 Algorithm = Literal["decision-transformer", "transformer-bc", "mlp-bc", "percentile-bc"]
@@ -455,13 +481,12 @@ class BenchmarkConfig:
         if not self.seeds or len(set(self.seeds)) != len(self.seeds):
             raise ConfigError(f"seeds must be distinct and not empty, got {self.seeds!r}")
         for seed in self.seeds:
-            check_number("seeds", seed, minimum=0)
-        for name in ("steps", "eval_every", "eval_episodes", "calibrate_points",
-                     "calibrate_episodes", "bootstrap_reps"):
-            check_number(name, getattr(self, name), minimum=1)
-        check_number("calibrate_points", self.calibrate_points, minimum=2)
+            check_number("seeds", seed, minimum=0, maximum=MAX_SEED, integer=True)
+        for name in ("steps", "eval_every", "eval_episodes", "calibrate_episodes", "bootstrap_reps"):
+            check_number(name, getattr(self, name), minimum=1, integer=True)
+        check_number("calibrate_points", self.calibrate_points, minimum=2, integer=True)
         check_number("top_fraction", self.top_fraction, above=0, maximum=1)
-        check_number("threads", self.threads, minimum=1)
+        check_number("threads", self.threads, minimum=1, integer=True)
 
 
 @dataclass(frozen=True)
@@ -509,9 +534,9 @@ class CollectConfig:
         from dtlab.errors import ConfigError
 
         for name in ("episodes", "transitions"):
-            value = getattr(self, name)
-            if value is not None and value < 1:
-                raise ConfigError(f"{name} must be >= 1, got {value}")
+            check_number(name, getattr(self, name), minimum=1, integer=True)
+        check_number("quality", self.quality, minimum=0, maximum=1)
+        check_number("seed", self.seed, minimum=0, maximum=MAX_SEED, integer=True)
         to_minari = self.out.startswith(_MINARI_PREFIX)
         if to_minari and self.out_format != "minari":
             raise ConfigError(f"out {self.out} is a Minari dataset, but format is {self.out_format}")
@@ -571,6 +596,6 @@ class BehaviourConfig:
 
     def __post_init__(self) -> None:
         for name in ("steps", "eval_every", "eval_episodes", "buffer_size", "threads"):
-            check_number(name, getattr(self, name), minimum=1)
-        check_number("learning_starts", self.learning_starts, minimum=0)
-        check_number("seed", self.seed, minimum=0)
+            check_number(name, getattr(self, name), minimum=1, integer=True)
+        check_number("learning_starts", self.learning_starts, minimum=0, integer=True)
+        check_number("seed", self.seed, minimum=0, maximum=MAX_SEED, integer=True)

@@ -18,6 +18,7 @@ from dtlab import checkpoint, runtime
 from dtlab.atomic import check_writable, write_json
 from dtlab.config import CalibrateConfig, EvalConfig
 from dtlab.data.episodes import EpisodeSet
+from dtlab.data.records import ReturnStats
 from dtlab.envs import env_info, make_env
 from dtlab.errors import ConfigError, DatasetError, DtlabWarning
 from dtlab.policy import DTPolicy
@@ -29,10 +30,12 @@ __all__ = ["evaluate_checkpoint", "rollout", "sweep_targets", "results_json", "T
            "offline_evaluation"]
 
 
-def sweep_targets(dataset_stats: dict, points: int) -> list[float]:
-    """Targets from the dataset's lowest episode return to 1.2x past its highest."""
-    lo, hi = dataset_stats["min"], dataset_stats["max"]
-    return np.linspace(lo, hi + 0.2 * abs(hi - lo), points).round(1).tolist()
+def sweep_targets(dataset_return: ReturnStats, points: int) -> list[float]:
+    """Targets from the dataset's lowest episode return to 20% of its return range past its
+    highest."""
+    lo, hi = dataset_return.min, dataset_return.max
+    span = hi - lo if hi > lo else max(abs(hi), 1.0)  # all episodes alike: spread around them
+    return np.unique(np.linspace(lo, hi + 0.2 * span, points).round(1)).tolist()
 
 
 def results_json(report: RolloutReport, *, checkpoint: str, env_id: str, episodes: int, seed: int,
@@ -49,7 +52,8 @@ def results_json(report: RolloutReport, *, checkpoint: str, env_id: str, episode
     }
 
 
-def print_table(report: RolloutReport, *, title: str, dataset_return: dict | None = None) -> None:
+def print_table(report: RolloutReport, *, title: str,
+                dataset_return: ReturnStats | None = None) -> None:
     from rich.console import Console
     from rich.table import Table
 
@@ -67,8 +71,8 @@ def print_table(report: RolloutReport, *, title: str, dataset_return: dict | Non
         console.print(f"episodes cut at {report.max_steps} steps, not the env's standard "
                       f"{report.standard_time_limit}: no normalized scores")
     if dataset_return:
-        console.print(f"dataset episode return: mean {dataset_return['mean']:.1f}, "
-                      f"max {dataset_return['max']:.1f}")
+        console.print(f"dataset episode return: mean {dataset_return.mean:.1f}, "
+                      f"max {dataset_return.max:.1f}")
 
 
 def evaluate_checkpoint(cfg: EvalConfig, echo: bool = False) -> dict:
@@ -90,7 +94,7 @@ def evaluate_checkpoint(cfg: EvalConfig, echo: bool = False) -> dict:
     device = runtime.setup(cfg.device, cfg.threads, default_threads=1)
     # Check the env before loading weights, so an unknown env id fails fast.
     _check_env(env_id, info, path, cfg.max_steps)
-    dataset_return = info.dataset.get("episode_return")
+    dataset_return = ReturnStats.from_json(info.dataset.get("episode_return"))
     if cfg.sweep:
         if not dataset_return:
             raise ConfigError(f"{path}: checkpoint has no dataset return statistics for sweep")
@@ -110,8 +114,6 @@ def evaluate_checkpoint(cfg: EvalConfig, echo: bool = False) -> dict:
         print_table(report, title=f"{env_id}, {cfg.episodes} episodes per target "
                                   f"({report.env_steps_per_s:.0f} env steps/s)",
                     dataset_return=dataset_return)
-    if cfg.out:
-        write_json(cfg.out, data)
     plot = cfg.plot or (str(Path(cfg.out).with_suffix(".png")) if cfg.out and cfg.sweep else None)
     if cfg.sweep and plot is None:
         plot = "sweep.png"
@@ -121,6 +123,8 @@ def evaluate_checkpoint(cfg: EvalConfig, echo: bool = False) -> dict:
         achieved_vs_target(report.results, plot, title=f"{env_id}: achieved vs target return",
                            dataset_return=dataset_return)
         data["plot"] = plot
+    if cfg.out:
+        write_json(cfg.out, data)
     if echo and (cfg.out or plot):
         print("wrote " + ", ".join(p for p in (cfg.out, plot) if p))
     return data
@@ -195,10 +199,10 @@ def reliable_maximum(targets: Sequence[float], means: Sequence[float],
         rising_range=(float(x[a]), float(x[j])) if a < j else None, saturated=j < n - 1)
 
 
-def calibration_targets(dataset_return: dict, points: int) -> list[float]:
+def calibration_targets(dataset_return: ReturnStats, points: int) -> list[float]:
     """``points`` targets from the data's lowest episode return to 50% of its return range past
     the best (1.5x the best when the lowest return is 0), rounded to 0.1."""
-    lo, hi = float(dataset_return["min"]), float(dataset_return["max"])
+    lo, hi = dataset_return.min, dataset_return.max
     span = hi - lo if hi > lo else max(abs(hi), 1.0)
     return np.unique(np.linspace(lo, hi + 0.5 * span, points).round(1)).tolist()
 
@@ -218,7 +222,7 @@ def calibrate_checkpoint(cfg: CalibrateConfig, *, echo: bool = False,
     if info.model.architecture != "decision-transformer":
         raise ConfigError(f"{path}: calibration measures return conditioning; a "
                           f"{info.model.architecture} checkpoint ignores the target")
-    dataset_return = info.dataset.get("episode_return")
+    dataset_return = ReturnStats.from_json(info.dataset.get("episode_return"))
     if not dataset_return:
         raise ConfigError(f"{path}: checkpoint has no dataset return statistics to calibrate over")
     if cfg.plot:
@@ -242,7 +246,8 @@ def calibrate_checkpoint(cfg: CalibrateConfig, *, echo: bool = False,
     record = {**asdict(cal), "achieved_std": [r.std for r in report.results],
               "normalized_mean": [r.normalized_mean for r in report.results],
               "episodes": cfg.episodes, "seed": cfg.seed, "max_steps": report.max_steps,
-              "env": info.env_id, "checkpoint_step": info.step, "dataset_return": dataset_return}
+              "env": info.env_id, "checkpoint_step": info.step,
+              "dataset_return": dataset_return.to_json()}
     checkpoint.save_calibration(path, record)
     from dtlab.plots import calibration_plot
 

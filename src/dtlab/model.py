@@ -52,6 +52,17 @@ class KVCache:
                        self.steps)
 
 
+def action_outputs(action_space: ActionSpec) -> tuple[int, bool]:
+    """(width of the action head, whether it predicts logits): ``ContinuousActions(dim)`` -> (dim,
+    False), actions in [-1, 1] through tanh; ``DiscreteActions(n)`` -> (n, True). ConfigError
+    for any other spec."""
+    if isinstance(action_space, DiscreteActions):
+        return action_space.n, True
+    if isinstance(action_space, ContinuousActions):
+        return action_space.dim, False
+    raise ConfigError(f"the model cannot act in {action_space!r}")
+
+
 class CausalSelfAttention(nn.Module):
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
@@ -132,12 +143,7 @@ class DecisionTransformer(nn.Module):
         ``ContinuousActions(dim)`` (linear embedding, tanh head of width dim) or
         ``DiscreteActions(n)`` (lookup embedding, n logits). Other specs: ConfigError."""
         super().__init__()
-        if isinstance(action_space, DiscreteActions):
-            width, self._logits = action_space.n, True
-        elif isinstance(action_space, ContinuousActions):
-            width, self._logits = action_space.dim, False
-        else:
-            raise ConfigError(f"the model cannot act in {action_space!r}")
+        width, self._logits = action_outputs(action_space)
         self.cfg, self.observation_space, self.action_space = cfg, observation_space, action_space
         self.returns_tokens = cfg.architecture != "transformer-bc"
         self.tokens_per_step = 3 if self.returns_tokens else 2  # (R, s, a) or (s, a)
@@ -317,12 +323,7 @@ class MLPBC(nn.Module):
     def __init__(self, cfg: ModelConfig, observation_space: ObservationSpec,
                  action_space: ActionSpec) -> None:
         super().__init__()
-        if isinstance(action_space, DiscreteActions):
-            out, self._logits = action_space.n, True
-        elif isinstance(action_space, ContinuousActions):
-            out, self._logits = action_space.dim, False
-        else:
-            raise ConfigError(f"the model cannot act in {action_space!r}")
+        out, self._logits = action_outputs(action_space)
         self.cfg, self.observation_space, self.action_space = cfg, observation_space, action_space
         layers: list[nn.Module] = []
         width = observation_space.dim

@@ -11,6 +11,7 @@ matplotlib.use("Agg")  # files only; no display needed
 import matplotlib.pyplot as plt  # noqa: E402
 
 from dtlab.atomic import atomic_path  # noqa: E402
+from dtlab.data.records import ReturnStats  # noqa: E402
 from dtlab.metrics import evaluation_curves, loss_curve, read_metrics  # noqa: E402
 
 
@@ -25,7 +26,7 @@ def _save(fig, path: str | Path) -> Path:
 
 
 def achieved_vs_target(results: Sequence, path: str | Path, *, title: str = "",
-                       dataset_return: dict | None = None) -> Path:
+                       dataset_return: ReturnStats | None = None) -> Path:
     """Mean +- std achieved return per target, with the y = x line and the dataset's best and
     mean episode return for reference. ``results``: TargetResult-like objects or dicts."""
     rows = [r if isinstance(r, dict) else r.__dict__ for r in results]
@@ -38,8 +39,8 @@ def achieved_vs_target(results: Sequence, path: str | Path, *, title: str = "",
     ax.plot([lo, hi], [lo, hi], "k:", lw=1, label="oracle (achieved = target)")
     ax.errorbar(x, y, yerr=e, marker="o", capsize=3, label="Decision Transformer")
     if dataset_return:
-        ax.axhline(dataset_return["max"], color="tab:green", ls="--", lw=1, label="best in dataset")
-        ax.axhline(dataset_return["mean"], color="tab:gray", ls="--", lw=1, label="dataset mean")
+        ax.axhline(dataset_return.max, color="tab:green", ls="--", lw=1, label="best in dataset")
+        ax.axhline(dataset_return.mean, color="tab:gray", ls="--", lw=1, label="dataset mean")
     ax.set_xlabel("target return")
     ax.set_ylabel("achieved return")
     ax.set_title(title or "Return conditioning")

@@ -14,8 +14,9 @@ from typing import Sequence
 import numpy as np
 import torch
 
-from dtlab import checkpoint
+from dtlab import checkpoint, runtime
 from dtlab.checkpoint import PolicyInfo
+from dtlab.config import check_targets
 from dtlab.errors import ConfigError, DtlabWarning, TrainingError
 from dtlab.model import DecisionTransformer, KVCache
 
@@ -99,7 +100,8 @@ class DTPolicy:
     def reset(self, target_return: float | Sequence[float] | np.ndarray) -> None:
         """Start new episodes: one per target (a scalar starts one episode and ``act`` then takes
         and returns unbatched arrays). Warns (DtlabWarning) for a target above the checkpoint's
-        calibrated reliable maximum target."""
+        calibrated reliable maximum target; ConfigError for a non-finite or absurd target."""
+        check_targets("target_return", np.ravel(np.asarray(target_return, dtype=np.float64)).tolist())
         self._warn_above_reliable_max(np.asarray(target_return, dtype=np.float64))
         targets = np.array(target_return, dtype=np.float32)  # a copy: the input may be read-only
         self._single = targets.ndim == 0
@@ -127,6 +129,7 @@ class DTPolicy:
         (DtlabWarning) above the checkpoint's calibrated reliable maximum target.
         """
         idx = self._index(index)
+        check_targets("return_to_go", np.ravel(np.asarray(return_to_go, dtype=np.float64)).tolist())
         self._warn_above_reliable_max(np.asarray(return_to_go, dtype=np.float64))
         new = torch.tensor(np.asarray(return_to_go, dtype=np.float32).reshape(-1), device=self.device)
         self._pending[idx] = self._norm.scale_returns(new)
@@ -137,6 +140,8 @@ class DTPolicy:
         return self._norm.unscale_returns(self._next_rtg).cpu().numpy()
 
     def _index(self, index) -> torch.Tensor:
+        if not self.num_envs:
+            raise ConfigError("the policy has no episodes: call reset(target_return) first")
         if index is None:
             return torch.arange(self.num_envs, device=self.device)
         return torch.tensor(np.asarray(index, dtype=np.int64).reshape(-1), device=self.device)
@@ -221,7 +226,7 @@ class DTPolicy:
         ts_w[:, -1] = t
         mask_w[:, -1] = True
         all_real = bool(mask_w.all())
-        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.precision == "bf16"):
+        with runtime.autocast(self.device, self.precision):
             if self.kv_cache:
                 pred = self._predict_cached(idx, t, obs_w, act_w, rtg_w, ts_w, mask_w,
                                             invalidate=any_steered)

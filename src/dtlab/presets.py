@@ -16,7 +16,7 @@ from typing import Any
 
 import numpy as np
 
-from dtlab.atomic import write_text_atomic
+from dtlab.atomic import dumps_json, write_text_atomic
 from dtlab.behaviour.policies import ActorPolicy, BehaviourPolicy, RandomPolicy
 from dtlab.behaviour.sac import export_actor, pick_snapshots, read_run_manifest, replay_until_medium
 from dtlab.collect import collect_episodes, collect_sharded, collection_counts
@@ -96,7 +96,7 @@ class PresetManifest:
     def to_json(self) -> str:
         fields = dataclasses.asdict(self)
         fields["random"] = {"return_stochastic": fields["random"]}
-        return json.dumps(fields, indent=2)
+        return dumps_json(fields)
 
 
 def preset_manifest_path(env_id: str) -> Path:

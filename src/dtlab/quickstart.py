@@ -48,9 +48,9 @@ def quickstart(out: str | Path = "dtlab-quickstart", *, steps: int = 3000, episo
     data = pendulum_mixed_dataset(num_episodes=300, seed=seed)
     data_path = out / "pendulum-mixed.hdf5"
     save_episodes(data, data_path)
-    ret = data.summary()["episode_return"]
+    ret = data.return_stats
     print(f"[1/3] dataset: {data.num_episodes} episodes, {data.num_transitions} transitions, "
-          f"return mean {ret['mean']:.0f} (min {ret['min']:.0f}, max {ret['max']:.0f}) "
+          f"return mean {ret.mean:.0f} (min {ret.min:.0f}, max {ret.max:.0f}) "
           f"-> {data_path} ({time.perf_counter() - t0:.1f} s)")
 
     t0 = time.perf_counter()
@@ -79,7 +79,7 @@ def quickstart(out: str | Path = "dtlab-quickstart", *, steps: int = 3000, episo
     print(f"[3/3] evaluated {len(targets)} targets x {episodes} episodes "
           f"({time.perf_counter() - t0:.1f} s)")
     print(f"return conditioning: achieved return {'rises' if rising else 'does NOT rise'} with the "
-          f"target; the highest target achieves {means[-1]:.0f} vs the dataset mean {ret['mean']:.0f}")
+          f"target; the highest target achieves {means[-1]:.0f} vs the dataset mean {ret.mean:.0f}")
     print(f"total {time.perf_counter() - started:.0f} s; plot {out / 'achieved_vs_target.png'}")
     results["total_seconds"] = time.perf_counter() - started
     return results

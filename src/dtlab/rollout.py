@@ -14,6 +14,8 @@ from typing import Sequence
 
 import numpy as np
 
+from dtlab.config import check_number
+from dtlab.data.diagnostics import time_limit
 from dtlab.data.returns import normalized_score
 from dtlab.env_workers import EnvWorkers, LocalEnvs
 from dtlab.envs import env_info, make_env, reference_scores
@@ -59,12 +61,14 @@ class RolloutReport:
 def episode_limit(env, env_id: str, max_steps: int | None, max_ep_len: int) -> tuple[int, int | None]:
     """(steps to run each episode for, the env's standard time limit).
 
-    The limit is ``max_steps`` or the env's own. Raises ConfigError when episodes could run past the
-    model's ``max_ep_len`` (its timestep embedding has no entry for later steps): dtlab never clamps
-    timesteps silently.
+    The limit is ``max_steps``, else the env's time limit (``dtlab.data.diagnostics.time_limit``:
+    its registered ``max_episode_steps``, else dtlab's registry), else 1000 steps for an env with
+    no limit at all (rollouts must end). Raises ConfigError when episodes could run past the
+    model's ``max_ep_len`` (its timestep embedding has no entry for later steps): dtlab never
+    clamps timesteps silently.
     """
     spec_limit = env.spec.max_episode_steps if env.spec else None
-    limit = max_steps if max_steps is not None else (spec_limit or 1000)
+    limit = max_steps if max_steps is not None else (spec_limit or time_limit(env_id) or 1000)
     if limit > max_ep_len:
         raise ConfigError(
             f"{env_id}: episodes run up to {limit} steps but the model's max_ep_len is {max_ep_len} "
@@ -87,6 +91,7 @@ def rollout(policy: DTPolicy, env_id: str, targets: Sequence[float], episodes: i
     targets or episodes longer than the model's max_ep_len, EnvError when the env's spaces differ
     from the checkpoint's or a worker fails.
     """
+    check_number("episodes", episodes, minimum=1, integer=True)
     n = len(targets) * episodes
     if n == 0:
         raise ConfigError("rollout needs at least one target and one episode")

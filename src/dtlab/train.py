@@ -33,7 +33,7 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 from dtlab import checkpoint, distributed, runtime
-from dtlab.atomic import write_text_atomic
+from dtlab.atomic import dumps_json, write_text_atomic
 from dtlab.checkpoint import PolicyInfo
 from dtlab.config import OptimConfig, TrainConfig
 from dtlab.data.diagnostics import warn_findings
@@ -41,8 +41,9 @@ from dtlab.data.episodes import EpisodeSet
 from dtlab.data.sampling import Batch, SequenceSampler
 from dtlab.distributed import World
 from dtlab.envs import actions_outside_bounds, describe_space, env_info, make_env, reference_scores
-from dtlab.errors import ConfigError, DatasetError, DtlabWarning, EnvError, TrainingError
-from dtlab.metrics import MetricsLog, evaluation_record, training_record
+from dtlab.errors import (CheckpointError, ConfigError, DatasetError, DtlabWarning, EnvError,
+                          TrainingError)
+from dtlab.metrics import METRICS_FILE, MetricsLog, evaluation_record, training_record
 from dtlab.model import DecisionTransformer, build_model
 from dtlab.normalizer import Normalizer
 from dtlab.policy import DTPolicy
@@ -144,12 +145,6 @@ class DeviceSampler:
                 "timesteps": timesteps, "masks": masks}
 
 
-def load_dataset(path: str) -> EpisodeSet:
-    from dtlab.data.formats import load_episodes
-
-    return load_episodes(path)
-
-
 def check_action_bounds(episodes: EpisodeSet, env, *, strict: bool) -> None:
     """Warn (or, strict, fail) when dataset actions lie outside the env's action bounds. (Action
     indices outside the space are caught by check_against_env: they cannot be clipped.)"""
@@ -166,28 +161,23 @@ def check_action_bounds(episodes: EpisodeSet, env, *, strict: bool) -> None:
         warnings.warn(msg + "; they are clipped for training", DtlabWarning, stacklevel=3)
 
 
-def recorded_reference(meta, key: str) -> float | None:
-    """A reference score recorded with the dataset (dtlab's presets, Minari's metadata), if numeric."""
-    for name in (f"dtlab_{key}", f"minari_{key}", key):
-        value = meta.get(name)
-        if isinstance(value, (int, float)) and not isinstance(value, bool) and np.isfinite(value):
-            return float(value)
-    return None
+def _return_scale(cfg: TrainConfig) -> float:
+    """The configured return scale, else the env registry's (1000 for MuJoCo locomotion)."""
+    scale = cfg.data.return_scale
+    return float(scale if scale is not None else env_info(cfg.data.env).return_scale)
 
 
 def policy_info_for(cfg: TrainConfig, episodes: EpisodeSet, env) -> PolicyInfo:
     """Everything derived from data and env that the checkpoint must carry."""
-    info = env_info(cfg.data.env)
     # The env's action space: its bounds for continuous actions, all of its n actions for indices.
     actions = action_space_from_gym(env.action_space)
     if isinstance(actions, ContinuousActions) and actions.low is None:
         raise EnvError(f"{cfg.data.env}: action space {describe_space(env.action_space)} is "
                        "unbounded; dtlab's tanh action head needs finite bounds")
     meta = episodes.metadata
-    ref_min, ref_max = reference_scores(cfg.data.env, recorded_reference(meta, "ref_min_score"),
-                                        recorded_reference(meta, "ref_max_score"))
-    return_scale = cfg.data.return_scale
-    return_scale = float(return_scale if return_scale is not None else info.return_scale)
+    recorded = episodes.provenance
+    ref_min, ref_max = reference_scores(cfg.data.env, recorded.ref_min_score, recorded.ref_max_score)
+    return_scale = _return_scale(cfg)
     return PolicyInfo(
         model=cfg.model, observation_space=episodes.observation_space, action_space=actions,
         normalizer=Normalizer.from_episodes(episodes, return_scale, actions),
@@ -204,8 +194,11 @@ def prepare(cfg: TrainConfig, episodes: EpisodeSet | None = None) -> tuple[Episo
                                              or env_info(cfg.data.env).targets):
         raise ConfigError(f"evaluation.eval_episodes given but no eval_targets, and dtlab knows no "
                           f"default targets for {cfg.data.env}")
-    episodes = episodes if episodes is not None else load_dataset(cfg.data.dataset)
-    return_scale = cfg.data.return_scale or env_info(cfg.data.env).return_scale
+    if episodes is None:
+        from dtlab.data.formats import load_episodes  # (imports h5py and minari)
+
+        episodes = load_episodes(cfg.data.dataset)
+    return_scale = _return_scale(cfg)
     # Valid-but-suspicious data, one warning line each; constant observation dimensions are
     # warned where the Normalizer is built (policy_info_for), which says how it treats them.
     warn_findings(episodes, env_id=cfg.data.env, return_scale=return_scale,
@@ -261,7 +254,8 @@ def check_resume_config(out: Path, cfg: TrainConfig) -> None:
             defaults = _jsonable({f.name: f.default for f in dataclasses.fields(groups[group])
                                   if f.default is not dataclasses.MISSING})
             differ += [(f"{group}.{k}", old.get(k), v) for k, v in value.items()
-                       if old.get(k, defaults.get(k)) != v]
+                       if old.get(k, defaults.get(k)) != v
+                       and f"{group}.{k}" not in TrainConfig.RESUME_MAY_CHANGE]
         else:
             old = saved.get("run", {}).get(group) if isinstance(saved.get("run"), dict) \
                 else saved.get(group)
@@ -460,9 +454,15 @@ class Trainer:
     def resume(self, path: Path) -> None:
         """Continue from checkpoint ``path``: weights, optimizer, schedule, RNG streams, step."""
         weights, _ = checkpoint.load(path, self.device)
-        self.model.load_state_dict(weights.state_dict())
-        self.state = TrainerState.restore(checkpoint.load_trainer_state(path), self.optimizer,
-                                          self.scheduler, self.device, self.world, self.seed)
+        saved = checkpoint.load_trainer_state(path)
+        try:
+            self.model.load_state_dict(weights.state_dict())
+            self.state = TrainerState.restore(saved, self.optimizer, self.scheduler, self.device,
+                                              self.world, self.seed)
+        except (KeyError, TypeError, ValueError, AttributeError, RuntimeError) as exc:
+            raise CheckpointError(f"{path}: cannot resume from this checkpoint (it does not match "
+                                  f"the run's model or optimizer): {type(exc).__name__}: "
+                                  f"{str(exc).splitlines()[0] if str(exc) else ''}") from None
 
     def step(self, batch_size: int, optim: OptimConfig) -> tuple[torch.Tensor, torch.Tensor]:
         """Sample a batch, take one ``train_step``, advance the schedule; (loss, grad_norm) as
@@ -604,10 +604,12 @@ def _train(cfg: TrainConfig, episodes: EpisodeSet, info: PolicyInfo, device: tor
         trainer.resume(start_from)
     if evaluator is None and cfg.evaluation.eval_episodes:
         evaluator = default_evaluator(cfg)
+    if should_stop():  # stopped while loading (e.g. Ctrl-C during a download): nothing written
+        raise KeyboardInterrupt
     distributed.barrier(world)  # every rank has read the run directory before rank 0 writes
-    created = _RunFiles.start(out, cfg, resume_from=trainer.state.step if cfg.run.resume else None,
-                              main=world.is_main)
+    created = _RunFiles(out, _first_missing(out), main=world.is_main)
     try:
+        created.start(cfg, resume_from=trainer.state.step if cfg.run.resume else None)
         result = _loop(cfg, trainer, info, created.metrics, evaluator, should_stop)
     except BaseException:
         created.discard_if_no_checkpoint()
@@ -803,36 +805,52 @@ def _likely_cause(episodes: EpisodeSet, info: PolicyInfo) -> str:
     return ""
 
 
+def _first_missing(path: Path) -> Path | None:
+    """The outermost directory of ``path`` that does not exist yet (what ``mkdir(parents=True)``
+    would create first), or None when ``path`` exists."""
+    missing = None
+    for p in (path, *path.parents):
+        if p.exists():
+            break
+        missing = p
+    return missing
+
+
 @dataclass
 class _RunFiles:
     """What a run writes before its first checkpoint, so that a failure can take it back."""
 
     out: Path
-    created_dir: bool
-    metrics: MetricsLog
+    created: Path | None  # the outermost directory this run created (None: ``out`` existed)
+    metrics: MetricsLog | None = None
+    existed: frozenset = frozenset()  # the run files that were there before (a resumed run's)
     main: bool = True  # False: a torchrun rank other than 0, which writes none of these
 
-    @classmethod
-    def start(cls, out: Path, cfg: TrainConfig, resume_from: int | None,
-              main: bool = True) -> "_RunFiles":
-        if not main:
-            return cls(out, False, _NoMetrics(), main=False)
-        created_dir = not out.exists()
-        out.mkdir(parents=True, exist_ok=True)
-        write_text_atomic(out / TRAIN_CONFIG_FILE, json.dumps(dataclasses.asdict(cfg), indent=2))
-        return cls(out, created_dir, MetricsLog(out, resume_from=resume_from,
-                                                tensorboard=cfg.run.tensorboard))
+    def __post_init__(self) -> None:
+        self.existed = frozenset(name for name in (TRAIN_CONFIG_FILE, METRICS_FILE, "tb")
+                                 if (self.out / name).exists())
+
+    def start(self, cfg: TrainConfig, resume_from: int | None) -> None:
+        if not self.main:
+            self.metrics = _NoMetrics()
+            return
+        self.out.mkdir(parents=True, exist_ok=True)
+        write_text_atomic(self.out / TRAIN_CONFIG_FILE, dumps_json(dataclasses.asdict(cfg)))
+        self.metrics = MetricsLog(self.out, resume_from=resume_from,
+                                  tensorboard=cfg.run.tensorboard)
 
     def discard_if_no_checkpoint(self) -> None:
-        self.metrics.close()
+        if self.metrics is not None:
+            self.metrics.close()
         if not self.main or (self.out / checkpoint.LATEST_FILE).exists():
             return
-        if self.created_dir:
-            shutil.rmtree(self.out, ignore_errors=True)
+        if self.created is not None:
+            shutil.rmtree(self.created, ignore_errors=True)
             return
-        for name in (TRAIN_CONFIG_FILE, "metrics.jsonl"):
+        for name in {TRAIN_CONFIG_FILE, METRICS_FILE} - self.existed:
             (self.out / name).unlink(missing_ok=True)
-        shutil.rmtree(self.out / "tb", ignore_errors=True)
+        if "tb" not in self.existed:
+            shutil.rmtree(self.out / "tb", ignore_errors=True)
 
 
 class _NoMetrics:

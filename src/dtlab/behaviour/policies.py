@@ -13,7 +13,6 @@ with it.
 from __future__ import annotations
 
 import json
-import secrets
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,7 +21,7 @@ from typing import Protocol
 import gymnasium
 import numpy as np
 
-from dtlab.atomic import check_writable, replace_into_place
+from dtlab.atomic import atomic_path, check_writable
 from dtlab.envs import describe_space, make_env
 from dtlab.errors import ConfigError, EnvError
 from dtlab.normalizer import from_unit_interval
@@ -239,7 +238,8 @@ def read_actor(path: str | Path) -> SacActorWeights:
 
 
 def write_actor(path: str | Path, actor: SacActorWeights) -> Path:
-    """Write ``actor`` as a SAC actor file, atomically (``dtlab.atomic.replace_into_place``).
+    """Write ``actor`` as a SAC actor file, atomically (``dtlab.atomic.atomic_path``; ConfigError
+    when it cannot be written).
 
     The metadata written is ``actor.metadata`` with ``action_low`` / ``action_high`` set from the
     bounds; its values must be strings (safetensors metadata). The hidden layers are named
@@ -255,15 +255,8 @@ def write_actor(path: str | Path, actor: SacActorWeights) -> Path:
             "action_high": json.dumps(np.asarray(actor.high).tolist())}
     from safetensors.numpy import save_file
 
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{secrets.token_hex(4)}")
-    try:
+    with atomic_path(path) as tmp:
         save_file({k: np.ascontiguousarray(v) for k, v in tensors.items()}, str(tmp), metadata=meta)
-        replace_into_place(tmp, path)
-    except OSError as exc:
-        raise ConfigError(f"{path}: cannot write actor weights: {exc.strerror or exc}") from None
-    finally:
-        tmp.unlink(missing_ok=True)
     return path
 
 

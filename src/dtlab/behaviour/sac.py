@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING, Any
 import gymnasium as gym
 import numpy as np
 
-from dtlab.atomic import write_text_atomic
+from dtlab.atomic import atomic_path, dumps_json, write_text_atomic
 from dtlab.behaviour.policies import SacActorWeights, write_actor
 from dtlab.config import BehaviourConfig
 from dtlab.envs import describe_space, make_env
@@ -66,7 +66,7 @@ class RunManifest:
         return self.snapshots[-1].step if self.snapshots else 0
 
     def to_json(self) -> str:
-        return json.dumps(dataclasses.asdict(self), indent=2)  # snapshots: a list of objects
+        return dumps_json(dataclasses.asdict(self))  # snapshots: a list of objects
 
 
 def read_run_manifest(out: str | Path) -> RunManifest | None:
@@ -200,12 +200,11 @@ def train_behaviour(cfg: BehaviourConfig, log=print) -> RunManifest:
         model.learn(chunk, reset_num_timesteps=False, progress_bar=False)
         done_steps = int(model.num_timesteps)
         mean, std = _evaluate(model, cfg.env, cfg.eval_episodes, seed=cfg.seed + 10_000)
-        name = f"step_{done_steps:08d}.zip"
-        tmp = snaps / f".tmp-{name}"  # ends in .zip, so SB3 saves under exactly this name
-        model.save(tmp)
-        tmp.replace(snaps / name)
-        model.save_replay_buffer(out / ".replay_buffer.tmp.pkl")
-        (out / ".replay_buffer.tmp.pkl").replace(out / "replay_buffer.pkl")
+        # Temporary names keep the destination's suffix, so SB3 saves under exactly that name.
+        with atomic_path(snaps / f"step_{done_steps:08d}.zip") as tmp:
+            model.save(tmp)
+        with atomic_path(out / "replay_buffer.pkl") as tmp:
+            model.save_replay_buffer(tmp)
         snapshot = Snapshot(done_steps, mean, std, time.perf_counter() - t0)
         manifest = dataclasses.replace(manifest, snapshots=(*manifest.snapshots, snapshot))
         _write_run_manifest(out, manifest)

@@ -119,8 +119,7 @@ def warn_findings(episodes: EpisodeSet, *, env_id: str | None, return_scale: flo
 
 
 def _metadata_env_id(episodes: EpisodeSet) -> str | None:
-    env_id = episodes.metadata.get("env_id")
-    return env_id if isinstance(env_id, str) and env_id else None
+    return episodes.provenance.env_id
 
 
 # ---- checks ---------------------------------------------------------------------------------------

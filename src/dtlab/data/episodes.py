@@ -16,6 +16,7 @@ from typing import Any
 
 import numpy as np
 
+from dtlab.data.records import Provenance, ReturnStats
 from dtlab.data.returns import returns_to_go as _returns_to_go
 from dtlab.errors import ConfigError, DatasetError
 from dtlab.spaces import (ActionSpec, ContinuousActions, DiscreteActions, ObservationSpec,
@@ -306,9 +307,19 @@ class EpisodeSet:
     def episode_returns(self) -> np.ndarray:  # (E,) float32: return-to-go at each episode's start
         return self.returns_to_go[self.episode_starts]
 
+    @property
+    def return_stats(self) -> ReturnStats:
+        """Statistics of the episode returns (float64)."""
+        return ReturnStats.of(self.episode_returns)
+
+    @property
+    def provenance(self) -> Provenance:
+        """What ``metadata`` records about the data's origin, read in one place."""
+        return Provenance.from_metadata(self.metadata)
+
     def summary(self) -> dict[str, Any]:
         """Statistics printed by ``dtlab data info``."""
-        ret, lens = self.episode_returns.astype(np.float64), self.episode_lengths
+        lens = self.episode_lengths
         space = self.action_space
         return {
             "source": self.source,
@@ -321,7 +332,6 @@ class EpisodeSet:
             "terminated_episodes": int(self.terminations.sum()),
             "truncated_episodes": int(self.truncations.sum()),
             "episode_length": {"min": int(lens.min()), "mean": float(lens.mean()), "max": int(lens.max())},
-            "episode_return": {"min": float(ret.min()), "mean": float(ret.mean()),
-                               "std": float(ret.std()), "max": float(ret.max())},
+            "episode_return": self.return_stats.to_json(),
             "action_range": [float(self.actions.min()), float(self.actions.max())],
         }

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import secrets
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
@@ -13,7 +12,7 @@ from typing import Any
 import h5py
 import numpy as np
 
-from dtlab.atomic import replace_into_place
+from dtlab.atomic import atomic_path, dumps_json
 from dtlab.errors import DatasetError
 
 # Compression for the per-transition arrays (gzip as in the D4RL files; level 4 is h5py's default).
@@ -95,16 +94,9 @@ def atomic_hdf5(path: str | Path) -> Iterator[h5py.File]:
     On any exception the temp file is removed, any existing file at ``path`` is left untouched,
     and the exception propagates.
     """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{secrets.token_hex(4)}")
-    try:
+    with atomic_path(path) as tmp:
         with h5py.File(tmp, "w") as f:
             yield f
-        replace_into_place(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
 
 
 def json_default(value: Any) -> Any:
@@ -147,7 +139,7 @@ def write_metadata(group: h5py.Group, metadata: dict[str, Any]) -> None:
         elif isinstance(value, (bool, int, float, np.bool_, np.number)):
             group.create_dataset(key, data=value)
         else:
-            group.create_dataset(key, data=fixed_string(json.dumps(value, default=json_default)))
+            group.create_dataset(key, data=fixed_string(dumps_json(value, indent=None, default=json_default)))
             group[key].attrs[_JSON_ATTR] = True
 
 

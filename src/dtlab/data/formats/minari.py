@@ -43,7 +43,8 @@ from minari.dataset.minari_dataset import parse_dataset_id
 from minari.namespace import create_namespace, list_local_namespaces
 from minari.storage import get_dataset_path
 
-import dtlab
+from dtlab._version import __version__
+from dtlab.atomic import atomic_path, dumps_json
 from dtlab.data.episodes import EpisodeSet
 from dtlab.data.formats._hdf5 import json_default
 from dtlab.errors import DatasetError, DtlabError
@@ -206,7 +207,7 @@ def write_minari(episodes: EpisodeSet, dataset_id: str, *, env_id: str | None = 
         final_observations = episodes.final_observations
     finals_copied = final_observations is None
     finals = _final_observations(episodes, final_observations, source)  # (E, obs_dim)
-    provenance = json.loads(json.dumps(episodes.metadata, default=json_default))
+    provenance = json.loads(dumps_json(episodes.metadata, default=json_default))
     env = _make_env(env_id, episodes, source) if env_id is not None else None
     try:
         if env is not None:
@@ -232,11 +233,11 @@ def write_minari(episodes: EpisodeSet, dataset_id: str, *, env_id: str | None = 
                 dataset.storage.update_metadata({
                     _DTLAB_METADATA: provenance,
                     _DTLAB_FINALS: _FINALS_COPIED if finals_copied else "recorded",
-                    "dtlab_version": dtlab.__version__,
+                    "dtlab_version": __version__,
                 })
             if namespace is not None and namespace not in list_local_namespaces():
                 create_namespace(namespace)  # Minari's namespace_metadata.json files
-            _move_into_place(staging / dataset_id, target, staging, overwrite, source)
+            _move_into_place(staging / dataset_id, target, overwrite, source)
         except DtlabError:
             raise
         except Exception as e:
@@ -315,7 +316,7 @@ def _algorithm_name(metadata: dict[str, Any]) -> str | None:
 def _description(episodes: EpisodeSet, finals_copied: bool, given: str | None) -> str:
     """``given`` (default: where the data came from), plus a note when final observations are
     copies."""
-    text = given or (f"Written by dtlab {dtlab.__version__} from {episodes.source}: "
+    text = given or (f"Written by dtlab {__version__} from {episodes.source}: "
                      f"{episodes.num_episodes} episodes, {episodes.num_transitions} steps.")
     if finals_copied:
         text += (" The final observation of each episode (observations[T]) is a copy of "
@@ -324,24 +325,14 @@ def _description(episodes: EpisodeSet, finals_copied: bool, given: str | None) -
     return text
 
 
-def _move_into_place(built: Path, target: Path, staging: Path, overwrite: bool,
-                     source: str) -> None:
-    """Rename the staged dataset directory to ``target``; an old one goes to ``staging``."""
-    target.parent.mkdir(parents=True, exist_ok=True)
-    previous = staging / "previous"
-    moved_previous = False
-    if target.exists():
-        if not overwrite:  # created meanwhile by someone else
-            raise DatasetError(f"{source}: dataset already exists at {target}; pass "
-                               "overwrite=True to replace it")
-        os.replace(target, previous)  # same file system: staging is inside the datasets root
-        moved_previous = True
-    try:
-        os.replace(built, target)
-    except BaseException:
-        if moved_previous:
-            os.replace(previous, target)
-        raise
+def _move_into_place(built: Path, target: Path, overwrite: bool, source: str) -> None:
+    """Rename the staged dataset directory to ``target`` (``atomic_path``: an old one is replaced
+    whole, and put back if the rename fails)."""
+    if target.exists() and not overwrite:  # created meanwhile by someone else
+        raise DatasetError(f"{source}: dataset already exists at {target}; pass "
+                           "overwrite=True to replace it")
+    with atomic_path(target, directory=True) as tmp:
+        os.replace(built, tmp)  # same file system: staging is inside the datasets root
 
 
 @contextmanager
