@@ -13,6 +13,7 @@ loop reads the device only at log, checkpoint and evaluation points.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import math
@@ -546,8 +547,9 @@ def train(cfg: TrainConfig, episodes: EpisodeSet | None = None, *,
     its latest checkpoint.
     """
     world = World.current()
-    with warnings.catch_warnings():
-        if not world.is_main:  # rank 0 owns the output: the other ranks' warnings are the same
+    # Rank 0 owns the output: the other ranks' warnings would repeat its own.
+    with warnings.catch_warnings() if not world.is_main else contextlib.nullcontext():
+        if not world.is_main:
             warnings.simplefilter("ignore", DtlabWarning)
         episodes, info = prepare(cfg, episodes)
         device = runtime.resolve_device(cfg.run.device)
