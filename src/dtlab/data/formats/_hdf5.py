@@ -12,7 +12,7 @@ from typing import Any
 import h5py
 import numpy as np
 
-from dtlab.atomic import atomic_path, dumps_json
+from dtlab.atomic import atomic_path
 from dtlab.errors import DatasetError
 
 # Compression for the per-transition arrays (gzip as in the D4RL files; level 4 is h5py's default).
@@ -139,7 +139,7 @@ def write_metadata(group: h5py.Group, metadata: dict[str, Any]) -> None:
         elif isinstance(value, (bool, int, float, np.bool_, np.number)):
             group.create_dataset(key, data=value)
         else:
-            group.create_dataset(key, data=fixed_string(dumps_json(value, indent=None, default=json_default)))
+            group.create_dataset(key, data=fixed_string(json.dumps(value, default=json_default)))
             group[key].attrs[_JSON_ATTR] = True
 
 

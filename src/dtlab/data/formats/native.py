@@ -26,7 +26,6 @@ from pathlib import Path
 import h5py
 import numpy as np
 
-from dtlab.atomic import dumps_json
 from dtlab.data.episodes import EpisodeSet
 from dtlab.data.formats._hdf5 import (COMPRESSION, atomic_hdf5, fixed_string, json_default,
                                       open_hdf5, read_array)
@@ -79,7 +78,8 @@ def episodes_from_native(f: h5py.File, path: str | Path) -> EpisodeSet:
 
 def write_native(episodes: EpisodeSet, path: str | Path) -> None:
     """Write ``episodes`` (with its metadata) in dtlab's format, atomically."""
-    metadata = dumps_json(episodes.metadata, indent=None, default=json_default)  # fails before any file exists
+    # Inside the HDF5 file, written as json.dumps does (NaN/Infinity round-trip exactly).
+    metadata = json.dumps(episodes.metadata, default=json_default)  # fails before any file exists
     with atomic_hdf5(path) as f:
         f.attrs[FORMAT_ATTR] = FORMAT_VERSION
         # Inline (fixed_string) unless too big for an object header (64 KiB), then in the heap.
