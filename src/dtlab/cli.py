@@ -337,8 +337,13 @@ def main(argv: list[str] | None = None) -> int:
 
     warnings.formatwarning = _one_line_warning
     try:
+        args = list(sys.argv[1:] if argv is None else argv)
+        if args[:1] == ["train"]:  # --preset atari: the DT paper's Atari flags, overridable
+            from dtlab.config import expand_train_preset
+
+            args = ["train", *expand_train_preset(args[1:])]
         # Inside the try: config dataclasses validate themselves while tyro builds them.
-        cmd = tyro.cli(Command, args=argv, prog="dtlab",
+        cmd = tyro.cli(Command, args=args, prog="dtlab",
                        description="dtlab: Decision Transformers for offline RL.",
                        config=(tyro.conf.OmitSubcommandPrefixes,))
         if isinstance(cmd, QuickstartConfig):

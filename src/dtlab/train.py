@@ -39,7 +39,8 @@ from dtlab.model import DecisionTransformer, build_model
 from dtlab.normalizer import Normalizer
 from dtlab.policy import DTPolicy
 from dtlab.rollout import Evaluator, episode_limit
-from dtlab.spaces import ContinuousActions, action_space_from_gym, check_against_env
+from dtlab.spaces import (ContinuousActions, DictObservations, ImageObservations,
+                          action_space_from_gym, check_against_env)
 
 TRAIN_CONFIG_FILE = "train_config.json"
 
@@ -60,13 +61,15 @@ def action_loss(pred: torch.Tensor, target: torch.Tensor, masks: torch.Tensor) -
 
 
 def param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
-    """Weight decay on matmul weights (Linear) only; never on biases, LayerNorms or embeddings
-    (the minGPT/nanoGPT convention, used by the DT's Atari code; its gym code decayed all
-    parameters)."""
+    """Weight decay on matmul weights (Linear, and the image encoder's Conv2d) only; never on
+    biases, LayerNorms or embeddings (the minGPT/nanoGPT convention, used by the DT's Atari code,
+    whose whitelist is Linear and Conv2d: atari/mingpt/model_atari.py configure_optimizers; its
+    gym code decayed all parameters)."""
     decay, no_decay = [], []
     for module in model.modules():
         for name, p in module.named_parameters(recurse=False):
-            (decay if isinstance(module, nn.Linear) and name == "weight" else no_decay).append(p)
+            matmul = isinstance(module, (nn.Linear, nn.Conv2d)) and name == "weight"
+            (decay if matmul else no_decay).append(p)
     return [{"params": decay, "weight_decay": weight_decay},
             {"params": no_decay, "weight_decay": 0.0}]
 
@@ -89,9 +92,16 @@ class LRSchedule:
         return 0.1 + 0.9 * 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
 
 
-def to_tensors(batch: Batch, device: torch.device) -> dict[str, torch.Tensor]:
+def to_tensors(batch: Batch, device: torch.device,
+               normalizer: Normalizer | None = None) -> dict[str, torch.Tensor]:
+    """The batch on ``device``. uint8 frame stacks travel as uint8 and are scaled there by
+    ``normalizer`` (required for them), to float32 in [0, 1]."""
+    obs = torch.from_numpy(batch.observations).to(device, non_blocking=True)
+    if obs.dtype == torch.uint8:
+        obs = normalizer.converted(lambda a: torch.tensor(a, device=device)
+                                   ).normalize_observations(obs)  # (B, K, stack, H, W) float32
     return {
-        "observations": torch.from_numpy(batch.observations).to(device, non_blocking=True),
+        "observations": obs,
         "actions": torch.from_numpy(batch.actions).to(device, non_blocking=True),
         "returns_to_go": torch.from_numpy(batch.returns_to_go).to(device, non_blocking=True),
         "timesteps": torch.from_numpy(batch.timesteps).to(device, non_blocking=True),
@@ -103,6 +113,17 @@ def load_dataset(path: str) -> EpisodeSet:
     from dtlab.data.formats import load_episodes
 
     return load_episodes(path)
+
+
+def select_observations(episodes: EpisodeSet, obs_keys: tuple[str, ...]) -> EpisodeSet:
+    """Dict observations: the ``obs_keys`` columns, in that order (``select_observation_keys``).
+    ConfigError naming the dataset when a Dict dataset comes without ``obs_keys`` (listing its
+    keys), when a key is not there, or when ``obs_keys`` is given for other observations."""
+    spec = episodes.observation_space
+    if isinstance(spec, DictObservations) and not obs_keys:
+        raise ConfigError(f"obs_keys: {episodes.source} has Dict observations; choose the keys "
+                          f"to train on with obs_keys (available keys: {', '.join(spec.keys)})")
+    return episodes.select_observation_keys(obs_keys) if obs_keys else episodes
 
 
 def check_action_bounds(episodes: EpisodeSet, env, *, strict: bool) -> None:
@@ -160,6 +181,7 @@ def prepare(cfg: TrainConfig, episodes: EpisodeSet | None = None) -> tuple[Episo
         raise ConfigError(f"evaluation.eval_episodes given but no eval_targets, and dtlab knows no "
                           f"default targets for {cfg.data.env}")
     episodes = episodes if episodes is not None else load_dataset(cfg.data.dataset)
+    episodes = select_observations(episodes, cfg.data.obs_keys)
     return_scale = cfg.data.return_scale or env_info(cfg.data.env).return_scale
     # Valid-but-suspicious data, one warning line each; constant observation dimensions are
     # warned where the Normalizer is built (policy_info_for), which says how it treats them.
@@ -345,7 +367,8 @@ class Trainer:
 
     def step(self, batch_size: int, optim: OptimConfig) -> tuple[torch.Tensor, bool]:
         """Sample a batch, take one ``train_step``, advance the schedule; (loss, applied)."""
-        batch = to_tensors(self.sampler.sample(batch_size, self.state.rng), self.device)
+        batch = to_tensors(self.sampler.sample(batch_size, self.state.rng), self.device,
+                           self.sampler.normalizer)
         loss, grad_norm = train_step(self.model, self.optimizer, batch, grad_clip=optim.grad_clip,
                                      precision=optim.precision)
         applied = bool(torch.isfinite(grad_norm))
@@ -514,6 +537,8 @@ def _likely_cause(episodes: EpisodeSet, info: PolicyInfo) -> str:
     if scaled > 1e3:
         return (f"; likely cause: returns-to-go reach {scaled:.3g} times the return scale "
                 f"({scale:g}): set return_scale near the largest episode return")
+    if isinstance(episodes.observation_space, ImageObservations):
+        return ""  # frames are scaled to [0, 1]
     obs = info.normalizer.normalize_observations(episodes.observations)
     if float(np.abs(obs).max()) > 1e4:
         return (f"; likely cause: normalized observations reach {float(np.abs(obs).max()):.3g} "

@@ -31,7 +31,7 @@ import numpy as np
 from dtlab.data.episodes import EpisodeSet
 from dtlab.errors import DtlabWarning
 from dtlab.normalizer import STD_EPS
-from dtlab.spaces import DiscreteActions
+from dtlab.spaces import DiscreteActions, ImageObservations
 
 # A dimension whose std (over all transitions, float64) is at most this counts as constant: the
 # epsilon the original DT adds to the std before dividing; dtlab.normalizer gives such dimensions
@@ -127,6 +127,8 @@ def _metadata_env_id(episodes: EpisodeSet) -> str | None:
 def _constant_observations(episodes: EpisodeSet) -> Finding | None:
     if episodes.num_transitions < 2:
         return None  # one transition: every dimension is trivially constant
+    if isinstance(episodes.observation_space, ImageObservations):
+        return None  # frames are scaled by 255, not by their std; constant pixels are common
     std = episodes.observations.astype(np.float64).std(axis=0)  # (obs_dim,)
     dims = np.flatnonzero(std <= CONSTANT_STD)
     if dims.size == 0:
