@@ -177,7 +177,7 @@ def run_evaluate(cfg: EvalConfig) -> None:
 def _behaviour_policy(cfg: CollectConfig):
     """The BehaviourPolicy that ``cfg.policy`` names (not pendulum-mixed: a dataset recipe)."""
     from dtlab.behaviour.policies import ActorPolicy, RandomPolicy, SB3Policy
-    from dtlab.behaviour.scripted import PendulumSwingUp
+    from dtlab.behaviour.scripted import PendulumSwingUp, PointMazeGoalSeeker
 
     spec = cfg.policy_spec
     if spec.kind == "random":
@@ -188,6 +188,8 @@ def _behaviour_policy(cfg: CollectConfig):
         return SB3Policy(spec.path, cfg.env, trust=cfg.trust_pickle, deterministic=cfg.deterministic)
     if spec.kind == "pendulum-swingup":
         return PendulumSwingUp(quality=cfg.quality)
+    if spec.kind == "pointmaze-goal":
+        return PointMazeGoalSeeker(quality=cfg.quality)
     raise ValueError(f"policy {spec.kind} is a dataset recipe, not a policy")
 
 

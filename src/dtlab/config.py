@@ -369,23 +369,25 @@ class EvalConfig:
 # Dataset ids written with ``--out minari:<id>``: dtlab.data.formats.MINARI_PREFIX (the data
 # layer sits above this leaf module, so the prefix is repeated; tests/test_collect.py pins both).
 _MINARI_PREFIX = "minari:"
-_POLICY_CHOICES = "random, actor:PATH, sb3:PATH, pendulum-swingup, pendulum-mixed"
+_POLICY_CHOICES = ("random, actor:PATH, sb3:PATH, pendulum-swingup, pendulum-mixed, "
+                   "pointmaze-goal")
 
 
 @dataclass(frozen=True)
 class PolicySpec:
     """A parsed ``CollectConfig.policy``: which behaviour policy, and its file for actor/sb3."""
 
-    kind: Literal["random", "actor", "sb3", "pendulum-swingup", "pendulum-mixed"]
+    kind: Literal["random", "actor", "sb3", "pendulum-swingup", "pendulum-mixed",
+                  "pointmaze-goal"]
     path: str | None = None  # the weights file of actor:PATH (safetensors) and sb3:PATH (zip)
 
 
 def parse_policy(text: str) -> PolicySpec:
-    """``random``, ``actor:PATH``, ``sb3:PATH``, ``pendulum-swingup`` or ``pendulum-mixed`` ->
-    PolicySpec; ConfigError naming the ``policy`` field for anything else."""
+    """``random``, ``actor:PATH``, ``sb3:PATH``, ``pendulum-swingup``, ``pendulum-mixed`` or
+    ``pointmaze-goal`` -> PolicySpec; ConfigError naming the ``policy`` field for anything else."""
     from dtlab.errors import ConfigError
 
-    if text in ("random", "pendulum-swingup", "pendulum-mixed"):
+    if text in ("random", "pendulum-swingup", "pendulum-mixed", "pointmaze-goal"):
         return PolicySpec(text)
     kind, sep, path = text.partition(":")
     if sep and kind in ("actor", "sb3"):
@@ -528,8 +530,10 @@ class CollectConfig:
     policy: str = "random"
     """Behaviour policy: random (uniform over a Box, or over a Discrete's actions); actor:PATH
     (SAC actor weights, safetensors); sb3:PATH (a Stable-Baselines3 zip: SAC/TD3/PPO/... for Box
-    actions, PPO/DQN/A2C for Discrete ones; needs --trust-pickle); pendulum-swingup (scripted,
-    Pendulum-v1; --quality degrades it); pendulum-mixed (the quickstart's mixed-quality data)."""
+    actions, PPO/DQN/A2C for Discrete ones, also on ALE/<Game>-v5; needs --trust-pickle);
+    pendulum-swingup (scripted, Pendulum-v1; --quality degrades it); pendulum-mixed (the
+    quickstart's mixed-quality data); pointmaze-goal (scripted: straight at the goal, stalling at
+    walls; PointMaze envs of gymnasium-robotics; --quality degrades it)."""
     deterministic: bool = False
     """Act with the policy's mean action instead of sampling (D4RL sampled)."""
     trust_pickle: bool = False
@@ -539,7 +543,7 @@ class CollectConfig:
     """Run directory of dtlab train-behaviour (for the medium-replay preset: its replay buffer,
     a pickle, so it also needs --trust-pickle)."""
     quality: float = 1.0
-    """Quality in [0, 1] of the scripted pendulum-swingup policy."""
+    """Quality in [0, 1] of the scripted pendulum-swingup and pointmaze-goal policies."""
     episodes: int | None = None
     """Collect this many complete episodes."""
     transitions: int | None = None

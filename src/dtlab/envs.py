@@ -120,15 +120,17 @@ def make_env(env_id: str, **kwargs) -> gym.Env:
     behaviour policies all make their envs here."""
     if is_atari(env_id):
         return make_atari_env(env_id, **kwargs)
+    hint = ""
     try:
         try:
             return gym.make(env_id, **kwargs)
         except gym.error.NameNotFound:
             if not _register_robotics():
+                hint = " (gymnasium-robotics, for PointMaze/AntMaze: pip install 'dtlab[robotics]')"
                 raise
             return gym.make(env_id, **kwargs)
     except gym.error.Error as exc:
-        raise EnvError(f"unknown environment '{env_id}': {exc}") from None
+        raise EnvError(f"unknown environment '{env_id}': {exc}{hint}") from None
     except ImportError as exc:
         raise EnvError(f"environment '{env_id}' needs a missing package: {exc}") from None
 
@@ -161,7 +163,8 @@ def make_atari_env(env_id: str, **kwargs) -> gym.Env:
     try:
         import ale_py
     except ImportError as exc:
-        raise EnvError(f"environment '{env_id}' needs ale-py (pip install ale-py): {exc}") from None
+        raise EnvError(f"environment '{env_id}' needs ale-py: pip install 'dtlab[atari]' "
+                       f"({exc})") from None
     from gymnasium.wrappers import AtariPreprocessing, FrameStackObservation, TimeLimit
 
     gym.register_envs(ale_py)
@@ -169,9 +172,14 @@ def make_atari_env(env_id: str, **kwargs) -> gym.Env:
         env = gym.make(env_id, frameskip=1, **kwargs)
     except gym.error.Error as exc:
         raise EnvError(f"unknown environment '{env_id}': {exc}") from None
-    env = AtariPreprocessing(env, noop_max=ATARI_NOOP_MAX, frame_skip=ATARI_FRAME_SKIP,
-                             screen_size=ATARI_SCREEN, grayscale_obs=True,
-                             terminal_on_life_loss=False, scale_obs=False)
+    try:
+        env = AtariPreprocessing(env, noop_max=ATARI_NOOP_MAX, frame_skip=ATARI_FRAME_SKIP,
+                                 screen_size=ATARI_SCREEN, grayscale_obs=True,
+                                 terminal_on_life_loss=False, scale_obs=False)
+    except gym.error.DependencyNotInstalled as exc:  # OpenCV, for the resize
+        env.close()
+        raise EnvError(f"environment '{env_id}' needs OpenCV: pip install 'dtlab[atari]' "
+                       f"({exc})") from None
     env = FrameStackObservation(env, ATARI_STACK)
     return TimeLimit(env, ATARI_MAX_STEPS)
 
