@@ -10,7 +10,8 @@ github.com/google-research/batch_rl, batch_rl/baselines/replay_memory/logged_rep
     $store$_action_ckpt.<k>.gz       (C,) int32 action indices (the game's minimal action set)
     $store$_reward_ckpt.<k>.gz       (C,) float32
     $store$_terminal_ckpt.<k>.gz     (C,) uint8, 1 at an episode's last transition
-    add_count_ckpt.<k>.gz            optional: how many rows were ever added (a 0-d .npy array)
+    add_count_ckpt.<k>.gz            how many rows were ever added (a 0-d .npy array; Dopamine
+                                     saves every public attribute, add_count among them)
 
 The buffer is circular with capacity C: once ``add_count`` exceeds C, the oldest row is at
 ``add_count % C``. Rows are read in the order they were added. Before every episode (after a
@@ -193,9 +194,9 @@ def _plan_buffer(directory: Path, suffix: int, stack: int, budget: int | None) -
         for s in streams.values():
             s.close()
     count = _add_count(directory, suffix)
-    if count is None or count <= capacity:  # never wrapped: rows 0.. in order
-        order = np.arange(capacity if count is None else count)
-        started_empty = count is not None
+    if count <= capacity:  # never wrapped: rows 0 .. count - 1 in order (the rest never written)
+        order = np.arange(count)
+        started_empty = True
     else:  # wrapped: the oldest row is at the cursor
         cursor = count % capacity
         order = np.concatenate([np.arange(cursor, capacity), np.arange(cursor)])
@@ -228,10 +229,8 @@ def _plan_buffer(directory: Path, suffix: int, stack: int, budget: int | None) -
                  rew[kept].astype(np.float32), term[kept], trunc)
 
 
-def _add_count(directory: Path, suffix: int) -> int | None:
+def _add_count(directory: Path, suffix: int) -> int:
     path = buffer_file(directory, "add_count", suffix)
-    if not path.is_file():
-        return None
     stream = _NpyStream(path, "add_count")
     try:
         value = stream.read_all()
