@@ -337,7 +337,8 @@ def test_image_episode_set_refuses_wrong_frames():
     with pytest.raises(DatasetError, match=r"'observations' must be uint8 frames \(N, 40, 40\)"):
         EpisodeSet.from_flags(frames, np.zeros(4, int), np.zeros(4), np.zeros(4, bool),
                               np.zeros(4, bool), observation_space=ImageObservations((40, 40), 4))
-    with pytest.raises(DatasetError, match=r"are images: give observation_space"):
+    with pytest.raises(DatasetError, match=r"uint8 frames of shape \(4, 36, 36\) need "
+                                           r"observation_space=ImageObservations"):
         EpisodeSet.from_flags(frames, np.zeros(4, int), np.zeros(4), np.zeros(4, bool),
                               np.zeros(4, bool))
 

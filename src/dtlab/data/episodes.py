@@ -68,9 +68,10 @@ class EpisodeSet:
             if obs.dtype != np.uint8 or obs.ndim != 3 or obs.shape[1:] != obs_spec.shape:
                 fail(f"'observations' must be uint8 frames (N, {obs_spec.shape[0]}, "
                      f"{obs_spec.shape[1]}) for {obs_spec}, got {obs.dtype} of shape {obs.shape}")
-        elif obs.ndim == 3 and obs_spec is None:
-            fail(f"'observations' of shape {obs.shape} are images: give observation_space="
-                 "ImageObservations((H, W), stack) (the stack depth is not in the arrays)")
+        elif obs.ndim == 3 and obs_spec is None and obs.dtype == np.uint8:
+            fail(f"'observations' must be 2-D vectors; uint8 frames of shape {obs.shape} need "
+                 "observation_space=ImageObservations((H, W), stack) (the stack depth is not in "
+                 "the arrays)")
         else:
             obs = np.asarray(obs, dtype=np.float32)
         act = np.asarray(self.actions)

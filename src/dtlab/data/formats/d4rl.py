@@ -106,7 +106,8 @@ def _observation_space(raw, observations: np.ndarray, path):
             try:
                 spec = ImageObservations(observations.shape[1:], 4)
             except ConfigError as e:
-                raise DatasetError(f"{path}: 'observations' {observations.shape}: {e}") from None
+                raise DatasetError(f"{path}: 'observations' must be 2-D vectors or uint8 frames; "
+                                   f"got shape {observations.shape}: {e}") from None
             warnings.warn(f"{path}: uint8 frames {observations.shape[1:]} without "
                           f"'metadata/{SPEC_KEY}': read as stacks of 4 frames (the DT Atari "
                           "setting)", DtlabWarning, stacklevel=4)
