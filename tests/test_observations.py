@@ -252,6 +252,43 @@ def test_policy_acts_on_frame_stacks_and_dict_observations(tmp_path):
     np.testing.assert_array_equal(a.act(per_episode, np.zeros(2)), b.act(flat, np.zeros(2)))
 
 
+@pytest.mark.parametrize("architecture", ["decision-transformer", "mlp-bc"])
+def test_policy_keeps_encodings_and_matches_recomputing_every_window(tmp_path, architecture):
+    """The policy encodes each step's frames once; its actions equal recomputing the whole
+    window of frame stacks at every step, past the point where the window slides."""
+    spec, k = ImageObservations((36, 36), 2), 3
+    cfg = ModelConfig(embed_dim=16, n_layers=1, context_len=1 if architecture == "mlp-bc" else k,
+                      max_ep_len=64, dropout=0.0, architecture=architecture)
+    k = cfg.context_len
+    torch.manual_seed(0)
+    model = build_model(cfg, spec, DiscreteActions(3)).eval()
+    info = PolicyInfo(model=cfg, observation_space=spec, action_space=DiscreteActions(3),
+                      normalizer=Normalizer.for_images(10.0), env_id="Test-v0")
+    policy = DTPolicy(model, info)
+    rng = np.random.default_rng(0)
+    targets = np.array([5.0, -3.0])
+    policy.reset(targets)
+    frames, acts, rtgs = [], [], []
+    rtg = targets / 10.0
+    for t in range(6):
+        stack = rng.integers(0, 256, (2, 2, 36, 36), dtype=np.uint8)
+        reward = rng.normal(size=2).astype(np.float32)
+        action = policy.act(stack, reward)
+        if t > 0:
+            rtg = rtg - reward / 10.0
+        frames.append(torch.from_numpy(stack).float() / 255.0)
+        rtgs.append(torch.tensor(rtg, dtype=torch.float32))
+        lo = max(0, t + 1 - k)
+        obs_w = torch.stack(frames[lo:], 1)  # (2, n, 2, 36, 36)
+        act_w = torch.stack(acts[lo:] + [torch.zeros(2, dtype=torch.long)], 1)
+        rtg_w = torch.stack(rtgs[lo:], 1)[..., None]
+        ts = torch.arange(lo, t + 1).expand(2, -1)
+        with torch.no_grad():
+            expected = model.predict_last(obs_w, act_w, rtg_w, ts).argmax(-1)
+        np.testing.assert_array_equal(action, expected.numpy())
+        acts.append(torch.from_numpy(action))
+
+
 def test_temperature_samples_from_the_softmax_of_the_logits(tmp_path):
     """Greedy at 0; at T > 0 the action frequencies match softmax(logits / T) (a model whose
     logits are fixed by its bias; 6000 draws: every frequency within 4 standard errors)."""

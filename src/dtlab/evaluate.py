@@ -358,8 +358,8 @@ def offline_evaluation(model, info, episodes: EpisodeSet, *, buckets: int = 4, w
                  ("observations", "actions", "returns_to_go", "timesteps", "masks")}
             if t["observations"].dtype == torch.uint8:  # frame stacks: scaled on the device
                 t["observations"] = info.normalizer.converted(
-                    lambda a: torch.tensor(a, device=device)).normalize_observations(
-                    t["observations"])
+                    lambda a: torch.tensor(a, device=device)).normalize_observations_(
+                    t["observations"].to(torch.float32))
             args = (t["observations"], t["actions"])
             rest = (t["timesteps"], t["masks"])
             pred = model.predict_last(*args, t["returns_to_go"], *rest).float()  # (b, A)

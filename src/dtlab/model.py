@@ -185,6 +185,7 @@ class DecisionTransformer(nn.Module):
         if self.returns_tokens:
             self.embed_return = nn.Linear(1, d)
         image = isinstance(observation_space, ImageObservations)
+        self._image = image
         if not image:
             self.embed_state = nn.Linear(observation_space.dim, d)
         self.embed_action = nn.Embedding(width, d) if self._logits else nn.Linear(width, d)
@@ -213,6 +214,13 @@ class DecisionTransformer(nn.Module):
         out = self.predict_action(h)
         return out if self._logits else torch.tanh(out)
 
+    def encode_observations(self, frames: torch.Tensor) -> torch.Tensor:
+        """Image models: frame stacks (..., stack, H, W) in [0, 1] -> their state embeddings
+        (..., D), the ``ImageEncoder``'s output. Every method that takes observations also takes
+        these in place of the frames, (B, K, D): a rollout encodes each step's frames once and
+        keeps the encodings (exact: a step's embedding depends on its own frames only)."""
+        return self.embed_state(frames)
+
     def greedy_action(self, out: torch.Tensor) -> torch.Tensor:
         """Model-space action from the head's output (B, A): continuous actions as they are, the
         most likely index of logits ((B,) int64)."""
@@ -227,6 +235,7 @@ class DecisionTransformer(nn.Module):
     def forward(
         self,
         observations: torch.Tensor,  # (B, K, obs_dim) normalized, or (B, K, stack, H, W) in [0, 1]
+        #                              (or their encode_observations, (B, K, D))
         actions: torch.Tensor,  # (B, K, act_dim) in [-1, 1], or (B, K) int64 indices;
         #                         the last step's entry is unused
         returns_to_go: torch.Tensor,  # (B, K, 1), scaled
@@ -253,7 +262,8 @@ class DecisionTransformer(nn.Module):
                 f"embeds timesteps 0 to {self.cfg.max_ep_len - 1}); cap episodes at "
                 f"{self.cfg.max_ep_len} steps with max_steps")
         time = self.embed_timestep(timesteps)  # (B, K, D)
-        s = self.embed_state(observations) + time  # (B, K, D)
+        encoded = self._image and observations.dim() == 3  # (B, K, D) from encode_observations
+        s = (observations if encoded else self.embed_state(observations)) + time  # (B, K, D)
         a = self.embed_action(actions) + time  # (B, K, D)
         if self.returns_tokens:
             r = self.embed_return(returns_to_go) + time  # (B, K, D)
@@ -371,8 +381,7 @@ class MLPBC(nn.Module):
         self.cfg, self.observation_space, self.action_space = cfg, observation_space, action_space
         layers: list[nn.Module] = []
         image = isinstance(observation_space, ImageObservations)
-        if image:
-            layers.append(ImageEncoder(observation_space, cfg.embed_dim))
+        self.encoder = ImageEncoder(observation_space, cfg.embed_dim) if image else None
         width = cfg.embed_dim if image else observation_space.dim
         for _ in range(cfg.n_layers):
             layers += [nn.Linear(width, cfg.embed_dim),
@@ -386,16 +395,26 @@ class MLPBC(nn.Module):
     greedy_action = DecisionTransformer.greedy_action
     empty_actions = DecisionTransformer.empty_actions
 
+    def encode_observations(self, frames: torch.Tensor) -> torch.Tensor:
+        """Image models: frame stacks (..., stack, H, W) -> (..., embed_dim) features, which
+        ``forward`` and ``predict_last`` also take in place of the frames."""
+        return self.encoder(frames)
+
+    def _features(self, observations: torch.Tensor) -> torch.Tensor:
+        """(..., obs_dim) vectors as they are; frame stacks (..., stack, H, W) encoded."""
+        image = self.encoder is not None and observations.dim() >= 4
+        return self.encoder(observations) if image else observations
+
     def forward(self, observations: torch.Tensor, actions=None, returns_to_go=None, timesteps=None,
                 masks=None) -> torch.Tensor:
         """Each step's action from its own state: (B, K, obs_dim) (or frame stacks
-        (B, K, stack, H, W)) -> (B, K, A)."""
-        return self.action_head(self.hidden(observations))
+        (B, K, stack, H, W), or their encodings (B, K, D)) -> (B, K, A)."""
+        return self.action_head(self.hidden(self._features(observations)))
 
     def predict_last(self, observations: torch.Tensor, actions=None, returns_to_go=None,
                      timesteps=None, masks=None) -> torch.Tensor:
         """The last step's action, (B, K, obs_dim) (or (B, K, stack, H, W)) -> (B, A)."""
-        return self.action_head(self.hidden(observations[:, -1]))
+        return self.action_head(self.hidden(self._features(observations[:, -1])))
 
 
 def build_model(cfg: ModelConfig, observation_space: ObservationSpec,

@@ -175,6 +175,13 @@ class Normalizer:
         (``for_images``: one mean and std for every pixel, broadcast)."""
         return (observations - self.obs_mean) / self.obs_std
 
+    def normalize_observations_(self, observations):
+        """``normalize_observations`` in place on a float array or tensor (e.g. uint8 frames just
+        converted to float32: the conversion is the only copy), returned."""
+        observations -= self.obs_mean
+        observations /= self.obs_std
+        return observations
+
     def scale_returns(self, returns):
         """Returns(-to-go) in env units -> model units: divided by ``return_scale``."""
         return returns / self.return_scale

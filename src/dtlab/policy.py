@@ -5,8 +5,10 @@ the return-to-go is decremented by each reward received. ``steer(new_return)`` c
 asked for in the middle of an episode (run-time steering).
 
 Observations are what the env gives: vectors, frame stacks (stack, H, W) uint8 for
-``ImageObservations`` (kept uint8 in the context, scaled on the device at each forward), or Dict
-observations, flattened with the checkpoint's keys in its order (``DictObservations``).
+``ImageObservations`` (scaled on the device and encoded once, when they arrive: the context keeps
+each step's encoding, ``DecisionTransformer.encode_observations``, so a step costs one encoder pass
+per episode, not K), or Dict observations, flattened with the checkpoint's keys in its order
+(``DictObservations``).
 Discrete actions are the most likely index (``temperature`` 0, the default) or sampled from the
 logits divided by ``temperature`` (the DT Atari code samples at temperature 1:
 atari/mingpt/trainer_atari.py, ``sample(..., temperature=1.0, sample=True)``).
@@ -133,8 +135,8 @@ class DTPolicy:
         n, k, dev = targets.shape[0], self.context_len, self.device
         self.num_envs = n
         self._targets = targets  # (N,) for error messages
-        if self._frames is not None:  # (N, K, stack, H, W) uint8 frame stacks
-            self._obs = torch.zeros(n, k, *self._frames, dtype=torch.uint8, device=dev)
+        if self._frames is not None:  # (N, K, D) encoded frame stacks
+            self._obs = torch.zeros(n, k, self.info.model.embed_dim, device=dev)
         else:
             self._obs = torch.zeros(n, k, self.info.observation_space.dim, device=dev)  # (N, K, obs_dim)
         self._act = self.model.empty_actions(n, k, dev)  # (N, K, act_dim) in [-1, 1], or (N, K)
@@ -274,20 +276,22 @@ class DTPolicy:
         mask_w = self._masks[idx].roll(-1, dims=1)  # (n, K)
         if self._frames is None:
             obs_w[:, -1] = self._norm.normalize_observations(obs)
-        else:
-            obs_w[:, -1] = obs  # uint8; the whole window is scaled for the forward pass below
+        else:  # this step's frame stacks, scaled to [0, 1] and encoded: (n, D)
+            with torch.autocast(self.device.type, dtype=torch.bfloat16,
+                                enabled=self.precision == "bf16"):
+                frames = self._norm.normalize_observations_(obs.to(torch.float32))
+                obs_w[:, -1] = self.model.encode_observations(frames).float()
         act_w[:, -1] = 0  # not yet known; s_t's prediction cannot see it (causal)
         rtg_w[:, -1, 0] = self._next_rtg[idx]
         ts_w[:, -1] = t
         mask_w[:, -1] = True
         all_real = bool(mask_w.all())
-        obs_in = obs_w if self._frames is None else self._norm.normalize_observations(obs_w)
         with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.precision == "bf16"):
             if self.kv_cache:
-                pred = self._predict_cached(idx, t, obs_in, act_w, rtg_w, ts_w, mask_w,
+                pred = self._predict_cached(idx, t, obs_w, act_w, rtg_w, ts_w, mask_w,
                                             invalidate=any_steered)
             else:
-                pred = self.model.predict_last(obs_in, act_w, rtg_w, ts_w,
+                pred = self.model.predict_last(obs_w, act_w, rtg_w, ts_w,
                                                None if all_real else mask_w)
         pred = pred.float()  # (n, A) in [-1, 1], or (n, n_actions) logits
         finite = torch.isfinite(pred).all(-1)  # (n,)

@@ -97,9 +97,9 @@ def to_tensors(batch: Batch, device: torch.device,
     """The batch on ``device``. uint8 frame stacks travel as uint8 and are scaled there by
     ``normalizer`` (required for them), to float32 in [0, 1]."""
     obs = torch.from_numpy(batch.observations).to(device, non_blocking=True)
-    if obs.dtype == torch.uint8:
+    if obs.dtype == torch.uint8:  # (B, K, stack, H, W) -> float32, converted on the device
         obs = normalizer.converted(lambda a: torch.tensor(a, device=device)
-                                   ).normalize_observations(obs)  # (B, K, stack, H, W) float32
+                                   ).normalize_observations_(obs.to(torch.float32))
     return {
         "observations": obs,
         "actions": torch.from_numpy(batch.actions).to(device, non_blocking=True),
