@@ -125,7 +125,7 @@ def make_env(env_id: str, **kwargs) -> gym.Env:
         try:
             return gym.make(env_id, **kwargs)
         except gym.error.NameNotFound:
-            if not _register_robotics():
+            if not register_robotics():
                 hint = " (gymnasium-robotics, for PointMaze/AntMaze: pip install 'dtlab[robotics]')"
                 raise
             return gym.make(env_id, **kwargs)
@@ -135,7 +135,7 @@ def make_env(env_id: str, **kwargs) -> gym.Env:
         raise EnvError(f"environment '{env_id}' needs a missing package: {exc}") from None
 
 
-def _register_robotics() -> bool:
+def register_robotics() -> bool:
     """Register gymnasium-robotics' ids (its import does); False when it is not installed. Its
     import prints a notice about Adroit reward versions to stderr (farama_notifications), which
     concerns none of the envs dtlab uses: it is silenced."""

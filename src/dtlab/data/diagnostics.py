@@ -85,16 +85,23 @@ def diagnose(episodes: EpisodeSet, *, time_limit: int | None,
 def time_limit(env_id: str | None) -> int | None:
     """The env's time limit in steps: Gymnasium's registered ``max_episode_steps`` (a registry
     look-up, the env is not made), else dtlab's ``env_info(env_id).max_ep_len`` for the families
-    envs.py knows (Hopper, HalfCheetah, Walker2d, Pendulum, CartPole), else None (unknown id, or
-    registered without a limit). Never raises for an unknown id."""
+    envs.py knows (Hopper, HalfCheetah, Walker2d, Pendulum, CartPole, ALE games), else None
+    (unknown id, or registered without a limit; gymnasium-robotics ids such as PointMaze's are
+    registered on first use). Never raises for an unknown id."""
     if not env_id:
         return None
     import gymnasium
 
-    try:
-        steps = gymnasium.spec(env_id).max_episode_steps
-    except Exception:  # gymnasium.error.Error subclasses for unknown or malformed ids
-        steps = None
+    from dtlab.envs import register_robotics
+
+    steps = None
+    for attempt in range(2):
+        try:
+            steps = gymnasium.spec(env_id).max_episode_steps
+            break
+        except Exception:  # gymnasium.error.Error subclasses for unknown or malformed ids
+            if attempt or not register_robotics():  # PointMaze & co. register on first use
+                break
     if steps is not None:
         return int(steps)
     from dtlab.envs import env_info
