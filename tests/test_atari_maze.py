@@ -50,7 +50,8 @@ def test_atari_env_is_the_dt_papers_preprocessing():
     env = make_env(BREAKOUT)
     assert env.observation_space.shape == (4, 84, 84) and env.observation_space.dtype == np.uint8
     assert env.spec.max_episode_steps == 27_000
-    assert env.unwrapped._frameskip == 1  # AtariPreprocessing skips the frames instead
+    assert env.spec.kwargs["frameskip"] == 1  # AtariPreprocessing skips the frames instead
+    assert env.spec.kwargs["repeat_action_probability"] == 0.25  # the v5 sticky actions
     obs, _ = env.reset(seed=0)
     assert all((obs[i] == obs[0]).all() for i in range(4))  # reset: the first frame repeated
     info = env_info(BREAKOUT)

@@ -269,8 +269,8 @@ class TrainConfig:
     """Training run (defaults: the DT paper's gym run), in groups: what to train on (data), the
     network (model), the updates (optim), the run's length, outputs and hardware (run), and
     evaluation during training. A resumed run must keep data, model and optim unchanged.
-    --preset atari (or atari-pong): start from the DT paper's Atari settings, which later flags
-    override (docs/usage.md, "Atari")."""
+    --preset atari (or atari-pong): start from the DT paper's Atari settings, which any other
+    flag given overrides (docs/usage.md, "Atari")."""
 
     data: Annotated[DataConfig, _FLAT]
     """What to train on."""
