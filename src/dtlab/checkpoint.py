@@ -31,11 +31,13 @@ from dtlab.config import ModelConfig
 from dtlab.errors import CheckpointError, ConfigError
 from dtlab.model import DecisionTransformer, build_model
 from dtlab.normalizer import Normalizer
-from dtlab.spaces import (ActionSpec, ContinuousActions, DiscreteActions, ObservationSpec,
-                          VectorObservations, action_space_from_json, observation_space_from_json)
+from dtlab.spaces import (ActionSpec, ContinuousActions, DiscreteActions, ImageObservations,
+                          ObservationSpec, VectorObservations, action_space_from_json,
+                          observation_space_from_json)
 
 # Version 3: "observation_space", "action_space" (dtlab.spaces) and "normalizer"
-# (dtlab.normalizer) records. Versions 1 (continuous actions) and 2 (discrete actions, "discrete":
+# (dtlab.normalizer) records; the observation space may be "vector", "image" (frame stacks; one
+# normalizer mean/std for every pixel) or "dict" (the chosen keys, flattened in their order). Versions 1 (continuous actions) and 2 (discrete actions, "discrete":
 # true) kept flat fields (obs_dim, act_dim, action_low/high, obs_mean/std, return_scale); they are
 # still read.
 FORMAT_VERSION = 3
@@ -160,10 +162,14 @@ def _check(info: PolicyInfo, source: str) -> None:
         raise CheckpointError(f"{source}: 'env_id' must be a string and 'dataset' an object")
     if not isinstance(info.dtlab_version, str):
         raise CheckpointError(f"{source}: 'dtlab_version' must be a string")
-    norm, obs_dim = info.normalizer, info.observation_space.dim
-    if norm.obs_mean.shape != (obs_dim,):
+    norm, spec = info.normalizer, info.observation_space
+    if isinstance(spec, ImageObservations):
+        if norm.obs_mean.shape != (1,):
+            raise CheckpointError(f"{source}: 'normalizer.obs_mean' has {norm.obs_mean.size} "
+                                  "entries but image observations take one (for every pixel)")
+    elif norm.obs_mean.shape != (spec.dim,):
         raise CheckpointError(f"{source}: 'normalizer.obs_mean' has {norm.obs_mean.size} entries "
-                              f"but 'observation_space.dim' is {obs_dim}")
+                              f"but 'observation_space.dim' is {spec.dim}")
     actions = info.action_space
     low = getattr(actions, "low", None)
     if low is None and isinstance(actions, ContinuousActions):

@@ -188,7 +188,7 @@ def run_evaluate(cfg: EvalConfig) -> None:
 def _behaviour_policy(cfg: CollectConfig):
     """The BehaviourPolicy that ``cfg.policy`` names (not pendulum-mixed: a dataset recipe)."""
     from dtlab.behaviour.policies import ActorPolicy, RandomPolicy, SB3Policy
-    from dtlab.behaviour.scripted import PendulumSwingUp
+    from dtlab.behaviour.scripted import PendulumSwingUp, PointMazeGoalSeeker
 
     spec = cfg.policy_spec
     if spec.kind == "random":
@@ -199,6 +199,8 @@ def _behaviour_policy(cfg: CollectConfig):
         return SB3Policy(spec.path, cfg.env, trust=cfg.trust_pickle, deterministic=cfg.deterministic)
     if spec.kind == "pendulum-swingup":
         return PendulumSwingUp(quality=cfg.quality)
+    if spec.kind == "pointmaze-goal":
+        return PointMazeGoalSeeker(quality=cfg.quality)
     raise ValueError(f"policy {spec.kind} is a dataset recipe, not a policy")
 
 
@@ -348,8 +350,13 @@ def main(argv: list[str] | None = None) -> int:
 
     warnings.formatwarning = _one_line_warning
     try:
+        args = list(sys.argv[1:] if argv is None else argv)
+        if args[:1] == ["train"]:  # --preset atari: the DT paper's Atari flags, overridable
+            from dtlab.config import expand_train_preset
+
+            args = ["train", *expand_train_preset(args[1:])]
         # Inside the try: config dataclasses validate themselves while tyro builds them.
-        cmd = tyro.cli(Command, args=argv, prog="dtlab",
+        cmd = tyro.cli(Command, args=args, prog="dtlab",
                        description="dtlab: Decision Transformers for offline RL.",
                        config=(tyro.conf.OmitSubcommandPrefixes,))
         if isinstance(cmd, QuickstartConfig):

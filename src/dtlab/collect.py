@@ -2,7 +2,11 @@
 
 ``collect_episodes`` runs one plain (non-vectorized) Gymnasium env and records, for an episode of
 T steps, T observations (the state *before* each action: the D4RL view), T actions, T rewards and
-Gymnasium's ``terminated`` / ``truncated`` flags separately. ``collect_sharded`` splits a
+Gymnasium's ``terminated`` / ``truncated`` flags separately. Observations are recorded as the
+env's observation space says (``dtlab.spaces.observation_space_from_gym``): vectors as float32;
+frame stacks (stack, H, W) as their newest frame only, (H, W) uint8, since the previous ones are
+the frames of earlier steps (samplers stack them again by index); Dict observations with all
+their keys, flattened in the space's order (training picks keys with ``obs_keys``). ``collect_sharded`` splits a
 transition budget into independently seeded shards collected in parallel processes.
 
 Policies follow ``dtlab.behaviour.policies.BehaviourPolicy`` (check_env / reset / act); this
@@ -25,6 +29,8 @@ from dtlab._version import __version__
 from dtlab.data.episodes import EpisodeSet
 from dtlab.envs import describe_space, make_env
 from dtlab.errors import ConfigError, EnvError
+from dtlab.spaces import (ImageObservations, ObservationSpec, as_observation_array,
+                          observation_space_from_gym)
 
 if TYPE_CHECKING:
     from dtlab.behaviour.policies import BehaviourPolicy
@@ -52,12 +58,12 @@ _SEEDING = ("env.reset(seed=seed) before the first episode, env.reset() (env RNG
 class _Episode:
     """One recorded episode of T steps (the D4RL view)."""
 
-    observations: np.ndarray  # (T, obs_dim) float32: the state before each action
+    observations: np.ndarray  # (T, obs_dim) float32, or (T, H, W) uint8 frames: before each action
     actions: np.ndarray  # (T, act_dim) float32, or (T,) int64 for a Discrete action space
     rewards: np.ndarray  # (T,) float32
     terminations: np.ndarray  # (T,) bool
     truncations: np.ndarray  # (T,) bool
-    final_observation: np.ndarray  # (obs_dim,) float32: the observation after the last step
+    final_observation: np.ndarray  # (obs_dim,) float32 or (H, W) uint8: after the last step
 
 
 def _action_kind(env_id: str, space: gymnasium.spaces.Space) -> bool:
@@ -72,8 +78,15 @@ def _action_kind(env_id: str, space: gymnasium.spaces.Space) -> bool:
     return discrete
 
 
+def _record(spec: ObservationSpec, observation) -> np.ndarray:
+    """What is stored of one env observation: a frame stack's newest frame (H, W) uint8, a Dict
+    flattened, a vector as float32."""
+    array = as_observation_array(spec, observation)
+    return array[-1] if isinstance(spec, ImageObservations) else array
+
+
 def _run_episode(env: gymnasium.Env, env_id: str, policy: BehaviourPolicy, *, reset_seed: int | None,
-                 discrete: bool, max_steps: int | None) -> _Episode:
+                 discrete: bool, max_steps: int | None, spec: ObservationSpec) -> _Episode:
     """Play one episode from ``env.reset(seed=reset_seed)``; an episode cut at ``max_steps`` (the
     rest of a transition budget) is marked truncated unless it terminated on that step."""
     space = env.action_space
@@ -86,7 +99,7 @@ def _run_episode(env: gymnasium.Env, env_id: str, policy: BehaviourPolicy, *, re
                            f"{describe_space(space)} action space (needs an integer index)")
         action = raw.astype(np.int64 if discrete else np.float32).reshape(space.shape)
         next_obs, reward, terminated, truncated, _ = env.step(action)
-        observations.append(np.asarray(obs, dtype=np.float32))  # state before the action
+        observations.append(_record(spec, obs))  # state before the action
         actions.append(action)
         rewards.append(float(reward))
         terminations.append(bool(terminated))
@@ -98,8 +111,7 @@ def _run_episode(env: gymnasium.Env, env_id: str, policy: BehaviourPolicy, *, re
             break
         obs = next_obs
     return _Episode(np.stack(observations), np.stack(actions), np.asarray(rewards, dtype=np.float32),
-                    np.asarray(terminations), np.asarray(truncations),
-                    np.asarray(next_obs, dtype=np.float32))
+                    np.asarray(terminations), np.asarray(truncations), _record(spec, next_obs))
 
 
 def collect_episodes(
@@ -124,6 +136,7 @@ def collect_episodes(
     and ``env.reset()`` before the others, so initial states follow the env's own RNG as in
     Gymnasium's usual practice; all policy randomness comes from one generator derived from
     ``seed`` (independent of the env's), handed to ``policy.reset`` at every episode start.
+    Observations are recorded as the module docstring says (frame stacks: the newest frame).
 
     ``metadata`` adds caller provenance to what is recorded here (env_id, gymnasium and dtlab
     versions, policy names, seed, seeding scheme, episode-return statistics, counts); it may not
@@ -145,6 +158,7 @@ def collect_episodes(
     policy_rng = derived_stream(seed, _POLICY_STREAM)
     try:
         discrete = _action_kind(env_id, env.action_space)
+        spec = observation_space_from_gym(env.observation_space)
         while (len(recorded) < num_episodes) if num_episodes is not None else (steps < num_transitions):
             pol = make_policy(len(recorded))
             if pol.name not in names:
@@ -154,7 +168,7 @@ def collect_episodes(
             pol.reset(policy_rng)
             episode = _run_episode(
                 env, env_id, pol, reset_seed=seed if not recorded else None, discrete=discrete,
-                max_steps=None if num_transitions is None else num_transitions - steps)
+                max_steps=None if num_transitions is None else num_transitions - steps, spec=spec)
             recorded.append(episode)
             steps += len(episode.rewards)
     finally:
@@ -169,6 +183,7 @@ def collect_episodes(
         np.cumsum([0, *lengths[:-1]], dtype=np.int64),  # (E,) episode_starts
         source=f"<collected from {env_id}>",
         final_observations=np.stack([e.final_observation for e in recorded]),  # (E, obs_dim)
+        observation_space=spec,
     )
     provenance: dict[str, Any] = {
         "env_id": env_id,
@@ -210,7 +225,7 @@ def _collect_shard(job: _ShardJob, i: int) -> tuple:
     env_id, policy, shares, seeds = job
     d = collect_episodes(env_id, policy, num_transitions=shares[i], seed=seeds[i])
     return d.observations, d.actions, d.rewards, d.terminations, d.truncations, d.episode_starts, \
-        dict(d.metadata), d.final_observations
+        dict(d.metadata), d.final_observations, d.observation_space
 
 
 def _collect_worker_shard(i: int) -> tuple:
@@ -251,8 +266,8 @@ def collect_sharded(env_id: str, policy, *, num_transitions: int, seed: int, sha
             except BaseException:
                 pool.shutdown(cancel_futures=True)
                 raise
-    parts = [EpisodeSet(*arrays, metadata=meta, final_observations=final)
-             for *arrays, meta, final in raw]
+    parts = [EpisodeSet(*arrays, metadata=meta, final_observations=final, observation_space=spec)
+             for *arrays, meta, final, spec in raw]
     first = parts[0].metadata
     data = EpisodeSet.concatenate(parts, source=f"<collected from {env_id}>", metadata={
         **{k: v for k, v in first.items() if k not in ("seed", "num_episodes", "num_transitions",

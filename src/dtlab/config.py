@@ -103,8 +103,10 @@ class DataConfig:
     """What to train on."""
 
     dataset: str
-    """Dataset: a D4RL-layout or dtlab native HDF5 file, or minari:<dataset id> (loaded from
-    MINARI_DATASETS_PATH, downloaded by Minari when not local)."""
+    """Dataset: a D4RL-layout or dtlab native HDF5 file, minari:<dataset id> (loaded from
+    MINARI_DATASETS_PATH, downloaded by Minari when not local), or
+    dqn-replay:DIR[:buffers=A-B][:transitions=N] (Dopamine replay logs, e.g. the DQN Replay
+    Dataset's <game>/<run>/replay_logs; docs/datasets.md)."""
     env: str
     """Gymnasium environment id used for evaluation and space checks, e.g. Hopper-v5."""
     return_scale: float | None = None
@@ -118,10 +120,18 @@ class DataConfig:
     this fraction of the transitions (at least one episode): the DT paper's Percentile BC
     (section 5.3, 0.1 for 10%BC). Observation statistics still come from the whole dataset, as
     in the DT code."""
+    obs_keys: tuple[str, ...] = ()
+    """Dict observations: the keys to train on, flattened in this order into one vector and
+    recorded in the checkpoint, e.g. observation,desired_goal (required for Dict observations;
+    commas or spaces separate them)."""
 
     def __post_init__(self) -> None:
         check_number("return_scale", self.return_scale, above=0)
         check_number("top_fraction", self.top_fraction, above=0, maximum=1)
+        keys = tuple(k.strip() for item in self.obs_keys for k in str(item).split(","))
+        if any(not k for k in keys) or len(set(keys)) != len(keys):
+            raise ConfigError(f"obs_keys must be distinct non-empty names, got {self.obs_keys!r}")
+        object.__setattr__(self, "obs_keys", keys)
 
 
 @dataclass(frozen=True)
@@ -234,12 +244,62 @@ class EvalDuringTraining:
 
 _FLAT = tyro.conf.arg(name="")  # the group's fields keep their flat flags: --lr, --steps, --out
 
+# The DT paper's Atari settings as ``dtlab train`` flags: ``dtlab train --preset NAME`` puts these
+# before the command line's own flags, which override them. Sources, github.com/kzl/decision-
+# transformer: atari/run_dt_atari.py (n_layer 6, n_head 8, n_embd 128, --context_length 30,
+# --batch_size 128, learning_rate 6e-4, lr_decay: warm-up then cosine decay), atari/run.sh
+# (Pong: block_size 150 = 3 x K, i.e. K 50, and batch_size 512), atari/mingpt/trainer_atari.py
+# (betas (0.9, 0.95), grad_norm_clip 1.0, weight_decay 0.1 on matmul weights, warm-up over
+# warmup_tokens = 512 * 20 target actions: 10,240 / (128 x 30 per step) = 2.7 -> 3 steps,
+# 10,240 / (512 x 50) -> 1 step) and atari/mingpt/model_atari.py (GELU, 4 x n_embd MLPs, dropout
+# 0.1: dtlab's defaults but the activation). max_ep_len 27,000: the ALE's episode cap (108,000
+# frames at frame skip 4; dtlab.envs.ATARI_MAX_STEPS; the DT code sizes its timestep table by
+# the data's longest episode). Deviations: dtlab's cosine decays to 10% at --steps (DT: at
+# final_tokens = 2 x 500,000 x 3K target actions, floor 10%), and the DT code trains 5 epochs
+# (about 19,500 steps on 500,000 transitions at batch 128), which --steps leaves to the user.
+_ATARI_FLAGS = ("--model.n-layers", "6", "--model.n-heads", "8", "--model.embed-dim", "128",
+                "--model.activation", "gelu", "--model.max-ep-len", "27000", "--lr", "6e-4",
+                "--betas", "0.9", "0.95", "--weight-decay", "0.1", "--grad-clip", "1.0",
+                "--schedule", "cosine")
+TRAIN_PRESETS: dict[str, tuple[str, ...]] = {
+    "atari": _ATARI_FLAGS + ("--model.context-len", "30", "--batch-size", "128",
+                             "--warmup-steps", "3"),
+    "atari-pong": _ATARI_FLAGS + ("--model.context-len", "50", "--batch-size", "512",
+                                  "--warmup-steps", "1"),
+}
+
+
+def expand_train_preset(args: list[str]) -> list[str]:
+    """``dtlab train`` arguments with ``--preset NAME`` (or ``--preset=NAME``) replaced by the
+    flags of ``TRAIN_PRESETS[NAME]``, placed first so that the command line's own flags win.
+    ConfigError for an unknown name or a missing one."""
+    out, preset = [], None
+    i = 0
+    while i < len(args):
+        arg = args[i]
+        if arg == "--preset" or arg.startswith("--preset="):
+            if arg == "--preset":
+                if i + 1 >= len(args):
+                    raise ConfigError(f"preset needs a name ({', '.join(TRAIN_PRESETS)})")
+                name, i = args[i + 1], i + 2
+            else:
+                name, i = arg.split("=", 1)[1], i + 1
+            if name not in TRAIN_PRESETS:
+                raise ConfigError(f"unknown preset {name!r} ({', '.join(TRAIN_PRESETS)})")
+            preset = name
+            continue
+        out.append(arg)
+        i += 1
+    return list(TRAIN_PRESETS[preset]) + out if preset else out
+
 
 @dataclass(frozen=True)
 class TrainConfig:
     """Training run (defaults: the DT paper's gym run), in groups: what to train on (data), the
     network (model), the updates (optim), the run's length, outputs and hardware (run), and
-    evaluation during training. A resumed run must keep data, model and optim unchanged."""
+    evaluation during training. A resumed run must keep data, model and optim unchanged.
+    --preset atari (or atari-pong): start from the DT paper's Atari settings, which any other
+    flag given overrides (docs/usage.md, "Atari")."""
 
     data: Annotated[DataConfig, _FLAT]
     """What to train on."""
@@ -309,6 +369,9 @@ class EvalConfig:
     """Approximate, faster rollouts: feed only each step's new tokens and reuse cached keys and
     values. Exact for the first K steps; afterwards older tokens keep keys/values computed with
     context that has left the window (measured score impact: docs/benchmarks.md)."""
+    temperature: float = 0.0
+    """Discrete actions: 0 takes the most likely action; above 0 samples from softmax(logits /
+    temperature), seeded with --seed (the DT Atari code samples at 1.0)."""
 
     offline: bool = False
     """Evaluate without an environment, on --dataset's windows: action error per return-to-go
@@ -329,6 +392,7 @@ class EvalConfig:
         check_choice("precision", self.precision, PRECISIONS)
         check_number("episodes", self.episodes, minimum=1, integer=True)
         check_number("seed", self.seed, minimum=0, maximum=MAX_SEED, integer=True)
+        check_number("temperature", self.temperature, minimum=0)
         check_number("sweep_points", self.sweep_points, minimum=2, integer=True)
         check_number("buckets", self.buckets, minimum=1, integer=True)
         check_number("windows", self.windows, minimum=0, integer=True)
@@ -347,23 +411,25 @@ class EvalConfig:
 # Dataset ids written with ``--out minari:<id>``: dtlab.data.formats.MINARI_PREFIX (the data
 # layer sits above this leaf module, so the prefix is repeated; tests/test_collect.py pins both).
 _MINARI_PREFIX = "minari:"
-_POLICY_CHOICES = "random, actor:PATH, sb3:PATH, pendulum-swingup, pendulum-mixed"
+_POLICY_CHOICES = ("random, actor:PATH, sb3:PATH, pendulum-swingup, pendulum-mixed, "
+                   "pointmaze-goal")
 
 
 @dataclass(frozen=True)
 class PolicySpec:
     """A parsed ``CollectConfig.policy``: which behaviour policy, and its file for actor/sb3."""
 
-    kind: Literal["random", "actor", "sb3", "pendulum-swingup", "pendulum-mixed"]
+    kind: Literal["random", "actor", "sb3", "pendulum-swingup", "pendulum-mixed",
+                  "pointmaze-goal"]
     path: str | None = None  # the weights file of actor:PATH (safetensors) and sb3:PATH (zip)
 
 
 def parse_policy(text: str) -> PolicySpec:
-    """``random``, ``actor:PATH``, ``sb3:PATH``, ``pendulum-swingup`` or ``pendulum-mixed`` ->
-    PolicySpec; ConfigError naming the ``policy`` field for anything else."""
+    """``random``, ``actor:PATH``, ``sb3:PATH``, ``pendulum-swingup``, ``pendulum-mixed`` or
+    ``pointmaze-goal`` -> PolicySpec; ConfigError naming the ``policy`` field for anything else."""
     from dtlab.errors import ConfigError
 
-    if text in ("random", "pendulum-swingup", "pendulum-mixed"):
+    if text in ("random", "pendulum-swingup", "pendulum-mixed", "pointmaze-goal"):
         return PolicySpec(text)
     kind, sep, path = text.partition(":")
     if sep and kind in ("actor", "sb3"):
@@ -505,8 +571,10 @@ class CollectConfig:
     policy: str = "random"
     """Behaviour policy: random (uniform over a Box, or over a Discrete's actions); actor:PATH
     (SAC actor weights, safetensors); sb3:PATH (a Stable-Baselines3 zip: SAC/TD3/PPO/... for Box
-    actions, PPO/DQN/A2C for Discrete ones; needs --trust-pickle); pendulum-swingup (scripted,
-    Pendulum-v1; --quality degrades it); pendulum-mixed (the quickstart's mixed-quality data)."""
+    actions, PPO/DQN/A2C for Discrete ones, also on ALE/<Game>-v5; needs --trust-pickle);
+    pendulum-swingup (scripted, Pendulum-v1; --quality degrades it); pendulum-mixed (the
+    quickstart's mixed-quality data); pointmaze-goal (scripted: straight at the goal, stalling at
+    walls; PointMaze envs of gymnasium-robotics; --quality degrades it)."""
     deterministic: bool = False
     """Act with the policy's mean action instead of sampling (D4RL sampled)."""
     trust_pickle: bool = False
@@ -516,7 +584,7 @@ class CollectConfig:
     """Run directory of dtlab train-behaviour (for the medium-replay preset: its replay buffer,
     a pickle, so it also needs --trust-pickle)."""
     quality: float = 1.0
-    """Quality in [0, 1] of the scripted pendulum-swingup policy."""
+    """Quality in [0, 1] of the scripted pendulum-swingup and pointmaze-goal policies."""
     episodes: int | None = None
     """Collect this many complete episodes."""
     transitions: int | None = None

@@ -5,6 +5,10 @@ REF_MIN_SCORE / REF_MAX_SCORE, the random and expert policies' returns on the v2
 dtlab uses the same constants for the Gymnasium v3/v4/v5 versions of those tasks; v5 differs in
 minor details from the v2 tasks D4RL measured on, so normalized scores on v5 are comparable but not
 identical to published D4RL numbers.
+
+Atari (``ALE/<Game>-v5`` through ``ale-py``, which ships the ROMs): ``make_env`` builds the DT
+paper's observations (``make_atari_env``); normalized scores use random and human "gamer" scores,
+as the DT paper does (it follows Hafner et al. 2021, DreamerV2).
 """
 
 from __future__ import annotations
@@ -53,9 +57,39 @@ CARTPOLE_RANDOM_RETURN = 23.93
 CARTPOLE_MAX_RETURN = 500.0
 
 
+# Atari: the ALE v5 envs end an episode after max_num_frames_per_episode = 108,000 emulator frames
+# (ale_py's registration of the v5 ids), i.e. 27,000 agent steps at frame skip 4.
+ATARI_MAX_FRAMES = 108_000
+ATARI_FRAME_SKIP = 4  # AtariPreprocessing(frame_skip=4); the v5 env's own frameskip is set to 1
+ATARI_NOOP_MAX = 30  # up to 30 no-op actions at reset (Mnih et al. 2015; AtariPreprocessing)
+ATARI_SCREEN = 84  # 84 x 84 grey frames (Mnih et al. 2015; DT atari/mingpt/trainer_atari.py)
+ATARI_STACK = 4  # the last 4 frames per step (Mnih et al. 2015; DT atari/run_dt_atari.py)
+ATARI_MAX_STEPS = ATARI_MAX_FRAMES // ATARI_FRAME_SKIP  # 27,000
+
+# (random, gamer) scores: danijar/dreamerv3 baselines.yaml, ``atari57_gamer`` (the Atari-57
+# random and human scores DreamerV2, Hafner et al. 2021, normalizes with; the DT paper reports
+# "gamer-normalized" scores following it). Targets: the DT Atari code's evaluation returns
+# (atari/mingpt/trainer_atari.py, get_returns: Breakout 90, Seaquest 1150, Qbert 14000, Pong 20).
+# Return scale 1: the DT Atari code feeds returns-to-go unscaled (create_dataset.py, rtg).
+_ATARI = {
+    "Breakout": EnvInfo(1.7, 30.5, 1.0, (90.0,), ATARI_MAX_STEPS),
+    "Pong": EnvInfo(-20.7, 14.6, 1.0, (20.0,), ATARI_MAX_STEPS),
+    "Qbert": EnvInfo(163.9, 13455.0, 1.0, (14000.0,), ATARI_MAX_STEPS),
+    "Seaquest": EnvInfo(68.4, 42054.7, 1.0, (1150.0,), ATARI_MAX_STEPS),
+}
+
+
+def is_atari(env_id: str) -> bool:
+    """Whether ``env_id`` is an ALE id (``ALE/<Game>-v5``), made by ``make_atari_env``."""
+    return env_id.startswith("ALE/")
+
+
 def env_info(env_id: str) -> EnvInfo:
-    """Registry entry for a Gymnasium id like ``Hopper-v5``; generic defaults for unknown tasks."""
+    """Registry entry for a Gymnasium id like ``Hopper-v5``; generic defaults for unknown tasks
+    (for other ALE games: return scale 1 and the ALE's 27,000-step limit, no references)."""
     family = env_id.split("/")[-1].split("-")[0]
+    if is_atari(env_id):
+        return _ATARI.get(family, EnvInfo(None, None, 1.0, (), ATARI_MAX_STEPS))
     if family in _MUJOCO:
         return _MUJOCO[family]
     if family == "Pendulum":
@@ -80,13 +114,74 @@ def reference_scores(env_id: str, recorded_min: float | None = None,
 
 
 def make_env(env_id: str, **kwargs) -> gym.Env:
-    """``gymnasium.make`` with a one-line EnvError for ids Gymnasium does not know."""
+    """``gymnasium.make`` with a one-line EnvError for ids Gymnasium does not know. ALE ids go
+    through ``make_atari_env``; ids that ``gymnasium-robotics`` registers (PointMaze, AntMaze,
+    Fetch, ...) are registered on first use. Collection, training checks, evaluation and the
+    behaviour policies all make their envs here."""
+    if is_atari(env_id):
+        return make_atari_env(env_id, **kwargs)
+    hint = ""
     try:
-        return gym.make(env_id, **kwargs)
+        try:
+            return gym.make(env_id, **kwargs)
+        except gym.error.NameNotFound:
+            if not register_robotics():
+                hint = " (gymnasium-robotics, for PointMaze/AntMaze: pip install 'dtlab[robotics]')"
+                raise
+            return gym.make(env_id, **kwargs)
     except gym.error.Error as exc:
-        raise EnvError(f"unknown environment '{env_id}': {exc}") from None
+        raise EnvError(f"unknown environment '{env_id}': {exc}{hint}") from None
     except ImportError as exc:
         raise EnvError(f"environment '{env_id}' needs a missing package: {exc}") from None
+
+
+def register_robotics() -> bool:
+    """Register gymnasium-robotics' ids (its import does); False when it is not installed. Its
+    import prints a notice about Adroit reward versions to stderr (farama_notifications), which
+    concerns none of the envs dtlab uses: it is silenced."""
+    import contextlib
+    import io
+
+    try:
+        with contextlib.redirect_stderr(io.StringIO()):
+            import gymnasium_robotics
+    except ImportError:
+        return False
+    gym.register_envs(gymnasium_robotics)
+    return True
+
+
+def make_atari_env(env_id: str, **kwargs) -> gym.Env:
+    """An ALE game as the DT paper's Atari experiments see it: ``gymnasium.make(env_id,
+    frameskip=1)`` (the v5 env, with its sticky actions, repeat_action_probability 0.25),
+    ``AtariPreprocessing`` (84 x 84 grey frames, frame skip 4 with max-pooling over the last two
+    frames, up to 30 no-op starts, no life-loss terminations), ``FrameStackObservation(4)`` (the
+    first frame repeated at reset) and a ``TimeLimit`` of 27,000 agent steps (the ALE's 108,000
+    frames; outermost, so it counts agent steps). Observations: (4, 84, 84) uint8.
+    ``kwargs`` go to ``gymnasium.make`` (e.g. ``repeat_action_probability``). EnvError for an id
+    ale-py does not know, or without ale-py."""
+    try:
+        import ale_py
+    except ImportError as exc:
+        raise EnvError(f"environment '{env_id}' needs ale-py: pip install 'dtlab[atari]' "
+                       f"({exc})") from None
+    from gymnasium.wrappers import AtariPreprocessing, FrameStackObservation, TimeLimit
+
+    gym.register_envs(ale_py)
+    try:
+        env = gym.make(env_id, frameskip=1, **kwargs)
+    except gym.error.Error as exc:
+        raise EnvError(f"unknown environment '{env_id}': {exc}") from None
+    try:
+        env = AtariPreprocessing(env, noop_max=ATARI_NOOP_MAX, frame_skip=ATARI_FRAME_SKIP,
+                                 screen_size=ATARI_SCREEN, grayscale_obs=True,
+                                 terminal_on_life_loss=False, scale_obs=False)
+    except gym.error.DependencyNotInstalled as exc:  # OpenCV, for the resize
+        env.close()
+        raise EnvError(f"environment '{env_id}' needs OpenCV: pip install 'dtlab[atari]' "
+                       f"({exc})") from None
+    env = FrameStackObservation(env, ATARI_STACK)
+    return TimeLimit(env, ATARI_MAX_STEPS)
 
 
 def actions_outside_bounds(actions: np.ndarray, space: gym.spaces.Space) -> np.ndarray:

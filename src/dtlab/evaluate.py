@@ -23,7 +23,8 @@ from dtlab.envs import env_info, make_env
 from dtlab.errors import ConfigError, DatasetError, DtlabWarning
 from dtlab.policy import DTPolicy
 from dtlab.rollout import RolloutReport, TargetResult, episode_limit, rollout
-from dtlab.spaces import ContinuousActions, DiscreteActions, check_against_env
+from dtlab.spaces import (ContinuousActions, DictObservations, DiscreteActions, check_against_env,
+                          describe_observations)
 
 __all__ = ["evaluate_checkpoint", "rollout", "sweep_targets", "results_json", "TargetResult",
            "RolloutReport", "Calibration", "reliable_maximum", "calibrate_checkpoint",
@@ -105,7 +106,8 @@ def evaluate_checkpoint(cfg: EvalConfig, echo: bool = False) -> dict:
         raise ConfigError(f"no targets given and no default targets known for {env_id}")
     precision = runtime.resolve_precision(cfg.precision, device)
     policy = DTPolicy.from_checkpoint(path, device=str(device), precision=precision,
-                                      kv_cache=cfg.kv_cache)
+                                      kv_cache=cfg.kv_cache, temperature=cfg.temperature,
+                                      seed=cfg.seed)
     report = rollout(policy, env_id, targets, cfg.episodes, seed=cfg.seed, max_steps=cfg.max_steps,
                      workers=cfg.eval_workers)
     data = results_json(report, checkpoint=str(path), env_id=env_id, episodes=cfg.episodes,
@@ -328,15 +330,19 @@ def offline_evaluation(model, info, episodes: EpisodeSet, *, buckets: int = 4, w
     from dtlab.data.sampling import SequenceSampler
 
     src = episodes.source
+    if isinstance(episodes.observation_space, DictObservations) and \
+            isinstance(info.observation_space, DictObservations):  # the checkpoint's keys
+        episodes = episodes.select_observation_keys(info.observation_space.keys)
     data_actions, ckpt_actions = episodes.action_space, info.action_space
-    fits = (episodes.observation_space.dim == info.observation_space.dim
+    fits = (episodes.observation_space == info.observation_space
             and type(data_actions) is type(ckpt_actions)
             and (data_actions.n <= ckpt_actions.n if isinstance(ckpt_actions, DiscreteActions)
                  else data_actions.dim == ckpt_actions.dim))
     if not fits:
         raise DatasetError(
-            f"{src}: observations ({episodes.observation_space.dim},) and actions {data_actions} do "
-            f"not fit the checkpoint's ({info.observation_space.dim},) and {ckpt_actions}")
+            f"{src}: observations {describe_observations(episodes.observation_space)} and actions "
+            f"{data_actions} do not fit the checkpoint's "
+            f"{describe_observations(info.observation_space)} and {ckpt_actions}")
     longest = int(episodes.episode_lengths.max())
     if longest > info.model.max_ep_len:
         raise DatasetError(f"{src}: an episode has {longest} steps, more than the model's "
@@ -359,6 +365,10 @@ def offline_evaluation(model, info, episodes: EpisodeSet, *, buckets: int = 4, w
             batch = sampler.gather(ends[first:first + batch_size])
             t = {name: torch.from_numpy(getattr(batch, name)).to(device) for name in
                  ("observations", "actions", "returns_to_go", "timesteps", "masks")}
+            if t["observations"].dtype == torch.uint8:  # frame stacks: scaled on the device
+                t["observations"] = info.normalizer.converted(
+                    lambda a: torch.tensor(a, device=device)).normalize_observations_(
+                    t["observations"].to(torch.float32))
             args = (t["observations"], t["actions"])
             rest = (t["timesteps"], t["masks"])
             pred = model.predict_last(*args, t["returns_to_go"], *rest).float()  # (b, A)

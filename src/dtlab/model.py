@@ -9,11 +9,18 @@ s_t. The loss lives in dtlab.train, not here.
 The model is built from the data's specs (dtlab.spaces): ``ContinuousActions(dim)`` (actions in
 [-1, 1], see dtlab.normalizer) are embedded linearly and predicted through tanh;
 ``DiscreteActions(n)`` indices are embedded with a lookup table and predicted as n logits, as the
-original's Atari model does. The model owns its token layout: callers hand it per-step inputs
-(normalized observations, model-space actions, scaled returns-to-go, timesteps), never tokens.
+original's Atari model does. Vector (and flattened Dict) observations are embedded linearly;
+``ImageObservations`` frame stacks (B, K, stack, H, W), scaled to [0, 1], go through the
+Nature-DQN convolutional encoder (``ImageEncoder``), the DT Atari model's state embedding. The
+model owns its token layout: callers hand it per-step inputs (normalized observations,
+model-space actions, scaled returns-to-go, timesteps), never tokens.
 
 Reference: github.com/kzl/decision-transformer, gym/decision_transformer/models/
-decision_transformer.py (embed_ln over the stacked tokens, tanh action head).
+decision_transformer.py (embed_ln over the stacked tokens, tanh action head). Deviations from its
+Atari model (atari/mingpt/model_atari.py), which dtlab does not copy: returns-to-go and actions
+are embedded as for the gym tasks (no tanh after them, embed_ln over the tokens), and the
+timestep embedding is the only position information (the Atari model adds a learned position
+within the window, ``pos_emb``, to its ``global_pos_emb``).
 
 Baselines (``ModelConfig.architecture``, built by ``build_model``): transformer-bc is the same
 model without return-to-go tokens, (s_1, a_1, s_2, a_2, ...), the action for step t read from s_t;
@@ -31,7 +38,38 @@ from torch import nn
 
 from dtlab.config import ModelConfig
 from dtlab.errors import ConfigError
-from dtlab.spaces import ActionSpec, ContinuousActions, DiscreteActions, ObservationSpec
+from dtlab.spaces import (ActionSpec, ContinuousActions, DiscreteActions, ImageObservations,
+                          ObservationSpec)
+
+
+class ImageEncoder(nn.Module):
+    """Frame stacks -> state embeddings: (..., stack, H, W) floats in [0, 1] -> (..., out).
+
+    The Nature-DQN torso (Mnih et al. 2015, "Human-level control through deep reinforcement
+    learning", Methods: 32 filters 8 x 8 stride 4, 64 filters 4 x 4 stride 2, 64 filters 3 x 3
+    stride 1, each followed by a ReLU, no padding), flattened (64 x 7 x 7 = 3136 values for
+    84 x 84 frames) and mapped linearly to ``out`` features with tanh, as the DT Atari model's
+    ``state_encoder`` does (github.com/kzl/decision-transformer, atari/mingpt/model_atari.py:
+    ``nn.Linear(3136, config.n_embd), nn.Tanh()``; Nature-DQN has a 512-unit ReLU layer there
+    instead). Its layers keep PyTorch's default initialization, as there (the state encoder is
+    built after ``_init_weights`` runs).
+    """
+
+    def __init__(self, spec: ImageObservations, out: int) -> None:
+        super().__init__()
+        h, w = spec.shape
+        for kernel, stride in ((8, 4), (4, 2), (3, 1)):
+            h, w = (h - kernel) // stride + 1, (w - kernel) // stride + 1
+        self.conv = nn.Sequential(
+            nn.Conv2d(spec.stack, 32, 8, stride=4), nn.ReLU(),
+            nn.Conv2d(32, 64, 4, stride=2), nn.ReLU(),
+            nn.Conv2d(64, 64, 3, stride=1), nn.ReLU(), nn.Flatten())
+        self.fc = nn.Linear(64 * h * w, out)
+
+    def forward(self, frames: torch.Tensor) -> torch.Tensor:
+        lead = frames.shape[:-3]
+        x = self.conv(frames.reshape(-1, *frames.shape[-3:]))  # (B*K, 64 * h * w)
+        return torch.tanh(self.fc(x)).reshape(*lead, -1)  # (..., out)
 
 
 @dataclass(frozen=True)
@@ -139,7 +177,8 @@ class DecisionTransformer(nn.Module):
 
     def __init__(self, cfg: ModelConfig, observation_space: ObservationSpec,
                  action_space: ActionSpec) -> None:
-        """Embeddings and action head from the specs: ``VectorObservations(dim)`` observations;
+        """Embeddings and action head from the specs: ``VectorObservations(dim)`` and
+        ``DictObservations`` (linear state embedding) or ``ImageObservations`` (``ImageEncoder``);
         ``ContinuousActions(dim)`` (linear embedding, tanh head of width dim) or
         ``DiscreteActions(n)`` (lookup embedding, n logits). Other specs: ConfigError."""
         super().__init__()
@@ -151,7 +190,10 @@ class DecisionTransformer(nn.Module):
         self.embed_timestep = nn.Embedding(cfg.max_ep_len, d)
         if self.returns_tokens:
             self.embed_return = nn.Linear(1, d)
-        self.embed_state = nn.Linear(observation_space.dim, d)
+        image = isinstance(observation_space, ImageObservations)
+        self._image = image
+        if not image:
+            self.embed_state = nn.Linear(observation_space.dim, d)
         self.embed_action = nn.Embedding(width, d) if self._logits else nn.Linear(width, d)
         self.embed_ln = nn.LayerNorm(d)
         self.drop = nn.Dropout(cfg.dropout)
@@ -163,6 +205,8 @@ class DecisionTransformer(nn.Module):
         for name, p in self.named_parameters():
             if name.endswith("proj.weight") or name.endswith("mlp.2.weight"):
                 nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * cfg.n_layers))
+        if image:  # after the init above, as the DT Atari model builds its state_encoder
+            self.embed_state = ImageEncoder(observation_space, d)
 
     @staticmethod
     def _init_weights(module: nn.Module) -> None:
@@ -175,6 +219,13 @@ class DecisionTransformer(nn.Module):
         """Hidden states (..., D) -> actions in [-1, 1] (..., A), or logits (..., n) for indices."""
         out = self.predict_action(h)
         return out if self._logits else torch.tanh(out)
+
+    def encode_observations(self, frames: torch.Tensor) -> torch.Tensor:
+        """Image models: frame stacks (..., stack, H, W) in [0, 1] -> their state embeddings
+        (..., D), the ``ImageEncoder``'s output. Every method that takes observations also takes
+        these in place of the frames, (B, K, D): a rollout encodes each step's frames once and
+        keeps the encodings (exact: a step's embedding depends on its own frames only)."""
+        return self.embed_state(frames)
 
     def greedy_action(self, out: torch.Tensor) -> torch.Tensor:
         """Model-space action from the head's output (B, A): continuous actions as they are, the
@@ -189,7 +240,8 @@ class DecisionTransformer(nn.Module):
 
     def forward(
         self,
-        observations: torch.Tensor,  # (B, K, obs_dim), normalized
+        observations: torch.Tensor,  # (B, K, obs_dim) normalized, or (B, K, stack, H, W) in [0, 1]
+        #                              (or their encode_observations, (B, K, D))
         actions: torch.Tensor,  # (B, K, act_dim) in [-1, 1], or (B, K) int64 indices;
         #                         the last step's entry is unused
         returns_to_go: torch.Tensor,  # (B, K, 1), scaled
@@ -208,7 +260,7 @@ class DecisionTransformer(nn.Module):
 
         Timesteps at or beyond ``max_ep_len`` have no embedding: ConfigError, never clamped.
         """
-        b, k, _ = observations.shape
+        b, k = observations.shape[:2]
         latest = int(timesteps.max()) if timesteps.numel() else 0
         if latest >= self.cfg.max_ep_len:
             raise ConfigError(
@@ -216,7 +268,8 @@ class DecisionTransformer(nn.Module):
                 f"embeds timesteps 0 to {self.cfg.max_ep_len - 1}); cap episodes at "
                 f"{self.cfg.max_ep_len} steps with max_steps")
         time = self.embed_timestep(timesteps)  # (B, K, D)
-        s = self.embed_state(observations) + time  # (B, K, D)
+        encoded = self._image and observations.dim() == 3  # (B, K, D) from encode_observations
+        s = (observations if encoded else self.embed_state(observations)) + time  # (B, K, D)
         a = self.embed_action(actions) + time  # (B, K, D)
         if self.returns_tokens:
             r = self.embed_return(returns_to_go) + time  # (B, K, D)
@@ -245,7 +298,7 @@ class DecisionTransformer(nn.Module):
         output, projection and MLP for every other token (2/3 of them in training, all but one
         in rollouts).
         """
-        b, k, _ = observations.shape
+        b, k = observations.shape[:2]
         n = self.tokens_per_step
         x = self.embed(observations, actions, returns_to_go, timesteps)  # (B, 3K, D)
         attn_mask = None if masks is None else self.attention_mask(masks, n)  # (B, 1, 3K, 3K)
@@ -318,6 +371,8 @@ class MLPBC(nn.Module):
     as ``DecisionTransformer`` so that the same sampler, ``train_step`` and policy run it; actions,
     returns-to-go, timesteps and masks are ignored. CORL's BC actor (algorithms/offline/
     any_percent_bc.py: 2 x 256, ReLU, no dropout) is ``embed_dim=256, n_layers=2, dropout=0``.
+    Frame stacks (``ImageObservations``) first go through an ``ImageEncoder`` to ``embed_dim``
+    features.
     """
 
     def __init__(self, cfg: ModelConfig, observation_space: ObservationSpec,
@@ -326,7 +381,9 @@ class MLPBC(nn.Module):
         out, self._logits = action_outputs(action_space)
         self.cfg, self.observation_space, self.action_space = cfg, observation_space, action_space
         layers: list[nn.Module] = []
-        width = observation_space.dim
+        image = isinstance(observation_space, ImageObservations)
+        self.encoder = ImageEncoder(observation_space, cfg.embed_dim) if image else None
+        width = cfg.embed_dim if image else observation_space.dim
         for _ in range(cfg.n_layers):
             layers += [nn.Linear(width, cfg.embed_dim),
                        nn.ReLU() if cfg.activation == "relu" else nn.GELU(), nn.Dropout(cfg.dropout)]
@@ -339,15 +396,26 @@ class MLPBC(nn.Module):
     greedy_action = DecisionTransformer.greedy_action
     empty_actions = DecisionTransformer.empty_actions
 
+    def encode_observations(self, frames: torch.Tensor) -> torch.Tensor:
+        """Image models: frame stacks (..., stack, H, W) -> (..., embed_dim) features, which
+        ``forward`` and ``predict_last`` also take in place of the frames."""
+        return self.encoder(frames)
+
+    def _features(self, observations: torch.Tensor) -> torch.Tensor:
+        """(..., obs_dim) vectors as they are; frame stacks (..., stack, H, W) encoded."""
+        image = self.encoder is not None and observations.dim() >= 4
+        return self.encoder(observations) if image else observations
+
     def forward(self, observations: torch.Tensor, actions=None, returns_to_go=None, timesteps=None,
                 masks=None) -> torch.Tensor:
-        """Each step's action from its own state: (B, K, obs_dim) -> (B, K, A)."""
-        return self.action_head(self.hidden(observations))
+        """Each step's action from its own state: (B, K, obs_dim) (or frame stacks
+        (B, K, stack, H, W), or their encodings (B, K, D)) -> (B, K, A)."""
+        return self.action_head(self.hidden(self._features(observations)))
 
     def predict_last(self, observations: torch.Tensor, actions=None, returns_to_go=None,
                      timesteps=None, masks=None) -> torch.Tensor:
-        """The last step's action, (B, K, obs_dim) -> (B, A)."""
-        return self.action_head(self.hidden(observations[:, -1]))
+        """The last step's action, (B, K, obs_dim) (or (B, K, stack, H, W)) -> (B, A)."""
+        return self.action_head(self.hidden(self._features(observations[:, -1])))
 
 
 def build_model(cfg: ModelConfig, observation_space: ObservationSpec,

@@ -6,6 +6,11 @@
   (constant in the data) gets std 1 instead, with its mean still subtracted: dividing by ~1e-6
   would multiply any evaluation-time deviation by ~1e6 (issue 10). Those dimensions are recorded
   (``constant_dims``) and ``from_episodes`` warns about them.
+- Image frames (``dtlab.spaces.ImageObservations``, uint8): one mean and std for every pixel, 0 and
+  ``PIXEL_SCALE`` = 255, i.e. ``x / 255`` in [0, 1], as the DT Atari code scales its states
+  (github.com/kzl/decision-transformer, atari/run_dt_atari.py: ``states = states / 255.``).
+  Frames stay uint8 until they reach the model's device; the arithmetic below then promotes them
+  to float32 (numpy and torch alike).
 - Returns-to-go: divided by ``return_scale`` (1000 for MuJoCo locomotion, dtlab.envs).
 - Actions: continuous actions are mapped linearly from the env's bounds ``[low, high]`` to
   ``[-1, 1]`` (the range of the model's tanh head) and back; discrete actions (indices), and
@@ -31,6 +36,10 @@ from dtlab.errors import ConfigError, DtlabWarning
 # The original DT's std floor (gym/experiment.py: np.std(states, axis=0) + 1e-6); a dimension whose
 # std is at most this is constant for dtlab and gets std 1.
 STD_EPS = 1e-6
+
+# Pixel values 0..255 of uint8 frames are divided by this (DT Atari: atari/run_dt_atari.py,
+# ``states / 255.``).
+PIXEL_SCALE = 255.0
 
 
 def to_unit_interval(x, low, high):
@@ -118,10 +127,14 @@ class Normalizer:
     def from_episodes(cls, episodes, return_scale: float, action_space) -> "Normalizer":
         """Statistics of ``episodes`` (an EpisodeSet) and the action bounds of ``action_space``
         (a dtlab.spaces spec: ContinuousActions with bounds maps to [-1, 1]; otherwise identity).
+        Image frames get ``for_images`` (no statistics are computed over them).
 
         Mean and std are computed in float64 over all transitions. Warns (DtlabWarning, one
         line) when some observation dimensions are constant, naming them.
         """
+        low, high = getattr(action_space, "low", None), getattr(action_space, "high", None)
+        if episodes.observations.dtype == np.uint8:  # image frames (N, H, W): EpisodeSet's rule
+            return cls.for_images(return_scale, low, high)
         obs = np.asarray(episodes.observations, dtype=np.float64)  # (N, obs_dim)
         mean, raw_std = obs.mean(0), obs.std(0)  # (obs_dim,)
         constant = np.flatnonzero(raw_std <= STD_EPS)
@@ -133,9 +146,13 @@ class Normalizer:
                 f"{constant.tolist()} are constant in the data (std <= {STD_EPS:g}); they are "
                 "normalized with std 1 (mean subtracted), so the model cannot use them",
                 DtlabWarning, stacklevel=2)
-        low, high = getattr(action_space, "low", None), getattr(action_space, "high", None)
         return cls(mean.astype(np.float32), std, float(return_scale), low, high,
                    tuple(int(d) for d in constant))
+
+    @classmethod
+    def for_images(cls, return_scale: float, action_low=None, action_high=None) -> "Normalizer":
+        """uint8 frames to [0, 1]: mean 0 and std ``PIXEL_SCALE`` (255) for every pixel."""
+        return cls([0.0], [PIXEL_SCALE], float(return_scale), action_low, action_high)
 
     def converted(self, convert: Callable[[np.ndarray], Any]) -> "Normalizer":
         """A copy whose arrays are ``convert(array)``, e.g. torch tensors on a device: the methods
@@ -154,8 +171,16 @@ class Normalizer:
         return self.action_low is not None
 
     def normalize_observations(self, observations):
-        """(..., obs_dim) env units -> model inputs."""
+        """(..., obs_dim) env units -> model inputs; uint8 frames (..., H, W) -> float32 in [0, 1]
+        (``for_images``: one mean and std for every pixel, broadcast)."""
         return (observations - self.obs_mean) / self.obs_std
+
+    def normalize_observations_(self, observations):
+        """``normalize_observations`` in place on a float array or tensor (e.g. uint8 frames just
+        converted to float32: the conversion is the only copy), returned."""
+        observations -= self.obs_mean
+        observations /= self.obs_std
+        return observations
 
     def scale_returns(self, returns):
         """Returns(-to-go) in env units -> model units: divided by ``return_scale``."""

@@ -3,13 +3,23 @@
 ``reset(target_return)`` starts episodes, ``act(observation, last_reward)`` returns the next action;
 the return-to-go is decremented by each reward received. ``steer(new_return)`` changes the return
 asked for in the middle of an episode (run-time steering).
+
+Observations are what the env gives: vectors, frame stacks (stack, H, W) uint8 for
+``ImageObservations`` (scaled on the device and encoded once, when they arrive: the context keeps
+each step's encoding, ``DecisionTransformer.encode_observations``, so a step costs one encoder pass
+per episode, not K), or Dict observations, flattened with the checkpoint's keys in its order
+(``DictObservations``).
+Discrete actions are the most likely index (``temperature`` 0, the default) or sampled from the
+logits divided by ``temperature`` (the DT Atari code samples at temperature 1:
+atari/mingpt/trainer_atari.py, ``sample(..., temperature=1.0, sample=True)``).
 """
 
 from __future__ import annotations
 
 import warnings
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Sequence
+from typing import Any, Sequence
 
 import numpy as np
 import torch
@@ -17,8 +27,10 @@ import torch
 from dtlab import checkpoint, runtime
 from dtlab.checkpoint import PolicyInfo
 from dtlab.config import check_targets
-from dtlab.errors import ConfigError, DtlabWarning, TrainingError
+from dtlab.errors import ConfigError, DtlabWarning, EnvError, TrainingError
 from dtlab.model import DecisionTransformer, KVCache
+from dtlab.spaces import (DictObservations, DiscreteActions, ImageObservations,
+                          describe_observations, flatten_observation)
 
 
 class DTPolicy:
@@ -54,13 +66,23 @@ class DTPolicy:
     """
 
     def __init__(self, model: DecisionTransformer, info: PolicyInfo, device: str | torch.device = "cpu",
-                 precision: str = "fp32", kv_cache: bool = False):
+                 precision: str = "fp32", kv_cache: bool = False, temperature: float = 0.0,
+                 seed: int = 0):
         """``kv_cache``: incremental inference with cached keys/values (opt-in, approximate once
         the K-step window slides; see ``DecisionTransformer.predict_cached``); decision-transformer
-        models only (ConfigError otherwise)."""
+        models only (ConfigError otherwise). ``temperature``: 0 acts greedily; above 0, discrete
+        actions are sampled from softmax(logits / temperature) with a generator seeded with
+        ``seed`` (ConfigError for a negative one, or one above 0 with continuous actions)."""
         if kv_cache and info.model.architecture != "decision-transformer":
             raise ConfigError(f"kv_cache: kv-cache rollouts are for decision-transformer models, "
                               f"not {info.model.architecture}; set kv_cache False")
+        if not isinstance(temperature, (int, float)) or isinstance(temperature, bool) or \
+                not 0 <= temperature < float("inf"):
+            raise ConfigError(f"temperature must be a finite number >= 0, got {temperature!r}")
+        if temperature > 0 and not isinstance(info.action_space, DiscreteActions):
+            raise ConfigError(f"temperature {temperature:g}: sampling is for discrete actions; "
+                              "this checkpoint's actions are continuous (use temperature 0)")
+        self.temperature = float(temperature)
         self.model = model.to(device).eval()
         self.precision = precision  # "fp32", or "bf16" autocast
         self.kv_cache = kv_cache
@@ -70,6 +92,11 @@ class DTPolicy:
         # The normalizer's arrays as float32 tensors on the device, converted once.
         self._norm = info.normalizer.converted(
             lambda a: torch.tensor(a, dtype=torch.float32, device=self.device))
+        self._generator = torch.Generator(device=self.device)
+        self._generator.manual_seed(int(seed))
+        spec = info.observation_space
+        # Per step: frame stacks kept as uint8 until the forward pass, or normalized vectors.
+        self._frames = spec.stacked_shape if isinstance(spec, ImageObservations) else None
         self.num_envs = 0
         self._single = True
         # Targets above this warn (set from the checkpoint's calibration.json by from_checkpoint).
@@ -77,11 +104,12 @@ class DTPolicy:
 
     @classmethod
     def from_checkpoint(cls, path: str | Path, device: str = "cpu", precision: str = "fp32",
-                        kv_cache: bool = False) -> "DTPolicy":
+                        kv_cache: bool = False, temperature: float = 0.0,
+                        seed: int = 0) -> "DTPolicy":
         """Load a checkpoint (and its reliable maximum target, when ``dtlab calibrate`` stored
         one)."""
         model, info = checkpoint.load(path, device)
-        policy = cls(model, info, device, precision, kv_cache)
+        policy = cls(model, info, device, precision, kv_cache, temperature, seed)
         calibration = checkpoint.load_calibration(path)
         if calibration is not None:
             policy.reliable_max_target = float(calibration["reliable_max_target"])
@@ -109,7 +137,10 @@ class DTPolicy:
         n, k, dev = targets.shape[0], self.context_len, self.device
         self.num_envs = n
         self._targets = targets  # (N,) for error messages
-        self._obs = torch.zeros(n, k, self.info.observation_space.dim, device=dev)  # (N, K, obs_dim)
+        if self._frames is not None:  # (N, K, D) encoded frame stacks
+            self._obs = torch.zeros(n, k, self.info.model.embed_dim, device=dev)
+        else:
+            self._obs = torch.zeros(n, k, self.info.observation_space.dim, device=dev)  # (N, K, obs_dim)
         self._act = self.model.empty_actions(n, k, dev)  # (N, K, act_dim) in [-1, 1], or (N, K)
         self._rtg = torch.zeros(n, k, 1, device=dev)  # (N, K, 1), scaled
         self._timesteps = torch.zeros(n, k, dtype=torch.long, device=dev)  # (N, K)
@@ -174,6 +205,33 @@ class DTPolicy:
         self._cache, self._cache_ids, self._cache_t = new_cache, idx.tolist(), t0 + 1
         return pred
 
+    def _observation_tensor(self, observation: Any, n: int) -> torch.Tensor:
+        """The observations of ``n`` episodes on the device: (n, obs_dim) float32, or frame stacks
+        (n, stack, H, W) uint8. Dict observations (one mapping of batched arrays, or a sequence of
+        per-episode mappings) are flattened with the checkpoint's keys. EnvError when the shapes
+        do not fit the checkpoint's observation space."""
+        spec = self.info.observation_space
+        if isinstance(spec, DictObservations):
+            if isinstance(observation, Mapping):
+                flat = flatten_observation(spec, observation)  # (n, dim)
+            elif isinstance(observation, np.ndarray) and observation.dtype != object:
+                flat = observation  # already flattened
+            else:
+                flat = np.concatenate([flatten_observation(spec, o) for o in observation])
+            observation = flat
+        if self._frames is not None:
+            frames = np.asarray(observation)
+            if frames.dtype != np.uint8 or frames.shape[-3:] != self._frames or \
+                    frames.size != n * int(np.prod(self._frames)):
+                raise EnvError(f"observations of shape {frames.shape} ({frames.dtype}) do not fit "
+                               f"the checkpoint's {describe_observations(spec)} for {n} episodes")
+            return torch.tensor(frames.reshape(n, *self._frames), device=self.device)
+        obs = np.asarray(observation, dtype=np.float32)
+        if obs.size != n * spec.dim:
+            raise EnvError(f"observations of shape {obs.shape} do not fit the checkpoint's "
+                           f"{describe_observations(spec)} for {n} episodes")
+        return torch.tensor(obs, device=self.device).reshape(n, spec.dim)  # (n, obs_dim)
+
     # ---- acting -------------------------------------------------------------------------------
     @torch.inference_mode()
     def act(self, observation: np.ndarray, last_reward: float | np.ndarray | None = None,
@@ -182,7 +240,9 @@ class DTPolicy:
 
         ``last_reward`` is the reward received for the previous action (ignored at an episode's
         first step); it is subtracted from the return-to-go before acting. Inputs may be
-        read-only arrays (they are copied). Returns (n, act_dim) float32 in the env's units, or
+        read-only arrays (they are copied). ``observation``: (n, obs_dim) vectors, (n, stack, H, W)
+        uint8 frame stacks, or Dict observations (a mapping of batched arrays, or a sequence of
+        per-episode mappings; unbatched after a scalar ``reset``). Returns (n, act_dim) float32 in the env's units, or
         (n,) int64 indices (unbatched after a scalar ``reset``).
 
         Raises ConfigError when an episode reaches the model's ``max_ep_len`` (timesteps beyond
@@ -199,8 +259,7 @@ class DTPolicy:
                               f"{int(steps.max())}, but the model's max_ep_len is {limit} (it "
                               f"embeds timesteps 0 to {limit - 1}); cap episodes at {limit} steps "
                               f"with max_steps (dtlab evaluate --max-steps {limit})")
-        obs = torch.tensor(np.asarray(observation, dtype=np.float32), device=self.device)
-        obs = obs.reshape(idx.shape[0], self.info.observation_space.dim)  # (n, obs_dim)
+        obs = self._observation_tensor(observation, idx.shape[0])  # (n, obs_dim) or (n, S, H, W)
         t = torch.from_numpy(steps).to(self.device)  # (n,)
         if last_reward is not None:
             r = torch.tensor(np.asarray(last_reward, dtype=np.float32).reshape(-1), device=self.device)
@@ -220,7 +279,13 @@ class DTPolicy:
         rtg_w = self._rtg[idx].roll(-1, dims=1)  # (n, K, 1)
         ts_w = self._timesteps[idx].roll(-1, dims=1)  # (n, K)
         mask_w = self._masks[idx].roll(-1, dims=1)  # (n, K)
-        obs_w[:, -1] = self._norm.normalize_observations(obs)
+        if self._frames is None:
+            obs_w[:, -1] = self._norm.normalize_observations(obs)
+        else:  # this step's frame stacks, scaled to [0, 1] and encoded: (n, D)
+            with torch.autocast(self.device.type, dtype=torch.bfloat16,
+                                enabled=self.precision == "bf16"):
+                frames = self._norm.normalize_observations_(obs.to(torch.float32))
+                obs_w[:, -1] = self.model.encode_observations(frames).float()
         act_w[:, -1] = 0  # not yet known; s_t's prediction cannot see it (causal)
         rtg_w[:, -1, 0] = self._next_rtg[idx]
         ts_w[:, -1] = t
@@ -231,7 +296,8 @@ class DTPolicy:
                 pred = self._predict_cached(idx, t, obs_w, act_w, rtg_w, ts_w, mask_w,
                                             invalidate=any_steered)
             else:
-                pred = self.model.predict_last(obs_w, act_w, rtg_w, ts_w, None if all_real else mask_w)
+                pred = self.model.predict_last(obs_w, act_w, rtg_w, ts_w,
+                                               None if all_real else mask_w)
         pred = pred.float()  # (n, A) in [-1, 1], or (n, n_actions) logits
         finite = torch.isfinite(pred).all(-1)  # (n,)
         if not bool(finite.all()):
@@ -241,7 +307,11 @@ class DTPolicy:
                 f"the model produced a non-finite action ({pred[bad].tolist()}) for episode {e} "
                 f"(target {float(self._targets[e]):g}) at step {int(steps[bad])}; its weights or "
                 "inputs are not finite or overflow")
-        pred = self.model.greedy_action(pred)  # (n, A), or (n,) the most likely index
+        if self.temperature > 0:  # (n,) indices sampled from softmax(logits / temperature)
+            probs = torch.softmax(pred / self.temperature, dim=-1)  # (n, n_actions)
+            pred = torch.multinomial(probs, 1, generator=self._generator)[:, 0]
+        else:
+            pred = self.model.greedy_action(pred)  # (n, A), or (n,) the most likely index
         act_w[:, -1] = pred
         self._obs[idx], self._act[idx], self._rtg[idx] = obs_w, act_w, rtg_w
         self._timesteps[idx], self._masks[idx] = ts_w, mask_w

@@ -49,7 +49,8 @@ from dtlab.model import DecisionTransformer, build_model
 from dtlab.normalizer import Normalizer
 from dtlab.policy import DTPolicy
 from dtlab.rollout import Evaluator, episode_limit
-from dtlab.spaces import ContinuousActions, action_space_from_gym, check_against_env
+from dtlab.spaces import (ContinuousActions, DictObservations, ImageObservations,
+                          VectorObservations, action_space_from_gym, check_against_env)
 
 TRAIN_CONFIG_FILE = "train_config.json"
 
@@ -70,13 +71,15 @@ def action_loss(pred: torch.Tensor, target: torch.Tensor, masks: torch.Tensor) -
 
 
 def param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
-    """Weight decay on matmul weights (Linear) only; never on biases, LayerNorms or embeddings
-    (the minGPT/nanoGPT convention, used by the DT's Atari code; its gym code decayed all
-    parameters)."""
+    """Weight decay on matmul weights (Linear, and the image encoder's Conv2d) only; never on
+    biases, LayerNorms or embeddings (the minGPT/nanoGPT convention, used by the DT's Atari code,
+    whose whitelist is Linear and Conv2d: atari/mingpt/model_atari.py configure_optimizers; its
+    gym code decayed all parameters)."""
     decay, no_decay = [], []
     for module in model.modules():
         for name, p in module.named_parameters(recurse=False):
-            (decay if isinstance(module, nn.Linear) and name == "weight" else no_decay).append(p)
+            matmul = isinstance(module, (nn.Linear, nn.Conv2d)) and name == "weight"
+            (decay if matmul else no_decay).append(p)
     return [{"params": decay, "weight_decay": weight_decay},
             {"params": no_decay, "weight_decay": 0.0}]
 
@@ -99,9 +102,16 @@ class LRSchedule:
         return 0.1 + 0.9 * 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
 
 
-def to_tensors(batch: Batch, device: torch.device) -> dict[str, torch.Tensor]:
+def to_tensors(batch: Batch, device: torch.device,
+               normalizer: Normalizer | None = None) -> dict[str, torch.Tensor]:
+    """The batch on ``device``. uint8 frame stacks travel as uint8 and are scaled there by
+    ``normalizer`` (required for them), to float32 in [0, 1]."""
+    obs = torch.from_numpy(batch.observations).to(device, non_blocking=True)
+    if obs.dtype == torch.uint8:  # (B, K, stack, H, W) -> float32, converted on the device
+        obs = normalizer.converted(lambda a: torch.tensor(a, device=device)
+                                   ).normalize_observations_(obs.to(torch.float32))
     return {
-        "observations": torch.from_numpy(batch.observations).to(device, non_blocking=True),
+        "observations": obs,
         "actions": torch.from_numpy(batch.actions).to(device, non_blocking=True),
         "returns_to_go": torch.from_numpy(batch.returns_to_go).to(device, non_blocking=True),
         "timesteps": torch.from_numpy(batch.timesteps).to(device, non_blocking=True),
@@ -144,6 +154,17 @@ class DeviceSampler:
         timesteps = torch.where(masks, idx - starts[:, None], 0)  # (B, K)
         return {"observations": obs, "actions": act, "returns_to_go": rtg[..., None],
                 "timesteps": timesteps, "masks": masks}
+
+
+def select_observations(episodes: EpisodeSet, obs_keys: tuple[str, ...]) -> EpisodeSet:
+    """Dict observations: the ``obs_keys`` columns, in that order (``select_observation_keys``).
+    ConfigError naming the dataset when a Dict dataset comes without ``obs_keys`` (listing its
+    keys), when a key is not there, or when ``obs_keys`` is given for other observations."""
+    spec = episodes.observation_space
+    if isinstance(spec, DictObservations) and not obs_keys:
+        raise ConfigError(f"obs_keys: {episodes.source} has Dict observations; choose the keys "
+                          f"to train on with obs_keys (available keys: {', '.join(spec.keys)})")
+    return episodes.select_observation_keys(obs_keys) if obs_keys else episodes
 
 
 def check_action_bounds(episodes: EpisodeSet, env, *, strict: bool) -> None:
@@ -199,6 +220,7 @@ def prepare(cfg: TrainConfig, episodes: EpisodeSet | None = None) -> tuple[Episo
         from dtlab.data.formats import load_episodes  # (imports h5py and minari)
 
         episodes = load_episodes(cfg.data.dataset)
+    episodes = select_observations(episodes, cfg.data.obs_keys)
     return_scale = _return_scale(cfg)
     # Valid-but-suspicious data, one warning line each; constant observation dimensions are
     # warned where the Normalizer is built (policy_info_for), which says how it treats them.
@@ -448,7 +470,10 @@ class Trainer:
             torch.manual_seed(distributed.rank_torch_seed(cfg.optim.seed, world))
             ddp = DistributedDataParallel(model, device_ids=[device] if device.type == "cuda"
                                           else None)
-        device_sampler = DeviceSampler(sampler, device) if _device_side(device) else None
+        # Flat vector observations gather on the device; image frame stacks (issue 12) keep the
+        # sampler's by-index stacking on the host and are converted on the device (to_tensors).
+        vectors = isinstance(episodes.observation_space, VectorObservations)
+        device_sampler = DeviceSampler(sampler, device) if _device_side(device) and vectors else None
         return cls(model, optimizer, scheduler, sampler, state, device, world, ddp,
                    device_sampler, cfg.optim.seed)
 
@@ -471,7 +496,8 @@ class Trainer:
         if self.device_sampler is not None:
             batch = self.device_sampler.sample(batch_size, self.state.rng)
         else:
-            batch = to_tensors(self.sampler.sample(batch_size, self.state.rng), self.device)
+            batch = to_tensors(self.sampler.sample(batch_size, self.state.rng), self.device,
+                               self.sampler.normalizer)
         loss, grad_norm = train_step(self.ddp or self.model, self.optimizer, batch,
                                      grad_clip=optim.grad_clip, precision=optim.precision)
         with warnings.catch_warnings():  # a skipped first step makes torch warn about the order
@@ -800,6 +826,8 @@ def _likely_cause(episodes: EpisodeSet, info: PolicyInfo) -> str:
     if scaled > 1e3:
         return (f"; likely cause: returns-to-go reach {scaled:.3g} times the return scale "
                 f"({scale:g}): set return_scale near the largest episode return")
+    if isinstance(episodes.observation_space, ImageObservations):
+        return ""  # frames are scaled to [0, 1]
     obs = info.normalizer.normalize_observations(episodes.observations)
     if float(np.abs(obs).max()) > 1e4:
         return (f"; likely cause: normalized observations reach {float(np.abs(obs).max()):.3g} "

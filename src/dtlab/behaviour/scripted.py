@@ -1,5 +1,6 @@
 """Scripted behaviour for Gymnasium ``Pendulum-v1``: a swing-up controller with a quality knob, and
-the mixed-quality dataset ``dtlab quickstart`` trains on.
+the mixed-quality dataset ``dtlab quickstart`` trains on; and a goal-seeking controller for
+gymnasium-robotics' PointMaze envs (Dict observations).
 
 The measured numbers quoted here are reproduced by ``python benchmarks/pendulum_references.py``.
 """
@@ -140,3 +141,61 @@ def pendulum_mixed_dataset(num_episodes: int = 300, seed: int = 0) -> EpisodeSet
         metadata={"dataset": "pendulum-mixed",
                   "quality_distribution": "beta(0.5, 0.5) per episode"},
     )
+
+
+# PointMaze (gymnasium-robotics, envs/maze/point_maze.py): observation["observation"] is the ball's
+# (x, y, vx, vy), observation["desired_goal"] the goal (x, y); actions are forces in [-1, 1]^2; the
+# sparse reward is 1 while the ball is within 0.45 of the goal. Gains: a PD law toward the goal,
+# chosen by hand on PointMaze_UMaze-v3 (seeds 0-11: returns 0 when a wall lies on the straight
+# line to the goal, 230-285 otherwise; Kp 5-20 and Kd 0.5-2 gave the same picture).
+_MAZE_KP = 5.0  # force per unit of distance to the goal
+_MAZE_KD = 0.5  # force per unit of velocity (damping)
+
+
+class PointMazeGoalSeeker:
+    """Drive straight at the goal: force = clip(Kp (goal - position) - Kd velocity, -1, 1).
+
+    It knows nothing of walls, so it reaches the goal when the straight line is free and stalls
+    against a wall otherwise, which gives datasets a spread of returns. ``quality`` in [0, 1]
+    degrades it as ``PendulumSwingUp``'s does: with d = sqrt(1 - quality), each step takes a
+    uniform random force with probability d, else the controller's plus Gaussian noise of std
+    0.5 d, clipped. ConfigError for a quality outside [0, 1].
+    """
+
+    def __init__(self, quality: float = 1.0) -> None:
+        if not 0.0 <= quality <= 1.0:
+            raise ConfigError(f"PointMazeGoalSeeker quality must be in [0, 1], got {quality}")
+        self.quality = float(quality)
+        self.name = f"pointmaze_goal(quality={self.quality:.3f})"
+        self._degradation = math.sqrt(1.0 - self.quality)
+        self._rng: np.random.Generator | None = None
+
+    def check_env(self, env: gymnasium.Env) -> None:
+        """EnvError unless ``env`` has PointMaze's spaces: a Dict with 'observation' (4 values)
+        and 'desired_goal' (2), and Box(-1, 1, (2,)) actions."""
+        env_id = env.spec.id if env.spec is not None else "the env"
+        obs, act = env.observation_space, env.action_space
+        fits = (isinstance(obs, gymnasium.spaces.Dict) and "observation" in obs.spaces
+                and "desired_goal" in obs.spaces and obs["observation"].shape == (4,)
+                and obs["desired_goal"].shape == (2,) and isinstance(act, gymnasium.spaces.Box)
+                and act.shape == (2,))
+        if not fits:
+            raise EnvError(f"policy pointmaze-goal is for PointMaze envs (Dict observations with "
+                           f"'observation' (4,) and 'desired_goal' (2,), 2 forces), not {env_id}")
+
+    def reset(self, rng: np.random.Generator) -> None:
+        self._rng = rng
+
+    def act(self, observation) -> np.ndarray:
+        if self._rng is None:
+            raise RuntimeError("PointMazeGoalSeeker.act called before reset(rng)")
+        state = np.asarray(observation["observation"], dtype=np.float64)  # (4,)
+        goal = np.asarray(observation["desired_goal"], dtype=np.float64)  # (2,)
+        force = np.clip(_MAZE_KP * (goal - state[:2]) - _MAZE_KD * state[2:], -1.0, 1.0)
+        if self._degradation > 0.0:
+            coin, noise = self._rng.random(), self._rng.standard_normal(2)
+            if coin < self._degradation:
+                force = self._rng.uniform(-1.0, 1.0, 2)
+            else:
+                force = np.clip(force + 0.5 * self._degradation * noise, -1.0, 1.0)
+        return force.astype(np.float32)  # (2,)

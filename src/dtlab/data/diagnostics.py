@@ -31,7 +31,7 @@ import numpy as np
 from dtlab.data.episodes import EpisodeSet
 from dtlab.errors import DtlabWarning
 from dtlab.normalizer import STD_EPS
-from dtlab.spaces import DiscreteActions
+from dtlab.spaces import DiscreteActions, ImageObservations
 
 # A dimension whose std (over all transitions, float64) is at most this counts as constant: the
 # epsilon the original DT adds to the std before dividing; dtlab.normalizer gives such dimensions
@@ -85,16 +85,23 @@ def diagnose(episodes: EpisodeSet, *, time_limit: int | None,
 def time_limit(env_id: str | None) -> int | None:
     """The env's time limit in steps: Gymnasium's registered ``max_episode_steps`` (a registry
     look-up, the env is not made), else dtlab's ``env_info(env_id).max_ep_len`` for the families
-    envs.py knows (Hopper, HalfCheetah, Walker2d, Pendulum, CartPole), else None (unknown id, or
-    registered without a limit). Never raises for an unknown id."""
+    envs.py knows (Hopper, HalfCheetah, Walker2d, Pendulum, CartPole, ALE games), else None
+    (unknown id, or registered without a limit; gymnasium-robotics ids such as PointMaze's are
+    registered on first use). Never raises for an unknown id."""
     if not env_id:
         return None
     import gymnasium
 
-    try:
-        steps = gymnasium.spec(env_id).max_episode_steps
-    except Exception:  # gymnasium.error.Error subclasses for unknown or malformed ids
-        steps = None
+    from dtlab.envs import register_robotics
+
+    steps = None
+    for attempt in range(2):
+        try:
+            steps = gymnasium.spec(env_id).max_episode_steps
+            break
+        except Exception:  # gymnasium.error.Error subclasses for unknown or malformed ids
+            if attempt or not register_robotics():  # PointMaze & co. register on first use
+                break
     if steps is not None:
         return int(steps)
     from dtlab.envs import env_info
@@ -126,6 +133,8 @@ def _metadata_env_id(episodes: EpisodeSet) -> str | None:
 def _constant_observations(episodes: EpisodeSet) -> Finding | None:
     if episodes.num_transitions < 2:
         return None  # one transition: every dimension is trivially constant
+    if isinstance(episodes.observation_space, ImageObservations):
+        return None  # frames are scaled by 255, not by their std; constant pixels are common
     std = episodes.observations.astype(np.float64).std(axis=0)  # (obs_dim,)
     dims = np.flatnonzero(std <= CONSTANT_STD)
     if dims.size == 0:

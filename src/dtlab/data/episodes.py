@@ -19,8 +19,8 @@ import numpy as np
 from dtlab.data.records import Provenance, ReturnStats
 from dtlab.data.returns import returns_to_go as _returns_to_go
 from dtlab.errors import ConfigError, DatasetError
-from dtlab.spaces import (ActionSpec, ContinuousActions, DiscreteActions, ObservationSpec,
-                          VectorObservations)
+from dtlab.spaces import (ActionSpec, ContinuousActions, DictObservations, DiscreteActions,
+                          ImageObservations, ObservationSpec, VectorObservations)
 
 
 @dataclass(frozen=True, eq=False)
@@ -30,12 +30,16 @@ class EpisodeSet:
     ``action_space`` and ``observation_space`` are decided here, once: given by the file format
     (e.g. a Minari dataset's ``Discrete(n)``), or else from the arrays: integer actions of shape
     (N,) or (N, 1) are indices into ``DiscreteActions(largest index + 1)``, anything else is a
-    ``ContinuousActions(act_dim)`` vector without known bounds. ``metadata`` is an immutable
+    ``ContinuousActions(act_dim)`` vector without known bounds. Observations are
+    ``VectorObservations(obs_dim)`` unless the format gives another spec: ``ImageObservations``
+    (each frame stored once, (N, H, W) uint8; samplers stack them by index, never copying them
+    per window) or ``DictObservations`` (chosen keys flattened; ``select_observation_keys``).
+    ``metadata`` is an immutable
     mapping (a private copy of what was passed); ``with_metadata`` returns an updated copy.
     Invalid data raises DatasetError naming ``source``.
     """
 
-    observations: np.ndarray  # (N, obs_dim) float32
+    observations: np.ndarray  # (N, obs_dim) float32, or (N, H, W) uint8 frames (ImageObservations)
     actions: np.ndarray  # (N, act_dim) float32, or (N,) int64 indices for DiscreteActions
     rewards: np.ndarray  # (N,) float32
     terminations: np.ndarray  # (N,) bool, True only at the last step of a terminated episode
@@ -55,7 +59,22 @@ class EpisodeSet:
         def fail(msg: str) -> None:
             raise DatasetError(f"{self.source}: {msg}")
 
-        obs = np.asarray(self.observations, dtype=np.float32)
+        obs_spec = self.observation_space
+        image = isinstance(obs_spec, ImageObservations)
+        if obs_spec is not None and not isinstance(obs_spec, (VectorObservations, ImageObservations,
+                                                              DictObservations)):
+            fail(f"observation_space must be a dtlab.spaces observation spec, got {obs_spec!r}")
+        obs = np.asarray(self.observations)
+        if image:  # frames are stored once, as given: never converted or copied
+            if obs.dtype != np.uint8 or obs.ndim != 3 or obs.shape[1:] != obs_spec.shape:
+                fail(f"'observations' must be uint8 frames (N, {obs_spec.shape[0]}, "
+                     f"{obs_spec.shape[1]}) for {obs_spec}, got {obs.dtype} of shape {obs.shape}")
+        elif obs.ndim == 3 and obs_spec is None and obs.dtype == np.uint8:
+            fail(f"'observations' must be 2-D vectors; uint8 frames of shape {obs.shape} need "
+                 "observation_space=ImageObservations((H, W), stack) (the stack depth is not in "
+                 "the arrays)")
+        else:
+            obs = np.asarray(obs, dtype=np.float32)
         act = np.asarray(self.actions)
         spec = self.action_space
         if spec is not None and not isinstance(spec, (ContinuousActions, DiscreteActions)):
@@ -79,7 +98,7 @@ class EpisodeSet:
         term = np.asarray(self.terminations).astype(bool).reshape(-1)
         trunc = np.asarray(self.truncations).astype(bool).reshape(-1)
         starts = np.asarray(self.episode_starts, dtype=np.int64).reshape(-1)
-        if obs.ndim != 2 or act.ndim != (1 if discrete else 2):
+        if (obs.ndim != 2 and not image) or act.ndim != (1 if discrete else 2):
             fail(f"observations must be 2-D and actions 2-D (continuous) or 1-D (integer, "
                  f"discrete), got shapes {obs.shape} and {act.shape} ({act.dtype})")
         n = obs.shape[0]
@@ -92,7 +111,8 @@ class EpisodeSet:
                           ("truncations", trunc)):
             if arr.shape[0] != n:
                 fail(f"'{name}' has {arr.shape[0]} entries but 'observations' has {n}")
-        for name, arr in (("observations", obs), ("actions", act), ("rewards", rew)):
+        for name, arr in ((("observations", obs),) if not image else ()) + (
+                ("actions", act), ("rewards", rew)):
             bad = ~np.isfinite(arr)
             if bad.any():
                 row = int(np.argwhere(bad)[0][0])
@@ -108,10 +128,9 @@ class EpisodeSet:
                  f"action space Discrete({spec.n})")
         elif not discrete and act.shape[1] != spec.dim:
             fail(f"'actions' have width {act.shape[1]} but the action space has {spec.dim}")
-        obs_spec = self.observation_space
         if obs_spec is None:
             obs_spec = VectorObservations(obs.shape[1])
-        elif not isinstance(obs_spec, VectorObservations) or obs_spec.dim != obs.shape[1]:
+        elif not image and obs_spec.dim != obs.shape[1]:
             fail(f"'observations' have width {obs.shape[1]} but the observation space is "
                  f"{obs_spec!r}")
         if starts.size == 0 or starts[0] != 0:
@@ -120,13 +139,14 @@ class EpisodeSet:
             fail("episode_starts must be strictly increasing and inside the data (zero-length episode?)")
         finals = self.final_observations
         if finals is not None:
-            finals = np.array(finals, dtype=np.float32)  # a copy: the caller's array stays writable
+            # A copy: the caller's array stays writable.
+            finals = np.array(finals, dtype=np.uint8 if image else np.float32)
             if finals.ndim == 1 and obs.shape[1] == 1:
                 finals = finals[:, None]
-            if finals.shape != (starts.shape[0], obs.shape[1]):
+            if finals.shape != (starts.shape[0], *obs.shape[1:]):
                 fail(f"'final_observations' has shape {finals.shape}, expected "
-                     f"{(starts.shape[0], obs.shape[1])} (one per episode)")
-            if not np.isfinite(finals).all():
+                     f"{(starts.shape[0], *obs.shape[1:])} (one per episode)")
+            if not image and not np.isfinite(finals).all():
                 row = int(np.argwhere(~np.isfinite(finals))[0][0])
                 fail(f"'final_observations' contains NaN or inf (first at episode {row})")
             finals.setflags(write=False)
@@ -209,6 +229,7 @@ class EpisodeSet:
         finals = [p.final_observations for p in parts]
         spaces = {p.action_space for p in parts}
         action_space = next(iter(spaces)) if len(spaces) == 1 else None
+        obs_spaces = {p.observation_space for p in parts}  # the parts': when they agree
         if len(spaces) > 1 and all(isinstance(s, DiscreteActions) for s in spaces):
             action_space = DiscreteActions(max(s.n for s in spaces))
         return cls(
@@ -220,6 +241,7 @@ class EpisodeSet:
             np.concatenate([p.episode_starts + o for p, o in zip(parts, offsets)]),
             source=source, metadata=metadata or {}, action_space=action_space,
             final_observations=None if any(f is None for f in finals) else np.concatenate(finals),
+            observation_space=next(iter(obs_spaces)) if len(obs_spaces) == 1 else None,
         )
 
     def truncate_episodes(self, max_len: int) -> "EpisodeSet":
@@ -275,7 +297,28 @@ class EpisodeSet:
         return EpisodeSet(self.observations[idx], self.actions[idx], self.rewards[idx],
                           self.terminations[idx], self.truncations[idx], new_starts,
                           source=self.source, metadata={**self.metadata, "top_fraction": fraction},
-                          final_observations=None if finals is None else finals[keep])
+                          final_observations=None if finals is None else finals[keep],
+                          observation_space=self.observation_space)
+
+    def select_observation_keys(self, keys: tuple[str, ...] | list[str]) -> "EpisodeSet":
+        """The episodes with only the Dict observation ``keys``, flattened in that order (columns
+        of this set's ``DictObservations``). ConfigError naming the source and a key the space
+        lacks (with the keys it has), or when the observations are not a Dict."""
+        spec = self.observation_space
+        if not isinstance(spec, DictObservations):
+            raise ConfigError(f"obs_keys: {self.source} has {type(spec).__name__} observations, "
+                              "not a Dict; leave obs_keys out")
+        try:
+            new_spec = spec.select(tuple(keys))
+        except ConfigError as exc:
+            raise ConfigError(f"{exc} in {self.source}") from None
+        cols = spec.columns(new_spec.keys)  # (new dim,)
+        finals = self.final_observations
+        return EpisodeSet(self.observations[:, cols], self.actions, self.rewards, self.terminations,
+                          self.truncations, self.episode_starts, source=self.source,
+                          metadata={**self.metadata, "obs_keys": list(new_spec.keys)},
+                          final_observations=None if finals is None else finals[:, cols],
+                          action_space=self.action_space, observation_space=new_spec)
 
     # ---- derived quantities -------------------------------------------------------------------
     @property
@@ -288,6 +331,11 @@ class EpisodeSet:
 
     @property
     def obs_dim(self) -> int:
+        """Width of an observation vector (vector and Dict observations). Image frames have no
+        width (AttributeError): their shape is ``observation_space.shape``."""
+        if isinstance(self.observation_space, ImageObservations):
+            raise AttributeError(f"{self.source}: image observations have no obs_dim; see "
+                                 f"observation_space ({self.observation_space})")
         return int(self.observations.shape[1])
 
     @property
@@ -325,7 +373,7 @@ class EpisodeSet:
             "source": self.source,
             "episodes": self.num_episodes,
             "transitions": self.num_transitions,
-            "obs_dim": self.obs_dim,
+            **_observation_summary(self.observation_space),
             **({"num_actions": space.n} if isinstance(space, DiscreteActions)
                else {"act_dim": space.dim}),
             "discrete_actions": isinstance(space, DiscreteActions),
@@ -335,3 +383,12 @@ class EpisodeSet:
             "episode_return": self.return_stats.to_json(),
             "action_range": [float(self.actions.min()), float(self.actions.max())],
         }
+
+
+def _observation_summary(spec: ObservationSpec) -> dict[str, Any]:
+    """``obs_dim`` (vectors, Dicts), the chosen keys (Dicts), frame shape and stack (images)."""
+    if isinstance(spec, ImageObservations):
+        return {"frame_shape": list(spec.shape), "frame_stack": spec.stack}
+    if isinstance(spec, DictObservations):
+        return {"obs_dim": spec.dim, "observation_keys": list(spec.keys)}
+    return {"obs_dim": spec.dim}

@@ -6,6 +6,12 @@ DT's gym sampler draws episodes with p = length / total). Unlike the original, t
 position is the window's *last* step, and windows that would reach before the episode start are
 left-padded: the last token is always real, and windows ending at t < K train exactly the short
 contexts an evaluation episode starts with (see DESIGN.md, "Windows").
+
+Image frames (``ImageObservations``) are stored once, (N, H, W) uint8, and never normalized or
+copied up front: each step's input is the stack of its episode's last ``stack`` frames, gathered by
+index, with the episode's first frame repeated before its start (as Gymnasium's
+``FrameStackObservation`` pads at reset, ``padding_type="reset"``). Batches carry them as uint8;
+the normalizer scales them on the model's device (``Normalizer.normalize_observations``).
 """
 
 from __future__ import annotations
@@ -16,13 +22,15 @@ import numpy as np
 
 from dtlab.data.episodes import EpisodeSet
 from dtlab.normalizer import Normalizer
+from dtlab.spaces import ImageObservations
 
 
 @dataclass(frozen=True)
 class Batch:
     """A batch of left-padded windows (numpy arrays; training converts them to tensors)."""
 
-    observations: np.ndarray  # (B, K, obs_dim) float32, normalized, 0 at padding
+    observations: np.ndarray  # (B, K, obs_dim) float32, normalized, 0 at padding; or frame stacks
+    #                           (B, K, stack, H, W) uint8, not yet normalized, 0 at padding
     actions: np.ndarray  # (B, K, act_dim) float32 in model space, or (B, K) int64 indices; 0 at padding
     returns_to_go: np.ndarray  # (B, K, 1) float32, divided by return_scale, 0 at padding
     timesteps: np.ndarray  # (B, K) int64, step index within the episode, 0 at padding
@@ -38,8 +46,15 @@ class SequenceSampler:
         self.episodes = episodes
         self.context_len = context_len
         self.normalizer = normalizer
-        # Normalize once up front: one gather per batch instead of normalizing every window.
-        self._obs = np.asarray(normalizer.normalize_observations(episodes.observations), np.float32)
+        spec = episodes.observation_space
+        # Frames: gathered as stacks of this many, from the stored frames themselves (no copy).
+        self._stack = spec.stack if isinstance(spec, ImageObservations) else None
+        if self._stack is not None:
+            self._obs = episodes.observations  # (N, H, W) uint8, read-only, shared
+        else:
+            # Normalize once up front: one gather per batch instead of normalizing every window.
+            self._obs = np.asarray(normalizer.normalize_observations(episodes.observations),
+                                   np.float32)
         self._rtg = np.asarray(normalizer.scale_returns(episodes.returns_to_go), np.float32)
         self._act = np.asarray(normalizer.actions_to_model(episodes.actions), episodes.actions.dtype)
         # Episode start of every transition, for the per-window lower bound.
@@ -63,7 +78,12 @@ class SequenceSampler:
         idx = ends[:, None] + np.arange(-k + 1, 1)  # (B, K) flat indices, may reach before start
         masks = idx >= starts[:, None]  # (B, K)
         idx = np.where(masks, idx, ends[:, None])  # any valid index; zeroed below
-        obs = self._obs[idx]  # (B, K, obs_dim)
+        if self._stack is None:
+            obs = self._obs[idx]  # (B, K, obs_dim)
+        else:  # frame t - stack + 1 .. t of each step, the episode's first frame before its start
+            frames = idx[..., None] + np.arange(-self._stack + 1, 1)  # (B, K, stack)
+            frames = np.maximum(frames, starts[:, None, None])
+            obs = self._obs[frames]  # (B, K, stack, H, W) uint8
         act = self._act[idx]  # (B, K, act_dim), or (B, K) indices
         rtg = self._rtg[idx]  # (B, K)
         obs[~masks] = 0.0

@@ -1,7 +1,9 @@
 """Datasets: read any supported format into an EpisodeSet, write one back, convert between them.
 
 A source or destination is a file path, or ``minari:<dataset id>`` for a Minari dataset in the
-local Minari root (``$MINARI_DATASETS_PATH``, default ``~/.minari/datasets``; minari.py).
+local Minari root (``$MINARI_DATASETS_PATH``, default ``~/.minari/datasets``; minari.py). A source
+may also be ``dqn-replay:DIR[:buffers=A-B][:transitions=N]``: Dopamine replay logs, such as the
+DQN Replay Dataset's, streamed (dqn_replay.py; read only).
 ``load_episodes`` recognizes a file's format from its contents, not its name:
 
 - HDF5 with a root attribute ``dtlab_format``            -> dtlab's native format (native.py)
@@ -16,21 +18,26 @@ from typing import Any, Literal
 from dtlab.data.episodes import EpisodeSet
 from dtlab.data.formats._hdf5 import open_hdf5
 from dtlab.data.formats.d4rl import episodes_from_d4rl, read_d4rl, write_d4rl
+from dtlab.data.formats.dqn_replay import PREFIX as DQN_REPLAY_PREFIX
+from dtlab.data.formats.dqn_replay import read_dqn_replay
 from dtlab.data.formats.minari import PREFIX as MINARI_PREFIX
 from dtlab.data.formats.minari import read_minari, write_minari
 from dtlab.data.formats.native import FORMAT_ATTR, episodes_from_native, read_native, write_native
 from dtlab.errors import ConfigError, DatasetError
 
 __all__ = ["load_episodes", "save_episodes", "convert", "read_d4rl", "write_d4rl", "read_native",
-           "write_native", "read_minari", "write_minari"]
+           "write_native", "read_minari", "write_minari", "read_dqn_replay"]
 
 Format = Literal["native", "d4rl", "minari"]
 
 
 def load_episodes(path: str | Path) -> EpisodeSet:
-    """Load a dataset file in any supported format or ``minari:<id>``; failures: DatasetError."""
+    """Load a dataset file in any supported format, ``minari:<id>`` or ``dqn-replay:DIR...``;
+    failures: DatasetError."""
     if str(path).startswith(MINARI_PREFIX):
         return read_minari(str(path)[len(MINARI_PREFIX):])
+    if str(path).startswith(DQN_REPLAY_PREFIX):
+        return read_dqn_replay(str(path))
     return _load_hdf5(Path(path))
 
 

@@ -18,6 +18,21 @@ from dtlab.errors import DatasetError
 # Compression for the per-transition arrays (gzip as in the D4RL files; level 4 is h5py's default).
 COMPRESSION = "gzip"
 
+# Image frames (N, H, W) uint8 are chunked by this many frames (about 450 kB of 84 x 84 frames per
+# chunk), so that reading a range of frames decompresses only its chunks.
+FRAME_CHUNK = 64
+
+
+def write_observations(group: h5py.Group, key: str, observations: np.ndarray) -> None:
+    """``observations`` as dataset ``key``, gzip-compressed: float32 vectors as they are, uint8
+    frames (N, H, W) chunked by ``FRAME_CHUNK`` frames and kept uint8."""
+    if observations.dtype == np.uint8:
+        chunks = (min(FRAME_CHUNK, max(1, observations.shape[0])), *observations.shape[1:])
+        group.create_dataset(key, data=observations, compression=COMPRESSION, chunks=chunks)
+    else:
+        group.create_dataset(key, data=observations.astype(np.float32), compression=COMPRESSION)
+
+
 # Attribute marking a metadata dataset whose string value is JSON (lists, None, ...).
 _JSON_ATTR = "dtlab_json"
 

@@ -2,7 +2,8 @@
 
 Layout, from D4RL's dataset files and ``d4rl.offline_env.OfflineEnv.get_dataset``::
 
-    observations       (N, obs_dim) float32
+    observations       (N, obs_dim) float32, or (N, H, W) uint8 frames (dtlab: each frame stored
+                                             once, chunked; the stack depth in the metadata)
     actions            (N, act_dim) float32  or (N,) int64 for discrete actions (as D4RL's
                                              Atari-style files store action indices)
     rewards            (N,)         float32
@@ -12,6 +13,8 @@ Layout, from D4RL's dataset files and ``d4rl.offline_env.OfflineEnv.get_dataset`
                                              observations[i + 1] inside an episode
     infos/*                                  optional (qpos, qvel, action_log_probs), ignored
     metadata/*                               optional provenance (algorithm, policy/...)
+    metadata/dtlab_observation_space         dtlab: JSON of a non-vector observation spec
+                                             (dtlab.spaces: image frames, Dict keys)
 
 Episodes end at ``terminals | timeouts``; rows after the last flag form a cut-off episode that is
 kept and marked truncated (``EpisodeSet.from_flags``).
@@ -22,10 +25,16 @@ kept and marked truncated (``EpisodeSet.from_flags``).
 The reader splits there, marked truncated, and warns (DtlabWarning) with the count. Its rows at
 episode ends become ``EpisodeSet.final_observations``. When the column contradicts the flags, the
 flags win and a one-line warning says what was assumed (``_ends_from_next_observations``).
+
+Image frames have no ``next_observations`` (it would double the file); their final observations
+are kept by dtlab's native format only. A file of (N, H, W) uint8 frames without
+``metadata/dtlab_observation_space`` is read as stacks of 4 (the DT Atari setting), with a
+warning.
 """
 
 from __future__ import annotations
 
+import json
 import warnings
 from pathlib import Path
 from typing import Any
@@ -35,8 +44,12 @@ import numpy as np
 
 from dtlab.data.episodes import EpisodeSet
 from dtlab.data.formats._hdf5 import (COMPRESSION, atomic_hdf5, open_hdf5, read_array,
-                                      read_metadata, write_metadata)
-from dtlab.errors import DatasetError, DtlabWarning
+                                      read_metadata, write_metadata, write_observations)
+from dtlab.errors import ConfigError, DatasetError, DtlabWarning
+from dtlab.spaces import ImageObservations, VectorObservations, observation_space_from_json
+
+# Metadata key holding a non-vector observation spec (JSON of dtlab.spaces ``to_json``).
+SPEC_KEY = "dtlab_observation_space"
 
 _LAYOUT = "D4RL layout needs observations, actions, rewards, terminals, timeouts"
 
@@ -71,6 +84,7 @@ def episodes_from_d4rl(f: h5py.File, path: str | Path) -> EpisodeSet:
             length = arr.shape[0] if arr.ndim else "no"
             raise DatasetError(f"{path}: '{key}' has {length} entries but 'observations' has {n}")
     metadata = read_metadata(f["metadata"]) if isinstance(f.get("metadata"), h5py.Group) else {}
+    observation_space = _observation_space(metadata.pop(SPEC_KEY, None), observations, path)
     timeouts, finals = columns["timeouts"], None
     if "next_observations" in f and n > 0 and observations.ndim in (1, 2):
         next_observations = read_array(f, "next_observations", path, _LAYOUT)
@@ -80,7 +94,30 @@ def episodes_from_d4rl(f: h5py.File, path: str | Path) -> EpisodeSet:
     return EpisodeSet.from_flags(
         observations, columns["actions"], columns["rewards"], columns["terminals"],
         timeouts, source=str(path), metadata=metadata, final_observations=finals,
+        observation_space=observation_space,
     )
+
+
+def _observation_space(raw, observations: np.ndarray, path):
+    """The spec recorded under ``metadata/dtlab_observation_space`` (JSON), or None (vectors);
+    uint8 frames (N, H, W) without one are assumed stacks of 4, with a warning."""
+    if raw is None:
+        if observations.ndim == 3 and observations.dtype == np.uint8:
+            try:
+                spec = ImageObservations(observations.shape[1:], 4)
+            except ConfigError as e:
+                raise DatasetError(f"{path}: 'observations' must be 2-D vectors or uint8 frames; "
+                                   f"got shape {observations.shape}: {e}") from None
+            warnings.warn(f"{path}: uint8 frames {observations.shape[1:]} without "
+                          f"'metadata/{SPEC_KEY}': read as stacks of 4 frames (the DT Atari "
+                          "setting)", DtlabWarning, stacklevel=4)
+            return spec
+        return None
+    try:
+        return observation_space_from_json(json.loads(raw) if isinstance(raw, str) else raw,
+                                           field=f"metadata/{SPEC_KEY}")
+    except (ValueError, ConfigError) as e:
+        raise DatasetError(f"{path}: {e}") from None
 
 
 def _ends_from_next_observations(observations: np.ndarray, next_observations: np.ndarray,
@@ -161,15 +198,19 @@ def write_d4rl(episodes: EpisodeSet, path: str | Path, *, metadata: dict[str, An
                ) -> None:
     """Write ``episodes`` in D4RL's layout, atomically.
 
-    ``metadata`` (default: ``episodes.metadata``) goes under ``metadata/``. ``next_observations``
-    (N, obs_dim) float32 is written when ``episodes.final_observations`` is known: row i is
+    ``metadata`` (default: ``episodes.metadata``) goes under ``metadata/``, with the observation
+    spec of image and Dict observations (``metadata/dtlab_observation_space``). Image frames stay
+    uint8, chunked. ``next_observations`` (N, obs_dim) float32 is written for vector observations
+    when ``episodes.final_observations`` is known: row i is
     ``observations[i + 1]`` inside an episode and the episode's final observation at its last
     step (as in D4RL's v2 files); otherwise it is left out.
     """
-    metadata = episodes.metadata if metadata is None else metadata
+    metadata = dict(episodes.metadata if metadata is None else metadata)
+    if not isinstance(episodes.observation_space, VectorObservations):
+        metadata[SPEC_KEY] = json.dumps(episodes.observation_space.to_json())
+    image = isinstance(episodes.observation_space, ImageObservations)
     with atomic_hdf5(path) as f:
-        f.create_dataset("observations", data=episodes.observations.astype(np.float32),
-                         compression=COMPRESSION)
+        write_observations(f, "observations", episodes.observations)
         f.create_dataset("actions", data=episodes.actions,  # float32, or int64 if discrete
                          compression=COMPRESSION)
         f.create_dataset("rewards", data=episodes.rewards.astype(np.float32),
@@ -178,7 +219,7 @@ def write_d4rl(episodes: EpisodeSet, path: str | Path, *, metadata: dict[str, An
                          compression=COMPRESSION)
         f.create_dataset("timeouts", data=episodes.truncations.astype(bool),
                          compression=COMPRESSION)
-        if episodes.final_observations is not None:
+        if episodes.final_observations is not None and not image:
             f.create_dataset("next_observations", data=next_observations(episodes),
                              compression=COMPRESSION)
         if metadata:

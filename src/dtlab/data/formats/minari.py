@@ -19,8 +19,11 @@ t is the one in which action t was taken. Reading keeps each episode's final obs
 ``final_observations`` argument) or, when neither is known, as a copy of the last one (recorded
 in the dataset's description and its ``dtlab_final_observations`` metadata key).
 
-Only flat ``Box`` observation spaces and flat ``Box`` or ``Discrete`` action spaces are supported
-(the MuJoCo/classic-control case).
+Observation spaces: flat ``Box`` (the MuJoCo/classic-control case) or a ``Dict`` of Boxes (the
+goal-conditioned navigation datasets, e.g. D4RL's successors for PointMaze and AntMaze), whose keys
+are flattened in the space's order into ``DictObservations`` (training then picks keys with
+``obs_keys``). Action spaces: flat ``Box`` or ``Discrete``. Image observations are not read or
+written here (dtlab's own HDF5 formats store frames).
 """
 
 from __future__ import annotations
@@ -48,8 +51,9 @@ from dtlab.atomic import atomic_path, dumps_json
 from dtlab.data.episodes import EpisodeSet
 from dtlab.data.formats._hdf5 import json_default
 from dtlab.errors import DatasetError, DtlabError
-from dtlab.spaces import (DiscreteActions, action_space_from_gym, check_against_env,
-                          describe_space, observation_space_from_gym)
+from dtlab.spaces import (DictObservations, DiscreteActions, ImageObservations,
+                          action_space_from_gym, check_against_env, describe_space,
+                          observation_space_from_gym)
 
 PREFIX = "minari:"
 # Minari's environment variable for the local datasets root (minari/storage/datasets_root_dir.py).
@@ -78,7 +82,7 @@ def read_minari(dataset_id: str) -> EpisodeSet:
     source = PREFIX + dataset_id
     _check_id(dataset_id, source)
     dataset = _open_dataset(dataset_id, source)
-    _check_flat_box(dataset.observation_space, "observation", source)
+    _check_observation_space(dataset.observation_space, source)
     _check_action_space(dataset.action_space, source)
     try:  # the dataset's own spaces: a Discrete(n) keeps its n even if the data never uses n - 1
         action_space = action_space_from_gym(dataset.action_space)
@@ -91,7 +95,7 @@ def read_minari(dataset_id: str) -> EpisodeSet:
     try:
         for ep in dataset.iterate_episodes():
             steps = len(ep.rewards)
-            obs = np.asarray(ep.observations)  # (T+1, obs_dim)
+            obs = _flat_observations(ep.observations, observation_space, source, ep.id)  # (T+1, obs_dim)
             act = np.asarray(ep.actions)  # (T, act_dim)
             if steps == 0:
                 raise DatasetError(f"{source}: episode {ep.id} has no steps")
@@ -123,6 +127,19 @@ def read_minari(dataset_id: str) -> EpisodeSet:
                       metadata=metadata,
                       final_observations=None if finals is None else np.stack(finals),
                       action_space=action_space, observation_space=observation_space)
+
+
+def _flat_observations(observations, spec, source: str, episode) -> np.ndarray:
+    """An episode's observations as (T+1, obs_dim): a Dict's keys flattened in the spec's order.
+    DatasetError naming the episode when the keys hold different numbers of rows."""
+    if not isinstance(spec, DictObservations):
+        return np.asarray(observations)
+    parts = {k: np.asarray(observations[k]) for k in spec.keys}
+    rows = {k: p.shape[0] if p.ndim else 0 for k, p in parts.items()}
+    if len(set(rows.values())) != 1:
+        raise DatasetError(f"{source}: episode {episode}: the observation keys hold different "
+                           f"numbers of rows {rows}")
+    return np.concatenate([p.reshape(p.shape[0], -1) for p in parts.values()], axis=1)
 
 
 def _open_dataset(dataset_id: str, source: str) -> minari.MinariDataset:
@@ -197,6 +214,9 @@ def write_minari(episodes: EpisodeSet, dataset_id: str, *, env_id: str | None = 
     """
     source = PREFIX + dataset_id
     namespace = _check_id(dataset_id, source)
+    if isinstance(episodes.observation_space, ImageObservations):
+        raise DatasetError(f"{source}: dtlab does not write image frames to Minari datasets; "
+                           "write them to an HDF5 file (native or d4rl format)")
     root = Path(get_dataset_path())
     target = root / dataset_id
     if target.exists() and not overwrite:
@@ -212,12 +232,15 @@ def write_minari(episodes: EpisodeSet, dataset_id: str, *, env_id: str | None = 
     try:
         if env is not None:
             obs_space, act_space = env.observation_space, env.action_space
+        elif isinstance(episodes.observation_space, DictObservations):
+            obs_space = _data_dict(episodes.observation_space,
+                                   np.concatenate([episodes.observations, finals]))
         else:
             obs_space = _data_box(np.concatenate([episodes.observations, finals]))
             act_space = (gym.spaces.Discrete(episodes.action_space.n)
                          if isinstance(episodes.action_space, DiscreteActions)
                          else _data_box(episodes.actions))
-        buffers = _episode_buffers(episodes, finals, obs_space.dtype, act_space.dtype)
+        buffers = _episode_buffers(episodes, finals, obs_space, act_space.dtype)
         staging = root / f".dtlab-staging-{secrets.token_hex(4)}"
         try:
             with _datasets_root(staging), warnings.catch_warnings():
@@ -274,7 +297,7 @@ def _make_env(env_id: str, episodes: EpisodeSet, source: str) -> gym.Env:
     try:
         check_against_env(env, episodes.observation_space, episodes.action_space,
                           what=f"dataset {source}", exact_n=False)
-        _check_flat_box(env.observation_space, "observation", env_id)
+        _check_observation_space(env.observation_space, env_id)
     except BaseException:
         env.close()
         raise
@@ -286,15 +309,27 @@ def _data_box(data: np.ndarray) -> gym.spaces.Box:
     return gym.spaces.Box(low=data.min(axis=0), high=data.max(axis=0), dtype=np.float32)
 
 
-def _episode_buffers(episodes: EpisodeSet, finals: np.ndarray, obs_dtype: np.dtype,
+def _data_dict(spec: DictObservations, data: np.ndarray) -> gym.spaces.Dict:
+    """A Dict of ``_data_box`` per key of ``spec``, over its columns of ``data`` (N, dim)."""
+    return gym.spaces.Dict({k: _data_box(data[:, spec.columns([k])]) for k in spec.keys})
+
+
+def _episode_buffers(episodes: EpisodeSet, finals: np.ndarray, obs_space: gym.Space,
                      act_dtype: np.dtype) -> list[EpisodeBuffer]:
-    """One EpisodeBuffer per episode: T+1 observations (the final one appended), T of the rest."""
+    """One EpisodeBuffer per episode: T+1 observations (the final one appended), T of the rest;
+    Dict observations split back into their keys (each reshaped to its Box)."""
     bounds = np.append(episodes.episode_starts, episodes.num_transitions)  # (E+1,)
+    spec = episodes.observation_space
     buffers = []
     for e, (start, stop) in enumerate(zip(bounds[:-1], bounds[1:])):
         obs = np.concatenate([episodes.observations[start:stop], finals[e:e + 1]])  # (T+1, obs_dim)
+        if isinstance(spec, DictObservations):
+            obs = {k: obs[:, spec.columns([k])].reshape(-1, *obs_space[k].shape).astype(
+                obs_space[k].dtype) for k in spec.keys}
+        else:
+            obs = obs.astype(obs_space.dtype)
         buffers.append(EpisodeBuffer(
-            observations=obs.astype(obs_dtype),
+            observations=obs,
             actions=episodes.actions[start:stop].astype(act_dtype),  # (T, act_dim)
             rewards=episodes.rewards[start:stop],  # (T,) float32
             terminations=episodes.terminations[start:stop],  # (T,) bool
@@ -358,6 +393,19 @@ def _check_id(dataset_id: str, source: str) -> str | None:
         raise DatasetError(f"{source}: malformed Minari dataset id; expected "
                            "(namespace/)name-v<version>, e.g. mujoco/hopper/medium-v0") from None
     return namespace
+
+
+def _check_observation_space(space: gym.Space, source: str) -> None:
+    """A flat Box, or a Dict of Boxes; anything else (images included) is a DatasetError."""
+    if isinstance(space, gym.spaces.Dict):
+        try:
+            if isinstance(observation_space_from_gym(space), DictObservations):
+                return
+        except DtlabError:
+            pass
+        raise DatasetError(f"{source}: Dict observation spaces must hold Boxes only, got "
+                           f"{describe_space(space)}")
+    _check_flat_box(space, "observation", source)
 
 
 def _check_action_space(space: gym.Space, source: str) -> None:

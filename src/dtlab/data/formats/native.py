@@ -7,13 +7,17 @@ Layout (version 1)::
                          over 60 kB (readers accept both)
     attrs  action_space  JSON string, optional: the EpisodeSet's dtlab.spaces action spec, e.g.
                          {"type": "discrete", "n": 4} (absent: decided from the arrays)
-    observations    (N, obs_dim) float32
+    attrs  observation_space  JSON string, optional: the dtlab.spaces observation spec, e.g.
+                         {"type": "image", "shape": [84, 84], "stack": 4} (absent: vectors).
+                         Readers before it ignore it (and refuse image frames: not 2-D).
+    observations    (N, obs_dim) float32, or (N, H, W) uint8 frames, each stored once (chunks of
+                    FRAME_CHUNK frames), for image observations
     actions         (N, act_dim) float32, or (N,) int64 action indices
     rewards         (N,)         float32
     terminations    (N,)         bool
     truncations     (N,)         bool
     episode_starts  (E,)         int64
-    final_observations  (E, obs_dim) float32  optional: the observation after each episode's
+    final_observations  (E, obs_dim) float32 (or (E, H, W) uint8)  optional: the observation after each episode's
                                               last step (EpisodeSet.final_observations); absent
                                               when unknown. Readers before it ignore it.
 """
@@ -28,9 +32,9 @@ import numpy as np
 
 from dtlab.data.episodes import EpisodeSet
 from dtlab.data.formats._hdf5 import (COMPRESSION, atomic_hdf5, fixed_string, json_default,
-                                      open_hdf5, read_array)
+                                      open_hdf5, read_array, write_observations)
 from dtlab.errors import ConfigError, DatasetError
-from dtlab.spaces import action_space_from_json
+from dtlab.spaces import VectorObservations, action_space_from_json, observation_space_from_json
 
 FORMAT_VERSION = 1
 FORMAT_ATTR = "dtlab_format"
@@ -60,20 +64,22 @@ def episodes_from_native(f: h5py.File, path: str | Path) -> EpisodeSet:
         raise DatasetError(f"{path}: 'metadata' attribute is not valid JSON ({e})") from e
     if not isinstance(metadata, dict):
         raise DatasetError(f"{path}: 'metadata' attribute must be a JSON object")
-    action_space = None
-    if "action_space" in f.attrs:
-        raw = f.attrs["action_space"]
-        try:
-            action_space = action_space_from_json(json.loads(raw.decode() if isinstance(raw, bytes)
-                                                             else raw))
-        except (ValueError, TypeError, AttributeError, RecursionError, ConfigError) as e:
-            raise DatasetError(f"{path}: 'action_space' attribute is invalid ({e})") from e
+    specs = {}
+    for name, parse in (("action_space", action_space_from_json),
+                        ("observation_space", observation_space_from_json)):
+        specs[name] = None
+        if name in f.attrs:
+            raw = f.attrs[name]
+            try:
+                specs[name] = parse(json.loads(raw.decode() if isinstance(raw, bytes) else raw))
+            except (ValueError, TypeError, AttributeError, RecursionError, ConfigError) as e:
+                raise DatasetError(f"{path}: '{name}' attribute is invalid ({e})") from e
     arrays = {key: read_array(f, key, path, _LAYOUT)
               for key in ("observations", "actions", "rewards", "terminations", "truncations",
                           "episode_starts")}
     if "final_observations" in f:
         arrays["final_observations"] = read_array(f, "final_observations", path, _LAYOUT)
-    return EpisodeSet(**arrays, source=str(path), metadata=metadata, action_space=action_space)
+    return EpisodeSet(**arrays, source=str(path), metadata=metadata, **specs)
 
 
 def write_native(episodes: EpisodeSet, path: str | Path) -> None:
@@ -86,13 +92,15 @@ def write_native(episodes: EpisodeSet, path: str | Path) -> None:
         big = len(metadata.encode()) > _MAX_INLINE_ATTR
         f.attrs["metadata"] = metadata if big else fixed_string(metadata)
         f.attrs["action_space"] = fixed_string(json.dumps(episodes.action_space.to_json()))
-        for key, arr, dtype in (("observations", episodes.observations, np.float32),
-                                ("actions", episodes.actions, episodes.actions.dtype),
+        if not isinstance(episodes.observation_space, VectorObservations):
+            f.attrs["observation_space"] = fixed_string(
+                json.dumps(episodes.observation_space.to_json()))
+        write_observations(f, "observations", episodes.observations)
+        for key, arr, dtype in (("actions", episodes.actions, episodes.actions.dtype),
                                 ("rewards", episodes.rewards, np.float32),
                                 ("terminations", episodes.terminations, bool),
                                 ("truncations", episodes.truncations, bool),
                                 ("episode_starts", episodes.episode_starts, np.int64)):
             f.create_dataset(key, data=arr.astype(dtype), compression=COMPRESSION)
         if episodes.final_observations is not None:
-            f.create_dataset("final_observations", data=episodes.final_observations,
-                             compression=COMPRESSION)
+            write_observations(f, "final_observations", episodes.final_observations)
