@@ -261,7 +261,10 @@ class DecisionTransformer(nn.Module):
         Timesteps at or beyond ``max_ep_len`` have no embedding: ConfigError, never clamped.
         """
         b, k = observations.shape[:2]
-        latest = int(timesteps.max()) if timesteps.numel() else 0
+        # Checked here on the CPU; on an accelerator the callers check on the host (DTPolicy's step
+        # counts, training's episode lengths) so that no forward waits on the device, and an
+        # index past the table is a device-side error there, never a clamp.
+        latest = int(timesteps.max()) if timesteps.numel() and not timesteps.is_cuda else 0
         if latest >= self.cfg.max_ep_len:
             raise ConfigError(
                 f"timestep {latest} is beyond the model's max_ep_len={self.cfg.max_ep_len} (it "
