@@ -270,3 +270,24 @@ def test_a_stop_request_while_loading_writes_nothing(tmp_path):
     with pytest.raises(KeyboardInterrupt):
         train(cfg(tmp_path), pendulum_data(), should_stop=lambda: True)
     assert not (tmp_path / "run").exists()
+
+
+def test_out_that_is_a_file_is_a_one_line_error(tmp_path, capsys):
+    (tmp_path / "p.hdf5").write_bytes(b"keep")
+    save_episodes(pendulum_data(n_episodes=1), tmp_path / "data.hdf5")
+    for out in (tmp_path / "p.hdf5", tmp_path / "p.hdf5" / "run"):
+        code, _, err = run_cli(capsys, "train", "--dataset", tmp_path / "data.hdf5", "--env",
+                               "Pendulum-v1", "--out", out, "--steps", 5, "--warmup-steps", 1,
+                               "--model.max-ep-len", 200)
+        assert code == 2 and "is a file; out must be a run directory" in err and err.count("\n") == 1
+    assert (tmp_path / "p.hdf5").read_bytes() == b"keep"
+    code, _, err = run_cli(capsys, "evaluate", tmp_path / "p.hdf5")
+    assert code == 2 and "is a file, not a checkpoint or run directory" in err
+    code, _, err = run_cli(capsys, "benchmark", "--out", tmp_path / "nothing", "--report-only")
+    assert code == 2 and "no benchmark here" in err and not (tmp_path / "nothing").exists()
+
+
+def test_a_warm_up_longer_than_the_run_is_warned(tmp_path):
+    with pytest.warns(DtlabWarning, match=r"warmup_steps \(10\) >= steps \(8\): the learning rate "
+                                          r"never reaches lr \(0.0001\); it ends at 8e-05"):
+        train(cfg(tmp_path, warmup_steps=10), pendulum_data())

@@ -248,9 +248,15 @@ def check_settings(out: Path, cfg: BenchmarkConfig, entries: list[DatasetEntry])
     path, now = out / SETTINGS_FILE, settings(cfg)
     if path.is_file():
         saved = _read_json(path)
-        differ = [k for k in now if saved.get(k) != now[k]]
+        differ = []  # (name, saved, now), nested groups compared key by key
+        for k, value in now.items():
+            old = saved.get(k)
+            if isinstance(value, dict) and isinstance(old, dict):
+                differ += [(f"{k}.{f}", old.get(f), v) for f, v in value.items() if old.get(f) != v]
+            elif old != value:
+                differ.append((k, old, value))
         if differ:
-            shown = ", ".join(f"{k}: {saved.get(k)!r} -> {now[k]!r}" for k in differ)
+            shown = ", ".join(f"{k}: {a!r} -> {b!r}" for k, a, b in differ)
             raise ConfigError(f"{path}: this benchmark ran with other settings ({shown}); continue "
                               "with the same settings or use another --out")
     for entry in entries:
@@ -277,6 +283,8 @@ def run_benchmark(cfg: BenchmarkConfig, *, should_stop: Callable[[], bool] = lam
     Raises DtlabError subclasses for bad datasets or settings before any run starts."""
     out = Path(cfg.out)
     if cfg.report_only:
+        if not (out / SETTINGS_FILE).is_file():
+            raise ConfigError(f"{out}: no benchmark here (no {SETTINGS_FILE}); nothing to report")
         return BenchmarkResult(build_report(out, cfg, echo=echo), False, 0)
     from dtlab.train import prepare
 

@@ -194,6 +194,8 @@ def resolve(path: str | Path) -> Path:
         if not name or "/" in name or name in (".", ".."):
             raise CheckpointError(f"{path / LATEST_FILE}: does not name a checkpoint directory")
         path = path / name
+    if path.is_file():
+        raise CheckpointError(f"{path}: is a file, not a checkpoint or run directory")
     if not path.is_dir():
         raise CheckpointError(f"{path}: checkpoint directory not found")
     if not (path / CONFIG_FILE).is_file():

@@ -6,6 +6,7 @@ Every failure on bad input is a DtlabError: printed as one line, exit code 2, no
 from __future__ import annotations
 
 import contextlib
+import signal
 import sys
 from dataclasses import dataclass
 from typing import Annotated, Literal, Union
@@ -349,6 +350,8 @@ def main(argv: list[str] | None = None) -> int:
     import warnings
 
     warnings.formatwarning = _one_line_warning
+    if argv is None and hasattr(signal, "SIGPIPE"):  # `dtlab ... | head`: end quietly, as Unix tools do
+        signal.signal(signal.SIGPIPE, signal.SIG_DFL)
     try:
         args = list(sys.argv[1:] if argv is None else argv)
         if args[:1] == ["train"]:  # --preset atari: the DT paper's Atari flags, overridable

@@ -239,6 +239,11 @@ def prepare(cfg: TrainConfig, episodes: EpisodeSet | None = None) -> tuple[Episo
     check_against_env(env, episodes.observation_space, episodes.action_space,
                       what=f"dataset {episodes.source}", exact_n=False)
     check_action_bounds(episodes, env, strict=cfg.data.strict)
+    if cfg.optim.warmup_steps >= cfg.run.steps:
+        warnings.warn(f"warmup_steps ({cfg.optim.warmup_steps}) >= steps ({cfg.run.steps}): the "
+                      f"learning rate never reaches lr ({cfg.optim.lr:g}); it ends at "
+                      f"{cfg.optim.lr * cfg.run.steps / max(cfg.optim.warmup_steps, 1):.3g}",
+                      DtlabWarning, stacklevel=3)
     if cfg.evaluation.eval_episodes:  # refuse now what the first evaluation would refuse
         episode_limit(env, cfg.data.env, None, cfg.model.max_ep_len)
     info = policy_info_for(cfg, episodes, env)
@@ -301,6 +306,11 @@ def resume_point(out: Path, cfg: TrainConfig) -> Path | None:
     checkpoint resumes from it; one with this run's settings but no checkpoint yet (a job killed
     before its first save) starts from step 0 with a one-line note; anything else is an error.
     """
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"{out}: is a file; out must be a run directory")
+    parent = next((p for p in out.parents if p.exists()), None)
+    if parent is not None and not parent.is_dir():
+        raise ConfigError(f"{out}: {parent} is a file; out must be a run directory")
     has_checkpoint = (out / checkpoint.LATEST_FILE).is_file()
     if not cfg.run.resume:
         if (out / checkpoint.LATEST_FILE).exists():
