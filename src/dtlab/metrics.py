@@ -106,3 +106,30 @@ class MetricsLog:
         self._file.close()
         if self._tb is not None:
             self._tb.close()
+
+
+class Progress:
+    """A rich progress bar with loss, lr, steps/s and ETA (silent when disabled)."""
+
+    def __init__(self, total: int, start: int, enabled: bool) -> None:
+        self._bar = None
+        if enabled:
+            from rich.progress import (BarColumn, MofNCompleteColumn, Progress as RichProgress,
+                                       TextColumn, TimeElapsedColumn, TimeRemainingColumn)
+
+            self._bar = RichProgress(
+                TextColumn("train"), BarColumn(), MofNCompleteColumn(),
+                TextColumn("loss {task.fields[loss]:.4f}  lr {task.fields[lr]:.2e}  "
+                           "{task.fields[rate]:.1f} steps/s"),
+                TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn(), transient=False)
+            self._bar.start()
+            self._task = self._bar.add_task("train", total=total, completed=start,
+                                            loss=float("nan"), lr=0.0, rate=0.0)
+
+    def update(self, step: int, loss: float, lr: float, rate: float) -> None:
+        if self._bar is not None:
+            self._bar.update(self._task, completed=step, loss=loss, lr=lr, rate=rate)
+
+    def close(self) -> None:
+        if self._bar is not None:
+            self._bar.stop()

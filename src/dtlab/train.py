@@ -18,7 +18,6 @@ import dataclasses
 import json
 import math
 import os
-import shutil
 import time
 import warnings
 from collections.abc import Callable
@@ -34,25 +33,25 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 from dtlab import checkpoint, distributed, runtime
-from dtlab.atomic import dumps_json, write_text_atomic
 from dtlab.checkpoint import PolicyInfo
 from dtlab.config import OptimConfig, TrainConfig
-from dtlab.data.diagnostics import warn_findings
 from dtlab.data.episodes import EpisodeSet
 from dtlab.data.sampling import Batch, SequenceSampler
 from dtlab.distributed import World
-from dtlab.envs import actions_outside_bounds, describe_space, env_info, make_env, reference_scores
-from dtlab.errors import (CheckpointError, ConfigError, DatasetError, DtlabWarning, EnvError,
-                          TrainingError)
-from dtlab.metrics import METRICS_FILE, MetricsLog, evaluation_record, training_record
+from dtlab.envs import env_info
+from dtlab.errors import CheckpointError, DtlabWarning, TrainingError
+from dtlab.metrics import MetricsLog, Progress, evaluation_record, training_record
 from dtlab.model import DecisionTransformer, build_model
 from dtlab.normalizer import Normalizer
 from dtlab.policy import DTPolicy
-from dtlab.rollout import Evaluator, episode_limit
-from dtlab.spaces import (ContinuousActions, DictObservations, ImageObservations,
-                          VectorObservations, action_space_from_gym, check_against_env)
+# Preparing a run (everything checked before output is written) lives in dtlab.prepare.
+from dtlab.prepare import (TRAIN_CONFIG_FILE, RunFiles, check_resume_config, first_missing,
+                           prepare, resume_point)
+from dtlab.rollout import Evaluator
+from dtlab.spaces import ImageObservations, VectorObservations
 
-TRAIN_CONFIG_FILE = "train_config.json"
+__all__ = ["train", "train_step", "TrainConfig", "TrainResult", "Trainer", "TrainerState",
+           "prepare", "resume_point", "check_resume_config", "action_loss", "param_groups"]
 
 
 # ---- pieces ---------------------------------------------------------------------------------------
@@ -154,178 +153,6 @@ class DeviceSampler:
         timesteps = torch.where(masks, idx - starts[:, None], 0)  # (B, K)
         return {"observations": obs, "actions": act, "returns_to_go": rtg[..., None],
                 "timesteps": timesteps, "masks": masks}
-
-
-def select_observations(episodes: EpisodeSet, obs_keys: tuple[str, ...]) -> EpisodeSet:
-    """Dict observations: the ``obs_keys`` columns, in that order (``select_observation_keys``).
-    ConfigError naming the dataset when a Dict dataset comes without ``obs_keys`` (listing its
-    keys), when a key is not there, or when ``obs_keys`` is given for other observations."""
-    spec = episodes.observation_space
-    if isinstance(spec, DictObservations) and not obs_keys:
-        raise ConfigError(f"obs_keys: {episodes.source} has Dict observations; choose the keys "
-                          f"to train on with obs_keys (available keys: {', '.join(spec.keys)})")
-    return episodes.select_observation_keys(obs_keys) if obs_keys else episodes
-
-
-def check_action_bounds(episodes: EpisodeSet, env, *, strict: bool) -> None:
-    """Warn (or, strict, fail) when dataset actions lie outside the env's action bounds. (Action
-    indices outside the space are caught by check_against_env: they cannot be clipped.)"""
-    if not isinstance(episodes.action_space, ContinuousActions):
-        return
-    outside = actions_outside_bounds(episodes.actions, env.action_space)  # (N,)
-    if outside.any():
-        first = int(np.argmax(outside))
-        msg = (f"{episodes.source}: {int(outside.sum())} of {episodes.num_transitions} actions lie "
-               f"outside the action bounds of {env.spec.id if env.spec else 'the env'} (first at "
-               f"transition {first}: {episodes.actions[first].tolist()})")
-        if strict:
-            raise DatasetError(msg)
-        warnings.warn(msg + "; they are clipped for training", DtlabWarning, stacklevel=3)
-
-
-def _return_scale(cfg: TrainConfig) -> float:
-    """The configured return scale, else the env registry's (1000 for MuJoCo locomotion)."""
-    scale = cfg.data.return_scale
-    return float(scale if scale is not None else env_info(cfg.data.env).return_scale)
-
-
-def policy_info_for(cfg: TrainConfig, episodes: EpisodeSet, env) -> PolicyInfo:
-    """Everything derived from data and env that the checkpoint must carry."""
-    # The env's action space: its bounds for continuous actions, all of its n actions for indices.
-    actions = action_space_from_gym(env.action_space)
-    if isinstance(actions, ContinuousActions) and actions.low is None:
-        raise EnvError(f"{cfg.data.env}: action space {describe_space(env.action_space)} is "
-                       "unbounded; dtlab's tanh action head needs finite bounds")
-    meta = episodes.metadata
-    recorded = episodes.provenance
-    ref_min, ref_max = reference_scores(cfg.data.env, recorded.ref_min_score, recorded.ref_max_score)
-    return_scale = _return_scale(cfg)
-    return PolicyInfo(
-        model=cfg.model, observation_space=episodes.observation_space, action_space=actions,
-        normalizer=Normalizer.from_episodes(episodes, return_scale, actions),
-        env_id=cfg.data.env, ref_min_score=ref_min, ref_max_score=ref_max,
-        dataset={"path": str(episodes.source), **episodes.summary(),
-                 "metadata": {k: v for k, v in meta.items() if isinstance(v, (str, int, float, bool))}},
-    )
-
-
-# ---- preparing a run ------------------------------------------------------------------------------
-def prepare(cfg: TrainConfig, episodes: EpisodeSet | None = None) -> tuple[EpisodeSet, PolicyInfo]:
-    """Load and check everything that can fail on bad input, before any output is written."""
-    if cfg.evaluation.eval_episodes and not (cfg.evaluation.eval_targets
-                                             or env_info(cfg.data.env).targets):
-        raise ConfigError(f"evaluation.eval_episodes given but no eval_targets, and dtlab knows no "
-                          f"default targets for {cfg.data.env}")
-    if episodes is None:
-        from dtlab.data.formats import load_episodes  # (imports h5py and minari)
-
-        episodes = load_episodes(cfg.data.dataset)
-    episodes = select_observations(episodes, cfg.data.obs_keys)
-    return_scale = _return_scale(cfg)
-    # Valid-but-suspicious data, one warning line each; constant observation dimensions are
-    # warned where the Normalizer is built (policy_info_for), which says how it treats them.
-    warn_findings(episodes, env_id=cfg.data.env, return_scale=return_scale,
-                  skip=("constant_observations",))
-    longest = int(episodes.episode_lengths.max())
-    if longest > cfg.model.max_ep_len:
-        if cfg.data.truncate_long_episodes:
-            episodes = episodes.truncate_episodes(cfg.model.max_ep_len)
-        else:
-            ep = int(np.argmax(episodes.episode_lengths))
-            raise DatasetError(f"{episodes.source}: episode {ep} has {longest} steps, more than "
-                               f"model.max_ep_len={cfg.model.max_ep_len}; raise model.max_ep_len "
-                               "or set truncate_long_episodes")
-    env = make_env(cfg.data.env)
-    check_against_env(env, episodes.observation_space, episodes.action_space,
-                      what=f"dataset {episodes.source}", exact_n=False)
-    check_action_bounds(episodes, env, strict=cfg.data.strict)
-    if cfg.optim.warmup_steps >= cfg.run.steps:
-        warnings.warn(f"warmup_steps ({cfg.optim.warmup_steps}) >= steps ({cfg.run.steps}): the "
-                      f"learning rate never reaches lr ({cfg.optim.lr:g}); it ends at "
-                      f"{cfg.optim.lr * cfg.run.steps / max(cfg.optim.warmup_steps, 1):.3g}",
-                      DtlabWarning, stacklevel=3)
-    if cfg.evaluation.eval_episodes:  # refuse now what the first evaluation would refuse
-        episode_limit(env, cfg.data.env, None, cfg.model.max_ep_len)
-    info = policy_info_for(cfg, episodes, env)
-    env.close()
-    if cfg.data.top_fraction is not None:  # Percentile BC; normalization from all data (DT code)
-        episodes = episodes.top_fraction(cfg.data.top_fraction)
-        info = dataclasses.replace(info, dataset={**info.dataset, "top_fraction": {
-            "fraction": cfg.data.top_fraction, "episodes": episodes.num_episodes,
-            "transitions": episodes.num_transitions,
-            "min_episode_return": float(episodes.episode_returns.min())}})
-    return episodes, info
-
-
-def check_resume_config(out: Path, cfg: TrainConfig) -> None:
-    """Refuse to resume with settings that change the sequence of updates
-    (``TrainConfig.resume_groups``: data, model, optim, and steps for a cosine schedule)."""
-    path = out / TRAIN_CONFIG_FILE
-    try:
-        saved = json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError) as exc:
-        raise ConfigError(f"{path}: cannot read the run's configuration to resume: {exc}") from None
-    if not isinstance(saved, dict):
-        raise ConfigError(f"{path}: cannot read the run's configuration to resume: not an object")
-    differ = []
-    groups = cfg.resume_groups()
-    saved_optim = saved.get("optim") if isinstance(saved.get("optim"), dict) else saved
-    if groups["optim"].precision == "auto" and saved_optim.get("precision") in ("fp32", "bf16"):
-        # auto resumes at the precision the run resolved it to (train() does the same).
-        groups["optim"] = dataclasses.replace(groups["optim"], precision=saved_optim["precision"])
-    for group, value in _jsonable({k: dataclasses.asdict(v) if dataclasses.is_dataclass(v) else v
-                                   for k, v in groups.items()}).items():
-        if isinstance(value, dict):
-            old = saved.get(group)
-            old = old if isinstance(old, dict) else saved  # runs before issue 9 saved flat keys
-            # A field added since the run was saved (e.g. model.architecture) had its default.
-            defaults = _jsonable({f.name: f.default for f in dataclasses.fields(groups[group])
-                                  if f.default is not dataclasses.MISSING})
-            differ += [(f"{group}.{k}", old.get(k), v) for k, v in value.items()
-                       if old.get(k, defaults.get(k)) != v
-                       and f"{group}.{k}" not in TrainConfig.RESUME_MAY_CHANGE]
-        else:
-            old = saved.get("run", {}).get(group) if isinstance(saved.get("run"), dict) \
-                else saved.get(group)
-            if old != value:
-                differ.append((group, old, value))
-    if differ:
-        shown = ", ".join(f"{k}: {a!r} -> {b!r}" for k, a, b in differ)
-        raise ConfigError(f"{path}: resume with different settings than the run ({shown}); "
-                          "resume with the same settings, or start a new run")
-
-
-def _jsonable(value: Any) -> Any:
-    return json.loads(json.dumps(value))  # tuples -> lists, as saved
-
-
-def resume_point(out: Path, cfg: TrainConfig) -> Path | None:
-    """The checkpoint a run continues from, or None to start at step 0.
-
-    Without ``resume`` the run directory must not hold a checkpoint. With it: a directory with a
-    checkpoint resumes from it; one with this run's settings but no checkpoint yet (a job killed
-    before its first save) starts from step 0 with a one-line note; anything else is an error.
-    """
-    if out.exists() and not out.is_dir():
-        raise ConfigError(f"{out}: is a file; out must be a run directory")
-    parent = next((p for p in out.parents if p.exists()), None)
-    if parent is not None and not parent.is_dir():
-        raise ConfigError(f"{out}: {parent} is a file; out must be a run directory")
-    has_checkpoint = (out / checkpoint.LATEST_FILE).is_file()
-    if not cfg.run.resume:
-        if (out / checkpoint.LATEST_FILE).exists():
-            raise ConfigError(f"{out}: run directory already holds a run; set resume to continue it, or "
-                              "choose another out")
-        return None
-    if has_checkpoint:
-        check_resume_config(out, cfg)
-        return checkpoint.resolve(out)
-    if (out / TRAIN_CONFIG_FILE).is_file():
-        check_resume_config(out, cfg)
-        warnings.warn(f"{out}: resume found the run's settings but no checkpoint yet; starting "
-                      "from step 0", DtlabWarning, stacklevel=3)
-        return None
-    raise ConfigError(f"{out}: resume is set but the run directory has no checkpoint")
 
 
 # ---- one step -------------------------------------------------------------------------------------
@@ -645,7 +472,7 @@ def _train(cfg: TrainConfig, episodes: EpisodeSet, info: PolicyInfo, device: tor
     if should_stop():  # stopped while loading (e.g. Ctrl-C during a download): nothing written
         raise KeyboardInterrupt
     distributed.barrier(world)  # every rank has read the run directory before rank 0 writes
-    created = _RunFiles(out, _first_missing(out), main=world.is_main)
+    created = RunFiles(out, first_missing(out), main=world.is_main)
     try:
         created.start(cfg, resume_from=trainer.state.step if cfg.run.resume else None)
         result = _loop(cfg, trainer, info, created.metrics, evaluator, should_stop)
@@ -843,90 +670,3 @@ def _likely_cause(episodes: EpisodeSet, info: PolicyInfo) -> str:
         return (f"; likely cause: normalized observations reach {float(np.abs(obs).max()):.3g} "
                 "(a near-constant observation dimension?)")
     return ""
-
-
-def _first_missing(path: Path) -> Path | None:
-    """The outermost directory of ``path`` that does not exist yet (what ``mkdir(parents=True)``
-    would create first), or None when ``path`` exists."""
-    missing = None
-    for p in (path, *path.parents):
-        if p.exists():
-            break
-        missing = p
-    return missing
-
-
-@dataclass
-class _RunFiles:
-    """What a run writes before its first checkpoint, so that a failure can take it back."""
-
-    out: Path
-    created: Path | None  # the outermost directory this run created (None: ``out`` existed)
-    metrics: MetricsLog | None = None
-    existed: frozenset = frozenset()  # the run files that were there before (a resumed run's)
-    main: bool = True  # False: a torchrun rank other than 0, which writes none of these
-
-    def __post_init__(self) -> None:
-        self.existed = frozenset(name for name in (TRAIN_CONFIG_FILE, METRICS_FILE, "tb")
-                                 if (self.out / name).exists())
-
-    def start(self, cfg: TrainConfig, resume_from: int | None) -> None:
-        if not self.main:
-            self.metrics = _NoMetrics()
-            return
-        self.out.mkdir(parents=True, exist_ok=True)
-        write_text_atomic(self.out / TRAIN_CONFIG_FILE, dumps_json(dataclasses.asdict(cfg)))
-        self.metrics = MetricsLog(self.out, resume_from=resume_from,
-                                  tensorboard=cfg.run.tensorboard)
-
-    def discard_if_no_checkpoint(self) -> None:
-        if self.metrics is not None:
-            self.metrics.close()
-        if not self.main or (self.out / checkpoint.LATEST_FILE).exists():
-            return
-        if self.created is not None:
-            shutil.rmtree(self.created, ignore_errors=True)
-            return
-        for name in {TRAIN_CONFIG_FILE, METRICS_FILE} - self.existed:
-            (self.out / name).unlink(missing_ok=True)
-        if "tb" not in self.existed:
-            shutil.rmtree(self.out / "tb", ignore_errors=True)
-
-
-class _NoMetrics:
-    """The metrics log of a torchrun rank other than 0: rank 0 writes the run's metrics."""
-
-    path = None
-
-    def write(self, record: dict) -> None:
-        pass
-
-    def close(self) -> None:
-        pass
-
-
-class Progress:
-    """A rich progress bar with loss, lr, steps/s and ETA (silent when disabled)."""
-
-    def __init__(self, total: int, start: int, enabled: bool) -> None:
-        self._bar = None
-        if enabled:
-            from rich.progress import (BarColumn, MofNCompleteColumn, Progress as RichProgress,
-                                       TextColumn, TimeElapsedColumn, TimeRemainingColumn)
-
-            self._bar = RichProgress(
-                TextColumn("train"), BarColumn(), MofNCompleteColumn(),
-                TextColumn("loss {task.fields[loss]:.4f}  lr {task.fields[lr]:.2e}  "
-                           "{task.fields[rate]:.1f} steps/s"),
-                TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn(), transient=False)
-            self._bar.start()
-            self._task = self._bar.add_task("train", total=total, completed=start,
-                                            loss=float("nan"), lr=0.0, rate=0.0)
-
-    def update(self, step: int, loss: float, lr: float, rate: float) -> None:
-        if self._bar is not None:
-            self._bar.update(self._task, completed=step, loss=loss, lr=lr, rate=rate)
-
-    def close(self) -> None:
-        if self._bar is not None:
-            self._bar.stop()
