@@ -52,3 +52,19 @@ def test_episode_set_exposes_both_records():
     assert episodes.return_stats == ReturnStats.of(np.array([0 + 1 + 2, 3 + 4 + 5]))
     assert episodes.provenance.env_id == "Pendulum-v1"
     assert episodes.summary()["episode_return"] == episodes.return_stats.to_json()
+
+
+def test_setting_differences_names_each_differing_field():
+    from dtlab.config import setting_differences
+
+    saved = {"steps": 10, "optim": {"lr": 1e-4, "seed": 0}, "model": {"embed_dim": 128}}
+    now = {"steps": 20, "optim": {"lr": 1e-3, "seed": 0, "skip_nonfinite": True},
+           "model": {"embed_dim": 128, "architecture": "decision-transformer"}}
+    assert setting_differences(saved, now) == [
+        ("steps", 10, 20), ("optim.lr", 1e-4, 1e-3), ("optim.skip_nonfinite", None, True),
+        ("model.architecture", None, "decision-transformer")]
+    # Fields added since the run was saved count as their defaults; exempt ones are skipped.
+    assert setting_differences(saved, now, defaults={"model": {"architecture": "decision-transformer"}},
+                               exempt=frozenset({"optim.skip_nonfinite"})) == [
+        ("steps", 10, 20), ("optim.lr", 1e-4, 1e-3)]
+    assert setting_differences({"optim": 3}, {"optim": {"lr": 1.0}}) == [("optim.lr", None, 1.0)]

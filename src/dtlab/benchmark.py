@@ -48,7 +48,7 @@ import numpy as np
 from dtlab import checkpoint
 from dtlab.atomic import write_json, write_text_atomic
 from dtlab.config import (ALGORITHMS, BenchmarkConfig, CalibrateConfig, DataConfig,
-                          EvalDuringTraining, RunConfig, TrainConfig)
+                          EvalDuringTraining, RunConfig, TrainConfig, setting_differences)
 from dtlab.data.episodes import EpisodeSet
 from dtlab.data.returns import normalized_score
 from dtlab.envs import env_info, make_env, reference_scores
@@ -248,13 +248,7 @@ def check_settings(out: Path, cfg: BenchmarkConfig, entries: list[DatasetEntry])
     path, now = out / SETTINGS_FILE, settings(cfg)
     if path.is_file():
         saved = _read_json(path)
-        differ = []  # (name, saved, now), nested groups compared key by key
-        for k, value in now.items():
-            old = saved.get(k)
-            if isinstance(value, dict) and isinstance(old, dict):
-                differ += [(f"{k}.{f}", old.get(f), v) for f, v in value.items() if old.get(f) != v]
-            elif old != value:
-                differ.append((k, old, value))
+        differ = setting_differences(saved, now)
         if differ:
             shown = ", ".join(f"{k}: {a!r} -> {b!r}" for k, a, b in differ)
             raise ConfigError(f"{path}: this benchmark ran with other settings ({shown}); continue "

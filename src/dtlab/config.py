@@ -8,8 +8,9 @@ normalization statistics, reference scores) live in the checkpoint, never here.
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
 import tyro
 
@@ -35,6 +36,26 @@ def check_number(name: str, value: float | int | None, *, minimum: float | None 
                             (maximum, lambda b: value <= b, "<="), (below, lambda b: value < b, "<")):
         if bound is not None and not ok(bound):
             raise ConfigError(f"{name} must be {word} {bound:g}, got {value!r}")
+
+
+def setting_differences(saved: Mapping[str, Any], now: Mapping[str, Any], *,
+                        defaults: Mapping[str, Mapping[str, Any]] | None = None,
+                        exempt: frozenset[str] = frozenset()) -> list[tuple[str, Any, Any]]:
+    """(name, saved value, current value) for every setting in ``now`` that ``saved`` records
+    differently. Both are JSON-like; groups (dicts) are compared field by field and named
+    ``group.field``. A field missing from a saved group counts as ``defaults[group][field]`` (it
+    was added since, with that default); names in ``exempt`` are not compared."""
+    differ = []
+    for key, value in now.items():
+        old = saved.get(key)
+        if isinstance(value, Mapping):
+            old = old if isinstance(old, Mapping) else {}
+            fallback = (defaults or {}).get(key, {})
+            differ += [(f"{key}.{f}", old.get(f), v) for f, v in value.items()
+                       if old.get(f, fallback.get(f)) != v and f"{key}.{f}" not in exempt]
+        elif old != value:
+            differ.append((key, old, value))
+    return differ
 
 
 def check_choice(name: str, value: object, choices: tuple) -> None:

@@ -19,7 +19,7 @@ import numpy as np
 from dtlab import checkpoint
 from dtlab.atomic import dumps_json, write_text_atomic
 from dtlab.checkpoint import PolicyInfo
-from dtlab.config import TrainConfig
+from dtlab.config import TrainConfig, setting_differences
 from dtlab.data.diagnostics import warn_findings
 from dtlab.data.episodes import EpisodeSet
 from dtlab.envs import actions_outside_bounds, describe_space, env_info, make_env, reference_scores
@@ -143,28 +143,24 @@ def check_resume_config(out: Path, cfg: TrainConfig) -> None:
         raise ConfigError(f"{path}: cannot read the run's configuration to resume: {exc}") from None
     if not isinstance(saved, dict):
         raise ConfigError(f"{path}: cannot read the run's configuration to resume: not an object")
-    differ = []
     groups = cfg.resume_groups()
-    saved_optim = saved.get("optim") if isinstance(saved.get("optim"), dict) else saved
+    if isinstance(saved.get("optim"), dict):
+        run = saved.get("run") if isinstance(saved.get("run"), dict) else {}
+        recorded = {**saved, "steps": run.get("steps")}
+    else:  # runs before issue 9 saved the data and optim fields (and steps) at the top level
+        recorded = {"data": saved, "model": saved.get("model"), "optim": saved,
+                    "steps": saved.get("steps")}
+    saved_optim = recorded["optim"] if isinstance(recorded["optim"], dict) else {}
     if groups["optim"].precision == "auto" and saved_optim.get("precision") in ("fp32", "bf16"):
         # auto resumes at the precision the run resolved it to (train() does the same).
         groups["optim"] = dataclasses.replace(groups["optim"], precision=saved_optim["precision"])
-    for group, value in _jsonable({k: dataclasses.asdict(v) if dataclasses.is_dataclass(v) else v
-                                   for k, v in groups.items()}).items():
-        if isinstance(value, dict):
-            old = saved.get(group)
-            old = old if isinstance(old, dict) else saved  # runs before issue 9 saved flat keys
-            # A field added since the run was saved (e.g. model.architecture) had its default.
-            defaults = _jsonable({f.name: f.default for f in dataclasses.fields(groups[group])
-                                  if f.default is not dataclasses.MISSING})
-            differ += [(f"{group}.{k}", old.get(k), v) for k, v in value.items()
-                       if old.get(k, defaults.get(k)) != v
-                       and f"{group}.{k}" not in TrainConfig.RESUME_MAY_CHANGE]
-        else:
-            old = saved.get("run", {}).get(group) if isinstance(saved.get("run"), dict) \
-                else saved.get(group)
-            if old != value:
-                differ.append((group, old, value))
+    # A field added since the run was saved (e.g. model.architecture) had its default.
+    defaults = {name: {f.name: f.default for f in dataclasses.fields(group)
+                       if f.default is not dataclasses.MISSING}
+                for name, group in groups.items() if dataclasses.is_dataclass(group)}
+    now = {k: dataclasses.asdict(v) if dataclasses.is_dataclass(v) else v for k, v in groups.items()}
+    differ = setting_differences(recorded, _jsonable(now), defaults=_jsonable(defaults),
+                                 exempt=TrainConfig.RESUME_MAY_CHANGE)
     if differ:
         shown = ", ".join(f"{k}: {a!r} -> {b!r}" for k, a, b in differ)
         raise ConfigError(f"{path}: resume with different settings than the run ({shown}); "
