@@ -21,18 +21,7 @@ TINY_NO_DROPOUT = dict(embed_dim=16, n_layers=1, n_heads=2, context_len=5, max_e
 ENDS = np.array([0, 1, 2, 50, 100, 199, 201, 450])
 
 
-def pendulum_like(n_episodes=4, length=200, seed=0):
-    """The episodes of tests/test_train.py's pendulum_like (kept in step with it)."""
-    from dtlab.data import EpisodeSet
-
-    rng = np.random.default_rng(seed)
-    n = n_episodes * length
-    trunc = np.zeros(n, bool)
-    trunc[length - 1::length] = True
-    th = rng.uniform(-np.pi, np.pi, n)
-    obs = np.stack([np.cos(th), np.sin(th), rng.normal(size=n)], 1)
-    return EpisodeSet.from_flags(obs, rng.uniform(-2, 2, (n, 1)), -rng.uniform(0, 5, n),
-                                 np.zeros(n, bool), trunc)
+from tests.configs import pendulum_like  # noqa: E402  (the data tests/test_train.py uses)
 
 
 def model_and_batches(ends_per_part: list[np.ndarray]):

@@ -11,8 +11,7 @@ from safetensors.torch import load_file
 
 from dtlab import checkpoint
 from dtlab.config import EvalConfig, ModelConfig
-from tests.configs import train_config
-from dtlab.data import EpisodeSet
+from tests.configs import pendulum_like, train_config
 from dtlab.errors import CheckpointError, ConfigError, TrainingError
 from dtlab.evaluate import evaluate_checkpoint
 from dtlab.policy import DTPolicy
@@ -20,16 +19,6 @@ from dtlab.train import train
 
 TINY = ModelConfig(embed_dim=16, n_layers=1, n_heads=2, context_len=5, max_ep_len=200)
 
-
-def pendulum_like(n_episodes=4, length=200, seed=0):
-    rng = np.random.default_rng(seed)
-    n = n_episodes * length
-    trunc = np.zeros(n, bool)
-    trunc[length - 1::length] = True
-    th = rng.uniform(-np.pi, np.pi, n)
-    obs = np.stack([np.cos(th), np.sin(th), rng.normal(size=n)], 1)
-    return EpisodeSet.from_flags(obs, rng.uniform(-2, 2, (n, 1)), -rng.uniform(0, 5, n),
-                                 np.zeros(n, bool), trunc)
 
 
 def config(tmp_path, name="run", **kw):
