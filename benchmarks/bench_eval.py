@@ -10,6 +10,16 @@ Cases (untrained models with random weights, DT paper configuration, targets 360
                      no torch.no_grad (as in the blog)
   hf_blog_inference  the same inside torch.inference_mode()
   sim_random         the simulator alone: one Hopper-v5 env, random actions, resets counted
+  matmul_peak        the arithmetic peak: one fp32 (2048 x 2048) @ (2048 x 2048) matmul at 1
+                     thread (MKL sgemm), in GFLOP/s
+The exact rollout's arithmetic ceiling (goal: dtlab_rollout >= 65% of it) is the env-step rate
+if every env step cost only the matmul FLOPs of one exact K-window action at matmul_peak plus
+one simulator step at sim_random's rate, both from the same repetition:
+    ceiling = 1 / (exact_action_flops / peak + 1 / sim_rate)
+exact_action_flops (``exact_action_flops``) counts 2 FLOPs per multiply-add of every matmul
+that an exact action needs: the embeddings, every block over the 3K tokens of the window
+(attention over the causal half only), and in the last block the keys and values of every token
+but the query, projection and MLP of s_K alone (the only output read).
   dtlab_rollout_wN   (--workers N ...: this phase alone) the rollout with its envs stepped in N
                      worker processes (--eval-workers N), alternated with dtlab_rollout; the
                      returns of every run are checked identical
@@ -55,6 +65,7 @@ def dtlab_case(policy, episodes: int, max_steps: int, seed: int, workers: int = 
         return stats["env_steps"], stats["seconds"], {
             "episodes": len(lengths), "mean_length": float(np.mean(lengths)),
             "model_share": stats["model_seconds"] / stats["seconds"],
+            "env_steps_per_model_second": stats["env_steps"] / stats["model_seconds"],
             "rate_incl_env_construction": stats["env_steps"] / wall}
     return run
 
@@ -74,6 +85,34 @@ def hf_case(model, env, episodes: int, max_steps: int, seed: int, inference: boo
                     lengths.append(n)
         return steps, time.perf_counter() - t0, {"episodes": len(lengths),
                                                  "mean_length": float(np.mean(lengths))}
+    return run
+
+
+def exact_action_flops(cfg, obs_dim: int, act_dim: int) -> float:
+    """Matmul FLOPs (2 per multiply-add) of one exact action from a full K-step window: the
+    arithmetic a rollout cannot avoid without approximating (module docstring)."""
+    d, k, n_layers, hidden = cfg.embed_dim, cfg.context_len, cfg.n_layers, cfg.mlp_ratio * cfg.embed_dim
+    t = 3 * k  # tokens in the window
+    causal_pairs = t * (t + 1) / 2
+    embed = 2 * k * d * (obs_dim + act_dim + 1)  # state, action and return embeddings
+    block = (2 * t * d * 3 * d  # q, k, v of every token
+             + 2 * 2 * causal_pairs * d  # q k^T and attention @ v, causal half
+             + 2 * t * d * d  # output projection
+             + 2 * 2 * t * d * hidden)  # MLP
+    last = (2 * t * d * 2 * d + 2 * d * d  # keys and values of every token, s_K's query
+            + 2 * 2 * t * d + 2 * d * d + 2 * 2 * d * hidden)  # s_K's attention, projection, MLP
+    return embed + (n_layers - 1) * block + last + 2 * d * act_dim
+
+
+def matmul_peak_case(n: int = 2048, calls: int = 3):
+    a, b = torch.randn(n, n), torch.randn(n, n)
+
+    def run():
+        a @ b
+        t0 = time.perf_counter()
+        for _ in range(calls):
+            a @ b
+        return 2 * n ** 3 * calls / 1e9, time.perf_counter() - t0, {}
     return run
 
 
@@ -137,10 +176,11 @@ def main() -> None:
             "hf_blog": hf_case(hf, hf_env, hf_eps, max_steps, args.seed, inference=False),
             "hf_blog_inference": hf_case(hf, hf_env, hf_eps, max_steps, args.seed, inference=True),
             "sim_random": sim_case(sim_env, sim_steps, args.seed),
+            "matmul_peak": matmul_peak_case(),
         }
 
     cases = make_cases(episodes, hf_episodes, args.max_steps, args.sim_steps)
-    units = {name: "env steps/s" for name in cases}
+    units = {name: "env steps/s" for name in cases} | {"matmul_peak": "GFLOP/s"}
     for fn in make_cases(1, 1, 30, 100).values():  # warm-up
         fn()
     log(f"eval throughput: {reps} reps; dtlab {episodes} x {len(TARGETS)} episodes, HF "
@@ -152,6 +192,7 @@ def main() -> None:
     collapse = {}
     if not args.no_collapse:
         c_cases = make_cases(args.collapse_episodes, 1, args.collapse_max_steps, 1000)
+        del c_cases["matmul_peak"]
         log(f"eval collapse: {c_reps} reps; dtlab {args.collapse_episodes} x {len(TARGETS)}, HF 1 x "
             f"{len(TARGETS)}, max {args.collapse_max_steps} steps; conditions {list(harness.CONDITIONS)}")
         collapse = harness.run_matrix(list(harness.CONDITIONS), c_cases, c_reps, units, log)
@@ -160,6 +201,15 @@ def main() -> None:
     ratios, rows, add = table.ratios, table.rows, table.add
 
     r = results["t1"]
+    flops = exact_action_flops(policy.model.cfg, OBS_DIM, ACT_DIM)
+    ceiling = harness.Samples("env steps/s", [
+        1.0 / (flops / (peak * 1e9) + 1.0 / sim)
+        for peak, sim in zip(r["matmul_peak"].rates, r["sim_random"].rates)])
+    add("t1: dtlab exact/its arithmetic ceiling", r["dtlab_rollout"], ceiling, ">= 0.65")
+    forward_gflops = [x["env_steps_per_model_second"] * flops / 1e9
+                      for x in r["dtlab_rollout"].extra]
+    add("t1: dtlab exact model forward/matmul peak (GFLOP/s)",
+        harness.Samples("GFLOP/s", forward_gflops), r["matmul_peak"], "")
     add("t1: dtlab/HF blog", r["dtlab_rollout"], r["hf_blog"], ">= 15")
     add("t1: dtlab/HF blog inference_mode", r["dtlab_rollout"], r["hf_blog_inference"], ">= 15")
     add("t1: dtlab/simulator alone", r["dtlab_rollout"], r["sim_random"], ">= 0.35")
@@ -190,7 +240,11 @@ def main() -> None:
                   "model": "untrained, DT paper configuration (embed 128, 3 layers, 1 head, K=20)"},
         "results": harness.samples_json(results), "collapse": harness.samples_json(collapse),
         "ratios": ratios, "profile": profile,
+        "ceiling": {"exact_action_mflops": flops / 1e6,
+                    "rates": ceiling.rates, "median": ceiling.summary()["median"]},
     }
+    log(f"exact action: {flops / 1e6:.1f} MFLOP; ceiling median {ceiling.summary()['median']:.0f} "
+        "env steps/s")
     tables = [harness.markdown_table(results, {})]
     if collapse:
         tables.append(harness.markdown_table(collapse, {}))

@@ -1,6 +1,9 @@
 """Training speed, CPU, DT paper configuration: dtlab vs Hugging Face transformers.
 
-    python benchmarks/bench_train.py [--quick] [--json out.json]
+    python benchmarks/bench_train.py [--quick] [--json out.json] [--size paper|quickstart]
+
+--size quickstart: both models at the quickstart's size (64 wide, 2 layers, MLP 256, K=10; the
+data and max_ep_len stay Hopper's) instead of the paper's (128 wide, 3 layers, MLP 512, K=20).
 
 Cases (samples = windows of K=20 steps; batch 64; AdamW lr 1e-4 wd 1e-4, clip 0.25, warm-up LR):
   dtlab_step   dtlab DecisionTransformer: forward, masked action MSE, backward, clip, AdamW step,
@@ -45,6 +48,16 @@ from dtlab.train import action_loss, make_optimizer, to_tensors, train_step  # n
 
 B, K, CLIP, LR, WD, WARMUP = 64, 20, 0.25, 1e-4, 1e-4, 10_000
 CPU = torch.device("cpu")
+# Model sizes: (embed, layers, mlp, K). paper: the DT paper's gym configuration; quickstart:
+# dtlab.quickstart.MODEL's width, depth and context (its max_ep_len 200 is Pendulum's; Hopper's
+# 1000 is kept here, which only sizes the timestep table).
+SIZES = {"paper": (128, 3, 512, 20), "quickstart": (64, 2, 256, 10)}
+SIZE = "paper"
+
+
+def model_config() -> ModelConfig:
+    embed, layers, mlp, k = SIZES[SIZE]
+    return ModelConfig(embed_dim=embed, n_layers=layers, mlp_ratio=mlp // embed, context_len=k)
 
 
 def warmup_lambda(step: int) -> float:
@@ -67,7 +80,7 @@ class DtlabTrainer:
         torch.manual_seed(seed)
         self.device = device
         actions = ContinuousActions(ACT_DIM, (-1.0,) * ACT_DIM, (1.0,) * ACT_DIM)
-        self.model = DecisionTransformer(ModelConfig(), VectorObservations(OBS_DIM),
+        self.model = DecisionTransformer(model_config(), VectorObservations(OBS_DIM),
                                          actions).to(device).train()
         self.opt = make_optimizer(self.model, OptimConfig(lr=LR, weight_decay=WD), device)
         self.sched = torch.optim.lr_scheduler.LambdaLR(self.opt, warmup_lambda)
@@ -90,7 +103,9 @@ class HFTrainer:
                  device: torch.device = CPU) -> None:
         torch.manual_seed(seed)
         self.device = device
-        self.model = hf_peer.hf_model(OBS_DIM, ACT_DIM).to(device).train()
+        embed, layers, mlp, _ = SIZES[SIZE]
+        self.model = hf_peer.hf_model(OBS_DIM, ACT_DIM, hidden=embed, layers=layers,
+                                      inner=mlp).to(device).train()
         self.opt = hf_peer.hf_optimizer(self.model, LR, WD)
         self.sched = torch.optim.lr_scheduler.LambdaLR(self.opt, warmup_lambda)
         self.collator = hf_peer.BlogCollator(blog_episodes, max_len=K)
@@ -135,8 +150,12 @@ def main() -> None:
     ap.add_argument("--steps", type=int, help="optimizer steps per measurement (throughput phase)")
     ap.add_argument("--collapse-reps", type=int)
     ap.add_argument("--collapse-steps", type=int)
+    ap.add_argument("--size", choices=sorted(SIZES), default="paper",
+                    help="model size of both sides (default: the paper configuration)")
     harness.add_run_args(ap, collapse=True, profile=True)
     args = ap.parse_args()
+    global SIZE, K
+    SIZE, K = args.size, SIZES[args.size][3]
     reps = args.reps or (3 if args.quick else 5)
     steps = args.steps or (4 if args.quick else 10)
     c_reps = args.collapse_reps or (2 if args.quick else 3)
@@ -224,8 +243,9 @@ def main() -> None:
     profile = None if args.no_profile else profile_steps(dt, hf, pool, hf_pool, 4 if args.quick else 10)
     payload = {
         "benchmark": "train", "machine": harness.machine_info(),
-        "setup": {"batch": B, "K": K, "obs_dim": OBS_DIM, "act_dim": ACT_DIM, "embed": 128,
-                  "layers": 3, "heads": 1, "mlp": 512, "dropout": 0.1, "lr": LR, "weight_decay": WD,
+        "setup": {"size": SIZE, "batch": B, "K": K, "obs_dim": OBS_DIM, "act_dim": ACT_DIM,
+                  "embed": SIZES[SIZE][0], "layers": SIZES[SIZE][1], "heads": 1,
+                  "mlp": SIZES[SIZE][2], "dropout": 0.1, "lr": LR, "weight_decay": WD,
                   "grad_clip": CLIP, "reps": reps, "steps_per_measurement": steps,
                   "collapse_reps": c_reps, "collapse_steps_per_measurement": c_steps, "seed": args.seed,
                   "dataset": {"episodes": int(episodes.num_episodes), "transitions": int(episodes.num_transitions)},

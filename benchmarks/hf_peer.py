@@ -21,14 +21,16 @@ K = 20  # the blog's max_len / the DT paper's context length
 SCALE = 1000.0  # return scale (blog and DT paper)
 
 
-def hf_model(state_dim: int = 11, act_dim: int = 3, dropout: float = 0.1):
-    """The paper configuration on HF's GPT-2 backbone (sdpa attention, the library default)."""
+def hf_model(state_dim: int = 11, act_dim: int = 3, dropout: float = 0.1, *, hidden: int = 128,
+             layers: int = 3, inner: int = 512):
+    """The paper configuration on HF's GPT-2 backbone (sdpa attention, the library default);
+    ``hidden``/``layers``/``inner`` give other sizes (bench_train.py --size quickstart)."""
     from transformers import DecisionTransformerConfig, DecisionTransformerModel
     from transformers.utils import logging
 
     logging.set_verbosity_error()  # GPT-2 token-id warnings that do not apply to a DT
     cfg = DecisionTransformerConfig(
-        state_dim=state_dim, act_dim=act_dim, hidden_size=128, n_layer=3, n_head=1, n_inner=512,
+        state_dim=state_dim, act_dim=act_dim, hidden_size=hidden, n_layer=layers, n_head=1, n_inner=inner,
         max_ep_len=1000, action_tanh=True, resid_pdrop=dropout, embd_pdrop=dropout,
         attn_pdrop=dropout)
     return DecisionTransformerModel(cfg)

@@ -166,3 +166,50 @@ def test_cached_steps_equal_exact_recomputation_within_the_first_k_steps():
             slid.append(float((pred - exact).abs().max()))
     assert min(slid) > 1e-3  # approximate once the window slid (older keys saw older context)
     torch.testing.assert_close(cache.select(torch.tensor([1])).keys[0], cache.keys[0][1:])
+
+
+# ---- dropout as dtlab draws it on the CPU (model.dropout, model.attention) ----------------------
+def test_dropout_matches_a_mask_drawn_from_the_same_uniform_numbers():
+    from dtlab.model import dropout
+
+    x = torch.randn(64, 60, 128, requires_grad=True)
+    torch.manual_seed(3)
+    y = dropout(x, 0.1, True)
+    torch.manual_seed(3)
+    keep = torch.rand(x.shape) >= 0.1  # the reference mask, drawn independently of the code
+    assert torch.equal(y != 0, keep)  # x has no zeros
+    assert torch.allclose(y, torch.where(keep, x / 0.9, torch.zeros_like(x)), rtol=1e-6, atol=0)
+    y.sum().backward()
+    assert torch.allclose(x.grad, keep.float() / 0.9)
+    # 491,520 draws: the dropped fraction within 5 standard deviations of p (sd 0.00043).
+    assert abs((~keep).float().mean().item() - 0.1) < 5 * (0.1 * 0.9 / keep.numel()) ** 0.5
+    assert torch.equal(dropout(x, 0.1, False), x)
+    assert torch.equal(dropout(x, 0.0, True), x)
+    assert dropout(x.detach().bfloat16(), 0.1, True).dtype == torch.bfloat16
+
+
+def test_attention_with_dropout_matches_the_naive_formula():
+    from dtlab.model import attention
+
+    torch.manual_seed(0)
+    b, h, t, e = 4, 2, 9, 8
+    q, k, v = (torch.randn(b, h, t, e) for _ in range(3))
+    mask = torch.ones(t, t, dtype=torch.bool).tril() & (torch.rand(b, 1, 1, t) > 0.3)
+    mask = mask | torch.eye(t, dtype=torch.bool)  # (B, 1, T, T), every row attends to itself
+    torch.manual_seed(5)
+    got = attention(q, k, v, mask, is_causal=False, dropout_p=0.25)
+    torch.manual_seed(5)
+    scores = torch.einsum("bhqe,bhke->bhqk", q, k) / e ** 0.5
+    probs = torch.softmax(scores.masked_fill(~mask, float("-inf")), -1)
+    keep = torch.rand(probs.shape) >= 0.25
+    want = torch.einsum("bhqk,bhke->bhqe", probs * keep / 0.75, v)
+    assert torch.allclose(got, want, atol=1e-6)
+    # Without dropout it is SDPA itself; causal without a mask equals the explicit lower triangle.
+    sdpa = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+    assert torch.allclose(attention(q, k, v, mask, is_causal=False, dropout_p=0.0), sdpa)
+    torch.manual_seed(7)
+    causal = attention(q, k, v, None, is_causal=True, dropout_p=0.25)
+    torch.manual_seed(7)
+    explicit = attention(q, k, v, torch.ones(t, t, dtype=torch.bool).tril(), is_causal=False,
+                         dropout_p=0.25)
+    assert torch.equal(causal, explicit)

@@ -17,6 +17,7 @@ from dtlab.atomic import dumps_json
 from dtlab.config import (BehaviourConfig, BenchmarkConfig, CalibrateConfig, CollectConfig,
                           EvalConfig, MAX_SEED, TrainConfig, check_number)
 from dtlab.errors import DtlabError
+from dtlab.quickstart import STEPS as QUICKSTART_STEPS
 
 
 @dataclass(frozen=True)
@@ -74,7 +75,7 @@ class QuickstartConfig:
 
     out: str = "dtlab-quickstart"
     """Output directory: dataset, checkpoint, results.json, achieved-vs-target plot."""
-    steps: int = 3000
+    steps: int = QUICKSTART_STEPS
     """Training steps."""
     episodes: int = 10
     """Evaluation episodes per target."""
