@@ -17,9 +17,10 @@ if every env step cost only the matmul FLOPs of one exact K-window action at mat
 one simulator step at sim_random's rate, both from the same repetition:
     ceiling = 1 / (exact_action_flops / peak + 1 / sim_rate)
 exact_action_flops (``exact_action_flops``) counts 2 FLOPs per multiply-add of every matmul
-that an exact action needs: the embeddings, every block over the 3K tokens of the window
-(attention over the causal half only), and in the last block the keys and values of every token
-but the query, projection and MLP of s_K alone (the only output read).
+that an exact action needs: the embeddings, every block over the 3K - 1 tokens up to s_K (the
+window's last token, a_K, is seen by nothing that is read), attention over the causal half only,
+and in the last block the keys and values of those tokens but the query, projection and MLP of
+s_K alone (the only output read).
   dtlab_rollout_wN   (--workers N ...: this phase alone) the rollout with its envs stepped in N
                      worker processes (--eval-workers N), alternated with dtlab_rollout; the
                      returns of every run are checked identical
@@ -92,7 +93,7 @@ def exact_action_flops(cfg, obs_dim: int, act_dim: int) -> float:
     """Matmul FLOPs (2 per multiply-add) of one exact action from a full K-step window: the
     arithmetic a rollout cannot avoid without approximating (module docstring)."""
     d, k, n_layers, hidden = cfg.embed_dim, cfg.context_len, cfg.n_layers, cfg.mlp_ratio * cfg.embed_dim
-    t = 3 * k  # tokens in the window
+    t = 3 * k - 1  # tokens up to s_K
     causal_pairs = t * (t + 1) / 2
     embed = 2 * k * d * (obs_dim + act_dim + 1)  # state, action and return embeddings
     block = (2 * t * d * 3 * d  # q, k, v of every token

@@ -181,8 +181,9 @@ def test_dropout_matches_a_mask_drawn_from_the_same_uniform_numbers():
     assert torch.allclose(y, torch.where(keep, x / 0.9, torch.zeros_like(x)), rtol=1e-6, atol=0)
     y.sum().backward()
     assert torch.allclose(x.grad, keep.float() / 0.9)
-    # 491,520 draws: the dropped fraction within 5 standard deviations of p (sd 0.00043).
-    assert abs((~keep).float().mean().item() - 0.1) < 5 * (0.1 * 0.9 / keep.numel()) ** 0.5
+    # 491,520 draws: the fraction dtlab dropped within 5 standard deviations of p (sd 0.00043),
+    # so p is the probability of dropping, not of keeping.
+    assert abs((y == 0).float().mean().item() - 0.1) < 5 * (0.1 * 0.9 / y.numel()) ** 0.5
     assert torch.equal(dropout(x, 0.1, False), x)
     assert torch.equal(dropout(x, 0.0, True), x)
     assert dropout(x.detach().bfloat16(), 0.1, True).dtype == torch.bfloat16
@@ -204,12 +205,33 @@ def test_attention_with_dropout_matches_the_naive_formula():
     keep = torch.rand(probs.shape) >= 0.25
     want = torch.einsum("bhqk,bhke->bhqe", probs * keep / 0.75, v)
     assert torch.allclose(got, want, atol=1e-6)
-    # Without dropout it is SDPA itself; causal without a mask equals the explicit lower triangle.
-    sdpa = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask)
-    assert torch.allclose(attention(q, k, v, mask, is_causal=False, dropout_p=0.0), sdpa)
     torch.manual_seed(7)
     causal = attention(q, k, v, None, is_causal=True, dropout_p=0.25)
     torch.manual_seed(7)
     explicit = attention(q, k, v, torch.ones(t, t, dtype=torch.bool).tril(), is_causal=False,
                          dropout_p=0.25)
     assert torch.equal(causal, explicit)
+
+
+def test_written_out_attention_equals_sdpa_when_its_dropout_keeps_everything(monkeypatch):
+    """The CPU path taken with dropout on, its masks replaced by the identity, against SDPA
+    without dropout: with a padding mask and causal; and in fp32 under bf16 autocast."""
+    import dtlab.model as model_module
+    from dtlab.model import attention
+
+    torch.manual_seed(0)
+    b, h, t, e = 3, 2, 7, 16
+    q, k, v = (torch.randn(b, h, t, e) for _ in range(3))
+    mask = (torch.ones(t, t, dtype=torch.bool).tril() & (torch.rand(b, 1, 1, t) > 0.3)) | torch.eye(t, dtype=torch.bool)
+    monkeypatch.setattr(model_module, "dropout", lambda x, p, training: x)
+    sdpa = torch.nn.functional.scaled_dot_product_attention
+    assert torch.allclose(attention(q, k, v, mask, is_causal=False, dropout_p=0.5),
+                          sdpa(q, k, v, attn_mask=mask), atol=1e-6)
+    assert torch.allclose(attention(q, k, v, None, is_causal=True, dropout_p=0.5),
+                          sdpa(q, k, v, is_causal=True), atol=1e-6)
+    qb, kb, vb = q.bfloat16(), k.bfloat16(), v.bfloat16()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got = attention(qb, kb, vb, mask, is_causal=False, dropout_p=0.5)
+    assert got.dtype == torch.bfloat16
+    want = sdpa(qb.float(), kb.float(), vb.float(), attn_mask=mask)  # fp32 from the same inputs
+    assert torch.allclose(got.float(), want, atol=1e-2)  # bf16 output rounding only

@@ -50,6 +50,25 @@ def test_resume_equals_uninterrupted_run(tmp_path):
     assert not torch.equal(weights(other.checkpoint)["predict_action.weight"], w_full["predict_action.weight"])
 
 
+def test_resume_from_a_run_saved_by_a_non_fused_optimizer(tmp_path):
+    """Runs saved before the CPU optimizer became fused (and CPU runs resumed on CUDA, or back)
+    carry ``fused=False`` in their optimizer groups: the resumed run uses its own kernel, whose
+    state is the same, and continues as the uninterrupted run does."""
+    episodes = pendulum_like()
+    full = train(config(tmp_path, "full"), episodes)
+    train(config(tmp_path, "split", steps=6), episodes)
+    state_file = tmp_path / "split" / "step_00000006" / "trainer_state.pt"
+    state = torch.load(state_file, weights_only=True)
+    assert all(g["fused"] for g in state["optimizer"]["param_groups"])
+    for group in state["optimizer"]["param_groups"]:
+        group["fused"], group["foreach"] = False, None  # as a non-fused optimizer saved it
+    torch.save(state, state_file)
+    resumed = train(config(tmp_path, "split", resume=True), episodes)
+    assert resumed.steps == 12
+    w_full, w_res = weights(full.checkpoint), weights(tmp_path / "split")
+    assert all(torch.equal(w_full[k], w_res[k]) for k in w_full)
+
+
 def test_checkpoint_rotation_and_latest(tmp_path):
     result = train(config(tmp_path, steps=12, checkpoint_every=3, keep_checkpoints=2), pendulum_like())
     run = tmp_path / "run"

@@ -109,12 +109,12 @@ def dropout(x: torch.Tensor, p: float, training: bool) -> torch.Tensor:
     On the CPU the mask comes from uniform numbers, ``torch.rand(...) >= p`` (float32, so its
     probability is p to within 2^-24 whatever ``x``'s dtype), instead of ``F.dropout``'s
     ``bernoulli_``: on CPUs without Intel MKL's Bernoulli path (this project's AMD EPYC machines)
-    that draw costs 18 ns per element against 3.3 ns, which was 13% of a paper-configuration
-    training step and 37% of the quickstart model's (docs/benchmarks.md). It draws from the same
-    torch generator, so seeding and resumed runs behave as before. CUDA keeps ``F.dropout``'s
-    fused kernel.
+    that draw costs 18 ns per element against 3.3 ns (docs/benchmarks.md). The masks come from
+    torch's default generator, which checkpoints save, so a seeded run is reproducible and a
+    resumed one continues bit for bit (a run started before this change draws other masks). Other
+    devices keep ``F.dropout`` (CUDA: its fused kernel).
     """
-    if not training or p == 0.0 or x.is_cuda:
+    if not training or p == 0.0 or x.device.type != "cpu":
         return F.dropout(x, p, training)
     if p == 1.0:
         return x * 0.0
@@ -133,19 +133,23 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_mask: torc
               *, is_causal: bool, dropout_p: float) -> torch.Tensor:
     """``F.scaled_dot_product_attention`` (q (B, H, Tq, E), k and v (B, H, T, E), a bool mask
     broadcastable to (B, H, Tq, T), True: attend) with attention-probability dropout drawn as
-    ``dropout`` draws it. Without dropout, or on CUDA, it is SDPA itself (fused kernels); with
-    dropout on the CPU, SDPA would take its unfused path anyway, so the same arithmetic is
-    written out here: softmax(q k^T / sqrt(E) masked) -> dropout -> @ v."""
-    if dropout_p == 0.0 or q.is_cuda:
+    ``dropout`` draws it. Without dropout, or off the CPU, it is SDPA itself (fused kernels);
+    with dropout on the CPU, SDPA would take its unfused path anyway, so the same arithmetic is
+    written out here, in fp32 whatever the inputs' dtype (as SDPA's unfused path computes bf16):
+    softmax(q k^T / sqrt(E) masked) -> dropout -> @ v, returned in v's dtype."""
+    if dropout_p == 0.0 or q.device.type != "cpu":
         return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, is_causal=is_causal,
                                               dropout_p=dropout_p)
-    scores = q @ k.transpose(-2, -1) * (1.0 / math.sqrt(q.shape[-1]))  # (B, H, Tq, T)
-    if is_causal:
-        attn_mask = torch.ones(q.shape[-2], k.shape[-2], dtype=torch.bool,
-                               device=q.device).tril()
-    if attn_mask is not None:
-        scores = scores.masked_fill(~attn_mask, float("-inf"))
-    return dropout(scores.softmax(-1), dropout_p, True) @ v  # (B, H, Tq, E)
+    with torch.autocast("cpu", enabled=False):  # fp32 scores and softmax under bf16 autocast too
+        scale = 1.0 / math.sqrt(q.shape[-1])
+        scores = q.float() @ k.float().transpose(-2, -1) * scale  # (B, H, Tq, T)
+        if is_causal:
+            attn_mask = torch.ones(q.shape[-2], k.shape[-2], dtype=torch.bool,
+                                   device=q.device).tril()
+        if attn_mask is not None:
+            scores = scores.masked_fill(~attn_mask, float("-inf"))
+        probs = dropout(scores.softmax(-1), dropout_p, True)  # (B, H, Tq, T)
+        return (probs @ v.float()).to(v.dtype)  # (B, H, Tq, E)
 
 
 class CausalSelfAttention(nn.Module):

@@ -162,7 +162,9 @@ def train_step(model: DecisionTransformer, optimizer: torch.optim.Optimizer,
     """One gradient step on ``batch`` (``to_tensors`` of a sampled Batch): forward (under the
     precision's autocast), masked action loss in fp32, backward, global-norm clipping
     (``grad_clip`` 0: none), and the optimizer step, which is skipped when the gradient norm is
-    non-finite (the gradients are then cleared). The scheduler is the caller's.
+    non-finite (by a fused optimizer inside its kernel, the gradients staying until the next
+    step's ``zero_grad``; otherwise by not calling it, the gradients cleared). The scheduler is
+    the caller's.
 
     Returns (loss, grad_norm), both detached 0-d tensors on the model's device; the step was
     applied iff ``grad_norm`` is finite. With a fused optimizer (dtlab's, on the CPU and CUDA) a
@@ -194,9 +196,8 @@ def train_step(model: DecisionTransformer, optimizer: torch.optim.Optimizer,
     # The global gradient norm is non-finite iff the loss or any gradient is; with clipping off it
     # is computed without clipping (max_norm=inf).
     grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(),
-                                               grad_clip if grad_clip > 0 else float("inf"),
-                                               foreach=True)
-    if optimizer.defaults.get("fused"):
+                                               grad_clip if grad_clip > 0 else float("inf"))
+    if all(group.get("fused") for group in optimizer.param_groups):
         optimizer.found_inf = (~torch.isfinite(grad_norm)).float()  # 1: the kernel skips the step
         optimizer.grad_scale = None
         try:
@@ -254,6 +255,11 @@ class TrainerState:
         weights, optimizer and step, with every rank's streams drawn afresh from (seed, rank,
         step) and a one-line note (on rank 0)."""
         optimizer.load_state_dict(saved["optimizer"])
+        # The saved groups carry the saving run's implementation choice (fused or not: older
+        # runs and other devices differ); the state is the same either way, so this run's wins.
+        for group in optimizer.param_groups:
+            for key in ("fused", "foreach"):
+                group[key] = optimizer.defaults.get(key)
         scheduler.load_state_dict(saved["scheduler"])
         step = int(saved["step"])
         saved_size = int(saved.get("world_size", 1))
