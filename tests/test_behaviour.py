@@ -210,8 +210,15 @@ def test_presets_from_a_behaviour_run(hopper_run, tmp_path, monkeypatch):
     replay = presets.preset_dataset("hopper-medium-replay-v5", behaviour_run=str(hopper_run),
                                     trust=True)
     assert replay.num_transitions == chosen["medium"]
-    with pytest.raises(ConfigError, match="--behaviour-run"):
+    with pytest.raises(ConfigError, match="--behaviour-run.*datasets/hopper-medium-replay-v5.hdf5"):
         presets.preset_dataset("hopper-medium-replay-v5")
+    # The file the message points to is in the repository, with the preset's recorded name.
+    from pathlib import Path
+
+    from dtlab.data.formats import load_episodes
+
+    committed = Path(__file__).resolve().parents[1] / presets.COMMITTED_FILES["hopper-medium-replay-v5"]
+    assert load_episodes(committed).metadata["dataset"] == "hopper-medium-replay-v5"
     with pytest.raises(ConfigError, match="unknown preset"):
         presets.preset_dataset("cartpole-medium-v5")
 

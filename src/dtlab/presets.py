@@ -28,6 +28,9 @@ MANIFEST = "manifest.json"
 # Gymnasium ids of the D4RL MuJoCo families, by D4RL's lowercase dataset prefix.
 _FAMILIES = {"hopper": "Hopper", "halfcheetah": "HalfCheetah", "walker2d": "Walker2d"}
 VARIANTS = ("random", "medium", "expert", "medium-expert", "medium-replay")
+# Presets whose regeneration needs more than the committed policies, committed as datasets
+# instead (docs/datasets.md): path in the repository.
+COMMITTED_FILES = {"hopper-medium-replay-v5": "datasets/hopper-medium-replay-v5.hdf5"}
 # D4RL's dataset sizes: 1M transitions for random, medium and expert; medium-expert concatenates
 # medium and expert (2M); medium-replay is the replay buffer up to the medium snapshot.
 PRESET_TRANSITIONS = 1_000_000
@@ -230,9 +233,11 @@ def preset_dataset(name: str, *, seed: int = 0, num_transitions: int = PRESET_TR
         data = data.with_metadata(collection_counts(data))
     else:  # medium-replay
         if behaviour_run is None:
+            committed = (f" ({name} itself is committed in dtlab's repository as "
+                         f"{COMMITTED_FILES[name]})" if name in COMMITTED_FILES else "")
             raise ConfigError(f"{name} is built from the behaviour agent's replay buffer, which is not "
                               "in git: pass --behaviour-run DIR (made by dtlab train-behaviour) and "
-                              "--trust-pickle (the buffer is a pickle)")
+                              f"--trust-pickle (the buffer is a pickle){committed}")
         data = replay_until_medium(behaviour_run, env_id, trust=trust).with_metadata(base)
     return _record_reference(data, env_id)
 
