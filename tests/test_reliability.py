@@ -120,9 +120,14 @@ def test_signal_mid_run_then_resume_equals_uninterrupted(tmp_path, sig):
     out = tmp_path / "cut"
     proc = subprocess.Popen(_train_cmd(data, out, steps, every), stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True)
-    _wait_for_checkpoint(out, proc)
-    proc.send_signal(sig)
-    _, stderr = proc.communicate(timeout=60)
+    try:
+        _wait_for_checkpoint(out, proc)
+        proc.send_signal(sig)
+        _, stderr = proc.communicate(timeout=60)
+    finally:  # a failed wait must not leave the run training on behind the test
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
     if sig == signal.SIGTERM:
         assert proc.returncode == 128 + signal.SIGTERM, stderr
         assert "continue with --resume" in stderr
