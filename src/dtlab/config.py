@@ -472,7 +472,8 @@ class CalibrateConfig:
     """Targets in the sweep: evenly spaced from the data's lowest episode return to 50% of the
     return range past its best (1.5x the best when the lowest return is 0)."""
     episodes: int = 10
-    """Episodes per target (the noise margin shrinks with 1/sqrt(episodes))."""
+    """Episodes per target, at least 2 (the noise margin uses their standard error, and shrinks
+    with 1/sqrt(episodes))."""
     z: float = 2.0
     """Noise margin in standard errors: achieved return "rises" from one target to a higher one
     when the difference of their means exceeds z times its standard error."""
@@ -492,7 +493,7 @@ class CalibrateConfig:
 
     def __post_init__(self) -> None:
         check_number("points", self.points, minimum=2, integer=True)
-        check_number("episodes", self.episodes, minimum=1, integer=True)
+        check_number("episodes", self.episodes, minimum=2, integer=True)  # a standard error
         check_number("z", self.z, minimum=0)
         check_number("seed", self.seed, minimum=0, maximum=MAX_SEED, integer=True)
         check_number("max_steps", self.max_steps, minimum=1, integer=True)
@@ -506,8 +507,8 @@ ALGORITHMS: tuple[Algorithm, ...] = ("decision-transformer", "transformer-bc", "
 
 @dataclass(frozen=True)
 class BenchmarkConfig:
-    """The DT paper's protocol as one command: for every dataset x algorithm x seed, train
-    --steps steps, evaluate every --eval-every steps, and report the last and best normalized
+    """The DT paper's protocol as one command: for every dataset x algorithm x seed, train for
+    the given steps, evaluate every --eval-every steps, and report the last and best normalized
     scores (mean +- std over seeds, interquartile mean with a 95% stratified-bootstrap CI).
     Resumable: run it again with the same arguments to continue."""
 
@@ -538,7 +539,8 @@ class BenchmarkConfig:
     calibrate_points: int = 10
     """--calibrate: targets in the sweep."""
     calibrate_episodes: int = 10
-    """--calibrate: episodes per target."""
+    """--calibrate: episodes per target, at least 2 (the calibration compares targets by the
+    standard errors of their mean returns)."""
     report_only: bool = False
     """Rebuild results.json, results.md and the plots from the finished runs under --out; train
     nothing (--datasets may then be left out)."""
@@ -569,8 +571,9 @@ class BenchmarkConfig:
             raise ConfigError(f"seeds must be distinct and not empty, got {self.seeds!r}")
         for seed in self.seeds:
             check_number("seeds", seed, minimum=0, maximum=MAX_SEED, integer=True)
-        for name in ("steps", "eval_every", "eval_episodes", "calibrate_episodes", "bootstrap_reps"):
+        for name in ("steps", "eval_every", "eval_episodes", "bootstrap_reps"):
             check_number(name, getattr(self, name), minimum=1, integer=True)
+        check_number("calibrate_episodes", self.calibrate_episodes, minimum=2, integer=True)
         check_number("calibrate_points", self.calibrate_points, minimum=2, integer=True)
         check_number("top_fraction", self.top_fraction, above=0, maximum=1)
         check_number("threads", self.threads, minimum=1, integer=True)
