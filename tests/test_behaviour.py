@@ -11,7 +11,7 @@ import pytest
 from dtlab.behaviour.policies import ActorPolicy, SB3Policy
 from dtlab.behaviour.sac import RunManifest, Snapshot, export_actor, pick_snapshots, read_run_manifest
 from dtlab.collect import collect_episodes
-from dtlab.errors import ConfigError, EnvError
+from dtlab.errors import ConfigError, DtlabWarning, EnvError
 
 
 def test_pick_snapshots_follows_d4rl():
@@ -221,6 +221,37 @@ def test_presets_from_a_behaviour_run(hopper_run, tmp_path, monkeypatch):
     assert load_episodes(committed).metadata["dataset"] == "hopper-medium-replay-v5"
     with pytest.raises(ConfigError, match="unknown preset"):
         presets.preset_dataset("cartpole-medium-v5")
+
+
+def test_medium_replay_of_the_presets_own_run_uses_the_presets_medium_step(hopper_run, tmp_path,
+                                                                           monkeypatch):
+    """A rerun stopped at the preset's medium snapshot (as docs/datasets.md regenerates the
+    committed medium-replay files) has no later snapshots, so D4RL's rule applied to it alone
+    would pick another step: the preset's step is used when the run is the preset's (same
+    evaluation there); another run keeps its own rule, with a warning."""
+    import dataclasses
+
+    import dtlab.presets as presets
+
+    run = read_run_manifest(hopper_run)
+    own = pick_snapshots(run)["medium"]
+    step = next(s for s in run.snapshots if s.step != own)  # a step the rule does not pick
+    dest = tmp_path / "presets" / "hopper-v5"
+    manifest = presets.export_presets(hopper_run, dest, env_id="Hopper-v5", episodes=2)
+    pinned = dataclasses.replace(manifest, medium=dataclasses.replace(
+        manifest.medium, step=step.step, training_eval_return=step.return_mean))
+    (dest / "manifest.json").write_text(pinned.to_json())
+    monkeypatch.setattr(presets, "PRESET_DIR", tmp_path / "presets")
+    replay = presets.preset_dataset("hopper-medium-replay-v5", behaviour_run=str(hopper_run),
+                                    trust=True)
+    assert replay.num_transitions == step.step != own
+    other = dataclasses.replace(pinned, medium=dataclasses.replace(
+        pinned.medium, training_eval_return=step.return_mean + 1.0))  # another run's evaluation
+    (dest / "manifest.json").write_text(other.to_json())
+    with pytest.warns(DtlabWarning, match="another run"):
+        replay = presets.preset_dataset("hopper-medium-replay-v5", behaviour_run=str(hopper_run),
+                                        trust=True)
+    assert replay.num_transitions == own
 
 
 def test_cli_medium_replay_needs_trust_pickle(hopper_run, tmp_path, capsys):

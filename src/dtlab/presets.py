@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -21,7 +23,7 @@ from dtlab.behaviour.policies import ActorPolicy, BehaviourPolicy, RandomPolicy
 from dtlab.behaviour.sac import export_actor, pick_snapshots, read_run_manifest, replay_until_medium
 from dtlab.collect import collect_episodes, collect_sharded, collection_counts
 from dtlab.data.episodes import EpisodeSet
-from dtlab.errors import ConfigError
+from dtlab.errors import ConfigError, DtlabWarning
 
 PRESET_DIR = Path(__file__).parent / "presets"
 MANIFEST = "manifest.json"
@@ -238,8 +240,33 @@ def preset_dataset(name: str, *, seed: int = 0, num_transitions: int = PRESET_TR
             raise ConfigError(f"{name} is built from the behaviour agent's replay buffer, which is not "
                               "in git: pass --behaviour-run DIR (made by dtlab train-behaviour) and "
                               f"--trust-pickle (the buffer is a pickle){committed}")
-        data = replay_until_medium(behaviour_run, env_id, trust=trust).with_metadata(base)
+        data = replay_until_medium(behaviour_run, env_id, trust=trust,
+                                   medium_step=_preset_medium_step(env_id, behaviour_run)
+                                   ).with_metadata(base)
     return _record_reference(data, env_id)
+
+
+def _preset_medium_step(env_id: str, behaviour_run: str) -> int | None:
+    """The committed preset's medium snapshot step when ``behaviour_run`` is the run the preset
+    came from (its evaluation at that step equals the manifest's ``training_eval_return``: SAC
+    reruns with the preset's seed are deterministic on one machine), so that a rerun stopped at
+    that step reproduces the preset. Otherwise None, the run's own snapshots decide (D4RL's
+    rule), with a warning that its medium-replay is its own, not the preset's; None without a
+    preset manifest."""
+    if not preset_manifest_path(env_id).exists():
+        return None
+    medium = read_preset_manifest(env_id).medium
+    run = read_run_manifest(behaviour_run)
+    at_step = [s for s in (run.snapshots if run else []) if s.step == medium.step]
+    if at_step and math.isclose(at_step[0].return_mean, medium.training_eval_return,
+                                rel_tol=1e-9, abs_tol=1e-6):
+        return medium.step
+    got = f"{at_step[0].return_mean:.2f}" if at_step else "no evaluation"
+    warnings.warn(f"{behaviour_run}: at the preset's medium step {medium.step} this run has {got}, "
+                  f"the preset's run {medium.training_eval_return:.2f}: another run, so its "
+                  "medium snapshot is picked from its own evaluations (D4RL's rule) and its "
+                  "medium-replay is not the preset's", DtlabWarning, stacklevel=3)
+    return None
 
 
 def _record_reference(data: EpisodeSet, env_id: str) -> EpisodeSet:

@@ -244,9 +244,12 @@ def export_actor(snapshot: str | Path, out: str | Path, *, env_id: str,
         low=space.low, high=space.high, metadata=meta))
 
 
-def replay_until_medium(run_dir: str | Path, env_id: str, *, trust: bool = False) -> EpisodeSet:
+def replay_until_medium(run_dir: str | Path, env_id: str, *, trust: bool = False,
+                        medium_step: int | None = None) -> EpisodeSet:
     """D4RL's medium-replay: every transition the SAC agent collected up to the medium snapshot,
-    read from the run's replay buffer.
+    read from the run's replay buffer. ``medium_step``: that snapshot's step (a preset's, fixed by
+    its committed manifest); None: picked from the run's own snapshots (``pick_snapshots``), which
+    needs the run to have gone on past its medium snapshot.
 
     The buffer is a pickle written by SB3: loading it can run code, so it is read only with
     ``trust=True`` (``--trust-pickle``), for runs you made yourself. ConfigError otherwise, and
@@ -269,7 +272,8 @@ def replay_until_medium(run_dir: str | Path, env_id: str, *, trust: bool = False
     if not trust:
         raise ConfigError(f"{pkl}: the replay buffer is a pickle, which can run code when loaded; "
                           "pass --trust-pickle if you made this behaviour run yourself")
-    medium_step = pick_snapshots(manifest)["medium"]
+    if medium_step is None:
+        medium_step = pick_snapshots(manifest)["medium"]
     try:
         buffer = load_from_pkl(pkl)
     except (OSError, EOFError, pickle.UnpicklingError, AttributeError, ValueError) as exc:
