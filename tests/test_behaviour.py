@@ -212,13 +212,6 @@ def test_presets_from_a_behaviour_run(hopper_run, tmp_path, monkeypatch):
     assert replay.num_transitions == chosen["medium"]
     with pytest.raises(ConfigError, match="--behaviour-run.*datasets/hopper-medium-replay-v5.hdf5"):
         presets.preset_dataset("hopper-medium-replay-v5")
-    # The file the message points to is in the repository, with the preset's recorded name.
-    from pathlib import Path
-
-    from dtlab.data.formats import load_episodes
-
-    committed = Path(__file__).resolve().parents[1] / presets.COMMITTED_FILES["hopper-medium-replay-v5"]
-    assert load_episodes(committed).metadata["dataset"] == "hopper-medium-replay-v5"
     with pytest.raises(ConfigError, match="unknown preset"):
         presets.preset_dataset("cartpole-medium-v5")
 
@@ -252,6 +245,21 @@ def test_medium_replay_of_the_presets_own_run_uses_the_presets_medium_step(hoppe
         replay = presets.preset_dataset("hopper-medium-replay-v5", behaviour_run=str(hopper_run),
                                         trust=True)
     assert replay.num_transitions == own
+
+
+def test_committed_medium_replay_files():
+    """The files the medium-replay error points to are in the repository: the presets' names,
+    every transition up to the committed manifest's medium step."""
+    from pathlib import Path
+
+    import dtlab.presets as presets
+    from dtlab.data.formats import load_episodes
+
+    for name, path in presets.COMMITTED_FILES.items():
+        committed = load_episodes(Path(__file__).resolve().parents[1] / path)
+        medium = presets.read_preset_manifest(presets.parse_preset(name)[0]).medium
+        assert committed.metadata["dataset"] == name
+        assert committed.metadata["policy_training_steps"] == medium.step == committed.num_transitions
 
 
 def test_cli_medium_replay_needs_trust_pickle(hopper_run, tmp_path, capsys):
