@@ -33,7 +33,7 @@ VARIANTS = ("random", "medium", "expert", "medium-expert", "medium-replay")
 # Presets whose regeneration needs more than the committed policies, committed as datasets
 # instead (docs/datasets.md): path in the repository.
 COMMITTED_FILES = {name: f"datasets/{name}.hdf5" for name in (
-    "hopper-medium-replay-v5", "halfcheetah-medium-replay-v5")}
+    "hopper-medium-replay-v5", "halfcheetah-medium-replay-v5", "walker2d-medium-replay-v5")}
 # D4RL's dataset sizes: 1M transitions for random, medium and expert; medium-expert concatenates
 # medium and expert (2M); medium-replay is the replay buffer up to the medium snapshot.
 PRESET_TRANSITIONS = 1_000_000
