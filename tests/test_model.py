@@ -137,26 +137,64 @@ def test_timesteps_beyond_max_ep_len_are_an_error_not_clamped():
     assert torch.isfinite(m(obs, act, rtg, ok)).all()
 
 
+def sliding_reference(m, obs, act, rtg, ts):
+    """The kv-cache rollout's definition, token by token with plain loops (independent of the
+    ring buffer): every token's keys and values are computed once per layer, from that layer's
+    input when the token arrives; the tokens of step t (a_{t-1}, R_t, s_t) attend to the tokens of
+    steps t - K + 1 .. t (R_{t-K+1} onwards) up to themselves. Returns the action read from each
+    s_t: (B, T, A)."""
+    b, steps = obs.shape[:2]
+    d, heads, k = m.cfg.embed_dim, m.cfg.n_heads, m.cfg.context_len
+    tokens = m.embed(obs, act, rtg, ts)  # (B, 3T, D): R_0, s_0, a_0, R_1, ...
+    keys = [[] for _ in m.blocks]  # per layer: one (B, H, D/H) per token so far
+    values = [[] for _ in m.blocks]
+    preds = []
+    for t in range(steps):
+        new = [3 * t - 1, 3 * t, 3 * t + 1] if t else [0, 1]  # a_{t-1}, R_t, s_t
+        first = max(0, 3 * (t - k + 1))  # R_{t-K+1}
+        h = {n: tokens[:, n] for n in new}  # (B, D) each
+        for i, block in enumerate(m.blocks):
+            qs = {}
+            for n in new:  # keys and values of every new token first, in token order
+                q, kk, vv = block.attn.qkv(block.ln_1(h[n])).split(d, dim=-1)
+                qs[n] = q.view(b, heads, d // heads)
+                keys[i].append(kk.view(b, heads, d // heads))
+                values[i].append(vv.view(b, heads, d // heads))
+            for n in new:
+                seen = range(first, n + 1)
+                kk = torch.stack([keys[i][j] for j in seen], dim=2)  # (B, H, L, D/H)
+                vv = torch.stack([values[i][j] for j in seen], dim=2)
+                w = torch.softmax((qs[n][:, :, None] * kk).sum(-1) / (d // heads) ** 0.5, dim=-1)
+                y = (w[..., None] * vv).sum(2).reshape(b, d)  # (B, D)
+                x = h[n] + block.attn.proj(y)
+                h[n] = x + block.mlp(block.ln_2(x))
+        preds.append(m.action_head(m.ln_f(h[3 * t + 1])))
+    return torch.stack(preds, dim=1)  # (B, T, A)
+
+
 @torch.no_grad()
 def test_cached_steps_equal_exact_recomputation_within_the_first_k_steps():
     """predict_cached (first call: the whole short episode; then the cache plus one new step)
-    equals predict_last on the same steps while the episode fits in the window, and keeps at most
-    K steps (3K - 1 tokens) once it slides."""
+    equals predict_last on the same steps while the episode fits in the window; once it slides it
+    equals the token-by-token reference above and keeps the newest K steps (3K - 1 tokens)."""
     m = model()
     for p in m.parameters():  # weights larger than the init's: the approximation shows clearly
         p.normal_(0.0, 0.3)
     k = CFG.context_len
-    obs, act, rtg, _ = inputs(b=2, k=k + 3, seed=1)
-    ts = torch.arange(k + 3).repeat(2, 1)
+    obs, act, rtg, _ = inputs(b=2, k=3 * k + 2, seed=1)
+    ts = torch.arange(3 * k + 2).repeat(2, 1)
+    reference = sliding_reference(m, obs, act, rtg, ts)
     cache, slid = None, []
-    for t in range(k + 3):
+    for t in range(3 * k + 2):
         if cache is None:
             pred, cache = m.predict_cached(obs[:, :1], act[:, :1], rtg[:, :1], ts[:, :1])
         else:
             pred, cache = m.predict_cached(obs[:, t - 1:t + 1], act[:, t - 1:t + 1],
                                            rtg[:, t - 1:t + 1], ts[:, t - 1:t + 1], cache)
         assert isinstance(cache, KVCache) and cache.steps == min(t + 1, k)
-        assert all(key.shape[2] == 3 * cache.steps - 1 for key in cache.keys)
+        held = sorted(int(p) for p in cache.positions if p >= 0)  # the window's tokens, no more
+        assert held == list(range(cache.tokens - (3 * cache.steps - 1), cache.tokens))
+        torch.testing.assert_close(pred, reference[:, t], rtol=0, atol=1e-5)
         first = max(0, t + 1 - k)
         exact = m.predict_last(obs[:, first:t + 1], act[:, first:t + 1], rtg[:, first:t + 1],
                                ts[:, first:t + 1])

@@ -29,6 +29,7 @@ mlp-bc (``MLPBC``) sees the current state alone.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
 
@@ -76,18 +77,24 @@ class ImageEncoder(nn.Module):
 class KVCache:
     """Keys and values of the tokens an incremental rollout has seen (``predict_cached``).
 
-    Holds the tokens (R_1, s_1, a_1, ..., R_steps, s_steps) of the newest ``steps`` steps (at most
-    context_len): 3 * steps - 1 tokens, the last step's action being not yet known.
+    A ring buffer of the window's 3K - 1 tokens (R_1, s_1, a_1, ..., R_K, s_K; the last step's
+    action is not yet known): counting the tokens since the cache was built from 0, token n lives
+    in slot n mod (3K - 1), so a new step's three tokens overwrite the oldest step's three in place
+    and nothing is copied. Attention does not depend on the order of its keys (the timestep
+    embedding is the only position information), so the slots need no reordering; ``positions``
+    gives each slot's token number for the causal mask.
     """
 
-    keys: tuple[torch.Tensor, ...]  # per layer: (B, H, 3 * steps - 1, D/H)
-    values: tuple[torch.Tensor, ...]  # per layer: (B, H, 3 * steps - 1, D/H)
-    steps: int
+    keys: tuple[torch.Tensor, ...]  # per layer: (B, H, 3K - 1, D/H)
+    values: tuple[torch.Tensor, ...]  # per layer: (B, H, 3K - 1, D/H)
+    positions: torch.Tensor  # (3K - 1,) int64: the token number held in each slot, -1 if none yet
+    steps: int  # steps in the window (at most K)
+    tokens: int  # tokens written since the cache was built
 
     def select(self, rows: torch.Tensor) -> "KVCache":
-        """The cache of the batch rows ``rows`` (B',) only."""
+        """The cache of the batch rows ``rows`` (B',) only (a copy)."""
         return KVCache(tuple(k[rows] for k in self.keys), tuple(v[rows] for v in self.values),
-                       self.steps)
+                       self.positions, self.steps, self.tokens)
 
 
 def action_outputs(action_space: ActionSpec) -> tuple[int, bool]:
@@ -179,19 +186,22 @@ class CausalSelfAttention(nn.Module):
         y = y.transpose(1, 2).reshape(b, q.shape[2], d)  # (B, Tq, D)
         return self.resid_drop(self.proj(y))
 
-    def forward_cached(self, x: torch.Tensor, past: tuple[torch.Tensor, torch.Tensor] | None):
-        """New tokens ``x`` (B, Tn, D) attend to cached keys/values ``past`` (2 x (B, H, Tp, D/H))
-        and to each other causally. Returns (B, Tn, D) and the extended (keys, values)."""
+    def forward_cached(self, x: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
+                       slots: torch.Tensor, mask: torch.Tensor, last_only: bool) -> torch.Tensor:
+        """New tokens ``x`` (B, Tn, D): their keys and values are written into the ring buffers
+        ``keys``/``values`` (B, H, S, D/H) at ``slots`` (Tn,) in place, then they attend to the
+        buffers under ``mask`` (Tn, S) bool (True: attend). Returns (B, Tn, D), or with
+        ``last_only`` the last new token's output alone, (B, 1, D)."""
         b, tn, d = x.shape
         q, k, v = (z.view(b, tn, self.n_heads, d // self.n_heads).transpose(1, 2)
                    for z in self.qkv(x).split(d, dim=2))  # 3 x (B, H, Tn, D/H)
-        if past is not None:
-            k = torch.cat([past[0], k], dim=2)  # (B, H, Tp + Tn, D/H)
-            v = torch.cat([past[1], v], dim=2)
-        tp = k.shape[2] - tn
-        mask = torch.ones(tn, tp + tn, dtype=torch.bool, device=x.device).tril(diagonal=tp)  # (Tn, T)
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)  # (B, H, Tn, D/H)
-        return self.proj(y.transpose(1, 2).reshape(b, tn, d)), (k, v)
+        keys.index_copy_(2, slots, k.to(keys.dtype))
+        values.index_copy_(2, slots, v.to(values.dtype))
+        if last_only:
+            q, mask, tn = q[:, :, -1:], mask[-1:], 1
+        with torch.autocast(x.device.type, enabled=False):  # in the buffers' dtype
+            y = F.scaled_dot_product_attention(q.to(keys.dtype), keys, values, attn_mask=mask)
+        return self.proj(y.transpose(1, 2).reshape(b, tn, d))  # y: (B, H, Tn, D/H)
 
 
 class Block(nn.Module):
@@ -216,10 +226,13 @@ class Block(nn.Module):
         x = (x if query is None else x[:, query]) + h
         return x + self.mlp(self.ln_2(x))
 
-    def forward_cached(self, x: torch.Tensor, past):
-        h, kv = self.attn.forward_cached(self.ln_1(x), past)
-        x = x + h
-        return x + self.mlp(self.ln_2(x)), kv
+    def forward_cached(self, x: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
+                       slots: torch.Tensor, mask: torch.Tensor, last_only: bool) -> torch.Tensor:
+        """``CausalSelfAttention.forward_cached`` inside the block: (B, Tn, D) -> (B, Tn, D), or
+        (B, 1, D) for the last token only."""
+        h = self.attn.forward_cached(self.ln_1(x), keys, values, slots, mask, last_only)
+        x = (x[:, -1:] if last_only else x) + h
+        return x + self.mlp(self.ln_2(x))
 
 
 class DecisionTransformer(nn.Module):
@@ -312,6 +325,18 @@ class DecisionTransformer(nn.Module):
         Timesteps at or beyond ``max_ep_len`` have no embedding: ConfigError, never clamped.
         """
         b, k = observations.shape[:2]
+        self._check_timesteps(timesteps)
+        time = self.embed_timestep(timesteps)  # (B, K, D)
+        s = self._embed_states(observations) + time  # (B, K, D)
+        a = self.embed_action(actions) + time  # (B, K, D)
+        if self.returns_tokens:
+            r = self.embed_return(returns_to_go) + time  # (B, K, D)
+            x = torch.stack((r, s, a), dim=2).reshape(b, 3 * k, -1)  # (B, 3K, D)
+        else:
+            x = torch.stack((s, a), dim=2).reshape(b, 2 * k, -1)  # (B, 2K, D)
+        return self.drop(self.embed_ln(x))
+
+    def _check_timesteps(self, timesteps: torch.Tensor) -> None:
         # Checked here on the CPU; on an accelerator the callers check on the host (DTPolicy's step
         # counts, training's episode lengths) so that no forward waits on the device, and an
         # index past the table is a device-side error there, never a clamp.
@@ -321,16 +346,21 @@ class DecisionTransformer(nn.Module):
                 f"timestep {latest} is beyond the model's max_ep_len={self.cfg.max_ep_len} (it "
                 f"embeds timesteps 0 to {self.cfg.max_ep_len - 1}); cap episodes at "
                 f"{self.cfg.max_ep_len} steps with max_steps")
-        time = self.embed_timestep(timesteps)  # (B, K, D)
+
+    def _embed_states(self, observations: torch.Tensor) -> torch.Tensor:
+        """(B, K, obs_dim) vectors, or (B, K, D) already encoded frames -> (B, K, D)."""
         encoded = self._image and observations.dim() == 3  # (B, K, D) from encode_observations
-        s = (observations if encoded else self.embed_state(observations)) + time  # (B, K, D)
-        a = self.embed_action(actions) + time  # (B, K, D)
-        if self.returns_tokens:
-            r = self.embed_return(returns_to_go) + time  # (B, K, D)
-            x = torch.stack((r, s, a), dim=2).reshape(b, 3 * k, -1)  # (B, 3K, D)
-        else:
-            x = torch.stack((s, a), dim=2).reshape(b, 2 * k, -1)  # (B, 2K, D)
-        return self.drop(self.embed_ln(x))
+        return observations if encoded else self.embed_state(observations)
+
+    def _embed_newest(self, observations, actions, returns_to_go, timesteps) -> torch.Tensor:
+        """The tokens (a_{t-1}, R_t, s_t) of two steps (B, 2, .): (B, 3, D), equal to
+        ``embed(...)[:, 2:5]`` (the LayerNorm is per token) without embedding the other three."""
+        self._check_timesteps(timesteps)
+        time = self.embed_timestep(timesteps)  # (B, 2, D)
+        a = self.embed_action(actions[:, :1]) + time[:, :1]  # (B, 1, D)
+        r = self.embed_return(returns_to_go[:, 1:]) + time[:, 1:]  # (B, 1, D)
+        s = self._embed_states(observations[:, 1:]) + time[:, 1:]  # (B, 1, D)
+        return self.drop(self.embed_ln(torch.cat((a, r, s), dim=1)))  # (B, 3, D)
 
     def predict_last(self, observations, actions, returns_to_go, timesteps,
                      masks: torch.Tensor | None = None) -> torch.Tensor:
@@ -375,29 +405,42 @@ class DecisionTransformer(nn.Module):
           padding); the tokens up to s_n are computed (exact).
         - with a ``cache``: the cache's last step, whose action is now known, and the new step
           (n = 2); only the new tokens (a_{t-1}, R_t, s_t) are computed, attending to the cached
-          keys/values of the newest context_len - 1 steps.
+          keys/values of the newest context_len - 1 steps. The cache is updated in place (its
+          ring buffers are shared with the returned cache, which is the one to pass next).
 
-        Exact while the cached tokens are the whole episode so far (t < K). Once the window slides,
+        The last block computes s_t's output alone (the other new tokens' keys and values are all
+        that is read from it). Exact while the cached tokens are the whole episode so far (t < K). Once the window slides,
         the cached keys/values of older tokens were computed with context that has since left the
         window, so results differ from full-window recomputation (``forward``).
         """
         if not self.returns_tokens:
             raise ConfigError(f"kv_cache rollouts need return-to-go tokens; {self.cfg.architecture} "
                               "has none (evaluate it without kv_cache)")
-        x = self.embed(observations, actions, returns_to_go, timesteps)  # (B, 3n, D)
-        if cache is None:
-            x, steps, keep = x[:, :-1], observations.shape[1], 0  # up to s_n: (B, 3n - 1, D)
-        else:
-            x, steps = x[:, 2:5], min(cache.steps + 1, self.cfg.context_len)  # a_{t-1}, R_t, s_t
-            keep = 3 * steps - 4  # the window's 3 * steps - 1 tokens, less the 3 new ones
-        keys, values = [], []
+        if cache is None:  # the tokens up to s_n: (B, 3n - 1, D), into a new ring buffer
+            x = self.embed(observations, actions, returns_to_go, timesteps)[:, :-1]
+            b, size = x.shape[0], 3 * self.cfg.context_len - 1
+            shape = (b, self.cfg.n_heads, size, self.cfg.embed_dim // self.cfg.n_heads)
+            # Buffers in the autocast dtype, except on the CPU: there SDPA over a few queries is
+            # several times slower in bf16 than in fp32 (docs/benchmarks.md), so they stay fp32.
+            dtype = torch.get_autocast_dtype(x.device.type) \
+                if torch.is_autocast_enabled(x.device.type) and x.device.type != "cpu" else x.dtype
+            cache = KVCache(tuple(x.new_zeros(shape, dtype=dtype) for _ in self.blocks),
+                            tuple(x.new_zeros(shape, dtype=dtype) for _ in self.blocks),
+                            torch.full((size,), -1, dtype=torch.long, device=x.device),
+                            observations.shape[1], 0)
+        else:  # a_{t-1}, R_t, s_t: (B, 3, D)
+            x = self._embed_newest(observations, actions, returns_to_go, timesteps)
+            cache = dataclasses.replace(cache, steps=min(cache.steps + 1, self.cfg.context_len))
+        new = torch.arange(cache.tokens, cache.tokens + x.shape[1], device=x.device)  # (Tn,)
+        size = cache.positions.shape[0]
+        slots = new % size  # (Tn,)
+        positions = cache.positions.index_copy(0, slots, new)  # (S,)
+        mask = (positions[None, :] >= 0) & (positions[None, :] <= new[:, None])  # (Tn, S)
+        last = len(self.blocks) - 1
         for i, block in enumerate(self.blocks):
-            past = None if cache is None or keep <= 0 else (cache.keys[i][:, :, -keep:],
-                                                             cache.values[i][:, :, -keep:])
-            x, (k, v) = block.forward_cached(x, past)
-            keys.append(k)
-            values.append(v)
-        return self.action_head(self.ln_f(x[:, -1])), KVCache(tuple(keys), tuple(values), steps)
+            x = block.forward_cached(x, cache.keys[i], cache.values[i], slots, mask, i == last)
+        cache = dataclasses.replace(cache, positions=positions, tokens=int(new[-1]) + 1)
+        return self.action_head(self.ln_f(x[:, -1])), cache
 
     @staticmethod
     def attention_mask(masks: torch.Tensor, tokens_per_step: int = 3) -> torch.Tensor:

@@ -191,6 +191,7 @@ class DTPolicy:
             elif set(ids) <= set(self._cache_ids):  # some episodes ended: keep the others' rows
                 pos = {e: i for i, e in enumerate(self._cache_ids)}
                 cache = self._cache.select(torch.tensor([pos[e] for e in ids], device=self.device))
+        self._cache = None  # updated in place below: never kept half-updated if a forward fails
         if cache is not None:  # the last two steps: (a_{t-1}) and (R_t, s_t) are new
             pred, new_cache = self.model.predict_cached(obs_w[:, -2:], act_w[:, -2:], rtg_w[:, -2:],
                                                         ts_w[:, -2:], cache)
