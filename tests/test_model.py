@@ -1,5 +1,7 @@
 """Model properties: causality, padding invariance, gradients, loss masking."""
 
+from dataclasses import replace
+
 import pytest
 import torch
 
@@ -204,6 +206,54 @@ def test_cached_steps_equal_exact_recomputation_within_the_first_k_steps():
             slid.append(float((pred - exact).abs().max()))
     assert min(slid) > 1e-3  # approximate once the window slid (older keys saw older context)
     torch.testing.assert_close(cache.select(torch.tensor([1])).keys[0], cache.keys[0][1:])
+
+
+@torch.no_grad()
+def test_cache_rebuilt_late_in_an_episode_and_window_edge_cases():
+    """A cache built from K steps in mid-episode (a policy rebuilds it after steering), continued
+    past two wraps of the ring, follows the reference from those steps; a first call with more
+    than K steps equals one with the newest K; K = 1 stays exact (its window is the current step);
+    rows selected from a cache (not contiguous) continue as a cache of those rows alone; on the
+    CPU the buffers stay fp32 under bf16 autocast."""
+    m = model()
+    for p in m.parameters():
+        p.normal_(0.0, 0.3)
+    k, steps, start = CFG.context_len, 4 * CFG.context_len, 5
+    obs, act, rtg, _ = inputs(b=3, k=steps, seed=2)
+    ts = torch.arange(steps).repeat(3, 1) + 7
+    reference = sliding_reference(m, obs[:, start:], act[:, start:], rtg[:, start:], ts[:, start:])
+    end = start + k
+    pred, cache = m.predict_cached(obs[:, start:end], act[:, start:end], rtg[:, start:end],
+                                   ts[:, start:end])
+    torch.testing.assert_close(pred, reference[:, k - 1], rtol=0, atol=1e-5)
+    longer, _ = m.predict_cached(obs[:, start - 2:end], act[:, start - 2:end],
+                                 rtg[:, start - 2:end], ts[:, start - 2:end])
+    torch.testing.assert_close(longer, pred, rtol=0, atol=1e-6)
+    rows = torch.tensor([0, 2])
+    picked = None
+    for t in range(end, steps):
+        two = slice(t - 1, t + 1)
+        if t == end + 3:  # rows 0 and 2 go on alone, in a copy of their rows
+            picked = cache.select(rows)
+        pred, cache = m.predict_cached(obs[:, two], act[:, two], rtg[:, two], ts[:, two], cache)
+        torch.testing.assert_close(pred, reference[:, t - start], rtol=0, atol=1e-5)
+        if picked is not None:
+            alone, picked = m.predict_cached(obs[rows, two], act[rows, two], rtg[rows, two],
+                                             ts[rows, two], picked)
+            torch.testing.assert_close(alone, pred[rows], rtol=0, atol=1e-6)
+
+    one = DecisionTransformer(replace(CFG, context_len=1), VectorObservations(5),
+                              ContinuousActions(2)).eval()
+    pred, cache = one.predict_cached(obs[:, :1], act[:, :1], rtg[:, :1], ts[:, :1])
+    for t in range(1, 6):
+        two = slice(t - 1, t + 1)
+        pred, cache = one.predict_cached(obs[:, two], act[:, two], rtg[:, two], ts[:, two], cache)
+        exact = one.predict_last(obs[:, t:t + 1], act[:, t:t + 1], rtg[:, t:t + 1], ts[:, t:t + 1])
+        torch.testing.assert_close(pred, exact, rtol=0, atol=1e-6)
+
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        _, cache = m.predict_cached(obs[:, :2], act[:, :2], rtg[:, :2], ts[:, :2])
+    assert all(key.dtype == torch.float32 for key in cache.keys + cache.values)
 
 
 # ---- dropout as dtlab draws it on the CPU (model.dropout, model.attention) ----------------------

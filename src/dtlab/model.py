@@ -29,7 +29,6 @@ mlp-bc (``MLPBC``) sees the current state alone.
 
 from __future__ import annotations
 
-import dataclasses
 import math
 from dataclasses import dataclass
 
@@ -73,7 +72,7 @@ class ImageEncoder(nn.Module):
         return torch.tanh(self.fc(x)).reshape(*lead, -1)  # (..., out)
 
 
-@dataclass(frozen=True)
+@dataclass
 class KVCache:
     """Keys and values of the tokens an incremental rollout has seen (``predict_cached``).
 
@@ -82,19 +81,20 @@ class KVCache:
     in slot n mod (3K - 1), so a new step's three tokens overwrite the oldest step's three in place
     and nothing is copied. Attention does not depend on the order of its keys (the timestep
     embedding is the only position information), so the slots need no reordering; ``positions``
-    gives each slot's token number for the causal mask.
+    gives each slot's token number for the causal mask. ``predict_cached`` advances the cache it
+    is given, in place, and returns that same object (no stale copy of it exists to misuse).
     """
 
     keys: tuple[torch.Tensor, ...]  # per layer: (B, H, 3K - 1, D/H)
     values: tuple[torch.Tensor, ...]  # per layer: (B, H, 3K - 1, D/H)
     positions: torch.Tensor  # (3K - 1,) int64: the token number held in each slot, -1 if none yet
-    steps: int  # steps in the window (at most K)
+    steps: int  # steps in the window (at most K; bookkeeping, the mask uses ``positions``)
     tokens: int  # tokens written since the cache was built
 
     def select(self, rows: torch.Tensor) -> "KVCache":
-        """The cache of the batch rows ``rows`` (B',) only (a copy)."""
+        """The cache of the batch rows ``rows`` (B',) only: a copy, independent of this one."""
         return KVCache(tuple(k[rows] for k in self.keys), tuple(v[rows] for v in self.values),
-                       self.positions, self.steps, self.tokens)
+                       self.positions.clone(), self.steps, self.tokens)
 
 
 def action_outputs(action_space: ActionSpec) -> tuple[int, bool]:
@@ -401,45 +401,55 @@ class DecisionTransformer(nn.Module):
         """Incremental inference for rollouts (eval mode): the action for the newest step (B, A)
         and the cache to pass with the next step. Inputs are steps, (B, n, .) as in ``forward``:
 
-        - ``cache`` None: every step of the episodes so far (n = t + 1 <= context_len, no
-          padding); the tokens up to s_n are computed (exact).
+        - ``cache`` None: the newest n steps of the episodes (no padding; n = t + 1 at an
+          episode's start, or the last context_len steps when the policy rebuilds its cache later
+          in an episode); the tokens up to s_n are computed (exact). Steps beyond the newest
+          context_len are outside the window and are not computed.
         - with a ``cache``: the cache's last step, whose action is now known, and the new step
           (n = 2); only the new tokens (a_{t-1}, R_t, s_t) are computed, attending to the cached
-          keys/values of the newest context_len - 1 steps. The cache is updated in place (its
-          ring buffers are shared with the returned cache, which is the one to pass next).
+          keys/values of the newest context_len - 1 steps. The cache is advanced in place and
+          returned (the same object).
 
         The last block computes s_t's output alone (the other new tokens' keys and values are all
-        that is read from it). Exact while the cached tokens are the whole episode so far (t < K). Once the window slides,
-        the cached keys/values of older tokens were computed with context that has since left the
-        window, so results differ from full-window recomputation (``forward``).
+        that is read from it). Exact while the cached tokens are the whole episode so far
+        (t < K). Once the window slides, the cached keys/values of older tokens were computed with
+        context that has since left the window, so results differ from full-window recomputation
+        (``forward``).
         """
         if not self.returns_tokens:
             raise ConfigError(f"kv_cache rollouts need return-to-go tokens; {self.cfg.architecture} "
                               "has none (evaluate it without kv_cache)")
+        size = 3 * self.cfg.context_len - 1  # the window's tokens: the ring's slots
         if cache is None:  # the tokens up to s_n: (B, 3n - 1, D), into a new ring buffer
             x = self.embed(observations, actions, returns_to_go, timesteps)[:, :-1]
-            b, size = x.shape[0], 3 * self.cfg.context_len - 1
+            b = x.shape[0]
             shape = (b, self.cfg.n_heads, size, self.cfg.embed_dim // self.cfg.n_heads)
-            # Buffers in the autocast dtype, except on the CPU: there SDPA over a few queries is
-            # several times slower in bf16 than in fp32 (docs/benchmarks.md), so they stay fp32.
+            # Buffers in the autocast dtype, except on the CPU: there SDPA over one or a few
+            # queries is slower in bf16 than in fp32 (docs/benchmarks.md), so they stay fp32.
             dtype = torch.get_autocast_dtype(x.device.type) \
                 if torch.is_autocast_enabled(x.device.type) and x.device.type != "cpu" else x.dtype
             cache = KVCache(tuple(x.new_zeros(shape, dtype=dtype) for _ in self.blocks),
                             tuple(x.new_zeros(shape, dtype=dtype) for _ in self.blocks),
-                            torch.full((size,), -1, dtype=torch.long, device=x.device),
-                            observations.shape[1], 0)
+                            torch.full((size,), -1, dtype=torch.long, device=x.device), 0, 0)
+            steps = observations.shape[1]
         else:  # a_{t-1}, R_t, s_t: (B, 3, D)
             x = self._embed_newest(observations, actions, returns_to_go, timesteps)
-            cache = dataclasses.replace(cache, steps=min(cache.steps + 1, self.cfg.context_len))
-        new = torch.arange(cache.tokens, cache.tokens + x.shape[1], device=x.device)  # (Tn,)
-        size = cache.positions.shape[0]
-        slots = new % size  # (Tn,)
+            steps = cache.steps + 1
+        # Tokens older than the window's 3K - 1 (the oldest steps of a first call with n > K, or
+        # a_{t-1} when K = 1) are seen by nothing in the window: skip them, so that no slot is
+        # written twice in one call.
+        drop = max(0, x.shape[1] - size)
+        x = x[:, drop:]  # (B, Tn, D)
+        first = cache.tokens + drop
+        new = torch.arange(first, first + x.shape[1], device=x.device)  # (Tn,) token numbers
+        slots = new % size  # (Tn,), distinct
         positions = cache.positions.index_copy(0, slots, new)  # (S,)
         mask = (positions[None, :] >= 0) & (positions[None, :] <= new[:, None])  # (Tn, S)
         last = len(self.blocks) - 1
         for i, block in enumerate(self.blocks):
             x = block.forward_cached(x, cache.keys[i], cache.values[i], slots, mask, i == last)
-        cache = dataclasses.replace(cache, positions=positions, tokens=int(new[-1]) + 1)
+        cache.positions, cache.tokens = positions, first + len(new)
+        cache.steps = min(steps, self.cfg.context_len)
         return self.action_head(self.ln_f(x[:, -1])), cache
 
     @staticmethod
