@@ -33,7 +33,7 @@ def main() -> None:
     base = DTPolicy.from_checkpoint(args.checkpoint)
     env_id = base.info.env_id
     targets = args.targets or list(env_info(env_id).targets)
-    report, exact = {"env": env_id, "targets": targets, "episodes": args.episodes}, None
+    summary, exact = {"env": env_id, "targets": targets, "episodes": args.episodes}, None
     for name, kw in (("exact_fp32", {}), ("bf16", {"precision": "bf16"}), ("kv_cache", {"kv_cache": True}),
                      ("kv_cache_bf16", {"precision": "bf16", "kv_cache": True})):
         policy = DTPolicy(base.model, base.info, precision=kw.get("precision", "fp32"),
@@ -42,12 +42,12 @@ def main() -> None:
         results, stats = report.results, report.timing()
         returns = np.array([r.returns for r in results])  # (targets, episodes)
         exact = returns if exact is None else exact
-        report[name] = {"mean": [round(float(m), 1) for m in returns.mean(1)],
+        summary[name] = {"mean": [round(float(m), 1) for m in returns.mean(1)],
                         "std": [round(float(s), 1) for s in returns.std(1)],
                         "max_abs_episode_diff_vs_exact": round(float(np.abs(returns - exact).max()), 2),
                         "env_steps_per_s": round(stats["env_steps_per_s"], 1)}
-        print(name, json.dumps(report[name]), flush=True)
-    print(json.dumps(report, indent=2))
+        print(name, json.dumps(summary[name]), flush=True)
+    print(json.dumps(summary, indent=2))
 
 
 if __name__ == "__main__":
