@@ -198,3 +198,69 @@ def test_dataset_names():
     assert benchmark.dataset_name("data/hopper-medium-v5.hdf5") == "hopper-medium-v5"
     assert benchmark.dataset_name("minari:mujoco/hopper/medium-v0") == "mujoco-hopper-medium-v0"
     assert Path(benchmark.dataset_name("a b/c d.hdf5")).name == "c_d"
+
+
+def weights_and_returns(out):
+    """Per run: its final weights and every evaluation's returns."""
+    got = {}
+    for (algorithm, seed), f in run_files(out).items():
+        run = json.loads(f.read_text())
+        got[(algorithm, seed)] = (
+            load_file(f.parent / run["checkpoint"] / "model.safetensors"),
+            [r["returns"] for e in run["evaluations"] for r in e["results"]])
+    return got
+
+
+def test_runs_in_worker_processes_stop_continue_and_equal_one_process(tmp_path, capsys,
+                                                                      pendulum_file):
+    """--jobs 2: SIGINT to the benchmark stops its workers' runs with checkpoints (exit 130); run
+    again, it finishes, and every run equals the one-process benchmark's (weights bit for bit,
+    evaluation returns exactly)."""
+    longer = ["--steps", "120", "--eval-every", "60", "--threads", "1"]
+    parallel = tmp_path / "parallel"
+    files = list(run_files(parallel).values())
+    stop = threading.Event()
+
+    def interrupt_once_training():
+        while not stop.is_set():
+            if (files[0].parent / "train_config.json").is_file():
+                os.kill(os.getpid(), signal.SIGINT)
+                return
+            time.sleep(0.005)
+
+    watcher = threading.Thread(target=interrupt_once_training)
+    watcher.start()
+    try:
+        code = main(bench_args(pendulum_file, parallel, *longer, "--jobs", "2"))
+    finally:
+        stop.set()
+        watcher.join()
+    err = capsys.readouterr().err
+    assert code == 128 + signal.SIGINT, err
+    # The workers' runs stopped mid-way with a checkpoint (the SIGINT reached only the parent,
+    # which passed it on); the runs not started yet were not started.
+    stopped = [f for f in files if (f.parent / "latest").is_file() and not f.is_file()]
+    assert stopped, [sorted(p.name for p in f.parent.iterdir()) for f in files if f.parent.is_dir()]
+    assert not files[-1].parent.exists()
+    assert main(bench_args(pendulum_file, parallel, *longer, "--jobs", "2")) == 0
+    assert main(bench_args(pendulum_file, tmp_path / "one", *longer)) == 0
+    capsys.readouterr()
+    got, want = weights_and_returns(parallel), weights_and_returns(tmp_path / "one")
+    for key, (weights, returns) in want.items():
+        assert returns == got[key][1], key
+        assert weights.keys() == got[key][0].keys()
+        assert all(np.array_equal(weights[k], got[key][0][k]) for k in weights), key
+    assert not list(parallel.glob("runs/*/*/seed*/*.tmp*"))  # no half-written files
+
+
+def test_a_run_being_trained_by_another_process_is_refused(tmp_path, capsys, pendulum_file):
+    out = tmp_path / "bench"
+    with benchmark.run_lock(out, "pendulum-small", *RUNS[0]):  # as another process would hold it
+        code = main(bench_args(pendulum_file, out))
+    err = capsys.readouterr().err.strip()
+    run = benchmark.run_dir(out, "pendulum-small", *RUNS[0])
+    assert code == 2
+    assert err == (f"dtlab: error: {run}: another process (pid {os.getpid()}) is training this "
+                   "run; let it finish or stop it, then run the benchmark again")
+    assert not run.exists()  # nothing trained
+    assert main(bench_args(pendulum_file, out, "--algorithms", "mlp-bc", "--seeds", "0")) == 0

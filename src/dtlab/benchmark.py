@@ -30,12 +30,21 @@ Layout of OUT::
 
 Stopping (Ctrl-C, SIGTERM, kill -9) and running the same command again continues: finished runs
 (run.json) are not redone, an unfinished one resumes bit for bit from its latest checkpoint.
+
+``jobs`` > 1 trains that many runs at a time, each in a worker process (spawned; a run's results
+do not depend on which process trains it). While a run trains, its process holds an exclusive
+lock (``fcntl.flock``) on ``runs/<dataset>/.<algorithm>-seed<k>.lock``, which the OS releases
+however the process ends: a second process that reaches the same run (another benchmark call on
+the same OUT, or a worker left over from a killed one) gets a ConfigError instead of training it
+at the same time.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
+import os
 import re
 import time
 from collections.abc import Callable
@@ -202,8 +211,11 @@ def run_one(cfg: BenchmarkConfig, entry: DatasetEntry, algorithm: str, seed: int
     evaluator = RecordingEvaluator(
         Evaluator(entry.env, targets, cfg.eval_episodes, seed=seed * cfg.eval_episodes),
         directory / EVALUATIONS_FILE)
-    result = train(run_train_config(cfg, entry, algorithm, seed, directory), entry.episodes,
-                   evaluator=evaluator, should_stop=should_stop)
+    with run_lock(Path(cfg.out), entry.name, algorithm, seed):
+        if done.is_file():  # finished by another process while this one waited to start it
+            return _read_json(done)
+        result = train(run_train_config(cfg, entry, algorithm, seed, directory), entry.episodes,
+                       evaluator=evaluator, should_stop=should_stop)
     if result.interrupted:
         return None
     records = _read_json(directory / EVALUATIONS_FILE).values()
@@ -220,6 +232,38 @@ def run_one(cfg: BenchmarkConfig, entry: DatasetEntry, algorithm: str, seed: int
         record["calibration"] = _calibrate(cfg, entry, result.checkpoint)
     write_json(done, record)
     return record
+
+
+@contextlib.contextmanager
+def run_lock(out: Path, dataset: str, algorithm: str, seed: int):
+    """Hold the exclusive lock of one run while it trains (module docstring). ConfigError, naming
+    the run and the holder's pid, when another process holds it. Where ``fcntl`` does not exist
+    (Windows) nothing is locked."""
+    try:
+        import fcntl
+    except ImportError:  # pragma: no cover - not POSIX
+        yield
+        return
+    path = out / RUNS_DIR / dataset / f".{algorithm}-seed{seed}.lock"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a+") as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            f.seek(0)
+            holder = f.read().strip()
+            raise ConfigError(
+                f"{run_dir(out, dataset, algorithm, seed)}: another process"
+                f"{f' (pid {holder})' if holder.isdigit() else ''} is training this run; let it "
+                "finish or stop it, then run the benchmark again") from None
+        f.seek(0)
+        f.truncate()
+        f.write(f"{os.getpid()}\n")
+        f.flush()
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
 
 
 def _calibrate(cfg: BenchmarkConfig, entry: DatasetEntry, ckpt: Path) -> dict:
@@ -294,37 +338,131 @@ def run_benchmark(cfg: BenchmarkConfig, *, should_stop: Callable[[], bool] = lam
     # benchmark stopped early already compares every algorithm on the seeds it finished.
     grid = [(e, a, s) for s in cfg.seeds for e in entries for a in cfg.algorithms]
     finished = sum(run_dir(out, e.name, a, s).joinpath(RUN_FILE).is_file() for e, a, s in grid)
-    progress = RunProgress(len(grid), finished, enabled=cfg.progress)
-    interrupted, trained = False, 0
+    progress = RunProgress(len(grid), finished, enabled=cfg.progress, jobs=cfg.jobs)
     try:
-        for entry, algorithm, seed in grid:
-            if should_stop():
-                interrupted = True
-                break
-            label = f"{entry.name}/{algorithm}/seed{seed}"
-            was_done = run_dir(out, entry.name, algorithm, seed).joinpath(RUN_FILE).is_file()
-            progress.start(label)
-            started = time.perf_counter()
-            record = run_one(cfg, entry, algorithm, seed, should_stop)
-            if record is None:
-                interrupted = True
-                break
-            if not was_done:
-                trained += 1
-                progress.finish(label, time.perf_counter() - started)
+        if cfg.jobs > 1:
+            interrupted, trained = _run_in_workers(cfg, grid, progress, should_stop)
+        else:
+            interrupted, trained = _run_in_order(cfg, grid, progress, should_stop)
     finally:
         progress.close()
     return BenchmarkResult(build_report(out, cfg, expected=len(grid), echo=echo), interrupted,
                            trained)
 
 
+def _run_in_order(cfg: BenchmarkConfig, grid: list, progress: "RunProgress",
+                  should_stop: Callable[[], bool]) -> tuple[bool, int]:
+    """Train the runs of ``grid`` one after the other in this process; returns (interrupted,
+    runs trained)."""
+    out, trained = Path(cfg.out), 0
+    for entry, algorithm, seed in grid:
+        if should_stop():
+            return True, trained
+        label = f"{entry.name}/{algorithm}/seed{seed}"
+        was_done = run_dir(out, entry.name, algorithm, seed).joinpath(RUN_FILE).is_file()
+        progress.start(label)
+        started = time.perf_counter()
+        if run_one(cfg, entry, algorithm, seed, should_stop) is None:
+            return True, trained
+        trained += not was_done
+        progress.finish(label, None if was_done else time.perf_counter() - started)
+    return False, trained
+
+
+# ---- runs in worker processes (--jobs) ------------------------------------------------------------
+_WORKER: dict[str, Any] = {}  # a worker process's settings, stop test and loaded datasets
+
+
+def _worker_start(cfg: BenchmarkConfig, stop) -> None:
+    """Initializer of a worker process. Its runs stop (with a checkpoint, as in one process) when
+    the parent sets ``stop`` (a multiprocessing Event), when this process receives SIGINT or
+    SIGTERM (Ctrl-C reaches the whole process group), or when the parent has died (the worker
+    was re-parented): a worker never trains on unsupervised."""
+    import signal
+
+    received: list[int] = []
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda signum, _frame: received.append(signum))
+    parent = os.getppid()
+    _WORKER.update(cfg=cfg, entries={}, should_stop=lambda: bool(received) or stop.is_set()
+                   or os.getppid() != parent)
+
+
+def _worker_run(source: str, algorithm: str, seed: int) -> tuple[bool, bool, float]:
+    """One run in a worker: (finished, finished before this call, seconds)."""
+    cfg, entries, should_stop = _WORKER["cfg"], _WORKER["entries"], _WORKER["should_stop"]
+    if source not in entries:  # each worker loads a dataset once, when it first needs it
+        entries[source] = load_datasets(dataclasses.replace(cfg, datasets=(source,)))[0]
+    entry = entries[source]
+    was_done = run_dir(Path(cfg.out), entry.name, algorithm, seed).joinpath(RUN_FILE).is_file()
+    started = time.perf_counter()
+    try:
+        record = run_one(cfg, entry, algorithm, seed, should_stop)
+    except KeyboardInterrupt:  # stopped before its first step (dtlab.train): nothing written
+        return False, was_done, 0.0
+    return record is not None, was_done, time.perf_counter() - started
+
+
+def _run_in_workers(cfg: BenchmarkConfig, grid: list, progress: "RunProgress",
+                    should_stop: Callable[[], bool]) -> tuple[bool, int]:
+    """Train the runs of ``grid`` in order, ``cfg.jobs`` at a time in spawned worker processes;
+    returns (interrupted, runs trained). A run's error stops the others (each at its next step,
+    with a checkpoint) and is raised here."""
+    import concurrent.futures as cf
+    import multiprocessing
+
+    ctx = multiprocessing.get_context("spawn")
+    stop = ctx.Event()
+    threads = cfg.threads
+    if threads is None and not (os.environ.get("OMP_NUM_THREADS") or "").isdigit():
+        threads = max(1, (os.cpu_count() or 1) // cfg.jobs)  # the cores, shared out
+    worker_cfg = dataclasses.replace(cfg, threads=threads, progress=False)
+    todo, running = list(grid), {}
+    interrupted, trained, error = False, 0, None
+    with cf.ProcessPoolExecutor(cfg.jobs, mp_context=ctx, initializer=_worker_start,
+                                initargs=(worker_cfg, stop)) as pool:
+        while todo or running:
+            while todo and len(running) < cfg.jobs and not stop.is_set():
+                entry, algorithm, seed = todo.pop(0)
+                label = f"{entry.name}/{algorithm}/seed{seed}"
+                progress.start(label)
+                running[pool.submit(_worker_run, entry.source, algorithm, seed)] = label
+            if not running:
+                break
+            finished, _ = cf.wait(running, timeout=0.1, return_when=cf.FIRST_COMPLETED)
+            for future in finished:
+                label = running.pop(future)
+                try:
+                    complete, was_done, seconds = future.result()
+                except BaseException as exc:  # noqa: BLE001 - raised below, after the others stop
+                    error = error or exc
+                    stop.set()
+                    continue
+                if not complete:
+                    interrupted = True
+                    stop.set()
+                elif was_done:
+                    progress.finish(label, None)
+                else:
+                    trained += 1
+                    progress.finish(label, seconds)
+            if not stop.is_set() and should_stop():
+                interrupted = True
+                stop.set()
+    if error is not None:
+        raise error
+    return interrupted, trained
+
+
 class RunProgress:
     """Runs done / total and an estimate of the time left (the mean time of the runs trained in
-    this call, times the runs left); a rich bar, or one printed line per run when disabled."""
+    this call, times the runs left, divided by the runs trained at a time); a rich bar, or one
+    printed line per run when disabled."""
 
-    def __init__(self, total: int, done: int, enabled: bool) -> None:
-        self.total, self.done, self.enabled = total, done, enabled
+    def __init__(self, total: int, done: int, enabled: bool, jobs: int = 1) -> None:
+        self.total, self.done, self.enabled, self.jobs = total, done, enabled, jobs
         self.seconds: list[float] = []
+        self.running: list[str] = []
         self._bar = None
         if enabled:
             from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
@@ -338,18 +476,27 @@ class RunProgress:
     def eta(self) -> str:
         if not self.seconds:
             return "-"
-        left = round((self.total - self.done) * sum(self.seconds) / len(self.seconds))
+        left = round((self.total - self.done) * sum(self.seconds) / len(self.seconds) / self.jobs)
         return f"{left // 3600}:{left // 60 % 60:02d}:{left % 60:02d}"
 
     def start(self, label: str) -> None:
+        self.running.append(label)
         if self._bar is not None:
-            self._bar.update(self._task, run=label)
+            self._bar.update(self._task, run=", ".join(self.running))
 
-    def finish(self, label: str, seconds: float) -> None:
+    def finish(self, label: str, seconds: float | None) -> None:
+        """``seconds`` None: the run had finished before this call (counted, not timed)."""
+        if label in self.running:
+            self.running.remove(label)
+        if seconds is None:
+            if self._bar is not None:
+                self._bar.update(self._task, run=", ".join(self.running))
+            return
         self.done += 1
         self.seconds.append(seconds)
         if self._bar is not None:
-            self._bar.update(self._task, completed=self.done, eta=self.eta(), run=label)
+            self._bar.update(self._task, completed=self.done, eta=self.eta(),
+                             run=", ".join(self.running))
         else:
             print(f"run {self.done}/{self.total} done: {label} ({seconds:.0f} s; ETA {self.eta()})",
                   flush=True)

@@ -555,11 +555,16 @@ class BenchmarkConfig:
     device: str = "auto"
     """torch device: auto (cuda if available, else cpu), cpu, cuda, ..."""
     threads: int | None = None
-    """CPU threads for torch (default: OMP_NUM_THREADS if set, else the number of cores)."""
+    """CPU threads for torch, per run (default: OMP_NUM_THREADS if set, else the number of cores,
+    divided by --jobs)."""
+    jobs: int = 1
+    """Runs trained at the same time, each in its own worker process (runs are independent: the
+    same --threads gives the same results as one at a time)."""
     progress: bool = True
     """Show progress: runs done / total and an estimate of the time left."""
 
     def __post_init__(self) -> None:
+        check_number("jobs", self.jobs, minimum=1, integer=True)
         if not self.datasets and not self.report_only:
             raise ConfigError("datasets must name at least one dataset (unless report_only)")
         if self.model.architecture != "decision-transformer":
