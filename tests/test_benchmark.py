@@ -253,14 +253,29 @@ def test_runs_in_worker_processes_stop_continue_and_equal_one_process(tmp_path, 
     assert not list(parallel.glob("runs/*/*/seed*/*.tmp*"))  # no half-written files
 
 
-def test_a_run_being_trained_by_another_process_is_refused(tmp_path, capsys, pendulum_file):
+@pytest.mark.parametrize("jobs", [1, 2])
+def test_a_run_being_trained_by_another_process_is_refused(tmp_path, capsys, pendulum_file, jobs):
+    """A run locked by another process: a one-line error naming it (exit 2); with --jobs 2 the
+    error comes from a worker, and the run training beside it stops."""
     out = tmp_path / "bench"
-    with benchmark.run_lock(out, "pendulum-small", *RUNS[0]):  # as another process would hold it
-        code = main(bench_args(pendulum_file, out))
+    locked = RUNS[0] if jobs == 1 else RUNS[2]
+    with benchmark.run_lock(out, "pendulum-small", *locked):  # as another process would hold it
+        code = main(bench_args(pendulum_file, out, "--jobs", str(jobs), "--threads", "1"))
     err = capsys.readouterr().err.strip()
-    run = benchmark.run_dir(out, "pendulum-small", *RUNS[0])
+    run = benchmark.run_dir(out, "pendulum-small", *locked)
     assert code == 2
     assert err == (f"dtlab: error: {run}: another process (pid {os.getpid()}) is training this "
                    "run; let it finish or stop it, then run the benchmark again")
     assert not run.exists()  # nothing trained
-    assert main(bench_args(pendulum_file, out, "--algorithms", "mlp-bc", "--seeds", "0")) == 0
+    assert not run_files(out)[RUNS[3]].exists()  # the last run did not finish (nor start, unless
+    # two slots freed at once with --jobs 2; it was then stopped)
+    assert main(bench_args(pendulum_file, out, "--jobs", str(jobs))) == 0  # the lock is free again
+    assert all(f.is_file() for f in run_files(out).values())
+
+
+def test_progress_estimate_counts_rounds_of_jobs():
+    progress = benchmark.RunProgress(total=9, done=2, enabled=False, jobs=4)
+    progress.seconds = [100.0, 300.0]  # mean 200 s; 7 runs left: 2 rounds of 4
+    assert progress.eta() == "0:06:40"
+    progress.done = 8  # one run left: one round, however many jobs
+    assert progress.eta() == "0:03:20"

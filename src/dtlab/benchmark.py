@@ -201,37 +201,36 @@ def run_one(cfg: BenchmarkConfig, entry: DatasetEntry, algorithm: str, seed: int
 
     directory = run_dir(Path(cfg.out), entry.name, algorithm, seed)
     done = directory / RUN_FILE
-    if done.is_file():
-        record = _read_json(done)
-        if cfg.calibrate and algorithm == "decision-transformer" and not record.get("calibration"):
-            record["calibration"] = _calibrate(cfg, entry, directory / record["checkpoint"])
-            write_json(done, record)
-        return record
-    targets = eval_targets(entry, algorithm)
-    evaluator = RecordingEvaluator(
-        Evaluator(entry.env, targets, cfg.eval_episodes, seed=seed * cfg.eval_episodes),
-        directory / EVALUATIONS_FILE)
-    with run_lock(Path(cfg.out), entry.name, algorithm, seed):
-        if done.is_file():  # finished by another process while this one waited to start it
-            return _read_json(done)
+    with run_lock(Path(cfg.out), entry.name, algorithm, seed):  # until run.json is written
+        if done.is_file():
+            record = _read_json(done)
+            if (cfg.calibrate and algorithm == "decision-transformer"
+                    and not record.get("calibration")):
+                record["calibration"] = _calibrate(cfg, entry, directory / record["checkpoint"])
+                write_json(done, record)
+            return record
+        targets = eval_targets(entry, algorithm)
+        evaluator = RecordingEvaluator(
+            Evaluator(entry.env, targets, cfg.eval_episodes, seed=seed * cfg.eval_episodes),
+            directory / EVALUATIONS_FILE)
         result = train(run_train_config(cfg, entry, algorithm, seed, directory), entry.episodes,
                        evaluator=evaluator, should_stop=should_stop)
-    if result.interrupted:
-        return None
-    records = _read_json(directory / EVALUATIONS_FILE).values()
-    record = {
-        "dataset": entry.name, "algorithm": algorithm, "seed": seed, "steps": result.steps,
-        "target_free": algorithm in TARGET_FREE, "eval_targets": list(targets),
-        "eval_episodes": cfg.eval_episodes,
-        "checkpoint": str(result.checkpoint.relative_to(directory)),
-        "evaluations": sorted((r for r in records if r["step"] <= result.steps),
-                              key=lambda r: r["step"]),
-        "calibration": None,
-    }
-    if cfg.calibrate and algorithm == "decision-transformer":
-        record["calibration"] = _calibrate(cfg, entry, result.checkpoint)
-    write_json(done, record)
-    return record
+        if result.interrupted:
+            return None
+        records = _read_json(directory / EVALUATIONS_FILE).values()
+        record = {
+            "dataset": entry.name, "algorithm": algorithm, "seed": seed, "steps": result.steps,
+            "target_free": algorithm in TARGET_FREE, "eval_targets": list(targets),
+            "eval_episodes": cfg.eval_episodes,
+            "checkpoint": str(result.checkpoint.relative_to(directory)),
+            "evaluations": sorted((r for r in records if r["step"] <= result.steps),
+                                  key=lambda r: r["step"]),
+            "calibration": None,
+        }
+        if cfg.calibrate and algorithm == "decision-transformer":
+            record["calibration"] = _calibrate(cfg, entry, result.checkpoint)
+        write_json(done, record)
+        return record
 
 
 @contextlib.contextmanager
@@ -370,36 +369,53 @@ def _run_in_order(cfg: BenchmarkConfig, grid: list, progress: "RunProgress",
 
 
 # ---- runs in worker processes (--jobs) ------------------------------------------------------------
-_WORKER: dict[str, Any] = {}  # a worker process's settings, stop test and loaded datasets
+_WORKER: dict[str, Any] = {}  # a worker process's settings, stop test and current dataset
 
 
 def _worker_start(cfg: BenchmarkConfig, stop) -> None:
     """Initializer of a worker process. Its runs stop (with a checkpoint, as in one process) when
-    the parent sets ``stop`` (a multiprocessing Event), when this process receives SIGINT or
-    SIGTERM (Ctrl-C reaches the whole process group), or when the parent has died (the worker
-    was re-parented): a worker never trains on unsupervised."""
+    the parent sets ``stop`` (a shared bool without a lock: a worker killed while reading it
+    cannot leave it locked), when this process receives SIGINT or SIGTERM (Ctrl-C reaches the
+    whole process group), or when the parent dies; a worker whose parent died exits as soon as
+    its run has stopped, so none is left behind."""
+    import multiprocessing
     import signal
+    import threading
 
     received: list[int] = []
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda signum, _frame: received.append(signum))
-    parent = os.getppid()
-    _WORKER.update(cfg=cfg, entries={}, should_stop=lambda: bool(received) or stop.is_set()
-                   or os.getppid() != parent)
+    orphaned = threading.Event()
+    busy = threading.Lock()  # held while a run trains
+
+    def watch_parent() -> None:
+        from multiprocessing.connection import wait
+
+        wait([multiprocessing.parent_process().sentinel])  # returns when the parent has exited
+        orphaned.set()
+        with busy:  # the run (if any) stops at its next step, with a checkpoint
+            os._exit(1)
+
+    threading.Thread(target=watch_parent, daemon=True).start()
+    _WORKER.update(cfg=cfg, entry=None, busy=busy, should_stop=lambda: bool(
+        received or stop.value or orphaned.is_set()))
 
 
 def _worker_run(source: str, algorithm: str, seed: int) -> tuple[bool, bool, float]:
     """One run in a worker: (finished, finished before this call, seconds)."""
-    cfg, entries, should_stop = _WORKER["cfg"], _WORKER["entries"], _WORKER["should_stop"]
-    if source not in entries:  # each worker loads a dataset once, when it first needs it
-        entries[source] = load_datasets(dataclasses.replace(cfg, datasets=(source,)))[0]
-    entry = entries[source]
-    was_done = run_dir(Path(cfg.out), entry.name, algorithm, seed).joinpath(RUN_FILE).is_file()
-    started = time.perf_counter()
-    try:
-        record = run_one(cfg, entry, algorithm, seed, should_stop)
-    except KeyboardInterrupt:  # stopped before its first step (dtlab.train): nothing written
-        return False, was_done, 0.0
+    cfg, should_stop = _WORKER["cfg"], _WORKER["should_stop"]
+    with _WORKER["busy"]:
+        entry = _WORKER["entry"]
+        if entry is None or entry.source != source:  # one dataset in memory at a time
+            _WORKER["entry"] = None
+            entry = _WORKER["entry"] = load_datasets(
+                dataclasses.replace(cfg, datasets=(source,)))[0]
+        was_done = run_dir(Path(cfg.out), entry.name, algorithm, seed).joinpath(RUN_FILE).is_file()
+        started = time.perf_counter()
+        try:
+            record = run_one(cfg, entry, algorithm, seed, should_stop)
+        except KeyboardInterrupt:  # stopped before its first step (dtlab.train): nothing written
+            return False, was_done, 0.0
     return record is not None, was_done, time.perf_counter() - started
 
 
@@ -407,48 +423,77 @@ def _run_in_workers(cfg: BenchmarkConfig, grid: list, progress: "RunProgress",
                     should_stop: Callable[[], bool]) -> tuple[bool, int]:
     """Train the runs of ``grid`` in order, ``cfg.jobs`` at a time in spawned worker processes;
     returns (interrupted, runs trained). A run's error stops the others (each at its next step,
-    with a checkpoint) and is raised here."""
+    with a checkpoint) and is raised here; so is a TrainingError when a worker process dies.
+    Whatever ends this function (an exception in this process included), the workers' runs stop
+    first, with checkpoints."""
     import concurrent.futures as cf
+    import ctypes
     import multiprocessing
+    from concurrent.futures.process import BrokenProcessPool
+
+    from dtlab.errors import TrainingError
 
     ctx = multiprocessing.get_context("spawn")
-    stop = ctx.Event()
+    stop = ctx.RawValue(ctypes.c_bool, False)
     threads = cfg.threads
-    if threads is None and not (os.environ.get("OMP_NUM_THREADS") or "").isdigit():
+    env = os.environ.get("OMP_NUM_THREADS") or ""
+    if threads is None and not (env.isdigit() and int(env) > 0):
         threads = max(1, (os.cpu_count() or 1) // cfg.jobs)  # the cores, shared out
     worker_cfg = dataclasses.replace(cfg, threads=threads, progress=False)
     todo, running = list(grid), {}
     interrupted, trained, error = False, 0, None
+
+    def broken(labels) -> TrainingError:
+        return TrainingError(
+            f"a benchmark worker process died (killed, or out of memory?) while training "
+            f"{', '.join(labels) or 'nothing'}; the other runs stopped with checkpoints: run the "
+            "same command again to continue")
+
     with cf.ProcessPoolExecutor(cfg.jobs, mp_context=ctx, initializer=_worker_start,
                                 initargs=(worker_cfg, stop)) as pool:
-        while todo or running:
-            while todo and len(running) < cfg.jobs and not stop.is_set():
-                entry, algorithm, seed = todo.pop(0)
-                label = f"{entry.name}/{algorithm}/seed{seed}"
-                progress.start(label)
-                running[pool.submit(_worker_run, entry.source, algorithm, seed)] = label
-            if not running:
-                break
-            finished, _ = cf.wait(running, timeout=0.1, return_when=cf.FIRST_COMPLETED)
-            for future in finished:
-                label = running.pop(future)
-                try:
-                    complete, was_done, seconds = future.result()
-                except BaseException as exc:  # noqa: BLE001 - raised below, after the others stop
-                    error = error or exc
-                    stop.set()
-                    continue
-                if not complete:
+        try:
+            while todo or running:
+                while todo and len(running) < cfg.jobs and not stop.value:
+                    entry, algorithm, seed = todo.pop(0)
+                    label = f"{entry.name}/{algorithm}/seed{seed}"
+                    try:
+                        future = pool.submit(_worker_run, entry.source, algorithm, seed)
+                    except BrokenProcessPool:
+                        error = error or broken(list(running.values()))
+                        stop.value = True
+                        break
+                    progress.start(label)
+                    running[future] = label
+                if not running:
+                    break
+                finished, _ = cf.wait(running, timeout=0.1, return_when=cf.FIRST_COMPLETED)
+                for future in finished:
+                    label = running.pop(future)
+                    try:
+                        complete, was_done, seconds = future.result()
+                    except BrokenProcessPool:
+                        if not (stop.value or should_stop()):
+                            error = error or broken([label, *running.values()])
+                        interrupted = True
+                        stop.value = True
+                        continue
+                    except BaseException as exc:  # noqa: BLE001 - raised below, once all stopped
+                        error = error or exc
+                        stop.value = True
+                        continue
+                    if not complete:
+                        interrupted = True
+                        stop.value = True
+                    elif was_done:
+                        progress.finish(label, None)
+                    else:
+                        trained += 1
+                        progress.finish(label, seconds)
+                if not stop.value and (todo or running) and should_stop():
                     interrupted = True
-                    stop.set()
-                elif was_done:
-                    progress.finish(label, None)
-                else:
-                    trained += 1
-                    progress.finish(label, seconds)
-            if not stop.is_set() and should_stop():
-                interrupted = True
-                stop.set()
+                    stop.value = True
+        finally:
+            stop.value = True  # e.g. KeyboardInterrupt here: the workers stop, then the pool ends
     if error is not None:
         raise error
     return interrupted, trained
@@ -456,8 +501,8 @@ def _run_in_workers(cfg: BenchmarkConfig, grid: list, progress: "RunProgress",
 
 class RunProgress:
     """Runs done / total and an estimate of the time left (the mean time of the runs trained in
-    this call, times the runs left, divided by the runs trained at a time); a rich bar, or one
-    printed line per run when disabled."""
+    this call, times the rounds of ``jobs`` runs left); a rich bar, or one printed line per run
+    when disabled."""
 
     def __init__(self, total: int, done: int, enabled: bool, jobs: int = 1) -> None:
         self.total, self.done, self.enabled, self.jobs = total, done, enabled, jobs
@@ -476,7 +521,8 @@ class RunProgress:
     def eta(self) -> str:
         if not self.seconds:
             return "-"
-        left = round((self.total - self.done) * sum(self.seconds) / len(self.seconds) / self.jobs)
+        rounds = -(-(self.total - self.done) // self.jobs)  # runs left, trained jobs at a time
+        left = round(rounds * sum(self.seconds) / len(self.seconds))
         return f"{left // 3600}:{left // 60 % 60:02d}:{left % 60:02d}"
 
     def start(self, label: str) -> None:
