@@ -123,8 +123,9 @@ def test_benchmark_stops_continues_and_reports(tmp_path, capsys, pendulum_file):
                      if target is None or r["target"] == target] for run in runs]
         assert [e["step"] for e in runs[0]["evaluations"]] == [15, 30]
         last = [scores[-1] for scores in per_eval]
+        final_mean = [np.mean(scores[-3:]) for scores in per_eval]  # both evaluations here
         best = [max(scores) for scores in per_eval]
-        for which, scores in (("last", last), ("best", best)):
+        for which, scores in (("last", last), ("final", final_mean), ("best", best)):
             stats = cell[which]
             np.testing.assert_allclose(stats["per_seed"], scores, rtol=1e-12)
             np.testing.assert_allclose(stats["mean"], np.mean(scores), rtol=1e-12)
@@ -216,7 +217,7 @@ def test_runs_in_worker_processes_stop_continue_and_equal_one_process(tmp_path, 
     """--jobs 2: SIGINT to the benchmark stops its workers' runs with checkpoints (exit 130); run
     again, it finishes, and every run equals the one-process benchmark's (weights bit for bit,
     evaluation returns exactly)."""
-    longer = ["--steps", "120", "--eval-every", "60", "--threads", "1"]
+    longer = ["--steps", "120", "--eval-every", "30", "--threads", "1"]
     parallel = tmp_path / "parallel"
     files = list(run_files(parallel).values())
     stop = threading.Event()
@@ -251,6 +252,17 @@ def test_runs_in_worker_processes_stop_continue_and_equal_one_process(tmp_path, 
         assert weights.keys() == got[key][0].keys()
         assert all(np.array_equal(weights[k], got[key][0][k]) for k in weights), key
     assert not list(parallel.glob("runs/*/*/seed*/*.tmp*"))  # no half-written files
+    # "final" averages each run's last 3 of its 4 evaluations.
+    report = json.loads((parallel / benchmark.RESULTS_JSON).read_text())
+    for cell in report["results"]:
+        per_seed = []
+        for seed in cell["seeds"]:
+            run = json.loads(run_files(parallel)[(cell["algorithm"], seed)].read_text())
+            scores = [r["normalized_mean"] for e in run["evaluations"] for r in e["results"]
+                      if cell["target"] is None or r["target"] == cell["target"]]
+            assert len(scores) == 4
+            per_seed.append(sum(scores[1:]) / 3)
+        np.testing.assert_allclose(cell["final"]["per_seed"], per_seed, rtol=1e-12)
 
 
 @pytest.mark.parametrize("jobs", [1, 2])

@@ -2,7 +2,7 @@
 
 For every dataset x algorithm x seed: train ``steps`` gradient steps with dtlab's own sampler and
 ``train_step``, evaluate every ``eval_every`` steps and at the end, and report per cell the last
-and the best score of each run, over seeds as mean ± std and as the interquartile mean (IQM) with
+score of each run, the mean of its last ``FINAL_EVALUATIONS`` (3) and its best, over seeds as mean ± std and as the interquartile mean (IQM) with
 a 95% stratified-bootstrap confidence interval (rliable: Agarwal et al. 2021, "Deep RL at the
 edge of the statistical precipice"), beside the behaviour policy's score (the dataset's mean
 episode return). Scores are D4RL normalized scores when the env has reference returns (dtlab's
@@ -70,6 +70,10 @@ SETTINGS_FILE, DATASET_FILE, RUN_FILE, EVALUATIONS_FILE = (
 RESULTS_JSON, RESULTS_MD = "results.json", "results.md"
 TARGET_FREE = frozenset({"transformer-bc", "mlp-bc", "percentile-bc"})
 BOOTSTRAP_SEED = 0  # the report's bootstrap is seeded: rebuilding it gives the same intervals
+# "final": the mean of each run's last evaluations. On data where the policy swings between
+# evaluations (hopper-medium-replay: 30-60 points 2,500 steps apart, docs/results.md) the last
+# evaluation alone is one noisy sample of the curve.
+FINAL_EVALUATIONS = 3
 
 
 # ---- datasets -------------------------------------------------------------------------------------
@@ -616,8 +620,11 @@ def build_report(out: Path, cfg: BenchmarkConfig | None = None, *, expected: int
         seeds = sorted(by_seed)
         last = np.array([by_seed[s][-1][1] for s in seeds])  # (seeds,)
         best = np.array([max(v for _, v in by_seed[s]) for s in seeds])  # (seeds,)
+        final = np.array([np.mean([v for _, v in by_seed[s][-FINAL_EVALUATIONS:]])
+                          for s in seeds])  # (seeds,)
         results.append({"dataset": name, "algorithm": algorithm, "target": target,
                         "seeds": seeds, "last": _stats(last, last[:, None], reps),
+                        "final": _stats(final, final[:, None], reps),
                         "best": _stats(best, best[:, None], reps)})
     report = {
         "score": {name: d["score"] for name, d in datasets.items()},
@@ -669,7 +676,7 @@ def _aggregate(results: list[dict], datasets: dict, reps: int) -> list[dict]:
             continue
         row = {"algorithm": algorithm, "target_rank": None if rank is None else rank + 1,
                "seeds": seeds, "datasets": sorted(per_dataset)}
-        for which in ("last", "best"):
+        for which in ("last", "final", "best"):
             matrix = np.array([[c[which]["per_seed"][c["seeds"].index(s)]
                                 for c in (per_dataset[d] for d in row["datasets"])]
                                for s in seeds])  # (seeds, datasets)
@@ -731,31 +738,35 @@ def results_markdown(report: dict) -> str:
     lines = ["# dtlab benchmark", "",
              f"Score: {score}. Runs finished: {report['runs_finished']}"
              + (f" of {expected}" if expected is not None else "") + ".",
-             "last: the score at the final evaluation of each run; best: its highest score over "
-             "all evaluations (optimistic). mean ± std over seeds; IQM: interquartile mean over "
-             "seeds with a 95% stratified-bootstrap confidence interval (rliable). Target-free "
-             "baselines ignore the target return.", "",
+             "last: the score at the final evaluation of each run; final: the mean of its last "
+             f"{FINAL_EVALUATIONS} evaluations (less noisy where scores swing between "
+             "evaluations); best: its highest score over all evaluations (optimistic). mean ± std "
+             "over seeds; IQM: interquartile mean over seeds with a 95% stratified-bootstrap "
+             "confidence interval (rliable). Target-free baselines ignore the target return.", "",
              "| dataset | algorithm | target | seeds | last: mean ± std | last: IQM [95% CI] "
-             "| best: mean ± std | best: IQM [95% CI] |",
-             "|---|---|---|---|---|---|---|---|"]
+             "| final: mean ± std | final: IQM [95% CI] | best: mean ± std | best: IQM [95% CI] |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     for name, d in report["datasets"].items():
         behaviour = d["behaviour"]["normalized" if d["score"] == "normalized" else "mean_return"]
         lines.append(f"| {name} | behaviour policy (dataset mean) | – | – | {_fmt(behaviour)} "
-                     "| | | |")
+                     "| | | | | |")
         for cell in (c for c in report["results"] if c["dataset"] == name):
             target = "target-free" if cell["target"] is None else f"{cell['target']:g}"
             lines.append(f"| {name} | {cell['algorithm']} | {target} | {len(cell['seeds'])} | "
-                         + " | ".join(_cell_text(cell["last"]) + _cell_text(cell["best"])) + " |")
+                         + " | ".join(_cell_text(cell["last"]) + _cell_text(cell["final"])
+                                      + _cell_text(cell["best"])) + " |")
     if report["aggregate"]:
         lines += ["", "## All datasets", "",
                   "Per run, the mean over datasets (mean ± std over seeds); the IQM over every "
                   "(seed, dataset) score. Target rank i: each env's i-th target.", "",
                   "| algorithm | target | seeds | last: mean ± std | last: IQM [95% CI] "
-                  "| best: mean ± std | best: IQM [95% CI] |", "|---|---|---|---|---|---|---|"]
+                  "| final: mean ± std | final: IQM [95% CI] | best: mean ± std "
+                  "| best: IQM [95% CI] |", "|---|---|---|---|---|---|---|---|---|"]
         for row in report["aggregate"]:
             target = "target-free" if row["target_rank"] is None else f"rank {row['target_rank']}"
             lines.append(f"| {row['algorithm']} | {target} | {len(row['seeds'])} | "
-                         + " | ".join(_cell_text(row["last"]) + _cell_text(row["best"])) + " |")
+                         + " | ".join(_cell_text(row["last"]) + _cell_text(row["final"])
+                                      + _cell_text(row["best"])) + " |")
     if report["calibration"]:
         lines += ["", "## Return-conditioning calibration (decision-transformer)", "",
                   "| dataset | seed | reliable maximum target | achieved there | rises from .. to "

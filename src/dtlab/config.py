@@ -508,8 +508,9 @@ ALGORITHMS: tuple[Algorithm, ...] = ("decision-transformer", "transformer-bc", "
 @dataclass(frozen=True)
 class BenchmarkConfig:
     """The DT paper's protocol as one command: for every dataset x algorithm x seed, train for
-    the given steps, evaluate every --eval-every steps, and report the last and best normalized
-    scores (mean +- std over seeds, interquartile mean with a 95% stratified-bootstrap CI).
+    the given steps, evaluate every --eval-every steps, and report the last, final (mean of the
+    last 3 evaluations) and best normalized scores (mean +- std over seeds, interquartile mean with
+    a 95% stratified-bootstrap CI).
     Resumable: run it again with the same arguments to continue."""
 
     datasets: tuple[str, ...] = ()
