@@ -2,9 +2,10 @@
 
 For every dataset x algorithm x seed: train ``steps`` gradient steps with dtlab's own sampler and
 ``train_step``, evaluate every ``eval_every`` steps and at the end, and report per cell the last
-score of each run, the mean of its last ``FINAL_EVALUATIONS`` (3) and its best, over seeds as mean ± std and as the interquartile mean (IQM) with
-a 95% stratified-bootstrap confidence interval (rliable: Agarwal et al. 2021, "Deep RL at the
-edge of the statistical precipice"), beside the behaviour policy's score (the dataset's mean
+score of each run, the mean of its last ``FINAL_EVALUATIONS`` (3) and its best, over seeds as
+mean ± std and as the interquartile mean (IQM) with a 95% stratified-bootstrap confidence
+interval (rliable: Agarwal et al. 2021, "Deep RL at the edge of the statistical precipice"),
+beside the behaviour policy's score (the dataset's mean
 episode return). Scores are D4RL normalized scores when the env has reference returns (dtlab's
 env registry or the dataset's metadata), else raw returns.
 
@@ -54,7 +55,7 @@ from typing import Any
 
 import numpy as np
 
-from dtlab import checkpoint
+from dtlab import checkpoint, runtime
 from dtlab.atomic import write_json, write_text_atomic
 from dtlab.config import (ALGORITHMS, BenchmarkConfig, CalibrateConfig, DataConfig,
                           EvalDuringTraining, RunConfig, TrainConfig, setting_differences)
@@ -340,7 +341,7 @@ def run_benchmark(cfg: BenchmarkConfig, *, should_stop: Callable[[], bool] = lam
     # Seed-major: each seed completes every dataset x algorithm before the next seed starts, so a
     # benchmark stopped early already compares every algorithm on the seeds it finished.
     grid = [(e, a, s) for s in cfg.seeds for e in entries for a in cfg.algorithms]
-    finished = sum(run_dir(out, e.name, a, s).joinpath(RUN_FILE).is_file() for e, a, s in grid)
+    finished = sum(_finished(out, e.name, a, s) for e, a, s in grid)
     progress = RunProgress(len(grid), finished, enabled=cfg.progress, jobs=cfg.jobs)
     try:
         if cfg.jobs > 1:
@@ -353,22 +354,38 @@ def run_benchmark(cfg: BenchmarkConfig, *, should_stop: Callable[[], bool] = lam
                            trained)
 
 
+def _finished(out: Path, dataset: str, algorithm: str, seed: int) -> bool:
+    return run_dir(out, dataset, algorithm, seed).joinpath(RUN_FILE).is_file()
+
+
+def _label(entry: DatasetEntry, algorithm: str, seed: int) -> str:
+    return f"{entry.name}/{algorithm}/seed{seed}"
+
+
+def _timed_run(cfg: BenchmarkConfig, entry: DatasetEntry, algorithm: str, seed: int,
+               should_stop: Callable[[], bool]) -> tuple[bool, bool, float]:
+    """``run_one``, timed: (finished, finished before this call, seconds)."""
+    was_done = _finished(Path(cfg.out), entry.name, algorithm, seed)
+    started = time.perf_counter()
+    complete = run_one(cfg, entry, algorithm, seed, should_stop) is not None
+    return complete, was_done, time.perf_counter() - started
+
+
 def _run_in_order(cfg: BenchmarkConfig, grid: list, progress: "RunProgress",
                   should_stop: Callable[[], bool]) -> tuple[bool, int]:
     """Train the runs of ``grid`` one after the other in this process; returns (interrupted,
     runs trained)."""
-    out, trained = Path(cfg.out), 0
+    trained = 0
     for entry, algorithm, seed in grid:
         if should_stop():
             return True, trained
-        label = f"{entry.name}/{algorithm}/seed{seed}"
-        was_done = run_dir(out, entry.name, algorithm, seed).joinpath(RUN_FILE).is_file()
+        label = _label(entry, algorithm, seed)
         progress.start(label)
-        started = time.perf_counter()
-        if run_one(cfg, entry, algorithm, seed, should_stop) is None:
+        complete, was_done, seconds = _timed_run(cfg, entry, algorithm, seed, should_stop)
+        if not complete:
             return True, trained
         trained += not was_done
-        progress.finish(label, None if was_done else time.perf_counter() - started)
+        progress.finish(label, None if was_done else seconds)
     return False, trained
 
 
@@ -414,13 +431,10 @@ def _worker_run(source: str, algorithm: str, seed: int) -> tuple[bool, bool, flo
             _WORKER["entry"] = None
             entry = _WORKER["entry"] = load_datasets(
                 dataclasses.replace(cfg, datasets=(source,)))[0]
-        was_done = run_dir(Path(cfg.out), entry.name, algorithm, seed).joinpath(RUN_FILE).is_file()
-        started = time.perf_counter()
         try:
-            record = run_one(cfg, entry, algorithm, seed, should_stop)
+            return _timed_run(cfg, entry, algorithm, seed, should_stop)
         except KeyboardInterrupt:  # stopped before its first step (dtlab.train): nothing written
-            return False, was_done, 0.0
-    return record is not None, was_done, time.perf_counter() - started
+            return False, _finished(Path(cfg.out), entry.name, algorithm, seed), 0.0
 
 
 def _run_in_workers(cfg: BenchmarkConfig, grid: list, progress: "RunProgress",
@@ -440,8 +454,7 @@ def _run_in_workers(cfg: BenchmarkConfig, grid: list, progress: "RunProgress",
     ctx = multiprocessing.get_context("spawn")
     stop = ctx.RawValue(ctypes.c_bool, False)
     threads = cfg.threads
-    env = os.environ.get("OMP_NUM_THREADS") or ""
-    if threads is None and not (env.isdigit() and int(env) > 0):
+    if threads is None and runtime.omp_threads() is None:
         threads = max(1, (os.cpu_count() or 1) // cfg.jobs)  # the cores, shared out
     worker_cfg = dataclasses.replace(cfg, threads=threads, progress=False)
     todo, running = list(grid), {}
@@ -459,7 +472,7 @@ def _run_in_workers(cfg: BenchmarkConfig, grid: list, progress: "RunProgress",
             while todo or running:
                 while todo and len(running) < cfg.jobs and not stop.value:
                     entry, algorithm, seed = todo.pop(0)
-                    label = f"{entry.name}/{algorithm}/seed{seed}"
+                    label = _label(entry, algorithm, seed)
                     try:
                         future = pool.submit(_worker_run, entry.source, algorithm, seed)
                     except BrokenProcessPool:

@@ -59,10 +59,15 @@ def set_threads(threads: int | None, default: int) -> int:
     (measured: docs/benchmarks.md), so the default is chosen by the caller for its workload.
     """
     if threads is None:
-        env = os.environ.get("OMP_NUM_THREADS")
-        threads = int(env) if env and env.isdigit() and int(env) > 0 else default
+        threads = omp_threads() or default
     torch.set_num_threads(max(1, threads))
     return torch.get_num_threads()
+
+
+def omp_threads() -> int | None:
+    """The thread count ``OMP_NUM_THREADS`` sets (a positive integer), else None."""
+    env = os.environ.get("OMP_NUM_THREADS")
+    return int(env) if env and env.isdigit() and int(env) > 0 else None
 
 
 def setup(device: str, threads: int | None, default_threads: int) -> torch.device:
