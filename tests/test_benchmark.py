@@ -6,6 +6,8 @@ import dataclasses
 import json
 import os
 import signal
+import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
@@ -18,6 +20,7 @@ from dtlab import benchmark
 from dtlab.cli import main
 from dtlab.behaviour.scripted import pendulum_mixed_dataset
 from dtlab.config import BenchmarkConfig, EvalDuringTraining, ModelConfig
+from dtlab.data.episodes import EpisodeSet
 from dtlab.data.formats import save_episodes
 from dtlab.errors import ConfigError
 
@@ -283,6 +286,25 @@ def test_a_run_being_trained_by_another_process_is_refused(tmp_path, capsys, pen
     # two slots freed at once with --jobs 2; it was then stopped)
     assert main(bench_args(pendulum_file, out, "--jobs", str(jobs))) == 0  # the lock is free again
     assert all(f.is_file() for f in run_files(out).values())
+
+
+@pytest.mark.parametrize("jobs", [1, 2])
+def test_a_dataset_warning_is_shown_once_on_one_line(tmp_path, jobs):
+    """The checks before the runs warn about the data once; neither the runs (which prepare the
+    data again) nor the --jobs workers (fresh processes, the CLI's format unset) repeat it."""
+    data = pendulum_mixed_dataset(num_episodes=4, seed=0)
+    path = tmp_path / "wide-actions.hdf5"  # torques beyond Pendulum's bound of 2
+    save_episodes(EpisodeSet.from_flags(data.observations, data.actions * 3.0, data.rewards,
+                                        data.terminations, data.truncations), path)
+    # A process of its own: pytest records warnings itself, and the CLI's format is the point.
+    proc = subprocess.run([sys.executable, "-m", "dtlab.cli", *bench_args(
+        path, tmp_path / "bench", "--steps", "6", "--eval-every", "6", "--jobs", str(jobs),
+        "--threads", "1")], capture_output=True, text=True, check=False)
+    err = proc.stderr
+    assert proc.returncode == 0, err
+    lines = [line for line in err.splitlines() if "outside the action bounds" in line]
+    assert len(lines) == 1, err
+    assert lines[0].startswith("dtlab: warning: ") and path.name in lines[0]
 
 
 def test_progress_estimate_counts_rounds_of_jobs():

@@ -48,7 +48,8 @@ import json
 import os
 import re
 import time
-from collections.abc import Callable
+import warnings
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -62,7 +63,7 @@ from dtlab.config import (ALGORITHMS, BenchmarkConfig, CalibrateConfig, DataConf
 from dtlab.data.episodes import EpisodeSet
 from dtlab.data.returns import normalized_score
 from dtlab.envs import env_info, make_env, reference_scores
-from dtlab.errors import ConfigError
+from dtlab.errors import ConfigError, one_line_warning
 from dtlab.rollout import Evaluator, RolloutReport
 
 RUNS_DIR, PLOTS_DIR = "runs", "plots"
@@ -330,12 +331,13 @@ def run_benchmark(cfg: BenchmarkConfig, *, should_stop: Callable[[], bool] = lam
         return BenchmarkResult(build_report(out, cfg, echo=echo), False, 0)
     from dtlab.train import prepare
 
-    entries = load_datasets(cfg)
-    for entry in entries:  # every check that can fail on bad input, before anything is written
-        for algorithm in cfg.algorithms:
-            prepare(run_train_config(cfg, entry, algorithm, cfg.seeds[0], out / "-"),
-                    entry.episodes)
-    check_settings(out, cfg, entries)
+    with _shown_once() as shown:  # what the checks warn about, the runs do not repeat
+        entries = load_datasets(cfg)
+        for entry in entries:  # every check that can fail on bad input, before anything is written
+            for algorithm in cfg.algorithms:
+                prepare(run_train_config(cfg, entry, algorithm, cfg.seeds[0], out / "-"),
+                        entry.episodes)
+        check_settings(out, cfg, entries)
     for entry in entries:
         write_json(out / RUNS_DIR / entry.name / DATASET_FILE, dataset_record(entry))
     # Seed-major: each seed completes every dataset x algorithm before the next seed starts, so a
@@ -345,13 +347,38 @@ def run_benchmark(cfg: BenchmarkConfig, *, should_stop: Callable[[], bool] = lam
     progress = RunProgress(len(grid), finished, enabled=cfg.progress, jobs=cfg.jobs)
     try:
         if cfg.jobs > 1:
-            interrupted, trained = _run_in_workers(cfg, grid, progress, should_stop)
+            interrupted, trained = _run_in_workers(cfg, grid, progress, should_stop, shown)
         else:
-            interrupted, trained = _run_in_order(cfg, grid, progress, should_stop)
+            with warnings.catch_warnings():
+                _ignore_warnings(shown)
+                interrupted, trained = _run_in_order(cfg, grid, progress, should_stop)
     finally:
         progress.close()
     return BenchmarkResult(build_report(out, cfg, expected=len(grid), echo=echo), interrupted,
                            trained)
+
+
+@contextlib.contextmanager
+def _shown_once():
+    """Show the warnings the block raises as usual (also when it raises) and yield the list of
+    their messages, filled when the block ends: every run's ``prepare`` repeats the checks, and
+    in ``--jobs`` workers (fresh processes) Python's once-per-location rule would not hold them
+    back."""
+    messages: list[str] = []
+    caught: list[warnings.WarningMessage] = []
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            yield messages
+    finally:
+        for w in caught:
+            warnings.showwarning(w.message, w.category, w.filename, w.lineno)
+        messages.extend(dict.fromkeys(str(w.message) for w in caught))
+
+
+def _ignore_warnings(messages: Sequence[str]) -> None:
+    """Filter out warnings whose message is exactly one of ``messages``."""
+    for message in messages:
+        warnings.filterwarnings("ignore", message=re.escape(message) + r"\Z")
 
 
 def _finished(out: Path, dataset: str, algorithm: str, seed: int) -> bool:
@@ -393,16 +420,20 @@ def _run_in_order(cfg: BenchmarkConfig, grid: list, progress: "RunProgress",
 _WORKER: dict[str, Any] = {}  # a worker process's settings, stop test and current dataset
 
 
-def _worker_start(cfg: BenchmarkConfig, stop) -> None:
+def _worker_start(cfg: BenchmarkConfig, stop, shown: tuple[str, ...], one_line: bool) -> None:
     """Initializer of a worker process. Its runs stop (with a checkpoint, as in one process) when
     the parent sets ``stop`` (a shared bool without a lock: a worker killed while reading it
     cannot leave it locked), when this process receives SIGINT or SIGTERM (Ctrl-C reaches the
     whole process group), or when the parent dies; a worker whose parent died exits as soon as
-    its run has stopped, so none is left behind."""
+    its run has stopped, so none is left behind. Warnings: the parent's messages ``shown``
+    already are not repeated; ``one_line``: formatted as the CLI formats them."""
     import multiprocessing
     import signal
     import threading
 
+    _ignore_warnings(shown)
+    if one_line:
+        warnings.formatwarning = one_line_warning
     received: list[int] = []
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda signum, _frame: received.append(signum))
@@ -438,7 +469,8 @@ def _worker_run(source: str, algorithm: str, seed: int) -> tuple[bool, bool, flo
 
 
 def _run_in_workers(cfg: BenchmarkConfig, grid: list, progress: "RunProgress",
-                    should_stop: Callable[[], bool]) -> tuple[bool, int]:
+                    should_stop: Callable[[], bool], shown: Sequence[str] = ()
+                    ) -> tuple[bool, int]:
     """Train the runs of ``grid`` in order, ``cfg.jobs`` at a time in spawned worker processes;
     returns (interrupted, runs trained). A run's error stops the others (each at its next step,
     with a checkpoint) and is raised here; so is a TrainingError when a worker process dies.
@@ -467,7 +499,8 @@ def _run_in_workers(cfg: BenchmarkConfig, grid: list, progress: "RunProgress",
             "same command again to continue")
 
     with cf.ProcessPoolExecutor(cfg.jobs, mp_context=ctx, initializer=_worker_start,
-                                initargs=(worker_cfg, stop)) as pool:
+                                initargs=(worker_cfg, stop, tuple(shown),
+                                          warnings.formatwarning is one_line_warning)) as pool:
         try:
             while todo or running:
                 while todo and len(running) < cfg.jobs and not stop.value:

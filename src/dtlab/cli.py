@@ -16,7 +16,7 @@ import tyro
 from dtlab.atomic import dumps_json
 from dtlab.config import (BehaviourConfig, BenchmarkConfig, CalibrateConfig, CollectConfig,
                           EvalConfig, MAX_SEED, TrainConfig, check_number)
-from dtlab.errors import DtlabError
+from dtlab.errors import DtlabError, one_line_warning
 from dtlab.quickstart import STEPS as QUICKSTART_STEPS
 
 
@@ -343,14 +343,10 @@ def run_data_validate(cmd: DataValidate) -> None:
     print(f"{cmd.path}: {len(findings)} finding{'' if len(findings) == 1 else 's'} ({context})")
 
 
-def _one_line_warning(message, category, filename, lineno, line=None) -> str:
-    return f"dtlab: warning: {message}\n"
-
-
 def main(argv: list[str] | None = None) -> int:
     import warnings
 
-    warnings.formatwarning = _one_line_warning
+    warnings.formatwarning = one_line_warning
     if argv is None and hasattr(signal, "SIGPIPE"):  # `dtlab ... | head`: end quietly, as Unix tools do
         signal.signal(signal.SIGPIPE, signal.SIG_DFL)
     try:

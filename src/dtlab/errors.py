@@ -27,3 +27,9 @@ class TrainingError(DtlabError):
 
 class DtlabWarning(UserWarning):
     """Suspicious but usable input (e.g. actions outside the action space bounds)."""
+
+
+def one_line_warning(message, category, filename, lineno, line=None) -> str:
+    """``warnings.formatwarning`` for the command line: ``dtlab: warning: <message>``, one line
+    (the CLI sets it; ``dtlab benchmark --jobs`` workers inherit the choice)."""
+    return f"dtlab: warning: {message}\n"
