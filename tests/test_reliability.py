@@ -18,7 +18,8 @@ from dtlab.config import ModelConfig
 from tests.configs import flat_fields, train_config
 from dtlab.data import EpisodeSet
 from dtlab.data.formats import save_episodes
-from dtlab.errors import DatasetError, DtlabWarning, TrainingError
+from dtlab.errors import ConfigError, DatasetError, DtlabWarning, TrainingError
+from dtlab.prepare import one_writer
 from dtlab.train import train
 
 TINY = ModelConfig(embed_dim=16, n_layers=1, n_heads=1, context_len=4, max_ep_len=200)
@@ -140,6 +141,58 @@ def test_signal_mid_run_then_resume_equals_uninterrupted(tmp_path, sig):
     a = load_file(str(checkpoint.resolve(tmp_path / "full") / "model.safetensors"))
     b = load_file(str(checkpoint.resolve(out) / "model.safetensors"))
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_a_run_directory_has_one_writer(tmp_path):
+    """A run directory held by another process (as ``one_writer`` holds it for a live run) is
+    refused with a ConfigError before anything in it changes, fresh or resumed; free again, the
+    run continues."""
+    data = episodes()
+    out = tmp_path / "run"
+    with one_writer(out):  # as another process's live run holds it (its own open file)
+        with pytest.raises(ConfigError, match=f"{out}: another process is training in this run"):
+            train(cfg(tmp_path), data)
+    assert out.is_dir() and not any(out.iterdir())  # the holder's directory, untouched
+    train(cfg(tmp_path), data)
+    before = {p.relative_to(out): p.stat().st_mtime_ns for p in out.rglob("*")}
+    with one_writer(out):
+        with pytest.raises(ConfigError, match="another process"):
+            train(cfg(tmp_path, steps=16, resume=True), data)
+    assert {p.relative_to(out): p.stat().st_mtime_ns for p in out.rglob("*")} == before
+    assert train(cfg(tmp_path, steps=16, resume=True), data).steps == 16
+
+
+def test_a_run_refused_under_the_lock_leaves_no_directory_behind(tmp_path):
+    """The run directory is created to be locked; a run that then fails its checks (here: resume
+    without a checkpoint) removes every directory it created."""
+    with pytest.raises(ConfigError, match="resume is set but the run directory has no checkpoint"):
+        train(cfg(tmp_path / "a" / "b", resume=True), episodes())
+    assert not (tmp_path / "a").exists()
+
+
+def test_a_second_train_on_a_live_run_directory_is_refused(tmp_path):
+    """Two processes: `dtlab train --resume` on the --out of a run still training exits 2 with a
+    one-line error, and the live run goes on to finish."""
+    data = tmp_path / "data.hdf5"
+    save_episodes(episodes(), data)
+    out = tmp_path / "run"
+    live = subprocess.Popen(_train_cmd(data, out, 400, 20), stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    try:
+        _wait_for_checkpoint(out, live)
+        second = subprocess.run(_train_cmd(data, out, 400, 20) + ["--resume"], capture_output=True,
+                                text=True, check=False)
+        assert second.returncode == 2, second.stderr
+        assert second.stderr.strip() == (f"dtlab: error: {out}: another process is training in "
+                                         "this run directory; let it finish or stop it, or "
+                                         "choose another out")
+        _, stderr = live.communicate(timeout=120)
+        assert live.returncode == 0, stderr
+    finally:
+        if live.poll() is None:
+            live.kill()
+            live.communicate()
+    assert checkpoint.load(out)[1].step == 400
 
 
 def test_outputs_get_default_permissions_not_private_temp_ones(tmp_path, tiny_checkpoint):

@@ -6,10 +6,13 @@ writes before its first checkpoint (``RunFiles``, which takes them back when the
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
+import os
 import shutil
 import warnings
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -209,6 +212,49 @@ def first_missing(path: Path) -> Path | None:
             break
         missing = p
     return missing
+
+
+@contextlib.contextmanager
+def one_writer(out: Path, main: bool = True) -> Iterator[Path | None]:
+    """Hold the run directory ``out`` for this process while the block runs: one run writes a
+    directory at a time (``dtlab train`` started twice on one ``--out``, or a requeued job beside
+    a live one, would interleave checkpoints). ``out`` is created if missing and locked with
+    ``fcntl.flock`` (exclusive, advisory; released by the OS however the process ends).
+
+    Yields the outermost directory this call created (None when ``out`` existed), for
+    ``RunFiles``; when the block raises before the run has a checkpoint, that directory is
+    removed again. ConfigError when another process holds ``out`` (nothing is touched then).
+    Not locked: torchrun ranks other than 0 (``main`` False; rank 0 holds it for the job), an
+    ``out`` that cannot be created (``resume_point`` says why), and platforms without ``fcntl``.
+    """
+    created = first_missing(out)
+    if not main:
+        yield created
+        return
+    try:
+        import fcntl
+        out.mkdir(parents=True, exist_ok=True)
+        fd = os.open(out, os.O_RDONLY)
+    except (ImportError, OSError):
+        yield None
+        return
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise ConfigError(f"{out}: another process is training in this run directory; let it "
+                              "finish or stop it, or choose another out") from None
+        if os.fstat(fd).st_ino != os.stat(out).st_ino:  # removed and made again meanwhile
+            raise ConfigError(f"{out}: the run directory was replaced while it was being opened; "
+                              "run again")
+        try:
+            yield created
+        except BaseException:
+            if created is not None and not (out / checkpoint.LATEST_FILE).exists():
+                shutil.rmtree(created, ignore_errors=True)
+            raise
+    finally:
+        os.close(fd)
 
 
 @dataclass

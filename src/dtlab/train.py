@@ -45,7 +45,7 @@ from dtlab.model import DecisionTransformer, build_model
 from dtlab.normalizer import Normalizer
 from dtlab.policy import DTPolicy
 # Preparing a run (everything checked before output is written) lives in dtlab.prepare.
-from dtlab.prepare import (TRAIN_CONFIG_FILE, RunFiles, check_resume_config, first_missing,
+from dtlab.prepare import (TRAIN_CONFIG_FILE, RunFiles, check_resume_config, one_writer,
                            prepare, resume_point)
 from dtlab.rollout import Evaluator
 from dtlab.spaces import ImageObservations, VectorObservations
@@ -473,29 +473,30 @@ def _train(cfg: TrainConfig, episodes: EpisodeSet, info: PolicyInfo, device: tor
            world: World, evaluator: Evaluate | None, should_stop: Callable[[], bool]
            ) -> TrainResult:
     out = Path(cfg.run.out)
-    start_from = resume_point(out, cfg)
-    trainer = Trainer.create(cfg, episodes, info, device, world)
-    if start_from is not None:
-        trainer.resume(start_from)
-    if evaluator is None and cfg.evaluation.eval_episodes:
-        evaluator = default_evaluator(cfg)
-    if should_stop():  # stopped while loading (e.g. Ctrl-C during a download): nothing written
-        raise KeyboardInterrupt
-    distributed.barrier(world)  # every rank has read the run directory before rank 0 writes
-    created = RunFiles(out, first_missing(out), main=world.is_main)
-    try:
-        created.start(cfg, resume_from=trainer.state.step if cfg.run.resume else None)
-        result = _loop(cfg, trainer, info, created.metrics, evaluator, should_stop)
-    except BaseException:
-        created.discard_if_no_checkpoint()
-        raise
-    created.metrics.close()
-    if not result.interrupted:
-        _check_enough_steps_applied(trainer, cfg, episodes, info, final=True)
-        if world.is_main:
-            from dtlab.plots import learning_curve
+    with one_writer(out, main=world.is_main) as made:  # decided under the lock: what is there
+        start_from = resume_point(out, cfg)
+        trainer = Trainer.create(cfg, episodes, info, device, world)
+        if start_from is not None:
+            trainer.resume(start_from)
+        if evaluator is None and cfg.evaluation.eval_episodes:
+            evaluator = default_evaluator(cfg)
+        if should_stop():  # stopped while loading (e.g. Ctrl-C during a download): nothing written
+            raise KeyboardInterrupt
+        distributed.barrier(world)  # every rank has read the run directory before rank 0 writes
+        created = RunFiles(out, made, main=world.is_main)
+        try:
+            created.start(cfg, resume_from=trainer.state.step if cfg.run.resume else None)
+            result = _loop(cfg, trainer, info, created.metrics, evaluator, should_stop)
+        except BaseException:
+            created.discard_if_no_checkpoint()
+            raise
+        created.metrics.close()
+        if not result.interrupted:
+            _check_enough_steps_applied(trainer, cfg, episodes, info, final=True)
+            if world.is_main:
+                from dtlab.plots import learning_curve
 
-            learning_curve(created.metrics.path, out / "learning_curve.png")
+                learning_curve(created.metrics.path, out / "learning_curve.png")
     distributed.barrier(world)  # the run's files are complete when any rank returns
     return result
 
