@@ -19,7 +19,7 @@ from tests.configs import flat_fields, train_config
 from dtlab.data import EpisodeSet
 from dtlab.data.formats import save_episodes
 from dtlab.errors import ConfigError, DatasetError, DtlabWarning, TrainingError
-from dtlab.prepare import one_writer
+from dtlab.prepare import LOCK_FILE, one_writer
 from dtlab.train import train
 
 TINY = ModelConfig(embed_dim=16, n_layers=1, n_heads=1, context_len=4, max_ep_len=200)
@@ -152,7 +152,7 @@ def test_a_run_directory_has_one_writer(tmp_path):
     with one_writer(out):  # as another process's live run holds it (its own open file)
         with pytest.raises(ConfigError, match=f"{out}: another process is training in this run"):
             train(cfg(tmp_path), data)
-    assert out.is_dir() and not any(out.iterdir())  # the holder's directory, untouched
+    assert [p.name for p in out.iterdir()] == [LOCK_FILE]  # the holder's, untouched
     train(cfg(tmp_path), data)
     before = {p.relative_to(out): p.stat().st_mtime_ns for p in out.rglob("*")}
     with one_writer(out):
@@ -162,37 +162,80 @@ def test_a_run_directory_has_one_writer(tmp_path):
     assert train(cfg(tmp_path, steps=16, resume=True), data).steps == 16
 
 
-def test_a_run_refused_under_the_lock_leaves_no_directory_behind(tmp_path):
+@pytest.mark.parametrize("can_lock", [True, False])
+def test_a_run_refused_under_the_lock_leaves_no_directory_behind(tmp_path, monkeypatch, can_lock):
     """The run directory is created to be locked; a run that then fails its checks (here: resume
-    without a checkpoint) removes every directory it created."""
+    without a checkpoint) removes every directory it created, also where nothing can be locked
+    (no fcntl, as on Windows)."""
+    if not can_lock:
+        monkeypatch.setitem(sys.modules, "fcntl", None)  # `import fcntl` raises ImportError
     with pytest.raises(ConfigError, match="resume is set but the run directory has no checkpoint"):
         train(cfg(tmp_path / "a" / "b", resume=True), episodes())
     assert not (tmp_path / "a").exists()
+    existing = tmp_path / "existing"  # a directory that was there: only the lock file goes
+    existing.mkdir()
+    with pytest.raises(ConfigError, match="resume is set"):
+        train(cfg(existing, resume=True), episodes())
+    assert existing.is_dir() and not any(existing.iterdir())
+
+
+def test_a_failed_run_keeps_a_sibling_run_in_a_parent_it_created(tmp_path):
+    """`--out sweep/a` and `--out sweep/b` started together with sweep/ missing: a created
+    sweep/, b's run lives in it; a failing before its first checkpoint removes sweep/a only."""
+    data = episodes()
+    sweep = tmp_path / "sweep"
+    with pytest.raises(RuntimeError, match="a fails"):
+        with one_writer(sweep / "a") as made:
+            assert made == sweep
+            train(cfg(sweep, "b"), data)  # the sibling, finished while a is still starting
+            raise RuntimeError("a fails before its first checkpoint")
+    assert not (sweep / "a").exists()
+    assert checkpoint.load(sweep / "b")[1].step == 8
+
+
+def test_a_lock_file_removed_between_open_and_lock_is_refused(tmp_path, monkeypatch):
+    """The holder's run failed and removed its directory while this run was opening the lock
+    file: the lock taken then is on a file nobody else sees, so the run is refused (one line)."""
+    import fcntl
+
+    out = tmp_path / "run"
+    real = fcntl.flock
+
+    def holder_cleans_up_first(fd, op):
+        (out / LOCK_FILE).unlink()
+        return real(fd, op)
+
+    monkeypatch.setattr(fcntl, "flock", holder_cleans_up_first)
+    with pytest.raises(ConfigError, match=f"{out}: its lock file .lock was removed or replaced"):
+        train(cfg(tmp_path), episodes())
+    assert not (out / "train_config.json").exists()
 
 
 def test_a_second_train_on_a_live_run_directory_is_refused(tmp_path):
     """Two processes: `dtlab train --resume` on the --out of a run still training exits 2 with a
-    one-line error, and the live run goes on to finish."""
+    one-line error, and the live run goes on (here until it is stopped with SIGTERM)."""
     data = tmp_path / "data.hdf5"
     save_episodes(episodes(), data)
     out = tmp_path / "run"
-    live = subprocess.Popen(_train_cmd(data, out, 400, 20), stdout=subprocess.PIPE,
+    live = subprocess.Popen(_train_cmd(data, out, 100_000, 20), stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True)
     try:
         _wait_for_checkpoint(out, live)
-        second = subprocess.run(_train_cmd(data, out, 400, 20) + ["--resume"], capture_output=True,
-                                text=True, check=False)
+        second = subprocess.run(_train_cmd(data, out, 100_000, 20) + ["--resume"],
+                                capture_output=True, text=True, check=False)
         assert second.returncode == 2, second.stderr
         assert second.stderr.strip() == (f"dtlab: error: {out}: another process is training in "
                                          "this run directory; let it finish or stop it, or "
                                          "choose another out")
+        assert live.poll() is None  # still training
+        live.send_signal(signal.SIGTERM)
         _, stderr = live.communicate(timeout=120)
-        assert live.returncode == 0, stderr
+        assert live.returncode == 128 + signal.SIGTERM, stderr
     finally:
         if live.poll() is None:
             live.kill()
             live.communicate()
-    assert checkpoint.load(out)[1].step == 400
+    assert checkpoint.load(out)[1].step > 0
 
 
 def test_outputs_get_default_permissions_not_private_temp_ones(tmp_path, tiny_checkpoint):

@@ -63,7 +63,7 @@ from dtlab.config import (ALGORITHMS, BenchmarkConfig, CalibrateConfig, DataConf
 from dtlab.data.episodes import EpisodeSet
 from dtlab.data.returns import normalized_score
 from dtlab.envs import env_info, make_env, reference_scores
-from dtlab.errors import ConfigError, one_line_warning
+from dtlab.errors import ConfigError, DtlabWarning, one_line_warning
 from dtlab.rollout import Evaluator, RolloutReport
 
 RUNS_DIR, PLOTS_DIR = "runs", "plots"
@@ -361,9 +361,9 @@ def run_benchmark(cfg: BenchmarkConfig, *, should_stop: Callable[[], bool] = lam
 @contextlib.contextmanager
 def _shown_once():
     """Show the warnings the block raises as usual (also when it raises) and yield the list of
-    their messages, filled when the block ends: every run's ``prepare`` repeats the checks, and
-    in ``--jobs`` workers (fresh processes) Python's once-per-location rule would not hold them
-    back."""
+    the DtlabWarning messages among them, filled when the block ends: every run's ``prepare``
+    repeats the checks, and in ``--jobs`` workers (fresh processes) Python's once-per-location
+    rule would not hold them back."""
     messages: list[str] = []
     caught: list[warnings.WarningMessage] = []
     try:
@@ -372,13 +372,15 @@ def _shown_once():
     finally:
         for w in caught:
             warnings.showwarning(w.message, w.category, w.filename, w.lineno)
-        messages.extend(dict.fromkeys(str(w.message) for w in caught))
+        messages.extend(dict.fromkeys(str(w.message) for w in caught
+                                      if issubclass(w.category, DtlabWarning)))
 
 
 def _ignore_warnings(messages: Sequence[str]) -> None:
-    """Filter out warnings whose message is exactly one of ``messages``."""
+    """Filter out the DtlabWarnings whose message is exactly one of ``messages``."""
     for message in messages:
-        warnings.filterwarnings("ignore", message=re.escape(message) + r"\Z")
+        warnings.filterwarnings("ignore", message=re.escape(message) + r"\Z",
+                                category=DtlabWarning)
 
 
 def _finished(out: Path, dataset: str, algorithm: str, seed: int) -> bool:

@@ -214,47 +214,93 @@ def first_missing(path: Path) -> Path | None:
     return missing
 
 
+LOCK_FILE = ".lock"  # in a run directory: held (flock) by the process training the run
+
+
+def remove_created(out: Path, created: Path | None) -> None:
+    """Take back the directories a failed run created: ``out`` with everything in it, then each
+    parent up to ``created`` (the outermost one it made) while it is empty. A parent that is not
+    empty now holds another run's directory (``--out sweep/a`` beside ``sweep/b``) and stays."""
+    if created is None:
+        return
+    shutil.rmtree(out, ignore_errors=True)
+    for parent in out.parents:
+        if parent != created and created not in parent.parents:
+            break
+        try:
+            parent.rmdir()
+        except OSError:  # not empty, or already gone
+            break
+
+
 @contextlib.contextmanager
 def one_writer(out: Path, main: bool = True) -> Iterator[Path | None]:
     """Hold the run directory ``out`` for this process while the block runs: one run writes a
     directory at a time (``dtlab train`` started twice on one ``--out``, or a requeued job beside
-    a live one, would interleave checkpoints). ``out`` is created if missing and locked with
-    ``fcntl.flock`` (exclusive, advisory; released by the OS however the process ends).
+    a live one, would interleave checkpoints). ``out`` is created if missing, and its
+    ``LOCK_FILE`` is locked with ``fcntl.flock`` (exclusive, advisory, on a regular file, which
+    NFS also locks across machines; released by the OS when the process ends, however it ends).
 
     Yields the outermost directory this call created (None when ``out`` existed), for
-    ``RunFiles``; when the block raises before the run has a checkpoint, that directory is
-    removed again. ConfigError when another process holds ``out`` (nothing is touched then).
-    Not locked: torchrun ranks other than 0 (``main`` False; rank 0 holds it for the job), an
-    ``out`` that cannot be created (``resume_point`` says why), and platforms without ``fcntl``.
+    ``RunFiles``; when the block raises before the run has a checkpoint, what it created is
+    removed again (``remove_created``; the lock file too). ConfigError when another process holds
+    ``out``, or replaced it meanwhile; nothing is touched then. Not locked, and otherwise the
+    same: torchrun ranks other than 0 (``main`` False), a directory or lock file that cannot be
+    created (``resume_point`` or the writers say why), a file system that cannot lock, and
+    platforms without ``fcntl`` (Windows).
     """
     created = first_missing(out)
     if not main:
         yield created
         return
+    lock_path = out / LOCK_FILE
+    lock_existed = lock_path.exists()
+    fd = _lock(out, lock_path)
+    try:
+        yield created
+    except BaseException:
+        if not (out / checkpoint.LATEST_FILE).exists():
+            if created is not None:
+                remove_created(out, created)
+            elif not lock_existed:
+                with contextlib.suppress(OSError):  # e.g. ``out`` is a file: no lock file
+                    lock_path.unlink(missing_ok=True)
+        raise
+    finally:
+        if fd is not None:
+            os.close(fd)
+
+
+def _lock(out: Path, lock_path: Path) -> int | None:
+    """``one_writer``'s lock: the open, locked lock file's descriptor, or None where nothing
+    can be locked. ConfigError when another process holds it or replaced it meanwhile."""
     try:
         import fcntl
-        out.mkdir(parents=True, exist_ok=True)
-        fd = os.open(out, os.O_RDONLY)
-    except (ImportError, OSError):
-        yield None
-        return
+    except ImportError:  # not POSIX
+        return None
     try:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            raise ConfigError(f"{out}: another process is training in this run directory; let it "
-                              "finish or stop it, or choose another out") from None
-        if os.fstat(fd).st_ino != os.stat(out).st_ino:  # removed and made again meanwhile
-            raise ConfigError(f"{out}: the run directory was replaced while it was being opened; "
-                              "run again")
-        try:
-            yield created
-        except BaseException:
-            if created is not None and not (out / checkpoint.LATEST_FILE).exists():
-                shutil.rmtree(created, ignore_errors=True)
-            raise
-    finally:
+        out.mkdir(parents=True, exist_ok=True)
+        fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o666)
+    except OSError:
+        return None
+    replaced = (f"its lock file {LOCK_FILE} was removed or replaced while this run was opening it; "
+                "run again")
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        held, now = os.fstat(fd), os.stat(lock_path)
+        if (held.st_ino, held.st_dev) == (now.st_ino, now.st_dev):
+            return fd
+        problem = replaced
+    except BlockingIOError:
+        problem = "another process is training in this run directory; let it finish or stop it, " \
+                  "or choose another out"
+    except FileNotFoundError:  # the holder removed it (its run failed) between open and lock
+        problem = replaced
+    except OSError:  # the file system cannot lock (e.g. ENOLCK): go on unlocked
         os.close(fd)
+        return None
+    os.close(fd)
+    raise ConfigError(f"{out}: {problem}")
 
 
 @dataclass
@@ -286,7 +332,7 @@ class RunFiles:
         if not self.main or (self.out / checkpoint.LATEST_FILE).exists():
             return
         if self.created is not None:
-            shutil.rmtree(self.created, ignore_errors=True)
+            remove_created(self.out, self.created)
             return
         for name in {TRAIN_CONFIG_FILE, METRICS_FILE} - self.existed:
             (self.out / name).unlink(missing_ok=True)

@@ -409,9 +409,10 @@ def train(cfg: TrainConfig, episodes: EpisodeSet | None = None, *,
     with a DTPolicy every ``eval_every`` steps and at the end when ``eval_episodes`` > 0 (default:
     ``dtlab.rollout.Evaluator`` over the configured targets). ``should_stop``: polled every step;
     True ends the run early with a checkpoint (the CLI wires SIGINT/SIGTERM to it).
-    Raises DtlabError subclasses for bad input, a non-finite step (unless ``skip_nonfinite``), or
-    a run in which most steps were skipped; a run that fails before its first checkpoint leaves
-    nothing it created behind.
+    Raises DtlabError subclasses for bad input, a non-finite step (unless ``skip_nonfinite``), a
+    run in which most steps were skipped, or a run directory that another process is training in
+    (dtlab.prepare.one_writer); a run that fails before its first checkpoint leaves nothing it
+    created behind.
 
     Under torchrun (``WORLD_SIZE`` etc. in the environment, dtlab.distributed) this is one of the
     processes of a DistributedDataParallel run: rank 0 logs, evaluates and checkpoints, the others
