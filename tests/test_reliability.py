@@ -193,6 +193,29 @@ def test_a_failed_run_keeps_a_sibling_run_in_a_parent_it_created(tmp_path):
     assert checkpoint.load(sweep / "b")[1].step == 8
 
 
+def test_a_run_failing_in_training_keeps_a_sibling_run_in_a_parent_it_created(tmp_path,
+                                                                             monkeypatch):
+    """The same when the run fails inside the training loop (a non-finite loss at step 2, before
+    its first checkpoint at 4) after a sibling run entered the parent it created."""
+    sweep = tmp_path / "sweep"
+    calls = {"n": 0}
+    real = train_module.action_loss
+
+    def sibling_starts_then_nan(*args):
+        calls["n"] += 1
+        if calls["n"] == 2:
+            (sweep / "b").mkdir()
+            (sweep / "b" / "train_config.json").write_text("{}")  # a live run's first file
+            return real(*args) * float("nan")
+        return real(*args)
+
+    monkeypatch.setattr(train_module, "action_loss", sibling_starts_then_nan)
+    with pytest.raises(TrainingError, match="non-finite loss or gradient at step 2"):
+        train(cfg(sweep, "a"), episodes())
+    assert not (sweep / "a").exists()
+    assert (sweep / "b" / "train_config.json").read_text() == "{}"
+
+
 def test_a_lock_file_removed_between_open_and_lock_is_refused(tmp_path, monkeypatch):
     """The holder's run failed and removed its directory while this run was opening the lock
     file: the lock taken then is on a file nobody else sees, so the run is refused (one line)."""
@@ -206,9 +229,10 @@ def test_a_lock_file_removed_between_open_and_lock_is_refused(tmp_path, monkeypa
         return real(fd, op)
 
     monkeypatch.setattr(fcntl, "flock", holder_cleans_up_first)
-    with pytest.raises(ConfigError, match=f"{out}: its lock file .lock was removed or replaced"):
+    with pytest.raises(ConfigError, match=f"{out}: the run directory or its lock file .lock was "
+                                          "removed or replaced while this run was opening it"):
         train(cfg(tmp_path), episodes())
-    assert not (out / "train_config.json").exists()
+    assert not out.exists()  # the refused run took back the directory it made
 
 
 def test_a_second_train_on_a_live_run_directory_is_refused(tmp_path):
@@ -222,7 +246,7 @@ def test_a_second_train_on_a_live_run_directory_is_refused(tmp_path):
     try:
         _wait_for_checkpoint(out, live)
         second = subprocess.run(_train_cmd(data, out, 100_000, 20) + ["--resume"],
-                                capture_output=True, text=True, check=False)
+                                capture_output=True, text=True, check=False, timeout=120)
         assert second.returncode == 2, second.stderr
         assert second.stderr.strip() == (f"dtlab: error: {out}: another process is training in "
                                          "this run directory; let it finish or stop it, or "

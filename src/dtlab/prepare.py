@@ -218,18 +218,40 @@ LOCK_FILE = ".lock"  # in a run directory: held (flock) by the process training 
 
 
 def remove_created(out: Path, created: Path | None) -> None:
-    """Take back the directories a failed run created: ``out`` with everything in it, then each
-    parent up to ``created`` (the outermost one it made) while it is empty. A parent that is not
-    empty now holds another run's directory (``--out sweep/a`` beside ``sweep/b``) and stays."""
+    """Take back what a failed run created, while it still holds ``out``'s lock: everything in
+    ``out`` but the lock file (no other run can be in it), then the lock file, then ``out`` and
+    each parent up to ``created`` (the outermost directory it made) while each is empty. A
+    directory another run has entered meanwhile stays: ``out`` with a new run's lock file in it,
+    a parent holding a sibling run (``--out sweep/a`` beside ``sweep/b``)."""
     if created is None:
         return
-    shutil.rmtree(out, ignore_errors=True)
-    for parent in out.parents:
-        if parent != created and created not in parent.parents:
+    try:
+        entries = list(out.iterdir())
+    except OSError:
+        entries = []
+    for entry in entries:
+        if entry.name == LOCK_FILE:
+            continue
+        if entry.is_dir() and not entry.is_symlink():
+            shutil.rmtree(entry, ignore_errors=True)
+        else:
+            entry.unlink(missing_ok=True)
+    with contextlib.suppress(OSError):
+        (out / LOCK_FILE).unlink(missing_ok=True)
+    _remove_empty(out, created)
+
+
+def _remove_empty(out: Path, created: Path | None) -> None:
+    """``rmdir`` ``out``, then each parent up to ``created``, stopping at the first that is not
+    empty (or not there)."""
+    if created is None:
+        return
+    for directory in (out, *out.parents):
+        if directory != created and created not in directory.parents:
             break
         try:
-            parent.rmdir()
-        except OSError:  # not empty, or already gone
+            directory.rmdir()
+        except OSError:
             break
 
 
@@ -241,27 +263,30 @@ def one_writer(out: Path, main: bool = True) -> Iterator[Path | None]:
     ``LOCK_FILE`` is locked with ``fcntl.flock`` (exclusive, advisory, on a regular file, which
     NFS also locks across machines; released by the OS when the process ends, however it ends).
 
-    Yields the outermost directory this call created (None when ``out`` existed), for
-    ``RunFiles``; when the block raises before the run has a checkpoint, what it created is
-    removed again (``remove_created``; the lock file too). ConfigError when another process holds
-    ``out``, or replaced it meanwhile; nothing is touched then. Not locked, and otherwise the
-    same: torchrun ranks other than 0 (``main`` False), a directory or lock file that cannot be
-    created (``resume_point`` or the writers say why), a file system that cannot lock, and
-    platforms without ``fcntl`` (Windows).
+    Yields the outermost directory this call created (None when ``out`` existed); when the block
+    raises before the run has a checkpoint, the directories it created are removed again
+    (``remove_created``), or in an ``out`` that existed, the lock file if this call made it
+    (``RunFiles`` takes back the run's own files). ConfigError when another process holds
+    ``out``, or removed or replaced it meanwhile; only the empty directories this call made are
+    removed then. Not locked, and otherwise the same: torchrun ranks other than 0 (``main``
+    False), a directory or lock file that cannot be created for want of permission (the
+    writers then say why) or because a file is in the way (``resume_point`` says so), a file
+    system that cannot lock, and platforms without ``fcntl`` (Windows).
     """
-    created = first_missing(out)
+    path = Path(os.path.abspath(out))  # "new/../run": the directories really made
+    created = first_missing(path)
     if not main:
         yield created
         return
-    lock_path = out / LOCK_FILE
+    lock_path = path / LOCK_FILE
     lock_existed = lock_path.exists()
-    fd = _lock(out, lock_path)
+    fd = _lock(out, path, created)
     try:
         yield created
     except BaseException:
-        if not (out / checkpoint.LATEST_FILE).exists():
+        if not (path / checkpoint.LATEST_FILE).exists():
             if created is not None:
-                remove_created(out, created)
+                remove_created(path, created)
             elif not lock_existed:
                 with contextlib.suppress(OSError):  # e.g. ``out`` is a file: no lock file
                     lock_path.unlink(missing_ok=True)
@@ -271,36 +296,50 @@ def one_writer(out: Path, main: bool = True) -> Iterator[Path | None]:
             os.close(fd)
 
 
-def _lock(out: Path, lock_path: Path) -> int | None:
-    """``one_writer``'s lock: the open, locked lock file's descriptor, or None where nothing
-    can be locked. ConfigError when another process holds it or replaced it meanwhile."""
+def _lock(out: Path, path: Path, created: Path | None) -> int | None:
+    """``one_writer``'s lock on ``path`` (``out``, absolute): the open, locked lock file's
+    descriptor, or None where nothing can be locked. ConfigError when another process holds it
+    or removed it meanwhile (the empty directories this call made are removed first)."""
     try:
         import fcntl
     except ImportError:  # not POSIX
         return None
+    replaced = (f"{out}: the run directory or its lock file {LOCK_FILE} was removed or replaced "
+                "while this run was opening it (another run on it failing?); run again")
     try:
-        out.mkdir(parents=True, exist_ok=True)
-        fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o666)
-    except OSError:
+        path.mkdir(parents=True, exist_ok=True)
+        fd = _open_lock(path / LOCK_FILE)
+    except FileNotFoundError:
+        _remove_empty(path, created)
+        raise ConfigError(replaced) from None
+    except OSError:  # no permission, a read-only file system, a file in the way
         return None
-    replaced = (f"its lock file {LOCK_FILE} was removed or replaced while this run was opening it; "
-                "run again")
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        held, now = os.fstat(fd), os.stat(lock_path)
+        held, now = os.fstat(fd), os.stat(path / LOCK_FILE)
         if (held.st_ino, held.st_dev) == (now.st_ino, now.st_dev):
             return fd
         problem = replaced
     except BlockingIOError:
-        problem = "another process is training in this run directory; let it finish or stop it, " \
-                  "or choose another out"
+        problem = (f"{out}: another process is training in this run directory; let it finish or "
+                   "stop it, or choose another out")
     except FileNotFoundError:  # the holder removed it (its run failed) between open and lock
         problem = replaced
     except OSError:  # the file system cannot lock (e.g. ENOLCK): go on unlocked
         os.close(fd)
         return None
     os.close(fd)
-    raise ConfigError(f"{out}: {problem}")
+    _remove_empty(path, created)
+    raise ConfigError(problem)
+
+
+def _open_lock(lock_path: Path) -> int:
+    """Open (creating it if missing) the lock file; read-only where another user's file may not
+    be written (``flock`` needs no write access)."""
+    try:
+        return os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o666)
+    except PermissionError:
+        return os.open(lock_path, os.O_RDONLY)
 
 
 @dataclass
@@ -308,7 +347,6 @@ class RunFiles:
     """What a run writes before its first checkpoint, so that a failure can take it back."""
 
     out: Path
-    created: Path | None  # the outermost directory this run created (None: ``out`` existed)
     metrics: MetricsLog | None = None
     existed: frozenset = frozenset()  # the run files that were there before (a resumed run's)
     main: bool = True  # False: a torchrun rank other than 0, which writes none of these
@@ -331,9 +369,7 @@ class RunFiles:
             self.metrics.close()
         if not self.main or (self.out / checkpoint.LATEST_FILE).exists():
             return
-        if self.created is not None:
-            remove_created(self.out, self.created)
-            return
+        # Only the run's own files: the directories it created are one_writer's to remove.
         for name in {TRAIN_CONFIG_FILE, METRICS_FILE} - self.existed:
             (self.out / name).unlink(missing_ok=True)
         if "tb" not in self.existed:

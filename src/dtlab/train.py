@@ -474,7 +474,7 @@ def _train(cfg: TrainConfig, episodes: EpisodeSet, info: PolicyInfo, device: tor
            world: World, evaluator: Evaluate | None, should_stop: Callable[[], bool]
            ) -> TrainResult:
     out = Path(cfg.run.out)
-    with one_writer(out, main=world.is_main) as made:  # decided under the lock: what is there
+    with one_writer(out, main=world.is_main):  # what the directory holds is read under the lock
         start_from = resume_point(out, cfg)
         trainer = Trainer.create(cfg, episodes, info, device, world)
         if start_from is not None:
@@ -484,7 +484,7 @@ def _train(cfg: TrainConfig, episodes: EpisodeSet, info: PolicyInfo, device: tor
         if should_stop():  # stopped while loading (e.g. Ctrl-C during a download): nothing written
             raise KeyboardInterrupt
         distributed.barrier(world)  # every rank has read the run directory before rank 0 writes
-        created = RunFiles(out, made, main=world.is_main)
+        created = RunFiles(out, main=world.is_main)
         try:
             created.start(cfg, resume_from=trainer.state.step if cfg.run.resume else None)
             result = _loop(cfg, trainer, info, created.metrics, evaluator, should_stop)
