@@ -84,7 +84,7 @@ class QuickstartConfig:
     progress: bool = True
     """Show a progress bar while training."""
     overwrite: bool = False
-    """Replace the run in --out if one is there."""
+    """Replace the run in --out if one is there (refused while a quickstart still trains in it)."""
 
     def __post_init__(self) -> None:
         check_number("steps", self.steps, minimum=10, integer=True)

@@ -18,6 +18,7 @@ import numpy as np
 from dtlab.config import (DataConfig, EvalConfig, ModelConfig, OptimConfig, RunConfig,
                           TrainConfig)
 from dtlab.errors import ConfigError
+from dtlab.prepare import one_writer
 
 ENV_ID = "Pendulum-v1"
 # A smaller model than the paper's gym config (128 wide, 3 layers, K=20): Pendulum's state is
@@ -43,7 +44,8 @@ def quickstart(out: str | Path = "dtlab-quickstart", *, steps: int = STEPS, epis
     if run_dir.exists():
         if not overwrite:
             raise ConfigError(f"{out}: already holds a quickstart run; set overwrite, or choose another out")
-        shutil.rmtree(run_dir)
+        with one_writer(run_dir):  # not while a quickstart still trains in it: ConfigError
+            shutil.rmtree(run_dir)
     started = time.perf_counter()
     out.mkdir(parents=True, exist_ok=True)
 
