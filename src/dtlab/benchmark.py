@@ -747,7 +747,8 @@ def _plots(out: Path, report: dict, cells: dict, datasets: dict, runs: list[dict
             steps = sorted(set.intersection(*(set(s for s, _ in c) for c in by_seed.values())))
             values = np.array([[dict(c)[s] for s in steps] for c in by_seed.values()])
             label = algorithm if target is None else f"{algorithm} @ {target:g}"
-            curves.append((f"{label} ({len(by_seed)} seeds)", steps, values.mean(0).tolist(),
+            seeds = f"{len(by_seed)} seed{'s' if len(by_seed) != 1 else ''}"
+            curves.append((f"{label} ({seeds})", steps, values.mean(0).tolist(),
                            values.std(0).tolist()))
         behaviour = d["behaviour"]["normalized" if d["score"] == "normalized" else "mean_return"]
         if curves:
