@@ -106,6 +106,22 @@ def _torchrun(args, tmp_path, *, restarts=0, script=None, timeout=240):
                           timeout=timeout)
 
 
+# A rank of a finished run has twice aborted in its interpreter's teardown ("terminate called
+# without an active exception", SIGABRT) after the run had written every file: in the first
+# clean-clone CI of two sessions, never in 30 runs in a row in between. It matches gloo's known
+# teardown crashes (pytorch/pytorch PR #179291, abandoned). Such a run is tried once more from
+# scratch; any other failure, or the abort twice, still fails the test.
+TEARDOWN_ABORT = "terminate called without an active exception"
+
+
+def _torchrun_once_more_on_teardown_abort(args, tmp_path, out, **kwargs):
+    proc = _torchrun(args, tmp_path, **kwargs)
+    if proc.returncode != 0 and TEARDOWN_ABORT in proc.stderr and (out / "latest").is_file():
+        shutil.rmtree(out)
+        proc = _torchrun(args, tmp_path, **kwargs)
+    return proc
+
+
 def _train_args(dataset, out):
     return ["train", "--dataset", str(dataset), "--env", "Pendulum-v1", "--out", str(out),
             "--steps", "12", "--batch-size", "8", "--warmup-steps", "4", "--log-every", "3",
@@ -120,7 +136,8 @@ def two_process_run(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("ddp")
     dataset = tmp / "pendulum.hdf5"
     save_episodes(pendulum_like(), dataset)
-    proc = _torchrun(_train_args(dataset, tmp / "full"), tmp)
+    proc = _torchrun_once_more_on_teardown_abort(_train_args(dataset, tmp / "full"), tmp,
+                                                 tmp / "full")
     assert proc.returncode == 0, proc.stderr[-3000:]
     return tmp, dataset, proc
 
@@ -150,8 +167,9 @@ def test_killed_rank_restarted_by_torchrun_resumes_to_the_same_weights(two_proce
     tmp, dataset, _ = two_process_run
     # ddp_worker.py's first argument: rank 1 kills itself (SIGKILL) right after step 8, past the
     # checkpoint of step 6; torchrun restarts both workers, which resume from it.
-    proc = _torchrun(["8", *_train_args(dataset, tmp / "killed")], tmp, restarts=1,
-                     script=WORKER, timeout=300)
+    proc = _torchrun_once_more_on_teardown_abort(["8", *_train_args(dataset, tmp / "killed")], tmp,
+                                                 tmp / "killed", restarts=1, script=WORKER,
+                                                 timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "torchrun restarted the workers" in proc.stderr
     full, resumed = _weights(tmp / "full"), _weights(tmp / "killed")
