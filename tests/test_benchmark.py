@@ -279,8 +279,8 @@ def test_a_run_being_trained_by_another_process_is_refused(tmp_path, capsys, pen
     err = capsys.readouterr().err.strip()
     run = benchmark.run_dir(out, "pendulum-small", *locked)
     assert code == 2
-    assert err == (f"dtlab: error: {run}: another process (pid {os.getpid()}) is training this "
-                   "run; let it finish or stop it, then run the benchmark again")
+    assert err == (f"dtlab: error: {run}: another process (pid {os.getpid()}, training) holds "
+                   "this run; let it finish or stop it, then run the benchmark again")
     assert not run.exists()  # nothing trained
     assert not run_files(out)[RUNS[3]].exists()  # the last run did not finish (nor start, unless
     # two slots freed at once with --jobs 2; it was then stopped)

@@ -3,6 +3,7 @@ about) and evaluation without an environment (offline action error and return se
 
 import json
 import math
+import os
 import shutil
 import warnings
 from pathlib import Path
@@ -18,6 +19,7 @@ from dtlab.data.formats import save_episodes
 from dtlab.errors import CheckpointError, ConfigError, DtlabWarning
 from dtlab.evaluate import offline_evaluation, reliable_maximum
 from dtlab.policy import DTPolicy
+from dtlab.prepare import one_writer
 from dtlab.spaces import DiscreteActions
 
 FIXTURES = Path(__file__).parent / "fixtures"
@@ -110,6 +112,29 @@ def test_calibrate_command(checkpoint_copy, capsys):
     assert record["reliable_max_target"] == again.reliable_max_target
     assert (ckpt / "calibration.png").read_bytes()[:4] == b"\x89PNG"
     assert DTPolicy.from_checkpoint(checkpoint_copy).reliable_max_target == again.reliable_max_target
+
+
+def test_calibrate_refuses_a_run_directory_that_a_training_run_holds(checkpoint_copy, capsys):
+    """A live `dtlab train` on the run (its lock held, here by this process as train holds it)
+    would prune or replace the checkpoint under the calibration: one line naming the holder,
+    exit 2, nothing written; the step directory given directly is refused the same; a copy of the
+    checkpoint outside the run directory is calibrated."""
+    ckpt = checkpoint.resolve(checkpoint_copy)
+    before = sorted(p.name for p in ckpt.iterdir())
+    args = ["--points", "2", "--episodes", "2", "--max-steps", "5"]
+    with one_writer(checkpoint_copy):
+        for target in (checkpoint_copy, ckpt):
+            assert main(["calibrate", str(target), *args]) == 2
+            assert capsys.readouterr().err.strip() == (
+                f"dtlab: error: {checkpoint_copy}: another process (pid {os.getpid()}, training) "
+                "holds this run directory; calibrate after it finishes, or copy the checkpoint "
+                "out of the run directory to calibrate it now")
+        assert sorted(p.name for p in ckpt.iterdir()) == before
+        elsewhere = shutil.copytree(ckpt, checkpoint_copy.parent / "copy")
+        assert main(["calibrate", str(elsewhere), *args]) == 0
+        assert (elsewhere / checkpoint.CALIBRATION_FILE).is_file()
+    assert main(["calibrate", str(checkpoint_copy), *args]) == 0  # the lock is free again
+    assert (ckpt / checkpoint.CALIBRATION_FILE).is_file()
 
 
 # ---- offline evaluation ---------------------------------------------------------------------------

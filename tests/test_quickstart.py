@@ -22,7 +22,7 @@ def test_quickstart_writes_its_run_and_overwrites_only_a_finished_one(tmp_path):
     with pytest.raises(ConfigError, match="already holds a quickstart run; set overwrite"):
         quickstart(out, steps=20, episodes=1, progress=False)
     with one_writer(out / "run"):  # as a quickstart still training there holds it
-        with pytest.raises(ConfigError, match="another process is training in this run directory"):
+        with pytest.raises(ConfigError, match=r"another process \(pid \d+, training\) holds this run"):
             quickstart(out, steps=30, episodes=1, progress=False, overwrite=True)
     assert checkpoint.load(out / "run")[1].step == 20  # untouched
     quickstart(out, steps=30, episodes=1, progress=False, overwrite=True)

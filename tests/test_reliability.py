@@ -1,6 +1,7 @@
 """Crash safety, numerical faults, dataset checks at training time."""
 
 import json
+import os
 import signal
 import subprocess
 import sys
@@ -150,12 +151,13 @@ def test_a_run_directory_has_one_writer(tmp_path):
     data = episodes()
     out = tmp_path / "run"
     with one_writer(out):  # as another process's live run holds it (its own open file)
-        with pytest.raises(ConfigError, match=f"{out}: another process is training in this run"):
+        with pytest.raises(ConfigError, match=rf"{out}: another process \(pid {os.getpid()}, "
+                                              r"training\) holds this run directory; let it"):
             train(cfg(tmp_path), data)
     assert [p.name for p in out.iterdir()] == [LOCK_FILE]  # the holder's, untouched
     train(cfg(tmp_path), data)
-    before = {p.relative_to(out): p.stat().st_mtime_ns for p in out.rglob("*")}
     with one_writer(out):
+        before = {p.relative_to(out): p.stat().st_mtime_ns for p in out.rglob("*")}
         with pytest.raises(ConfigError, match="another process"):
             train(cfg(tmp_path, steps=16, resume=True), data)
     assert {p.relative_to(out): p.stat().st_mtime_ns for p in out.rglob("*")} == before
@@ -230,7 +232,7 @@ def test_a_lock_file_removed_between_open_and_lock_is_refused(tmp_path, monkeypa
 
     monkeypatch.setattr(fcntl, "flock", holder_cleans_up_first)
     with pytest.raises(ConfigError, match=f"{out}: the run directory or its lock file .lock was "
-                                          "removed or replaced while this run was opening it"):
+                                          "removed or replaced while this process was opening"):
         train(cfg(tmp_path), episodes())
     assert not out.exists()  # the refused run took back the directory it made
 
@@ -248,9 +250,9 @@ def test_a_second_train_on_a_live_run_directory_is_refused(tmp_path):
         second = subprocess.run(_train_cmd(data, out, 100_000, 20) + ["--resume"],
                                 capture_output=True, text=True, check=False, timeout=120)
         assert second.returncode == 2, second.stderr
-        assert second.stderr.strip() == (f"dtlab: error: {out}: another process is training in "
-                                         "this run directory; let it finish or stop it, or "
-                                         "choose another out")
+        assert second.stderr.strip() == (f"dtlab: error: {out}: another process (pid {live.pid}, "
+                                         "training) holds this run directory; let it finish or "
+                                         "stop it, or choose another out")
         assert live.poll() is None  # still training
         live.send_signal(signal.SIGTERM)
         _, stderr = live.communicate(timeout=120)

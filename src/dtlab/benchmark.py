@@ -56,7 +56,7 @@ from typing import Any
 
 import numpy as np
 
-from dtlab import checkpoint, runtime
+from dtlab import checkpoint, locks, runtime
 from dtlab.atomic import write_json, write_text_atomic
 from dtlab.config import (ALGORITHMS, BenchmarkConfig, CalibrateConfig, DataConfig,
                           EvalDuringTraining, RunConfig, TrainConfig, setting_differences)
@@ -241,34 +241,24 @@ def run_one(cfg: BenchmarkConfig, entry: DatasetEntry, algorithm: str, seed: int
 
 @contextlib.contextmanager
 def run_lock(out: Path, dataset: str, algorithm: str, seed: int):
-    """Hold the exclusive lock of one run while it trains (module docstring). ConfigError, naming
-    the run and the holder's pid, when another process holds it. Where ``fcntl`` does not exist
-    (Windows) nothing is locked."""
-    try:
-        import fcntl
-    except ImportError:  # pragma: no cover - not POSIX
-        yield
-        return
+    """Hold the exclusive lock of one run while it trains (module docstring; ``dtlab.locks``).
+    ConfigError, naming the run and the holder's pid, when another process holds it or removed
+    its lock file meanwhile. Where nothing can be locked (Windows) nothing is."""
     path = out / RUNS_DIR / dataset / f".{algorithm}-seed{seed}.lock"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "a+") as f:
-        try:
-            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            f.seek(0)
-            holder = f.read().strip()
-            raise ConfigError(
-                f"{run_dir(out, dataset, algorithm, seed)}: another process"
-                f"{f' (pid {holder})' if holder.isdigit() else ''} is training this run; let it "
-                "finish or stop it, then run the benchmark again") from None
-        f.seek(0)
-        f.truncate()
-        f.write(f"{os.getpid()}\n")
-        f.flush()
-        try:
-            yield
-        finally:
-            fcntl.flock(f, fcntl.LOCK_UN)
+    run = run_dir(out, dataset, algorithm, seed)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd = locks.acquire(path, "training")
+    except (FileNotFoundError, locks.Replaced):
+        raise ConfigError(f"{run}: its lock file {path.name} was removed or replaced while this "
+                          "process was opening it; run the benchmark again") from None
+    except locks.Held as held:
+        raise ConfigError(f"{run}: {held.holder()} holds this run; let it finish or stop it, "
+                          "then run the benchmark again") from None
+    try:
+        yield
+    finally:
+        locks.release(fd)
 
 
 def _calibrate(cfg: BenchmarkConfig, entry: DatasetEntry, ckpt: Path) -> dict:

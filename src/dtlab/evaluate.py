@@ -22,6 +22,7 @@ from dtlab.data.records import ReturnStats
 from dtlab.envs import env_info, make_env
 from dtlab.errors import ConfigError, DatasetError, DtlabWarning
 from dtlab.policy import DTPolicy
+from dtlab.prepare import one_writer
 from dtlab.rollout import RolloutReport, TargetResult, episode_limit, rollout
 from dtlab.spaces import (ContinuousActions, DictObservations, DiscreteActions, check_against_env,
                           describe_observations)
@@ -218,8 +219,22 @@ def calibrate_checkpoint(cfg: CalibrateConfig, *, echo: bool = False,
     ``episodes``: the training data, for the histogram behind the curve (default: ``cfg.dataset``,
     else the checkpoint's dataset file when it is still there). Returns the calibration record.
     Raises CheckpointError, EnvError, or ConfigError (not a decision-transformer checkpoint, no
-    dataset return statistics) before any rollout runs.
+    dataset return statistics, a run directory that another process holds) before any rollout
+    runs.
+
+    A checkpoint in a run directory (one with a ``latest`` file) is calibrated while this process
+    holds the directory (``dtlab.prepare.one_writer``): a live training run would prune the
+    checkpoint, or replace it, under the calibration.
     """
+    run = checkpoint.resolve(cfg.checkpoint).parent
+    if not (run / checkpoint.LATEST_FILE).is_file():
+        return _calibrate(cfg, echo, episodes)
+    with one_writer(run, activity="calibrating", advice="calibrate after it finishes, or copy "
+                    "the checkpoint out of the run directory to calibrate it now"):
+        return _calibrate(cfg, echo, episodes)  # resolves `latest` again, under the lock
+
+
+def _calibrate(cfg: CalibrateConfig, echo: bool, episodes: EpisodeSet | None) -> dict:
     path, info = checkpoint.load_info(cfg.checkpoint)
     if info.model.architecture != "decision-transformer":
         raise ConfigError(f"{path}: calibration measures return conditioning; a "

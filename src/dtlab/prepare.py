@@ -19,7 +19,7 @@ from typing import Any
 
 import numpy as np
 
-from dtlab import checkpoint
+from dtlab import checkpoint, locks
 from dtlab.atomic import dumps_json, write_text_atomic
 from dtlab.checkpoint import PolicyInfo
 from dtlab.config import TrainConfig, setting_differences
@@ -256,12 +256,16 @@ def _remove_empty(out: Path, created: Path | None) -> None:
 
 
 @contextlib.contextmanager
-def one_writer(out: Path, main: bool = True) -> Iterator[Path | None]:
-    """Hold the run directory ``out`` for this process while the block runs: one run writes a
-    directory at a time (``dtlab train`` started twice on one ``--out``, or a requeued job beside
-    a live one, would interleave checkpoints). ``out`` is created if missing, and its
-    ``LOCK_FILE`` is locked with ``fcntl.flock`` (exclusive, advisory, on a regular file, which
-    NFS also locks across machines; released by the OS when the process ends, however it ends).
+def one_writer(out: Path, main: bool = True, *, activity: str = "training",
+               advice: str = "let it finish or stop it, or choose another out"
+               ) -> Iterator[Path | None]:
+    """Hold the run directory ``out`` for this process while the block runs: one process writes
+    a directory at a time (``dtlab train`` started twice on one ``--out``, or a requeued job
+    beside a live one, would interleave checkpoints; a calibration beside a live run would write
+    into a checkpoint that the run's pruning removes). ``out`` is created if missing, and its
+    ``LOCK_FILE`` is locked (``dtlab.locks.acquire``, recording this process's pid and
+    ``activity``). A refused process's ConfigError names the holder's pid and activity and ends
+    with ``advice``.
 
     Yields the outermost directory this call created (None when ``out`` existed); when the block
     raises before the run has a checkpoint, the directories it created are removed again
@@ -280,7 +284,7 @@ def one_writer(out: Path, main: bool = True) -> Iterator[Path | None]:
         return
     lock_path = path / LOCK_FILE
     lock_existed = lock_path.exists()
-    fd = _lock(out, path, created)
+    fd = _lock(out, path, created, activity, advice)
     try:
         yield created
     except BaseException:
@@ -292,54 +296,26 @@ def one_writer(out: Path, main: bool = True) -> Iterator[Path | None]:
                     lock_path.unlink(missing_ok=True)
         raise
     finally:
-        if fd is not None:
-            os.close(fd)
+        locks.release(fd)
 
 
-def _lock(out: Path, path: Path, created: Path | None) -> int | None:
+def _lock(out: Path, path: Path, created: Path | None, activity: str, advice: str) -> int | None:
     """``one_writer``'s lock on ``path`` (``out``, absolute): the open, locked lock file's
     descriptor, or None where nothing can be locked. ConfigError when another process holds it
     or removed it meanwhile (the empty directories this call made are removed first)."""
-    try:
-        import fcntl
-    except ImportError:  # not POSIX
-        return None
     replaced = (f"{out}: the run directory or its lock file {LOCK_FILE} was removed or replaced "
-                "while this run was opening it (another run on it failing?); run again")
+                "while this process was opening it (another run on it failing?); try again")
     try:
         path.mkdir(parents=True, exist_ok=True)
-        fd = _open_lock(path / LOCK_FILE)
-    except FileNotFoundError:
-        _remove_empty(path, created)
-        raise ConfigError(replaced) from None
+        return locks.acquire(path / LOCK_FILE, activity)
+    except (FileNotFoundError, locks.Replaced):  # FileNotFoundError: a parent removed meanwhile
+        problem = replaced
+    except locks.Held as held:
+        problem = f"{out}: {held.holder()} holds this run directory; {advice}"
     except OSError:  # no permission, a read-only file system, a file in the way
         return None
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        held, now = os.fstat(fd), os.stat(path / LOCK_FILE)
-        if (held.st_ino, held.st_dev) == (now.st_ino, now.st_dev):
-            return fd
-        problem = replaced
-    except BlockingIOError:
-        problem = (f"{out}: another process is training in this run directory; let it finish or "
-                   "stop it, or choose another out")
-    except FileNotFoundError:  # the holder removed it (its run failed) between open and lock
-        problem = replaced
-    except OSError:  # the file system cannot lock (e.g. ENOLCK): go on unlocked
-        os.close(fd)
-        return None
-    os.close(fd)
     _remove_empty(path, created)
     raise ConfigError(problem)
-
-
-def _open_lock(lock_path: Path) -> int:
-    """Open (creating it if missing) the lock file; read-only where another user's file may not
-    be written (``flock`` needs no write access)."""
-    try:
-        return os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o666)
-    except PermissionError:
-        return os.open(lock_path, os.O_RDONLY)
 
 
 @dataclass
