@@ -23,6 +23,7 @@ from dtlab.config import BenchmarkConfig, EvalDuringTraining, ModelConfig
 from dtlab.data.episodes import EpisodeSet
 from dtlab.data.formats import save_episodes
 from dtlab.errors import ConfigError
+from dtlab.policy import DTPolicy
 
 # The order runs are trained in: seed-major (every algorithm of seed 0 first).
 RUNS = [("mlp-bc", 0), ("decision-transformer", 0), ("mlp-bc", 1), ("decision-transformer", 1)]
@@ -155,6 +156,27 @@ def test_benchmark_stops_continues_and_reports(tmp_path, capsys, pendulum_file):
     rebuilt = json.loads((out / benchmark.RESULTS_JSON).read_text())
     assert rebuilt["results"] == report["results"] and rebuilt["runs_finished"] == 4
     assert (out / benchmark.RESULTS_MD).read_text().splitlines()[4:] == table.splitlines()[4:]
+
+
+def test_benchmark_calibrates_each_dt_run_after_training_it(tmp_path, pendulum_file):
+    """--calibrate: each finished DT run is calibrated in the benchmark's process right after its
+    training released the run directory (not refused by its own lock); the record is in run.json,
+    in the checkpoint (what DTPolicy reads) and in the report, and the baselines have none."""
+    out = tmp_path / "bench"
+    args = bench_args(pendulum_file, out, "--calibrate", "--calibrate-points", "2",
+                      "--calibrate-episodes", "2")
+    del args[args.index("--seeds") + 2]  # seed 0 only
+    assert main(args) == 0
+    dt = json.loads(run_files(out)[("decision-transformer", 0)].read_text())
+    record = dt["calibration"]
+    assert len(record["targets"]) == 2 and record["episodes"] == 2
+    ckpt = benchmark.run_dir(out, "pendulum-small", "decision-transformer", 0)
+    assert DTPolicy.from_checkpoint(ckpt).reliable_max_target == record["reliable_max_target"]
+    assert json.loads(run_files(out)[("mlp-bc", 0)].read_text())["calibration"] is None
+    report = json.loads((out / "results.json").read_text())
+    assert [(c["seed"], c["reliable_max_target"]) for c in report["calibration"]] == [
+        (0, record["reliable_max_target"])]
+    assert (out / "plots" / "pendulum-small-calibration.png").stat().st_size > 0
 
 
 def test_iqm_interval_against_numpy():

@@ -114,16 +114,20 @@ def test_calibrate_command(checkpoint_copy, capsys):
     assert DTPolicy.from_checkpoint(checkpoint_copy).reliable_max_target == again.reliable_max_target
 
 
-def test_calibrate_refuses_a_run_directory_that_a_training_run_holds(checkpoint_copy, capsys):
+def test_calibrate_refuses_a_run_directory_that_a_training_run_holds(checkpoint_copy, capsys,
+                                                                   monkeypatch, tmp_path):
     """A live `dtlab train` on the run (its lock held, here by this process as train holds it)
     would prune or replace the checkpoint under the calibration: one line naming the holder,
-    exit 2, nothing written; the step directory given directly is refused the same; a copy of the
-    checkpoint outside the run directory is calibrated."""
+    exit 2, nothing written; the step directory given directly, as ".", or through a symbolic
+    link is refused the same; a copy of the checkpoint outside the run directory is calibrated."""
     ckpt = checkpoint.resolve(checkpoint_copy)
     before = sorted(p.name for p in ckpt.iterdir())
     args = ["--points", "2", "--episodes", "2", "--max-steps", "5"]
+    link = tmp_path / "best"
+    link.symlink_to(ckpt)
+    monkeypatch.chdir(ckpt)
     with one_writer(checkpoint_copy):
-        for target in (checkpoint_copy, ckpt):
+        for target in (checkpoint_copy, ckpt, ".", link):
             assert main(["calibrate", str(target), *args]) == 2
             assert capsys.readouterr().err.strip() == (
                 f"dtlab: error: {checkpoint_copy}: another process (pid {os.getpid()}, training) "

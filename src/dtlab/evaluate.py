@@ -223,10 +223,11 @@ def calibrate_checkpoint(cfg: CalibrateConfig, *, echo: bool = False,
     runs.
 
     A checkpoint in a run directory (one with a ``latest`` file) is calibrated while this process
-    holds the directory (``dtlab.prepare.one_writer``): a live training run would prune the
-    checkpoint, or replace it, under the calibration.
+    holds the directory (``dtlab.prepare.one_writer``), from the first read to the last write: a
+    live training run would prune the checkpoint, or replace it, under the calibration, and a
+    ``dtlab train`` started meanwhile is refused, naming this process.
     """
-    run = checkpoint.resolve(cfg.checkpoint).parent
+    run = Path(os.path.realpath(checkpoint.resolve(cfg.checkpoint))).parent  # also for "." or a link
     if not (run / checkpoint.LATEST_FILE).is_file():
         return _calibrate(cfg, echo, episodes)
     with one_writer(run, activity="calibrating", advice="calibrate after it finishes, or copy "

@@ -5,26 +5,34 @@
 ``fcntl.flock`` on a regular file: advisory, released by the OS when the holder's process ends
 however it ends (a SIGKILL too), and honoured across machines on NFS (Linux has emulated
 ``flock`` there with whole-file byte-range locks since 2.6.12: flock(2), NOTES). The holder
-records a line in the file (its pid and what it does) for the refusal message of the next.
+records a line in the file (its pid, host and what it does) for the refusal message of the next.
 """
 
 from __future__ import annotations
 
 import os
+import socket
+import warnings
 from pathlib import Path
+
+from dtlab.errors import DtlabWarning
 
 
 class Held(Exception):
-    """Another process holds the lock. ``pid`` and ``activity``: what the holder recorded (None
-    when it recorded nothing, e.g. it could open the file read-only only)."""
+    """Another process holds the lock. ``pid``, ``host`` and ``activity``: what the holder
+    recorded, where the record is its own (None otherwise: a holder that could open the file
+    read-only only leaves an earlier holder's record, whose process is then gone)."""
 
-    def __init__(self, pid: int | None, activity: str | None) -> None:
-        super().__init__(pid, activity)
-        self.pid, self.activity = pid, activity
+    def __init__(self, pid: int | None, host: str | None, activity: str | None) -> None:
+        super().__init__(pid, host, activity)
+        self.pid, self.host, self.activity = pid, host, activity
 
     def holder(self) -> str:
-        """The holder in words: another process (pid 12, training), or as much as it recorded."""
-        known = [f"pid {self.pid}"] if self.pid is not None else []
+        """The holder in words: "another process (pid 12, training)", "another process (pid 12
+        on node7, training)" for another host, or as much as is known."""
+        known = []
+        if self.pid is not None:
+            known.append(f"pid {self.pid}" + (f" on {self.host}" if self.host != _HOST else ""))
         known += [self.activity] if self.activity else []
         return f"another process ({', '.join(known)})" if known else "another process"
 
@@ -41,7 +49,8 @@ def acquire(path: Path, activity: str = "") -> int | None:
     (Windows), no permission to create the file or a file system that cannot lock (ENOLCK).
 
     Raises Held (another process holds it) or Replaced (see there); FileNotFoundError from a
-    missing directory counts as Replaced (the directory was there a moment before)."""
+    missing directory counts as Replaced (the directory was there a moment before). A file
+    system that cannot lock gets a DtlabWarning (the caller goes on unlocked)."""
     try:
         import fcntl
     except ImportError:  # not POSIX
@@ -57,15 +66,18 @@ def acquire(path: Path, activity: str = "") -> int | None:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         held, now = os.fstat(fd), os.stat(path)
         if (held.st_ino, held.st_dev) == (now.st_ino, now.st_dev):
-            _record(fd, f"{os.getpid()} {activity}".strip())
+            _record(fd, f"{os.getpid()} {_HOST} {activity}".strip())
             return fd
         problem = Replaced()
     except BlockingIOError:
         problem = Held(*_recorded(fd))
     except FileNotFoundError:  # the holder removed it between this open and this lock
         problem = Replaced()
-    except OSError:  # the file system cannot lock
+    except OSError as exc:  # the file system cannot lock (ENOLCK; Lustre without flock: ENOSYS)
         os.close(fd)
+        warnings.warn(f"{path}: this file system cannot lock ({exc.strerror}); going on "
+                      "without the lock, so nothing stops a second process from writing here "
+                      "at the same time", DtlabWarning, stacklevel=2)
         return None
     os.close(fd)
     raise problem
@@ -82,8 +94,11 @@ def _open(path: Path) -> int:
     be written (``flock`` needs no write access)."""
     try:
         return os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
-    except PermissionError:
-        return os.open(path, os.O_RDONLY)
+    except PermissionError as denied:
+        try:
+            return os.open(path, os.O_RDONLY)
+        except FileNotFoundError:  # a directory this process may not write, without a lock file
+            raise denied from None
 
 
 def _record(fd: int, line: str) -> None:
@@ -95,13 +110,29 @@ def _record(fd: int, line: str) -> None:
         pass
 
 
-def _recorded(fd: int) -> tuple[int | None, str | None]:
-    """The (pid, activity) the holder recorded: "<pid> <activity>" on the file's first line."""
+def _recorded(fd: int) -> tuple[int | None, str | None, str | None]:
+    """The (pid, host, activity) the holder recorded ("<pid> <host> <activity>" on the file's
+    first line); Nones for a record that is not dtlab's, or whose process on this host is gone
+    (a stale record, left under a holder that could not write its own)."""
     try:
         text = os.pread(fd, 256, 0).decode("utf-8", "replace")
     except OSError:
-        return None, None
-    pid, _, activity = text.partition("\n")[0].strip().partition(" ")
-    if not pid.isdigit():  # not a record of dtlab's
-        return None, None
-    return int(pid), (activity.strip() or None)
+        return None, None, None
+    pid, host, activity = (text.partition("\n")[0].split(maxsplit=2) + ["", "", ""])[:3]
+    if not pid.isdigit() or not host or (host == _HOST and not _alive(int(pid))):
+        return None, None, None
+    return int(pid), host, (activity or None)
+
+
+def _alive(pid: int) -> bool:
+    """Whether a process ``pid`` exists on this host (one of another user's counts)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # PermissionError: it exists
+        pass
+    return True
+
+
+_HOST = socket.gethostname() or "localhost"

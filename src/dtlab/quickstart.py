@@ -44,7 +44,7 @@ def quickstart(out: str | Path = "dtlab-quickstart", *, steps: int = STEPS, epis
     if run_dir.exists():
         if not overwrite:
             raise ConfigError(f"{out}: already holds a quickstart run; set overwrite, or choose another out")
-        with one_writer(run_dir):  # not while a quickstart still trains in it: ConfigError
+        with one_writer(run_dir, activity="replacing it"):  # not while a quickstart trains in it
             shutil.rmtree(run_dir)
     started = time.perf_counter()
     out.mkdir(parents=True, exist_ok=True)
