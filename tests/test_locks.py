@@ -14,7 +14,6 @@ import pytest
 from dtlab import locks
 from dtlab.errors import DtlabWarning
 
-
 HOST = socket.gethostname()
 
 
