@@ -8,6 +8,7 @@ import socket
 import subprocess
 import sys
 import textwrap
+import warnings
 
 import pytest
 
@@ -20,24 +21,27 @@ HOST = socket.gethostname()
 def test_the_holder_is_named_to_the_next_and_the_lock_is_free_after_release(tmp_path):
     path = tmp_path / "run.lock"
     fd = locks.acquire(path, "calibrating")
-    assert path.read_text() == f"{os.getpid()} {HOST} calibrating\n"
+    assert path.read_text() == f"{os.getpid()}@{HOST} calibrating\n"
     with pytest.raises(locks.Held) as refused:
         locks.acquire(path, "training")
     assert (refused.value.pid, refused.value.activity) == (os.getpid(), "calibrating")
     assert refused.value.holder() == f"another process (pid {os.getpid()}, calibrating)"
-    assert path.read_text() == f"{os.getpid()} {HOST} calibrating\n"  # the refused one wrote nothing
+    assert path.read_text() == f"{os.getpid()}@{HOST} calibrating\n"  # the refused one wrote nothing
     locks.release(fd)
     fd = locks.acquire(path, "training")
-    assert path.read_text() == f"{os.getpid()} {HOST} training\n"  # the old record replaced, whole
+    assert path.read_text() == f"{os.getpid()}@{HOST} training\n"  # the old record replaced, whole
     locks.release(fd)
 
 
 @pytest.mark.parametrize("content, holder", [
     ("", "another process"),
-    (f"{os.getpid()} {HOST}", f"another process (pid {os.getpid()})"),
-    ("7 node7 training", "another process (pid 7 on node7, training)"),  # another host: unchecked
+    (f"{os.getpid()}@{HOST}", f"another process (pid {os.getpid()})"),
+    ("7@node7 training", "another process (pid 7 on node7, training)"),  # another host: unchecked
     ("not a pid\nnoise", "another process"),
-    (f"{2**22 + 12345} {HOST} training", "another process"),  # no such process here: stale
+    (f"{2**22 + 12345}@{HOST} training", "another process"),  # no such process here: stale
+    ("4242 training", "another process"),  # not a record of this format (dtlab before it)
+    (f"99999999999999999999@{HOST} x", "another process"),  # corrupt: no OverflowError
+    (f"\u00b2@{HOST} x", "another process"),  # a digit to str.isdigit, not to int()
 ])
 def test_what_a_holder_recorded_is_shown_as_far_as_it_goes(tmp_path, content, holder):
     import fcntl
@@ -93,17 +97,22 @@ def test_nothing_is_locked_where_nothing_can_be(tmp_path, monkeypatch):
     assert not (tmp_path / "run.lock").exists()
 
 
-def test_a_file_system_that_cannot_lock_is_warned_about(tmp_path, monkeypatch):
+def test_a_file_system_that_cannot_lock_is_warned_about_once(tmp_path, monkeypatch):
     import errno
     import fcntl
+
+    monkeypatch.setattr(locks, "_WARNED", set())
 
     def enolck(fd, op):
         raise OSError(errno.ENOLCK, os.strerror(errno.ENOLCK))
 
     monkeypatch.setattr(fcntl, "flock", enolck)
-    with pytest.warns(DtlabWarning, match=r"run.lock: this file system cannot lock \(No locks "
-                                          r"available\); going on without the lock"):
+    with pytest.warns(DtlabWarning, match=rf"{tmp_path}: this file system cannot lock \(No locks "
+                                          r"available\); dtlab goes on without its locks"):
         assert locks.acquire(tmp_path / "run.lock") is None
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the same file system again: no second warning
+        assert locks.acquire(tmp_path / "other.lock") is None
 
 
 def test_a_holder_killed_with_sigkill_leaves_the_lock_free(tmp_path):

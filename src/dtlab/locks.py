@@ -5,7 +5,7 @@
 ``fcntl.flock`` on a regular file: advisory, released by the OS when the holder's process ends
 however it ends (a SIGKILL too), and honoured across machines on NFS (Linux has emulated
 ``flock`` there with whole-file byte-range locks since 2.6.12: flock(2), NOTES). The holder
-records a line in the file (its pid, host and what it does) for the refusal message of the next.
+records a line in the file, ``<pid>@<host> <activity>``, for the refusal message of the next.
 """
 
 from __future__ import annotations
@@ -66,7 +66,7 @@ def acquire(path: Path, activity: str = "") -> int | None:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         held, now = os.fstat(fd), os.stat(path)
         if (held.st_ino, held.st_dev) == (now.st_ino, now.st_dev):
-            _record(fd, f"{os.getpid()} {_HOST} {activity}".strip())
+            _record(fd, f"{os.getpid()}@{_HOST} {activity}".strip())
             return fd
         problem = Replaced()
     except BlockingIOError:
@@ -74,10 +74,13 @@ def acquire(path: Path, activity: str = "") -> int | None:
     except FileNotFoundError:  # the holder removed it between this open and this lock
         problem = Replaced()
     except OSError as exc:  # the file system cannot lock (ENOLCK; Lustre without flock: ENOSYS)
+        device = os.fstat(fd).st_dev
         os.close(fd)
-        warnings.warn(f"{path}: this file system cannot lock ({exc.strerror}); going on "
-                      "without the lock, so nothing stops a second process from writing here "
-                      "at the same time", DtlabWarning, stacklevel=2)
+        if device not in _WARNED:  # once per file system and process, not once per lock file
+            _WARNED.add(device)
+            warnings.warn(f"{path.parent}: this file system cannot lock ({exc.strerror}); dtlab "
+                          "goes on without its locks here, so nothing stops two processes from "
+                          "writing one run at the same time", DtlabWarning, stacklevel=2)
         return None
     os.close(fd)
     raise problem
@@ -111,17 +114,21 @@ def _record(fd: int, line: str) -> None:
 
 
 def _recorded(fd: int) -> tuple[int | None, str | None, str | None]:
-    """The (pid, host, activity) the holder recorded ("<pid> <host> <activity>" on the file's
+    """The (pid, host, activity) the holder recorded ("<pid>@<host> <activity>" on the file's
     first line); Nones for a record that is not dtlab's, or whose process on this host is gone
-    (a stale record, left under a holder that could not write its own)."""
+    (a stale record, left under a holder that could not write its own). Processes in another
+    pid namespace under the same host name (containers) cannot be told apart from this one's."""
     try:
         text = os.pread(fd, 256, 0).decode("utf-8", "replace")
     except OSError:
         return None, None, None
-    pid, host, activity = (text.partition("\n")[0].split(maxsplit=2) + ["", "", ""])[:3]
-    if not pid.isdigit() or not host or (host == _HOST and not _alive(int(pid))):
+    holder, _, activity = text.partition("\n")[0].strip().partition(" ")
+    pid, at, host = holder.partition("@")
+    if not (at and host and pid.isascii() and pid.isdigit() and 0 < int(pid) < 2**31):
         return None, None, None
-    return int(pid), host, (activity or None)
+    if host == _HOST and not _alive(int(pid)):
+        return None, None, None
+    return int(pid), host, (activity.strip() or None)
 
 
 def _alive(pid: int) -> bool:
@@ -136,3 +143,4 @@ def _alive(pid: int) -> bool:
 
 
 _HOST = socket.gethostname() or "localhost"
+_WARNED: set[int] = set()  # devices already warned about (cannot lock)
