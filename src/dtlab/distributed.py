@@ -118,10 +118,11 @@ def finish(created: bool) -> None:
 
     A garbage collection first frees what only reference cycles still hold: measured on rank 0 of
     a 2-process CPU run, the finished run's DistributedDataParallel wrapper (whose reducer holds
-    the group) stayed alive through ``_train``'s frame, kept by a cycle among the frames of the
-    learning-curve plot (matplotlib's tight layout), and would otherwise be freed, with the gloo
-    group it holds, only when the interpreter tears down: where gloo's own teardown can abort
-    the process (pytorch/pytorch PR #179291)."""
+    the group) stayed alive through ``_train``'s frame. The learning-curve plot's tight layout
+    measures text, matplotlib parses font patterns with pyparsing, and pyparsing's parse
+    exceptions keep tracebacks in reference cycles whose frames lead back to ``_train``. Left to
+    a later collection, the wrapper and its gloo group could be freed only when the interpreter
+    tears down, where gloo's own teardown can abort the process (pytorch/pytorch PR #179291)."""
     if created and dist.is_initialized():
         gc.collect()
         dist.destroy_process_group()

@@ -227,7 +227,7 @@ def calibrate_checkpoint(cfg: CalibrateConfig, *, echo: bool = False,
     live training run would prune the checkpoint, or replace it, under the calibration, and a
     ``dtlab train`` started meanwhile is refused, naming this process.
     """
-    run = Path(os.path.realpath(checkpoint.resolve(cfg.checkpoint))).parent  # also for "." or a link
+    run = checkpoint.resolve(cfg.checkpoint).resolve().parent  # also for "." or a link
     if not (run / checkpoint.LATEST_FILE).is_file():
         return _calibrate(cfg, echo, episodes)
     with one_writer(run, activity="calibrating", advice="calibrate after it finishes, or copy "
