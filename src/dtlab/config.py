@@ -185,6 +185,11 @@ class OptimConfig:
     AVX-512-BF16 or AMX, GPUs of compute capability 8.0+; else fp32), fp32, or bf16 autocast
     (weights, optimizer and loss stay fp32). The run records what auto chose, and a resumed run
     keeps it. bf16 on a CPU without native bf16 is 2-31x slower (docs/benchmarks.md)."""
+    ema_decay: float = 0.0
+    """Keep an exponential moving average of the weights with this decay per step (0: none;
+    e.g. 0.999 averages over about the last 1,000 steps): the averaged weights are what is
+    evaluated and saved as the checkpoint's model, the raw ones what is trained and resumed
+    (torch.optim.swa_utils.AveragedModel with get_ema_multi_avg_fn)."""
     skip_nonfinite: bool = False
     """Skip (do not apply) steps whose loss or gradient is NaN/inf, counting them in the metrics,
     instead of stopping the run (a run in which almost no step was applied still fails)."""
@@ -195,6 +200,7 @@ class OptimConfig:
         check_number("weight_decay", self.weight_decay, minimum=0)
         check_number("warmup_steps", self.warmup_steps, minimum=0, integer=True)
         check_number("grad_clip", self.grad_clip, minimum=0)
+        check_number("ema_decay", self.ema_decay, minimum=0, below=1)
         check_number("seed", self.seed, minimum=0, maximum=MAX_SEED, integer=True)
         check_choice("schedule", self.schedule, ("constant", "cosine"))
         check_choice("precision", self.precision, PRECISIONS)

@@ -31,6 +31,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
+from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
 from dtlab import checkpoint, distributed, runtime
 from dtlab.checkpoint import PolicyInfo
@@ -295,6 +296,15 @@ class Trainer:
     ddp: DistributedDataParallel | None = None  # steps go through it when set
     device_sampler: DeviceSampler | None = None  # CUDA: windows gathered on the device
     seed: int = 0
+    # optim.ema_decay > 0: the weights' exponential moving average, evaluated and saved as the
+    # checkpoint's model; ``model`` (the raw weights) is what is trained and resumed.
+    ema: AveragedModel | None = None
+    applied_lr: float = float("nan")  # the learning rate of the last step taken
+
+    @property
+    def policy_model(self) -> DecisionTransformer:
+        """The weights that are evaluated and saved: the average when there is one."""
+        return self.ema.module if self.ema is not None else self.model
 
     @classmethod
     def create(cls, cfg: TrainConfig, episodes: EpisodeSet, info: PolicyInfo,
@@ -318,15 +328,23 @@ class Trainer:
         # sampler's by-index stacking on the host and are converted on the device (to_tensors).
         vectors = isinstance(episodes.observation_space, VectorObservations)
         device_sampler = DeviceSampler(sampler, device) if _device_side(device) and vectors else None
+        # A deep copy: draws no random numbers, so the raw weights train exactly as without it.
+        ema = (AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(cfg.optim.ema_decay))
+               if cfg.optim.ema_decay else None)
         return cls(model, optimizer, scheduler, sampler, state, device, world, ddp,
-                   device_sampler, cfg.optim.seed)
+                   device_sampler, cfg.optim.seed, ema)
 
     def resume(self, path: Path) -> None:
         """Continue from checkpoint ``path``: weights, optimizer, schedule, RNG streams, step."""
         weights, _ = checkpoint.load(path, self.device)
         saved = checkpoint.load_trainer_state(path)
         try:
-            self.model.load_state_dict(weights.state_dict())
+            if self.ema is not None:  # the checkpoint's model is the average
+                self.ema.module.load_state_dict(weights.state_dict())
+                self.ema.n_averaged.fill_(int(saved["ema_n_averaged"]))
+                self.model.load_state_dict(saved["raw_weights"])
+            else:
+                self.model.load_state_dict(weights.state_dict())
             self.state = TrainerState.restore(saved, self.optimizer, self.scheduler, self.device,
                                               self.world, self.seed)
         except (KeyError, TypeError, ValueError, AttributeError, RuntimeError) as exc:
@@ -342,8 +360,11 @@ class Trainer:
         else:
             batch = to_tensors(self.sampler.sample(batch_size, self.state.rng), self.device,
                                self.sampler.normalizer)
+        self.applied_lr = self.optimizer.param_groups[0]["lr"]  # before the schedule advances
         loss, grad_norm = train_step(self.ddp or self.model, self.optimizer, batch,
                                      grad_clip=optim.grad_clip, precision=optim.precision)
+        if self.ema is not None:  # a skipped step left the weights as they were: averaged again
+            self.ema.update_parameters(self.model)
         with warnings.catch_warnings():  # a skipped first step makes torch warn about the order
             warnings.filterwarnings("ignore", message="Detected call of `lr_scheduler.step",
                                     category=UserWarning)
@@ -361,11 +382,13 @@ class Trainer:
             if not self.world.is_main:
                 distributed.barrier(self.world)
                 return None
-        path = checkpoint.save(out, f"step_{at:08d}", self.model,
-                               dataclasses.replace(info, step=at),
-                               self.state.to_dict(self.optimizer, self.scheduler, self.device,
-                                                  ranks),
-                               keep=keep)
+        state = self.state.to_dict(self.optimizer, self.scheduler, self.device, ranks)
+        if self.ema is not None:
+            state["raw_weights"] = {k: v.detach().to("cpu") for k, v in
+                                    self.model.state_dict().items()}
+            state["ema_n_averaged"] = int(self.ema.n_averaged)
+        path = checkpoint.save(out, f"step_{at:08d}", self.policy_model,
+                               dataclasses.replace(info, step=at), state, keep=keep)
         distributed.barrier(self.world)  # the checkpoint exists when any rank goes on
         return path
 
@@ -591,7 +614,7 @@ def _loop(cfg: TrainConfig, trainer: Trainer, info: PolicyInfo, metrics: Metrics
                 last_loss = _mean_loss(world, loss_sum, loss_count)
                 now = time.perf_counter()
                 rate = (step - tick_step) / max(now - tick, 1e-9)
-                lr = trainer.scheduler.get_last_lr()[0]
+                lr = trainer.applied_lr
                 metrics.write(training_record(step, last_loss, lr, rate, state.skipped_nonfinite
                                               if cfg.optim.skip_nonfinite else None))
                 progress.update(step, last_loss, lr, rate)
@@ -648,7 +671,7 @@ def default_evaluator(cfg: TrainConfig) -> Evaluate:
 def _evaluate(evaluator: Evaluate, trainer: Trainer, info: PolicyInfo, metrics: MetricsLog,
               precision: runtime.Precision) -> dict:
     step = trainer.state.step
-    policy = DTPolicy(trainer.model, dataclasses.replace(info, step=step), trainer.device,
+    policy = DTPolicy(trainer.policy_model, dataclasses.replace(info, step=step), trainer.device,
                       precision=precision)
     report = evaluator(policy)
     trainer.model.train()

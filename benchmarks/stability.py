@@ -1,0 +1,164 @@
+"""How much a Decision Transformer's score swings between evaluations, with and without an
+exponential moving average of its weights, measured in the same training runs.
+
+A run trained with ``--ema-decay d`` trains exactly the raw weights a run without it trains (the
+average is a copy that draws no random numbers), and saves the raw weights beside the average in
+every checkpoint. This script trains such runs (one per seed, resumable), evaluates the average
+during training, then evaluates the raw weights of every checkpoint at the same targets on the
+same env seeds, and reports per recipe: last, final (mean of the last 3), best, the swing (mean
+absolute difference between consecutive evaluations) and the last-vs-best gap, each as IQM with
+a 95% stratified-bootstrap CI over seeds (dtlab.benchmark's statistics).
+
+    python benchmarks/stability.py --dataset datasets/hopper-medium-replay-v5.hdf5 \
+        --env Hopper-v5 --out bench/stability-hmr --seeds 0 1 2 --steps 15000 \
+        --warmup-steps 1000 --eval-every 2500 --eval-episodes 10 --ema-decay 0.999 \
+        --targets 3600 1800
+
+Run it again with the same arguments to continue (finished evaluations are cached in
+``raw_evaluations.json`` per run); ``--report-only`` prints the table from what exists.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from dtlab import checkpoint
+from dtlab.benchmark import iqm_with_ci
+from dtlab.config import DataConfig, EvalDuringTraining, OptimConfig, RunConfig, TrainConfig
+from dtlab.policy import DTPolicy
+from dtlab.rollout import Evaluator
+from dtlab.train import train
+
+
+def run_config(args, seed: int) -> TrainConfig:
+    out = Path(args.out) / f"seed{seed}"
+    return TrainConfig(
+        data=DataConfig(args.dataset, env=args.env),
+        optim=OptimConfig(warmup_steps=args.warmup_steps, seed=seed, ema_decay=args.ema_decay,
+                          schedule=args.schedule),
+        run=RunConfig(out=str(out), steps=args.steps, resume=(out / "train_config.json").exists(),
+                      checkpoint_every=args.eval_every, keep_checkpoints=10_000,
+                      threads=args.threads, progress=False, tensorboard=False),
+        evaluation=EvalDuringTraining(eval_every=args.eval_every, eval_episodes=args.eval_episodes,
+                                      eval_targets=tuple(args.targets)))
+
+
+def scores(report) -> dict[str, float]:
+    return {f"{r.target:g}": r.normalized_mean for r in report.results}
+
+
+def average_curve(run: Path) -> dict[int, dict[str, float]]:
+    """The evaluations during training (of the average), from metrics.jsonl."""
+    curve = {}
+    for line in (run / "metrics.jsonl").read_text().splitlines():
+        record = json.loads(line)
+        found = {k.rsplit("_", 1)[1]: v for k, v in record.items()
+                 if k.startswith("eval/normalized_")}
+        if found:
+            curve[record["step"]] = found
+    return curve
+
+
+def raw_curve(run: Path, cfg: TrainConfig) -> dict[int, dict[str, float]]:
+    """Every checkpoint's raw weights evaluated as training evaluates (same targets, episodes and
+    env seeds); cached in raw_evaluations.json."""
+    cache_file = run / "raw_evaluations.json"
+    cache = {int(k): v for k, v in json.loads(cache_file.read_text()).items()} \
+        if cache_file.exists() else {}
+    evaluator = Evaluator(cfg.data.env, cfg.evaluation.eval_targets, cfg.evaluation.eval_episodes,
+                          seed=cfg.optim.seed)
+    for path in sorted(run.glob("step_*")):
+        step = int(path.name[5:])
+        if step in cache:
+            continue
+        model, info = checkpoint.load(path)
+        state = checkpoint.load_trainer_state(path)
+        model.load_state_dict(state["raw_weights"])
+        cache[step] = scores(evaluator(DTPolicy(model, info)))
+        cache_file.write_text(json.dumps(cache, indent=1))
+    return cache
+
+
+def summary(curves: list[dict[int, dict[str, float]]], target: str, reps: int) -> dict:
+    per_seed = []
+    for curve in curves:
+        values = [curve[s][target] for s in sorted(curve)]
+        per_seed.append({"last": values[-1], "final": float(np.mean(values[-3:])),
+                         "best": max(values),
+                         "swing": float(np.mean(np.abs(np.diff(values)))),
+                         "gap": max(values) - values[-1]})
+    out = {}
+    for key in ("last", "final", "best", "swing", "gap"):
+        x = np.array([p[key] for p in per_seed])
+        iqm, lo, hi = iqm_with_ci(x[:, None], reps)
+        out[key] = {"iqm": iqm, "ci": [lo, hi], "per_seed": x.tolist()}
+    return out
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--dataset", required=True)
+    p.add_argument("--env", required=True)
+    p.add_argument("--out", required=True)
+    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    p.add_argument("--steps", type=int, default=15_000)
+    p.add_argument("--warmup-steps", type=int, default=1_000)
+    p.add_argument("--eval-every", type=int, default=2_500)
+    p.add_argument("--eval-episodes", type=int, default=10)
+    p.add_argument("--ema-decay", type=float, default=0.999)
+    p.add_argument("--schedule", default="constant", choices=("constant", "cosine"))
+    p.add_argument("--targets", type=float, nargs="+", default=[3600, 1800])
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--reps", type=int, default=2000)
+    p.add_argument("--report-only", action="store_true")
+    args = p.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    averaged, raw = [], []
+    for seed in args.seeds:
+        cfg = run_config(args, seed)
+        run = Path(cfg.run.out)
+        if not args.report_only and not _finished(run, args.steps):
+            train(cfg)
+        if not (run / "metrics.jsonl").exists():
+            continue
+        averaged.append(average_curve(run))
+        if not args.report_only:
+            raw_curve(run, dataclasses.replace(cfg))
+        if (run / "raw_evaluations.json").exists():
+            raw.append({int(k): v for k, v in
+                        json.loads((run / "raw_evaluations.json").read_text()).items()})
+    report = {"settings": vars(args), "targets": {}}
+    for target in (f"{t:g}" for t in args.targets):
+        report["targets"][target] = {
+            "ema": summary(averaged, target, args.reps) if averaged else None,
+            "raw": summary(raw, target, args.reps) if raw else None,
+            "curves": {"ema": [{str(k): v[target] for k, v in sorted(c.items())} for c in averaged],
+                       "raw": [{str(k): v[target] for k, v in sorted(c.items())} for c in raw]}}
+    Path(args.out, "stability.json").write_text(json.dumps(report, indent=1))
+    for target, rows in report["targets"].items():
+        print(f"target {target}: weights | last | final | best | swing | last-vs-best gap")
+        for name in ("raw", "ema"):
+            if rows[name]:
+                cells = [f"{rows[name][k]['iqm']:.1f} [{rows[name][k]['ci'][0]:.1f}, "
+                         f"{rows[name][k]['ci'][1]:.1f}]" for k in
+                         ("last", "final", "best", "swing", "gap")]
+                print(f"  {name} | " + " | ".join(cells))
+    return 0
+
+
+def _finished(run: Path, steps: int) -> bool:
+    try:
+        return checkpoint.load_info(run)[1].step >= steps
+    except Exception:
+        return False
+
+
+if __name__ == "__main__":
+    sys.exit(main())
