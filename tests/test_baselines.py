@@ -15,7 +15,8 @@ from dtlab.errors import ConfigError
 from dtlab.model import DecisionTransformer, MLPBC, build_model
 from dtlab.policy import DTPolicy
 from dtlab.spaces import ContinuousActions, DiscreteActions, VectorObservations
-from dtlab.train import check_resume_config, prepare, train
+from dtlab.rundir import RunDirectory
+from dtlab.train import prepare, train
 from tests.configs import train_config
 
 K = 6
@@ -222,13 +223,13 @@ def test_runs_saved_before_the_new_fields_still_resume(tmp_path):
     saved = json.loads(path.read_text())
     del saved["model"]["architecture"], saved["data"]["top_fraction"]
     path.write_text(json.dumps(saved))
-    check_resume_config(out, cfg)
+    RunDirectory(out).check_resume_config(cfg)
     import dataclasses
 
     other = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model,
                                                                architecture="transformer-bc"))
     with pytest.raises(ConfigError, match="model.architecture: None -> 'transformer-bc'"):
-        check_resume_config(out, other)
+        RunDirectory(out).check_resume_config(other)
 
 
 def test_checkpoints_without_the_architecture_key_load_as_decision_transformer(tmp_path):

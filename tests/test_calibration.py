@@ -19,7 +19,7 @@ from dtlab.data.formats import save_episodes
 from dtlab.errors import CheckpointError, ConfigError, DtlabWarning
 from dtlab.evaluate import offline_evaluation, reliable_maximum
 from dtlab.policy import DTPolicy
-from dtlab.prepare import one_writer
+from dtlab.rundir import one_writer
 from dtlab.spaces import DiscreteActions
 
 FIXTURES = Path(__file__).parent / "fixtures"

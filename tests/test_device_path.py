@@ -103,8 +103,9 @@ def test_device_side_loop_skips_and_counts_nonfinite_steps(tmp_path, monkeypatch
 def test_device_side_loop_refuses_a_nonfinite_step_at_the_next_read(tmp_path, monkeypatch,
                                                                     device_side):
     monkeypatch.setattr(train_module, "action_loss", nan_on_call(6))
-    with pytest.raises(TrainingError, match=r"non-finite loss or gradient in 1 of the steps up "
-                                            r"to 6; last good checkpoint: .*step_00000004"):
+    with pytest.raises(TrainingError, match=r"non-finite loss or gradient at step 6 \(1 of the "
+                                            r"steps up to 6\); last good checkpoint: "
+                                            r".*step_00000004"):
         train(cfg(tmp_path), episodes())
     model, info = checkpoint.load(tmp_path / "run")
     assert info.step == 4 and all(torch.isfinite(p).all() for p in model.parameters())

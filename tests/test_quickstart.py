@@ -7,7 +7,7 @@ import pytest
 
 from dtlab import checkpoint
 from dtlab.errors import ConfigError
-from dtlab.prepare import one_writer
+from dtlab.rundir import one_writer
 from dtlab.quickstart import quickstart
 
 

@@ -20,7 +20,7 @@ from tests.configs import flat_fields, train_config
 from dtlab.data import EpisodeSet
 from dtlab.data.formats import save_episodes
 from dtlab.errors import ConfigError, DatasetError, DtlabWarning, TrainingError
-from dtlab.prepare import LOCK_FILE, one_writer
+from dtlab.rundir import LOCK_FILE, one_writer
 from dtlab.train import train
 
 TINY = ModelConfig(embed_dim=16, n_layers=1, n_heads=1, context_len=4, max_ep_len=200)
@@ -252,7 +252,7 @@ def test_a_second_train_on_a_live_run_directory_is_refused(tmp_path):
         assert second.returncode == 2, second.stderr
         assert second.stderr.strip() == (f"dtlab: error: {out}: another process (pid {live.pid}, "
                                          "training) holds this run directory; let it finish or "
-                                         "stop it, or choose another out")
+                                         "stop it, or choose another --out")
         assert live.poll() is None  # still training
         live.send_signal(signal.SIGTERM)
         _, stderr = live.communicate(timeout=120)

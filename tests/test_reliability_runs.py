@@ -279,7 +279,7 @@ def test_out_that_is_a_file_is_a_one_line_error(tmp_path, capsys):
         code, _, err = run_cli(capsys, "train", "--dataset", tmp_path / "data.hdf5", "--env",
                                "Pendulum-v1", "--out", out, "--steps", 5, "--warmup-steps", 1,
                                "--model.max-ep-len", 200)
-        assert code == 2 and "is a file; out must be a run directory" in err and err.count("\n") == 1
+        assert code == 2 and "is a file; --out must be a run directory" in err and err.count("\n") == 1
     assert (tmp_path / "p.hdf5").read_bytes() == b"keep"
     code, _, err = run_cli(capsys, "evaluate", tmp_path / "p.hdf5")
     assert code == 2 and "is a file, not a checkpoint or run directory" in err

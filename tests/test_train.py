@@ -15,6 +15,7 @@ from tests.configs import pendulum_like, train_config
 from dtlab.errors import CheckpointError, ConfigError, TrainingError
 from dtlab.evaluate import evaluate_checkpoint
 from dtlab.policy import DTPolicy
+from dtlab.rundir import RunDirectory
 from dtlab.train import train
 
 TINY = ModelConfig(embed_dim=16, n_layers=1, n_heads=2, context_len=5, max_ep_len=200)
@@ -151,7 +152,7 @@ def test_steering_changes_the_return_to_go(tmp_path):
 
 def test_tiny_end_to_end_train_and_evaluate(tmp_path):
     result = train(config(tmp_path, eval_episodes=2, eval_targets=(-200.0,)), pendulum_like())
-    assert result.evaluations and len(result.evaluations[-1]["results"][0]["returns"]) == 2
+    assert result.evaluations and len(result.evaluations[-1].results[0].returns) == 2
     out = tmp_path / "eval.json"
     data = evaluate_checkpoint(EvalConfig(checkpoint=str(tmp_path / "run"), targets=(-150.0, -600.0),
                                           episodes=3, out=str(out), max_steps=30))
@@ -165,9 +166,10 @@ def test_tiny_end_to_end_train_and_evaluate(tmp_path):
         assert r["normalized_mean"] is None
     assert saved["normalized_scores_comparable"] is False and saved["max_steps"] == 30
     # ... while the training evaluation ran to the standard time limit and has one.
-    assert result.evaluations[-1]["results"][0]["normalized_mean"] is not None
+    assert result.evaluations[-1].results[0].normalized_mean is not None
     metrics = [json.loads(l) for l in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
-    assert any("eval/return_-200" in m for m in metrics)
+    recorded = RunDirectory(tmp_path / "run").evaluations()
+    assert recorded == result.evaluations and recorded[-1].step == 12
     assert (tmp_path / "run" / "learning_curve.png").read_bytes()[:4] == b"\x89PNG"
     assert all(np.isfinite(m["loss"]) for m in metrics if "loss" in m)
 

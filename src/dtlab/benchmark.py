@@ -154,7 +154,7 @@ def run_train_config(cfg: BenchmarkConfig, entry: DatasetEntry, algorithm: str, 
     """The training run of one cell and seed: the benchmark's model and optim groups with the
     algorithm's architecture (mlp-bc: context_len 1), this seed, checkpoints at every
     evaluation, resume when the directory holds a run."""
-    from dtlab.train import TRAIN_CONFIG_FILE
+    from dtlab.rundir import TRAIN_CONFIG_FILE
 
     architecture = "mlp-bc" if algorithm in ("mlp-bc", "percentile-bc") else algorithm
     model = dataclasses.replace(cfg.model, architecture=architecture,

@@ -262,9 +262,9 @@ def _load_with_findings(path: str, env_id: str | None):
     limit and dtlab's default return scale, as training would use for an unknown env)."""
     import warnings
 
-    from dtlab.data.diagnostics import Finding, diagnose, time_limit
+    from dtlab.data.diagnostics import Finding, diagnose
     from dtlab.data.formats import load_episodes
-    from dtlab.envs import env_info
+    from dtlab.envs import env_info, time_limit
     from dtlab.errors import DtlabWarning
 
     with warnings.catch_warnings(record=True) as caught:

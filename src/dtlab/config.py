@@ -7,7 +7,10 @@ normalization statistics, reference scores) live in the checkpoint, never here.
 
 from __future__ import annotations
 
+import dataclasses
 import math
+import types
+import typing
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Annotated, Any, Literal
@@ -56,6 +59,31 @@ def setting_differences(saved: Mapping[str, Any], now: Mapping[str, Any], *,
         elif old != value:
             differ.append((key, old, value))
     return differ
+
+
+def from_dict(cls: type, data: Mapping[str, Any]) -> Any:
+    """The config dataclass ``cls`` from its ``dataclasses.asdict`` form as JSON stores it
+    (groups as objects, tuples as lists). Fields absent from ``data`` keep their defaults (a
+    field added since the file was written); keys ``cls`` does not have are ignored. The
+    dataclass validates itself (ConfigError); TypeError for a missing required field."""
+    hints = typing.get_type_hints(cls)
+    known = {f.name for f in dataclasses.fields(cls) if f.init}
+    return cls(**{name: _from_json_value(hints[name], value) for name, value in data.items()
+                  if name in known})
+
+
+def _from_json_value(tp: Any, value: Any) -> Any:
+    if dataclasses.is_dataclass(tp) and isinstance(value, Mapping):
+        return from_dict(tp, value)
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        for arg in typing.get_args(tp):
+            if arg is not type(None) and (dataclasses.is_dataclass(arg)
+                                          or typing.get_origin(arg) is tuple):
+                return _from_json_value(arg, value)
+    if origin is tuple and isinstance(value, list):
+        return tuple(value)
+    return value
 
 
 def check_choice(name: str, value: object, choices: tuple) -> None:
@@ -267,6 +295,9 @@ class EvalDuringTraining:
         check_number("eval_episodes", self.eval_episodes, minimum=0, integer=True)
         check_targets("eval_targets", self.eval_targets)
         check_number("eval_workers", self.eval_workers, minimum=0, integer=True)
+        if self.eval_every and not self.eval_episodes:
+            raise ConfigError(f"--eval-every {self.eval_every} evaluates nothing without "
+                              "--eval-episodes N (episodes per target; 0 turns evaluation off)")
 
 
 _FLAT = tyro.conf.arg(name="")  # the group's fields keep their flat flags: --lr, --steps, --out

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 import gymnasium as gym
 import numpy as np
 
-from dtlab.errors import EnvError
+from dtlab.errors import ConfigError, EnvError
 from dtlab.spaces import describe_space  # noqa: F401  (its home before dtlab.spaces)
 
 
@@ -192,3 +192,46 @@ def actions_outside_bounds(actions: np.ndarray, space: gym.spaces.Space) -> np.n
         return (actions < space.start) | (actions >= space.start + space.n)
     tol = 1e-5 * np.maximum(1.0, space.high - space.low)
     return np.any((actions < space.low - tol) | (actions > space.high + tol), axis=1)
+
+
+def time_limit(env_id: str | None) -> int | None:
+    """The env's time limit in steps: Gymnasium's registered ``max_episode_steps`` (a registry
+    look-up, the env is not made), else dtlab's ``env_info(env_id).max_ep_len`` for the families
+    envs.py knows (Hopper, HalfCheetah, Walker2d, Pendulum, CartPole, ALE games), else None
+    (unknown id, or registered without a limit; gymnasium-robotics ids such as PointMaze's are
+    registered on first use). Never raises for an unknown id."""
+    if not env_id:
+        return None
+    steps = None
+    for attempt in range(2):
+        try:
+            steps = gym.spec(env_id).max_episode_steps
+            break
+        except Exception:  # gymnasium.error.Error subclasses for unknown or malformed ids
+            if attempt or not register_robotics():  # PointMaze & co. register on first use
+                break
+    if steps is not None:
+        return int(steps)
+    info = env_info(env_id)
+    return info.max_ep_len if info.ref_min_score is not None else None  # a known family
+
+
+def episode_limit(env, env_id: str, max_steps: int | None, max_ep_len: int) -> tuple[int, int | None]:
+    """(steps to run each episode for, the env's standard time limit).
+
+    The limit is ``max_steps``, else the env's time limit (``dtlab.data.diagnostics.time_limit``:
+    its registered ``max_episode_steps``, else dtlab's registry), else 1000 steps for an env with
+    no limit at all (rollouts must end). Raises ConfigError when episodes could run past the
+    model's ``max_ep_len`` (its timestep embedding has no entry for later steps): dtlab never
+    clamps timesteps silently.
+    """
+    spec_limit = env.spec.max_episode_steps if env.spec else None
+    limit = max_steps if max_steps is not None else (spec_limit or time_limit(env_id) or 1000)
+    if limit > max_ep_len:
+        raise ConfigError(
+            f"{env_id}: episodes run up to {limit} steps but the model's max_ep_len is {max_ep_len} "
+            f"(timesteps beyond it have no embedding); cap episodes with max_steps <= {max_ep_len}, "
+            "or train with a larger model.max_ep_len")
+    info = env_info(env_id)
+    standard = info.max_ep_len if info.ref_min_score is not None else spec_limit
+    return limit, standard

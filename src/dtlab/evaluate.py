@@ -22,8 +22,9 @@ from dtlab.data.records import ReturnStats
 from dtlab.envs import env_info, make_env
 from dtlab.errors import ConfigError, DatasetError, DtlabWarning
 from dtlab.policy import DTPolicy
-from dtlab.prepare import one_writer
-from dtlab.rollout import RolloutReport, TargetResult, episode_limit, rollout
+from dtlab.rundir import one_writer
+from dtlab.envs import episode_limit
+from dtlab.rollout import RolloutReport, TargetResult, rollout
 from dtlab.spaces import (ContinuousActions, DictObservations, DiscreteActions, check_against_env,
                           describe_observations)
 
@@ -223,7 +224,7 @@ def calibrate_checkpoint(cfg: CalibrateConfig, *, echo: bool = False,
     runs.
 
     A checkpoint in a run directory (one with a ``latest`` file) is calibrated while this process
-    holds the directory (``dtlab.prepare.one_writer``), from the first read to the last write: a
+    holds the directory (``dtlab.rundir.RunDirectory.hold``), from the first read to the last write: a
     live training run would prune the checkpoint, or replace it, under the calibration, and a
     ``dtlab train`` started meanwhile is refused, naming this process.
     """

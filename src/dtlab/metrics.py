@@ -1,20 +1,23 @@
-"""Training metrics: the records' names are made and read here only.
+"""Training metrics and the evaluation record: the records' names are made and read here only.
 
 A run writes one JSON object per line to ``OUT/metrics.jsonl`` (strict JSON: a non-finite value is
-written as null) and mirrors the scalars to TensorBoard under ``OUT/tb``:
+written as null) and mirrors the scalars to TensorBoard under ``OUT/tb``: ``step``, ``loss`` (mean
+over the applied steps since the last record), ``lr`` (the rate the last step applied),
+``steps_per_s``, and ``skipped_nonfinite`` when skipping is enabled.
 
-- training records: ``step``, ``loss`` (mean over the applied steps since the last record), ``lr``,
-  ``steps_per_s``, and ``skipped_nonfinite`` when skipping is enabled;
-- evaluation records: ``step``, ``eval/return_<target>`` (mean return) and
-  ``eval/normalized_<target>`` (D4RL normalized score of the mean, when the env has references).
+Evaluations are typed records (``Evaluation``: the step, which weights, and a ``TargetResult`` per
+target), one a line in ``OUT/evaluations.jsonl`` (dtlab.rundir); the console line, TensorBoard's
+``eval/return_<target>`` and ``eval/normalized_<target>`` scalars, the learning curve and the
+benchmark report are all made from them.
 """
 
 from __future__ import annotations
 
 import json
 import math
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any
 
 from dtlab.atomic import dumps_json, write_text_atomic
 
@@ -32,14 +35,57 @@ def training_record(step: int, loss: float, lr: float, steps_per_s: float,
     return record
 
 
-def evaluation_record(step: int, results: Iterable) -> dict[str, Any]:
-    """One evaluation record from per-target results (objects with target, mean, normalized_mean)."""
-    record: dict[str, Any] = {"step": step}
-    for r in results:
-        record[f"{EVAL_RETURN}{r.target:g}"] = r.mean
-        if r.normalized_mean is not None:
-            record[f"{EVAL_NORMALIZED}{r.target:g}"] = r.normalized_mean
-    return record
+@dataclass(frozen=True)
+class TargetResult:
+    """Outcome of all episodes conditioned on one target return (returns undiscounted, in the
+    env's units)."""
+
+    target: float
+    returns: list[float]  # (episodes,)
+    lengths: list[int]  # (episodes,) steps per episode
+    mean: float
+    std: float  # population std (ddof 0) of the returns
+    normalized_mean: float | None  # D4RL normalized score of the mean return, when comparable
+    normalized_std: float | None
+
+
+@dataclass(frozen=True)
+class Evaluation:
+    """One evaluation of a policy at one or more targets (a line of evaluations.jsonl).
+
+    ``weights``: which weights acted: "raw" (the trained ones) or "average" (the exponential
+    moving average, ``optim.ema_decay``). ``timing``: env steps, seconds, env steps/s and the
+    seconds inside the model (dtlab.rollout.RolloutReport.timing)."""
+
+    step: int
+    results: tuple[TargetResult, ...]
+    weights: str = "raw"
+    timing: dict[str, float] = field(default_factory=dict)
+
+    def to_json(self) -> dict[str, Any]:
+        return {"step": self.step, "weights": self.weights,
+                "results": [asdict(r) for r in self.results], "timing": dict(self.timing)}
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> "Evaluation":
+        """The record as ``to_json`` wrote it; KeyError/TypeError/ValueError when malformed."""
+        return cls(int(data["step"]), tuple(TargetResult(**r) for r in data["results"]),
+                   str(data.get("weights", "raw")), dict(data.get("timing") or {}))
+
+    def score(self, target: float) -> float:
+        """The normalized mean at ``target`` when known, else the mean return."""
+        r = next(r for r in self.results if r.target == target)
+        return r.normalized_mean if r.normalized_mean is not None else r.mean
+
+    def line(self) -> str:
+        """One console line: 'eval step 2500: target 3600 -> 1234.5 (40.1 normalized), ...'."""
+        parts = []
+        for r in self.results:
+            norm = f" ({r.normalized_mean:.1f} normalized)" if r.normalized_mean is not None else ""
+            length = sum(r.lengths) / max(len(r.lengths), 1)
+            parts.append(f"target {r.target:g} -> {r.mean:.1f}{norm}, length {length:.0f}")
+        who = " (averaged weights)" if self.weights == "average" else ""
+        return f"eval step {self.step}{who}: " + "; ".join(parts)
 
 
 def read_metrics(path: str | Path) -> list[dict[str, Any]]:
@@ -53,13 +99,16 @@ def loss_curve(records: list[dict[str, Any]]) -> list[tuple[int, float]]:
             if isinstance(r.get("loss"), (int, float)) and math.isfinite(r["loss"])]
 
 
-def evaluation_curves(records: list[dict[str, Any]]) -> dict[str, list[tuple[int, float]]]:
-    """Per target (as written, e.g. "3600"): the (step, mean return) points of its evaluations."""
-    curves: dict[str, list[tuple[int, float]]] = {}
-    for r in records:
-        for key, value in r.items():
-            if key.startswith(EVAL_RETURN) and isinstance(value, (int, float)):
-                curves.setdefault(key[len(EVAL_RETURN):], []).append((r["step"], value))
+def evaluation_curves(evaluations: list[Evaluation], normalized: bool = False
+                      ) -> dict[float, list[tuple[int, float]]]:
+    """Per target: the (step, mean return) points of its evaluations (``normalized``: the D4RL
+    normalized score of the mean, where known)."""
+    curves: dict[float, list[tuple[int, float]]] = {}
+    for e in evaluations:
+        for r in e.results:
+            value = r.normalized_mean if normalized else r.mean
+            if value is not None:
+                curves.setdefault(r.target, []).append((e.step, value))
     return curves
 
 
@@ -101,6 +150,16 @@ class MetricsLog:
             for key, value in record.items():
                 if key != "step" and isinstance(value, (int, float)):
                     self._tb.add_scalar(key if "/" in key else f"train/{key}", value, record["step"])
+
+    def write_evaluation(self, evaluation: Evaluation) -> None:
+        """An evaluation's scalars to TensorBoard (the record itself is evaluations.jsonl's)."""
+        if self._tb is None:
+            return
+        for r in evaluation.results:
+            self._tb.add_scalar(f"{EVAL_RETURN}{r.target:g}", r.mean, evaluation.step)
+            if r.normalized_mean is not None:
+                self._tb.add_scalar(f"{EVAL_NORMALIZED}{r.target:g}", r.normalized_mean,
+                                    evaluation.step)
 
     def close(self) -> None:
         self._file.close()

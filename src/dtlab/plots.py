@@ -9,10 +9,11 @@ import matplotlib
 
 matplotlib.use("Agg")  # files only; no display needed
 import matplotlib.pyplot as plt  # noqa: E402
+import matplotlib.ticker  # noqa: E402
 
 from dtlab.atomic import atomic_path  # noqa: E402
 from dtlab.data.records import ReturnStats  # noqa: E402
-from dtlab.metrics import evaluation_curves, loss_curve, read_metrics  # noqa: E402
+from dtlab.metrics import Evaluation, evaluation_curves, loss_curve  # noqa: E402
 
 
 def _save(fig, path: str | Path) -> Path:
@@ -50,26 +51,45 @@ def achieved_vs_target(results: Sequence, path: str | Path, *, title: str = "",
     return _save(fig, path)
 
 
-def learning_curve(metrics_file: str | Path, path: str | Path) -> Path | None:
-    """Training loss (and evaluation returns, if logged) against step, from metrics.jsonl; None
-    when the file holds no finite loss yet."""
-    records = read_metrics(metrics_file)
+def learning_curve(records: list[dict], evaluations: Sequence[Evaluation], path: str | Path, *,
+                   title: str, loss_name: str) -> Path | None:
+    """Training loss against step (left; ``records`` as dtlab.metrics.read_metrics gives them)
+    and, when the run evaluated, each target's evaluation score against step (right: the D4RL
+    normalized score where the env has reference returns, else the mean return). ``title``
+    names the run, env and dataset; ``loss_name`` the loss ("MSE" or "cross entropy"). None when
+    there is no finite loss yet."""
     loss = loss_curve(records)
     if not loss:
         return None
-    evals = evaluation_curves(records)
-    fig, axes = plt.subplots(1, 2 if evals else 1, figsize=(10 if evals else 5, 3.8), dpi=120,
+    normalized = bool(evaluations) and all(r.normalized_mean is not None
+                                           for e in evaluations for r in e.results)
+    evals = evaluation_curves(list(evaluations), normalized=normalized)
+    fig, axes = plt.subplots(1, 2 if evals else 1, figsize=(10 if evals else 5.5, 4.0), dpi=120,
                              squeeze=False)
-    axes[0, 0].plot(*zip(*loss))
-    axes[0, 0].set_yscale("log")
-    axes[0, 0].set_xlabel("step")
-    axes[0, 0].set_ylabel("action loss (MSE, or cross entropy if discrete)")
-    for target, pts in sorted(evals.items()):
-        axes[0, 1].plot(*zip(*pts), marker="o", label=target)
+    ax = axes[0, 0]
+    ax.plot(*zip(*loss))
+    ax.set_yscale("log")
+    ax.yaxis.set_major_formatter(matplotlib.ticker.FormatStrFormatter("%.3g"))
+    ax.yaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
+    ax.set_xlabel("gradient step")
+    ax.set_ylabel(f"training loss ({loss_name}, log scale)")
+    ax.set_title("training loss")
     if evals:
-        axes[0, 1].set_xlabel("step")
-        axes[0, 1].set_ylabel("eval return")
-        axes[0, 1].legend(title="target", fontsize=8)
+        ax = axes[0, 1]
+        styles = ("-", "--", ":", "-.")
+        markers = ("o", "s", "^", "D", "v")
+        for i, (target, pts) in enumerate(sorted(evals.items())):
+            ax.plot(*zip(*pts), ls=styles[i % len(styles)], marker=markers[i % len(markers)],
+                    label=f"target {target:g}")
+        averaged = any(e.weights == "average" for e in evaluations)
+        episodes = len(evaluations[-1].results[0].returns)
+        ax.set_xlabel("gradient step")
+        ax.set_ylabel("D4RL normalized score (0 = random, 100 = expert)" if normalized
+                      else "return (mean over episodes)")
+        ax.set_title(f"evaluation: mean of {episodes} episodes per target"
+                     + (", averaged weights" if averaged else ""))
+        ax.legend(fontsize=8)
+    fig.suptitle(title, fontsize=10)
     fig.tight_layout()
     return _save(fig, path)
 

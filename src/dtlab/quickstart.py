@@ -18,7 +18,7 @@ import numpy as np
 from dtlab.config import (DataConfig, EvalConfig, ModelConfig, OptimConfig, RunConfig,
                           TrainConfig)
 from dtlab.errors import ConfigError
-from dtlab.prepare import one_writer
+from dtlab.rundir import one_writer
 
 ENV_ID = "Pendulum-v1"
 # A smaller model than the paper's gym config (128 wide, 3 layers, K=20): Pendulum's state is

@@ -15,26 +15,13 @@ from typing import Sequence
 import numpy as np
 
 from dtlab.config import check_number
-from dtlab.data.diagnostics import time_limit
 from dtlab.data.returns import normalized_score
 from dtlab.env_workers import EnvWorkers, LocalEnvs
-from dtlab.envs import env_info, make_env, reference_scores
+from dtlab.envs import env_info, episode_limit, make_env, reference_scores
 from dtlab.errors import ConfigError
+from dtlab.metrics import TargetResult
 from dtlab.policy import DTPolicy
 from dtlab.spaces import check_against_env
-
-
-@dataclass(frozen=True)
-class TargetResult:
-    """Outcome of all episodes conditioned on one target return (returns undiscounted)."""
-
-    target: float
-    returns: list[float]  # (episodes,)
-    lengths: list[int]  # (episodes,) steps per episode
-    mean: float
-    std: float
-    normalized_mean: float | None  # D4RL normalized score of the mean return, when comparable
-    normalized_std: float | None
 
 
 @dataclass(frozen=True)
@@ -56,27 +43,6 @@ class RolloutReport:
     def timing(self) -> dict[str, float]:
         return {"env_steps": self.env_steps, "seconds": self.seconds,
                 "env_steps_per_s": self.env_steps_per_s, "model_seconds": self.model_seconds}
-
-
-def episode_limit(env, env_id: str, max_steps: int | None, max_ep_len: int) -> tuple[int, int | None]:
-    """(steps to run each episode for, the env's standard time limit).
-
-    The limit is ``max_steps``, else the env's time limit (``dtlab.data.diagnostics.time_limit``:
-    its registered ``max_episode_steps``, else dtlab's registry), else 1000 steps for an env with
-    no limit at all (rollouts must end). Raises ConfigError when episodes could run past the
-    model's ``max_ep_len`` (its timestep embedding has no entry for later steps): dtlab never
-    clamps timesteps silently.
-    """
-    spec_limit = env.spec.max_episode_steps if env.spec else None
-    limit = max_steps if max_steps is not None else (spec_limit or time_limit(env_id) or 1000)
-    if limit > max_ep_len:
-        raise ConfigError(
-            f"{env_id}: episodes run up to {limit} steps but the model's max_ep_len is {max_ep_len} "
-            f"(timesteps beyond it have no embedding); cap episodes with max_steps <= {max_ep_len}, "
-            "or train with a larger model.max_ep_len")
-    info = env_info(env_id)
-    standard = info.max_ep_len if info.ref_min_score is not None else spec_limit
-    return limit, standard
 
 
 def rollout(policy: DTPolicy, env_id: str, targets: Sequence[float], episodes: int, *,

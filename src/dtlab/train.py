@@ -40,19 +40,19 @@ from dtlab.data.episodes import EpisodeSet
 from dtlab.data.sampling import Batch, SequenceSampler
 from dtlab.distributed import World
 from dtlab.envs import env_info
-from dtlab.errors import CheckpointError, DtlabWarning, TrainingError
-from dtlab.metrics import MetricsLog, Progress, evaluation_record, training_record
+from dtlab.errors import CheckpointError, ConfigError, DtlabWarning, TrainingError
+from dtlab.metrics import METRICS_FILE, Evaluation, Progress, training_record
 from dtlab.model import DecisionTransformer, build_model
 from dtlab.normalizer import Normalizer
 from dtlab.policy import DTPolicy
 # Preparing a run (everything checked before output is written) lives in dtlab.prepare.
-from dtlab.prepare import (TRAIN_CONFIG_FILE, RunFiles, check_resume_config, one_writer,
-                           prepare, resume_point)
+from dtlab.prepare import prepare
 from dtlab.rollout import Evaluator
-from dtlab.spaces import ImageObservations, VectorObservations
+from dtlab.rundir import RunDirectory
+from dtlab.spaces import DiscreteActions, ImageObservations, VectorObservations
 
 __all__ = ["train", "train_step", "TrainConfig", "TrainResult", "Trainer", "TrainerState",
-           "prepare", "resume_point", "check_resume_config", "action_loss", "param_groups"]
+           "prepare", "action_loss", "param_groups", "unit_scaler"]
 
 
 # ---- pieces ---------------------------------------------------------------------------------------
@@ -157,27 +157,33 @@ class DeviceSampler:
 
 
 # ---- one step -------------------------------------------------------------------------------------
+def unit_scaler(device: torch.device) -> torch.amp.GradScaler:
+    """A ``torch.amp.GradScaler`` kept at scale 1 (``train_step`` resets it after each step):
+    multiplying by 1 changes no number; it is here for its non-finite check, which skips the
+    optimizer step when a gradient is NaN/inf (inside a fused optimizer's kernel, without a host
+    sync)."""
+    return torch.amp.GradScaler(device.type, init_scale=1.0)
+
+
 def train_step(model: DecisionTransformer, optimizer: torch.optim.Optimizer,
                batch: dict[str, torch.Tensor], *, grad_clip: float,
-               precision: runtime.Precision = "fp32") -> tuple[torch.Tensor, torch.Tensor]:
+               precision: runtime.Precision = "fp32",
+               scaler: torch.amp.GradScaler | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """One gradient step on ``batch`` (``to_tensors`` of a sampled Batch): forward (under the
     precision's autocast), masked action loss in fp32, backward, global-norm clipping
-    (``grad_clip`` 0: none), and the optimizer step, which is skipped when the gradient norm is
-    non-finite (by a fused optimizer inside its kernel, the gradients staying until the next
-    step's ``zero_grad``; otherwise by not calling it, the gradients cleared). The scheduler is
-    the caller's.
+    (``grad_clip`` 0: none), and the optimizer step, skipped when any gradient is non-finite
+    (``scaler``, a ``unit_scaler``, decides it; with dtlab's fused optimizers inside the kernel,
+    so the step never waits for the device). The scheduler is the caller's.
 
     Returns (loss, grad_norm), both detached 0-d tensors on the model's device; the step was
-    applied iff ``grad_norm`` is finite. With a fused optimizer (dtlab's, on the CPU and CUDA) a
-    non-finite step is skipped inside the kernel (the ``found_inf`` protocol that
-    ``torch.amp.GradScaler`` uses with fused optimizers), so the step never waits for the device;
-    otherwise deciding it is the step's one host sync.
+    applied iff ``grad_norm`` is finite.
 
     ``model`` may be a ``DistributedDataParallel`` wrapper (torchrun): its gradient is then the
     one a single process would compute on all processes' windows together (see below); the
     returned loss is this process's.
     """
     device = batch["observations"].device
+    scaler = scaler if scaler is not None else unit_scaler(device)
     with runtime.autocast(device, precision):
         pred = model(batch["observations"], batch["actions"], batch["returns_to_go"],
                      batch["timesteps"], batch["masks"])
@@ -193,22 +199,14 @@ def train_step(model: DecisionTransformer, optimizer: torch.optim.Optimizer,
         dist.all_reduce(total)  # asynchronous to the host on CUDA
         objective = loss * (real * dist.get_world_size(model.process_group) / total)
     optimizer.zero_grad(set_to_none=True)
-    objective.backward()
+    scaler.scale(objective).backward()
+    scaler.unscale_(optimizer)  # records whether any gradient is non-finite
     # The global gradient norm is non-finite iff the loss or any gradient is; with clipping off it
     # is computed without clipping (max_norm=inf).
     grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(),
                                                grad_clip if grad_clip > 0 else float("inf"))
-    if all(group.get("fused") for group in optimizer.param_groups):
-        optimizer.found_inf = (~torch.isfinite(grad_norm)).float()  # 1: the kernel skips the step
-        optimizer.grad_scale = None
-        try:
-            optimizer.step()
-        finally:
-            del optimizer.found_inf, optimizer.grad_scale
-    elif bool(torch.isfinite(grad_norm)):
-        optimizer.step()
-    else:
-        optimizer.zero_grad(set_to_none=True)
+    scaler.step(optimizer)  # skipped when a gradient was non-finite
+    scaler.update(1.0)  # back to scale 1 (a skipped step would otherwise halve it)
     return loss.detach(), grad_norm.detach()
 
 
@@ -299,7 +297,9 @@ class Trainer:
     # optim.ema_decay > 0: the weights' exponential moving average, evaluated and saved as the
     # checkpoint's model; ``model`` (the raw weights) is what is trained and resumed.
     ema: AveragedModel | None = None
+    precision: runtime.Precision = "fp32"  # resolved (never "auto")
     applied_lr: float = float("nan")  # the learning rate of the last step taken
+    scaler: torch.amp.GradScaler | None = None  # train_step's non-finite check (unit_scaler)
 
     @property
     def policy_model(self) -> DecisionTransformer:
@@ -332,7 +332,8 @@ class Trainer:
         ema = (AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(cfg.optim.ema_decay))
                if cfg.optim.ema_decay else None)
         return cls(model, optimizer, scheduler, sampler, state, device, world, ddp,
-                   device_sampler, cfg.optim.seed, ema)
+                   device_sampler, cfg.optim.seed, ema, cfg.optim.precision,
+                   scaler=unit_scaler(device))
 
     def resume(self, path: Path) -> None:
         """Continue from checkpoint ``path``: weights, optimizer, schedule, RNG streams, step."""
@@ -352,17 +353,18 @@ class Trainer:
                                   f"the run's model or optimizer): {type(exc).__name__}: "
                                   f"{str(exc).splitlines()[0] if str(exc) else ''}") from None
 
-    def step(self, batch_size: int, optim: OptimConfig) -> tuple[torch.Tensor, torch.Tensor]:
+    def step(self, optim: OptimConfig) -> tuple[torch.Tensor, torch.Tensor]:
         """Sample a batch, take one ``train_step``, advance the schedule; (loss, grad_norm) as
         ``train_step`` returns them (the step was applied iff grad_norm is finite)."""
         if self.device_sampler is not None:
-            batch = self.device_sampler.sample(batch_size, self.state.rng)
+            batch = self.device_sampler.sample(optim.batch_size, self.state.rng)
         else:
-            batch = to_tensors(self.sampler.sample(batch_size, self.state.rng), self.device,
+            batch = to_tensors(self.sampler.sample(optim.batch_size, self.state.rng), self.device,
                                self.sampler.normalizer)
         self.applied_lr = self.optimizer.param_groups[0]["lr"]  # before the schedule advances
         loss, grad_norm = train_step(self.ddp or self.model, self.optimizer, batch,
-                                     grad_clip=optim.grad_clip, precision=optim.precision)
+                                     grad_clip=optim.grad_clip, precision=self.precision,
+                                     scaler=self.scaler)
         if self.ema is not None:  # a skipped step left the weights as they were: averaged again
             self.ema.update_parameters(self.model)
         with warnings.catch_warnings():  # a skipped first step makes torch warn about the order
@@ -414,10 +416,11 @@ def make_optimizer(model: nn.Module, optim: OptimConfig, device: torch.device) -
 class TrainResult:
     checkpoint: Path  # the final checkpoint directory
     steps: int
-    final_loss: float
-    evaluations: list[dict] = field(default_factory=list)
+    final_loss: float  # mean loss of the last log interval (nan: none this call)
+    evaluations: list[Evaluation] = field(default_factory=list)  # those made by this call
     interrupted: bool = False  # stopped early by ``should_stop`` (the CLI: SIGINT/SIGTERM)
     skipped_nonfinite: int = 0
+    already_done: bool = False  # --resume of a run already at --steps: nothing was written
 
 
 Evaluate = Callable[[DTPolicy], Any]  # a policy in, a RolloutReport-like result out
@@ -434,7 +437,7 @@ def train(cfg: TrainConfig, episodes: EpisodeSet | None = None, *,
     True ends the run early with a checkpoint (the CLI wires SIGINT/SIGTERM to it).
     Raises DtlabError subclasses for bad input, a non-finite step (unless ``skip_nonfinite``), a
     run in which most steps were skipped, or a run directory that another process is training in
-    (dtlab.prepare.one_writer); a run that fails before its first checkpoint leaves nothing it
+    (dtlab.rundir.RunDirectory.hold); a run that fails before its first checkpoint leaves nothing it
     created behind.
 
     Under torchrun (``WORLD_SIZE`` etc. in the environment, dtlab.distributed) this is one of the
@@ -454,8 +457,7 @@ def train(cfg: TrainConfig, episodes: EpisodeSet | None = None, *,
         if device.type == "cpu":  # the node's cores are shared by its processes
             runtime.set_threads(cfg.run.threads, default=max(1, (os.cpu_count() or 1)
                                                              // world.local_size))
-        out = Path(cfg.run.out)
-        cfg = _resolved(cfg, device, world, out)
+        cfg = _resolved(cfg, device, world, RunDirectory(cfg.run.out))
         created_group = distributed.start(world, device)
         try:
             return _train(cfg, episodes, info, device, world, evaluator, should_stop)
@@ -463,66 +465,95 @@ def train(cfg: TrainConfig, episodes: EpisodeSet | None = None, *,
             distributed.finish(created_group)
 
 
-def _resolved(cfg: TrainConfig, device: torch.device, world: World, out: Path) -> TrainConfig:
+def _resolved(cfg: TrainConfig, device: torch.device, world: World, run: RunDirectory
+              ) -> TrainConfig:
     """``cfg`` with its precision resolved for ``device`` (``auto``: the hardware's choice, or on
     resume the run's own) and, in a worker that torchrun restarted, ``resume`` set when the run
     directory holds this run."""
-    run = cfg.run
-    if world.restart > 0 and not run.resume and (out / TRAIN_CONFIG_FILE).is_file():
+    run_cfg = cfg.run
+    if world.restart > 0 and not run_cfg.resume and run.is_run():
         if world.is_main:
-            warnings.warn(f"{out}: torchrun restarted the workers (restart {world.restart}); "
+            warnings.warn(f"{run.path}: torchrun restarted the workers (restart {world.restart}); "
                           "resuming the run from its latest checkpoint", DtlabWarning, stacklevel=3)
-        run = dataclasses.replace(run, resume=True)
+        run_cfg = dataclasses.replace(run_cfg, resume=True)
     choice = cfg.optim.precision
-    if choice == "auto" and run.resume:
-        saved = _saved_precision(out)
-        choice = saved if saved is not None else choice
+    if choice == "auto" and run_cfg.resume:
+        choice = run.saved_precision() or choice
     precision = runtime.resolve_precision(choice, device)
-    return dataclasses.replace(cfg, run=run, optim=dataclasses.replace(cfg.optim,
-                                                                       precision=precision))
-
-
-def _saved_precision(out: Path) -> str | None:
-    """The precision a run directory's train_config.json records (fp32 or bf16), else None."""
-    try:
-        saved = json.loads((out / TRAIN_CONFIG_FILE).read_text())
-    except (OSError, json.JSONDecodeError):
-        return None
-    optim = saved.get("optim") if isinstance(saved, dict) else None
-    value = optim.get("precision") if isinstance(optim, dict) else None
-    return value if value in ("fp32", "bf16") else None
+    return dataclasses.replace(cfg, run=run_cfg, optim=dataclasses.replace(cfg.optim,
+                                                                           precision=precision))
 
 
 def _train(cfg: TrainConfig, episodes: EpisodeSet, info: PolicyInfo, device: torch.device,
            world: World, evaluator: Evaluate | None, should_stop: Callable[[], bool]
            ) -> TrainResult:
-    out = Path(cfg.run.out)
-    with one_writer(out, main=world.is_main):  # what the directory holds is read under the lock
-        start_from = resume_point(out, cfg)
+    run = RunDirectory(cfg.run.out, main=world.is_main)
+    with run.hold():  # what the directory holds is read under the lock
+        start_from = run.resume_point(cfg)
+        if start_from is not None:
+            check_same_data(start_from, info)
         trainer = Trainer.create(cfg, episodes, info, device, world)
         if start_from is not None:
             trainer.resume(start_from)
+            if trainer.state.step > cfg.run.steps:
+                raise ConfigError(f"{run.path}: the run is at step {trainer.state.step}, past "
+                                  f"--steps {cfg.run.steps}; nothing was changed (raise --steps "
+                                  "to continue it)")
+            if trainer.state.step == cfg.run.steps:
+                return TrainResult(start_from, trainer.state.step, float("nan"), [],
+                                   already_done=True)
         if evaluator is None and cfg.evaluation.eval_episodes:
-            evaluator = default_evaluator(cfg)
+            evaluator = default_evaluator(cfg, info)
         if should_stop():  # stopped while loading (e.g. Ctrl-C during a download): nothing written
             raise KeyboardInterrupt
         distributed.barrier(world)  # every rank has read the run directory before rank 0 writes
-        created = RunFiles(out, main=world.is_main)
         try:
-            created.start(cfg, resume_from=trainer.state.step if cfg.run.resume else None)
-            result = _loop(cfg, trainer, info, created.metrics, evaluator, should_stop)
+            run.start(cfg, resume_from=trainer.state.step if cfg.run.resume else None)
+            result = _loop(cfg, trainer, info, run, evaluator, should_stop)
         except BaseException:
-            created.discard_if_no_checkpoint()
+            run.discard_if_no_checkpoint()
             raise
-        created.metrics.close()
+        run.close()
         if not result.interrupted:
             _check_enough_steps_applied(trainer, cfg, episodes, info, final=True)
             if world.is_main:
-                from dtlab.plots import learning_curve
-
-                learning_curve(created.metrics.path, out / "learning_curve.png")
+                _draw_learning_curve(run, cfg, info)
     distributed.barrier(world)  # the run's files are complete when any rank returns
     return result
+
+
+def _draw_learning_curve(run: RunDirectory, cfg: TrainConfig, info: PolicyInfo) -> None:
+    from dtlab.metrics import read_metrics
+    from dtlab.plots import learning_curve
+
+    discrete = isinstance(info.action_space, DiscreteActions)
+    learning_curve(read_metrics(run.path / METRICS_FILE), run.evaluations(),
+                   run.path / "learning_curve.png",
+                   title=f"{run.path.name}: {cfg.model.architecture} on "
+                         f"{Path(str(info.dataset.get('path'))).name}, {cfg.data.env}",
+                   loss_name="cross entropy" if discrete else "MSE")
+
+
+def check_same_data(resume_from: Path, info: PolicyInfo) -> None:
+    """A resumed run continues on the data it started on: ConfigError naming what changed when
+    the dataset's content fingerprint (or, for checkpoints before fingerprints, its size and
+    return statistics) differs from what the checkpoint recorded. Its normalization statistics
+    would otherwise be recomputed from other data and written into the next checkpoint."""
+    _, saved = checkpoint.load_info(resume_from)
+    before, now = saved.dataset, info.dataset
+    keys = ("fingerprint",) if before.get("fingerprint") else ("episodes", "transitions",
+                                                                "episode_return")
+    changed = [k for k in keys if before.get(k) != now.get(k)]
+    if changed:
+        shown = ", ".join(f"{k} {_short(before.get(k))} -> {_short(now.get(k))}" for k in changed)
+        raise ConfigError(f"{now.get('path')}: the dataset is not the one the run in "
+                          f"{resume_from.parent} trained on ({shown}); --resume continues only on "
+                          "the same data: restore the file, or start a new run with another --out")
+
+
+def _short(value: Any) -> str:
+    text = json.dumps(value) if not isinstance(value, str) else value
+    return text if len(text) <= 40 else text[:37] + "..."
 
 
 # Under torchrun the ranks agree every this many steps whether to stop (a signal reached one of
@@ -530,154 +561,149 @@ def _train(cfg: TrainConfig, episodes: EpisodeSet, info: PolicyInfo, device: tor
 SYNC_EVERY = 10
 
 
-@dataclass
 class _Tally:
-    """Loss and applied steps since the last log point. On the CPU the step has already read the
-    gradient norm, so each step is settled at once (the loop raises at the bad step); on CUDA the
-    sums stay on the device and are read at log, checkpoint and evaluation points only."""
+    """Loss and non-finite steps since the last read, kept on the device: the loop adds each
+    step without a host sync and reads the tally at log, evaluation and checkpoint points
+    (the same on the CPU, on CUDA and under torchrun)."""
 
-    loss_sum: torch.Tensor  # sum of the applied steps' losses
-    applied: torch.Tensor  # number of applied steps (CUDA)
-    taken: int = 0  # steps taken since the last read (CUDA)
+    def __init__(self, device: torch.device, step: int) -> None:
+        self.loss_sum = torch.zeros((), device=device)  # the applied steps' losses
+        self.applied = torch.zeros((), dtype=torch.long, device=device)
+        self.first_bad = torch.zeros((), dtype=torch.long, device=device)  # 1-based; 0: none
+        self.taken, self.since = 0, step
 
-    @classmethod
-    def zeros(cls, device: torch.device) -> "_Tally":
-        return cls(torch.zeros((), device=device), torch.zeros((), dtype=torch.long, device=device))
-
-    def add_on_device(self, loss: torch.Tensor, grad_norm: torch.Tensor) -> None:
+    def add(self, loss: torch.Tensor, grad_norm: torch.Tensor) -> None:
         finite = torch.isfinite(grad_norm)
+        self.taken += 1
         self.loss_sum += torch.where(finite, loss, 0.0)
         self.applied += finite
-        self.taken += 1
+        self.first_bad = torch.where(~finite & (self.first_bad == 0), self.taken, self.first_bad)
 
-    def settle(self) -> int:
-        """(CUDA) The number of skipped steps since the last settle (reads the device)."""
-        skipped = self.taken - int(self.applied)
+    def read(self, world: World) -> tuple[float, int, int | None]:
+        """(mean loss of the applied steps, or nan; steps skipped; the first bad step or None)
+        since the last read, then starts afresh. Under torchrun the loss is averaged over the
+        ranks (a collective: every rank reads at the same steps)."""
+        both = distributed.all_sum(world, torch.stack([self.loss_sum,
+                                                       self.applied.to(self.loss_sum.dtype)]))
+        loss_sum, count = float(both[0]), float(both[1])
+        applied, first = int(self.applied), int(self.first_bad)
+        skipped = self.taken - applied
+        bad = self.since + first if first else None
+        self.loss_sum.zero_()
+        self.applied.zero_()
+        self.first_bad.zero_()
+        self.since += self.taken
         self.taken = 0
-        return skipped
+        return (loss_sum / count if count else float("nan")), skipped, bad
 
 
-def _loop(cfg: TrainConfig, trainer: Trainer, info: PolicyInfo, metrics: MetricsLog,
+def _loop(cfg: TrainConfig, trainer: Trainer, info: PolicyInfo, run: RunDirectory,
           evaluator: Evaluate | None, should_stop: Callable[[], bool]) -> TrainResult:
-    out, state, world = Path(cfg.run.out), trainer.state, trainer.world
-    on_device = _device_side(trainer.device)
-    evaluations: list[dict] = []
-    tally = _Tally.zeros(trainer.device)
-    loss_sum = tally.loss_sum
-    loss_count, last_loss = 0, float("nan")
-    tick, tick_step = time.perf_counter(), state.step
+    state, world, steps = trainer.state, trainer.world, cfg.run.steps
+    tally = _Tally(trainer.device, state.step)
+    evaluations: list[Evaluation] = []
+    last_loss, tick, tick_step = float("nan"), time.perf_counter(), state.step
     last_saved, saved_at = (state.step if cfg.run.resume else -1), time.monotonic()
-    progress = Progress(cfg.run.steps, state.step, enabled=cfg.run.progress and world.is_main)
-    stop = False  # torchrun: agreed between the ranks
+    progress = Progress(steps, state.step, enabled=cfg.run.progress and world.is_main)
+    report = _LineReport(enabled=world.is_main and not cfg.run.progress)
+    poll_every = SYNC_EVERY if world.distributed else 1  # one process polls every step
+    stop = False
     trainer.model.train()
 
-    def settle() -> None:  # device side: read the tally; the CPU path settles every step
-        nonlocal loss_count
-        if not on_device:
-            return
-        skipped = tally.settle()
-        loss_count = int(tally.applied)
+    def settle() -> float:  # read the tally; stop on a non-finite step unless skipping them
+        loss, skipped, bad = tally.read(world)
         if skipped and not cfg.optim.skip_nonfinite:
-            good = checkpoint.resolve(out) if (out / checkpoint.LATEST_FILE).exists() else None
+            good = run.latest_checkpoint()
             raise TrainingError(
-                f"non-finite loss or gradient in {skipped} of the steps up to {state.step}; last "
-                f"good checkpoint: {good or 'none'}; skip_nonfinite skips such steps"
-                + _likely_cause(trainer.sampler.episodes, info))
+                f"non-finite loss or gradient at step {bad} ({skipped} of the steps up to "
+                f"{state.step}); last good checkpoint: {good or 'none'}; --skip-nonfinite skips "
+                "such steps" + _likely_cause(trainer.sampler.episodes, info))
         state.skipped_nonfinite += skipped
+        _check_enough_steps_applied(trainer, cfg, trainer.sampler.episodes, info)
+        return loss
 
     try:
-        while state.step < cfg.run.steps and not (stop if world.distributed else should_stop()):
-            loss, grad_norm = trainer.step(cfg.optim.batch_size, cfg.optim)
-            if on_device:
-                tally.add_on_device(loss, grad_norm)
-            elif bool(torch.isfinite(grad_norm)):
-                loss_sum += loss
-                loss_count += 1
-            elif not cfg.optim.skip_nonfinite:
-                good = checkpoint.resolve(out) if (out / checkpoint.LATEST_FILE).exists() else None
-                raise TrainingError(
-                    f"non-finite loss or gradient at step {state.step} (loss {loss.item():g}); "
-                    f"last good checkpoint: {good or 'none'}; skip_nonfinite skips such steps"
-                    + _likely_cause(trainer.sampler.episodes, info))
-            else:
-                state.skipped_nonfinite += 1
+        while state.step < steps and not stop:
+            loss, grad_norm = trainer.step(cfg.optim)
+            tally.add(loss, grad_norm)
             step = state.step
             minutes = cfg.run.checkpoint_every_minutes
-            agreed_time_due = False
-            if world.distributed and (step % SYNC_EVERY == 0 or step == cfg.run.steps):
-                # Every rank must stop and save at the same steps: rank clocks and signals differ.
-                stop, agreed_time_due = distributed.any_rank(
-                    world, [should_stop(), bool(minutes and time.monotonic() - saved_at
-                                                >= 60 * minutes)], trainer.device)
-            if step % cfg.run.log_every == 0 or step == cfg.run.steps:
-                settle()
-                last_loss = _mean_loss(world, loss_sum, loss_count)
+            time_due = False
+            if step % poll_every == 0 or step == steps:  # every rank stops and saves together
+                stop, time_due = distributed.any_rank(
+                    world, [should_stop(), bool(minutes) and time.monotonic() - saved_at
+                            >= 60 * minutes], trainer.device)
+            if step % cfg.run.log_every == 0 or step == steps:
+                last_loss = settle()
                 now = time.perf_counter()
                 rate = (step - tick_step) / max(now - tick, 1e-9)
-                lr = trainer.applied_lr
-                metrics.write(training_record(step, last_loss, lr, rate, state.skipped_nonfinite
-                                              if cfg.optim.skip_nonfinite else None))
-                progress.update(step, last_loss, lr, rate)
-                _check_enough_steps_applied(trainer, cfg, trainer.sampler.episodes, info)
-                loss_sum.zero_()
-                tally.applied.zero_()
-                loss_count, tick, tick_step = 0, now, step
+                run.metrics.write(training_record(step, last_loss, trainer.applied_lr, rate,
+                                                  state.skipped_nonfinite
+                                                  if cfg.optim.skip_nonfinite else None))
+                progress.update(step, last_loss, trainer.applied_lr, rate)
+                report.training(step, steps, last_loss, rate)
+                tick, tick_step = now, step
             if (evaluator is not None and cfg.evaluation.eval_every
-                    and step % cfg.evaluation.eval_every == 0 and step < cfg.run.steps):
-                settle()
+                    and step % cfg.evaluation.eval_every == 0 and step < steps):
                 if world.is_main:
-                    evaluations.append(_evaluate(evaluator, trainer, info, metrics,
-                                                 cfg.optim.precision))
+                    evaluations.append(_evaluate(evaluator, trainer, info, run))
                 distributed.barrier(world)  # the other ranks wait for rank 0's evaluation
-            if (step % cfg.run.checkpoint_every == 0 or step == cfg.run.steps or agreed_time_due
-                    or (not world.distributed and minutes
-                        and time.monotonic() - saved_at >= 60 * minutes)):
-                settle()
-                trainer.save(out, info, cfg.run.keep_checkpoints)
+            if step % cfg.run.checkpoint_every == 0 or step == steps or time_due:
+                last_loss = settle() if tally.taken else last_loss
+                trainer.save(run.path, info, cfg.run.keep_checkpoints)
                 last_saved, saved_at = step, time.monotonic()
     finally:
         progress.close()
-    interrupted = state.step < cfg.run.steps
+    interrupted = state.step < steps
     if last_saved != state.step:
-        settle()
-        trainer.save(out, info, cfg.run.keep_checkpoints)
+        last_loss = settle() if tally.taken else last_loss
+        trainer.save(run.path, info, cfg.run.keep_checkpoints)
     if evaluator is not None and not interrupted:
         if world.is_main:
-            evaluations.append(_evaluate(evaluator, trainer, info, metrics, cfg.optim.precision))
+            evaluations.append(_evaluate(evaluator, trainer, info, run))
         distributed.barrier(world)
-    settle()
-    if loss_count:
-        last_loss = _mean_loss(world, loss_sum, loss_count)
-    return TrainResult(checkpoint.resolve(out), state.step, last_loss, evaluations, interrupted,
-                       state.skipped_nonfinite)
+    return TrainResult(checkpoint.resolve(run.path), state.step, last_loss, evaluations,
+                       interrupted, state.skipped_nonfinite)
 
 
-def _mean_loss(world: World, loss_sum: torch.Tensor, count: int) -> float:
-    """Mean loss of the applied steps since the last log point; under torchrun averaged over the
-    ranks (a collective: every rank logs at the same steps)."""
-    if world.distributed:
-        both = distributed.all_sum(world, torch.stack([loss_sum, loss_sum.new_tensor(count)]))
-        return float(both[0]) / float(both[1]) if float(both[1]) else float("nan")
-    return float(loss_sum) / count if count else float("nan")
+class _LineReport:
+    """Progress as plain lines for logs (``--no-progress``): one line per log point, at most one
+    every ``every_s`` seconds, so a batch job's log shows the run moving."""
+
+    def __init__(self, enabled: bool, every_s: float = 30.0) -> None:
+        self.enabled, self.every_s, self._last = enabled, every_s, time.monotonic()
+
+    def training(self, step: int, steps: int, loss: float, rate: float) -> None:
+        now = time.monotonic()
+        if not self.enabled or (now - self._last < self.every_s and step != steps):
+            return
+        self._last = now
+        left = (steps - step) / rate if rate > 0 else float("nan")
+        eta = f"{left / 60:.0f} min" if math.isfinite(left) else "?"
+        print(f"step {step}/{steps}: loss {loss:.5f}, {rate:.1f} steps/s, ETA {eta}", flush=True)
 
 
-def default_evaluator(cfg: TrainConfig) -> Evaluate:
+def default_evaluator(cfg: TrainConfig, info: PolicyInfo | None = None) -> Evaluate:
     """Evaluation during training over ``eval_targets`` (default: the env registry's)."""
     targets = tuple(cfg.evaluation.eval_targets) or env_info(cfg.data.env).targets
     return Evaluator(cfg.data.env, targets, cfg.evaluation.eval_episodes, seed=cfg.optim.seed,
                      workers=cfg.evaluation.eval_workers)
 
 
-def _evaluate(evaluator: Evaluate, trainer: Trainer, info: PolicyInfo, metrics: MetricsLog,
-              precision: runtime.Precision) -> dict:
+def _evaluate(evaluator: Evaluate, trainer: Trainer, info: PolicyInfo,
+              run: RunDirectory) -> Evaluation:
+    """Evaluate the weights a checkpoint of this step would hold (the average when there is
+    one); record it in the run directory and print its line."""
     step = trainer.state.step
     policy = DTPolicy(trainer.policy_model, dataclasses.replace(info, step=step), trainer.device,
-                      precision=precision)
+                      precision=trainer.precision)
     report = evaluator(policy)
     trainer.model.train()
-    metrics.write(evaluation_record(step, report.results))
-    return {"step": step, "results": [dataclasses.asdict(r) for r in report.results],
-            "timing": report.timing()}
+    evaluation = Evaluation(step, tuple(report.results),
+                            "average" if trainer.ema is not None else "raw", report.timing())
+    run.record_evaluation(evaluation)
+    print(evaluation.line(), flush=True)
+    return evaluation
 
 
 def _check_enough_steps_applied(trainer: Trainer, cfg: TrainConfig, episodes: EpisodeSet,

@@ -29,6 +29,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from dtlab.data.episodes import EpisodeSet
+from dtlab.envs import time_limit
 from dtlab.errors import DtlabWarning
 from dtlab.normalizer import STD_EPS
 from dtlab.spaces import DiscreteActions, ImageObservations
@@ -80,34 +81,6 @@ def diagnose(episodes: EpisodeSet, *, time_limit: int | None,
               _returns_to_go_scale(episodes, return_scale), _huge_rewards(episodes),
               _odd_actions(episodes)]
     return [f for f in checks if f is not None]
-
-
-def time_limit(env_id: str | None) -> int | None:
-    """The env's time limit in steps: Gymnasium's registered ``max_episode_steps`` (a registry
-    look-up, the env is not made), else dtlab's ``env_info(env_id).max_ep_len`` for the families
-    envs.py knows (Hopper, HalfCheetah, Walker2d, Pendulum, CartPole, ALE games), else None
-    (unknown id, or registered without a limit; gymnasium-robotics ids such as PointMaze's are
-    registered on first use). Never raises for an unknown id."""
-    if not env_id:
-        return None
-    import gymnasium
-
-    from dtlab.envs import register_robotics
-
-    steps = None
-    for attempt in range(2):
-        try:
-            steps = gymnasium.spec(env_id).max_episode_steps
-            break
-        except Exception:  # gymnasium.error.Error subclasses for unknown or malformed ids
-            if attempt or not register_robotics():  # PointMaze & co. register on first use
-                break
-    if steps is not None:
-        return int(steps)
-    from dtlab.envs import env_info
-
-    info = env_info(env_id)
-    return info.max_ep_len if info.ref_min_score is not None else None  # a known family
 
 
 def warn_findings(episodes: EpisodeSet, *, env_id: str | None, return_scale: float | None,

@@ -8,6 +8,8 @@ their boundary; the (T+1)-th, the observation after an episode's last step, is k
 
 from __future__ import annotations
 
+import hashlib
+
 import copy
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -364,6 +366,19 @@ class EpisodeSet:
     def provenance(self) -> Provenance:
         """What ``metadata`` records about the data's origin, read in one place."""
         return Provenance.from_metadata(self.metadata)
+
+    def fingerprint(self) -> str:
+        """A content hash of the episodes (BLAKE2b over observations, actions, rewards,
+        terminations, truncations and episode_starts, with their dtypes and shapes), as 32 hex
+        digits: equal for equal data wherever it was loaded from, different when any value
+        differs. A resumed run compares it with the one its checkpoint recorded."""
+        digest = hashlib.blake2b(digest_size=16)
+        for name in ("observations", "actions", "rewards", "terminations", "truncations",
+                     "episode_starts"):
+            array = np.ascontiguousarray(getattr(self, name))
+            digest.update(f"{name}:{array.dtype.str}:{array.shape};".encode())
+            digest.update(memoryview(array).cast("B"))
+        return digest.hexdigest()
 
     def summary(self) -> dict[str, Any]:
         """Statistics printed by ``dtlab data info``."""
