@@ -279,7 +279,9 @@ class EpisodeSet:
         The DT paper's Percentile BC (section 5.3) as its code selects it (gym/experiment.py,
         pct_traj), except that an episode that fills the budget exactly is kept (the code's
         strict < drops the lowest-return episode even at pct_traj = 1). Final observations, when
-        the set has them, follow their episodes. Raises ConfigError unless 0 < fraction <= 1.
+        the set has them, follow their episodes; the action and observation spaces are this set's
+        (a ``Discrete(4)`` stays ``Discrete(4)`` when the kept episodes use fewer actions). Raises
+        ConfigError unless 0 < fraction <= 1.
         """
         if isinstance(fraction, bool) or not isinstance(fraction, (int, float)) or \
                 not 0 < fraction <= 1:
@@ -298,7 +300,7 @@ class EpisodeSet:
                           self.terminations[idx], self.truncations[idx], new_starts,
                           source=self.source, metadata={**self.metadata, "top_fraction": fraction},
                           final_observations=None if finals is None else finals[keep],
-                          observation_space=self.observation_space)
+                          action_space=self.action_space, observation_space=self.observation_space)
 
     def select_observation_keys(self, keys: tuple[str, ...] | list[str]) -> "EpisodeSet":
         """The episodes with only the Dict observation ``keys``, flattened in that order (columns
