@@ -168,7 +168,10 @@ class OptimConfig:
     lr: float = 1e-4
     """Peak learning rate of AdamW."""
     weight_decay: float = 1e-4
-    """AdamW weight decay, applied to matmul weights only (not biases, LayerNorms, embeddings)."""
+    """AdamW weight decay on the weight matrices of Linear and Conv2d layers: attention, MLP,
+    action head, image encoder and the state, return and continuous-action embeddings (Linear
+    maps); not on biases, LayerNorms, the timestep embedding or the discrete-action embedding
+    (Embedding tables)."""
     betas: tuple[float, float] = (0.9, 0.999)
     """AdamW betas."""
     warmup_steps: int = 10_000
