@@ -325,7 +325,8 @@ def offline_evaluation(model, info, episodes: EpisodeSet, *, buckets: int = 4, w
     """Action error and return sensitivity of ``model`` on ``episodes``' windows; no env is made.
 
     Windows are the training sampler's (K steps ending at a transition, left-padded), ending at
-    ``windows`` transitions drawn without replacement with ``seed`` (0: every transition). Each is
+    ``windows`` transitions drawn without replacement with ``seed`` (0: every transition), on
+    ``device`` (``dtlab.runtime.resolve_device``: ConfigError for one this machine lacks). Each is
     scored at its last step, the prediction a rollout acts on:
 
     - error: squared error of the predicted action in the model's [-1, 1] units, mean over action
@@ -345,6 +346,7 @@ def offline_evaluation(model, info, episodes: EpisodeSet, *, buckets: int = 4, w
 
     from dtlab.data.sampling import SequenceSampler
 
+    device = runtime.resolve_device(device)
     src = episodes.source
     if isinstance(episodes.observation_space, DictObservations) and \
             isinstance(info.observation_space, DictObservations):  # the checkpoint's keys

@@ -26,7 +26,7 @@ import torch
 
 from dtlab import checkpoint, runtime
 from dtlab.checkpoint import PolicyInfo
-from dtlab.config import check_targets
+from dtlab.config import MAX_SEED, check_number, check_targets
 from dtlab.errors import ConfigError, DtlabWarning, EnvError, TrainingError
 from dtlab.model import DecisionTransformer, KVCache
 from dtlab.spaces import (DictObservations, DiscreteActions, ImageObservations,
@@ -72,7 +72,9 @@ class DTPolicy:
         the K-step window slides; see ``DecisionTransformer.predict_cached``); decision-transformer
         models only (ConfigError otherwise). ``temperature``: 0 acts greedily; above 0, discrete
         actions are sampled from softmax(logits / temperature) with a generator seeded with
-        ``seed`` (ConfigError for a negative one, or one above 0 with continuous actions)."""
+        ``seed`` (ConfigError for a negative one, or one above 0 with continuous actions).
+        ``device`` goes through ``dtlab.runtime.resolve_device`` and ``precision`` must be fp32 or
+        bf16: ConfigError naming the argument otherwise (a device this machine lacks included)."""
         if kv_cache and info.model.architecture != "decision-transformer":
             raise ConfigError(f"kv_cache: kv-cache rollouts are for decision-transformer models, "
                               f"not {info.model.architecture}; set kv_cache False")
@@ -82,6 +84,11 @@ class DTPolicy:
         if temperature > 0 and not isinstance(info.action_space, DiscreteActions):
             raise ConfigError(f"temperature {temperature:g}: sampling is for discrete actions; "
                               "this checkpoint's actions are continuous (use temperature 0)")
+        if precision not in ("fp32", "bf16"):
+            raise ConfigError(f"precision must be fp32 or bf16, got {precision!r} (resolve auto "
+                              "with dtlab.runtime.resolve_precision)")
+        check_number("seed", seed, minimum=0, maximum=MAX_SEED, integer=True)
+        device = runtime.resolve_device(device)
         self.temperature = float(temperature)
         self.model = model.to(device).eval()
         self.precision = precision  # "fp32", or "bf16" autocast
@@ -107,7 +114,8 @@ class DTPolicy:
                         kv_cache: bool = False, temperature: float = 0.0,
                         seed: int = 0) -> "DTPolicy":
         """Load a checkpoint (and its reliable maximum target, when ``dtlab calibrate`` stored
-        one)."""
+        one). ConfigError for a device this machine lacks (``dtlab.runtime.resolve_device``),
+        CheckpointError for a missing or corrupt checkpoint."""
         model, info = checkpoint.load(path, device)
         policy = cls(model, info, device, precision, kv_cache, temperature, seed)
         calibration = checkpoint.load_calibration(path)
@@ -175,7 +183,11 @@ class DTPolicy:
             raise ConfigError("the policy has no episodes: call reset(target_return) first")
         if index is None:
             return torch.arange(self.num_envs, device=self.device)
-        return torch.tensor(np.asarray(index, dtype=np.int64).reshape(-1), device=self.device)
+        rows = np.asarray(index, dtype=np.int64).reshape(-1)
+        if rows.size and (rows.min() < 0 or rows.max() >= self.num_envs):
+            raise ConfigError(f"index {rows.tolist()} names episodes outside 0..{self.num_envs - 1} "
+                              f"(reset started {self.num_envs})")
+        return torch.tensor(rows, device=self.device)
 
     def _predict_cached(self, idx, t, obs_w, act_w, rtg_w, ts_w, mask_w, invalidate: bool) -> torch.Tensor:
         """kv_cache mode: feed only the new step (and the previous step's now known action) when

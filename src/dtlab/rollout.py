@@ -14,7 +14,7 @@ from typing import Sequence
 
 import numpy as np
 
-from dtlab.config import check_number
+from dtlab.config import MAX_SEED, check_number
 from dtlab.data.diagnostics import time_limit
 from dtlab.data.returns import normalized_score
 from dtlab.env_workers import EnvWorkers, LocalEnvs
@@ -88,10 +88,15 @@ def rollout(policy: DTPolicy, env_id: str, targets: Sequence[float], episodes: i
     batched forward per step); more run in successive waves that reuse the same envs. ``workers``
     > 0: the envs live in that many worker processes (dtlab.env_workers) while the policy acts
     here; the results are identical. Raises ConfigError for no targets/episodes, non-finite
-    targets or episodes longer than the model's max_ep_len, EnvError when the env's spaces differ
-    from the checkpoint's or a worker fails.
+    targets, episodes longer than the model's max_ep_len, a negative ``seed`` or ``workers``, or
+    ``max_steps`` / ``max_parallel`` below 1; EnvError for an unknown env, when the env's spaces
+    differ from the checkpoint's or a worker fails.
     """
     check_number("episodes", episodes, minimum=1, integer=True)
+    check_number("seed", seed, minimum=0, maximum=MAX_SEED, integer=True)
+    check_number("max_steps", max_steps, minimum=1, integer=True)
+    check_number("max_parallel", max_parallel, minimum=1, integer=True)
+    check_number("workers", workers, minimum=0, integer=True)
     n = len(targets) * episodes
     if n == 0:
         raise ConfigError("rollout needs at least one target and one episode")
