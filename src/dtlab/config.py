@@ -401,7 +401,9 @@ class EvalConfig:
     context that has left the window (measured score impact: docs/benchmarks.md)."""
     temperature: float = 0.0
     """Discrete actions: 0 takes the most likely action; above 0 samples from softmax(logits /
-    temperature), seeded with --seed (the DT Atari code samples at 1.0)."""
+    temperature), each episode from its own stream keyed by (--seed, its env seed, its target),
+    so its result does not depend on the other episodes or targets (the DT Atari code samples at
+    1.0)."""
 
     offline: bool = False
     """Evaluate without an environment, on --dataset's windows: action error per return-to-go

@@ -71,8 +71,9 @@ class DTPolicy:
         """``kv_cache``: incremental inference with cached keys/values (opt-in, approximate once
         the K-step window slides; see ``DecisionTransformer.predict_cached``); decision-transformer
         models only (ConfigError otherwise). ``temperature``: 0 acts greedily; above 0, discrete
-        actions are sampled from softmax(logits / temperature) with a generator seeded with
-        ``seed`` (ConfigError for a negative one, or one above 0 with continuous actions).
+        actions are sampled from softmax(logits / temperature), each episode from its own stream
+        derived from ``seed`` (see ``reset``; ConfigError for a negative temperature, or one above
+        0 with continuous actions).
         ``device`` goes through ``dtlab.runtime.resolve_device`` and ``precision`` must be fp32 or
         bf16: ConfigError naming the argument otherwise (a device this machine lacks included)."""
         if kv_cache and info.model.architecture != "decision-transformer":
@@ -99,8 +100,9 @@ class DTPolicy:
         # The normalizer's arrays as float32 tensors on the device, converted once.
         self._norm = info.normalizer.converted(
             lambda a: torch.tensor(a, dtype=torch.float32, device=self.device))
-        self._generator = torch.Generator(device=self.device)
-        self._generator.manual_seed(int(seed))
+        self.seed = int(seed)
+        self._streams: list[np.random.Generator] = []  # (N,) sampling streams (temperature > 0)
+        self._episodes_started = 0  # default stream keys continue from here
         spec = info.observation_space
         # Per step: frame stacks kept as uint8 until the forward pass, or normalized vectors.
         self._frames = spec.stacked_shape if isinstance(spec, ImageObservations) else None
@@ -133,16 +135,27 @@ class DTPolicy:
                           "stopped rising there", DtlabWarning, stacklevel=3)
 
     # ---- episode state ------------------------------------------------------------------------
-    def reset(self, target_return: float | Sequence[float] | np.ndarray) -> None:
+    def reset(self, target_return: float | Sequence[float] | np.ndarray,
+              streams: Sequence[int] | np.ndarray | None = None) -> None:
         """Start new episodes: one per target (a scalar starts one episode and ``act`` then takes
         and returns unbatched arrays). Warns (DtlabWarning) for a target above the checkpoint's
-        calibrated reliable maximum target; ConfigError for a non-finite or absurd target."""
+        calibrated reliable maximum target; ConfigError for a non-finite or absurd target.
+
+        ``streams`` (sampling, temperature > 0): one non-negative integer key per episode; the
+        episode samples its actions from ``SeedSequence(seed, spawn_key=(key, target))`` (the
+        target as its float32 bits), so its actions depend on (seed, key, target) and its own
+        observations only, not on the other episodes of the batch (``rollout`` passes each
+        episode's env seed). Default: keys counting the episodes this policy has started (0, 1,
+        ... over successive resets). ConfigError for keys that are not one non-negative integer
+        per episode."""
         check_targets("target_return", np.ravel(np.asarray(target_return, dtype=np.float64)).tolist())
         self._warn_above_reliable_max(np.asarray(target_return, dtype=np.float64))
         targets = np.array(target_return, dtype=np.float32)  # a copy: the input may be read-only
         self._single = targets.ndim == 0
         targets = targets.reshape(-1)
         n, k, dev = targets.shape[0], self.context_len, self.device
+        if self.temperature > 0:
+            self._streams = self._sampling_streams(targets, streams)
         self.num_envs = n
         self._targets = targets  # (N,) for error messages
         if self._frames is not None:  # (N, K, D) encoded frame stacks
@@ -158,6 +171,22 @@ class DTPolicy:
         self._pending = torch.full((n,), float("nan"), device=dev)  # (N,) steer() requests
         self._cache: KVCache | None = None  # kv_cache mode only: the cache, its episodes, its step
         self._cache_ids, self._cache_t = None, -1
+
+    def _sampling_streams(self, targets: np.ndarray, streams) -> list[np.random.Generator]:
+        """One generator per episode: ``SeedSequence(seed, spawn_key=(key, float32 bits of its
+        target))``, keys from ``streams`` or counted (see ``reset``)."""
+        n = targets.shape[0]
+        if streams is None:
+            keys = np.arange(self._episodes_started, self._episodes_started + n)
+        else:
+            keys = np.asarray(streams)
+            if keys.shape != (n,) or keys.dtype.kind not in "iu" or (keys < 0).any():
+                raise ConfigError(f"streams must be {n} non-negative integers (one per target), "
+                                  f"got {np.asarray(streams).tolist()!r}")
+        self._episodes_started += n
+        bits = targets.astype(np.float32).view(np.uint32)  # (N,) the targets, exactly
+        return [np.random.default_rng(np.random.SeedSequence(self.seed, spawn_key=(int(k), int(b))))
+                for k, b in zip(keys, bits)]
 
     def steer(self, return_to_go: float | Sequence[float], index: np.ndarray | None = None) -> None:
         """Ask for a different return from the next step on (run-time steering).
@@ -322,7 +351,13 @@ class DTPolicy:
                 "inputs are not finite or overflow")
         if self.temperature > 0:  # (n,) indices sampled from softmax(logits / temperature)
             probs = torch.softmax(pred / self.temperature, dim=-1)  # (n, n_actions)
-            pred = torch.multinomial(probs, 1, generator=self._generator)[:, 0]
+            # One uniform per episode from its own stream, inverted through the CDF: an episode's
+            # draws depend on its stream and its logits only, not on what else is in the batch.
+            u = torch.tensor([self._streams[r].random() for r in rows], dtype=probs.dtype,
+                             device=self.device)  # (n,)
+            cdf = probs.cumsum(-1)  # (n, n_actions)
+            pred = torch.searchsorted(cdf, u[:, None], right=True).clamp_(
+                max=probs.shape[-1] - 1)[:, 0]
         else:
             pred = self.model.greedy_action(pred)  # (n, A), or (n,) the most likely index
         act_w[:, -1] = pred

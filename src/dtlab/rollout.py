@@ -2,7 +2,8 @@
 
 One batched forward pass per environment step serves all unfinished episodes of all targets.
 Episode i of every target starts from the same state (env seed ``seed + i``), so targets are
-compared on paired starts. Used by evaluation (dtlab.evaluate) and by evaluation during training
+compared on paired starts. Sampled (temperature > 0) episodes draw from their own stream, keyed by
+(env seed, target): an episode's result does not depend on the other episodes or targets run. Used by evaluation (dtlab.evaluate) and by evaluation during training
 (``Evaluator``), so that neither loop imports the other.
 """
 
@@ -150,7 +151,7 @@ def _run_wave(policy: DTPolicy, envs: LocalEnvs | EnvWorkers, wave: np.ndarray,
     """Run episodes ``wave`` (slot i of the wave in env slot i) to the end; fills returns/lengths."""
     m = wave.size
     obs = np.stack(envs.reset(np.arange(m), start_seed[wave]))  # (m, S)
-    policy.reset(target_of[wave])
+    policy.reset(target_of[wave], streams=start_seed[wave])  # sampling: one stream per episode
     rewards = np.zeros(m, dtype=np.float32)
     active = np.arange(m)  # wave slots still running
     env_steps, model_time = 0, 0.0
