@@ -198,7 +198,8 @@ def _behaviour_policy(cfg: CollectConfig):
     if spec.kind == "actor":
         return ActorPolicy(spec.path, deterministic=cfg.deterministic)
     if spec.kind == "sb3":
-        return SB3Policy(spec.path, cfg.env, trust=cfg.trust_pickle, deterministic=cfg.deterministic)
+        return SB3Policy(spec.path, cfg.env, trust=cfg.trust_pickle, deterministic=cfg.deterministic,
+                         vecnormalize=cfg.vecnormalize)
     if spec.kind == "pendulum-swingup":
         return PendulumSwingUp(quality=cfg.quality)
     if spec.kind == "pointmaze-goal":

@@ -621,6 +621,10 @@ class CollectConfig:
     trust_pickle: bool = False
     """Allow loading an sb3:PATH zip or a --behaviour-run replay buffer: they contain pickles,
     which can run code when loaded."""
+    vecnormalize: str | None = None
+    """sb3:PATH only: Stable-Baselines3 VecNormalize statistics (VecNormalize.save, a pickle: needs
+    --trust-pickle) the agent was trained with; it acts on normalized observations, the dataset
+    records raw ones. Default: vecnormalize.pkl beside the zip, when there is one."""
     behaviour_run: str | None = None
     """Run directory of dtlab train-behaviour (for the medium-replay preset: its replay buffer,
     a pickle, so it also needs --trust-pickle)."""
@@ -653,6 +657,8 @@ class CollectConfig:
             raise ConfigError(f"format minari writes a Minari dataset: give out {_MINARI_PREFIX}<id>, "
                               f"not {self.out}")
         kind = parse_policy(self.policy).kind
+        if self.vecnormalize is not None and kind != "sb3":
+            raise ConfigError(f"--vecnormalize is for --policy sb3:PATH, not {kind}")
         if self.preset:
             if self.episodes is not None:
                 raise ConfigError("presets are sized by transitions (D4RL's 1M by default), not "
