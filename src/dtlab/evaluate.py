@@ -29,6 +29,7 @@ from dtlab.spaces import (ContinuousActions, DictObservations, DiscreteActions, 
 
 __all__ = ["evaluate_checkpoint", "rollout", "sweep_targets", "results_json", "TargetResult",
            "RolloutReport", "Calibration", "reliable_maximum", "calibrate_checkpoint",
+           "calibration_summary",
            "offline_evaluation"]
 
 
@@ -308,14 +309,29 @@ def _print_calibration(record: dict, path: Path) -> None:
                       ("yes" if r else "no"))
     console = Console()
     console.print(table)
+    console.print(calibration_summary(record) + f"; stored in {path / checkpoint.CALIBRATION_FILE}")
+
+
+def calibration_summary(record: dict) -> str:
+    """One line saying what a calibration record (``calibrate_checkpoint``'s) measured.
+
+    A curve that rises names its reliable maximum target and rising range. A flat one (no rising
+    range) says so with the targets and the achieved returns measured: the target does not steer
+    the checkpoint, and its reliable maximum (the lowest target) marks no point where a rise
+    stopped.
+    """
     rng = record["rising_range"]
-    console.print(
-        f"reliable maximum target {record['reliable_max_target']:g} (achieved "
-        f"{record['achieved_at_reliable_max']:.1f}); "
-        + (f"achieved return rises with the target from {rng[0]:g} to {rng[1]:g}" if rng else
-           "achieved return does not rise with the target")
-        + ("" if record["saturated"] else "; still rising at the top of the sweep")
-        + f"; stored in {path / checkpoint.CALIBRATION_FILE}")
+    if rng is None:
+        means = record["means"]
+        return (f"achieved return does not rise with the target: targets {record['targets'][0]:g} "
+                f"to {record['targets'][-1]:g} all achieve {min(means):.1f} to {max(means):.1f} "
+                "(no rise beyond the noise margin), so the target does not steer this checkpoint; "
+                f"reliable maximum target recorded as the lowest, "
+                f"{record['reliable_max_target']:g}")
+    return (f"reliable maximum target {record['reliable_max_target']:g} (achieved "
+            f"{record['achieved_at_reliable_max']:.1f}); achieved return rises with the target "
+            f"from {rng[0]:g} to {rng[1]:g}"
+            + ("" if record["saturated"] else "; still rising at the top of the sweep"))
 
 
 # ---- evaluation without an environment -----------------------------------------------------------

@@ -110,6 +110,9 @@ class DTPolicy:
         self._single = True
         # Targets above this warn (set from the checkpoint's calibration.json by from_checkpoint).
         self.reliable_max_target: float | None = None
+        # (lowest, highest target, lowest, highest mean achieved) when that calibration measured
+        # no rise of the achieved return with the target; None otherwise.
+        self.flat_calibration: tuple[float, float, float, float] | None = None
 
     @classmethod
     def from_checkpoint(cls, path: str | Path, device: str = "cpu", precision: str = "fp32",
@@ -123,13 +126,28 @@ class DTPolicy:
         calibration = checkpoint.load_calibration(path)
         if calibration is not None:
             policy.reliable_max_target = float(calibration["reliable_max_target"])
+            targets, means = calibration.get("targets"), calibration.get("means")
+            if "rising_range" in calibration and calibration["rising_range"] is None:
+                try:  # a flat curve: the target does not steer (older records lack the lists)
+                    policy.flat_calibration = (float(min(targets)), float(max(targets)),
+                                               float(min(means)), float(max(means)))
+                except (TypeError, ValueError):
+                    pass
         return policy
 
     def _warn_above_reliable_max(self, targets: np.ndarray) -> None:
         """One line when a target exceeds the calibrated reliable maximum (the same text for every
         call, so Python's default filter shows it once)."""
         limit = self.reliable_max_target
-        if limit is not None and targets.size and float(np.max(targets)) > limit:
+        if limit is not None and targets.size and float(np.max(targets)) > limit and \
+                self.flat_calibration is not None:
+            t0, t1, m0, m1 = self.flat_calibration
+            warnings.warn(f"target returns above {limit:g} were asked for, but calibration "
+                          f"(calibration.json) measured no rise of the achieved return with the "
+                          f"target: targets {t0:g} to {t1:g} all achieved {m0:.1f} to {m1:.1f}, "
+                          "so the target does not steer this checkpoint", DtlabWarning,
+                          stacklevel=3)
+        elif limit is not None and targets.size and float(np.max(targets)) > limit:
             warnings.warn(f"target returns above {limit:g}, the reliable maximum target found by "
                           "calibration (calibration.json), were asked for: achieved returns "
                           "stopped rising there", DtlabWarning, stacklevel=3)
