@@ -368,11 +368,15 @@ class EpisodeSet:
         return Provenance.from_metadata(self.metadata)
 
     def summary(self) -> dict[str, Any]:
-        """Statistics printed by ``dtlab data info``."""
+        """Statistics printed by ``dtlab data info``: the recorded ``env_id`` (None when the data
+        records none), sizes, spaces, episode statistics, and ``metadata``: every metadata key
+        the source carries (dtlab's provenance, D4RL's ``metadata/*``, Minari's dataset
+        metadata), values JSON-safe (``metadata_for_display``)."""
         lens = self.episode_lengths
         space = self.action_space
         return {
             "source": self.source,
+            "env_id": self.provenance.env_id,
             "episodes": self.num_episodes,
             "transitions": self.num_transitions,
             **_observation_summary(self.observation_space),
@@ -384,7 +388,32 @@ class EpisodeSet:
             "episode_length": {"min": int(lens.min()), "mean": float(lens.mean()), "max": int(lens.max())},
             "episode_return": self.return_stats.to_json(),
             "action_range": [float(self.actions.min()), float(self.actions.max())],
+            "metadata": {str(k): metadata_for_display(v) for k, v in sorted(self.metadata.items())},
         }
+
+
+def metadata_for_display(value: Any, limit: int = 8) -> Any:
+    """A metadata value as strict JSON: strings, finite numbers, booleans and None as they are
+    (numpy scalars converted); lists, tuples and arrays of at most ``limit`` items and mappings
+    element by element; longer sequences as "<array (shape) dtype>" or "<list of n items>";
+    anything else (a non-finite number included) as its ``str``."""
+    if isinstance(value, np.generic):
+        value = value.item()
+    if value is None or isinstance(value, (str, bool, int)):
+        return value
+    if isinstance(value, float):
+        return value if np.isfinite(value) else str(value)
+    if isinstance(value, Mapping):
+        return {str(k): metadata_for_display(v, limit) for k, v in value.items()}
+    if isinstance(value, np.ndarray):
+        if value.size > limit:
+            return f"<array {value.shape} {value.dtype}>"
+        value = value.tolist()
+    if isinstance(value, (list, tuple)):
+        if len(value) > limit:
+            return f"<list of {len(value)} items>"
+        return [metadata_for_display(v, limit) for v in value]
+    return str(value)
 
 
 def _observation_summary(spec: ObservationSpec) -> dict[str, Any]:
