@@ -3,8 +3,9 @@
 One batched forward pass per environment step serves all unfinished episodes of all targets.
 Episode i of every target starts from the same state (env seed ``seed + i``), so targets are
 compared on paired starts. Sampled (temperature > 0) episodes draw from their own stream, keyed by
-(env seed, target): an episode's result does not depend on the other episodes or targets run. Used by evaluation (dtlab.evaluate) and by evaluation during training
-(``Evaluator``), so that neither loop imports the other.
+(env seed, target): an episode's result does not depend on the other episodes or targets run.
+Used by evaluation (dtlab.evaluate) and by evaluation during training (``Evaluator``), so that
+neither loop imports the other.
 """
 
 from __future__ import annotations
