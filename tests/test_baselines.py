@@ -171,6 +171,17 @@ def test_top_fraction_keeps_the_highest_return_episodes(seed):
             episodes.top_fraction(bad)
 
 
+def test_top_fraction_keeps_the_recorded_action_space():
+    """A Discrete(4) set stays Discrete(4) when the kept episodes use only actions 0 and 1."""
+    actions = np.array([0, 1, 0, 1, 2, 3, 3, 2])  # episode 0 (return 4) uses 0 and 1 only
+    data = EpisodeSet(np.zeros((8, 2), np.float32), actions, np.array([1.0] * 4 + [0.0] * 4),
+                      np.zeros(8, bool), np.zeros(8, bool), np.array([0, 4]),
+                      action_space=DiscreteActions(4))
+    top = data.top_fraction(0.5)
+    assert top.num_episodes == 1 and set(top.actions.tolist()) == {0, 1}
+    assert top.action_space == DiscreteActions(4)
+
+
 def tiny_episodes():
     return episodes_with_returns([200, 200, 150, 50], [-300.0, -900.0, -100.0, -600.0])
 

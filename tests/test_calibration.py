@@ -17,7 +17,7 @@ from dtlab.cli import main
 from dtlab.data import EpisodeSet
 from dtlab.data.formats import save_episodes
 from dtlab.errors import CheckpointError, ConfigError, DtlabWarning
-from dtlab.evaluate import offline_evaluation, reliable_maximum
+from dtlab.evaluate import calibration_summary, offline_evaluation, reliable_maximum
 from dtlab.policy import DTPolicy
 from dtlab.rundir import one_writer
 from dtlab.spaces import DiscreteActions
@@ -86,6 +86,30 @@ def test_targets_above_the_reliable_maximum_warn(checkpoint_copy):
         assert main(["evaluate", str(checkpoint_copy), "--targets", "-200", "-250", "--episodes",
                      "2", "--max-steps", "3"]) == 0
     assert len([w for w in record if issubclass(w.category, DtlabWarning)]) == 1
+
+
+def test_a_flat_calibration_says_the_target_does_not_steer(checkpoint_copy):
+    """A curve that never rises (issue 21): the summary and the warning say what was measured,
+    not that returns "stopped rising" at the lowest target."""
+    flat = {"targets": [8.0, 90.0, 179.0], "means": [170.7, 160.2, 165.0],
+            "reliable_max_target": 8.0, "achieved_at_reliable_max": 170.7, "rising_range": None,
+            "saturated": True}
+    summary = calibration_summary(flat)
+    assert "does not rise with the target" in summary and "8 to 179 all achieve 160.2 to 170.7" \
+        in summary and "does not steer" in summary
+    rising = {**flat, "means": [10.0, 90.0, 95.0], "rising_range": [8.0, 90.0],
+              "reliable_max_target": 90.0, "achieved_at_reliable_max": 90.0}
+    assert calibration_summary(rising).startswith("reliable maximum target 90 (achieved 90.0); "
+                                                  "achieved return rises with the target from 8")
+    checkpoint.save_calibration(checkpoint_copy, flat)
+    policy = DTPolicy.from_checkpoint(checkpoint_copy)
+    with pytest.warns(DtlabWarning, match=r"above 8 .*no rise of the achieved return .*targets 8 "
+                                          r"to 179 all achieved 160.2 to 170.7.*does not steer"):
+        policy.reset([100.0])
+    checkpoint.save_calibration(checkpoint_copy, rising)
+    policy = DTPolicy.from_checkpoint(checkpoint_copy)
+    with pytest.warns(DtlabWarning, match="above 90, the reliable maximum target .*stopped rising"):
+        policy.reset([100.0])
 
 
 def test_a_corrupt_calibration_file_is_refused(checkpoint_copy):

@@ -199,3 +199,21 @@ def test_damaged_buffers_are_one_line_errors_naming_file_and_field(tmp_path, cap
     err_text = capsys.readouterr().err
     assert code == 2 and err_text.startswith("dtlab: error: ") and err_text.count("\n") == 1
     assert not out.exists()
+
+
+def test_an_episode_behind_a_wrapped_buffers_cut_padding_is_dropped(tmp_path):
+    """Documented limitation (docs/formats.md): when a wrapped buffer's oldest rows are the last
+    of the zero rows in front of an episode, that episode is dropped although all its transitions
+    are there (zero rows cannot be told from real action-0, reward-0 rows without reading their
+    frames)."""
+    lengths = [6, 8, 5, 7]
+    dry = DopamineBuffer(capacity=1000)
+    play(dry, np.random.default_rng(2), lengths)
+    pads = [i for i, r in enumerate(dry.log) if r[4] is None]  # 3 padding rows per episode
+    oldest = pads[4]  # the 2nd of the 3 zero rows in front of episode 1
+    buf = DopamineBuffer(capacity=len(dry.log) - oldest)
+    play(buf, np.random.default_rng(2), lengths)
+    buf.save(tmp_path, 0)
+    episodes = load_episodes(f"dqn-replay:{tmp_path}")
+    np.testing.assert_array_equal(episodes.episode_lengths, lengths[2:])  # episode 1 dropped
+    assert_matches(episodes, [r for r in buf.log if r[4] in (2, 3)])

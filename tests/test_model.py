@@ -323,3 +323,31 @@ def test_written_out_attention_equals_sdpa_when_its_dropout_keeps_everything(mon
     assert got.dtype == torch.bfloat16
     want = sdpa(qb.float(), kb.float(), vb.float(), attn_mask=mask)  # fp32 from the same inputs
     assert torch.allclose(got.float(), want, atol=1e-2)  # bf16 output rounding only
+
+
+def test_weight_decay_help_names_what_param_groups_decays(capsys, monkeypatch):
+    """--weight-decay's help lists the embeddings that are decayed (state, return, continuous
+    action: Linear maps) apart from those that are not (timestep, discrete action: tables), and
+    param_groups agrees for a continuous and a discrete model."""
+    from dtlab.cli import main
+    from dtlab.spaces import DiscreteActions
+
+    monkeypatch.setenv("COLUMNS", "400")
+    with pytest.raises(SystemExit):
+        main(["train", "--help"])
+    words = " ".join(capsys.readouterr().out.replace("│", " ").split())
+    text = words.split("--weight-decay FLOAT", 1)[1].split("--betas", 1)[0]
+    decayed_text, _, undecayed_text = text.partition("; not on")
+    assert "state, return and continuous-action embeddings" in decayed_text
+    assert "timestep embedding" in undecayed_text and "discrete-action embedding" in undecayed_text
+    cont = model()
+    disc = DecisionTransformer(CFG, VectorObservations(5), DiscreteActions(3))
+    for m, decayed, undecayed in ((cont, ("embed_state", "embed_return", "embed_action"),
+                                   ("embed_timestep",)),
+                                  (disc, ("embed_state", "embed_return"),
+                                   ("embed_timestep", "embed_action"))):
+        decay = {id(p) for p in param_groups(m, 0.1)[0]["params"]}
+        for name in decayed:
+            assert id(getattr(m, name).weight) in decay, name
+        for name in undecayed:
+            assert id(getattr(m, name).weight) not in decay, name

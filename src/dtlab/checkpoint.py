@@ -25,6 +25,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
+from dtlab import runtime
 from dtlab._version import __version__
 from dtlab.atomic import atomic_path, dumps_json, write_json, write_text_atomic
 from dtlab.config import ModelConfig
@@ -239,7 +240,10 @@ def load_info(path: str | Path) -> tuple[Path, PolicyInfo]:
 
 
 def load(path: str | Path, device: str | torch.device = "cpu") -> tuple[DecisionTransformer, PolicyInfo]:
-    """Rebuild the model from a checkpoint; refuses weights that do not match the config."""
+    """Rebuild the model from a checkpoint, on ``device`` (``dtlab.runtime.resolve_device``:
+    ConfigError for a device this machine lacks). CheckpointError for a missing or corrupt
+    checkpoint, or weights that do not match its config."""
+    device = runtime.resolve_device(device)
     path, info = load_info(path)
     weights_path = path / WEIGHTS_FILE
     if not weights_path.is_file():

@@ -198,7 +198,8 @@ def _behaviour_policy(cfg: CollectConfig):
     if spec.kind == "actor":
         return ActorPolicy(spec.path, deterministic=cfg.deterministic)
     if spec.kind == "sb3":
-        return SB3Policy(spec.path, cfg.env, trust=cfg.trust_pickle, deterministic=cfg.deterministic)
+        return SB3Policy(spec.path, cfg.env, trust=cfg.trust_pickle, deterministic=cfg.deterministic,
+                         vecnormalize=cfg.vecnormalize)
     if spec.kind == "pendulum-swingup":
         return PendulumSwingUp(quality=cfg.quality)
     if spec.kind == "pointmaze-goal":
@@ -305,6 +306,9 @@ def run_data_info(cmd: DataInfo) -> None:
 
     table = Table(title=str(cmd.path), show_header=False)
     summary["findings"] = f"{summary['findings']} (listed by dtlab data validate)"
+    summary["env_id"] = summary["env_id"] or "(not recorded)"
+    metadata = summary.pop("metadata")
+    summary.update({f"metadata/{k}": v for k, v in metadata.items()})  # one row per key
     for key, value in summary.items():
         if isinstance(value, dict):
             value = "  ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}"

@@ -26,6 +26,7 @@ import gymnasium
 import numpy as np
 
 from dtlab._version import __version__
+from dtlab.config import MAX_SEED, check_number
 from dtlab.data.episodes import EpisodeSet
 from dtlab.envs import describe_space, make_env
 from dtlab.errors import ConfigError, EnvError
@@ -140,7 +141,7 @@ def collect_episodes(
 
     ``metadata`` adds caller provenance to what is recorded here (env_id, gymnasium and dtlab
     versions, policy names, seed, seeding scheme, episode-return statistics, counts); it may not
-    override those keys. ConfigError for a bad budget or metadata; EnvError for an unknown env, an
+    override those keys. ConfigError for a bad budget, seed or metadata; EnvError for an unknown env, an
     unsupported action space, or a policy that does not fit the env.
     """
     if (num_episodes is None) == (num_transitions is None):
@@ -148,6 +149,7 @@ def collect_episodes(
     budget = num_episodes if num_episodes is not None else num_transitions
     if budget < 1:
         raise ConfigError(f"collection budget must be at least 1, got {budget}")
+    check_number("seed", seed, minimum=0, maximum=MAX_SEED, integer=True)
     make_policy = policy if not callable(getattr(policy, "act", None)) else (lambda i: policy)
 
     env = make_env(env_id)

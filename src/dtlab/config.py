@@ -196,7 +196,10 @@ class OptimConfig:
     lr: float = 1e-4
     """Peak learning rate of AdamW."""
     weight_decay: float = 1e-4
-    """AdamW weight decay, applied to matmul weights only (not biases, LayerNorms, embeddings)."""
+    """AdamW weight decay on the weight matrices of Linear and Conv2d layers: attention, MLP,
+    action head, image encoder and the state, return and continuous-action embeddings (Linear
+    maps); not on biases, LayerNorms, the timestep embedding or the discrete-action embedding
+    (Embedding tables)."""
     betas: tuple[float, float] = (0.9, 0.999)
     """AdamW betas."""
     warmup_steps: int = 10_000
@@ -429,7 +432,9 @@ class EvalConfig:
     context that has left the window (measured score impact: docs/benchmarks.md)."""
     temperature: float = 0.0
     """Discrete actions: 0 takes the most likely action; above 0 samples from softmax(logits /
-    temperature), seeded with --seed (the DT Atari code samples at 1.0)."""
+    temperature), each episode from its own stream keyed by (--seed, its env seed, its target),
+    so its result does not depend on the other episodes or targets (the DT Atari code samples at
+    1.0)."""
 
     offline: bool = False
     """Evaluate without an environment, on --dataset's windows: action error per return-to-go
@@ -647,6 +652,10 @@ class CollectConfig:
     trust_pickle: bool = False
     """Allow loading an sb3:PATH zip or a --behaviour-run replay buffer: they contain pickles,
     which can run code when loaded."""
+    vecnormalize: str | None = None
+    """sb3:PATH only: Stable-Baselines3 VecNormalize statistics (VecNormalize.save, a pickle: needs
+    --trust-pickle) the agent was trained with; it acts on normalized observations, the dataset
+    records raw ones. Default: vecnormalize.pkl beside the zip, when there is one."""
     behaviour_run: str | None = None
     """Run directory of dtlab train-behaviour (for the medium-replay preset: its replay buffer,
     a pickle, so it also needs --trust-pickle)."""
@@ -679,6 +688,8 @@ class CollectConfig:
             raise ConfigError(f"format minari writes a Minari dataset: give out {_MINARI_PREFIX}<id>, "
                               f"not {self.out}")
         kind = parse_policy(self.policy).kind
+        if self.vecnormalize is not None and kind != "sb3":
+            raise ConfigError(f"--vecnormalize is for --policy sb3:PATH, not {kind}")
         if self.preset:
             if self.episodes is not None:
                 raise ConfigError("presets are sized by transitions (D4RL's 1M by default), not "

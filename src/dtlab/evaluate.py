@@ -30,6 +30,7 @@ from dtlab.spaces import (ContinuousActions, DictObservations, DiscreteActions, 
 
 __all__ = ["evaluate_checkpoint", "rollout", "sweep_targets", "results_json", "TargetResult",
            "RolloutReport", "Calibration", "reliable_maximum", "calibrate_checkpoint",
+           "calibration_summary",
            "offline_evaluation"]
 
 
@@ -309,14 +310,29 @@ def _print_calibration(record: dict, path: Path) -> None:
                       ("yes" if r else "no"))
     console = Console()
     console.print(table)
+    console.print(calibration_summary(record) + f"; stored in {path / checkpoint.CALIBRATION_FILE}")
+
+
+def calibration_summary(record: dict) -> str:
+    """One line saying what a calibration record (``calibrate_checkpoint``'s) measured.
+
+    A curve that rises names its reliable maximum target and rising range. A flat one (no rising
+    range) says so with the targets and the achieved returns measured: the target does not steer
+    the checkpoint, and its reliable maximum (the lowest target) marks no point where a rise
+    stopped.
+    """
     rng = record["rising_range"]
-    console.print(
-        f"reliable maximum target {record['reliable_max_target']:g} (achieved "
-        f"{record['achieved_at_reliable_max']:.1f}); "
-        + (f"achieved return rises with the target from {rng[0]:g} to {rng[1]:g}" if rng else
-           "achieved return does not rise with the target")
-        + ("" if record["saturated"] else "; still rising at the top of the sweep")
-        + f"; stored in {path / checkpoint.CALIBRATION_FILE}")
+    if rng is None:
+        means = record["means"]
+        return (f"achieved return does not rise with the target: targets {record['targets'][0]:g} "
+                f"to {record['targets'][-1]:g} all achieve {min(means):.1f} to {max(means):.1f} "
+                "(no rise beyond the noise margin), so the target does not steer this checkpoint; "
+                f"reliable maximum target recorded as the lowest, "
+                f"{record['reliable_max_target']:g}")
+    return (f"reliable maximum target {record['reliable_max_target']:g} (achieved "
+            f"{record['achieved_at_reliable_max']:.1f}); achieved return rises with the target "
+            f"from {rng[0]:g} to {rng[1]:g}"
+            + ("" if record["saturated"] else "; still rising at the top of the sweep"))
 
 
 # ---- evaluation without an environment -----------------------------------------------------------
@@ -326,7 +342,8 @@ def offline_evaluation(model, info, episodes: EpisodeSet, *, buckets: int = 4, w
     """Action error and return sensitivity of ``model`` on ``episodes``' windows; no env is made.
 
     Windows are the training sampler's (K steps ending at a transition, left-padded), ending at
-    ``windows`` transitions drawn without replacement with ``seed`` (0: every transition). Each is
+    ``windows`` transitions drawn without replacement with ``seed`` (0: every transition), on
+    ``device`` (``dtlab.runtime.resolve_device``: ConfigError for one this machine lacks). Each is
     scored at its last step, the prediction a rollout acts on:
 
     - error: squared error of the predicted action in the model's [-1, 1] units, mean over action
@@ -346,6 +363,7 @@ def offline_evaluation(model, info, episodes: EpisodeSet, *, buckets: int = 4, w
 
     from dtlab.data.sampling import SequenceSampler
 
+    device = runtime.resolve_device(device)
     src = episodes.source
     if isinstance(episodes.observation_space, DictObservations) and \
             isinstance(info.observation_space, DictObservations):  # the checkpoint's keys

@@ -26,7 +26,7 @@ import torch
 
 from dtlab import checkpoint, runtime
 from dtlab.checkpoint import PolicyInfo
-from dtlab.config import check_targets
+from dtlab.config import MAX_SEED, check_number, check_targets
 from dtlab.errors import ConfigError, DtlabWarning, EnvError, TrainingError
 from dtlab.model import DecisionTransformer, KVCache
 from dtlab.spaces import (DictObservations, DiscreteActions, ImageObservations,
@@ -71,8 +71,11 @@ class DTPolicy:
         """``kv_cache``: incremental inference with cached keys/values (opt-in, approximate once
         the K-step window slides; see ``DecisionTransformer.predict_cached``); decision-transformer
         models only (ConfigError otherwise). ``temperature``: 0 acts greedily; above 0, discrete
-        actions are sampled from softmax(logits / temperature) with a generator seeded with
-        ``seed`` (ConfigError for a negative one, or one above 0 with continuous actions)."""
+        actions are sampled from softmax(logits / temperature), each episode from its own stream
+        derived from ``seed`` (see ``reset``; ConfigError for a negative temperature, or one above
+        0 with continuous actions).
+        ``device`` goes through ``dtlab.runtime.resolve_device`` and ``precision`` must be fp32 or
+        bf16: ConfigError naming the argument otherwise (a device this machine lacks included)."""
         if kv_cache and info.model.architecture != "decision-transformer":
             raise ConfigError(f"kv_cache: kv-cache rollouts are for decision-transformer models, "
                               f"not {info.model.architecture}; set kv_cache False")
@@ -82,6 +85,11 @@ class DTPolicy:
         if temperature > 0 and not isinstance(info.action_space, DiscreteActions):
             raise ConfigError(f"temperature {temperature:g}: sampling is for discrete actions; "
                               "this checkpoint's actions are continuous (use temperature 0)")
+        if precision not in ("fp32", "bf16"):
+            raise ConfigError(f"precision must be fp32 or bf16, got {precision!r} (resolve auto "
+                              "with dtlab.runtime.resolve_precision)")
+        check_number("seed", seed, minimum=0, maximum=MAX_SEED, integer=True)
+        device = runtime.resolve_device(device)
         self.temperature = float(temperature)
         self.model = model.to(device).eval()
         self.precision = precision  # "fp32", or "bf16" autocast
@@ -92,8 +100,9 @@ class DTPolicy:
         # The normalizer's arrays as float32 tensors on the device, converted once.
         self._norm = info.normalizer.converted(
             lambda a: torch.tensor(a, dtype=torch.float32, device=self.device))
-        self._generator = torch.Generator(device=self.device)
-        self._generator.manual_seed(int(seed))
+        self.seed = int(seed)
+        self._streams: list[np.random.Generator] = []  # (N,) sampling streams (temperature > 0)
+        self._episodes_started = 0  # default stream keys continue from here
         spec = info.observation_space
         # Per step: frame stacks kept as uint8 until the forward pass, or normalized vectors.
         self._frames = spec.stacked_shape if isinstance(spec, ImageObservations) else None
@@ -101,40 +110,70 @@ class DTPolicy:
         self._single = True
         # Targets above this warn (set from the checkpoint's calibration.json by from_checkpoint).
         self.reliable_max_target: float | None = None
+        # (lowest, highest target, lowest, highest mean achieved) when that calibration measured
+        # no rise of the achieved return with the target; None otherwise.
+        self.flat_calibration: tuple[float, float, float, float] | None = None
 
     @classmethod
     def from_checkpoint(cls, path: str | Path, device: str = "cpu", precision: str = "fp32",
                         kv_cache: bool = False, temperature: float = 0.0,
                         seed: int = 0) -> "DTPolicy":
         """Load a checkpoint (and its reliable maximum target, when ``dtlab calibrate`` stored
-        one)."""
+        one). ConfigError for a device this machine lacks (``dtlab.runtime.resolve_device``),
+        CheckpointError for a missing or corrupt checkpoint."""
         model, info = checkpoint.load(path, device)
         policy = cls(model, info, device, precision, kv_cache, temperature, seed)
         calibration = checkpoint.load_calibration(path)
         if calibration is not None:
             policy.reliable_max_target = float(calibration["reliable_max_target"])
+            targets, means = calibration.get("targets"), calibration.get("means")
+            if "rising_range" in calibration and calibration["rising_range"] is None:
+                try:  # a flat curve: the target does not steer (older records lack the lists)
+                    policy.flat_calibration = (float(min(targets)), float(max(targets)),
+                                               float(min(means)), float(max(means)))
+                except (TypeError, ValueError):
+                    pass
         return policy
 
     def _warn_above_reliable_max(self, targets: np.ndarray) -> None:
         """One line when a target exceeds the calibrated reliable maximum (the same text for every
         call, so Python's default filter shows it once)."""
         limit = self.reliable_max_target
-        if limit is not None and targets.size and float(np.max(targets)) > limit:
+        if limit is not None and targets.size and float(np.max(targets)) > limit and \
+                self.flat_calibration is not None:
+            t0, t1, m0, m1 = self.flat_calibration
+            warnings.warn(f"target returns above {limit:g} were asked for, but calibration "
+                          f"(calibration.json) measured no rise of the achieved return with the "
+                          f"target: targets {t0:g} to {t1:g} all achieved {m0:.1f} to {m1:.1f}, "
+                          "so the target does not steer this checkpoint", DtlabWarning,
+                          stacklevel=3)
+        elif limit is not None and targets.size and float(np.max(targets)) > limit:
             warnings.warn(f"target returns above {limit:g}, the reliable maximum target found by "
                           "calibration (calibration.json), were asked for: achieved returns "
                           "stopped rising there", DtlabWarning, stacklevel=3)
 
     # ---- episode state ------------------------------------------------------------------------
-    def reset(self, target_return: float | Sequence[float] | np.ndarray) -> None:
+    def reset(self, target_return: float | Sequence[float] | np.ndarray,
+              streams: Sequence[int] | np.ndarray | None = None) -> None:
         """Start new episodes: one per target (a scalar starts one episode and ``act`` then takes
         and returns unbatched arrays). Warns (DtlabWarning) for a target above the checkpoint's
-        calibrated reliable maximum target; ConfigError for a non-finite or absurd target."""
+        calibrated reliable maximum target; ConfigError for a non-finite or absurd target.
+
+        ``streams`` (sampling, temperature > 0): one non-negative integer key per episode; the
+        episode samples its actions from ``SeedSequence(seed, spawn_key=(key, target))`` (the
+        target as its float32 bits), so its actions depend on (seed, key, target) and its own
+        observations only, not on the other episodes of the batch (``rollout`` passes each
+        episode's env seed). Default: keys counting the episodes this policy has started (0, 1,
+        ... over successive resets). ConfigError for keys that are not one non-negative integer
+        per episode."""
         check_targets("target_return", np.ravel(np.asarray(target_return, dtype=np.float64)).tolist())
         self._warn_above_reliable_max(np.asarray(target_return, dtype=np.float64))
         targets = np.array(target_return, dtype=np.float32)  # a copy: the input may be read-only
         self._single = targets.ndim == 0
         targets = targets.reshape(-1)
         n, k, dev = targets.shape[0], self.context_len, self.device
+        if self.temperature > 0:
+            self._streams = self._sampling_streams(targets, streams)
         self.num_envs = n
         self._targets = targets  # (N,) for error messages
         if self._frames is not None:  # (N, K, D) encoded frame stacks
@@ -150,6 +189,22 @@ class DTPolicy:
         self._pending = torch.full((n,), float("nan"), device=dev)  # (N,) steer() requests
         self._cache: KVCache | None = None  # kv_cache mode only: the cache, its episodes, its step
         self._cache_ids, self._cache_t = None, -1
+
+    def _sampling_streams(self, targets: np.ndarray, streams) -> list[np.random.Generator]:
+        """One generator per episode: ``SeedSequence(seed, spawn_key=(key, float32 bits of its
+        target))``, keys from ``streams`` or counted (see ``reset``)."""
+        n = targets.shape[0]
+        if streams is None:
+            keys = np.arange(self._episodes_started, self._episodes_started + n)
+        else:
+            keys = np.asarray(streams)
+            if keys.shape != (n,) or keys.dtype.kind not in "iu" or (keys < 0).any():
+                raise ConfigError(f"streams must be {n} non-negative integers (one per target), "
+                                  f"got {np.asarray(streams).tolist()!r}")
+        self._episodes_started += n
+        bits = targets.astype(np.float32).view(np.uint32)  # (N,) the targets, exactly
+        return [np.random.default_rng(np.random.SeedSequence(self.seed, spawn_key=(int(k), int(b))))
+                for k, b in zip(keys, bits)]
 
     def steer(self, return_to_go: float | Sequence[float], index: np.ndarray | None = None) -> None:
         """Ask for a different return from the next step on (run-time steering).
@@ -175,7 +230,11 @@ class DTPolicy:
             raise ConfigError("the policy has no episodes: call reset(target_return) first")
         if index is None:
             return torch.arange(self.num_envs, device=self.device)
-        return torch.tensor(np.asarray(index, dtype=np.int64).reshape(-1), device=self.device)
+        rows = np.asarray(index, dtype=np.int64).reshape(-1)
+        if rows.size and (rows.min() < 0 or rows.max() >= self.num_envs):
+            raise ConfigError(f"index {rows.tolist()} names episodes outside 0..{self.num_envs - 1} "
+                              f"(reset started {self.num_envs})")
+        return torch.tensor(rows, device=self.device)
 
     def _predict_cached(self, idx, t, obs_w, act_w, rtg_w, ts_w, mask_w, invalidate: bool) -> torch.Tensor:
         """kv_cache mode: feed only the new step (and the previous step's now known action) when
@@ -310,7 +369,13 @@ class DTPolicy:
                 "inputs are not finite or overflow")
         if self.temperature > 0:  # (n,) indices sampled from softmax(logits / temperature)
             probs = torch.softmax(pred / self.temperature, dim=-1)  # (n, n_actions)
-            pred = torch.multinomial(probs, 1, generator=self._generator)[:, 0]
+            # One uniform per episode from its own stream, inverted through the CDF: an episode's
+            # draws depend on its stream and its logits only, not on what else is in the batch.
+            u = torch.tensor([self._streams[r].random() for r in rows], dtype=probs.dtype,
+                             device=self.device)  # (n,)
+            cdf = probs.cumsum(-1)  # (n, n_actions)
+            pred = torch.searchsorted(cdf, u[:, None], right=True).clamp_(
+                max=probs.shape[-1] - 1)[:, 0]
         else:
             pred = self.model.greedy_action(pred)  # (n, A), or (n,) the most likely index
         act_w[:, -1] = pred

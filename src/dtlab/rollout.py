@@ -2,8 +2,10 @@
 
 One batched forward pass per environment step serves all unfinished episodes of all targets.
 Episode i of every target starts from the same state (env seed ``seed + i``), so targets are
-compared on paired starts. Used by evaluation (dtlab.evaluate) and by evaluation during training
-(``Evaluator``), so that neither loop imports the other.
+compared on paired starts. Sampled (temperature > 0) episodes draw from their own stream, keyed by
+(env seed, target): an episode's result does not depend on the other episodes or targets run.
+Used by evaluation (dtlab.evaluate) and by evaluation during training (``Evaluator``), so that
+neither loop imports the other.
 """
 
 from __future__ import annotations
@@ -14,7 +16,7 @@ from typing import Sequence
 
 import numpy as np
 
-from dtlab.config import check_number
+from dtlab.config import MAX_SEED, check_number
 from dtlab.data.returns import normalized_score
 from dtlab.env_workers import EnvWorkers, LocalEnvs
 from dtlab.envs import env_info, episode_limit, make_env, reference_scores
@@ -54,10 +56,15 @@ def rollout(policy: DTPolicy, env_id: str, targets: Sequence[float], episodes: i
     batched forward per step); more run in successive waves that reuse the same envs. ``workers``
     > 0: the envs live in that many worker processes (dtlab.env_workers) while the policy acts
     here; the results are identical. Raises ConfigError for no targets/episodes, non-finite
-    targets or episodes longer than the model's max_ep_len, EnvError when the env's spaces differ
-    from the checkpoint's or a worker fails.
+    targets, episodes longer than the model's max_ep_len, a negative ``seed`` or ``workers``, or
+    ``max_steps`` / ``max_parallel`` below 1; EnvError for an unknown env, when the env's spaces
+    differ from the checkpoint's or a worker fails.
     """
     check_number("episodes", episodes, minimum=1, integer=True)
+    check_number("seed", seed, minimum=0, maximum=MAX_SEED, integer=True)
+    check_number("max_steps", max_steps, minimum=1, integer=True)
+    check_number("max_parallel", max_parallel, minimum=1, integer=True)
+    check_number("workers", workers, minimum=0, integer=True)
     n = len(targets) * episodes
     if n == 0:
         raise ConfigError("rollout needs at least one target and one episode")
@@ -111,7 +118,7 @@ def _run_wave(policy: DTPolicy, envs: LocalEnvs | EnvWorkers, wave: np.ndarray,
     """Run episodes ``wave`` (slot i of the wave in env slot i) to the end; fills returns/lengths."""
     m = wave.size
     obs = np.stack(envs.reset(np.arange(m), start_seed[wave]))  # (m, S)
-    policy.reset(target_of[wave])
+    policy.reset(target_of[wave], streams=start_seed[wave])  # sampling: one stream per episode
     rewards = np.zeros(m, dtype=np.float32)
     active = np.arange(m)  # wave slots still running
     env_steps, model_time = 0, 0.0

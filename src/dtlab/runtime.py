@@ -29,25 +29,49 @@ BF16_SLOWDOWN_AVX512 = 2.3
 BF16_SLOWDOWN_AVX2 = 31.0
 
 
-def resolve_device(name: str) -> torch.device:
-    """``auto`` -> cuda if available, else cpu; otherwise the torch device ``name``.
+def available_devices() -> list[str]:
+    """The devices torch can run on here: ``cpu``, then ``cuda:0`` ... ``cuda:N-1`` and ``mps``
+    where present."""
+    devices = ["cpu"] + [f"cuda:{i}" for i in range(torch.cuda.device_count())]
+    return devices + (["mps"] if torch.backends.mps.is_available() else [])
 
-    Raises ConfigError (field ``device``) for a malformed name or CUDA on a machine without it.
+
+def resolve_device(name: str | torch.device) -> torch.device:
+    """``auto`` -> cuda if available, else cpu; otherwise the torch device ``name`` (a string or
+    a ``torch.device``), checked to exist on this machine.
+
+    Every device a user names (``--device``, the Python API's ``device=``) enters through here.
+    Raises ConfigError naming the device, the ``--device`` flag and ``available_devices()`` for a
+    malformed or unsupported name, CUDA or MPS on a machine without it, or a CUDA index past the
+    device count.
     """
+    if isinstance(name, torch.device):
+        name = str(name)
+    if not isinstance(name, str):
+        raise ConfigError(f"device: must be a device name (auto, cpu, cuda, cuda:N, mps; --device), "
+                          f"got {name!r}")
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    here = f"available here: auto, {', '.join(available_devices())}"
     try:
         device = torch.device(name)
-    except RuntimeError as exc:
-        raise ConfigError(f"device: invalid device '{name}': {exc}") from None
+    except RuntimeError:
+        raise ConfigError(f"device: invalid device '{name}' (auto, cpu, cuda, cuda:N, mps; "
+                          f"{here}); set --device") from None
     if device.type == "cuda":
         if not torch.cuda.is_available():
-            raise ConfigError(f"device: '{name}' requested but CUDA is not available on this machine")
+            raise ConfigError(f"device: '{name}' requested but CUDA is not available on this "
+                              f"machine ({here}); set --device")
         if device.index is not None and device.index >= torch.cuda.device_count():
             raise ConfigError(f"device: '{name}' requested but this machine has "
-                              f"{torch.cuda.device_count()} CUDA device(s)")
-    elif device.type not in ("cpu", "mps"):
-        raise ConfigError(f"device: '{name}' is not supported (auto, cpu, cuda, cuda:N)")
+                              f"{torch.cuda.device_count()} CUDA device(s) ({here}); set --device")
+    elif device.type == "mps":
+        if not torch.backends.mps.is_available():
+            raise ConfigError(f"device: '{name}' requested but MPS is not available on this "
+                              f"machine ({here}); set --device")
+    elif device.type != "cpu":
+        raise ConfigError(f"device: '{name}' is not supported: dtlab runs on cpu, cuda, "
+                          f"cuda:N or mps ({here}); set --device")
     return device
 
 

@@ -71,10 +71,11 @@ def action_loss(pred: torch.Tensor, target: torch.Tensor, masks: torch.Tensor) -
 
 
 def param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
-    """Weight decay on matmul weights (Linear, and the image encoder's Conv2d) only; never on
-    biases, LayerNorms or embeddings (the minGPT/nanoGPT convention, used by the DT's Atari code,
-    whose whitelist is Linear and Conv2d: atari/mingpt/model_atari.py configure_optimizers; its
-    gym code decayed all parameters)."""
+    """Weight decay on matmul weights (Linear, and the image encoder's Conv2d) only, which
+    includes the state, return and continuous-action embeddings (Linear maps); never on biases,
+    LayerNorms or Embedding tables (timesteps, discrete actions). The minGPT/nanoGPT convention,
+    used by the DT's Atari code, whose whitelist is Linear and Conv2d
+    (atari/mingpt/model_atari.py configure_optimizers); its gym code decayed all parameters."""
     decay, no_decay = [], []
     for module in model.modules():
         for name, p in module.named_parameters(recurse=False):

@@ -107,20 +107,37 @@ class RandomPolicy:
         return self._rng.uniform(self.low, self.high).astype(np.float32)  # (act_dim,)
 
 
+VECNORMALIZE_FILE = "vecnormalize.pkl"  # SB3's VecNormalize.save name in the RL Zoo's run folders
+
+
 class SB3Policy:
     """A Stable-Baselines3 model zip (SAC/TD3/PPO/...) used through ``model.predict``.
 
     SB3 zips contain pickled Python objects: loading one can run arbitrary code. dtlab loads them
     only when the caller passes ``trust=True`` (``--trust-pickle`` on the command line). Prefer
     exported actor weights (``ActorPolicy``, safetensors) for files you did not write.
-    ConfigError for an untrusted or unloadable file; EnvError when its spaces differ from
+
+    Observation normalization: an agent trained under SB3's ``VecNormalize`` acts on normalized
+    observations. Its statistics (``VecNormalize.save``, a pickle) are loaded with SB3's
+    ``VecNormalize.load`` from ``vecnormalize`` or, when that is None, from ``vecnormalize.pkl``
+    beside the zip when present; the model then acts on ``normalize_obs(observation)`` (clipped
+    as saved), while the collection records the env's raw observations. ConfigError for an
+    untrusted or unloadable file (the statistics included); EnvError when its spaces differ from
     ``env_id``'s.
     """
 
-    def __init__(self, path: str, env_id: str, *, trust: bool, deterministic: bool = False) -> None:
+    def __init__(self, path: str, env_id: str, *, trust: bool, deterministic: bool = False,
+                 vecnormalize: str | None = None) -> None:
+        beside = Path(path).parent / VECNORMALIZE_FILE
+        stats = vecnormalize if vecnormalize is not None else (
+            str(beside) if beside.is_file() else None)
         if not trust:
-            raise ConfigError(f"{path}: Stable-Baselines3 files contain pickles that can run code "
-                              "when loaded; pass --trust-pickle if you trust this file")
+            with_stats = f" and {stats}" if stats else ""
+            raise ConfigError(f"{path}{with_stats}: Stable-Baselines3 files contain pickles that "
+                              "can run code when loaded; pass --trust-pickle if you trust them")
+        if vecnormalize is not None and not Path(vecnormalize).is_file():
+            raise ConfigError(f"{vecnormalize}: VecNormalize statistics file not found; fix "
+                              "--vecnormalize")
         import stable_baselines3 as sb3
 
         env = make_env(env_id)
@@ -138,6 +155,28 @@ class SB3Policy:
         self.path, self.model, self.deterministic = str(path), model, deterministic
         self.name = f"sb3:{type(model).__name__}({Path(path).name})"
         self.check_env(env)
+        self.vecnormalize = None if stats is None else self._load_vecnormalize(stats, env_id)
+        if self.vecnormalize is not None:
+            self.name += f"+VecNormalize({Path(stats).name})"
+
+    @staticmethod
+    def _load_vecnormalize(stats: str, env_id: str):
+        """SB3's ``VecNormalize.load`` on a one-env ``DummyVecEnv`` of ``env_id``, frozen
+        (``training`` False: acting does not update the statistics)."""
+        from stable_baselines3.common.vec_env import DummyVecEnv, VecNormalize
+
+        venv = DummyVecEnv([lambda: make_env(env_id)])
+        try:
+            vecnorm = VecNormalize.load(stats, venv)
+        except Exception as exc:  # unpickling or SB3's own space checks: many types
+            venv.close()
+            raise ConfigError(f"{stats}: not loadable VecNormalize statistics for {env_id} "
+                              f"({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}); "
+                              "fix --vecnormalize") from None
+        vecnorm.training = False
+        vecnorm.norm_reward = False
+        venv.close()
+        return vecnorm
 
     def check_env(self, env: gymnasium.Env) -> None:
         """EnvError unless the model's observation shape and action space match ``env``'s."""
@@ -155,6 +194,8 @@ class SB3Policy:
         torch.manual_seed(int(rng.integers(0, 2**31 - 1)))
 
     def act(self, observation: np.ndarray) -> np.ndarray:
+        if self.vecnormalize is not None:  # the agent acts on the observations it was trained on
+            observation = self.vecnormalize.normalize_obs(observation)
         action, _ = self.model.predict(observation, deterministic=self.deterministic)
         return np.asarray(action)  # float32 (Box) or an integer index (Discrete)
 

@@ -281,7 +281,9 @@ class EpisodeSet:
         The DT paper's Percentile BC (section 5.3) as its code selects it (gym/experiment.py,
         pct_traj), except that an episode that fills the budget exactly is kept (the code's
         strict < drops the lowest-return episode even at pct_traj = 1). Final observations, when
-        the set has them, follow their episodes. Raises ConfigError unless 0 < fraction <= 1.
+        the set has them, follow their episodes; the action and observation spaces are this set's
+        (a ``Discrete(4)`` stays ``Discrete(4)`` when the kept episodes use fewer actions). Raises
+        ConfigError unless 0 < fraction <= 1.
         """
         if isinstance(fraction, bool) or not isinstance(fraction, (int, float)) or \
                 not 0 < fraction <= 1:
@@ -300,7 +302,7 @@ class EpisodeSet:
                           self.terminations[idx], self.truncations[idx], new_starts,
                           source=self.source, metadata={**self.metadata, "top_fraction": fraction},
                           final_observations=None if finals is None else finals[keep],
-                          observation_space=self.observation_space)
+                          action_space=self.action_space, observation_space=self.observation_space)
 
     def select_observation_keys(self, keys: tuple[str, ...] | list[str]) -> "EpisodeSet":
         """The episodes with only the Dict observation ``keys``, flattened in that order (columns
@@ -381,11 +383,15 @@ class EpisodeSet:
         return digest.hexdigest()
 
     def summary(self) -> dict[str, Any]:
-        """Statistics printed by ``dtlab data info``."""
+        """Statistics printed by ``dtlab data info``: the recorded ``env_id`` (None when the data
+        records none), sizes, spaces, episode statistics, and ``metadata``: every metadata key
+        the source carries (dtlab's provenance, D4RL's ``metadata/*``, Minari's dataset
+        metadata), values JSON-safe (``metadata_for_display``)."""
         lens = self.episode_lengths
         space = self.action_space
         return {
             "source": self.source,
+            "env_id": self.provenance.env_id,
             "episodes": self.num_episodes,
             "transitions": self.num_transitions,
             **_observation_summary(self.observation_space),
@@ -397,7 +403,32 @@ class EpisodeSet:
             "episode_length": {"min": int(lens.min()), "mean": float(lens.mean()), "max": int(lens.max())},
             "episode_return": self.return_stats.to_json(),
             "action_range": [float(self.actions.min()), float(self.actions.max())],
+            "metadata": {str(k): metadata_for_display(v) for k, v in sorted(self.metadata.items())},
         }
+
+
+def metadata_for_display(value: Any, limit: int = 8) -> Any:
+    """A metadata value as strict JSON: strings, finite numbers, booleans and None as they are
+    (numpy scalars converted); lists, tuples and arrays of at most ``limit`` items and mappings
+    element by element; longer sequences as "<array (shape) dtype>" or "<list of n items>";
+    anything else (a non-finite number included) as its ``str``."""
+    if isinstance(value, np.generic):
+        value = value.item()
+    if value is None or isinstance(value, (str, bool, int)):
+        return value
+    if isinstance(value, float):
+        return value if np.isfinite(value) else str(value)
+    if isinstance(value, Mapping):
+        return {str(k): metadata_for_display(v, limit) for k, v in value.items()}
+    if isinstance(value, np.ndarray):
+        if value.size > limit:
+            return f"<array {value.shape} {value.dtype}>"
+        value = value.tolist()
+    if isinstance(value, (list, tuple)):
+        if len(value) > limit:
+            return f"<list of {len(value)} items>"
+        return [metadata_for_display(v, limit) for v in value]
+    return str(value)
 
 
 def _observation_summary(spec: ObservationSpec) -> dict[str, Any]:

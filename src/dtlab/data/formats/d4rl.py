@@ -29,7 +29,9 @@ flags win and a one-line warning says what was assumed (``_ends_from_next_observ
 Image frames have no ``next_observations`` (it would double the file); their final observations
 are kept by dtlab's native format only. A file of (N, H, W) uint8 frames without
 ``metadata/dtlab_observation_space`` is read as stacks of 4 (the DT Atari setting), with a
-warning.
+warning. Frames stored as stacks, (N, S, H, W) or (N, H, W, S) uint8, are unstacked to each
+step's newest frame once consecutive stacks are checked to overlap (``unstack_frames``); (N, 1, H,
+W) is squeezed, then read as stacks of 4.
 """
 
 from __future__ import annotations
@@ -84,7 +86,12 @@ def episodes_from_d4rl(f: h5py.File, path: str | Path) -> EpisodeSet:
             length = arr.shape[0] if arr.ndim else "no"
             raise DatasetError(f"{path}: '{key}' has {length} entries but 'observations' has {n}")
     metadata = read_metadata(f["metadata"]) if isinstance(f.get("metadata"), h5py.Group) else {}
-    observation_space = _observation_space(metadata.pop(SPEC_KEY, None), observations, path)
+    raw_spec = metadata.pop(SPEC_KEY, None)
+    stack = None
+    if raw_spec is None and observations.ndim == 4 and observations.dtype == np.uint8:
+        observations, stack = unstack_frames(
+            observations, columns["terminals"].astype(bool) | columns["timeouts"].astype(bool), path)
+    observation_space = _observation_space(raw_spec, observations, path, stack)
     timeouts, finals = columns["timeouts"], None
     if "next_observations" in f and n > 0 and observations.ndim in (1, 2):
         next_observations = read_array(f, "next_observations", path, _LAYOUT)
@@ -98,16 +105,60 @@ def episodes_from_d4rl(f: h5py.File, path: str | Path) -> EpisodeSet:
     )
 
 
-def _observation_space(raw, observations: np.ndarray, path):
+def unstack_frames(observations: np.ndarray, ends: np.ndarray,
+                   path: str | Path) -> tuple[np.ndarray, int | None]:
+    """Frames stored as stacks, (N, S, H, W) (channels first) or (N, H, W, S) (channels last,
+    when S < H), as (N, H, W): each step's newest frame, and the stack depth S (None for S = 1,
+    then unknown).
+
+    A frame stack holds the newest S frames, oldest first, so consecutive steps of an episode
+    overlap: ``stack[t][1:] == stack[t - 1][:-1]``. That is checked for every step after an
+    episode's first (episodes end where ``ends`` (N,) bool is set), in chunks of 4096 steps;
+    where it fails, DatasetError names the layout read, the step and the layout dtlab stores:
+    (N, H, W) uint8, one frame per step. The older frames of an episode's first stack (a reset's
+    padding) are dropped: samplers rebuild the stacks by index.
+    """
+    n = observations.shape[0]
+    last = observations.shape[3] < observations.shape[1]  # (N, H, W, S): stacks on the last axis
+    layout = "(N, H, W, S)" if last else "(N, S, H, W)"
+    depth = observations.shape[3] if last else observations.shape[1]
+    frames = observations[..., -1] if last else observations[:, -1]  # (N, H, W) newest frames
+    if depth > 1:
+        first = np.zeros(n, dtype=bool)  # (N,) steps that start an episode
+        first[0] = True
+        first[1:] = ends[:-1]
+        for lo in range(1, n, 4096):
+            hi = min(n, lo + 4096)
+            cur, prev = observations[lo:hi], observations[lo - 1:hi - 1]
+            if last:  # (c, H, W, S): newer frames at higher S
+                same = (cur[..., :-1] == prev[..., 1:]).reshape(hi - lo, -1).all(1)
+            else:
+                same = (cur[:, :-1] == prev[:, 1:]).reshape(hi - lo, -1).all(1)
+            bad = np.flatnonzero(~same & ~first[lo:hi])
+            if bad.size:
+                t = lo + int(bad[0])
+                raise DatasetError(
+                    f"{path}: 'observations' {observations.shape} uint8 read as frame stacks "
+                    f"{layout} (oldest first), but step {t}'s stack does not continue step "
+                    f"{t - 1}'s (stack[t][1:] != stack[t-1][:-1] inside an episode, or an episode "
+                    "starts there without terminals/timeouts ending the one before); store one "
+                    "frame per step, (N, H, W) uint8, as dtlab does")
+    return np.ascontiguousarray(frames), (int(depth) if depth > 1 else None)
+
+
+def _observation_space(raw, observations: np.ndarray, path, stack: int | None = None):
     """The spec recorded under ``metadata/dtlab_observation_space`` (JSON), or None (vectors);
-    uint8 frames (N, H, W) without one are assumed stacks of 4, with a warning."""
+    uint8 frames (N, H, W) without one are stacks of ``stack`` (the depth of the stacks they were
+    unstacked from), else assumed stacks of 4, with a warning."""
     if raw is None:
         if observations.ndim == 3 and observations.dtype == np.uint8:
             try:
-                spec = ImageObservations(observations.shape[1:], 4)
+                spec = ImageObservations(observations.shape[1:], stack or 4)
             except ConfigError as e:
                 raise DatasetError(f"{path}: 'observations' must be 2-D vectors or uint8 frames; "
                                    f"got shape {observations.shape}: {e}") from None
+            if stack is not None:
+                return spec
             warnings.warn(f"{path}: uint8 frames {observations.shape[1:]} without "
                           f"'metadata/{SPEC_KEY}': read as stacks of 4 frames (the DT Atari "
                           "setting)", DtlabWarning, stacklevel=4)

@@ -19,8 +19,12 @@ terminal row, and at the start of an empty buffer) Dopamine adds ``stack - 1`` z
 0, reward 0, terminal 0, a black frame) so that frame stacks never reach into the previous
 episode; they are dropped here (stack 4 by default, Dopamine's Atari setting). A buffer that
 starts in the middle of an episode (it wrapped around) loses that partial episode (its start,
-and so its timesteps, are unknown); the episode that a buffer, or the ``transitions`` budget, cuts
-off is kept and marked truncated, as D4RL's files end.
+and so its timesteps, are unknown): every row up to the first terminal row. When a wrapped
+buffer's oldest rows are instead some or all of the stack - 1 zero rows in front of an
+episode, that whole episode is dropped the same way (at most one per buffer: zero rows cannot be
+told from real action-0, reward-0 rows without reading their frames). The episode that a
+buffer, or the ``transitions`` budget, cuts off is kept and marked truncated, as D4RL's files
+end.
 
 Memory: only the selected frames are held, in one (N, 84, 84) uint8 array. The frame file is
 decompressed as a stream, ``_CHUNK_ROWS`` rows at a time, and read only as far as the last row
