@@ -103,8 +103,9 @@ def test_a_flat_calibration_says_the_target_does_not_steer(checkpoint_copy):
                                                   "achieved return rises with the target from 8")
     checkpoint.save_calibration(checkpoint_copy, flat)
     policy = DTPolicy.from_checkpoint(checkpoint_copy)
-    with pytest.warns(DtlabWarning, match=r"above 8 .*no rise of the achieved return .*targets 8 "
-                                          r"to 179 all achieved 160.2 to 170.7.*does not steer"):
+    with pytest.warns(DtlabWarning, match=r"target 100 asked for, above 8;.*no rise of the "
+                                          r"achieved return .*targets 8 to 179 all achieved "
+                                          r"160.2 to 170.7.*does not steer"):
         policy.reset([100.0])
     checkpoint.save_calibration(checkpoint_copy, rising)
     policy = DTPolicy.from_checkpoint(checkpoint_copy)

@@ -240,7 +240,7 @@ def test_policy_takes_read_only_arrays_without_warnings(tiny_checkpoint):
     (torch.from_numpy/as_tensor warn about non-writable arrays)."""
     policy = DTPolicy.from_checkpoint(tiny_checkpoint)
     obs = np.random.default_rng(0).normal(size=(2, 3)).astype(np.float32)
-    targets, rewards, index = np.array([-100.0, -300.0]), np.array([-1.0, -2.0]), np.array([0, 1])
+    targets, rewards, index = np.array([-950.0, -1000.0]), np.array([-1.0, -2.0]), np.array([0, 1])
     for arr in (obs, targets, rewards, index):
         arr.setflags(write=False)
     with warnings.catch_warnings():

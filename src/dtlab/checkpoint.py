@@ -184,6 +184,10 @@ def _check(info: PolicyInfo, source: str) -> None:
                               "bounds in 'action_space'")
 
 
+# A run directory's resolved training configuration (written by dtlab.rundir.RunDirectory).
+TRAIN_CONFIG_FILE = "train_config.json"
+
+
 def resolve(path: str | Path) -> Path:
     """A checkpoint directory, or a run directory resolved through its ``latest`` file."""
     path = Path(path)
@@ -200,6 +204,11 @@ def resolve(path: str | Path) -> Path:
     if not path.is_dir():
         raise CheckpointError(f"{path}: checkpoint directory not found")
     if not (path / CONFIG_FILE).is_file():
+        if (path / TRAIN_CONFIG_FILE).is_file():  # a run directory before its first checkpoint
+            raise CheckpointError(
+                f"{path}: this run has no checkpoint yet (the first is written after "
+                "--checkpoint-every steps or --checkpoint-every-minutes, or when it is stopped); "
+                "evaluate it once one is there")
         raise CheckpointError(f"{path}: not a dtlab checkpoint (no {CONFIG_FILE}, no {LATEST_FILE})")
     return path
 

@@ -6,8 +6,10 @@ Every failure on bad input is a DtlabError: printed as one line, exit code 2, no
 from __future__ import annotations
 
 import contextlib
+import shlex
 import signal
 import sys
+from pathlib import Path
 from dataclasses import dataclass
 from typing import Annotated, Literal, Union
 
@@ -152,8 +154,13 @@ def run_train(cfg: TrainConfig) -> int:
     if result.interrupted:
         sig = received[0] if received else 0
         print(f"interrupted by signal {sig} at step {result.steps}; checkpoint "
-              f"{result.checkpoint}; continue with --resume", file=sys.stderr)
+              f"{result.checkpoint}; continue with: dtlab train --out {shlex.quote(cfg.run.out)} "
+              "--resume", file=sys.stderr)
         return 128 + sig
+    if result.already_done:
+        print(f"{cfg.run.out}: already at step {result.steps} of --steps {cfg.run.steps}; nothing "
+              "to do (raise --steps to continue it)")
+        return 0
     skipped = f", {result.skipped_nonfinite} non-finite steps skipped" if result.skipped_nonfinite else ""
     print(f"done: {result.steps} steps, final loss {result.final_loss:.5f}{skipped}, "
           f"checkpoint {result.checkpoint}")
@@ -347,6 +354,60 @@ def run_data_validate(cmd: DataValidate) -> None:
     print(f"{cmd.path}: {len(findings)} finding{'' if len(findings) == 1 else 's'} ({context})")
 
 
+def _flag_value(args: list[str], flag: str) -> tuple[str | None, list[str]]:
+    """The value of ``flag`` (``--flag V`` or ``--flag=V``) in ``args`` and ``args`` without it."""
+    for i, arg in enumerate(args):
+        if arg == flag and i + 1 < len(args):
+            return args[i + 1], args[:i] + args[i + 2:]
+        if arg.startswith(flag + "="):
+            return arg.split("=", 1)[1], args[:i] + args[i + 1:]
+    return None, args
+
+
+def train_defaults(args: list[str]) -> tuple[list[str], TrainConfig | None]:
+    """``dtlab train``'s saved defaults: ``--config FILE`` (a train_config.json, its values the
+    defaults that the other flags override), or with ``--resume`` the run's own
+    train_config.json in ``--out`` (so ``--resume`` needs no other flag). Returns the arguments
+    without ``--config`` and the defaults (None: parse as usual). ConfigError for an unreadable
+    file, or ``--resume`` on a directory without a run and no ``--dataset``."""
+    from dtlab.errors import ConfigError
+    from dtlab.rundir import RunDirectory
+
+    file, args = _flag_value(args, "--config")
+    if file is not None:
+        path = Path(file)
+        if path.is_dir():
+            path = path / "train_config.json"
+        if not path.is_file():
+            raise ConfigError(f"{file}: --config file not found (give a train_config.json or a "
+                              "run directory)")
+        return args, RunDirectory(path.parent).saved_config() if path.name == \
+            "train_config.json" else _config_file(path)
+    if "--resume" not in args:
+        return args, None
+    out = _flag_value(args, "--out")[0] or "runs/dt"
+    run = RunDirectory(out)
+    if run.is_run():
+        return args, run.saved_config()
+    if not any(a == "--dataset" or a.startswith("--dataset=") for a in args):
+        raise ConfigError(f"{out}: --resume found no run here (no train_config.json); give the "
+                          "--out of a run, or --dataset and --env to start one")
+    return args, None
+
+
+def _config_file(path: Path) -> TrainConfig:
+    import json
+
+    from dtlab.config import from_dict
+    from dtlab.errors import ConfigError
+
+    try:
+        data = json.loads(path.read_text())
+        return from_dict(TrainConfig, data)
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, TypeError, AttributeError) as exc:
+        raise ConfigError(f"{path}: --config: not a training configuration ({exc})") from None
+
+
 def main(argv: list[str] | None = None) -> int:
     import warnings
 
@@ -355,14 +416,20 @@ def main(argv: list[str] | None = None) -> int:
         signal.signal(signal.SIGPIPE, signal.SIG_DFL)
     try:
         args = list(sys.argv[1:] if argv is None else argv)
+        defaults = None
         if args[:1] == ["train"]:  # --preset atari: the DT paper's Atari flags, overridable
             from dtlab.config import expand_train_preset
 
-            args = ["train", *expand_train_preset(args[1:])]
+            train_args, defaults = train_defaults(args[1:])
+            args = ["train", *expand_train_preset(train_args)]
         # Inside the try: config dataclasses validate themselves while tyro builds them.
-        cmd = tyro.cli(Command, args=args, prog="dtlab",
-                       description="dtlab: Decision Transformers for offline RL.",
-                       config=(tyro.conf.OmitSubcommandPrefixes,))
+        if defaults is not None:  # a saved configuration: its values are the defaults
+            cmd = tyro.cli(TrainConfig, args=args[1:], default=defaults, prog="dtlab train",
+                           config=(tyro.conf.OmitSubcommandPrefixes,))
+        else:
+            cmd = tyro.cli(Command, args=args, prog="dtlab",
+                           description="dtlab: Decision Transformers for offline RL.",
+                           config=(tyro.conf.OmitSubcommandPrefixes,))
         if isinstance(cmd, QuickstartConfig):
             from dtlab.quickstart import quickstart
 

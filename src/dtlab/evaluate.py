@@ -24,7 +24,7 @@ from dtlab.errors import ConfigError, DatasetError, DtlabWarning
 from dtlab.policy import DTPolicy
 from dtlab.rundir import one_writer
 from dtlab.envs import episode_limit
-from dtlab.rollout import RolloutReport, TargetResult, rollout
+from dtlab.rollout import RolloutReport, TargetResult, default_targets, rollout
 from dtlab.spaces import (ContinuousActions, DictObservations, DiscreteActions, check_against_env,
                           describe_observations)
 
@@ -104,9 +104,16 @@ def evaluate_checkpoint(cfg: EvalConfig, echo: bool = False) -> dict:
             raise ConfigError(f"{path}: checkpoint has no dataset return statistics for sweep")
         targets = sweep_targets(dataset_return, cfg.sweep_points)
     else:
-        targets = list(cfg.targets) or list(env_info(env_id).targets)
-    if not targets:
-        raise ConfigError(f"no targets given and no default targets known for {env_id}")
+        targets = list(cfg.targets)
+        if not targets:
+            calibration = checkpoint.load_calibration(path)
+            chosen, why = default_targets(env_id, dataset_return, calibration
+                                          and float(calibration["reliable_max_target"]))
+            if not chosen:
+                raise ConfigError(f"{path}: {why}; give --targets")
+            targets = list(chosen)
+            if echo:
+                print(f"evaluating at {why}")
     precision = runtime.resolve_precision(cfg.precision, device)
     policy = DTPolicy.from_checkpoint(path, device=str(device), precision=precision,
                                       kv_cache=cfg.kv_cache, temperature=cfg.temperature,

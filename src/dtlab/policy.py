@@ -27,6 +27,7 @@ import torch
 from dtlab import checkpoint, runtime
 from dtlab.checkpoint import PolicyInfo
 from dtlab.config import MAX_SEED, check_number, check_targets
+from dtlab.data.records import ReturnStats
 from dtlab.errors import ConfigError, DtlabWarning, EnvError, TrainingError
 from dtlab.model import DecisionTransformer, KVCache
 from dtlab.spaces import (DictObservations, DiscreteActions, ImageObservations,
@@ -110,6 +111,8 @@ class DTPolicy:
         self._single = True
         # Targets above this warn (set from the checkpoint's calibration.json by from_checkpoint).
         self.reliable_max_target: float | None = None
+        # Uncalibrated: targets the training data does not support warn (ReturnStats.supports).
+        self.data_return = ReturnStats.from_json(info.dataset.get("episode_return"))
         # (lowest, highest target, lowest, highest mean achieved) when that calibration measured
         # no rise of the achieved return with the target; None otherwise.
         self.flat_calibration: tuple[float, float, float, float] | None = None
@@ -136,21 +139,31 @@ class DTPolicy:
         return policy
 
     def _warn_above_reliable_max(self, targets: np.ndarray) -> None:
-        """One line when a target exceeds the calibrated reliable maximum (the same text for every
-        call, so Python's default filter shows it once)."""
-        limit = self.reliable_max_target
-        if limit is not None and targets.size and float(np.max(targets)) > limit and \
-                self.flat_calibration is not None:
+        """One line naming the highest target asked for when it exceeds what the checkpoint is
+        known to follow: the calibrated reliable maximum target (calibration.json) or, for an
+        uncalibrated checkpoint, the best episode return of its training data (the same text for
+        the same targets, so Python's default filter shows it once)."""
+        if not targets.size:
+            return
+        top, limit = float(np.max(targets)), self.reliable_max_target
+        if limit is not None and top > limit and self.flat_calibration is not None:
             t0, t1, m0, m1 = self.flat_calibration
-            warnings.warn(f"target returns above {limit:g} were asked for, but calibration "
+            warnings.warn(f"target {top:g} asked for, above {limit:g}; calibration "
                           f"(calibration.json) measured no rise of the achieved return with the "
                           f"target: targets {t0:g} to {t1:g} all achieved {m0:.1f} to {m1:.1f}, "
                           "so the target does not steer this checkpoint", DtlabWarning,
                           stacklevel=3)
-        elif limit is not None and targets.size and float(np.max(targets)) > limit:
-            warnings.warn(f"target returns above {limit:g}, the reliable maximum target found by "
-                          "calibration (calibration.json), were asked for: achieved returns "
+        elif limit is not None and top > limit:
+            warnings.warn(f"target {top:g} asked for, above {limit:g}, the reliable maximum "
+                          "target found by calibration (calibration.json): achieved returns "
                           "stopped rising there", DtlabWarning, stacklevel=3)
+        elif limit is None and self.data_return is not None and \
+                not self.data_return.supports(top):
+            warnings.warn(f"target {top:g} asked for, far above the best episode return in the "
+                          f"training data ({self.data_return.max:g}), and the checkpoint is not "
+                          "calibrated: the model has never seen such a return (dtlab calibrate "
+                          "RUN measures the highest target it follows)", DtlabWarning,
+                          stacklevel=3)
 
     # ---- episode state ------------------------------------------------------------------------
     def reset(self, target_return: float | Sequence[float] | np.ndarray,

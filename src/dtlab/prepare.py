@@ -80,10 +80,6 @@ def policy_info_for(cfg: TrainConfig, episodes: EpisodeSet, env) -> PolicyInfo:
 # ---- preparing a run ------------------------------------------------------------------------------
 def prepare(cfg: TrainConfig, episodes: EpisodeSet | None = None) -> tuple[EpisodeSet, PolicyInfo]:
     """Load and check everything that can fail on bad input, before any output is written."""
-    if cfg.evaluation.eval_episodes and not (cfg.evaluation.eval_targets
-                                             or env_info(cfg.data.env).targets):
-        raise ConfigError(f"evaluation.eval_episodes given but no eval_targets, and dtlab knows no "
-                          f"default targets for {cfg.data.env}")
     if episodes is None:
         from dtlab.data.formats import load_episodes  # (imports h5py and minari)
 

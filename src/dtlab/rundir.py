@@ -32,11 +32,11 @@ from typing import Any
 
 from dtlab import checkpoint, locks
 from dtlab.atomic import dumps_json, write_text_atomic
+from dtlab.checkpoint import TRAIN_CONFIG_FILE
 from dtlab.config import TrainConfig, from_dict, setting_differences
 from dtlab.errors import ConfigError, DtlabWarning
 from dtlab.metrics import METRICS_FILE, Evaluation, MetricsLog
 
-TRAIN_CONFIG_FILE = "train_config.json"
 EVALUATIONS_FILE = "evaluations.jsonl"
 LOCK_FILE = ".lock"  # held (flock) by the process writing the run
 

@@ -47,7 +47,8 @@ from dtlab.normalizer import Normalizer
 from dtlab.policy import DTPolicy
 # Preparing a run (everything checked before output is written) lives in dtlab.prepare.
 from dtlab.prepare import prepare
-from dtlab.rollout import Evaluator
+from dtlab.data.records import ReturnStats
+from dtlab.rollout import Evaluator, default_targets
 from dtlab.rundir import RunDirectory
 from dtlab.spaces import DiscreteActions, ImageObservations, VectorObservations
 
@@ -684,9 +685,18 @@ class _LineReport:
         print(f"step {step}/{steps}: loss {loss:.5f}, {rate:.1f} steps/s, ETA {eta}", flush=True)
 
 
-def default_evaluator(cfg: TrainConfig, info: PolicyInfo | None = None) -> Evaluate:
-    """Evaluation during training over ``eval_targets`` (default: the env registry's)."""
-    targets = tuple(cfg.evaluation.eval_targets) or env_info(cfg.data.env).targets
+def default_evaluator(cfg: TrainConfig, info: PolicyInfo) -> Evaluate:
+    """Evaluation during training over ``--eval-targets``, by default ``default_targets`` (the
+    DT paper's for the env, or targets fitted to the data when those lie far beyond it; the
+    choice is printed)."""
+    targets = tuple(cfg.evaluation.eval_targets)
+    if not targets:
+        targets, why = default_targets(cfg.data.env,
+                                       ReturnStats.from_json(info.dataset.get("episode_return")))
+        if not targets:
+            raise ConfigError(f"{why}: give --eval-targets")
+        print(f"evaluation during training at {why.replace('--targets', '--eval-targets')}",
+              flush=True)
     return Evaluator(cfg.data.env, targets, cfg.evaluation.eval_episodes, seed=cfg.optim.seed,
                      workers=cfg.evaluation.eval_workers)
 
