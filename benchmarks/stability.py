@@ -7,7 +7,7 @@ every checkpoint. This script trains such runs (one per seed, resumable), evalua
 during training, then evaluates the raw weights of every checkpoint at the same targets on the
 same env seeds, and reports per recipe: last, final (mean of the last 3), best, the swing (mean
 absolute difference between consecutive evaluations) and the last-vs-best gap, each as IQM with
-a 95% stratified-bootstrap CI over seeds (dtlab.benchmark's statistics).
+a 95% stratified-bootstrap CI over seeds (dtlab.benchmark.report's statistics).
 
     python benchmarks/stability.py --dataset datasets/hopper-medium-replay-v5.hdf5 \
         --env Hopper-v5 --out bench/stability-hmr --seeds 0 1 2 --steps 15000 \
@@ -30,7 +30,7 @@ import numpy as np
 import torch
 
 from dtlab import checkpoint
-from dtlab.benchmark import iqm_with_ci
+from dtlab.benchmark.report import iqm_with_ci
 from dtlab.config import DataConfig, EvalDuringTraining, OptimConfig, RunConfig, TrainConfig
 from dtlab.policy import DTPolicy
 from dtlab.rollout import Evaluator

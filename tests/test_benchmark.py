@@ -1,10 +1,12 @@
-"""``dtlab benchmark`` end to end at a tiny budget through the CLI: stopped by SIGINT after its
-first run and continued (finished runs are not redone; the interrupted one continues bit for bit),
-the report rebuilt with --report-only, its IQM and confidence intervals checked against numpy."""
+"""``dtlab benchmark``: its plan (cells as ``dtlab train`` command lines that parse back to the
+cells' configs; the targets the data supports), its runner (cells as processes: the plan's lines
+run by a plain bash loop give the same report as the benchmark itself; Ctrl-C and a rerun), and
+its report (last, final, best, swing and gap against hand-computed values, IQM against numpy)."""
 
 import dataclasses
 import json
 import os
+import shlex
 import signal
 import subprocess
 import sys
@@ -14,19 +16,29 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+
+from dtlab.rundir import RunDirectory
+import tyro
 from safetensors.numpy import load_file
 
-from dtlab import benchmark
-from dtlab.cli import main
 from dtlab.behaviour.scripted import pendulum_mixed_dataset
-from dtlab.config import BenchmarkConfig, EvalDuringTraining, ModelConfig
+from dtlab.benchmark import plan, report
+from dtlab.benchmark.plan import BenchmarkConfig
+from dtlab.cli import main
+from dtlab.config import (CalibrateConfig, DataConfig, EvalDuringTraining, ModelConfig,
+                          OptimConfig, RunConfig, TrainConfig)
 from dtlab.data.episodes import EpisodeSet
 from dtlab.data.formats import save_episodes
 from dtlab.errors import ConfigError
 from dtlab.policy import DTPolicy
 
-# The order runs are trained in: seed-major (every algorithm of seed 0 first).
+# The order cells run in: seed-major (every algorithm of seed 0 first).
 RUNS = [("mlp-bc", 0), ("decision-transformer", 0), ("mlp-bc", 1), ("decision-transformer", 1)]
+TINY = ["--env", "Pendulum-v1", "--algorithms", "mlp-bc", "decision-transformer",
+        "--steps", "30", "--eval-every", "15", "--eval-episodes", "1",
+        "--model.embed-dim", "16", "--model.n-layers", "1", "--model.context-len", "4",
+        "--model.max-ep-len", "200", "--batch-size", "8", "--warmup-steps", "5",
+        "--bootstrap-reps", "300", "--no-progress", "--threads", "1"]
 
 
 @pytest.fixture(scope="module")
@@ -36,28 +48,13 @@ def pendulum_file(tmp_path_factory):
     return path
 
 
-def bench_args(data, out, *extra):
-    return ["benchmark", "--datasets", str(data), "--env", "Pendulum-v1",
-            "--algorithms", "mlp-bc", "decision-transformer", "--seeds", "0", "1",
-            "--steps", "30", "--eval-every", "15", "--eval-episodes", "1",
-            "--model.embed-dim", "16", "--model.n-layers", "1", "--model.context-len", "4",
-            "--model.max-ep-len", "200", "--batch-size", "8", "--warmup-steps", "5",
-            "--bootstrap-reps", "300", "--no-progress", "--out", str(out), *extra]
+def bench_args(data, out, *extra, seeds=("0", "1")):
+    return ["benchmark", "--datasets", str(data), *TINY, "--seeds", *seeds, "--out", str(out),
+            *extra]
 
 
-def run_files(out):
-    return {(a, s): benchmark.run_dir(out, "pendulum-small", a, s) / benchmark.RUN_FILE
-            for a, s in RUNS}
-
-
-def interrupt_second_run(files, stop: threading.Event):
-    """Send this process SIGINT (as Ctrl-C does) once the first run has finished and the second
-    has started training."""
-    while not stop.is_set():
-        if files[0].is_file() and (files[1].parent / "train_config.json").is_file():
-            os.kill(os.getpid(), signal.SIGINT)
-            return
-        time.sleep(0.005)
+def run_dir(out, algorithm, seed):
+    return plan.run_dir(out, "pendulum-small", algorithm, seed)
 
 
 def naive_iqm(scores):
@@ -67,116 +64,219 @@ def naive_iqm(scores):
     return float(x[cut:x.size - cut].mean())
 
 
-def test_benchmark_stops_continues_and_reports(tmp_path, capsys, pendulum_file):
-    out = tmp_path / "bench"
-    files = run_files(out)
-    stop = threading.Event()
-    watcher = threading.Thread(target=interrupt_second_run, args=(list(files.values()), stop))
-    watcher.start()
-    try:
-        code = main(bench_args(pendulum_file, out))
-    finally:
-        stop.set()
-        watcher.join()
-    err = capsys.readouterr().err
-    assert code == 128 + signal.SIGINT, err
-    assert "run the same command again to continue" in err
-    done_first = {k: f.read_bytes() for k, f in files.items() if f.is_file()}
-    assert list(done_first) == [RUNS[0]]
-    metrics_mtime = {k: (files[k].parent / "metrics.jsonl").stat().st_mtime_ns for k in done_first}
-    # The run that was stopped has a checkpoint and no run.json: it continues from there.
-    stopped = RUNS[1]
-    assert (files[stopped].parent / "latest").is_file() and not files[stopped].exists()
-    stopped_at = int((files[stopped].parent / "latest").read_text().strip()[len("step_"):])
-    assert stopped_at < 30  # stopped mid-run, with a checkpoint
+def dtlab_on_path(tmp_path) -> dict:
+    """An environment whose `dtlab` is this interpreter's dtlab (these sources)."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir(exist_ok=True)
+    shim = bin_dir / "dtlab"
+    shim.write_text(f"#!/bin/sh\nexec {shlex.quote(sys.executable)} -m dtlab \"$@\"\n")
+    shim.chmod(0o755)
+    src = str(Path(plan.__file__).resolve().parents[2])
+    return {**os.environ, "PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}",
+            "PYTHONPATH": src + os.pathsep + os.environ.get("PYTHONPATH", ""),
+            "OMP_NUM_THREADS": "1"}
 
-    code = main(bench_args(pendulum_file, out))
+
+# ---- the plan -------------------------------------------------------------------------------------
+def test_train_argv_parses_back_to_the_cells_config():
+    """Every field changed from its default, in every group (bools both ways, tuples, negative
+    floats, None over a default), becomes flags that dtlab train parses back to the same config."""
+    cfg = TrainConfig(
+        data=DataConfig("d.hdf5", env="Pendulum-v1", return_scale=123.5, strict=True,
+                        top_fraction=0.25),
+        model=ModelConfig(embed_dim=16, n_layers=1, context_len=4, activation="gelu",
+                          architecture="transformer-bc", dropout=0.0),
+        optim=OptimConfig(batch_size=8, lr=3e-4, betas=(0.8, 0.95), schedule="cosine", seed=7,
+                          precision="fp32", ema_decay=0.999, skip_nonfinite=True),
+        run=RunConfig(out="b/runs/x/seed7", steps=30, resume=True, threads=1, progress=False,
+                      tensorboard=False, checkpoint_every_minutes=0.0),
+        evaluation=EvalDuringTraining(eval_every=15, eval_episodes=2,
+                                      eval_targets=(-150.0, -1234.5)))
+    argv = plan.train_argv(cfg)
+    assert argv[0] == "train"
+    assert tyro.cli(TrainConfig, args=argv[1:]) == cfg
+    assert "--no-progress" in argv and "--resume" in argv and "--model.embed-dim" in argv
+    calibrate = CalibrateConfig(checkpoint="b/runs/x/seed7", points=3, episodes=2, threads=1)
+    argv = plan.calibrate_argv(calibrate)
+    assert argv[:2] == ["calibrate", "b/runs/x/seed7"]
+    assert tyro.cli(CalibrateConfig, args=argv[1:]) == calibrate
+
+
+def test_data_fitted_target_where_the_paper_targets_lie_far_beyond_the_data():
+    # Hopper's paper targets over a file whose best return is 980.4 (issue 22): 3600 > 1.5 x 980.4.
+    returns = np.array([3.5, 400.0, 980.4])
+    assert plan.data_fitted_target((3600.0, 1800.0), returns) == 980.0
+    assert plan.data_fitted_target((1471.0,), returns) == 980.0  # 1471 > 980.4 + 490.2
+    assert plan.data_fitted_target((1470.0,), returns) is None  # within half of 980.4 beyond
+    # D4RL hopper-medium-replay's best is about 3190: 3600 is within reach.
+    assert plan.data_fitted_target((3600.0, 1800.0), np.array([100.0, 3190.0])) is None
+    # Rounded to 3 significant digits; negative returns (Pendulum): half of max(|best|, range).
+    assert plan.data_fitted_target((5000.0,), np.array([0.0, 1234.5])) == 1230.0
+    assert plan.data_fitted_target((-150.0,), np.array([-1600.0, -1234.0])) == -1230.0
+    assert plan.data_fitted_target((-700.0,), np.array([-1600.0, -1234.0])) is None
+    targets, kinds, why = plan.choose_targets("Hopper-v5", (), returns)
+    assert targets == (3600.0, 1800.0, 980.0)
+    assert kinds == (plan.PAPER, plan.PAPER, plan.DATA_FITTED)
+    assert "data-fitted" in why and "3.7x" in why
+    targets, kinds, why = plan.choose_targets("Hopper-v5", (900.0, 450.0), returns)
+    assert targets == (900.0, 450.0) and kinds == (plan.GIVEN,) * 2 and "--eval-targets" in why
+
+
+def test_plan_prints_the_cells_with_the_targets_it_chose(tmp_path, capsys):
+    """--plan on data far below Pendulum's paper targets: the DT cell is also evaluated at the
+    data's best return, the console says so, the target-free cell at one target; --eval-targets
+    replaces them. Nothing is trained; the settings and datasets are recorded."""
+    from dtlab.behaviour.policies import RandomPolicy
+    from dtlab.collect import collect_episodes
+
+    data = tmp_path / "pendulum-random.hdf5"
+    episodes = collect_episodes("Pendulum-v1", RandomPolicy.for_env("Pendulum-v1"),
+                                num_episodes=3, seed=0)
+    save_episodes(episodes, data)
+    fitted = float(f"{float(episodes.episode_returns.max()):.3g}")
+    assert fitted < -1000  # far below the paper's -150
+    out = tmp_path / "bench"
+    assert main(bench_args(data, out, "--plan", seeds=("0",))) == 0
     captured = capsys.readouterr()
-    assert code == 0, captured.err
-    assert all(f.is_file() for f in files.values())
-    for k, content in done_first.items():  # finished runs were not redone
-        assert files[k].read_bytes() == content
-        assert (files[k].parent / "metrics.jsonl").stat().st_mtime_ns == metrics_mtime[k]
+    lines = captured.out.splitlines()
+    assert len(lines) == 2 and all(line.startswith("dtlab train ") for line in lines)
+    mlp, dt = (shlex.split(line) for line in lines)
+    targets = dt[dt.index("--eval-targets") + 1:dt.index("--eval-targets") + 5]
+    assert [float(t) for t in targets] == [-150.0, -500.0, -900.0, fitted]
+    assert mlp[mlp.index("--eval-targets") + 1:][:1] == ["-150.0"]
+    assert f"{fitted:g} (data-fitted" in captured.err
+    assert not (out / "runs" / "pendulum-random" / "mlp-bc").exists()  # nothing trained
+    record = json.loads((out / "runs" / "pendulum-random" / "dataset.json").read_text())
+    assert record["target_kinds"] == ["paper", "paper", "paper", "data-fitted"]
 
-    # The stopped run continued bit for bit: the same weights as one uninterrupted training.
-    cfg = BenchmarkConfig(datasets=(str(pendulum_file),), env="Pendulum-v1", steps=30,
-                          eval_every=15, eval_episodes=1, model=ModelConfig(
-                              embed_dim=16, n_layers=1, context_len=4, max_ep_len=200))
-    cfg = dataclasses.replace(cfg, optim=dataclasses.replace(cfg.optim, batch_size=8,
-                                                             warmup_steps=5))
-    entry = benchmark.load_datasets(cfg)[0]
-    fresh = benchmark.run_train_config(cfg, entry, *stopped, tmp_path / "fresh")
-    from dtlab.train import train
-
-    result = train(dataclasses.replace(fresh, evaluation=EvalDuringTraining()), entry.episodes)
-    stopped_run = json.loads(files[stopped].read_text())
-    final = files[stopped].parent / stopped_run["checkpoint"] / "model.safetensors"
-    a, b = load_file(final), load_file(result.checkpoint / "model.safetensors")
-    assert a.keys() == b.keys() and all(np.array_equal(a[k], b[k]) for k in a)
-
-    report = json.loads((out / benchmark.RESULTS_JSON).read_text())
-    assert report["runs_finished"] == 4 and report["runs_expected"] == 4
-    cells = {(c["algorithm"], c["target"]): c for c in report["results"]}
-    # DT at each of Pendulum's registry targets; mlp-bc once, target-free.
-    assert set(cells) == {("decision-transformer", -150.0), ("decision-transformer", -500.0),
-                          ("decision-transformer", -900.0), ("mlp-bc", None)}
-    for (algorithm, target), cell in cells.items():
-        assert cell["seeds"] == [0, 1]
-        runs = [json.loads(files[(algorithm, s)].read_text()) for s in (0, 1)]
-        per_eval = [[r["normalized_mean"] for e in run["evaluations"] for r in e["results"]
-                     if target is None or r["target"] == target] for run in runs]
-        assert [e["step"] for e in runs[0]["evaluations"]] == [15, 30]
-        last = [scores[-1] for scores in per_eval]
-        final_mean = [np.mean(scores[-3:]) for scores in per_eval]  # both evaluations here
-        best = [max(scores) for scores in per_eval]
-        for which, scores in (("last", last), ("final", final_mean), ("best", best)):
-            stats = cell[which]
-            np.testing.assert_allclose(stats["per_seed"], scores, rtol=1e-12)
-            np.testing.assert_allclose(stats["mean"], np.mean(scores), rtol=1e-12)
-            np.testing.assert_allclose(stats["std"], np.std(scores), rtol=1e-12)
-            np.testing.assert_allclose(stats["iqm"], naive_iqm(scores), rtol=1e-12)
-            lo, hi = stats["ci95"]
-            assert min(scores) - 1e-9 <= lo <= stats["iqm"] <= hi <= max(scores) + 1e-9
-    behaviour = report["datasets"]["pendulum-small"]["behaviour"]
-    from dtlab.data.formats import load_episodes
-    from dtlab.envs import PENDULUM_REF_MAX, PENDULUM_REF_MIN
-
-    mean_return = float(load_episodes(pendulum_file).episode_returns.astype(np.float64).mean())
-    np.testing.assert_allclose(behaviour["normalized"], 100 * (mean_return - PENDULUM_REF_MIN)
-                               / (PENDULUM_REF_MAX - PENDULUM_REF_MIN), rtol=1e-9)
-    table = (out / benchmark.RESULTS_MD).read_text()
-    assert "| pendulum-small | mlp-bc | target-free | 2 |" in table
-    assert "| pendulum-small | behaviour policy (dataset mean) |" in table
-    assert all((out / p).read_bytes()[:4] == b"\x89PNG" for p in report["plots"])
-
-    # --report-only rebuilds the same table from the runs alone.
-    for name in (benchmark.RESULTS_JSON, benchmark.RESULTS_MD):
-        (out / name).unlink()
-    assert main(["benchmark", "--out", str(out), "--report-only", "--bootstrap-reps", "300"]) == 0
-    rebuilt = json.loads((out / benchmark.RESULTS_JSON).read_text())
-    assert rebuilt["results"] == report["results"] and rebuilt["runs_finished"] == 4
-    assert (out / benchmark.RESULTS_MD).read_text().splitlines()[4:] == table.splitlines()[4:]
+    other = tmp_path / "given"
+    assert main(bench_args(data, other, "--plan", "--eval-targets", "-1000", "-1400",
+                           seeds=("0",))) == 0
+    captured = capsys.readouterr()
+    dt = shlex.split(captured.out.splitlines()[1])
+    assert dt[dt.index("--eval-targets") + 1:][:2] == ["-1000.0", "-1400.0"]
+    assert "-1000, -1400 (--eval-targets;" in captured.err
 
 
-def test_benchmark_calibrates_each_dt_run_after_training_it(tmp_path, pendulum_file):
-    """--calibrate: each finished DT run is calibrated in the benchmark's process right after its
-    training released the run directory (not refused by its own lock); the record is in run.json,
-    in the checkpoint (what DTPolicy reads) and in the report, and the baselines have none."""
+# ---- the runner: the plan's lines in a bash loop == the benchmark --------------------------------
+def test_plan_run_by_a_bash_loop_gives_the_same_report_as_the_benchmark(tmp_path):
+    """The required property of issue 20: `--plan`'s lines run one by one by bash, then
+    `--report-only`, give the same results.json scores as `dtlab benchmark` (here with --jobs 2,
+    as processes). Also: the dataset's warning is shown once, not once per cell, and the report's
+    numbers are the cells' own evaluation records."""
+    data = pendulum_mixed_dataset(num_episodes=12, seed=0)
+    path = tmp_path / "pendulum-small.hdf5"  # torques beyond Pendulum's bound of 2: a warning
+    save_episodes(EpisodeSet.from_flags(data.observations, data.actions * 3.0, data.rewards,
+                                        data.terminations, data.truncations), path)
+    env = dtlab_on_path(tmp_path)
+    direct, planned = tmp_path / "direct", tmp_path / "planned"
+
+    proc = subprocess.run(["dtlab", *bench_args(path, direct, "--jobs", "2", seeds=("0",))],
+                          env=env, capture_output=True, text=True, check=False)
+    assert proc.returncode == 0, proc.stderr
+    warned = [line for line in proc.stderr.splitlines() if "outside the action bounds" in line]
+    assert len(warned) == 1 and warned[0].startswith("dtlab: warning: "), proc.stderr
+    assert "decision-transformer targets -150, -500, -900 (the env's paper targets" in proc.stderr
+
+    lines = subprocess.run(["dtlab", *bench_args(path, planned, "--plan", seeds=("0",))],
+                           env=env, capture_output=True, text=True, check=True).stdout
+    assert len(lines.splitlines()) == 2
+    loop = subprocess.run(["bash", "-c", 'while IFS= read -r line; do bash -c "$line" || exit 1; '
+                           'done'], input=lines, env=env, capture_output=True, text=True,
+                          check=False)
+    assert loop.returncode == 0, loop.stderr[-2000:]
+    subprocess.run(["dtlab", "benchmark", "--out", str(planned), "--report-only",
+                    "--bootstrap-reps", "300"], env=env, capture_output=True, check=True)
+
+    want = json.loads((direct / plan.RESULTS_JSON).read_text())
+    got = json.loads((planned / plan.RESULTS_JSON).read_text())
+    assert got["results"] == want["results"] and got["runs_finished"] == 2
+    assert {(c["algorithm"], c["target"]) for c in got["results"]} == {
+        ("decision-transformer", -150.0), ("decision-transformer", -500.0),
+        ("decision-transformer", -900.0), ("mlp-bc", None)}
+    for cell in got["results"]:  # the cell's own record: its evaluations.jsonl
+        target = -150.0 if cell["target"] is None else cell["target"]
+        records = RunDirectory(planned / "runs" / "pendulum-small" / cell["algorithm"]
+                               / "seed0").evaluations()
+        scores = [r.normalized_mean for e in records for r in e.results if r.target == target]
+        assert len(scores) == 2
+        assert cell["last"]["per_seed"] == [scores[-1]] and cell["best"]["per_seed"] == [max(scores)]
+        assert cell["swing"]["per_seed"] == [abs(scores[1] - scores[0])]
+    assert all((planned / p).read_bytes()[:4] == b"\x89PNG" for p in got["plots"])
+
+
+# ---- the report -----------------------------------------------------------------------------------
+def write_cell(out, algorithm, seed, scores, targets, every=10):
+    """A cell's run directory as dtlab train leaves it, as far as the report reads it:
+    evaluations.jsonl with an evaluation per step (normalized scores; returns x 10)."""
+    directory = run_dir(out, algorithm, seed)
+    directory.mkdir(parents=True)
+    lines = []
+    for i, per_target in enumerate(scores):
+        step = every * (i + 1)
+        lines.append({"step": step, "weights": "raw", "timing": {}, "results": [
+            {"target": t, "returns": [10 * s], "lengths": [200], "mean": 10 * s, "std": 0.0,
+             "normalized_mean": s, "normalized_std": 0.0} for t, s in zip(targets, per_target)]})
+    (directory / "evaluations.jsonl").write_text("".join(json.dumps(r) + "\n" for r in lines))
+
+
+@pytest.fixture
+def report_dir(tmp_path):
+    """A benchmark directory of 3 finished DT seeds (targets -150 and -300, 4 evaluations each),
+    2 finished mlp-bc seeds and one unfinished mlp-bc seed (3 of 4 evaluations)."""
     out = tmp_path / "bench"
-    args = bench_args(pendulum_file, out, "--calibrate", "--calibrate-points", "2",
-                      "--calibrate-episodes", "2")
-    del args[args.index("--seeds") + 2]  # seed 0 only
-    assert main(args) == 0
-    dt = json.loads(run_files(out)[("decision-transformer", 0)].read_text())
-    record = dt["calibration"]
-    assert len(record["targets"]) == 2 and record["episodes"] == 2
-    ckpt = benchmark.run_dir(out, "pendulum-small", "decision-transformer", 0)
-    assert DTPolicy.from_checkpoint(ckpt).reliable_max_target == record["reliable_max_target"]
-    assert json.loads(run_files(out)[("mlp-bc", 0)].read_text())["calibration"] is None
-    report = json.loads((out / "results.json").read_text())
-    assert [(c["seed"], c["reliable_max_target"]) for c in report["calibration"]] == [
-        (0, record["reliable_max_target"])]
-    assert (out / "plots" / "pendulum-small-calibration.png").stat().st_size > 0
+    dataset = out / "runs" / "pendulum-small"
+    dataset.mkdir(parents=True)
+    (out / plan.SETTINGS_FILE).write_text(json.dumps({"steps": 40}))
+    (dataset / plan.DATASET_FILE).write_text(json.dumps({
+        "name": "pendulum-small", "source": "x.hdf5", "env": "Pendulum-v1",
+        "targets": [-150.0, -300.0], "target_kinds": ["paper", "data-fitted"],
+        "score": "normalized", "behaviour": {"normalized": 50.0, "mean_return": -700.0},
+        "episode_returns": [-900.0, -500.0]}))
+    dt = {0: [(10, 5), (30, 6), (20, 9), (25, 7)], 1: [(40, 1), (60, 2), (50, 3), (70, 4)],
+          2: [(0, 0), (10, 10), (20, 20), (30, 30)]}
+    for seed, scores in dt.items():
+        write_cell(out, "decision-transformer", seed, scores, (-150.0, -300.0))
+    mlp = {0: [(1,), (5,), (2,), (4,)], 1: [(3,), (3,), (3,), (3,)]}
+    for seed, scores in mlp.items():
+        write_cell(out, "mlp-bc", seed, scores, (-150.0,))
+    write_cell(out, "mlp-bc", 2, [(9,), (9,), (9,)], (-150.0,))  # unfinished: 30 of 40 steps
+    return out, dt, mlp
+
+
+def test_report_numbers_against_hand_computed_values(report_dir):
+    out, dt, mlp = report_dir
+    result = report.build_report(out, BenchmarkConfig(report_only=True, bootstrap_reps=50))
+    cells = {(c["algorithm"], c["target"]): c for c in result["results"]}
+    assert set(cells) == {("decision-transformer", -150.0), ("decision-transformer", -300.0),
+                          ("mlp-bc", None)}
+    assert result["runs_finished"] == 5  # the unfinished mlp-bc seed 2 is left out
+    assert cells[("mlp-bc", None)]["seeds"] == [0, 1]
+    # DT at -150, seeds 0, 1, 2: scores (10, 30, 20, 25), (40, 60, 50, 70), (0, 10, 20, 30).
+    c = cells[("decision-transformer", -150.0)]
+    assert c["target_kind"] == "paper" and cells[("decision-transformer", -300.0)]["target_kind"] \
+        == "data-fitted"
+    assert c["last"]["per_seed"] == [25, 70, 30]
+    assert c["final"]["per_seed"] == [25, 60, 20]  # the mean of the last 3
+    assert c["best"]["per_seed"] == [30, 70, 30]
+    assert c["swing"]["per_seed"] == [(20 + 10 + 5) / 3, (20 + 10 + 20) / 3, 10]
+    assert c["gap"]["per_seed"] == [5, 0, 0]
+    for which in report.MEASURES:
+        np.testing.assert_allclose(c[which]["iqm"], naive_iqm(c[which]["per_seed"]), rtol=1e-12)
+        np.testing.assert_allclose(c[which]["mean"], np.mean(c[which]["per_seed"]), rtol=1e-12)
+    m = cells[("mlp-bc", None)]
+    assert m["swing"]["per_seed"] == [(4 + 3 + 2) / 3, 0] and m["gap"]["per_seed"] == [1, 0]
+    table = (out / plan.RESULTS_MD).read_text()
+    assert "| pendulum-small | mlp-bc | target-free | 2 |" in table
+    assert "| pendulum-small | decision-transformer | -300 (data-fitted) | 3 |" in table
+    assert "swing: IQM [95% CI] | best − last: IQM [95% CI] |" in table
+    assert (out / "plots" / "pendulum-small-learning-curves.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_curve_labels_name_targets_only_where_the_algorithm_reads_them():
+    assert report.curve_label("mlp-bc", None, None) == "mlp-bc"
+    assert report.curve_label("decision-transformer", 3600.0, "paper") == \
+        "decision-transformer @ 3600 (paper)"
 
 
 def test_iqm_interval_against_numpy():
@@ -184,22 +284,26 @@ def test_iqm_interval_against_numpy():
     and its bootstrap interval contains it; the interval does not depend on numpy's global state."""
     scores = np.random.default_rng(3).normal(50, 20, size=(8, 3))  # (runs, tasks)
     np.random.seed(123)
-    iqm, lo, hi = benchmark.iqm_with_ci(scores, reps=500)
+    iqm, lo, hi = report.iqm_with_ci(scores, reps=500)
     assert np.random.randint(1 << 30) == np.random.RandomState(123).randint(1 << 30)  # restored
     np.testing.assert_allclose(iqm, naive_iqm(scores), rtol=1e-12)
     assert lo < iqm < hi
-    assert benchmark.iqm_with_ci(scores, reps=500) == (iqm, lo, hi)  # seeded: reproducible
+    assert report.iqm_with_ci(scores, reps=500) == (iqm, lo, hi)  # seeded: reproducible
 
 
+# ---- inputs ---------------------------------------------------------------------------------------
 def test_benchmark_refuses_other_settings_in_the_same_directory(tmp_path, pendulum_file):
     out = tmp_path / "bench"
     out.mkdir()
     cfg = BenchmarkConfig(datasets=(str(pendulum_file),), env="Pendulum-v1", steps=30, out=str(out))
-    entries = benchmark.load_datasets(cfg)
-    benchmark.check_settings(out, cfg, entries)
+    (out / plan.SETTINGS_FILE).write_text(json.dumps(plan.settings(cfg)))
+    entries = plan.load_datasets(cfg)
+    plan.check_settings(out, cfg, entries)
     with pytest.raises(ConfigError, match="steps: 30 -> 40"):
-        benchmark.check_settings(out, dataclasses.replace(cfg, steps=40), entries)
-    benchmark.check_settings(out, dataclasses.replace(cfg, seeds=(5,)), entries)  # seeds may grow
+        plan.check_settings(out, dataclasses.replace(cfg, steps=40), entries)
+    with pytest.raises(ConfigError, match=r"eval_targets: \[\] -> \[-200.0\]"):
+        plan.check_settings(out, dataclasses.replace(cfg, eval_targets=(-200.0,)), entries)
+    plan.check_settings(out, dataclasses.replace(cfg, seeds=(5,)), entries)  # seeds may grow
 
 
 def test_benchmark_bad_input_is_one_line_and_writes_nothing(tmp_path, capsys, pendulum_file):
@@ -207,11 +311,14 @@ def test_benchmark_bad_input_is_one_line_and_writes_nothing(tmp_path, capsys, pe
     cases = [
         (["--datasets", str(tmp_path / "missing.hdf5"), "--env", "Pendulum-v1"], "file not found"),
         (["--datasets", str(pendulum_file), "--env", "NoSuchEnv-v0"], "unknown environment"),
-        (["--datasets", str(pendulum_file), "--env", "Hopper-v5"], "observations"),
+        (["--datasets", str(pendulum_file), "--env", "Hopper-v5"], "recorded in Pendulum-v1, not Hopper-v5"),
         (["--datasets", str(pendulum_file), str(pendulum_file)], "would share the directory"),
         (["--model.architecture", "transformer-bc", "--datasets", str(pendulum_file)],
-         "set per run by algorithms"),
-        ([], "datasets must name at least one"),
+         "set per cell by --algorithms"),
+        (["--datasets", str(pendulum_file), "--eval-targets", "1", "1"], "--eval-targets must"),
+        (["--datasets", str(pendulum_file), "--plan", "--report-only"], "give one of them"),
+        ([], "--datasets must name at least one"),
+        (["--report-only"], "no benchmark here"),
     ]
     for args, message in cases:
         code = main(["benchmark", "--out", str(out), "--no-progress", *args])
@@ -221,117 +328,107 @@ def test_benchmark_bad_input_is_one_line_and_writes_nothing(tmp_path, capsys, pe
 
 
 def test_dataset_names():
-    assert benchmark.dataset_name("data/hopper-medium-v5.hdf5") == "hopper-medium-v5"
-    assert benchmark.dataset_name("minari:mujoco/hopper/medium-v0") == "mujoco-hopper-medium-v0"
-    assert Path(benchmark.dataset_name("a b/c d.hdf5")).name == "c_d"
+    assert plan.dataset_name("data/hopper-medium-v5.hdf5") == "hopper-medium-v5"
+    assert plan.dataset_name("minari:mujoco/hopper/medium-v0") == "mujoco-hopper-medium-v0"
+    assert Path(plan.dataset_name("a b/c d.hdf5")).name == "c_d"
 
 
-def weights_and_returns(out):
-    """Per run: its final weights and every evaluation's returns."""
-    got = {}
-    for (algorithm, seed), f in run_files(out).items():
-        run = json.loads(f.read_text())
-        got[(algorithm, seed)] = (
-            load_file(f.parent / run["checkpoint"] / "model.safetensors"),
-            [r["returns"] for e in run["evaluations"] for r in e["results"]])
-    return got
+def test_progress_estimate_counts_rounds_of_jobs():
+    from dtlab.benchmark.runner import RunProgress
+
+    progress = RunProgress(total=9, done=2, enabled=False, jobs=4)
+    progress.seconds = [100.0, 300.0]  # mean 200 s; 7 cells left: 2 rounds of 4
+    assert progress.eta() == "0:06:40"
+    progress.done = 8  # one cell left: one round, however many jobs
+    assert progress.eta() == "0:03:20"
 
 
-def test_runs_in_worker_processes_stop_continue_and_equal_one_process(tmp_path, capsys,
-                                                                      pendulum_file):
-    """--jobs 2: SIGINT to the benchmark stops its workers' runs with checkpoints (exit 130); run
-    again, it finishes, and every run equals the one-process benchmark's (weights bit for bit,
-    evaluation returns exactly)."""
-    longer = ["--steps", "120", "--eval-every", "30", "--threads", "1"]
-    parallel = tmp_path / "parallel"
-    files = list(run_files(parallel).values())
+# ---- stopping, continuing, calibrating, refusing (processes: slow) -------------------------------
+@pytest.mark.slow
+def test_benchmark_stops_on_sigint_and_a_rerun_continues_bit_for_bit(tmp_path, capsys,
+                                                                    pendulum_file):
+    """SIGINT to the benchmark (as Ctrl-C) stops the running cell's dtlab train with a checkpoint
+    (exit 130); the same command again keeps the finished cell and continues the stopped one with
+    --resume: its final weights equal one uninterrupted training's."""
+    out = tmp_path / "bench"
+    longer = ["--steps", "400", "--eval-every", "200"]
+    second = run_dir(out, *RUNS[1])
     stop = threading.Event()
 
-    def interrupt_once_training():
+    def interrupt_second_cell():
         while not stop.is_set():
-            if (files[0].parent / "train_config.json").is_file():
+            if (second / "train_config.json").is_file():
                 os.kill(os.getpid(), signal.SIGINT)
                 return
             time.sleep(0.005)
 
-    watcher = threading.Thread(target=interrupt_once_training)
+    watcher = threading.Thread(target=interrupt_second_cell)
     watcher.start()
     try:
-        code = main(bench_args(pendulum_file, parallel, *longer, "--jobs", "2"))
+        code = main(bench_args(pendulum_file, out, *longer, seeds=("0",)))
     finally:
         stop.set()
         watcher.join()
     err = capsys.readouterr().err
     assert code == 128 + signal.SIGINT, err
-    # The workers' runs stopped mid-way with a checkpoint (the SIGINT reached only the parent,
-    # which passed it on); the runs not started yet were not started.
-    stopped = [f for f in files if (f.parent / "latest").is_file() and not f.is_file()]
-    assert stopped, [sorted(p.name for p in f.parent.iterdir()) for f in files if f.parent.is_dir()]
-    assert not files[-1].parent.exists()
-    assert main(bench_args(pendulum_file, parallel, *longer, "--jobs", "2")) == 0
-    assert main(bench_args(pendulum_file, tmp_path / "one", *longer)) == 0
+    assert "run the same command again to continue" in err
+    first_metrics = (run_dir(out, *RUNS[0]) / "metrics.jsonl").read_bytes()
+    stopped_at = int((second / "latest").read_text().strip()[len("step_"):])
+    assert stopped_at < 400
+
+    assert main(bench_args(pendulum_file, out, *longer, seeds=("0",))) == 0
     capsys.readouterr()
-    got, want = weights_and_returns(parallel), weights_and_returns(tmp_path / "one")
-    for key, (weights, returns) in want.items():
-        assert returns == got[key][1], key
-        assert weights.keys() == got[key][0].keys()
-        assert all(np.array_equal(weights[k], got[key][0][k]) for k in weights), key
-    assert not list(parallel.glob("runs/*/*/seed*/*.tmp*"))  # no half-written files
-    # "final" averages each run's last 3 of its 4 evaluations.
-    report = json.loads((parallel / benchmark.RESULTS_JSON).read_text())
-    for cell in report["results"]:
-        per_seed = []
-        for seed in cell["seeds"]:
-            run = json.loads(run_files(parallel)[(cell["algorithm"], seed)].read_text())
-            scores = [r["normalized_mean"] for e in run["evaluations"] for r in e["results"]
-                      if cell["target"] is None or r["target"] == cell["target"]]
-            assert len(scores) == 4
-            per_seed.append(sum(scores[1:]) / 3)
-        np.testing.assert_allclose(cell["final"]["per_seed"], per_seed, rtol=1e-12)
+    assert (run_dir(out, *RUNS[0]) / "metrics.jsonl").read_bytes() == first_metrics  # not redone
+    from dtlab.train import train
+
+    cfg = BenchmarkConfig(datasets=(str(pendulum_file),), env="Pendulum-v1", steps=400,
+                          eval_every=200, eval_episodes=1, threads=1, out=str(tmp_path / "fresh"),
+                          model=ModelConfig(embed_dim=16, n_layers=1, context_len=4,
+                                            max_ep_len=200),
+                          optim=OptimConfig(batch_size=8, warmup_steps=5))
+    entry = plan.load_datasets(cfg)[0]
+    fresh = plan.cell_train_config(cfg, entry, *RUNS[1])
+    result = train(dataclasses.replace(fresh, evaluation=EvalDuringTraining()), entry.episodes)
+    a = load_file(second / "step_00000400" / "model.safetensors")
+    b = load_file(result.checkpoint / "model.safetensors")
+    assert a.keys() == b.keys() and all(np.array_equal(a[k], b[k]) for k in a)
 
 
-@pytest.mark.parametrize("jobs", [1, 2])
-def test_a_run_being_trained_by_another_process_is_refused(tmp_path, capsys, pendulum_file, jobs):
-    """A run locked by another process: a one-line error naming it (exit 2); with --jobs 2 the
-    error comes from a worker, and the run training beside it stops."""
+@pytest.mark.slow
+def test_benchmark_calibrates_each_dt_cell_after_training_it(tmp_path, pendulum_file):
+    """--calibrate: each finished DT cell is calibrated (a dtlab calibrate process); the record is
+    in the checkpoint (what DTPolicy reads) and in the report, and the baselines have none."""
     out = tmp_path / "bench"
-    locked = RUNS[0] if jobs == 1 else RUNS[2]
-    with benchmark.run_lock(out, "pendulum-small", *locked):  # as another process would hold it
-        code = main(bench_args(pendulum_file, out, "--jobs", str(jobs), "--threads", "1"))
-    err = capsys.readouterr().err.strip()
-    run = benchmark.run_dir(out, "pendulum-small", *locked)
+    assert main(bench_args(pendulum_file, out, "--calibrate", "--calibrate-points", "2",
+                           "--calibrate-episodes", "2", seeds=("0",))) == 0
+    directory = run_dir(out, "decision-transformer", 0)
+    record = json.loads((directory / (directory / "latest").read_text().strip()
+                         / "calibration.json").read_text())
+    assert len(record["targets"]) == 2 and record["episodes"] == 2
+    assert DTPolicy.from_checkpoint(directory).reliable_max_target == record["reliable_max_target"]
+    result = json.loads((out / "results.json").read_text())
+    assert [(c["seed"], c["reliable_max_target"]) for c in result["calibration"]] == [
+        (0, record["reliable_max_target"])]
+    assert (out / "plots" / "pendulum-small-calibration.png").stat().st_size > 0
+
+
+@pytest.mark.slow
+def test_a_cell_being_trained_by_another_process_is_refused(tmp_path, capsys, pendulum_file):
+    """A cell whose run directory another process holds: the cell's dtlab train refuses, and the
+    benchmark says so in one line naming the cell (exit 2); afterwards it runs."""
+    from dtlab import locks
+    from dtlab.prepare import LOCK_FILE
+
+    out = tmp_path / "bench"
+    held = run_dir(out, *RUNS[0])
+    held.mkdir(parents=True)
+    fd = locks.acquire(held / LOCK_FILE, "training")  # as another dtlab train would hold it
+    try:
+        code = main(bench_args(pendulum_file, out, seeds=("0",)))
+    finally:
+        locks.release(fd)
+    err = capsys.readouterr().err.strip().splitlines()
     assert code == 2
-    assert err == (f"dtlab: error: {run}: another process (pid {os.getpid()}, training) holds "
-                   "this run; let it finish or stop it, then run the benchmark again")
-    assert not run.exists()  # nothing trained
-    assert not run_files(out)[RUNS[3]].exists()  # the last run did not finish (nor start, unless
-    # two slots freed at once with --jobs 2; it was then stopped)
-    assert main(bench_args(pendulum_file, out, "--jobs", str(jobs))) == 0  # the lock is free again
-    assert all(f.is_file() for f in run_files(out).values())
-
-
-@pytest.mark.parametrize("jobs", [1, 2])
-def test_a_dataset_warning_is_shown_once_on_one_line(tmp_path, jobs):
-    """The checks before the runs warn about the data once; neither the runs (which prepare the
-    data again) nor the --jobs workers (fresh processes, the CLI's format unset) repeat it."""
-    data = pendulum_mixed_dataset(num_episodes=4, seed=0)
-    path = tmp_path / "wide-actions.hdf5"  # torques beyond Pendulum's bound of 2
-    save_episodes(EpisodeSet.from_flags(data.observations, data.actions * 3.0, data.rewards,
-                                        data.terminations, data.truncations), path)
-    # A process of its own: pytest records warnings itself, and the CLI's format is the point.
-    proc = subprocess.run([sys.executable, "-m", "dtlab.cli", *bench_args(
-        path, tmp_path / "bench", "--steps", "6", "--eval-every", "6", "--jobs", str(jobs),
-        "--threads", "1")], capture_output=True, text=True, check=False)
-    err = proc.stderr
-    assert proc.returncode == 0, err
-    lines = [line for line in err.splitlines() if "outside the action bounds" in line]
-    assert len(lines) == 1, err
-    assert lines[0].startswith("dtlab: warning: ") and path.name in lines[0]
-
-
-def test_progress_estimate_counts_rounds_of_jobs():
-    progress = benchmark.RunProgress(total=9, done=2, enabled=False, jobs=4)
-    progress.seconds = [100.0, 300.0]  # mean 200 s; 7 runs left: 2 rounds of 4
-    assert progress.eta() == "0:06:40"
-    progress.done = 8  # one run left: one round, however many jobs
-    assert progress.eta() == "0:03:20"
+    assert err[-1].startswith("dtlab: error: cell pendulum-small/mlp-bc/seed0: ")
+    assert f"pid {os.getpid()}" in err[-1]
+    assert main(bench_args(pendulum_file, out, seeds=("0",))) == 0

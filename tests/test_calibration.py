@@ -298,10 +298,11 @@ def test_baselines_are_return_insensitive_offline(tmp_path):
 def test_calibration_needs_two_episodes_per_target():
     """One episode has no standard error: every difference would count as a rise (a new user's
     --calibrate-episodes 1 reported a 'reliable maximum' from a 0.1 change in return)."""
-    from dtlab.config import BenchmarkConfig, CalibrateConfig
+    from dtlab.benchmark.plan import BenchmarkConfig
+    from dtlab.config import CalibrateConfig
 
     with pytest.raises(ConfigError, match="episodes must be >= 2, got 1"):
         CalibrateConfig(checkpoint="run", episodes=1)
-    with pytest.raises(ConfigError, match="calibrate_episodes must be >= 2, got 1"):
+    with pytest.raises(ConfigError, match="calibrate-episodes must be >= 2, got 1"):
         BenchmarkConfig(datasets=("d.hdf5",), calibrate_episodes=1)
     CalibrateConfig(checkpoint="run", episodes=2)  # the smallest that has one

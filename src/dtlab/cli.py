@@ -16,8 +16,9 @@ from typing import Annotated, Literal, Union
 import tyro
 
 from dtlab.atomic import dumps_json
-from dtlab.config import (BehaviourConfig, BenchmarkConfig, CalibrateConfig, CollectConfig,
-                          EvalConfig, MAX_SEED, TrainConfig, check_number)
+from dtlab.benchmark.plan import BenchmarkConfig
+from dtlab.config import (BehaviourConfig, CalibrateConfig, CollectConfig, EvalConfig, MAX_SEED,
+                          TrainConfig, check_number)
 from dtlab.errors import DtlabError, one_line_warning
 from dtlab.quickstart import STEPS as QUICKSTART_STEPS
 
@@ -168,15 +169,37 @@ def run_train(cfg: TrainConfig) -> int:
 
 
 def run_benchmark(cfg: BenchmarkConfig) -> int:
-    """Benchmark; SIGINT/SIGTERM stop the current run at its next step with a checkpoint and
-    rebuild the report from the finished runs (exit 128 + signal; run again to continue)."""
-    from dtlab.benchmark import run_benchmark as benchmark
+    """Benchmark: --plan prints the cells' command lines, --report-only rebuilds the report,
+    else the cells run; SIGINT/SIGTERM stop the running cells at their next step with checkpoints
+    and rebuild the report from the finished ones (exit 128 + signal; run again to continue)."""
+    from pathlib import Path
+
+    if cfg.plan:
+        from dtlab.benchmark.plan import cell_commands, prepare_benchmark, shell_line
+
+        entries, cells = prepare_benchmark(cfg)
+        for entry in entries:
+            print(f"{entry.name} ({entry.env}): decision-transformer targets {entry.why}",
+                  file=sys.stderr)
+        left = [commands for cell in cells if (commands := cell_commands(cell))]
+        for commands in left:
+            print(shell_line(commands))
+        print(f"{len(left)} of {len(cells)} cells to run (one line each; print the plan again "
+              f"after an interruption: started cells continue with --resume); then: dtlab "
+              f"benchmark --out {cfg.out} --report-only", file=sys.stderr)
+        return 0
+    if cfg.report_only:
+        from dtlab.benchmark.report import build_report
+
+        build_report(Path(cfg.out), cfg, echo=True)
+        return 0
+    from dtlab.benchmark.runner import run_benchmark as benchmark
 
     with signals_received() as received:
         result = benchmark(cfg, should_stop=lambda: bool(received), echo=True)
     if result.interrupted:
         sig = received[0] if received else 0
-        print(f"interrupted by signal {sig}: {result.report['runs_finished']} runs finished; run "
+        print(f"interrupted by signal {sig}: {result.report['runs_finished']} cells finished; run "
               "the same command again to continue", file=sys.stderr)
         return 128 + sig
     return 0

@@ -292,12 +292,16 @@ class EvalDuringTraining:
     eval_workers: int = 0
     """Step the evaluation environments in this many worker processes while the model acts in the
     training process (0: in the training process). Returns are identical either way."""
+    eval_seed: int | None = None
+    """Episode i of every target resets its env with eval_seed + i (default: --seed), the same
+    starts at every evaluation."""
 
     def __post_init__(self) -> None:
         check_number("eval_every", self.eval_every, minimum=0, integer=True)
         check_number("eval_episodes", self.eval_episodes, minimum=0, integer=True)
         check_targets("eval_targets", self.eval_targets)
         check_number("eval_workers", self.eval_workers, minimum=0, integer=True)
+        check_number("eval_seed", self.eval_seed, minimum=0, maximum=MAX_SEED, integer=True)
         if self.eval_every and not self.eval_episodes:
             raise ConfigError(f"--eval-every {self.eval_every} evaluates nothing without "
                               "--eval-episodes N (episodes per target; 0 turns evaluation off)")
@@ -539,91 +543,6 @@ class CalibrateConfig:
         check_number("z", self.z, minimum=0)
         check_number("seed", self.seed, minimum=0, maximum=MAX_SEED, integer=True)
         check_number("max_steps", self.max_steps, minimum=1, integer=True)
-        check_number("threads", self.threads, minimum=1, integer=True)
-
-
-Algorithm = Literal["decision-transformer", "transformer-bc", "mlp-bc", "percentile-bc"]
-ALGORITHMS: tuple[Algorithm, ...] = ("decision-transformer", "transformer-bc", "mlp-bc",
-                                     "percentile-bc")
-
-
-@dataclass(frozen=True)
-class BenchmarkConfig:
-    """The DT paper's protocol as one command: for every dataset x algorithm x seed, train for
-    the given steps, evaluate every --eval-every steps, and report the last, final (mean of the
-    last 3 evaluations) and best normalized scores (mean +- std over seeds, interquartile mean with
-    a 95% stratified-bootstrap CI).
-    Resumable: run it again with the same arguments to continue."""
-
-    datasets: tuple[str, ...] = ()
-    """Datasets: D4RL or native HDF5 files, or minari:<id>; each is evaluated in --env or, without
-    it, in the env_id its metadata records."""
-    env: str | None = None
-    """Gymnasium env id for every dataset (default: each dataset's recorded env_id)."""
-    algorithms: tuple[Algorithm, ...] = ALGORITHMS
-    """decision-transformer; transformer-bc (no return-to-go tokens); mlp-bc (an MLP on single
-    states); percentile-bc (mlp-bc on the best --top-fraction of the data, the DT paper's %BC)."""
-    seeds: tuple[int, ...] = (0, 1, 2)
-    """Training seeds (each replaces --seed); the DT paper averages 3 seeds."""
-    steps: int = 100_000
-    """Gradient steps per run (DT code: 10 iterations x 10,000 steps)."""
-    eval_every: int = 10_000
-    """Evaluate every this many steps, and at the end (DT code: every 10,000 steps)."""
-    eval_episodes: int = 100
-    """Episodes per target per evaluation (DT code: num_eval_episodes 100). Seed k's episodes start
-    from env seeds k * eval_episodes + i, the same for every algorithm."""
-    top_fraction: float = 0.1
-    """percentile-bc: fraction of the transitions, best episodes first (DT paper: 10%BC)."""
-    out: str = "benchmark"
-    """Output directory: runs/<dataset>/<algorithm>/seed<k>/, results.json, results.md, plots/."""
-    calibrate: bool = False
-    """After each decision-transformer run, calibrate its return conditioning (dtlab calibrate)
-    and store the reliable maximum target in its final checkpoint."""
-    calibrate_points: int = 10
-    """--calibrate: targets in the sweep."""
-    calibrate_episodes: int = 10
-    """--calibrate: episodes per target, at least 2 (the calibration compares targets by the
-    standard errors of their mean returns)."""
-    report_only: bool = False
-    """Rebuild results.json, results.md and the plots from the finished runs under --out; train
-    nothing (--datasets may then be left out)."""
-    bootstrap_reps: int = 2000
-    """Bootstrap resamples for the interquartile mean's confidence interval (seeded: a rebuilt
-    report gives the same numbers)."""
-    model: ModelConfig = field(default_factory=ModelConfig)
-    """Model hyperparameters of the transformer runs (mlp-bc uses embed_dim, n_layers, activation
-    and dropout, with context_len 1)."""
-    optim: Annotated[OptimConfig, _FLAT] = field(default_factory=OptimConfig)
-    """Optimization, the same for every algorithm (--seed is replaced by each of --seeds)."""
-    device: str = "auto"
-    """torch device: auto (cuda if available, else cpu), cpu, cuda, ..."""
-    threads: int | None = None
-    """CPU threads for torch, per run (default: OMP_NUM_THREADS if set, else the number of cores,
-    divided by --jobs)."""
-    jobs: int = 1
-    """Runs trained at the same time, each in its own worker process (runs are independent: the
-    same --threads gives the same results as one at a time)."""
-    progress: bool = True
-    """Show progress: runs done / total and an estimate of the time left."""
-
-    def __post_init__(self) -> None:
-        check_number("jobs", self.jobs, minimum=1, integer=True)
-        if not self.datasets and not self.report_only:
-            raise ConfigError("datasets must name at least one dataset (unless report_only)")
-        if self.model.architecture != "decision-transformer":
-            raise ConfigError(f"model.architecture is set per run by algorithms, not to "
-                              f"{self.model.architecture} for all")
-        if not self.algorithms or len(set(self.algorithms)) != len(self.algorithms):
-            raise ConfigError(f"algorithms must be distinct and not empty, got {self.algorithms!r}")
-        if not self.seeds or len(set(self.seeds)) != len(self.seeds):
-            raise ConfigError(f"seeds must be distinct and not empty, got {self.seeds!r}")
-        for seed in self.seeds:
-            check_number("seeds", seed, minimum=0, maximum=MAX_SEED, integer=True)
-        for name in ("steps", "eval_every", "eval_episodes", "bootstrap_reps"):
-            check_number(name, getattr(self, name), minimum=1, integer=True)
-        check_number("calibrate_episodes", self.calibrate_episodes, minimum=2, integer=True)
-        check_number("calibrate_points", self.calibrate_points, minimum=2, integer=True)
-        check_number("top_fraction", self.top_fraction, above=0, maximum=1)
         check_number("threads", self.threads, minimum=1, integer=True)
 
 

@@ -31,5 +31,5 @@ class DtlabWarning(UserWarning):
 
 def one_line_warning(message, category, filename, lineno, line=None) -> str:
     """``warnings.formatwarning`` for the command line: ``dtlab: warning: <message>``, one line
-    (the CLI sets it; ``dtlab benchmark --jobs`` workers inherit the choice)."""
+    (the CLI sets it)."""
     return f"dtlab: warning: {message}\n"

@@ -1,6 +1,5 @@
 """Exclusive file locks taken without waiting: the one primitive behind "one process at a time"
-(a run directory's writer, ``dtlab.rundir.RunDirectory.hold``; a benchmark run's trainer,
-``dtlab.benchmark.run_lock``).
+(a run directory's writer, ``dtlab.rundir.RunDirectory.hold``).
 
 ``fcntl.flock`` on a regular file: advisory, released by the OS when the holder's process ends
 however it ends (a SIGKILL too), and honoured across machines on NFS (Linux has emulated

@@ -134,23 +134,29 @@ def calibration_plot(curves: Sequence[tuple[str, dict]], path: str | Path, *,
 
 def score_curves(curves: Sequence[tuple[str, Sequence[int], Sequence[float], Sequence[float]]],
                  path: str | Path, *, title: str = "", ylabel: str = "score",
-                 reference: tuple[str, float] | None = None) -> Path:
-    """Learning curves: mean score against training step with a ± std band, one line per
-    (label, steps, means, stds); ``reference`` draws a labelled horizontal line (e.g. the
-    behaviour policy's score)."""
-    fig, ax = plt.subplots(figsize=(6.0, 4.0), dpi=120)
+                 reference: tuple[str, float] | None = None,
+                 band: str = "± 1 std") -> Path:
+    """Learning curves: mean score against training step with a shaded band (mean ± the given
+    spread), one line per (label, steps, means, spreads); each line has its own colour, line style
+    and marker, so curves that coincide stay visible. ``band`` says in the legend what the bands
+    are; ``reference`` draws a labelled horizontal line (e.g. the behaviour policy's score)."""
+    styles, markers = ("-", "--", "-.", ":"), ("o", "s", "^", "D", "v", "x")
+    fig, ax = plt.subplots(figsize=(9.0, 4.4), dpi=120)
     for i, (label, steps, means, stds) in enumerate(curves):
         color = f"C{i % 10}"
-        ax.plot(steps, means, marker="o", ms=3, color=color, label=label)
+        ax.plot(steps, means, ls=styles[i % len(styles)], marker=markers[i % len(markers)],
+                ms=4 + 1.5 * (i % 3), mfc="none", lw=1.5, color=color, label=label)
         lower = [m - s for m, s in zip(means, stds)]
         upper = [m + s for m, s in zip(means, stds)]
-        ax.fill_between(steps, lower, upper, color=color, alpha=0.15)
+        ax.fill_between(steps, lower, upper, color=color, alpha=0.12)
     if reference is not None:
         ax.axhline(reference[1], color="0.4", ls="--", lw=1, label=reference[0])
+    if curves:
+        ax.fill_between([], [], [], color="0.6", alpha=0.3, label=f"shaded: {band}")
     ax.set_xlabel("training step")
     ax.set_ylabel(ylabel)
     ax.set_title(title)
-    ax.legend(fontsize=7)
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))  # beside, not on, the data
     ax.grid(alpha=0.3)
     fig.tight_layout()
     return _save(fig, path)

@@ -697,7 +697,8 @@ def default_evaluator(cfg: TrainConfig, info: PolicyInfo) -> Evaluate:
             raise ConfigError(f"{why}: give --eval-targets")
         print(f"evaluation during training at {why.replace('--targets', '--eval-targets')}",
               flush=True)
-    return Evaluator(cfg.data.env, targets, cfg.evaluation.eval_episodes, seed=cfg.optim.seed,
+    seed = cfg.evaluation.eval_seed if cfg.evaluation.eval_seed is not None else cfg.optim.seed
+    return Evaluator(cfg.data.env, targets, cfg.evaluation.eval_episodes, seed=seed,
                      workers=cfg.evaluation.eval_workers)
 
 
