@@ -254,6 +254,16 @@ def load(path: str | Path, device: str | torch.device = "cpu") -> tuple[Decision
     checkpoint, or weights that do not match its config."""
     device = runtime.resolve_device(device)
     path, info = load_info(path)
+    return load_weights(path, info, device), info
+
+
+def load_weights(path: Path, info: PolicyInfo, device: str | torch.device = "cpu"
+                 ) -> DecisionTransformer:
+    """The model of checkpoint directory ``path`` (resolved) whose config.json ``load_info``
+    read as ``info``, on ``device``: ``load`` without reading config.json again. ConfigError
+    for a device this machine lacks; CheckpointError for missing, corrupt or mismatching
+    weights."""
+    device = runtime.resolve_device(device)
     weights_path = path / WEIGHTS_FILE
     if not weights_path.is_file():
         raise CheckpointError(f"{weights_path}: missing")
@@ -273,7 +283,7 @@ def load(path: str | Path, device: str | torch.device = "cpu") -> tuple[Decision
             raise CheckpointError(f"{weights_path}: '{key}' has shape {tuple(value.shape)}, "
                                   f"config.json implies {tuple(expected[key].shape)}")
     model.load_state_dict(weights)
-    return model.to(device).eval(), info
+    return model.to(device).eval()
 
 
 def save_calibration(path: str | Path, calibration: dict[str, Any]) -> Path:

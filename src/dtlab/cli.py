@@ -360,10 +360,13 @@ def run_data_convert(cmd: DataConvert) -> None:
 
 
 def run_data_validate(cmd: DataValidate) -> None:
-    from dtlab.envs import actions_outside_bounds, make_env
+    from dtlab.envs import actions_outside_bounds, check_same_env, make_env
     from dtlab.spaces import check_against_env
 
     episodes, findings, context = _load_with_findings(cmd.path, cmd.env)
+    if cmd.env:
+        check_same_env(episodes.provenance.env_id, cmd.env, what=cmd.path,
+                       advice=f"validate against --env {episodes.provenance.env_id}")
     print(f"{cmd.path}: {episodes.num_episodes} episodes, {episodes.num_transitions} transitions: "
           "keys, lengths, finiteness and episode flags OK")
     if cmd.env:

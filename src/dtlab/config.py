@@ -445,7 +445,8 @@ class EvalConfig:
     bucket, and how much the predicted actions change when the return-to-go is swapped (no env is
     made)."""
     dataset: str | None = None
-    """Dataset for --offline: a D4RL or native HDF5 file, or minari:<id>."""
+    """Dataset for --offline: a D4RL or native HDF5 file, or minari:<id> (default: the file the
+    checkpoint was trained on, if its content is unchanged)."""
     buckets: int = 4
     """--offline: number of return-to-go buckets (quantiles of the windows' returns-to-go)."""
     windows: int = 10_000
@@ -468,8 +469,6 @@ class EvalConfig:
                               f"{self.swap_quantiles!r}")
         for q in self.swap_quantiles:
             check_number("swap_quantiles", q, minimum=0, maximum=1)
-        if self.offline and self.dataset is None:
-            raise ConfigError("offline evaluation needs dataset (a file to evaluate on)")
         check_number("max_steps", self.max_steps, minimum=1, integer=True)
         check_number("threads", self.threads, minimum=1, integer=True)
         check_number("eval_workers", self.eval_workers, minimum=0, integer=True)

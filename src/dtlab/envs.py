@@ -13,12 +13,14 @@ as the DT paper does (it follows Hafner et al. 2021, DreamerV2).
 
 from __future__ import annotations
 
+import re
+import warnings
 from dataclasses import dataclass
 
 import gymnasium as gym
 import numpy as np
 
-from dtlab.errors import ConfigError, EnvError
+from dtlab.errors import ConfigError, DtlabWarning, EnvError
 from dtlab.spaces import describe_space  # noqa: F401  (its home before dtlab.spaces)
 
 
@@ -235,3 +237,31 @@ def episode_limit(env, env_id: str, max_steps: int | None, max_ep_len: int) -> t
     info = env_info(env_id)
     standard = info.max_ep_len if info.ref_min_score is not None else spec_limit
     return limit, standard
+
+
+def env_family(env_id: str) -> str:
+    """An env id without its namespace and version, lower case: ``Hopper-v5`` -> ``hopper``,
+    ``ALE/Breakout-v5`` -> ``breakout``, D4RL's ``hopper-medium-v2`` -> ``hopper-medium``."""
+    name = env_id.rsplit("/", 1)[-1]
+    return re.sub(r"-v\d+$", "", name).lower()
+
+
+def check_same_env(recorded: str | None, env_id: str, *, what: str, advice: str,
+                   noun: str = "the data was recorded in") -> None:
+    """Data recorded in one env must not be paired with another that merely has the same spaces:
+    ConfigError ``'<what>: <noun> <recorded>, not <env_id>; <advice>'`` when
+    ``recorded`` names another env family (``env_family``: Walker2d-v5 for HalfCheetah-v5
+    data); one warning when only the version differs (D4RL's Hopper-v2 data in Hopper-v5).
+    Silent when nothing was recorded, or for a D4RL dataset name that starts with the env's
+    family (``hopper-medium-v2`` for Hopper-v5)."""
+    if not recorded or recorded == env_id:
+        return
+    data, env = env_family(recorded), env_family(env_id)
+    if data == env:
+        warnings.warn(f"{what}: recorded in {recorded}, paired with {env_id} (another version of "
+                      "the env): dynamics or rewards may differ", DtlabWarning, stacklevel=3)
+        return
+    if data.startswith(env + "-"):
+        return
+    raise ConfigError(f"{what}: {noun} {recorded}, not {env_id}; {advice} (the same spaces do "
+                      "not make the same task)")

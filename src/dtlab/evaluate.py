@@ -23,7 +23,7 @@ from dtlab.envs import env_info, make_env
 from dtlab.errors import ConfigError, DatasetError, DtlabWarning
 from dtlab.policy import DTPolicy
 from dtlab.rundir import one_writer
-from dtlab.envs import episode_limit
+from dtlab.envs import check_same_env, episode_limit
 from dtlab.rollout import RolloutReport, TargetResult, default_targets, rollout
 from dtlab.spaces import (ContinuousActions, DictObservations, DiscreteActions, check_against_env,
                           describe_observations)
@@ -93,6 +93,7 @@ def evaluate_checkpoint(cfg: EvalConfig, echo: bool = False) -> dict:
         return evaluate_offline(cfg, echo=echo)
     path, info = checkpoint.load_info(cfg.checkpoint)
     env_id = cfg.env or info.env_id
+    check_paired_envs(path, info, env_id)
     # Rollouts alternate small forwards with env steps on one core; one thread avoids spin-waiting
     # threads fighting the simulator for the CPU.
     device = runtime.setup(cfg.device, cfg.threads, default_threads=1)
@@ -117,7 +118,7 @@ def evaluate_checkpoint(cfg: EvalConfig, echo: bool = False) -> dict:
     precision = runtime.resolve_precision(cfg.precision, device)
     policy = DTPolicy.from_checkpoint(path, device=str(device), precision=precision,
                                       kv_cache=cfg.kv_cache, temperature=cfg.temperature,
-                                      seed=cfg.seed)
+                                      seed=cfg.seed, info=info)
     report = rollout(policy, env_id, targets, cfg.episodes, seed=cfg.seed, max_steps=cfg.max_steps,
                      workers=cfg.eval_workers)
     data = results_json(report, checkpoint=str(path), env_id=env_id, episodes=cfg.episodes,
@@ -140,6 +141,18 @@ def evaluate_checkpoint(cfg: EvalConfig, echo: bool = False) -> dict:
     if echo and (cfg.out or plot):
         print("wrote " + ", ".join(p for p in (cfg.out, plot) if p))
     return data
+
+
+def check_paired_envs(path: Path, info, env_id: str) -> None:
+    """ConfigError when ``env_id`` is another task than the checkpoint was trained for, or than
+    its training data was recorded in (checkpoints trained before dtlab compared the two)."""
+    check_same_env(info.env_id, env_id, what=str(path), noun="the checkpoint was trained for",
+                   advice=f"evaluate it with --env {info.env_id}")
+    metadata = info.dataset.get("metadata") if isinstance(info.dataset, dict) else None
+    recorded = metadata.get("env_id") if isinstance(metadata, dict) else None
+    check_same_env(recorded if isinstance(recorded, str) else None, env_id,
+                   what=f"{path} (trained on {info.dataset.get('path')})",
+                   advice=f"evaluate it with --env {recorded}")
 
 
 def _check_env(env_id: str, info, path: Path, max_steps: int | None) -> None:
@@ -263,7 +276,7 @@ def _calibrate(cfg: CalibrateConfig, echo: bool, episodes: EpisodeSet | None) ->
     episode_returns = (episodes.episode_returns.tolist() if episodes is not None
                        else _recorded_episode_returns(info.dataset.get("path")))
     targets = calibration_targets(dataset_return, cfg.points)
-    policy = DTPolicy.from_checkpoint(path, device=str(device))
+    policy = DTPolicy.from_checkpoint(path, device=str(device), info=info)
     policy.reliable_max_target = None  # the sweep asks for more on purpose
     report = rollout(policy, info.env_id, targets, cfg.episodes, seed=cfg.seed,
                      max_steps=cfg.max_steps)
@@ -446,14 +459,28 @@ def offline_evaluation(model, info, episodes: EpisodeSet, *, buckets: int = 4, w
 
 
 def evaluate_offline(cfg: EvalConfig, echo: bool = False) -> dict:
-    """``dtlab evaluate CKPT --offline --dataset FILE``: ``offline_evaluation`` with JSON out and a
-    table. Raises CheckpointError or DatasetError before anything is written."""
+    """``dtlab evaluate CKPT --offline [--dataset FILE]``: ``offline_evaluation`` with JSON out and
+    a table, on ``--dataset`` or by default the checkpoint's own training file (refused when its
+    content changed since). Raises CheckpointError, ConfigError (data recorded in another env,
+    changed training data) or DatasetError before anything is written."""
     from dtlab.data.formats import load_episodes
 
-    path, _ = checkpoint.load_info(cfg.checkpoint)
-    episodes = load_episodes(cfg.dataset)
+    path, info = checkpoint.load_info(cfg.checkpoint)
+    trained_on = info.dataset.get("path")
+    if cfg.dataset is None:  # the training data, and only if it is still the same
+        if not isinstance(trained_on, str) or trained_on.startswith("<"):
+            raise ConfigError(f"{path}: the checkpoint records no dataset file; pass --dataset")
+        episodes = load_episodes(trained_on)
+        recorded = info.dataset.get("fingerprint")
+        if recorded and episodes.fingerprint() != recorded:
+            raise ConfigError(f"{trained_on}: not the data {path} was trained on (its content "
+                              "changed since); pass --dataset to evaluate on it anyway")
+    else:
+        episodes = load_episodes(cfg.dataset)
+        check_same_env(episodes.provenance.env_id, info.env_id, what=cfg.dataset,
+                       advice=f"pass --dataset with data from {info.env_id}")
     device = runtime.setup(cfg.device, cfg.threads, default_threads=os.cpu_count() or 1)
-    model, info = checkpoint.load(path, device)
+    model = checkpoint.load_weights(path, info, device)
     data = {"checkpoint": str(path), "seed": cfg.seed, **offline_evaluation(
         model, info, episodes, buckets=cfg.buckets, windows=cfg.windows, seed=cfg.seed,
         swap_quantiles=cfg.swap_quantiles, device=str(device))}

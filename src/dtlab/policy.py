@@ -120,11 +120,16 @@ class DTPolicy:
     @classmethod
     def from_checkpoint(cls, path: str | Path, device: str = "cpu", precision: str = "fp32",
                         kv_cache: bool = False, temperature: float = 0.0,
-                        seed: int = 0) -> "DTPolicy":
+                        seed: int = 0, info: PolicyInfo | None = None) -> "DTPolicy":
         """Load a checkpoint (and its reliable maximum target, when ``dtlab calibrate`` stored
-        one). ConfigError for a device this machine lacks (``dtlab.runtime.resolve_device``),
-        CheckpointError for a missing or corrupt checkpoint."""
-        model, info = checkpoint.load(path, device)
+        one); ``info``: its config.json as ``checkpoint.load_info`` already read it (then
+        ``path`` must be the resolved checkpoint directory). ConfigError for a device this
+        machine lacks (``dtlab.runtime.resolve_device``), CheckpointError for a missing or
+        corrupt checkpoint."""
+        if info is None:
+            model, info = checkpoint.load(path, device)
+        else:
+            model = checkpoint.load_weights(Path(path), info, device)
         policy = cls(model, info, device, precision, kv_cache, temperature, seed)
         calibration = checkpoint.load_calibration(path)
         if calibration is not None:

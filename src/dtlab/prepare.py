@@ -7,7 +7,6 @@ dtlab.rundir's."""
 from __future__ import annotations
 
 import dataclasses
-import re
 import warnings
 
 import numpy as np
@@ -16,8 +15,8 @@ from dtlab.checkpoint import PolicyInfo
 from dtlab.config import TrainConfig
 from dtlab.data.diagnostics import warn_findings
 from dtlab.data.episodes import EpisodeSet
-from dtlab.envs import (actions_outside_bounds, describe_space, env_info, episode_limit, make_env,
-                        reference_scores)
+from dtlab.envs import (actions_outside_bounds, check_same_env, describe_space, env_info,
+                        episode_limit, make_env, reference_scores)
 from dtlab.errors import ConfigError, DatasetError, DtlabWarning, EnvError
 from dtlab.normalizer import Normalizer
 from dtlab.spaces import (ContinuousActions, DictObservations, action_space_from_gym, check_against_env)
@@ -99,7 +98,8 @@ def prepare(cfg: TrainConfig, episodes: EpisodeSet | None = None) -> tuple[Episo
             raise DatasetError(f"{episodes.source}: episode {ep} has {longest} steps, more than "
                                f"model.max_ep_len={cfg.model.max_ep_len}; raise --model.max-ep-len "
                                "or pass --truncate-long-episodes")
-    check_env_id(episodes, cfg.data.env, flag="--env")
+    check_same_env(episodes.provenance.env_id, cfg.data.env, what=str(episodes.source),
+                   advice=f"pass --env {episodes.provenance.env_id}")
     env = make_env(cfg.data.env)
     check_against_env(env, episodes.observation_space, episodes.action_space,
                       what=f"dataset {episodes.source}", exact_n=False)
@@ -120,30 +120,3 @@ def prepare(cfg: TrainConfig, episodes: EpisodeSet | None = None) -> tuple[Episo
             "transitions": episodes.num_transitions,
             "min_episode_return": float(episodes.episode_returns.min())}})
     return episodes, info
-
-
-def env_family(env_id: str) -> str:
-    """An env id without its namespace and version, lower case: ``Hopper-v5`` -> ``hopper``,
-    ``ALE/Breakout-v5`` -> ``breakout``, D4RL's ``hopper-medium-v2`` -> ``hopper-medium``."""
-    name = env_id.rsplit("/", 1)[-1]
-    return re.sub(r"-v\d+$", "", name).lower()
-
-
-def check_env_id(episodes: EpisodeSet, env_id: str, *, flag: str) -> None:
-    """Data recorded in one env must not be paired with another that merely has the same spaces:
-    ConfigError naming both and ``flag`` when the dataset's recorded env id names another env
-    family (``env_family``: Walker2d-v5 for HalfCheetah-v5 data); one warning when only the
-    version differs (D4RL's Hopper-v2 data evaluated in Hopper-v5). Silent when the data records
-    no env id, or a D4RL dataset name starting with the env's family (``hopper-medium-v2``)."""
-    recorded = episodes.provenance.env_id
-    if not recorded or recorded == env_id:
-        return
-    data, env = env_family(recorded), env_family(env_id)
-    if data == env or data.startswith(env + "-"):
-        if data == env:
-            warnings.warn(f"{episodes.source}: recorded in {recorded}, paired with {env_id} (another "
-                          "version of the env): dynamics or rewards may differ", DtlabWarning,
-                          stacklevel=3)
-        return
-    raise ConfigError(f"{episodes.source}: the data was recorded in {recorded}, not {env_id}; "
-                      f"pass {flag} {recorded} (same spaces do not make the same task)")

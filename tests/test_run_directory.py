@@ -1,0 +1,170 @@
+"""A run directory at the command line (issues 21 and 23): continued jobs check their inputs,
+data is not paired with another env, `--resume` needs only the run's path, a finished run is not
+rewritten, evaluation is visible, and errors name flags. Each runs `dtlab` in-process on tiny
+Pendulum-shaped data."""
+
+import hashlib
+import json
+import re
+from pathlib import Path
+
+import pytest
+
+from dtlab.cli import main
+from dtlab.data.formats import save_episodes
+from tests.configs import pendulum_like
+
+HALFCHEETAH = Path(__file__).resolve().parents[1] / "datasets" / "halfcheetah-medium-replay-v5.hdf5"
+TINY = ["--model.embed-dim", "16", "--model.n-layers", "1", "--model.context-len", "5",
+        "--batch-size", "8", "--warmup-steps", "2", "--log-every", "5", "--no-tensorboard",
+        "--threads", "1"]
+
+
+def data_file(tmp_path, name="data.hdf5", seed=0, env_id="Pendulum-v1"):
+    path = tmp_path / name
+    episodes = pendulum_like(n_episodes=3, seed=seed).with_metadata({"env_id": env_id})
+    save_episodes(episodes, path)
+    return path
+
+
+def train(data, out, *extra):
+    return main(["train", "--dataset", str(data), "--env", "Pendulum-v1", "--out", str(out),
+                 "--no-progress", *TINY, *extra])
+
+
+def snapshot(run: Path) -> dict[str, str]:
+    """Every file of a run directory (but its lock) by content hash."""
+    return {str(p.relative_to(run)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(run.rglob("*")) if p.is_file() and p.name != ".lock"}
+
+
+def one_line_error(capsys) -> str:
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and err.startswith("dtlab: error: "), err
+    return err
+
+
+# ---- issue 21, item 1: data from one env, trained and evaluated in another ------------------------
+def test_data_from_another_env_is_refused_by_validate_and_train(tmp_path, capsys):
+    assert main(["data", "validate", str(HALFCHEETAH), "--env", "Walker2d-v5"]) == 2
+    err = one_line_error(capsys)
+    assert "recorded in HalfCheetah-v5, not Walker2d-v5" in err and "--env HalfCheetah-v5" in err
+    out = tmp_path / "run"
+    assert main(["train", "--dataset", str(HALFCHEETAH), "--env", "Walker2d-v5", "--out",
+                 str(out), "--steps", "2", "--no-progress"]) == 2
+    assert "recorded in HalfCheetah-v5, not Walker2d-v5" in one_line_error(capsys)
+    assert not out.exists()  # nothing half-written
+
+
+def test_evaluate_refuses_another_env_and_another_envs_data(tmp_path, capsys):
+    run = tmp_path / "run"
+    assert train(data_file(tmp_path), run, "--steps", "5") == 0
+    capsys.readouterr()
+    assert main(["evaluate", str(run), "--env", "MountainCarContinuous-v0", "--episodes", "1"]) == 2
+    assert "trained for Pendulum-v1, not MountainCarContinuous-v0" in one_line_error(capsys)
+    other = data_file(tmp_path, "other.hdf5", env_id="MountainCarContinuous-v0")
+    result = tmp_path / "offline.json"
+    assert main(["evaluate", str(run), "--offline", "--dataset", str(other), "--out",
+                 str(result)]) == 2
+    assert "recorded in MountainCarContinuous-v0, not Pendulum-v1" in one_line_error(capsys)
+    assert not result.exists()
+
+
+# ---- issue 21, item 2: a continued job whose inputs changed ---------------------------------------
+def test_resume_after_the_dataset_file_changed_is_refused_and_writes_nothing(tmp_path, capsys):
+    data, run = data_file(tmp_path), tmp_path / "run"
+    assert train(data, run, "--steps", "10") == 0
+    data_file(tmp_path, seed=1)  # other data at the same path
+    before = snapshot(run)
+    assert main(["train", "--out", str(run), "--resume", "--steps", "20"]) == 2
+    err = one_line_error(capsys)
+    assert "not the one the run" in err and "fingerprint" in err and "--out" in err
+    assert snapshot(run) == before
+    # Offline evaluation on the training data (its default) is refused too.
+    assert main(["evaluate", str(run), "--offline"]) == 2
+    assert "content changed" in one_line_error(capsys)
+
+
+# ---- issue 23 -------------------------------------------------------------------------------------
+def test_resume_needs_only_the_run_directory(tmp_path, capsys):
+    """Item 2: `--resume --out RUN` continues from the run's saved settings; given flags that
+    differ from them are still refused."""
+    data, run = data_file(tmp_path), tmp_path / "run"
+    assert train(data, run, "--steps", "5") == 0
+    assert main(["train", "--out", str(run), "--resume", "--steps", "10", "--no-progress"]) == 0
+    assert "done: 10 steps" in capsys.readouterr().out
+    assert main(["train", "--out", str(run), "--resume", "--steps", "15", "--lr", "1e-3"]) == 2
+    assert "optim.lr: 0.0001 -> 0.001" in one_line_error(capsys)
+    assert main(["train", "--out", str(tmp_path / "none"), "--resume"]) == 2
+    assert "no run here" in one_line_error(capsys)
+
+
+def test_resuming_a_finished_run_changes_nothing(tmp_path, capsys):
+    """Item 6: a run at 10 steps resumed with --steps 10 (nothing to do) or 5 (before it)."""
+    data, run = data_file(tmp_path), tmp_path / "run"
+    assert train(data, run, "--steps", "10") == 0
+    capsys.readouterr()
+    before = snapshot(run)
+    assert main(["train", "--out", str(run), "--resume"]) == 0
+    assert "already at step 10 of --steps 10; nothing to do" in capsys.readouterr().out
+    assert main(["train", "--out", str(run), "--resume", "--steps", "5"]) == 2
+    assert "at step 10, past --steps 5" in one_line_error(capsys)
+    assert snapshot(run) == before
+
+
+def test_evaluation_during_training_is_printed_or_refused(tmp_path, capsys):
+    """Item 3: evaluation lines appear as they happen; --eval-every without episodes is refused.
+    Item 4: the default targets are said, fitted to the data where the paper's lie beyond it.
+    Item 7: --no-progress prints progress lines."""
+    data = data_file(tmp_path)
+    assert train(data, tmp_path / "a", "--steps", "10", "--eval-every", "5") == 2
+    assert "--eval-every 5 evaluates nothing without --eval-episodes" in one_line_error(capsys)
+    assert not (tmp_path / "a").exists()
+    assert train(data, tmp_path / "b", "--steps", "10", "--eval-every", "5",
+                 "--eval-episodes", "1") == 0
+    out = capsys.readouterr().out
+    # pendulum_like returns are about -500: the paper's -150 is beyond what they support.
+    assert re.search(r"evaluation during training at targets -4\d\d: fitted to the data", out), out
+    assert re.search(r"^eval step 5: target -4\d\d -> -\d+\.\d \(-?\d+\.\d normalized\), length "
+                     r"200$", out, re.M), out
+    assert re.search(r"^eval step 10: ", out, re.M)
+    assert re.search(r"^step 10/10: loss \d\.\d+, [\d.]+ steps/s", out, re.M), out
+
+
+def test_a_target_beyond_the_data_warns_naming_it(tmp_path, capsys):
+    """Item 5: an uncalibrated checkpoint asked for 1e9 warns, naming the target."""
+    run = tmp_path / "run"
+    assert train(data_file(tmp_path), run, "--steps", "5") == 0
+    with pytest.warns(Warning, match=r"target 1e\+09 asked for, far above the best episode "
+                                     r"return in the training data \(-4\d\d"):
+        assert main(["evaluate", str(run), "--targets", "1e9", "--episodes", "1"]) == 0
+
+
+def test_a_run_without_a_checkpoint_yet(tmp_path, capsys):
+    """Item 8: a live run before its first checkpoint is not 'not a dtlab checkpoint'."""
+    run = tmp_path / "live"
+    run.mkdir()
+    (run / "train_config.json").write_text("{}")
+    assert main(["evaluate", str(run)]) == 2
+    assert "this run has no checkpoint yet" in one_line_error(capsys)
+
+
+def test_errors_name_flags(tmp_path, capsys):
+    """Item 9: the refusals a new user meets name the flag to change, not a config field."""
+    data, run = data_file(tmp_path), tmp_path / "run"
+    assert train(data, run, "--steps", "5") == 0
+    assert train(data, run, "--steps", "5") == 2
+    err = one_line_error(capsys)
+    assert "pass --resume to continue it, or choose another --out" in err
+    assert main(["train", "--dataset", str(HALFCHEETAH), "--env", "HalfCheetah-v5", "--out",
+                 str(tmp_path / "b"), "--model.max-ep-len", "10", "--steps", "1"]) == 2
+    assert "raise --model.max-ep-len or pass --truncate-long-episodes" in one_line_error(capsys)
+
+
+def test_offline_evaluation_defaults_to_the_training_file(tmp_path, capsys):
+    """Item 11: `evaluate RUN --offline` needs no --dataset."""
+    run = tmp_path / "run"
+    assert train(data_file(tmp_path), run, "--steps", "5") == 0
+    out = tmp_path / "offline.json"
+    assert main(["evaluate", str(run), "--offline", "--out", str(out)]) == 0
+    assert json.loads(out.read_text())["dataset"].endswith("data.hdf5")
