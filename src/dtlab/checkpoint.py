@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import math
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -29,6 +28,7 @@ from dtlab import runtime
 from dtlab._version import __version__
 from dtlab.atomic import atomic_path, dumps_json, write_json, write_text_atomic
 from dtlab.config import ModelConfig
+from dtlab.checks import is_number
 from dtlab.errors import CheckpointError, ConfigError
 from dtlab.model import DecisionTransformer, build_model
 from dtlab.normalizer import Normalizer
@@ -106,8 +106,6 @@ class PolicyInfo:
         return info
 
 
-def _is_number(x) -> bool:
-    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
 
 
 def _from_legacy_json(data: dict[str, Any], source: str) -> PolicyInfo:
@@ -135,9 +133,9 @@ def _from_legacy_json(data: dict[str, Any], source: str) -> PolicyInfo:
     for name, length in (("obs_mean", data["obs_dim"]), ("obs_std", data["obs_dim"]),
                          ("action_low", bounds), ("action_high", bounds)):
         value = data[name]
-        if not isinstance(value, list) or len(value) != length or not all(map(_is_number, value)):
+        if not isinstance(value, list) or len(value) != length or not all(map(is_number, value)):
             raise CheckpointError(f"{source}: '{name}' must be a list of {length} finite numbers")
-    if not _is_number(data["return_scale"]) or data["return_scale"] <= 0:
+    if not is_number(data["return_scale"]) or data["return_scale"] <= 0:
         raise CheckpointError(f"{source}: 'return_scale' must be a positive number")
     actions = (DiscreteActions(data["act_dim"]) if discrete else
                ContinuousActions(data["act_dim"], data["action_low"], data["action_high"]))
@@ -157,7 +155,7 @@ def _check(info: PolicyInfo, source: str) -> None:
     if not isinstance(info.step, int) or isinstance(info.step, bool) or info.step < 0:
         raise CheckpointError(f"{source}: 'step' must be a non-negative integer")
     for name in ("ref_min_score", "ref_max_score"):
-        if getattr(info, name) is not None and not _is_number(getattr(info, name)):
+        if getattr(info, name) is not None and not is_number(getattr(info, name)):
             raise CheckpointError(f"{source}: '{name}' must be a number or null")
     if not isinstance(info.env_id, str) or not isinstance(info.dataset, dict):
         raise CheckpointError(f"{source}: 'env_id' must be a string and 'dataset' an object")
@@ -305,7 +303,7 @@ def load_calibration(path: str | Path) -> dict[str, Any] | None:
     except (OSError, json.JSONDecodeError, UnicodeDecodeError, RecursionError) as exc:
         raise CheckpointError(f"{file}: corrupt JSON: {exc}") from None
     value = data.get("reliable_max_target") if isinstance(data, dict) else None
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+    if not is_number(value):
         raise CheckpointError(f"{file}: 'reliable_max_target' must be a finite number")
     return data
 

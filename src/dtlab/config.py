@@ -17,28 +17,12 @@ from typing import Annotated, Any, Literal
 
 import tyro
 
+from dtlab.checks import check_number, is_number  # noqa: F401  (check_number: re-exported)
 from dtlab.errors import ConfigError
 
 
 PRECISIONS = ("auto", "fp32", "bf16")  # auto: resolved by dtlab.runtime.resolve_precision
 MAX_SEED = 2**63 - 1  # torch.manual_seed's largest seed; numpy's generators take any of these
-
-
-def check_number(name: str, value: float | int | None, *, minimum: float | None = None,
-                 above: float | None = None, maximum: float | None = None,
-                 below: float | None = None, integer: bool = False) -> None:
-    """Raise ConfigError naming ``name`` unless ``value`` is None or a finite number in range
-    (``minimum``/``maximum`` inclusive, ``above``/``below`` exclusive); ``integer``: an int."""
-    if value is None:
-        return
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-        raise ConfigError(f"{name} must be a finite number, got {value!r}")
-    if integer and not isinstance(value, int):
-        raise ConfigError(f"{name} must be an integer, got {value!r}")
-    for bound, ok, word in ((minimum, lambda b: value >= b, ">="), (above, lambda b: value > b, ">"),
-                            (maximum, lambda b: value <= b, "<="), (below, lambda b: value < b, "<")):
-        if bound is not None and not ok(bound):
-            raise ConfigError(f"{name} must be {word} {bound:g}, got {value!r}")
 
 
 def setting_differences(saved: Mapping[str, Any], now: Mapping[str, Any], *,

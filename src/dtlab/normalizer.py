@@ -24,13 +24,13 @@ numpy and the standard library only. It is saved in a checkpoint's ``config.json
 from __future__ import annotations
 
 import copy
-import math
 import warnings
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
 import numpy as np
 
+from dtlab.checks import is_number
 from dtlab.errors import ConfigError, DtlabWarning
 
 # The original DT's std floor (gym/experiment.py: np.std(states, axis=0) + 1e-6); a dimension whose
@@ -55,8 +55,7 @@ def from_unit_interval(x, low, high):
 def _numbers(value: Any, field_name: str, length: int | None = None) -> list[float]:
     items = list(value) if isinstance(value, (list, tuple, np.ndarray)) else None
     ok = items is not None and (length is None or len(items) == length) and all(
-        isinstance(v, (int, float, np.integer, np.floating)) and not isinstance(v, (bool, np.bool_))
-        and math.isfinite(v) for v in items)
+        is_number(v) for v in items)
     if not ok:
         size = f"{length} " if length is not None else ""
         raise ConfigError(f"'normalizer.{field_name}' must be a list of {size}finite numbers")
@@ -96,8 +95,7 @@ class Normalizer:
         if mean.size == 0 or not (std > 0).all():
             raise ConfigError("'normalizer.obs_std' must be a non-empty list of positive numbers")
         scale = self.return_scale
-        if isinstance(scale, bool) or not isinstance(scale, (int, float, np.floating)) or \
-                not math.isfinite(scale) or scale <= 0:
+        if not is_number(scale) or scale <= 0:
             raise ConfigError(f"'normalizer.return_scale' must be a positive number, got {scale!r}")
         if (self.action_low is None) != (self.action_high is None):
             raise ConfigError("'normalizer.action_low' and 'action_high' must both be given or "

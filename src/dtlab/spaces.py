@@ -23,13 +23,13 @@ ContinuousActions(dim=1, low=(-2.0,), high=(2.0,))
 
 from __future__ import annotations
 
-import math
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, Union
 
 import numpy as np
 
+from dtlab.checks import is_number
 from dtlab.errors import ConfigError, EnvError
 
 
@@ -39,16 +39,13 @@ def _positive_int(value: Any, field: str) -> int:
     return int(value)
 
 
-def _is_number(x: Any) -> bool:
-    return (isinstance(x, (int, float, np.integer, np.floating))
-            and not isinstance(x, (bool, np.bool_)) and math.isfinite(x))
 
 
 def _bounds(value: Any, dim: int, field: str) -> tuple[float, ...] | None:
     if value is None:
         return None
     items = list(value) if isinstance(value, (list, tuple, np.ndarray)) else None
-    if items is None or len(items) != dim or not all(map(_is_number, items)):
+    if items is None or len(items) != dim or not all(map(is_number, items)):
         raise ConfigError(f"'{field}' must be a list of {dim} finite numbers")
     return tuple(float(v) for v in items)
 

@@ -11,7 +11,6 @@ Torch-free.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from types import MappingProxyType
@@ -19,10 +18,12 @@ from typing import Any
 
 import numpy as np
 
+from dtlab.checks import is_number
+
 
 def _number(value: Any) -> float | None:
     """A finite int/float (not bool) as float, else None."""
-    if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value):
+    if is_number(value):
         return float(value)
     return None
 
