@@ -14,6 +14,7 @@ from typing import Annotated, Literal, Union
 import tyro
 
 from dtlab.atomic import dumps_json
+from dtlab.cli_errors import parse
 from dtlab.config import (BehaviourConfig, BenchmarkConfig, CalibrateConfig, CollectConfig,
                           EvalConfig, MAX_SEED, TrainConfig, check_number)
 from dtlab.errors import DtlabError, one_line_warning
@@ -108,6 +109,8 @@ class TrainBehaviourCommand:
     def __post_init__(self) -> None:
         check_number("export_episodes", self.export_episodes, minimum=1, integer=True)
 
+
+DESCRIPTION = "dtlab: Decision Transformers for offline RL. `dtlab --version` prints the version."
 
 Command = Union[
     Annotated[QuickstartConfig, tyro.conf.subcommand("quickstart")],
@@ -359,10 +362,15 @@ def main(argv: list[str] | None = None) -> int:
             from dtlab.config import expand_train_preset
 
             args = ["train", *expand_train_preset(args[1:])]
-        # Inside the try: config dataclasses validate themselves while tyro builds them.
-        cmd = tyro.cli(Command, args=args, prog="dtlab",
-                       description="dtlab: Decision Transformers for offline RL.",
-                       config=(tyro.conf.OmitSubcommandPrefixes,))
+        if args[:1] == ["--version"]:
+            from dtlab._version import __version__
+
+            print(f"dtlab {__version__}")
+            return 0
+        # Inside the try: config dataclasses validate themselves while tyro builds them, and a
+        # parse error is one ConfigError line (--preset is expanded above, before tyro).
+        cmd = parse(Command, args, prog="dtlab", description=DESCRIPTION,
+                    config=(tyro.conf.OmitSubcommandPrefixes,), extra_flags={"train": ["--preset"]})
         if isinstance(cmd, QuickstartConfig):
             from dtlab.quickstart import quickstart
 
