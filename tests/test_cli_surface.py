@@ -1,5 +1,7 @@
 """The command line's surface: one-line parse errors with a suggestion, --version."""
 
+import json
+
 import pytest
 
 from dtlab._version import __version__
@@ -51,3 +53,26 @@ def test_help_is_tyros(capsys):
 def test_version(capsys):
     code, out, err = run_cli(capsys, "--version")
     assert (code, out, err) == (0, f"dtlab {__version__}\n", "")
+
+
+def test_evaluate_table_names_the_step_and_the_mean_episode_length(tmp_path, capsys, monkeypatch,
+                                                                   tiny_checkpoint):
+    monkeypatch.setenv("COLUMNS", "200")
+    out = tmp_path / "r.json"
+    code, stdout, stderr = run_cli(capsys, "evaluate", tiny_checkpoint, "--targets", -200,
+                                   "--episodes", 2, "--max-steps", 7, "--out", out)
+    assert code == 0, stderr
+    assert "run step 4" in stdout  # the tiny checkpoint: run directory "run", 4 training steps
+    assert "mean length (steps)" in stdout
+    row = next(line for line in stdout.splitlines() if "-200" in line)
+    assert row.split("│")[-2].strip() == "7.0"  # both episodes cut at --max-steps 7
+    assert json.loads(out.read_text())["checkpoint_step"] == 4
+
+
+def test_sweep_refuses_targets(tmp_path, capsys, tiny_checkpoint):
+    out = tmp_path / "r.json"
+    code, stdout, stderr = run_cli(capsys, "evaluate", tiny_checkpoint, "--sweep", "--targets",
+                                   100, 200, "--episodes", 1, "--out", out)
+    assert code == 2 and stdout == "" and stderr.count("\n") == 1
+    assert "--sweep picks its own targets" in stderr and "--targets 100 200" in stderr
+    assert not out.exists() and not (tmp_path / "r.png").exists()

@@ -395,7 +395,8 @@ class EvalConfig:
     checkpoint: Annotated[str, tyro.conf.Positional, tyro.conf.arg(metavar="CKPT_DIR")]
     """Checkpoint directory (a run directory resolves to its latest checkpoint)."""
     targets: tuple[float, ...] = ()
-    """Target returns to condition on; default from the env registry."""
+    """Target returns to condition on; default from the env registry (not with --sweep, which
+    picks its own)."""
     episodes: int = 10
     """Episodes per target."""
     seed: int = 0
@@ -464,6 +465,10 @@ class EvalConfig:
                               f"{self.swap_quantiles!r}")
         for q in self.swap_quantiles:
             check_number("swap_quantiles", q, minimum=0, maximum=1)
+        if self.sweep and self.targets:
+            raise ConfigError(f"--sweep picks its own targets (the dataset's return range); drop "
+                              f"--targets {' '.join(f'{t:g}' for t in self.targets)}, or --sweep "
+                              "to evaluate at them")
         if self.offline and self.dataset is None:
             raise ConfigError("offline evaluation needs dataset (a file to evaluate on)")
         check_number("max_steps", self.max_steps, minimum=1, integer=True)
