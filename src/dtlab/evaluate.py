@@ -144,7 +144,8 @@ def evaluate_checkpoint(cfg: EvalConfig, echo: bool = False) -> dict:
     if plot:
         from dtlab.plots import achieved_vs_target
 
-        achieved_vs_target(report.results, plot, title=f"{env_id}: achieved vs target return",
+        achieved_vs_target(report.results, plot, title=f"{run_label(path, info)}: achieved vs "
+                           f"target return\n{env_id}, trained on {dataset_label(info)}",
                            dataset_return=dataset_return)
         data["plot"] = plot
     if cfg.out:
@@ -292,7 +293,8 @@ def _calibrate(cfg: CalibrateConfig, echo: bool, episodes: EpisodeSet | None) ->
 
     plot = cfg.plot or str(path / "calibration.png")
     calibration_plot([("Decision Transformer", record)], plot, episode_returns=episode_returns,
-                     title=f"{info.env_id}: return-conditioning calibration")
+                     title=f"{run_label(path, info)}: return-conditioning calibration\n"
+                           f"{info.env_id}, trained on {dataset_label(info)}")
     record["plot"] = plot
     if echo:
         _print_calibration(record, path)
