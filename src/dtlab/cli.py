@@ -19,6 +19,7 @@ from dtlab.config import (BehaviourConfig, BenchmarkConfig, CalibrateConfig, Col
                           EvalConfig, MAX_SEED, TrainConfig, check_number)
 from dtlab.errors import DtlabError, one_line_warning
 from dtlab.quickstart import STEPS as QUICKSTART_STEPS
+from dtlab.runs_table import RunsConfig
 
 
 @dataclass(frozen=True)
@@ -121,6 +122,7 @@ Command = Union[
     Annotated[TrainBehaviourCommand, tyro.conf.subcommand("train-behaviour")],
     Annotated[BenchmarkConfig, tyro.conf.subcommand("benchmark")],
     Annotated[CalibrateConfig, tyro.conf.subcommand("calibrate")],
+    Annotated[RunsConfig, tyro.conf.subcommand("runs")],
 ]
 
 
@@ -384,6 +386,10 @@ def main(argv: list[str] | None = None) -> int:
             return run_benchmark(cmd)
         elif isinstance(cmd, CalibrateConfig):
             run_calibrate(cmd)
+        elif isinstance(cmd, RunsConfig):
+            from dtlab.runs_table import list_runs
+
+            list_runs(cmd)
         elif isinstance(cmd, TrainBehaviourCommand):
             run_train_behaviour(cmd)
         elif isinstance(cmd, CollectConfig):

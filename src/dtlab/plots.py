@@ -34,7 +34,7 @@ def _legend_outside(ax, handles=None, labels=None) -> None:
     """The legend to the right of the axes, where it covers no curve or reference line."""
     if handles is None:
         handles, labels = ax.get_legend_handles_labels()
-    ax.legend(handles, labels, fontsize=7, loc="upper left", bbox_to_anchor=(1.02, 1.0),
+    ax.legend(handles, labels, fontsize=7, loc="upper left", bbox_to_anchor=(1.02, 1.0), handlelength=3.5,
               borderaxespad=0.0)
 
 
@@ -171,4 +171,27 @@ def score_curves(curves: Sequence[tuple[str, Sequence[int], Sequence[float], Seq
     ax.legend(fontsize=7)
     ax.grid(alpha=0.3)
     fig.tight_layout()
+    return _save(fig, path)
+
+
+def compare_runs(curves: dict[str, list[dict]], path: str | Path, *, title: str) -> Path:
+    """Evaluation curves of several runs: per run (one colour) and target (one line style), the
+    score against gradient step. ``curves``: run name -> its evaluations as
+    ``{"step", "scores": {target: score}, "unit": "normalized" | "return"}`` (dtlab.runs_table);
+    the y axis is the D4RL normalized score when every evaluation has one, else mean return."""
+    normalized = all(e["unit"] == "normalized" for evals in curves.values() for e in evals)
+    styles = ("-", "--", ":", "-.")
+    fig, ax = plt.subplots(figsize=(8.0, 4.4), dpi=120, layout="constrained")
+    for i, (name, evals) in enumerate(curves.items()):
+        targets = sorted({t for e in evals for t in e["scores"]}, key=float)
+        for j, target in enumerate(targets):
+            points = [(e["step"], e["scores"][target]) for e in evals if target in e["scores"]]
+            ax.plot(*zip(*points), color=f"C{i % 10}", ls=styles[j % len(styles)], marker="o",
+                    ms=3, label=f"{name}, target {target}")
+    ax.set_xlabel("gradient step")
+    ax.set_ylabel("D4RL normalized score (0 = random, 100 = expert)" if normalized
+                  else f"mean {RETURN_UNITS}")
+    ax.set_title(title, fontsize=9)
+    _legend_outside(ax)
+    ax.grid(alpha=0.3)
     return _save(fig, path)
