@@ -34,8 +34,8 @@ def _legend_outside(ax, handles=None, labels=None) -> None:
     """The legend to the right of the axes, where it covers no curve or reference line."""
     if handles is None:
         handles, labels = ax.get_legend_handles_labels()
-    ax.legend(handles, labels, fontsize=7, loc="upper left", bbox_to_anchor=(1.02, 1.0), handlelength=3.5,
-              borderaxespad=0.0)
+    ax.legend(handles, labels, fontsize=7, loc="upper left", bbox_to_anchor=(1.02, 1.0),
+              borderaxespad=0.0, handlelength=3.5)  # long enough to show a dashed style
 
 
 def achieved_vs_target(results: Sequence, path: str | Path, *, title: str = "",
