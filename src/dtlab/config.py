@@ -271,6 +271,11 @@ class RunConfig:
     """Show a progress bar."""
     tensorboard: bool = True
     """Also write metrics as TensorBoard events under OUT/tb."""
+    wandb: bool = False
+    """Also log the training metrics and evaluations to Weights & Biases (pip install
+    'dtlab[wandb]'; files under OUT/wandb; WANDB_MODE=offline logs without an account)."""
+    wandb_project: str = "dtlab"
+    """W&B project for --wandb (the run is named after --out's last directory)."""
 
     def __post_init__(self) -> None:
         for name in ("steps", "checkpoint_every", "keep_checkpoints", "log_every"):
