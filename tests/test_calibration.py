@@ -276,7 +276,7 @@ def test_offline_evaluation_refuses_data_that_does_not_fit(tmp_path, capsys):
     assert code == 2 and "do not fit the checkpoint" in err and len(err.strip().splitlines()) == 1
     assert not (tmp_path / "o.json").exists()
     assert main(["evaluate", str(FIXTURES / "legacy_continuous"), "--offline"]) == 2
-    assert "needs dataset" in capsys.readouterr().err
+    assert "records no dataset file; pass --dataset" in capsys.readouterr().err
 
 
 @pytest.mark.filterwarnings("ignore::dtlab.errors.DtlabWarning")  # the data's actions reach 2.5

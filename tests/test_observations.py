@@ -234,7 +234,8 @@ def test_policy_acts_on_frame_stacks_and_dict_observations(tmp_path):
                                          torch.tensor([[[1.0]], [[2.0]], [[3.0]]]),
                                          torch.zeros(3, 1, dtype=torch.long)).argmax(-1)
     np.testing.assert_array_equal(action, expected.numpy())
-    with pytest.raises(EnvError, match=r"do not fit the checkpoint's \(2, 36, 36\) uint8 frame"):
+    with pytest.raises(EnvError, match=r"shape \(3, 1, 36, 36\) \(uint8\) for 3 episodes; expected "
+                                       r"\(3, 2, 36, 36\) uint8"):
         policy.act(frames[:, :1])  # one frame instead of a stack of 2
     # Dict observations are flattened with the checkpoint's keys, in its order.
     dspec = DictObservations(("observation", "desired_goal"), (4, 2))

@@ -57,11 +57,23 @@ def test_data_from_another_env_is_refused_by_validate_and_train(tmp_path, capsys
 
 
 def test_evaluate_refuses_another_env_and_another_envs_data(tmp_path, capsys):
+    """HalfCheetah-v5 and Walker2d-v5 have the same spaces (17 observations, 6 actions)."""
+    run = tmp_path / "cheetah"
+    assert main(["train", "--dataset", str(HALFCHEETAH), "--env", "HalfCheetah-v5", "--out",
+                 str(run), "--steps", "2", "--no-progress", *TINY]) == 0
+    capsys.readouterr()
+    assert main(["evaluate", str(run), "--env", "Walker2d-v5", "--episodes", "1"]) == 2
+    assert "trained for HalfCheetah-v5, not Walker2d-v5" in one_line_error(capsys)
+    # A checkpoint from before the check (trained for Walker2d-v5 on HalfCheetah-v5 data).
+    config = next(run.glob("step_*")) / "config.json"
+    saved = json.loads(config.read_text())
+    assert saved["dataset"]["metadata"]["env_id"] == "HalfCheetah-v5"
+    config.write_text(json.dumps({**saved, "env_id": "Walker2d-v5"}))
+    assert main(["evaluate", str(run), "--episodes", "1"]) == 2
+    assert "recorded in HalfCheetah-v5, not Walker2d-v5" in one_line_error(capsys)
     run = tmp_path / "run"
     assert train(data_file(tmp_path), run, "--steps", "5") == 0
     capsys.readouterr()
-    assert main(["evaluate", str(run), "--env", "MountainCarContinuous-v0", "--episodes", "1"]) == 2
-    assert "trained for Pendulum-v1, not MountainCarContinuous-v0" in one_line_error(capsys)
     other = data_file(tmp_path, "other.hdf5", env_id="MountainCarContinuous-v0")
     result = tmp_path / "offline.json"
     assert main(["evaluate", str(run), "--offline", "--dataset", str(other), "--out",

@@ -269,7 +269,7 @@ def test_policy_refuses_non_finite_actions_naming_target_and_step(tiny_checkpoin
     policy = DTPolicy.from_checkpoint(tiny_checkpoint)
     policy.reset([-100.0, -300.0])
     policy.act(np.zeros((2, 3), np.float32), None)
-    bad = np.array([[0.0, 0.0, 0.0], [np.inf, 0.0, 0.0]], np.float32)  # overflows episode 1 only
+    bad = np.array([[0.0, 0.0, 0.0], [3e38, 0.0, 0.0]], np.float32)  # finite, overflows episode 1
     with pytest.raises(TrainingError, match=r"^the model produced a non-finite action \(\[nan\]\) "
                                             r"for episode 1 \(target -300\) at step 1;"):
         policy.act(bad, np.zeros(2))

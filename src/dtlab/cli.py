@@ -17,10 +17,12 @@ import tyro
 
 from dtlab.atomic import dumps_json
 from dtlab.benchmark.plan import BenchmarkConfig
+from dtlab.cli_errors import parse
 from dtlab.config import (BehaviourConfig, CalibrateConfig, CollectConfig, EvalConfig, MAX_SEED,
                           TrainConfig, check_number)
 from dtlab.errors import DtlabError, one_line_warning
 from dtlab.quickstart import STEPS as QUICKSTART_STEPS
+from dtlab.runs_table import RunsConfig
 
 
 @dataclass(frozen=True)
@@ -112,6 +114,8 @@ class TrainBehaviourCommand:
         check_number("export_episodes", self.export_episodes, minimum=1, integer=True)
 
 
+DESCRIPTION = "dtlab: Decision Transformers for offline RL. `dtlab --version` prints the version."
+
 Command = Union[
     Annotated[QuickstartConfig, tyro.conf.subcommand("quickstart")],
     Annotated[TrainConfig, tyro.conf.subcommand("train")],
@@ -121,6 +125,7 @@ Command = Union[
     Annotated[TrainBehaviourCommand, tyro.conf.subcommand("train-behaviour")],
     Annotated[BenchmarkConfig, tyro.conf.subcommand("benchmark")],
     Annotated[CalibrateConfig, tyro.conf.subcommand("calibrate")],
+    Annotated[RunsConfig, tyro.conf.subcommand("runs")],
 ]
 
 
@@ -448,14 +453,20 @@ def main(argv: list[str] | None = None) -> int:
 
             train_args, defaults = train_defaults(args[1:])
             args = ["train", *expand_train_preset(train_args)]
-        # Inside the try: config dataclasses validate themselves while tyro builds them.
+        if args[:1] == ["--version"]:
+            from dtlab._version import __version__
+
+            print(f"dtlab {__version__}")
+            return 0
+        # Inside the try: config dataclasses validate themselves while tyro builds them, and a
+        # parse error is one ConfigError line (--preset is expanded above, before tyro).
         if defaults is not None:  # a saved configuration: its values are the defaults
-            cmd = tyro.cli(TrainConfig, args=args[1:], default=defaults, prog="dtlab train",
-                           config=(tyro.conf.OmitSubcommandPrefixes,))
+            cmd = parse(TrainConfig, args[1:], prog="dtlab train", description=DESCRIPTION,
+                        config=(tyro.conf.OmitSubcommandPrefixes,), default=defaults)
         else:
-            cmd = tyro.cli(Command, args=args, prog="dtlab",
-                           description="dtlab: Decision Transformers for offline RL.",
-                           config=(tyro.conf.OmitSubcommandPrefixes,))
+            cmd = parse(Command, args, prog="dtlab", description=DESCRIPTION,
+                        config=(tyro.conf.OmitSubcommandPrefixes,),
+                        extra_flags={"train": ["--preset", "--config"]})
         if isinstance(cmd, QuickstartConfig):
             from dtlab.quickstart import quickstart
 
@@ -469,6 +480,10 @@ def main(argv: list[str] | None = None) -> int:
             return run_benchmark(cmd)
         elif isinstance(cmd, CalibrateConfig):
             run_calibrate(cmd)
+        elif isinstance(cmd, RunsConfig):
+            from dtlab.runs_table import list_runs
+
+            list_runs(cmd)
         elif isinstance(cmd, TrainBehaviourCommand):
             run_train_behaviour(cmd)
         elif isinstance(cmd, CollectConfig):

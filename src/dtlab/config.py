@@ -255,6 +255,11 @@ class RunConfig:
     """Show a progress bar."""
     tensorboard: bool = True
     """Also write metrics as TensorBoard events under OUT/tb."""
+    wandb: bool = False
+    """Also log the training metrics and evaluations to Weights & Biases (pip install
+    'dtlab[wandb]'; files under OUT/wandb; WANDB_MODE=offline logs without an account)."""
+    wandb_project: str = "dtlab"
+    """W&B project for --wandb (the run is named after --out's last directory)."""
 
     def __post_init__(self) -> None:
         for name in ("steps", "checkpoint_every", "keep_checkpoints", "log_every"):
@@ -383,7 +388,8 @@ class EvalConfig:
     checkpoint: Annotated[str, tyro.conf.Positional, tyro.conf.arg(metavar="CKPT_DIR")]
     """Checkpoint directory (a run directory resolves to its latest checkpoint)."""
     targets: tuple[float, ...] = ()
-    """Target returns to condition on; default from the env registry."""
+    """Target returns to condition on; default from the env registry (not with --sweep, which
+    picks its own)."""
     episodes: int = 10
     """Episodes per target."""
     seed: int = 0
@@ -453,6 +459,10 @@ class EvalConfig:
                               f"{self.swap_quantiles!r}")
         for q in self.swap_quantiles:
             check_number("swap_quantiles", q, minimum=0, maximum=1)
+        if self.sweep and self.targets:
+            raise ConfigError(f"--sweep picks its own targets (the dataset's return range); drop "
+                              f"--targets {' '.join(f'{t:g}' for t in self.targets)}, or --sweep "
+                              "to evaluate at them")
         check_number("max_steps", self.max_steps, minimum=1, integer=True)
         check_number("threads", self.threads, minimum=1, integer=True)
         check_number("eval_workers", self.eval_workers, minimum=0, integer=True)

@@ -56,8 +56,24 @@ def results_json(report: RolloutReport, *, checkpoint: str, env_id: str, episode
     }
 
 
+def run_label(path: Path, info) -> str:
+    """``<run> step <n>``: the run directory's name for a checkpoint inside one (a directory with
+    a ``latest`` file), else the checkpoint directory's, and the step its weights were saved at;
+    what the evaluate table and the figures name the evaluated weights by."""
+    named = path.parent if (path.parent / checkpoint.LATEST_FILE).is_file() else path
+    return f"{named.name} step {info.step}"
+
+
+def dataset_label(info) -> str:
+    """The file name of the checkpoint's training data (or its recorded source, e.g. <memory>)."""
+    source = info.dataset.get("path")
+    return Path(source).name if isinstance(source, str) and source else "dataset not recorded"
+
+
 def print_table(report: RolloutReport, *, title: str,
                 dataset_return: ReturnStats | None = None) -> None:
+    """The per-target results as a rich table: achieved return (mean ± population std over the
+    episodes), D4RL normalized score when comparable, episodes, and mean episode length (steps)."""
     from rich.console import Console
     from rich.table import Table
 
@@ -66,9 +82,11 @@ def print_table(report: RolloutReport, *, title: str,
     table.add_column("achieved (mean ± std)", justify="right")
     table.add_column("normalized", justify="right")
     table.add_column("episodes", justify="right")
+    table.add_column("mean length (steps)", justify="right")
     for r in report.results:
         norm = "-" if r.normalized_mean is None else f"{r.normalized_mean:.1f} ± {r.normalized_std:.1f}"
-        table.add_row(f"{r.target:g}", f"{r.mean:.1f} ± {r.std:.1f}", norm, str(len(r.returns)))
+        table.add_row(f"{r.target:g}", f"{r.mean:.1f} ± {r.std:.1f}", norm, str(len(r.returns)),
+                      f"{np.mean(r.lengths):.1f}")
     console = Console()
     console.print(table)
     if not report.comparable and report.standard_time_limit is not None:
@@ -93,12 +111,12 @@ def evaluate_checkpoint(cfg: EvalConfig, echo: bool = False) -> dict:
         return evaluate_offline(cfg, echo=echo)
     path, info = checkpoint.load_info(cfg.checkpoint)
     env_id = cfg.env or info.env_id
-    check_paired_envs(path, info, env_id)
     # Rollouts alternate small forwards with env steps on one core; one thread avoids spin-waiting
     # threads fighting the simulator for the CPU.
     device = runtime.setup(cfg.device, cfg.threads, default_threads=1)
     # Check the env before loading weights, so an unknown env id fails fast.
     _check_env(env_id, info, path, cfg.max_steps)
+    check_paired_envs(path, info, env_id)
     dataset_return = ReturnStats.from_json(info.dataset.get("episode_return"))
     if cfg.sweep:
         if not dataset_return:
@@ -123,9 +141,10 @@ def evaluate_checkpoint(cfg: EvalConfig, echo: bool = False) -> dict:
                      workers=cfg.eval_workers)
     data = results_json(report, checkpoint=str(path), env_id=env_id, episodes=cfg.episodes,
                         seed=cfg.seed, dataset=info.dataset, precision=precision)
+    data["checkpoint_step"] = info.step
     if echo:
-        print_table(report, title=f"{env_id}, {cfg.episodes} episodes per target "
-                                  f"({report.env_steps_per_s:.0f} env steps/s)",
+        print_table(report, title=f"{run_label(path, info)} ({path}), {env_id}, {cfg.episodes} "
+                                  f"episodes per target ({report.env_steps_per_s:.0f} env steps/s)",
                     dataset_return=dataset_return)
     plot = cfg.plot or (str(Path(cfg.out).with_suffix(".png")) if cfg.out and cfg.sweep else None)
     if cfg.sweep and plot is None:
@@ -133,7 +152,8 @@ def evaluate_checkpoint(cfg: EvalConfig, echo: bool = False) -> dict:
     if plot:
         from dtlab.plots import achieved_vs_target
 
-        achieved_vs_target(report.results, plot, title=f"{env_id}: achieved vs target return",
+        achieved_vs_target(report.results, plot, title=f"{run_label(path, info)}: achieved vs "
+                           f"target return\n{env_id}, trained on {dataset_label(info)}",
                            dataset_return=dataset_return)
         data["plot"] = plot
     if cfg.out:
@@ -293,7 +313,8 @@ def _calibrate(cfg: CalibrateConfig, echo: bool, episodes: EpisodeSet | None) ->
 
     plot = cfg.plot or str(path / "calibration.png")
     calibration_plot([("Decision Transformer", record)], plot, episode_returns=episode_returns,
-                     title=f"{info.env_id}: return-conditioning calibration")
+                     title=f"{run_label(path, info)}: return-conditioning calibration\n"
+                           f"{info.env_id}, trained on {dataset_label(info)}")
     record["plot"] = plot
     if echo:
         _print_calibration(record, path)

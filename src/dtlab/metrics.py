@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from dtlab.atomic import dumps_json, write_text_atomic
+from dtlab.errors import ConfigError
 
 METRICS_FILE = "metrics.jsonl"
 EVAL_RETURN = "eval/return_"
@@ -122,13 +123,17 @@ def _parse(line: str) -> dict[str, Any] | None:
 
 
 class MetricsLog:
-    """Appends records to OUT/metrics.jsonl and mirrors scalars to TensorBoard.
+    """Appends records to OUT/metrics.jsonl and mirrors scalars to TensorBoard and, with
+    ``wandb_project``, to a Weights & Biases run of that project (``wandb.init(project=...,
+    dir=OUT, name=OUT's name)``; WANDB_MODE=offline keeps it on disk).
 
     ``resume_from``: the step of the checkpoint a resumed run continues from; records written after
     it are dropped (they will be redone). None starts a new file.
     """
 
-    def __init__(self, out: Path, resume_from: int | None, tensorboard: bool) -> None:
+    def __init__(self, out: Path, resume_from: int | None, tensorboard: bool,
+                 wandb_project: str | None = None, wandb_config: dict[str, Any] | None = None
+                 ) -> None:
         self.path = out / METRICS_FILE
         if resume_from is not None and self.path.exists():
             keep = [line for line in self.path.read_text().splitlines()
@@ -142,29 +147,46 @@ class MetricsLog:
             from torch.utils.tensorboard import SummaryWriter
 
             self._tb = SummaryWriter(str(out / "tb"), purge_step=resume_from)
+        self._wandb = None
+        if wandb_project is not None:
+            try:
+                import wandb
+            except ImportError:
+                raise ConfigError("--wandb needs the wandb library: pip install 'dtlab[wandb]'") \
+                    from None
+            self._wandb = wandb.init(project=wandb_project, dir=str(out), name=out.name,
+                                     config=wandb_config)
 
     def write(self, record: dict[str, Any]) -> None:
         self._file.write(dumps_json(record, indent=None) + "\n")
         self._file.flush()
-        if self._tb is not None:
-            for key, value in record.items():
-                if key != "step" and isinstance(value, (int, float)):
-                    self._tb.add_scalar(key if "/" in key else f"train/{key}", value, record["step"])
+        scalars = {key if "/" in key else f"train/{key}": value for key, value in record.items()
+                   if key != "step" and isinstance(value, (int, float))}
+        self._scalars(scalars, int(record["step"]))
 
     def write_evaluation(self, evaluation: Evaluation) -> None:
-        """An evaluation's scalars to TensorBoard (the record itself is evaluations.jsonl's)."""
-        if self._tb is None:
-            return
+        """An evaluation's scalars to TensorBoard and W&B (the record itself is
+        evaluations.jsonl's)."""
+        scalars = {}
         for r in evaluation.results:
-            self._tb.add_scalar(f"{EVAL_RETURN}{r.target:g}", r.mean, evaluation.step)
+            scalars[f"{EVAL_RETURN}{r.target:g}"] = r.mean
             if r.normalized_mean is not None:
-                self._tb.add_scalar(f"{EVAL_NORMALIZED}{r.target:g}", r.normalized_mean,
-                                    evaluation.step)
+                scalars[f"{EVAL_NORMALIZED}{r.target:g}"] = r.normalized_mean
+        self._scalars(scalars, evaluation.step)
+
+    def _scalars(self, scalars: dict[str, float], step: int) -> None:
+        if self._tb is not None:
+            for key, value in scalars.items():
+                self._tb.add_scalar(key, value, step)
+        if self._wandb is not None and scalars:
+            self._wandb.log(scalars, step=step)
 
     def close(self) -> None:
         self._file.close()
         if self._tb is not None:
             self._tb.close()
+        if self._wandb is not None:
+            self._wandb.finish()
 
 
 class Progress:

@@ -1,4 +1,5 @@
-"""Matplotlib figures: achieved vs target return (the DT paper's Figure 4), learning curves."""
+"""Matplotlib figures: achieved vs target return (the DT paper's Figure 4), calibration, learning
+curves, run comparisons."""
 
 from __future__ import annotations
 
@@ -26,28 +27,43 @@ def _save(fig, path: str | Path) -> Path:
     return Path(path)
 
 
+RETURN_UNITS = "return (sum of rewards per episode)"
+
+
+def _legend_outside(ax, handles=None, labels=None) -> None:
+    """The legend to the right of the axes, where it covers no curve or reference line."""
+    if handles is None:
+        handles, labels = ax.get_legend_handles_labels()
+    ax.legend(handles, labels, fontsize=7, loc="upper left", bbox_to_anchor=(1.02, 1.0),
+              borderaxespad=0.0, handlelength=3.5)  # long enough to show a dashed style
+
+
 def achieved_vs_target(results: Sequence, path: str | Path, *, title: str = "",
                        dataset_return: ReturnStats | None = None) -> Path:
-    """Mean +- std achieved return per target, with the y = x line and the dataset's best and
-    mean episode return for reference. ``results``: TargetResult-like objects or dicts."""
+    """Mean ± 1 std (population, over the episodes) achieved return per target, with the y = x
+    line and the dataset's best and mean episode return for reference; the legend sits outside
+    the axes and says what the error bars are. ``results``: TargetResult-like objects or dicts
+    (target, mean, std, returns); ``title``: what was evaluated (run, step, env, dataset)."""
     rows = [r if isinstance(r, dict) else r.__dict__ for r in results]
     rows = sorted(rows, key=lambda r: r["target"])
     x = [r["target"] for r in rows]
     y = [r["mean"] for r in rows]
     e = [r["std"] for r in rows]
-    fig, ax = plt.subplots(figsize=(5.5, 4.2), dpi=120)
+    episodes = sorted({len(r["returns"]) for r in rows if "returns" in r})
+    over = f" over {'/'.join(map(str, episodes))} episodes" if episodes else ""
+    fig, ax = plt.subplots(figsize=(7.5, 4.2), dpi=120, layout="constrained")
     lo, hi = min(x + y), max(x + y)
-    ax.plot([lo, hi], [lo, hi], "k:", lw=1, label="oracle (achieved = target)")
-    ax.errorbar(x, y, yerr=e, marker="o", capsize=3, label="Decision Transformer")
-    if dataset_return:
+    if dataset_return:  # reference lines first, under the curve
         ax.axhline(dataset_return.max, color="tab:green", ls="--", lw=1, label="best in dataset")
         ax.axhline(dataset_return.mean, color="tab:gray", ls="--", lw=1, label="dataset mean")
-    ax.set_xlabel("target return")
-    ax.set_ylabel("achieved return")
-    ax.set_title(title or "Return conditioning")
-    ax.legend(fontsize=8)
+    ax.plot([lo, hi], [lo, hi], "k:", lw=1, label="oracle (achieved = target)")
+    ax.errorbar(x, y, yerr=e, marker="o", capsize=3,
+                label=f"Decision Transformer\n(mean ± 1 std{over})")
+    ax.set_xlabel(f"target {RETURN_UNITS}")
+    ax.set_ylabel(f"achieved {RETURN_UNITS}")
+    ax.set_title(title or "Return conditioning", fontsize=9)
+    _legend_outside(ax)
     ax.grid(alpha=0.3)
-    fig.tight_layout()
     return _save(fig, path)
 
 
@@ -96,11 +112,13 @@ def learning_curve(records: list[dict], evaluations: Sequence[Evaluation], path:
 
 def calibration_plot(curves: Sequence[tuple[str, dict]], path: str | Path, *,
                      episode_returns: Sequence[float] | None = None, title: str = "") -> Path:
-    """Achieved vs target return with the y = x line, over a histogram of the data's episode
-    returns (right axis); each curve's reliable maximum target is marked and its rising range
-    shaded. ``curves``: (label, calibration record with targets, means, achieved_std,
-    reliable_max_target, rising_range)."""
-    fig, ax = plt.subplots(figsize=(6.0, 4.4), dpi=120)
+    """Achieved vs target return (mean ± 1 std over each record's ``episodes``) with the y = x
+    line, over a histogram of the data's episode returns (right axis); each curve's reliable
+    maximum target is a dashed vertical line in the curve's colour (so drawn in the legend too)
+    and its rising range shaded. The legend sits below the axes. ``curves``: (label,
+    calibration record with targets, means, achieved_std, reliable_max_target, rising_range and
+    optionally episodes); ``title``: what was calibrated (run, step, env, dataset)."""
+    fig, ax = plt.subplots(figsize=(6.4, 5.2), dpi=120, layout="constrained")
     hist = None
     if episode_returns is not None and len(episode_returns):
         hist = ax.twinx()
@@ -113,22 +131,22 @@ def calibration_plot(curves: Sequence[tuple[str, dict]], path: str | Path, *,
     ax.plot([lo, hi], [lo, hi], "k:", lw=1, label="achieved = target")
     for i, (label, c) in enumerate(curves):
         color = f"C{i % 10}"
+        over = f" over {c['episodes']} episodes" if c.get("episodes") else ""
         ax.errorbar(c["targets"], c["means"], yerr=c.get("achieved_std"), marker="o", ms=3,
-                    capsize=2, color=color, label=label)
-        ax.axvline(c["reliable_max_target"], color=color, ls="--", lw=1)
+                    capsize=2, color=color, label=f"{label} (mean ± 1 std{over})")
+        ax.axvline(c["reliable_max_target"], color=color, ls="--", lw=1,
+                   label=f"{label}: reliable maximum target {c['reliable_max_target']:g}")
         if c.get("rising_range"):
             ax.axvspan(*c["rising_range"], color=color, alpha=0.08)
-    ax.plot([], [], "k--", lw=1, label="reliable maximum target")
-    ax.set_xlabel("target return")
-    ax.set_ylabel("achieved return (mean ± std)")
-    ax.set_title(title or "Return-conditioning calibration")
+    ax.set_xlabel(f"target {RETURN_UNITS}")
+    ax.set_ylabel(f"achieved {RETURN_UNITS}")
+    ax.set_title(title or "Return-conditioning calibration", fontsize=9)
     handles, labels = ax.get_legend_handles_labels()
     if hist is not None:
         h2, l2 = hist.get_legend_handles_labels()
         handles, labels = handles + h2, labels + l2
-    ax.legend(handles, labels, fontsize=7)
+    fig.legend(handles, labels, fontsize=7, loc="outside lower center", ncols=2)  # below the axes
     ax.grid(alpha=0.3)
-    fig.tight_layout()
     return _save(fig, path)
 
 
@@ -159,4 +177,27 @@ def score_curves(curves: Sequence[tuple[str, Sequence[int], Sequence[float], Seq
     ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))  # beside, not on, the data
     ax.grid(alpha=0.3)
     fig.tight_layout()
+    return _save(fig, path)
+
+
+def compare_runs(curves: dict[str, list[dict]], path: str | Path, *, title: str) -> Path:
+    """Evaluation curves of several runs: per run (one colour) and target (one line style), the
+    score against gradient step. ``curves``: run name -> its evaluations as
+    ``{"step", "scores": {target: score}, "unit": "normalized" | "return"}`` (dtlab.runs_table);
+    the y axis is the D4RL normalized score when every evaluation has one, else mean return."""
+    normalized = all(e["unit"] == "normalized" for evals in curves.values() for e in evals)
+    styles = ("-", "--", ":", "-.")
+    fig, ax = plt.subplots(figsize=(8.0, 4.4), dpi=120, layout="constrained")
+    for i, (name, evals) in enumerate(curves.items()):
+        targets = sorted({t for e in evals for t in e["scores"]}, key=float)
+        for j, target in enumerate(targets):
+            points = [(e["step"], e["scores"][target]) for e in evals if target in e["scores"]]
+            ax.plot(*zip(*points), color=f"C{i % 10}", ls=styles[j % len(styles)], marker="o",
+                    ms=3, label=f"{name}, target {target}")
+    ax.set_xlabel("gradient step")
+    ax.set_ylabel("D4RL normalized score (0 = random, 100 = expert)" if normalized
+                  else f"mean {RETURN_UNITS}")
+    ax.set_title(title, fontsize=9)
+    _legend_outside(ax)
+    ax.grid(alpha=0.3)
     return _save(fig, path)

@@ -283,12 +283,13 @@ class DTPolicy:
         self._cache, self._cache_ids, self._cache_t = new_cache, idx.tolist(), t0 + 1
         return pred
 
-    def _observation_tensor(self, observation: Any, n: int) -> torch.Tensor:
-        """The observations of ``n`` episodes on the device: (n, obs_dim) float32, or frame stacks
+    def _observation_tensor(self, observation: Any, rows: np.ndarray) -> torch.Tensor:
+        """The observations of episodes ``rows`` ((n,) indices) on the device: (n, obs_dim) float32, or frame stacks
         (n, stack, H, W) uint8. Dict observations (one mapping of batched arrays, or a sequence of
         per-episode mappings) are flattened with the checkpoint's keys. EnvError when the shapes
-        do not fit the checkpoint's observation space."""
-        spec = self.info.observation_space
+        do not fit the checkpoint's observation space, or a vector observation holds NaN/inf
+        (the one check of the observations ``act`` gets)."""
+        spec, n = self.info.observation_space, len(rows)
         if isinstance(spec, DictObservations):
             if isinstance(observation, Mapping):
                 flat = flatten_observation(spec, observation)  # (n, dim)
@@ -301,14 +302,22 @@ class DTPolicy:
             frames = np.asarray(observation)
             if frames.dtype != np.uint8 or frames.shape[-3:] != self._frames or \
                     frames.size != n * int(np.prod(self._frames)):
-                raise EnvError(f"observations of shape {frames.shape} ({frames.dtype}) do not fit "
-                               f"the checkpoint's {describe_observations(spec)} for {n} episodes")
+                raise EnvError(f"act got observations of shape {frames.shape} ({frames.dtype}) for "
+                               f"{n} episode{'s' if n != 1 else ''}; expected "
+                               f"{(n, *self._frames)} uint8 ({describe_observations(spec)})")
             return torch.tensor(frames.reshape(n, *self._frames), device=self.device)
         obs = np.asarray(observation, dtype=np.float32)
         if obs.size != n * spec.dim:
-            raise EnvError(f"observations of shape {obs.shape} do not fit the checkpoint's "
-                           f"{describe_observations(spec)} for {n} episodes")
-        return torch.tensor(obs, device=self.device).reshape(n, spec.dim)  # (n, obs_dim)
+            single = f" or ({spec.dim},)" if n == 1 else ""
+            raise EnvError(f"act got observations of shape {obs.shape} for {n} "
+                           f"episode{'s' if n != 1 else ''}; expected ({n}, {spec.dim}){single}")
+        obs = obs.reshape(n, spec.dim)  # (n, obs_dim)
+        finite = np.isfinite(obs)
+        if not finite.all():
+            e, i = np.argwhere(~finite)[0]
+            raise EnvError(f"observation contains NaN/inf (dimension {i}) for episode {rows[e]} "
+                           f"at step {self._t[rows[e]]}: {obs[e, i]}")
+        return torch.tensor(obs, device=self.device)
 
     # ---- acting -------------------------------------------------------------------------------
     @torch.inference_mode()
@@ -324,8 +333,10 @@ class DTPolicy:
         (n,) int64 indices (unbatched after a scalar ``reset``).
 
         Raises ConfigError when an episode reaches the model's ``max_ep_len`` (timesteps beyond
-        it have no embedding: cap episodes with max_steps), and TrainingError when the model
-        produces a non-finite action, naming the episode, its target and step.
+        it have no embedding: cap episodes with max_steps), EnvError for observations of another
+        shape than (n, obs_dim) (or (obs_dim,) for one episode) or holding NaN/inf, and
+        TrainingError when the model produces a non-finite action, naming the episode, its target
+        and step.
         """
         idx = self._index(index)
         rows = np.arange(self.num_envs) if index is None else np.asarray(index, np.int64).reshape(-1)
@@ -337,7 +348,7 @@ class DTPolicy:
                               f"{int(steps.max())}, but the model's max_ep_len is {limit} (it "
                               f"embeds timesteps 0 to {limit - 1}); cap episodes at {limit} steps "
                               f"with max_steps (dtlab evaluate --max-steps {limit})")
-        obs = self._observation_tensor(observation, idx.shape[0])  # (n, obs_dim) or (n, S, H, W)
+        obs = self._observation_tensor(observation, rows)  # (n, obs_dim) or (n, S, H, W)
         t = torch.from_numpy(steps).to(self.device)  # (n,)
         if last_reward is not None:
             r = torch.tensor(np.asarray(last_reward, dtype=np.float32).reshape(-1), device=self.device)

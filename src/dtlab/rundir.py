@@ -230,7 +230,9 @@ class RunDirectory:
             write_text_atomic(self.evaluations_file,
                               "".join(dumps_json(e.to_json(), indent=None) + "\n" for e in keep))
         self.metrics = MetricsLog(self.path, resume_from=resume_from,
-                                  tensorboard=cfg.run.tensorboard)
+                                  tensorboard=cfg.run.tensorboard,
+                                  wandb_project=cfg.run.wandb_project if cfg.run.wandb else None,
+                                  wandb_config=dataclasses.asdict(cfg))
         return self.metrics
 
     def record_evaluation(self, evaluation: Evaluation) -> None:

@@ -1,0 +1,28 @@
+"""DTPolicy.act names bad input (NaN observations, a batch of the wrong shape) as the caller's."""
+
+import numpy as np
+import pytest
+import torch
+
+from dtlab.errors import EnvError
+from dtlab.policy import DTPolicy
+
+
+def test_policy_names_bad_observations_before_the_model_sees_them(tiny_checkpoint, monkeypatch):
+    """A NaN observation is the caller's, not the model's: named with its dimension; a batch of
+    the wrong shape says what was expected; the model never runs on either."""
+    policy = DTPolicy.from_checkpoint(tiny_checkpoint)
+    forwards = []
+    monkeypatch.setattr(policy.model, "predict_last",
+                        lambda *a, **k: forwards.append(1) or torch.zeros(a[0].shape[0], 1))
+    policy.reset([-100.0, -300.0])
+    nan_obs = np.array([[0.0, 0.0, 0.0], [0.0, 0.0, np.nan]], np.float32)
+    with pytest.raises(EnvError, match=r"^observation contains NaN/inf \(dimension 2\) for "
+                                       r"episode 1 at step 0"):
+        policy.act(nan_obs)
+    with pytest.raises(EnvError, match=r"^act got observations of shape \(3,\) for 2 episodes; "
+                                       r"expected \(2, 3\)$"):
+        policy.act(np.zeros(3, np.float32))
+    assert forwards == []
+    policy.act(np.zeros((2, 3), np.float32))  # good input after bad: the policy still acts
+    assert forwards == [1]
