@@ -45,13 +45,12 @@ def preset_configs(steps: int, out: str, dataset: str = "<memory>"):
     """The TrainConfig `dtlab train --preset atari` gives (parsed from the same flags)."""
     import tyro
 
-    from dtlab.config import TrainConfig, expand_train_preset
+    from dtlab.config import TrainConfig, train_preset
 
-    args = expand_train_preset(["--preset", "atari", "--dataset", dataset, "--env", ENV_ID,
-                                "--steps", str(steps), "--out", out, "--no-progress",
-                                "--no-tensorboard", "--log-every", "1", "--threads", "1",
-                                "--checkpoint-every-minutes", "0"])
-    return tyro.cli(TrainConfig, args=args)
+    args = ["--dataset", dataset, "--env", ENV_ID, "--steps", str(steps), "--out", out,
+            "--no-progress", "--no-tensorboard", "--log-every", "1", "--threads", "1",
+            "--checkpoint-every-minutes", "0"]
+    return tyro.cli(TrainConfig, args=args, default=train_preset("atari"))
 
 
 def synthetic_frames(n: int, seed: int = 0):

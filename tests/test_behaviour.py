@@ -155,7 +155,7 @@ def test_bad_actor_file(tmp_path):
 def hopper_run(tmp_path_factory):
     """A tiny SAC run on Hopper-v5: 3 snapshots, replay buffer, manifest; stopped and resumed."""
     from dtlab.behaviour.sac import train_behaviour
-    from dtlab.config import BehaviourConfig
+    from dtlab.behaviour.sac import BehaviourConfig
 
     run = tmp_path_factory.mktemp("behaviour") / "hopper"
     cfg = BehaviourConfig(env="Hopper-v5", out=str(run), steps=200, eval_every=100, eval_episodes=1,
@@ -278,7 +278,7 @@ def test_cli_medium_replay_needs_trust_pickle(hopper_run, tmp_path, capsys):
 def test_corrupt_manifests_name_the_file(tmp_path, monkeypatch):
     import dtlab.presets as presets
     from dtlab.behaviour.sac import replay_until_medium, train_behaviour
-    from dtlab.config import BehaviourConfig
+    from dtlab.behaviour.sac import BehaviourConfig
 
     run = tmp_path / "run"
     run.mkdir()
@@ -313,7 +313,7 @@ def pendulum_run(tmp_path_factory):
     """A tiny SAC run on Pendulum-v1 (episodes always 200 steps, actions in [-2, 2]): stopped at
     step 250, in the middle of its second episode, and resumed to 500."""
     from dtlab.behaviour.sac import train_behaviour
-    from dtlab.config import BehaviourConfig
+    from dtlab.behaviour.sac import BehaviourConfig
 
     run = tmp_path_factory.mktemp("behaviour") / "pendulum"
     cfg = BehaviourConfig(env="Pendulum-v1", out=str(run), steps=250, eval_every=125,

@@ -25,8 +25,9 @@ from dtlab.behaviour.scripted import pendulum_mixed_dataset
 from dtlab.benchmark import plan, report
 from dtlab.benchmark.plan import BenchmarkConfig
 from dtlab.cli import main
-from dtlab.config import (CalibrateConfig, DataConfig, EvalDuringTraining, ModelConfig,
-                          OptimConfig, RunConfig, TrainConfig)
+from dtlab.config import (DataConfig, EvalDuringTraining, ModelConfig, OptimConfig, RunConfig,
+                          TrainConfig)
+from dtlab.evaluate import CalibrateConfig
 from dtlab.data.episodes import EpisodeSet
 from dtlab.data.formats import save_episodes
 from dtlab.errors import ConfigError

@@ -299,7 +299,7 @@ def test_calibration_needs_two_episodes_per_target():
     """One episode has no standard error: every difference would count as a rise (a new user's
     --calibrate-episodes 1 reported a 'reliable maximum' from a 0.1 change in return)."""
     from dtlab.benchmark.plan import BenchmarkConfig
-    from dtlab.config import CalibrateConfig
+    from dtlab.evaluate import CalibrateConfig
 
     with pytest.raises(ConfigError, match="episodes must be >= 2, got 1"):
         CalibrateConfig(checkpoint="run", episodes=1)

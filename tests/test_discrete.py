@@ -253,7 +253,7 @@ class ThreeActions(gym.Env):
 
 def test_space_mismatches_are_one_line_errors(tmp_path):
     from dtlab.behaviour.sac import train_behaviour
-    from dtlab.config import BehaviourConfig
+    from dtlab.behaviour.sac import BehaviourConfig
     from dtlab.envs import describe_space
 
     if "dtlab-test/ThreeActions-v0" not in gym.registry:

@@ -16,7 +16,8 @@ import torch.multiprocessing as mp
 
 import dtlab
 from dtlab import checkpoint
-from dtlab.config import EvalConfig, ModelConfig
+from dtlab.config import ModelConfig
+from dtlab.evaluate import EvalConfig
 from dtlab.data.formats import save_episodes
 from dtlab.distributed import World, process_device, sampling_rng
 from dtlab.errors import ConfigError, DtlabWarning

@@ -6,7 +6,8 @@ import pytest
 import torch
 
 from dtlab.checkpoint import PolicyInfo
-from dtlab.config import EvalConfig, ModelConfig
+from dtlab.config import ModelConfig
+from dtlab.evaluate import EvalConfig
 from dtlab.env_workers import EnvWorkers, LocalEnvs
 from dtlab.envs import env_info
 from dtlab.errors import EnvError

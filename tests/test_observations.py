@@ -7,11 +7,12 @@ import gymnasium as gym
 import h5py
 import numpy as np
 import pytest
+import tyro
 import torch
 
 from dtlab import checkpoint
 from dtlab.checkpoint import PolicyInfo
-from dtlab.config import ModelConfig, TRAIN_PRESETS, TrainConfig, expand_train_preset
+from dtlab.config import ModelConfig, TRAIN_PRESETS, TrainConfig, train_preset
 from dtlab.data import EpisodeSet, SequenceSampler
 from dtlab.data.formats import load_episodes, read_d4rl, write_d4rl, write_native
 from dtlab.errors import ConfigError, DatasetError, DtlabWarning, EnvError
@@ -382,21 +383,27 @@ def test_image_episode_set_refuses_wrong_frames():
 
 
 # ---- the Atari preset --------------------------------------------------------------------------
-def test_preset_atari_expands_to_the_dt_papers_settings_and_later_flags_win():
-    import tyro
+def test_preset_atari_expands_to_the_dt_papers_settings_and_later_flags_win(tmp_path, capsys):
+    """Presets are config objects: `dtlab train --preset atari` parses with their values as the
+    defaults, and the command line's own flags win."""
+    from dtlab.cli import train_defaults
 
-    args = expand_train_preset(["--dataset", "d", "--env", "ALE/Pong-v5", "--preset", "atari",
-                                "--lr", "1e-4"])
-    cfg = tyro.cli(TrainConfig, args=args)
+    args, defaults = train_defaults(["--dataset", "d", "--env", "ALE/Pong-v5", "--preset",
+                                     "atari", "--lr", "1e-4"])
+    assert "--preset" not in args and defaults == train_preset("atari")
+    cfg = tyro.cli(TrainConfig, args=args, default=defaults)
     m, o = cfg.model, cfg.optim
     assert (m.n_layers, m.n_heads, m.embed_dim, m.context_len, m.activation, m.max_ep_len) == \
         (6, 8, 128, 30, "gelu", 27_000)
     assert (o.batch_size, o.betas, o.weight_decay, o.grad_clip, o.schedule, o.warmup_steps) == \
         (128, (0.9, 0.95), 0.1, 1.0, "cosine", 3)
     assert o.lr == 1e-4  # the command line's own flag wins over the preset's 6e-4
-    pong = tyro.cli(TrainConfig, args=expand_train_preset(["--preset=atari-pong", "--dataset", "d",
-                                                           "--env", "e"]))
+    pong = tyro.cli(TrainConfig, args=["--dataset", "d", "--env", "e"],
+                    default=train_preset("atari-pong"))
     assert (pong.model.context_len, pong.optim.batch_size, pong.optim.lr) == (50, 512, 6e-4)
-    assert set(TRAIN_PRESETS) == {"atari", "atari-pong"}
-    with pytest.raises(ConfigError, match=r"unknown preset 'mujoco' \(atari, atari-pong\)"):
-        expand_train_preset(["--preset", "mujoco"])
+    cpu = tyro.cli(TrainConfig, args=["--dataset", "d", "--env", "e"], default=train_preset("cpu"))
+    assert (cpu.run.steps, cpu.optim.warmup_steps, cpu.evaluation.eval_every) == (15_000, 1_000,
+                                                                                 2_500)
+    assert TRAIN_PRESETS == ("cpu", "atari", "atari-pong")
+    with pytest.raises(ConfigError, match=r"unknown --preset 'mujoco' \(cpu, atari, atari-pong\)"):
+        train_preset("mujoco")

@@ -9,7 +9,7 @@ import torch
 from safetensors.torch import load_file
 
 from dtlab import checkpoint, runtime
-from dtlab.config import EvalConfig
+from dtlab.evaluate import EvalConfig
 from dtlab.errors import ConfigError, DtlabWarning
 from dtlab.evaluate import evaluate_checkpoint
 from dtlab.train import train

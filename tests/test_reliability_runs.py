@@ -16,7 +16,8 @@ import dtlab.train as train_module
 from dtlab import checkpoint
 from dtlab.atomic import dumps_json, write_json
 from dtlab.cli import main
-from dtlab.config import DataConfig, EvalConfig, ModelConfig, OptimConfig, RunConfig
+from dtlab.config import DataConfig, ModelConfig, OptimConfig, RunConfig
+from dtlab.evaluate import EvalConfig
 from dtlab.data import EpisodeSet
 from dtlab.data.formats import save_episodes
 from dtlab.errors import ConfigError, DtlabWarning, TrainingError

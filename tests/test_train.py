@@ -10,7 +10,8 @@ import torch
 from safetensors.torch import load_file
 
 from dtlab import checkpoint
-from dtlab.config import EvalConfig, ModelConfig
+from dtlab.config import ModelConfig
+from dtlab.evaluate import EvalConfig
 from tests.configs import pendulum_like, train_config
 from dtlab.errors import CheckpointError, ConfigError, TrainingError
 from dtlab.evaluate import evaluate_checkpoint

@@ -21,7 +21,7 @@ from dtlab._version import __version__
 _os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 _LAZY = {
-    "TrainConfig": "dtlab.config", "EvalConfig": "dtlab.config", "ModelConfig": "dtlab.config",
+    "TrainConfig": "dtlab.config", "EvalConfig": "dtlab.evaluate", "ModelConfig": "dtlab.config",
     "DataConfig": "dtlab.config", "OptimConfig": "dtlab.config", "RunConfig": "dtlab.config",
     "EvalDuringTraining": "dtlab.config",
     "EpisodeSet": "dtlab.data.episodes", "DTPolicy": "dtlab.policy",

@@ -18,8 +18,10 @@ import tyro
 from dtlab.atomic import dumps_json
 from dtlab.benchmark.plan import BenchmarkConfig
 from dtlab.cli_errors import parse
-from dtlab.config import (BehaviourConfig, CalibrateConfig, CollectConfig, EvalConfig, MAX_SEED,
-                          TrainConfig, check_number)
+from dtlab.behaviour.sac import BehaviourConfig
+from dtlab.collect import CollectConfig
+from dtlab.config import MAX_SEED, TrainConfig, check_number
+from dtlab.evaluate import CalibrateConfig, EvalConfig
 from dtlab.errors import DtlabError, one_line_warning
 from dtlab.quickstart import STEPS as QUICKSTART_STEPS
 from dtlab.runs_table import RunsConfig
@@ -396,15 +398,23 @@ def _flag_value(args: list[str], flag: str) -> tuple[str | None, list[str]]:
 
 
 def train_defaults(args: list[str]) -> tuple[list[str], TrainConfig | None]:
-    """``dtlab train``'s saved defaults: ``--config FILE`` (a train_config.json, its values the
-    defaults that the other flags override), or with ``--resume`` the run's own
+    """``dtlab train``'s defaults that the other flags override: ``--preset NAME``
+    (``dtlab.config.train_preset``), ``--config FILE`` (a train_config.json), or with ``--resume``
+    the run's own
     train_config.json in ``--out`` (so ``--resume`` needs no other flag). Returns the arguments
-    without ``--config`` and the defaults (None: parse as usual). ConfigError for an unreadable
+    without ``--preset``/``--config`` and the defaults (None: parse as usual). ConfigError for an unreadable
     file, or ``--resume`` on a directory without a run and no ``--dataset``."""
     from dtlab.errors import ConfigError
     from dtlab.rundir import RunDirectory
 
+    from dtlab.config import train_preset
+
+    preset, args = _flag_value(args, "--preset")
     file, args = _flag_value(args, "--config")
+    if preset is not None and (file is not None or "--resume" in args):
+        raise ConfigError("--preset starts a new run: give it without --config and --resume")
+    if preset is not None:
+        return args, train_preset(preset)
     if file is not None:
         path = Path(file)
         if path.is_dir():
@@ -448,11 +458,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         args = list(sys.argv[1:] if argv is None else argv)
         defaults = None
-        if args[:1] == ["train"]:  # --preset atari: the DT paper's Atari flags, overridable
-            from dtlab.config import expand_train_preset
-
+        if args[:1] == ["train"]:  # --preset, --config, --resume: saved defaults, overridable
             train_args, defaults = train_defaults(args[1:])
-            args = ["train", *expand_train_preset(train_args)]
+            args = ["train", *train_args]
         if args[:1] == ["--version"]:
             from dtlab._version import __version__
 

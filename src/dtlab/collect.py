@@ -20,7 +20,7 @@ import os
 from collections.abc import Callable
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Literal
 
 import gymnasium
 import numpy as np
@@ -32,9 +32,130 @@ from dtlab.envs import describe_space, make_env
 from dtlab.errors import ConfigError, EnvError
 from dtlab.spaces import (ImageObservations, ObservationSpec, as_observation_array,
                           observation_space_from_gym)
+from dtlab.data.formats import MINARI_PREFIX
+
 
 if TYPE_CHECKING:
     from dtlab.behaviour.policies import BehaviourPolicy
+
+
+# ---- the command's config -------------------------------------------------------------------------
+_POLICY_CHOICES = ("random, actor:PATH, sb3:PATH, pendulum-swingup, pendulum-mixed, "
+                   "pointmaze-goal")
+
+
+@dataclass(frozen=True)
+class PolicySpec:
+    """A parsed ``CollectConfig.policy``: which behaviour policy, and its file for actor/sb3."""
+
+    kind: Literal["random", "actor", "sb3", "pendulum-swingup", "pendulum-mixed",
+                  "pointmaze-goal"]
+    path: str | None = None  # the weights file of actor:PATH (safetensors) and sb3:PATH (zip)
+
+
+def parse_policy(text: str) -> PolicySpec:
+    """``random``, ``actor:PATH``, ``sb3:PATH``, ``pendulum-swingup``, ``pendulum-mixed`` or
+    ``pointmaze-goal`` -> PolicySpec; ConfigError naming the ``policy`` field for anything else."""
+    from dtlab.errors import ConfigError
+
+    if text in ("random", "pendulum-swingup", "pendulum-mixed", "pointmaze-goal"):
+        return PolicySpec(text)
+    kind, sep, path = text.partition(":")
+    if sep and kind in ("actor", "sb3"):
+        if not path:
+            raise ConfigError(f"policy {text} needs a file: {kind}:PATH")
+        return PolicySpec(kind, path)
+    raise ConfigError(f"unknown policy '{text}' ({_POLICY_CHOICES})")
+
+
+@dataclass(frozen=True)
+class CollectConfig:
+    """Roll out a behaviour policy in a Gymnasium env and write a D4RL-style dataset file."""
+
+    out: str
+    """Dataset file to write (HDF5), or minari:<id> for a Minari dataset."""
+    env: str | None = None
+    """Gymnasium environment id, e.g. Hopper-v5 (implied by --preset)."""
+    preset: str | None = None
+    """Regenerate a D4RL-style reference dataset, 1M transitions by default, deterministically:
+    <hopper|halfcheetah|walker2d>-<random|medium|expert|medium-expert|medium-replay>-v5. random
+    needs nothing; medium/expert use behaviour-policy weights under src/dtlab/presets/<env>/
+    (made with dtlab train-behaviour --export; committed: hopper-v5, halfcheetah-v5, walker2d-v5)."""
+    policy: str = "random"
+    """Behaviour policy: random (uniform over a Box, or over a Discrete's actions); actor:PATH
+    (SAC actor weights, safetensors); sb3:PATH (a Stable-Baselines3 zip: SAC/TD3/PPO/... for Box
+    actions, PPO/DQN/A2C for Discrete ones, also on ALE/<Game>-v5; needs --trust-pickle);
+    pendulum-swingup (scripted, Pendulum-v1; --quality degrades it); pendulum-mixed (the
+    quickstart's mixed-quality data); pointmaze-goal (scripted: straight at the goal, stalling at
+    walls; PointMaze envs of gymnasium-robotics; --quality degrades it)."""
+    deterministic: bool = False
+    """Act with the policy's mean action instead of sampling (D4RL sampled)."""
+    trust_pickle: bool = False
+    """Allow loading an sb3:PATH zip or a --behaviour-run replay buffer: they contain pickles,
+    which can run code when loaded."""
+    vecnormalize: str | None = None
+    """sb3:PATH only: Stable-Baselines3 VecNormalize statistics (VecNormalize.save, a pickle: needs
+    --trust-pickle) the agent was trained with; it acts on normalized observations, the dataset
+    records raw ones. Default: vecnormalize.pkl beside the zip, when there is one."""
+    behaviour_run: str | None = None
+    """Run directory of dtlab train-behaviour (for the medium-replay preset: its replay buffer,
+    a pickle, so it also needs --trust-pickle)."""
+    quality: float = 1.0
+    """Quality in [0, 1] of the scripted pendulum-swingup and pointmaze-goal policies."""
+    episodes: int | None = None
+    """Collect this many complete episodes."""
+    transitions: int | None = None
+    """Or collect this many transitions (the last episode is cut there and marked truncated);
+    presets default to D4RL's 1M."""
+    seed: int = 0
+    """Seed of the env resets and of the policy's randomness."""
+    format: Literal["d4rl", "native", "minari"] | None = None
+    """File layout: D4RL's HDF5 keys, dtlab's native HDF5, or a Minari dataset (default: minari
+    for --out minari:<id>, else d4rl)."""
+
+    def __post_init__(self) -> None:
+        """Refuse conflicting or meaningless options before anything is collected (ConfigError).
+        The preset's own env is checked by the caller (dtlab.presets.parse_preset)."""
+        from dtlab.errors import ConfigError
+
+        for name in ("episodes", "transitions"):
+            check_number(name, getattr(self, name), minimum=1, integer=True)
+        check_number("quality", self.quality, minimum=0, maximum=1)
+        check_number("seed", self.seed, minimum=0, maximum=MAX_SEED, integer=True)
+        to_minari = self.out.startswith(MINARI_PREFIX)
+        if to_minari and self.out_format != "minari":
+            raise ConfigError(f"out {self.out} is a Minari dataset, but format is {self.out_format}")
+        if self.out_format == "minari" and not to_minari:
+            raise ConfigError(f"format minari writes a Minari dataset: give out {MINARI_PREFIX}<id>, "
+                              f"not {self.out}")
+        kind = parse_policy(self.policy).kind
+        if self.vecnormalize is not None and kind != "sb3":
+            raise ConfigError(f"--vecnormalize is for --policy sb3:PATH, not {kind}")
+        if self.preset:
+            if self.episodes is not None:
+                raise ConfigError("presets are sized by transitions (D4RL's 1M by default), not "
+                                  "episodes")
+            return
+        if kind == "pendulum-mixed" and self.transitions is not None:
+            raise ConfigError("policy pendulum-mixed collects whole episodes: give episodes, not "
+                              "transitions")
+        if self.env is None:
+            raise ConfigError("give env (or preset)")
+        if kind in ("pendulum-mixed", "pendulum-swingup") and self.env != "Pendulum-v1":
+            raise ConfigError(f"policy {kind} is for Pendulum-v1")
+        if kind != "pendulum-mixed" and (self.episodes is None) == (self.transitions is None):
+            raise ConfigError("give episodes or transitions" if self.episodes is None else
+                              "give episodes or transitions, not both")
+
+    @property
+    def policy_spec(self) -> PolicySpec:
+        """``policy`` parsed (it was validated when the config was made)."""
+        return parse_policy(self.policy)
+
+    @property
+    def out_format(self) -> Literal["d4rl", "native", "minari"]:
+        """``format``, or its default for ``out``: minari for minari:<id>, else d4rl."""
+        return self.format or ("minari" if self.out.startswith(MINARI_PREFIX) else "d4rl")
 
 
 def derived_stream(seed: int, key: int) -> np.random.Generator:

@@ -8,7 +8,6 @@ normalization statistics, reference scores) live in the checkpoint, never here.
 from __future__ import annotations
 
 import dataclasses
-import math
 import types
 import typing
 from collections.abc import Mapping
@@ -17,7 +16,7 @@ from typing import Annotated, Any, Literal
 
 import tyro
 
-from dtlab.checks import check_number, is_number  # noqa: F401  (check_number: re-exported)
+from dtlab.checks import check_number  # noqa: F401  (re-exported: the one check, dtlab.checks)
 from dtlab.errors import ConfigError
 
 
@@ -298,62 +297,16 @@ class EvalDuringTraining:
 
 _FLAT = tyro.conf.arg(name="")  # the group's fields keep their flat flags: --lr, --steps, --out
 
-# The DT paper's Atari settings as ``dtlab train`` flags: ``dtlab train --preset NAME`` puts these
-# before the command line's own flags, which override them. Sources, github.com/kzl/decision-
-# transformer: atari/run_dt_atari.py (n_layer 6, n_head 8, n_embd 128, --context_length 30,
-# --batch_size 128, learning_rate 6e-4, lr_decay: warm-up then cosine decay), atari/run.sh
-# (Pong: block_size 150 = 3 x K, i.e. K 50, and batch_size 512), atari/mingpt/trainer_atari.py
-# (betas (0.9, 0.95), grad_norm_clip 1.0, weight_decay 0.1 on matmul weights, warm-up over
-# warmup_tokens = 512 * 20 target actions: 10,240 / (128 x 30 per step) = 2.7 -> 3 steps,
-# 10,240 / (512 x 50) -> 1 step) and atari/mingpt/model_atari.py (GELU, 4 x n_embd MLPs, dropout
-# 0.1: dtlab's defaults but the activation). max_ep_len 27,000: the ALE's episode cap (108,000
-# frames at frame skip 4; dtlab.envs.ATARI_MAX_STEPS; the DT code sizes its timestep table by
-# the data's longest episode). Deviations: dtlab's cosine decays to 10% at --steps (DT: at
-# final_tokens = 2 x 500,000 x 3K target actions, floor 10%), and the DT code trains 5 epochs
-# (about 19,500 steps on 500,000 transitions at batch 128), which --steps leaves to the user.
-_ATARI_FLAGS = ("--model.n-layers", "6", "--model.n-heads", "8", "--model.embed-dim", "128",
-                "--model.activation", "gelu", "--model.max-ep-len", "27000", "--lr", "6e-4",
-                "--betas", "0.9", "0.95", "--weight-decay", "0.1", "--grad-clip", "1.0",
-                "--schedule", "cosine")
-TRAIN_PRESETS: dict[str, tuple[str, ...]] = {
-    "atari": _ATARI_FLAGS + ("--model.context-len", "30", "--batch-size", "128",
-                             "--warmup-steps", "3"),
-    "atari-pong": _ATARI_FLAGS + ("--model.context-len", "50", "--batch-size", "512",
-                                  "--warmup-steps", "1"),
-}
-
-
-def expand_train_preset(args: list[str]) -> list[str]:
-    """``dtlab train`` arguments with ``--preset NAME`` (or ``--preset=NAME``) replaced by the
-    flags of ``TRAIN_PRESETS[NAME]``, placed first so that the command line's own flags win.
-    ConfigError for an unknown name or a missing one."""
-    out, preset = [], None
-    i = 0
-    while i < len(args):
-        arg = args[i]
-        if arg == "--preset" or arg.startswith("--preset="):
-            if arg == "--preset":
-                if i + 1 >= len(args):
-                    raise ConfigError(f"preset needs a name ({', '.join(TRAIN_PRESETS)})")
-                name, i = args[i + 1], i + 2
-            else:
-                name, i = arg.split("=", 1)[1], i + 1
-            if name not in TRAIN_PRESETS:
-                raise ConfigError(f"unknown preset {name!r} ({', '.join(TRAIN_PRESETS)})")
-            preset = name
-            continue
-        out.append(arg)
-        i += 1
-    return list(TRAIN_PRESETS[preset]) + out if preset else out
-
-
 @dataclass(frozen=True)
 class TrainConfig:
     """Training run (defaults: the DT paper's gym run), in groups: what to train on (data), the
     network (model), the updates (optim), the run's length, outputs and hardware (run), and
     evaluation during training. A resumed run must keep data, model and optim unchanged.
-    --preset atari (or atari-pong): start from the DT paper's Atari settings, which any other
-    flag given overrides (docs/usage.md, "Atari")."""
+    --preset cpu (the measured CPU recipe: 15k steps, 1k warm-up, evaluation every 2,500 steps),
+    atari or atari-pong (the DT paper's Atari settings): start from these values, which any
+    other flag given overrides (docs/usage.md). --config FILE: start from a saved
+    train_config.json (or a run directory's). --resume with --out RUN: continue RUN with its own
+    saved settings."""
 
     data: Annotated[DataConfig, _FLAT]
     """What to train on."""
@@ -381,279 +334,51 @@ class TrainConfig:
         return groups
 
 
-@dataclass(frozen=True)
-class EvalConfig:
-    """Return-conditioned evaluation of a checkpoint in its Gymnasium environment."""
-
-    checkpoint: Annotated[str, tyro.conf.Positional, tyro.conf.arg(metavar="CKPT_DIR")]
-    """Checkpoint directory (a run directory resolves to its latest checkpoint)."""
-    targets: tuple[float, ...] = ()
-    """Target returns to condition on; default from the env registry (not with --sweep, which
-    picks its own)."""
-    episodes: int = 10
-    """Episodes per target."""
-    seed: int = 0
-    """Episode i of every target resets its env with seed + i (same starts for every target)."""
-    env: str | None = None
-    """Override the checkpoint's env id (must have the same spaces)."""
-    out: str | None = None
-    """Write results as JSON to this file."""
-    sweep: bool = False
-    """Evaluate a range of targets (from the dataset's lowest episode return to 20% of the return
-    range past its highest) and draw achieved vs target return."""
-    sweep_points: int = 8
-    """Number of targets in --sweep."""
-    plot: str | None = None
-    """PNG path for the achieved-vs-target plot (drawn when given, or with --sweep: default next to
-    --out, else sweep.png)."""
-    max_steps: int | None = None
-    """Cut episodes at this many steps (default: the env's time limit)."""
-    device: str = "auto"
-    """torch device: auto, cpu, cuda, ..."""
-    threads: int | None = None
-    """CPU threads for torch (default: OMP_NUM_THREADS if set, else 1 for rollouts)."""
-    precision: Literal["auto", "fp32", "bf16"] = "auto"
-    """Model precision in rollouts: auto (bf16 where the hardware computes it natively: CPUs with
-    AVX-512-BF16 or AMX, GPUs of compute capability 8.0+; else fp32), fp32 (exact), or bf16
-    autocast (actions differ by ~1e-3; 2-31x slower on CPUs without native bf16)."""
-    eval_workers: int = 0
-    """Step the environments in this many worker processes while the model acts in this one
-    (0: all in this process). Returns are identical either way; it pays when the simulator's share
-    of the time is large (MuJoCo) and cores are free."""
-    kv_cache: bool = False
-    """Approximate, faster rollouts: feed only each step's new tokens and reuse cached keys and
-    values. Exact for the first K steps; afterwards older tokens keep keys/values computed with
-    context that has left the window (measured score impact: docs/benchmarks.md)."""
-    temperature: float = 0.0
-    """Discrete actions: 0 takes the most likely action; above 0 samples from softmax(logits /
-    temperature), each episode from its own stream keyed by (--seed, its env seed, its target),
-    so its result does not depend on the other episodes or targets (the DT Atari code samples at
-    1.0)."""
-
-    offline: bool = False
-    """Evaluate without an environment, on --dataset's windows: action error per return-to-go
-    bucket, and how much the predicted actions change when the return-to-go is swapped (no env is
-    made)."""
-    dataset: str | None = None
-    """Dataset for --offline: a D4RL or native HDF5 file, or minari:<id> (default: the file the
-    checkpoint was trained on, if its content is unchanged)."""
-    buckets: int = 4
-    """--offline: number of return-to-go buckets (quantiles of the windows' returns-to-go)."""
-    windows: int = 10_000
-    """--offline: evaluate this many windows, drawn without replacement with --seed (0: all)."""
-    swap_quantiles: tuple[float, float] = (0.1, 0.9)
-    """--offline: the low and high quantiles of the dataset's returns-to-go whose values replace
-    each window's return-to-go in the swap test."""
-
-    def __post_init__(self) -> None:
-        check_targets("targets", self.targets)
-        check_choice("precision", self.precision, PRECISIONS)
-        check_number("episodes", self.episodes, minimum=1, integer=True)
-        check_number("seed", self.seed, minimum=0, maximum=MAX_SEED, integer=True)
-        check_number("temperature", self.temperature, minimum=0)
-        check_number("sweep_points", self.sweep_points, minimum=2, integer=True)
-        check_number("buckets", self.buckets, minimum=1, integer=True)
-        check_number("windows", self.windows, minimum=0, integer=True)
-        if len(self.swap_quantiles) != 2 or not self.swap_quantiles[0] < self.swap_quantiles[1]:
-            raise ConfigError(f"swap_quantiles must be two increasing quantiles, got "
-                              f"{self.swap_quantiles!r}")
-        for q in self.swap_quantiles:
-            check_number("swap_quantiles", q, minimum=0, maximum=1)
-        if self.sweep and self.targets:
-            raise ConfigError(f"--sweep picks its own targets (the dataset's return range); drop "
-                              f"--targets {' '.join(f'{t:g}' for t in self.targets)}, or --sweep "
-                              "to evaluate at them")
-        check_number("max_steps", self.max_steps, minimum=1, integer=True)
-        check_number("threads", self.threads, minimum=1, integer=True)
-        check_number("eval_workers", self.eval_workers, minimum=0, integer=True)
+# The DT paper's Atari settings (``dtlab train --preset atari``: its values are the defaults that the
+# command line's own flags override). Sources, github.com/kzl/decision-
+# transformer: atari/run_dt_atari.py (n_layer 6, n_head 8, n_embd 128, --context_length 30,
+# --batch_size 128, learning_rate 6e-4, lr_decay: warm-up then cosine decay), atari/run.sh
+# (Pong: block_size 150 = 3 x K, i.e. K 50, and batch_size 512), atari/mingpt/trainer_atari.py
+# (betas (0.9, 0.95), grad_norm_clip 1.0, weight_decay 0.1 on matmul weights, warm-up over
+# warmup_tokens = 512 * 20 target actions: 10,240 / (128 x 30 per step) = 2.7 -> 3 steps,
+# 10,240 / (512 x 50) -> 1 step) and atari/mingpt/model_atari.py (GELU, 4 x n_embd MLPs, dropout
+# 0.1: dtlab's defaults but the activation). max_ep_len 27,000: the ALE's episode cap (108,000
+# frames at frame skip 4; dtlab.envs.ATARI_MAX_STEPS; the DT code sizes its timestep table by
+# the data's longest episode). Deviations: dtlab's cosine decays to 10% at --steps (DT: at
+# final_tokens = 2 x 500,000 x 3K target actions, floor 10%), and the DT code trains 5 epochs
+# (about 19,500 steps on 500,000 transitions at batch 128), which --steps leaves to the user.
+def _atari(context_len: int, batch_size: int, warmup_steps: int) -> "TrainConfig":
+    return TrainConfig(
+        data=DataConfig(tyro.MISSING, tyro.MISSING),
+        model=ModelConfig(n_layers=6, n_heads=8, embed_dim=128, activation="gelu",
+                          max_ep_len=27_000, context_len=context_len),
+        optim=OptimConfig(lr=6e-4, betas=(0.9, 0.95), weight_decay=0.1, grad_clip=1.0,
+                          schedule="cosine", batch_size=batch_size, warmup_steps=warmup_steps))
 
 
-# Dataset ids written with ``--out minari:<id>``: dtlab.data.formats.MINARI_PREFIX (the data
-# layer sits above this leaf module, so the prefix is repeated; tests/test_collect.py pins both).
-_MINARI_PREFIX = "minari:"
-_POLICY_CHOICES = ("random, actor:PATH, sb3:PATH, pendulum-swingup, pendulum-mixed, "
-                   "pointmaze-goal")
+# "cpu": the CPU recipe measured in docs/results.md ("A CPU recipe for hopper-medium-replay"):
+# the paper's model and optimizer, 15,000 steps with a 1,000-step warm-up instead of 100,000 with
+# 10,000, evaluation every 2,500 steps (10 episodes per target) with a checkpoint at each.
+CPU_PRESET_STEPS = 15_000
 
 
-@dataclass(frozen=True)
-class PolicySpec:
-    """A parsed ``CollectConfig.policy``: which behaviour policy, and its file for actor/sb3."""
-
-    kind: Literal["random", "actor", "sb3", "pendulum-swingup", "pendulum-mixed",
-                  "pointmaze-goal"]
-    path: str | None = None  # the weights file of actor:PATH (safetensors) and sb3:PATH (zip)
-
-
-def parse_policy(text: str) -> PolicySpec:
-    """``random``, ``actor:PATH``, ``sb3:PATH``, ``pendulum-swingup``, ``pendulum-mixed`` or
-    ``pointmaze-goal`` -> PolicySpec; ConfigError naming the ``policy`` field for anything else."""
-    from dtlab.errors import ConfigError
-
-    if text in ("random", "pendulum-swingup", "pendulum-mixed", "pointmaze-goal"):
-        return PolicySpec(text)
-    kind, sep, path = text.partition(":")
-    if sep and kind in ("actor", "sb3"):
-        if not path:
-            raise ConfigError(f"policy {text} needs a file: {kind}:PATH")
-        return PolicySpec(kind, path)
-    raise ConfigError(f"unknown policy '{text}' ({_POLICY_CHOICES})")
+def _cpu() -> "TrainConfig":
+    return TrainConfig(
+        data=DataConfig(tyro.MISSING, tyro.MISSING),
+        optim=OptimConfig(warmup_steps=1_000),
+        run=RunConfig(steps=CPU_PRESET_STEPS, checkpoint_every=2_500),
+        evaluation=EvalDuringTraining(eval_every=2_500, eval_episodes=10))
 
 
-@dataclass(frozen=True)
-class CalibrateConfig:
-    """Return-conditioning calibration of a checkpoint: sweep targets over the data's returns, find
-    where the achieved return stops rising with the target, and store that reliable maximum
-    target in the checkpoint (calibration.json), so that asking for more warns."""
-
-    checkpoint: Annotated[str, tyro.conf.Positional, tyro.conf.arg(metavar="CKPT_DIR")]
-    """Checkpoint directory (a run directory resolves to its latest checkpoint)."""
-    points: int = 10
-    """Targets in the sweep: evenly spaced from the data's lowest episode return to 50% of the
-    return range past its best (1.5x the best when the lowest return is 0)."""
-    episodes: int = 10
-    """Episodes per target, at least 2 (the noise margin uses their standard error, and shrinks
-    with 1/sqrt(episodes))."""
-    z: float = 2.0
-    """Noise margin in standard errors: achieved return "rises" from one target to a higher one
-    when the difference of their means exceeds z times its standard error."""
-    seed: int = 0
-    """Episode i of every target resets its env with seed + i."""
-    dataset: str | None = None
-    """Dataset whose episode returns are drawn behind the curve (default: the checkpoint's
-    training dataset when its file is still there)."""
-    plot: str | None = None
-    """PNG path of the calibration plot (default: calibration.png in the checkpoint directory)."""
-    max_steps: int | None = None
-    """Cut episodes at this many steps (default: the env's time limit)."""
-    device: str = "auto"
-    """torch device: auto, cpu, cuda, ..."""
-    threads: int | None = None
-    """CPU threads for torch (default: OMP_NUM_THREADS if set, else 1 for rollouts)."""
-
-    def __post_init__(self) -> None:
-        check_number("points", self.points, minimum=2, integer=True)
-        check_number("episodes", self.episodes, minimum=2, integer=True)  # a standard error
-        check_number("z", self.z, minimum=0)
-        check_number("seed", self.seed, minimum=0, maximum=MAX_SEED, integer=True)
-        check_number("max_steps", self.max_steps, minimum=1, integer=True)
-        check_number("threads", self.threads, minimum=1, integer=True)
+def train_preset(name: str) -> "TrainConfig":
+    """The TrainConfig of ``dtlab train --preset NAME`` (its dataset and env still to give):
+    ``cpu`` (the measured CPU recipe), ``atari`` or ``atari-pong`` (the DT paper's Atari
+    settings). ConfigError naming ``--preset`` for an unknown name."""
+    presets = {"cpu": _cpu, "atari": lambda: _atari(30, 128, 3),
+               "atari-pong": lambda: _atari(50, 512, 1)}
+    if name not in presets:
+        raise ConfigError(f"unknown --preset {name!r} ({', '.join(presets)})")
+    return presets[name]()
 
 
-@dataclass(frozen=True)
-class CollectConfig:
-    """Roll out a behaviour policy in a Gymnasium env and write a D4RL-style dataset file."""
-
-    out: str
-    """Dataset file to write (HDF5), or minari:<id> for a Minari dataset."""
-    env: str | None = None
-    """Gymnasium environment id, e.g. Hopper-v5 (implied by --preset)."""
-    preset: str | None = None
-    """Regenerate a D4RL-style reference dataset, 1M transitions by default, deterministically:
-    <hopper|halfcheetah|walker2d>-<random|medium|expert|medium-expert|medium-replay>-v5. random
-    needs nothing; medium/expert use behaviour-policy weights under src/dtlab/presets/<env>/
-    (made with dtlab train-behaviour --export; committed: hopper-v5, halfcheetah-v5, walker2d-v5)."""
-    policy: str = "random"
-    """Behaviour policy: random (uniform over a Box, or over a Discrete's actions); actor:PATH
-    (SAC actor weights, safetensors); sb3:PATH (a Stable-Baselines3 zip: SAC/TD3/PPO/... for Box
-    actions, PPO/DQN/A2C for Discrete ones, also on ALE/<Game>-v5; needs --trust-pickle);
-    pendulum-swingup (scripted, Pendulum-v1; --quality degrades it); pendulum-mixed (the
-    quickstart's mixed-quality data); pointmaze-goal (scripted: straight at the goal, stalling at
-    walls; PointMaze envs of gymnasium-robotics; --quality degrades it)."""
-    deterministic: bool = False
-    """Act with the policy's mean action instead of sampling (D4RL sampled)."""
-    trust_pickle: bool = False
-    """Allow loading an sb3:PATH zip or a --behaviour-run replay buffer: they contain pickles,
-    which can run code when loaded."""
-    vecnormalize: str | None = None
-    """sb3:PATH only: Stable-Baselines3 VecNormalize statistics (VecNormalize.save, a pickle: needs
-    --trust-pickle) the agent was trained with; it acts on normalized observations, the dataset
-    records raw ones. Default: vecnormalize.pkl beside the zip, when there is one."""
-    behaviour_run: str | None = None
-    """Run directory of dtlab train-behaviour (for the medium-replay preset: its replay buffer,
-    a pickle, so it also needs --trust-pickle)."""
-    quality: float = 1.0
-    """Quality in [0, 1] of the scripted pendulum-swingup and pointmaze-goal policies."""
-    episodes: int | None = None
-    """Collect this many complete episodes."""
-    transitions: int | None = None
-    """Or collect this many transitions (the last episode is cut there and marked truncated);
-    presets default to D4RL's 1M."""
-    seed: int = 0
-    """Seed of the env resets and of the policy's randomness."""
-    format: Literal["d4rl", "native", "minari"] | None = None
-    """File layout: D4RL's HDF5 keys, dtlab's native HDF5, or a Minari dataset (default: minari
-    for --out minari:<id>, else d4rl)."""
-
-    def __post_init__(self) -> None:
-        """Refuse conflicting or meaningless options before anything is collected (ConfigError).
-        The preset's own env is checked by the caller (dtlab.presets.parse_preset)."""
-        from dtlab.errors import ConfigError
-
-        for name in ("episodes", "transitions"):
-            check_number(name, getattr(self, name), minimum=1, integer=True)
-        check_number("quality", self.quality, minimum=0, maximum=1)
-        check_number("seed", self.seed, minimum=0, maximum=MAX_SEED, integer=True)
-        to_minari = self.out.startswith(_MINARI_PREFIX)
-        if to_minari and self.out_format != "minari":
-            raise ConfigError(f"out {self.out} is a Minari dataset, but format is {self.out_format}")
-        if self.out_format == "minari" and not to_minari:
-            raise ConfigError(f"format minari writes a Minari dataset: give out {_MINARI_PREFIX}<id>, "
-                              f"not {self.out}")
-        kind = parse_policy(self.policy).kind
-        if self.vecnormalize is not None and kind != "sb3":
-            raise ConfigError(f"--vecnormalize is for --policy sb3:PATH, not {kind}")
-        if self.preset:
-            if self.episodes is not None:
-                raise ConfigError("presets are sized by transitions (D4RL's 1M by default), not "
-                                  "episodes")
-            return
-        if kind == "pendulum-mixed" and self.transitions is not None:
-            raise ConfigError("policy pendulum-mixed collects whole episodes: give episodes, not "
-                              "transitions")
-        if self.env is None:
-            raise ConfigError("give env (or preset)")
-        if kind in ("pendulum-mixed", "pendulum-swingup") and self.env != "Pendulum-v1":
-            raise ConfigError(f"policy {kind} is for Pendulum-v1")
-        if kind != "pendulum-mixed" and (self.episodes is None) == (self.transitions is None):
-            raise ConfigError("give episodes or transitions" if self.episodes is None else
-                              "give episodes or transitions, not both")
-
-    @property
-    def policy_spec(self) -> PolicySpec:
-        """``policy`` parsed (it was validated when the config was made)."""
-        return parse_policy(self.policy)
-
-    @property
-    def out_format(self) -> Literal["d4rl", "native", "minari"]:
-        """``format``, or its default for ``out``: minari for minari:<id>, else d4rl."""
-        return self.format or ("minari" if self.out.startswith(_MINARI_PREFIX) else "d4rl")
-
-
-@dataclass(frozen=True)
-class BehaviourConfig:
-    """Train a SAC behaviour agent (Stable-Baselines3) with periodic evaluation and snapshots."""
-
-    env: str
-    """Gymnasium environment id, e.g. Hopper-v5."""
-    out: str
-    """Run directory: snapshots/, replay_buffer.pkl, manifest.json."""
-    steps: int = 1_000_000
-    """Total environment steps (D4RL trained its SAC agents for 1M steps)."""
-    eval_every: int = 20_000
-    """Evaluate and snapshot every this many steps."""
-    eval_episodes: int = 10
-    """Deterministic evaluation episodes per snapshot."""
-    learning_starts: int = 10_000
-    """Random-action steps before learning starts (SB3 zoo's MuJoCo setting)."""
-    buffer_size: int = 1_000_000
-    """Replay buffer capacity (SB3's default; medium-replay needs it to hold the whole run)."""
-    seed: int = 0
-    """Seed of SAC, the env and evaluation."""
-    threads: int = 1
-    """torch CPU threads for SAC updates."""
-
-    def __post_init__(self) -> None:
-        for name in ("steps", "eval_every", "eval_episodes", "buffer_size", "threads"):
-            check_number(name, getattr(self, name), minimum=1, integer=True)
-        check_number("learning_starts", self.learning_starts, minimum=0, integer=True)
-        check_number("seed", self.seed, minimum=0, maximum=MAX_SEED, integer=True)
+TRAIN_PRESETS = ("cpu", "atari", "atari-pong")

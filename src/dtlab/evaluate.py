@@ -10,23 +10,151 @@ import os
 import warnings
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Sequence
+from typing import Annotated, Literal, Sequence
 
 import numpy as np
+import tyro
 
 from dtlab import checkpoint, runtime
 from dtlab.atomic import check_writable, write_json
-from dtlab.config import CalibrateConfig, EvalConfig
+from dtlab.config import MAX_SEED, PRECISIONS, check_choice, check_number, check_targets
 from dtlab.data.episodes import EpisodeSet
 from dtlab.data.records import ReturnStats
-from dtlab.envs import env_info, make_env
+from dtlab.envs import check_same_env, episode_limit, make_env
 from dtlab.errors import ConfigError, DatasetError, DtlabWarning
 from dtlab.policy import DTPolicy
 from dtlab.rundir import one_writer
-from dtlab.envs import check_same_env, episode_limit
 from dtlab.rollout import RolloutReport, TargetResult, default_targets, rollout
 from dtlab.spaces import (ContinuousActions, DictObservations, DiscreteActions, check_against_env,
                           describe_observations)
+
+# ---- the commands' configs ----------------------------------------------------------------------
+@dataclass(frozen=True)
+class EvalConfig:
+    """Return-conditioned evaluation of a checkpoint in its Gymnasium environment."""
+
+    checkpoint: Annotated[str, tyro.conf.Positional, tyro.conf.arg(metavar="CKPT_DIR")]
+    """Checkpoint directory (a run directory resolves to its latest checkpoint)."""
+    targets: tuple[float, ...] = ()
+    """Target returns to condition on; default from the env registry (not with --sweep, which
+    picks its own)."""
+    episodes: int = 10
+    """Episodes per target."""
+    seed: int = 0
+    """Episode i of every target resets its env with seed + i (same starts for every target)."""
+    env: str | None = None
+    """Override the checkpoint's env id (must have the same spaces)."""
+    out: str | None = None
+    """Write results as JSON to this file."""
+    sweep: bool = False
+    """Evaluate a range of targets (from the dataset's lowest episode return to 20% of the return
+    range past its highest) and draw achieved vs target return."""
+    sweep_points: int = 8
+    """Number of targets in --sweep."""
+    plot: str | None = None
+    """PNG path for the achieved-vs-target plot (drawn when given, or with --sweep: default next to
+    --out, else sweep.png)."""
+    max_steps: int | None = None
+    """Cut episodes at this many steps (default: the env's time limit)."""
+    device: str = "auto"
+    """torch device: auto, cpu, cuda, ..."""
+    threads: int | None = None
+    """CPU threads for torch (default: OMP_NUM_THREADS if set, else 1 for rollouts)."""
+    precision: Literal["auto", "fp32", "bf16"] = "auto"
+    """Model precision in rollouts: auto (bf16 where the hardware computes it natively: CPUs with
+    AVX-512-BF16 or AMX, GPUs of compute capability 8.0+; else fp32), fp32 (exact), or bf16
+    autocast (actions differ by ~1e-3; 2-31x slower on CPUs without native bf16)."""
+    eval_workers: int = 0
+    """Step the environments in this many worker processes while the model acts in this one
+    (0: all in this process). Returns are identical either way; it pays when the simulator's share
+    of the time is large (MuJoCo) and cores are free."""
+    kv_cache: bool = False
+    """Approximate, faster rollouts: feed only each step's new tokens and reuse cached keys and
+    values. Exact for the first K steps; afterwards older tokens keep keys/values computed with
+    context that has left the window (measured score impact: docs/benchmarks.md)."""
+    temperature: float = 0.0
+    """Discrete actions: 0 takes the most likely action; above 0 samples from softmax(logits /
+    temperature), each episode from its own stream keyed by (--seed, its env seed, its target),
+    so its result does not depend on the other episodes or targets (the DT Atari code samples at
+    1.0)."""
+
+    offline: bool = False
+    """Evaluate without an environment, on --dataset's windows: action error per return-to-go
+    bucket, and how much the predicted actions change when the return-to-go is swapped (no env is
+    made)."""
+    dataset: str | None = None
+    """Dataset for --offline: a D4RL or native HDF5 file, or minari:<id> (default: the file the
+    checkpoint was trained on, if its content is unchanged)."""
+    buckets: int = 4
+    """--offline: number of return-to-go buckets (quantiles of the windows' returns-to-go)."""
+    windows: int = 10_000
+    """--offline: evaluate this many windows, drawn without replacement with --seed (0: all)."""
+    swap_quantiles: tuple[float, float] = (0.1, 0.9)
+    """--offline: the low and high quantiles of the dataset's returns-to-go whose values replace
+    each window's return-to-go in the swap test."""
+
+    def __post_init__(self) -> None:
+        check_targets("targets", self.targets)
+        check_choice("precision", self.precision, PRECISIONS)
+        check_number("episodes", self.episodes, minimum=1, integer=True)
+        check_number("seed", self.seed, minimum=0, maximum=MAX_SEED, integer=True)
+        check_number("temperature", self.temperature, minimum=0)
+        check_number("sweep_points", self.sweep_points, minimum=2, integer=True)
+        check_number("buckets", self.buckets, minimum=1, integer=True)
+        check_number("windows", self.windows, minimum=0, integer=True)
+        if len(self.swap_quantiles) != 2 or not self.swap_quantiles[0] < self.swap_quantiles[1]:
+            raise ConfigError(f"swap_quantiles must be two increasing quantiles, got "
+                              f"{self.swap_quantiles!r}")
+        for q in self.swap_quantiles:
+            check_number("swap_quantiles", q, minimum=0, maximum=1)
+        if self.sweep and self.targets:
+            raise ConfigError(f"--sweep picks its own targets (the dataset's return range); drop "
+                              f"--targets {' '.join(f'{t:g}' for t in self.targets)}, or --sweep "
+                              "to evaluate at them")
+        check_number("max_steps", self.max_steps, minimum=1, integer=True)
+        check_number("threads", self.threads, minimum=1, integer=True)
+        check_number("eval_workers", self.eval_workers, minimum=0, integer=True)
+
+
+@dataclass(frozen=True)
+class CalibrateConfig:
+    """Return-conditioning calibration of a checkpoint: sweep targets over the data's returns, find
+    where the achieved return stops rising with the target, and store that reliable maximum
+    target in the checkpoint (calibration.json), so that asking for more warns."""
+
+    checkpoint: Annotated[str, tyro.conf.Positional, tyro.conf.arg(metavar="CKPT_DIR")]
+    """Checkpoint directory (a run directory resolves to its latest checkpoint)."""
+    points: int = 10
+    """Targets in the sweep: evenly spaced from the data's lowest episode return to 50% of the
+    return range past its best (1.5x the best when the lowest return is 0)."""
+    episodes: int = 10
+    """Episodes per target, at least 2 (the noise margin uses their standard error, and shrinks
+    with 1/sqrt(episodes))."""
+    z: float = 2.0
+    """Noise margin in standard errors: achieved return "rises" from one target to a higher one
+    when the difference of their means exceeds z times its standard error."""
+    seed: int = 0
+    """Episode i of every target resets its env with seed + i."""
+    dataset: str | None = None
+    """Dataset whose episode returns are drawn behind the curve (default: the checkpoint's
+    training dataset when its file is still there)."""
+    plot: str | None = None
+    """PNG path of the calibration plot (default: calibration.png in the checkpoint directory)."""
+    max_steps: int | None = None
+    """Cut episodes at this many steps (default: the env's time limit)."""
+    device: str = "auto"
+    """torch device: auto, cpu, cuda, ..."""
+    threads: int | None = None
+    """CPU threads for torch (default: OMP_NUM_THREADS if set, else 1 for rollouts)."""
+
+    def __post_init__(self) -> None:
+        check_number("points", self.points, minimum=2, integer=True)
+        check_number("episodes", self.episodes, minimum=2, integer=True)  # a standard error
+        check_number("z", self.z, minimum=0)
+        check_number("seed", self.seed, minimum=0, maximum=MAX_SEED, integer=True)
+        check_number("max_steps", self.max_steps, minimum=1, integer=True)
+        check_number("threads", self.threads, minimum=1, integer=True)
+
 
 __all__ = ["evaluate_checkpoint", "rollout", "sweep_targets", "results_json", "TargetResult",
            "RolloutReport", "Calibration", "reliable_maximum", "calibrate_checkpoint",

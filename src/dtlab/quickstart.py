@@ -15,8 +15,8 @@ from pathlib import Path
 
 import numpy as np
 
-from dtlab.config import (DataConfig, EvalConfig, ModelConfig, OptimConfig, RunConfig,
-                          TrainConfig)
+from dtlab.config import DataConfig, ModelConfig, OptimConfig, RunConfig, TrainConfig
+from dtlab.evaluate import EvalConfig
 from dtlab.errors import ConfigError
 from dtlab.rundir import one_writer
 

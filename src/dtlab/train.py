@@ -39,7 +39,6 @@ from dtlab.config import OptimConfig, TrainConfig
 from dtlab.data.episodes import EpisodeSet
 from dtlab.data.sampling import Batch, SequenceSampler
 from dtlab.distributed import World
-from dtlab.envs import env_info
 from dtlab.errors import CheckpointError, ConfigError, DtlabWarning, TrainingError
 from dtlab.metrics import METRICS_FILE, Evaluation, Progress, training_record
 from dtlab.model import DecisionTransformer, build_model

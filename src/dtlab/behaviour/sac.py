@@ -27,12 +27,42 @@ import numpy as np
 
 from dtlab.atomic import atomic_path, dumps_json, write_text_atomic
 from dtlab.behaviour.policies import SacActorWeights, write_actor
-from dtlab.config import BehaviourConfig
+from dtlab.config import MAX_SEED, check_number
 from dtlab.envs import describe_space, make_env
 from dtlab.errors import ConfigError, EnvError
 
 if TYPE_CHECKING:
     from dtlab.data.episodes import EpisodeSet
+
+@dataclass(frozen=True)
+class BehaviourConfig:
+    """Train a SAC behaviour agent (Stable-Baselines3) with periodic evaluation and snapshots."""
+
+    env: str
+    """Gymnasium environment id, e.g. Hopper-v5."""
+    out: str
+    """Run directory: snapshots/, replay_buffer.pkl, manifest.json."""
+    steps: int = 1_000_000
+    """Total environment steps (D4RL trained its SAC agents for 1M steps)."""
+    eval_every: int = 20_000
+    """Evaluate and snapshot every this many steps."""
+    eval_episodes: int = 10
+    """Deterministic evaluation episodes per snapshot."""
+    learning_starts: int = 10_000
+    """Random-action steps before learning starts (SB3 zoo's MuJoCo setting)."""
+    buffer_size: int = 1_000_000
+    """Replay buffer capacity (SB3's default; medium-replay needs it to hold the whole run)."""
+    seed: int = 0
+    """Seed of SAC, the env and evaluation."""
+    threads: int = 1
+    """torch CPU threads for SAC updates."""
+
+    def __post_init__(self) -> None:
+        for name in ("steps", "eval_every", "eval_episodes", "buffer_size", "threads"):
+            check_number(name, getattr(self, name), minimum=1, integer=True)
+        check_number("learning_starts", self.learning_starts, minimum=0, integer=True)
+        check_number("seed", self.seed, minimum=0, maximum=MAX_SEED, integer=True)
+
 
 MANIFEST = "manifest.json"
 ALGORITHM = "SAC (stable-baselines3, default hyperparameters)"
