@@ -109,6 +109,21 @@ class TrainBehaviourCommand:
         check_number("export_episodes", self.export_episodes, minimum=1, integer=True)
 
 
+@dataclass(frozen=True)
+class ExportCommand:
+    """Write a trained run as a deploy artifact: policy.onnx (one exact step of the policy,
+    normalization and action mapping inside), policy.json and a model card (README.md), run by
+    dtlab.deploy with numpy and onnxruntime alone (docs/deploy.md)."""
+
+    run: Annotated[str, tyro.conf.Positional, tyro.conf.arg(metavar="RUN")]
+    """Run directory (its latest checkpoint) or checkpoint directory."""
+    out: str
+    """Artifact directory to write (must not exist, or be empty)."""
+    dataset: str | None = None
+    """Dataset whose observation ranges policy.json records for the runtime's out-of-range
+    warning (default: the dataset the checkpoint records, when the file is still there)."""
+
+
 Command = Union[
     Annotated[QuickstartConfig, tyro.conf.subcommand("quickstart")],
     Annotated[TrainConfig, tyro.conf.subcommand("train")],
@@ -118,6 +133,7 @@ Command = Union[
     Annotated[TrainBehaviourCommand, tyro.conf.subcommand("train-behaviour")],
     Annotated[BenchmarkConfig, tyro.conf.subcommand("benchmark")],
     Annotated[CalibrateConfig, tyro.conf.subcommand("calibrate")],
+    Annotated[ExportCommand, tyro.conf.subcommand("export")],
 ]
 
 
@@ -372,6 +388,11 @@ def main(argv: list[str] | None = None) -> int:
             return run_benchmark(cmd)
         elif isinstance(cmd, CalibrateConfig):
             run_calibrate(cmd)
+        elif isinstance(cmd, ExportCommand):
+            from dtlab.export import export_run
+
+            out = export_run(cmd.run, cmd.out, cmd.dataset)
+            print(f"{out}: policy.onnx, policy.json, README.md")
         elif isinstance(cmd, TrainBehaviourCommand):
             run_train_behaviour(cmd)
         elif isinstance(cmd, CollectConfig):
