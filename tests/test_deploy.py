@@ -69,9 +69,10 @@ def box(env_id):
     return ContinuousActions(space.shape[0], tuple(space.low.tolist()), tuple(space.high.tolist()))
 
 
-def lockstep(env_id, dt, deployed, targets, *, steps, steer=None, single=False, close=None):
+def lockstep(env_id, dt, deployed, targets, *, steps, steer=None, single=False, first_reward=None):
     """Run len(targets) episodes with DTPolicy's actions; feed the runtime the same observations
-    and rewards; return [(step, episode indices, DTPolicy's actions, the runtime's)]."""
+    and rewards (``first_reward`` at the first step, which both must ignore); return
+    [(step, episode indices, DTPolicy's actions, the runtime's)]."""
     envs = [make_env(env_id) for _ in targets]
     obs = [env.reset(seed=i)[0] for i, env in enumerate(envs)]
     rewards = [0.0] * len(targets)
@@ -91,7 +92,8 @@ def lockstep(env_id, dt, deployed, targets, *, steps, steer=None, single=False, 
             batch = obs[0] if single else [obs[i] for i in idx]
         else:
             batch = obs[0] if single else np.stack([obs[i] for i in idx])
-        reward = None if t == 0 else (rewards[0] if single else np.array([rewards[i] for i in idx]))
+        reward = first_reward if t == 0 else (
+            rewards[0] if single else np.array([rewards[i] for i in idx]))
         a = dt.act(batch, reward, index=index)
         b = deployed.act(batch, reward, index=index)
         record.append((t, idx, np.asarray(a), np.asarray(b)))
@@ -133,10 +135,22 @@ def test_hopper_parity_batch_n_with_steer_and_episodes_ending_apart(hopper):
 def test_hopper_parity_batch_1_unbatched(hopper):
     run, artifact = hopper
     dt, deployed = DTPolicy.from_checkpoint(run), DeployedPolicy(artifact)
-    record = lockstep("Hopper-v5", dt, deployed, [700.0], steps=30, steer=(5, 200.0), single=True)
+    record = lockstep("Hopper-v5", dt, deployed, [700.0], steps=30, steer=(5, 200.0), single=True,
+                      first_reward=250.0)
     assert record[0][2].shape == record[0][3].shape == (3,)
     assert_parity(record, 4, discrete=False)
     np.testing.assert_allclose(deployed.returns_to_go, dt.returns_to_go, rtol=1e-6)
+
+
+def test_a_reward_passed_at_the_first_step_is_ignored_exactly(hopper):
+    run, artifact = hopper
+    dt, deployed = DTPolicy.from_checkpoint(run), DeployedPolicy(artifact)
+    obs = np.linspace(-1, 1, 11, dtype=np.float32)
+    for policy in (dt, deployed):
+        policy.reset([333.3, 1000.0])
+        policy.act(np.stack([obs, obs]), [1e5, 1e5])  # first step: ignored
+    assert np.array_equal(deployed.returns_to_go, dt.returns_to_go)
+    np.testing.assert_allclose(dt.returns_to_go, [333.3, 1000.0], rtol=1e-6)
 
 
 @pytest.mark.parametrize("architecture", ["decision-transformer", "transformer-bc", "mlp-bc"])
@@ -151,6 +165,16 @@ def test_cartpole_parity_discrete(tmp_path, architecture):
     assert_parity(record, k, discrete=True)
     if architecture != "mlp-bc":  # (this MLP's bias picks one action in every state seen)
         assert len({int(v) for *_, a, _ in record for v in np.ravel(a)}) == 2  # both taken
+
+
+def test_pendulum_parity_maps_actions_to_the_envs_bounds(tmp_path):
+    run = make_checkpoint(tmp_path, "Pendulum-v1", VectorObservations(3), box("Pendulum-v1"),
+                          returns=(-1500.0, 0.0), max_ep_len=200, seed=4)
+    artifact = export_run(run, tmp_path / "artifact")
+    record = lockstep("Pendulum-v1", DTPolicy.from_checkpoint(run), DeployedPolicy(artifact),
+                      [-200.0, -900.0], steps=10, steer=(6, -100.0))
+    assert_parity(record, 4, discrete=False)
+    assert max(np.abs(a).max() for *_, a, _ in record) > 1.0  # beyond [-1, 1]: bounds matter
 
 
 def test_pointmaze_dict_observations_parity(tmp_path):
