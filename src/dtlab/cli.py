@@ -128,7 +128,7 @@ class ExportCommand:
 class InteropFromHF:
     """Convert a Hugging Face Transformers DecisionTransformerModel directory (config.json +
     model.safetensors, or pytorch_model.bin read with weights_only) into a dtlab run directory,
-    mapping every difference exactly or refusing it (docs/usage.md, "Hugging Face")."""
+    mapping every difference exactly or refusing it (docs/usage.md, "Deploying and Hugging Face")."""
 
     src: Annotated[str, tyro.conf.Positional, tyro.conf.arg(metavar="HF_DIR")]
     """The Transformers model directory, or hub:REPO_ID to download it from the Hub."""
