@@ -5,9 +5,10 @@
 RUN is a dtlab run or checkpoint directory (default: a model of the DT paper's gym size, embed
 128, 3 layers, K = 20, random weights, saved to a temporary directory); it is exported to a
 temporary artifact first. Both policies run at one thread (torch.set_num_threads(1);
-onnxruntime intra_op_num_threads=1), alternately in the same process, over the same observations
-(Hopper-v5 dataset observations, datasets/hopper-medium-replay-v5.hdf5, in their order, with
-their rewards), each episode --steps long so that most steps have a full window:
+onnxruntime intra_op_num_threads=1) in the same process, in lockstep (both act on each step's
+observation, the order alternating step by step), over the same observations (Hopper-v5 dataset
+observations, datasets/hopper-medium-replay-v5.hdf5, in their order, with their rewards), each
+episode --steps long so that most steps have a full window:
 
   latency_b1   per-step latency of act() at batch 1 (the robot's case): p50 and p99 over
                --steps steps x --repeats episodes, in microseconds
@@ -61,13 +62,24 @@ def episode_inputs(steps: int, batch: int):
             rew.reshape(batch, steps).T.copy())
 
 
-def run_episode(policy, obs, rew, targets, times=None) -> None:
-    policy.reset(targets)
+def run_episodes(policies: dict, obs, rew, targets, times: dict | None = None) -> dict:
+    """One episode of every policy in lockstep: at each step every policy acts on the same
+    observation, the order alternating step by step, so that all see the same machine conditions
+    (other jobs on the machine move single-step times by 2-3x). Returns each policy's total
+    seconds; ``times`` collects each step's seconds per policy."""
+    total = {name: 0.0 for name in policies}
+    for policy in policies.values():
+        policy.reset(targets)
+    names = list(policies)
     for t in range(obs.shape[0]):
-        start = time.perf_counter()
-        policy.act(obs[t], None if t == 0 else rew[t - 1])
-        if times is not None:
-            times.append(time.perf_counter() - start)
+        for name in (names if t % 2 == 0 else names[::-1]):
+            start = time.perf_counter()
+            policies[name].act(obs[t], None if t == 0 else rew[t - 1])
+            elapsed = time.perf_counter() - start
+            total[name] += elapsed
+            if times is not None:
+                times[name].append(elapsed)
+    return total
 
 
 def main() -> None:
@@ -96,11 +108,9 @@ def main() -> None:
 
     obs1, rew1 = episode_inputs(args.steps, 1)
     latency = {name: [] for name in policies}
-    for name, policy in policies.items():  # warm-up
-        run_episode(policy, obs1[:20], rew1[:20], [3600.0])
-    for _ in range(args.repeats):  # alternate, so that both see the same machine conditions
-        for name, policy in policies.items():
-            run_episode(policy, obs1, rew1, [3600.0], latency[name])
+    run_episodes(policies, obs1[:20], rew1[:20], [3600.0])  # warm-up
+    for _ in range(args.repeats):
+        run_episodes(policies, obs1, rew1, [3600.0], latency)
     for name, times in latency.items():
         us = np.asarray(times) * 1e6
         results[name]["latency_b1_p50_us"] = float(np.percentile(us, 50))
@@ -108,14 +118,11 @@ def main() -> None:
 
     obs64, rew64 = episode_inputs(args.steps, 64)
     targets = list(np.linspace(300.0, 3600.0, 64))
-    for name, policy in policies.items():
-        run_episode(policy, obs64[:5], rew64[:5], targets)  # warm-up
+    run_episodes(policies, obs64[:5], rew64[:5], targets)  # warm-up
     best = {name: 0.0 for name in policies}
     for _ in range(args.repeats):
-        for name, policy in policies.items():
-            start = time.perf_counter()
-            run_episode(policy, obs64, rew64, targets)
-            best[name] = max(best[name], 64 * args.steps / (time.perf_counter() - start))
+        for name, seconds in run_episodes(policies, obs64, rew64, targets).items():
+            best[name] = max(best[name], 64 * args.steps / seconds)
     for name, rate in best.items():
         results[name]["steps_b64_per_s"] = rate
 

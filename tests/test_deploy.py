@@ -307,3 +307,21 @@ def test_cli_export_and_its_refusals(hopper, tmp_path, capsys):
     assert "--out" in err and err.count("\n") == 1
     assert main(["export", str(tmp_path / "missing"), "--out", str(tmp_path / "b")]) == 2
     assert "not found" in capsys.readouterr().err and not (tmp_path / "b").exists()
+
+
+def test_the_standalone_distribution_is_these_files_at_dtlabs_version():
+    """deploy/pyproject.toml builds dtlab-deploy from src/dtlab/deploy itself (a link), at
+    dtlab's version, and reads the artifact version that dtlab.export writes."""
+    import tomllib
+
+    from dtlab import __version__
+    from dtlab import export
+    from dtlab.deploy import runtime
+
+    project = tomllib.loads((ROOT / "deploy" / "pyproject.toml").read_text())["project"]
+    assert project["version"] == __version__ and project["name"] == "dtlab-deploy"
+    assert "torch" not in " ".join(project["dependencies"])
+    assert (ROOT / "deploy" / "src" / "dtlab_deploy").resolve() == ROOT / "src" / "dtlab" / "deploy"
+    assert (runtime.ARTIFACT_FORMAT, runtime.ARTIFACT_VERSION) == \
+        (export.ARTIFACT_FORMAT, export.ARTIFACT_VERSION)
+    assert runtime.STATE_NAMES == export.STATE_NAMES
