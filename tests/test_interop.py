@@ -13,7 +13,7 @@ from transformers import DecisionTransformerConfig, DecisionTransformerModel
 from dtlab import checkpoint
 from dtlab.errors import ConfigError
 from dtlab.interop.huggingface import from_hf, to_hf
-from tests.test_deploy import HOPPER_DATA, box, make_checkpoint
+from tests.configs import HOPPER_DATA, box, make_checkpoint
 from dtlab.spaces import VectorObservations
 
 CONFIGS = [  # (env, transformers config)

@@ -46,7 +46,7 @@ from dtlab import checkpoint
 from dtlab._version import __version__
 from dtlab.atomic import atomic_path, dumps_json
 from dtlab.checkpoint import PolicyInfo
-from dtlab.errors import ConfigError, DatasetError
+from dtlab.errors import ConfigError, DatasetError, DtlabWarning
 from dtlab.spaces import (ContinuousActions, DictObservations, DiscreteActions, ImageObservations,
                           describe_observations)
 
@@ -187,14 +187,17 @@ def _boolean_eye_through_float(proto) -> None:
 def observation_ranges(info: PolicyInfo, dataset: str | None) -> dict[str, Any] | None:
     """Per-dimension minimum and maximum of the training observations (flattened with the
     checkpoint's keys for Dict data) from ``dataset`` (default: the path the checkpoint records),
-    with the data's std and the threshold ``OUT_OF_RANGE_STD``. None for frame stacks, or when no
-    dataset is given and the recorded one is gone. DatasetError when ``dataset`` does not fit the
-    checkpoint (--dataset)."""
+    with the data's std and the threshold ``OUT_OF_RANGE_STD``. None for frame stacks, and (with
+    a DtlabWarning) when no dataset is given and the recorded one is gone. DatasetError when
+    ``dataset`` does not fit the checkpoint (--dataset)."""
     spec = info.observation_space
     if isinstance(spec, ImageObservations):
         return None
     path = dataset or info.dataset.get("path")
     if not path or (dataset is None and not Path(path).is_file()):
+        warnings.warn(f"the checkpoint's dataset {path!r} is not there: policy.json records no "
+                      "observation ranges, so the runtime cannot warn about observations outside "
+                      "them; give the training data with --dataset", DtlabWarning, stacklevel=3)
         return None
     from dtlab.data.formats import load_episodes
 
