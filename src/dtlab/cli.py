@@ -116,6 +116,70 @@ class TrainBehaviourCommand:
         check_number("export_episodes", self.export_episodes, minimum=1, integer=True)
 
 
+@dataclass(frozen=True)
+class ExportCommand:
+    """Write a trained run as a deploy artifact: policy.onnx (one exact step of the policy,
+    normalization and action mapping inside), policy.json and a model card (README.md), run by
+    dtlab.deploy with numpy and onnxruntime alone (docs/deploy.md)."""
+
+    run: Annotated[str, tyro.conf.Positional, tyro.conf.arg(metavar="RUN")]
+    """Run directory (its latest checkpoint) or checkpoint directory."""
+    out: str
+    """Artifact directory to write (must not exist, or be empty)."""
+    dataset: str | None = None
+    """Dataset whose observation ranges policy.json records for the runtime's out-of-range
+    warning (default: the dataset the checkpoint records, when the file is still there)."""
+
+
+@dataclass(frozen=True)
+class InteropFromHF:
+    """Convert a Hugging Face Transformers DecisionTransformerModel directory (config.json +
+    model.safetensors, or pytorch_model.bin read with weights_only) into a dtlab run directory,
+    mapping every difference exactly or refusing it (docs/usage.md, "Deploying and Hugging Face")."""
+
+    src: Annotated[str, tyro.conf.Positional, tyro.conf.arg(metavar="HF_DIR")]
+    """The Transformers model directory, or hub:REPO_ID to download it from the Hub."""
+    out: Annotated[str, tyro.conf.Positional, tyro.conf.arg(metavar="OUT")]
+    """dtlab run directory to write (must not exist, or be empty)."""
+    dataset: str | None = None
+    """Dataset to compute the observation statistics from (as dtlab train does)."""
+    env: str | None = None
+    """Gymnasium env id: action bounds, space checks, default return scale (needed unless
+    config.json carries the dtlab record that dtlab interop to-hf writes)."""
+    obs_mean: tuple[float, ...] | None = None
+    """Observation means the model was trained with (instead of --dataset)."""
+    obs_std: tuple[float, ...] | None = None
+    """Observation standard deviations the model was trained with (instead of --dataset)."""
+    return_scale: float | None = None
+    """Return-to-go divisor the model was trained with (default: the env registry's, 1000 for
+    MuJoCo locomotion, as the Hugging Face DT blog's training)."""
+    context_len: int | None = None
+    """K, the context length it was trained with (Transformers' config does not record it;
+    default 20, the DT paper's gym setting)."""
+
+
+@dataclass(frozen=True)
+class InteropToHF:
+    """Write a dtlab run (continuous actions, vector observations) in the Hugging Face
+    Transformers DecisionTransformerModel layout, normalization statistics in its config.json."""
+
+    run: Annotated[str, tyro.conf.Positional, tyro.conf.arg(metavar="RUN")]
+    """Run directory (its latest checkpoint) or checkpoint directory."""
+    out: Annotated[str, tyro.conf.Positional, tyro.conf.arg(metavar="OUT")]
+    """Directory to write (must not exist, or be empty)."""
+    push: str | None = None
+    """Also upload it to this Hugging Face Hub repository id (huggingface_hub's login)."""
+
+
+@dataclass(frozen=True)
+class InteropCommand:
+    """Other libraries' model layouts in and out (Hugging Face Transformers)."""
+
+    command: Union[
+        Annotated[InteropFromHF, tyro.conf.subcommand("from-hf")],
+        Annotated[InteropToHF, tyro.conf.subcommand("to-hf")],
+    ]
+
 DESCRIPTION = "dtlab: Decision Transformers for offline RL. `dtlab --version` prints the version."
 
 Command = Union[
@@ -128,6 +192,8 @@ Command = Union[
     Annotated[BenchmarkConfig, tyro.conf.subcommand("benchmark")],
     Annotated[CalibrateConfig, tyro.conf.subcommand("calibrate")],
     Annotated[RunsConfig, tyro.conf.subcommand("runs")],
+    Annotated[ExportCommand, tyro.conf.subcommand("export")],
+    Annotated[InteropCommand, tyro.conf.subcommand("interop")],
 ]
 
 
@@ -492,6 +558,23 @@ def main(argv: list[str] | None = None) -> int:
             from dtlab.runs_table import list_runs
 
             list_runs(cmd)
+        elif isinstance(cmd, ExportCommand):
+            from dtlab.export import export_run
+
+            out = export_run(cmd.run, cmd.out, cmd.dataset)
+            print(f"{out}: policy.onnx, policy.json, README.md")
+        elif isinstance(cmd, InteropCommand):
+            from dtlab.interop import huggingface
+
+            sub = cmd.command
+            if isinstance(sub, InteropFromHF):
+                out = huggingface.from_hf(sub.src, sub.out, dataset=sub.dataset, env=sub.env,
+                                          obs_mean=sub.obs_mean, obs_std=sub.obs_std,
+                                          return_scale=sub.return_scale,
+                                          context_len=sub.context_len)
+            else:
+                out = huggingface.to_hf(sub.run, sub.out, push=sub.push)
+            print(f"{out}: written")
         elif isinstance(cmd, TrainBehaviourCommand):
             run_train_behaviour(cmd)
         elif isinstance(cmd, CollectConfig):

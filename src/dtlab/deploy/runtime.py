@@ -1,0 +1,242 @@
+"""DeployedPolicy: a deploy artifact's step graph run with onnxruntime, with DTPolicy's interface.
+
+The window state of every episode (the last K steps: observations, actions, returns-to-go,
+timesteps, masks) lives here as numpy arrays; each ``act`` feeds it to ``policy.onnx`` with the new
+observation, the last reward and the pending target, and keeps the next state the graph returns
+(the graph's inputs and outputs: dtlab.export's module docstring). ``reset`` and ``steer`` only
+record the target: the graph conditions on it at the next ``act``.
+
+Guardrails (DtlabWarning, one line, the same text for the same problem so that Python's default
+filter shows it once): a target above the calibrated reliable maximum (``policy.json``
+``reliable_targets``), or above the data's best episode return where the run was not calibrated;
+an observation more than ``observation_range.threshold_std`` of the data's standard deviations
+outside the range of the training observations, naming the dimensions.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import warnings
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnxruntime as ort
+
+from .errors import ConfigError, DtlabWarning, EnvError, TrainingError
+
+# The artifact layout this runtime reads (dtlab.export.ARTIFACT_FORMAT / ARTIFACT_VERSION).
+ARTIFACT_FORMAT, ARTIFACT_VERSION = "dtlab-deploy", 1
+STATE_NAMES = ("observations", "actions", "returns_to_go", "timesteps", "masks")
+_NUMPY_TYPES = {"tensor(float)": np.float32, "tensor(int64)": np.int64, "tensor(bool)": np.bool_}
+
+
+def _finite_targets(name: str, value: Any) -> np.ndarray:
+    """(n,) float32 targets; ConfigError unless every one is a finite number."""
+    try:
+        values = np.asarray(value, dtype=np.float64).reshape(-1)
+    except (TypeError, ValueError):
+        raise ConfigError(f"{name} must be a number or a sequence of numbers, got {value!r}") from None
+    if not values.size or not np.isfinite(values).all():
+        raise ConfigError(f"{name} must be finite numbers, got {values.tolist()}")
+    return values.astype(np.float32)
+
+
+class DeployedPolicy:
+    """The policy of a ``dtlab export`` directory, without torch.
+
+    ``threads``: onnxruntime's intra-op threads (1: a step is a few small matrix products, and a
+    deployed policy usually shares the machine). ConfigError when the directory is not an artifact
+    this runtime reads.
+    """
+
+    def __init__(self, path: str | Path, threads: int = 1) -> None:
+        path = Path(path)
+        record_file = path / "policy.json"
+        try:
+            record = json.loads(record_file.read_text())
+        except (OSError, ValueError) as exc:
+            raise ConfigError(f"{record_file}: not a readable deploy artifact record ({exc}); "
+                              "write one with dtlab export RUN --out DIR") from None
+        if not isinstance(record, dict) or record.get("format") != ARTIFACT_FORMAT or \
+                record.get("format_version") != ARTIFACT_VERSION:
+            raise ConfigError(f"{record_file}: not a {ARTIFACT_FORMAT} version {ARTIFACT_VERSION} "
+                              "record; export the run again with this dtlab version")
+        self.record = record
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = int(threads)
+        options.inter_op_num_threads = 1
+        try:
+            self.session = ort.InferenceSession(str(path / record["onnx"]), options,
+                                                providers=["CPUExecutionProvider"])
+        except Exception as exc:  # onnxruntime raises its own types for missing/corrupt files
+            raise ConfigError(f"{path / record['onnx']}: cannot load the step graph: {exc}") from None
+        inputs = {i.name: i for i in self.session.get_inputs()}
+        # Per episode: the shape and dtype of each state array, (K, ...) without the batch axis.
+        self._state_spec = {name: (tuple(inputs[name].shape[1:]), _NUMPY_TYPES[inputs[name].type])
+                            for name in STATE_NAMES}
+        self._outputs = [o.name for o in self.session.get_outputs()]
+        self.observation_space: dict[str, Any] = record["observation_space"]
+        self.action_space: dict[str, Any] = record["action_space"]
+        self.context_len = int(record["context_len"])
+        self.max_ep_len = int(record["max_ep_len"])
+        self.return_scale = float(record["return_scale"])
+        reliable = record.get("reliable_targets")
+        best = (record.get("dataset_return") or {}).get("max")
+        # Targets above this warn: the calibrated reliable maximum, else the data's best return.
+        self.reliable_max_target: float | None = (
+            float(reliable["max"]) if reliable else None if best is None else float(best))
+        self._limit_source = ("the reliable maximum target found by calibration" if reliable
+                              else "the best episode return in the training data")
+        obs_range = record.get("observation_range")
+        self._obs_low = self._obs_high = None
+        if obs_range:
+            std = np.asarray(obs_range["std"], np.float64)
+            margin = float(obs_range["threshold_std"]) * std
+            self._obs_low = np.asarray(obs_range["low"], np.float64) - margin
+            self._obs_high = np.asarray(obs_range["high"], np.float64) + margin
+            self._threshold = float(obs_range["threshold_std"])
+        self.num_envs = 0
+        self._single = True
+
+    # ---- episode state --------------------------------------------------------------------------
+    def reset(self, target_return: float | Sequence[float] | np.ndarray) -> None:
+        """Start new episodes, one per target (a scalar starts one and ``act`` then takes and
+        returns unbatched arrays). Warns above the reliable maximum target; ConfigError for a
+        non-finite target."""
+        targets = _finite_targets("target_return", target_return)
+        self._warn_above_reliable_max(targets)
+        self._single = np.ndim(target_return) == 0
+        n = targets.shape[0]
+        self.num_envs = n
+        self._state = {name: np.zeros((n, *shape), dtype) for name, (shape, dtype)
+                       in self._state_spec.items()}
+        self._t = np.zeros(n, np.int64)  # (N,) steps taken so far
+        self._pending = targets.copy()  # (N,) the target the next act conditions on (NaN: none)
+
+    def steer(self, return_to_go: float | Sequence[float], index: np.ndarray | None = None) -> None:
+        """Ask for a different return from the next step on: the next ``act`` conditions on exactly
+        ``return_to_go`` (the reward passed to it is not subtracted) and the context's
+        returns-to-go shift by the same amount (``DTPolicy.steer``). Warns above the reliable
+        maximum target."""
+        rows = self._rows(index)
+        values = _finite_targets("return_to_go", return_to_go)
+        self._warn_above_reliable_max(values)
+        self._pending[rows] = values
+
+    @property
+    def returns_to_go(self) -> np.ndarray:
+        """Return-to-go each episode conditioned its last action on (env units). (N,)"""
+        return self._state["returns_to_go"][:, -1] * np.float32(self.return_scale)
+
+    def _rows(self, index) -> np.ndarray:
+        if not self.num_envs:
+            raise ConfigError("the policy has no episodes: call reset(target_return) first")
+        if index is None:
+            return np.arange(self.num_envs)
+        return np.asarray(index, dtype=np.int64).reshape(-1)
+
+    def _warn_above_reliable_max(self, targets: np.ndarray) -> None:
+        limit = self.reliable_max_target
+        if limit is not None and float(np.max(targets)) > limit:
+            warnings.warn(f"target returns above {limit:g}, {self._limit_source} (policy.json), "
+                          "were asked for: the model is not known to follow them",
+                          DtlabWarning, stacklevel=3)
+
+    # ---- observations ---------------------------------------------------------------------------
+    def _observation_array(self, observation: Any, n: int) -> np.ndarray:
+        """(n, obs_dim) float32, or (n, stack, H, W) uint8 frame stacks; Dict observations (a
+        mapping of batched arrays, or a sequence of per-episode mappings) flattened with the
+        artifact's keys in order. EnvError when the shapes do not fit."""
+        space = self.observation_space
+        if space["type"] == "dict":
+            if isinstance(observation, Mapping):
+                observation = self._flatten(observation)
+            elif not (isinstance(observation, np.ndarray) and observation.dtype != object):
+                observation = np.concatenate([self._flatten(o) for o in observation])
+        if space["type"] == "image":
+            shape = (space["stack"], *space["shape"])
+            frames = np.asarray(observation)
+            if frames.dtype != np.uint8 or tuple(frames.shape[-3:]) != shape or \
+                    frames.size != n * int(np.prod(shape)):
+                raise EnvError(f"observations of shape {frames.shape} ({frames.dtype}) do not fit "
+                               f"the artifact's frame stacks {shape} uint8 for {n} episodes")
+            return np.ascontiguousarray(frames.reshape(n, *shape))
+        dim = int(space["dim"]) if space["type"] == "vector" else sum(space["dims"])
+        obs = np.asarray(observation, dtype=np.float32)
+        if obs.size != n * dim:
+            raise EnvError(f"observations of shape {obs.shape} do not fit the artifact's "
+                           f"{dim}-value observations for {n} episodes")
+        return obs.reshape(n, dim)
+
+    def _flatten(self, observation: Mapping) -> np.ndarray:
+        """One Dict observation (single or batched values) -> (n, dim) float32, keys in the
+        artifact's order (dtlab.spaces.flatten_observation's rule)."""
+        parts, rows = [], None
+        for key, dim in zip(self.observation_space["keys"], self.observation_space["dims"]):
+            if key not in observation:
+                raise EnvError(f"Dict observation has no key {key!r} (it has {sorted(observation)})")
+            value = np.asarray(observation[key], dtype=np.float32)
+            if value.size % dim or (rows is not None and value.size // dim != rows):
+                raise EnvError(f"Dict observation key {key!r} has shape {value.shape}, not "
+                               f"{rows or 'n'} x {dim} values")
+            rows = value.size // dim
+            parts.append(value.reshape(rows, dim))
+        return np.concatenate(parts, axis=1)
+
+    def _warn_out_of_range(self, obs: np.ndarray) -> None:
+        if self._obs_low is None:
+            return
+        outside = ((obs < self._obs_low) | (obs > self._obs_high)).any(0)  # (obs_dim,)
+        if outside.any():
+            dims = np.flatnonzero(outside).tolist()
+            warnings.warn(f"observation dimensions {dims} lie more than {self._threshold:g} "
+                          "standard deviations outside the training data's range (policy.json "
+                          "observation_range): the actions there are extrapolation",
+                          DtlabWarning, stacklevel=3)
+
+    # ---- acting ---------------------------------------------------------------------------------
+    def act(self, observation: Any, last_reward: float | np.ndarray | None = None,
+            index: np.ndarray | None = None) -> np.ndarray:
+        """Action for the current observation of each episode in ``index`` (default: all), as
+        ``DTPolicy.act``: ``last_reward`` (ignored at an episode's first step) is subtracted from
+        the return-to-go before acting. Returns (n, act_dim) float32 in the env's units, or (n,)
+        int64 indices (unbatched after a scalar ``reset``).
+
+        ConfigError when an episode reaches ``max_ep_len``; EnvError when the observations do not
+        fit; TrainingError when the model's output is not finite, naming the episode and step.
+        """
+        rows = self._rows(index)
+        n = rows.shape[0]
+        steps = self._t[rows]
+        if steps.size and steps.max() >= self.max_ep_len:
+            e = int(rows[np.argmax(steps)])
+            raise ConfigError(f"episode {e} reached timestep {int(steps.max())}, but the model's "
+                              f"max_ep_len is {self.max_ep_len} (it embeds timesteps 0 to "
+                              f"{self.max_ep_len - 1}); cap episodes at {self.max_ep_len} steps")
+        obs = self._observation_array(observation, n)
+        if obs.dtype == np.float32:
+            self._warn_out_of_range(obs)
+        reward = np.zeros(n, np.float32) if last_reward is None else np.broadcast_to(
+            np.asarray(last_reward, dtype=np.float32).reshape(-1), (n,))
+        whole = index is None
+        feed = {"observation": obs, "last_reward": np.ascontiguousarray(reward),
+                "target": self._pending[rows]}
+        for name in STATE_NAMES:
+            feed[name] = self._state[name] if whole else self._state[name][rows]
+        action, finite, *state = self.session.run(self._outputs, feed)
+        if not finite.all():
+            bad = int(np.argmin(finite))
+            raise TrainingError(f"the model produced a non-finite action for episode "
+                                f"{int(rows[bad])} at step {int(steps[bad])}; its inputs are not "
+                                "finite or overflow")
+        for name, value in zip(STATE_NAMES, state):
+            if whole:
+                self._state[name] = value
+            else:
+                self._state[name][rows] = value
+        self._t[rows] = steps + 1
+        self._pending[rows] = math.nan
+        return action[0] if self._single and whole else action

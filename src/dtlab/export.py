@@ -1,0 +1,363 @@
+"""``dtlab export RUN --out DIR``: a trained policy as a deploy artifact that runs without torch.
+
+The directory it writes (``ARTIFACT_FILES``):
+
+- ``policy.onnx``: one step of ``DTPolicy.act`` as an ONNX graph (``StepGraph``), exported by
+  ``torch.onnx.export``. Inputs: the new ``observation`` (N, obs_dim) float32 in env units (a
+  Dict observation flattened with the checkpoint's keys; frame stacks (N, stack, H, W) uint8),
+  ``last_reward`` (N,) float32 (ignored at an episode's first step), ``target`` (N,) float32 (NaN:
+  keep the return asked for; a number: condition on exactly this return-to-go from this step on,
+  which is how an episode starts and how ``steer`` works), and the window state of the last K
+  steps: ``observations`` (N, K, F) normalized vectors, or the frame stacks' encodings (F = the
+  model's embed_dim), ``actions`` (N, K, act_dim) float32 in [-1, 1] or (N, K) int64,
+  ``returns_to_go`` (N, K) float32 divided by the return scale, ``timesteps`` (N, K) int64 and
+  ``masks`` (N, K) bool (False at left padding). Outputs: ``action`` (N, act_dim) float32 in the
+  env's units, or (N,) int64 (the most likely index), ``finite`` (N,) bool (whether the model's
+  output was finite) and the next window state under the same names with a ``next_`` prefix.
+  Observation normalization, return scaling and the action mapping are inside the graph; the
+  batch dimension N is dynamic. A fresh episode's state is all zeros (all padding).
+- ``policy.json``: spaces, env id, K, max_ep_len, return scale, the data's return statistics, the
+  calibrated reliable target range (when ``dtlab calibrate`` ran), observation ranges with the
+  out-of-range threshold, provenance and the dtlab version (``build_policy_record``).
+- ``README.md``: a model card written from the run's records (``model_card``).
+
+``dtlab.deploy.DeployedPolicy`` runs the artifact with numpy and onnxruntime alone.
+
+The graph calls ``DecisionTransformer.forward`` (or the baselines' ``forward``) over the whole
+window and reads the last step's prediction, the same arithmetic as ``DTPolicy.act`` (which reads
+only the last step, ``predict_last``: equal to within float rounding). It is exported with the
+TorchScript-based exporter (``dynamo=False``): ``torch.export`` (the default) refuses the model's
+host-side timestep check (``int(timesteps.max())`` is data-dependent); the deploy runtime makes
+that check on the host instead, as ``DTPolicy`` does.
+"""
+
+from __future__ import annotations
+
+import json
+import warnings
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from dtlab import checkpoint
+from dtlab._version import __version__
+from dtlab.atomic import atomic_path, dumps_json
+from dtlab.checkpoint import PolicyInfo
+from dtlab.errors import ConfigError, DatasetError, DtlabWarning
+from dtlab.spaces import (ContinuousActions, DictObservations, DiscreteActions, ImageObservations,
+                          describe_observations)
+
+POLICY_ONNX, POLICY_JSON, MODEL_CARD = "policy.onnx", "policy.json", "README.md"
+ARTIFACT_FILES = (POLICY_ONNX, POLICY_JSON, MODEL_CARD)
+# policy.json's layout; dtlab.deploy refuses other versions.
+ARTIFACT_FORMAT, ARTIFACT_VERSION = "dtlab-deploy", 1
+# ONNX opset: 17 has LayerNormalization as one op (ONNX 1.12, 2022); onnxruntime >= 1.12 runs it.
+OPSET = 17
+# The window state, in the graph's input order after (observation, last_reward, target).
+STATE_NAMES = ("observations", "actions", "returns_to_go", "timesteps", "masks")
+INPUT_NAMES = ("observation", "last_reward", "target", *STATE_NAMES)
+OUTPUT_NAMES = ("action", "finite", *(f"next_{name}" for name in STATE_NAMES))
+# An observation dimension lies "far outside" the training data when it is more than this many of
+# the data's standard deviations below the data's minimum or above its maximum. dtlab's choice
+# (no reference): one std past the extremes the model ever saw.
+OUT_OF_RANGE_STD = 1.0
+
+
+class StepGraph(nn.Module):
+    """One ``DTPolicy.act`` step for a batch of episodes (the module docstring lists the inputs
+    and outputs). Built from a loaded checkpoint's model (eval mode) and ``PolicyInfo``."""
+
+    def __init__(self, model: nn.Module, info: PolicyInfo) -> None:
+        super().__init__()
+        self.model = model.eval()
+        norm = info.normalizer
+        self.image = isinstance(info.observation_space, ImageObservations)
+        self.discrete = isinstance(info.action_space, DiscreteActions)
+        self.return_scale = float(norm.return_scale)
+        # Buffers (float32, as DTPolicy converts them) so that they become graph constants.
+        self.register_buffer("obs_mean", torch.tensor(norm.obs_mean, dtype=torch.float32))
+        self.register_buffer("obs_std", torch.tensor(norm.obs_std, dtype=torch.float32))
+        self.maps_actions = norm.maps_actions
+        if self.maps_actions:
+            self.register_buffer("action_low", torch.tensor(norm.action_low, dtype=torch.float32))
+            self.register_buffer("action_high", torch.tensor(norm.action_high, dtype=torch.float32))
+
+    def forward(self, observation, last_reward, target, observations, actions, returns_to_go,
+                timesteps, masks):
+        t = torch.where(masks[:, -1], timesteps[:, -1] + 1, 0)  # (N,) this step's timestep
+        # The return-to-go the last step conditioned on, less the reward it earned (DTPolicy.act).
+        rtg = returns_to_go[:, -1] - torch.where(t > 0, last_reward / self.return_scale, 0.0)
+        # steer (or an episode's start: its state is zeros, so rtg becomes the target exactly):
+        # condition on the target from now on and shift the context's real returns-to-go alike.
+        steered = ~torch.isnan(target)  # (N,)
+        delta = torch.where(steered, target / self.return_scale - rtg, 0.0)  # (N,)
+        rtg = rtg + delta
+        returns_to_go = returns_to_go + delta[:, None] * masks  # (N, K)
+        if self.image:  # frame stacks (N, stack, H, W) uint8 -> [0, 1] -> encodings (N, D)
+            new_obs = self.model.encode_observations(
+                (observation.to(torch.float32) - self.obs_mean) / self.obs_std)
+        else:
+            new_obs = (observation - self.obs_mean) / self.obs_std  # (N, obs_dim)
+        # Drop the oldest step, append this one (its action is unknown yet: 0, unseen by s_t).
+        observations = torch.cat((observations[:, 1:], new_obs[:, None]), 1)  # (N, K, F)
+        zero_action = torch.zeros_like(actions[:, :1])  # (N, 1, act_dim) or (N, 1)
+        actions = torch.cat((actions[:, 1:], zero_action), 1)
+        returns_to_go = torch.cat((returns_to_go[:, 1:], rtg[:, None]), 1)  # (N, K)
+        timesteps = torch.cat((timesteps[:, 1:], t[:, None]), 1)  # (N, K)
+        masks = torch.cat((masks[:, 1:], torch.ones_like(masks[:, :1])), 1)  # (N, K)
+        pred = self.model(observations, actions, returns_to_go[..., None], timesteps,
+                          masks)[:, -1]  # (N, A) in [-1, 1], or (N, n) logits
+        finite = torch.isfinite(pred).all(-1)  # (N,)
+        if self.discrete:
+            chosen = pred.argmax(-1)  # (N,) int64, the first of equal maxima (as torch.argmax)
+            action = chosen
+        else:
+            chosen = pred
+            action = (self.action_low + (pred + 1.0) * 0.5 * (self.action_high - self.action_low)
+                      if self.maps_actions else pred)  # normalizer.from_unit_interval
+        actions = torch.cat((actions[:, :-1], chosen[:, None]), 1)
+        return action, finite, observations, actions, returns_to_go, timesteps, masks
+
+
+def example_inputs(model: nn.Module, info: PolicyInfo, n: int) -> tuple[torch.Tensor, ...]:
+    """Inputs of ``StepGraph`` for ``n`` fresh episodes (zero state, targets 0)."""
+    k = info.model.context_len
+    spec = info.observation_space
+    if isinstance(spec, ImageObservations):
+        observation = torch.zeros(n, *spec.stacked_shape, dtype=torch.uint8)
+        width = info.model.embed_dim
+    else:
+        observation = torch.zeros(n, spec.dim)
+        width = spec.dim
+    return (observation, torch.zeros(n), torch.zeros(n), torch.zeros(n, k, width),
+            model.empty_actions(n, k, "cpu"), torch.zeros(n, k),
+            torch.zeros(n, k, dtype=torch.long), torch.zeros(n, k, dtype=torch.bool))
+
+
+def export_onnx(model: nn.Module, info: PolicyInfo, path: str | Path) -> None:
+    """Write ``StepGraph(model, info)`` to ``path`` as ONNX (opset ``OPSET``, dynamic batch)."""
+    import onnx
+
+    graph = StepGraph(model.to("cpu").float(), info)
+    dynamic = {name: {0: "batch"} for name in (*INPUT_NAMES, *OUTPUT_NAMES)}
+    with warnings.catch_warnings():  # the TorchScript exporter's deprecation and tracer notes
+        warnings.simplefilter("ignore")
+        torch.onnx.export(graph, example_inputs(model, info, 2), str(path), dynamo=False,
+                          input_names=list(INPUT_NAMES), output_names=list(OUTPUT_NAMES),
+                          dynamic_axes=dynamic, opset_version=OPSET)
+    proto = onnx.load(str(path))
+    _boolean_eye_through_float(proto)
+    onnx.checker.check_model(proto)
+    onnx.save(proto, str(path))
+
+
+def _boolean_eye_through_float(proto) -> None:
+    """The attention mask's ``torch.eye(..., dtype=bool)`` exports as an ``EyeLike`` of a boolean
+    tensor, which onnxruntime does not implement (float and integer kernels only): compute it from
+    a float tensor in float and cast the result to bool, the same values."""
+    import onnx
+    from onnx import TensorProto, helper
+
+    inferred = onnx.shape_inference.infer_shapes(proto).graph
+    types = {v.name: v.type.tensor_type.elem_type
+             for v in (*inferred.value_info, *inferred.input, *inferred.output)}
+    nodes = []
+    for node in proto.graph.node:
+        if node.op_type == "EyeLike" and types.get(node.output[0]) == TensorProto.BOOL:
+            nodes.append(helper.make_node("Cast", [node.input[0]], [node.input[0] + "_float"],
+                                          to=TensorProto.FLOAT, name=node.name + "_from_bool"))
+            node.input[0] += "_float"
+        nodes.append(node)
+        if node.op_type == "EyeLike" and types.get(node.output[0]) == TensorProto.BOOL:
+            for attribute in [a for a in node.attribute if a.name == "dtype"]:
+                node.attribute.remove(attribute)
+            node.attribute.append(helper.make_attribute("dtype", TensorProto.FLOAT))
+            boolean = node.output[0]
+            node.output[0] = boolean + "_float"
+            nodes.append(helper.make_node("Cast", [node.output[0]], [boolean],
+                                          to=TensorProto.BOOL, name=node.name + "_to_bool"))
+    del proto.graph.node[:]
+    proto.graph.node.extend(nodes)
+
+
+# ---- policy.json --------------------------------------------------------------------------------
+def observation_ranges(info: PolicyInfo, dataset: str | None) -> dict[str, Any] | None:
+    """Per-dimension minimum and maximum of the training observations (flattened with the
+    checkpoint's keys for Dict data) from ``dataset`` (default: the path the checkpoint records),
+    with the data's std and the threshold ``OUT_OF_RANGE_STD``. None for frame stacks, and (with
+    a DtlabWarning) when no dataset is given and the recorded one is gone. DatasetError when
+    ``dataset`` does not fit the checkpoint (--dataset)."""
+    spec = info.observation_space
+    if isinstance(spec, ImageObservations):
+        return None
+    path = dataset or info.dataset.get("path")
+    if not path or (dataset is None and not Path(path).is_file()):
+        warnings.warn(f"the checkpoint's dataset {path!r} is not there: policy.json records no "
+                      "observation ranges, so the runtime cannot warn about observations outside "
+                      "them; give the training data with --dataset", DtlabWarning, stacklevel=3)
+        return None
+    from dtlab.data.formats import load_episodes
+
+    episodes = load_episodes(path)
+    if isinstance(spec, DictObservations) and isinstance(episodes.observation_space, DictObservations):
+        episodes = episodes.select_observation_keys(spec.keys)
+    obs = np.asarray(episodes.observations, dtype=np.float64)
+    if obs.ndim != 2 or obs.shape[1] != spec.dim:
+        raise DatasetError(f"{path}: observations of shape {obs.shape[1:]} do not fit the "
+                           f"checkpoint's {describe_observations(spec)} (--dataset)")
+    return {"low": obs.min(0).tolist(), "high": obs.max(0).tolist(), "std": obs.std(0).tolist(),
+            "threshold_std": OUT_OF_RANGE_STD, "source": str(path)}
+
+
+def reliable_targets(path: Path) -> dict[str, Any] | None:
+    """The calibrated reliable target range of checkpoint ``path`` (``calibration.json``), or None
+    when it was not calibrated."""
+    cal = checkpoint.load_calibration(path)
+    if cal is None:
+        return None
+    rising = cal.get("rising_range")
+    return {"max": float(cal["reliable_max_target"]),
+            "rising_range": list(rising) if isinstance(rising, (list, tuple)) else None,
+            "saturated": cal.get("saturated"), "source": checkpoint.CALIBRATION_FILE}
+
+
+def build_policy_record(path: Path, info: PolicyInfo, dataset: str | None) -> dict[str, Any]:
+    """The content of ``policy.json`` for checkpoint ``path`` (see the module docstring)."""
+    return {
+        "format": ARTIFACT_FORMAT, "format_version": ARTIFACT_VERSION, "dtlab_version": __version__,
+        "onnx": POLICY_ONNX, "opset": OPSET, "inputs": list(INPUT_NAMES),
+        "outputs": list(OUTPUT_NAMES), "env_id": info.env_id,
+        "observation_space": info.observation_space.to_json(),
+        "action_space": info.action_space.to_json(),
+        "architecture": info.model.architecture, "context_len": info.model.context_len,
+        "max_ep_len": info.model.max_ep_len, "return_scale": info.normalizer.return_scale,
+        "dataset_return": info.dataset.get("episode_return"),
+        "reliable_targets": reliable_targets(path),
+        "observation_range": observation_ranges(info, dataset),
+        "reference_scores": {"min": info.ref_min_score, "max": info.ref_max_score},
+        "provenance": {"checkpoint": str(path), "step": info.step,
+                       "trained_with_dtlab": info.dtlab_version, "dataset": info.dataset},
+    }
+
+
+# ---- the model card ------------------------------------------------------------------------------
+def _read_json(path: Path) -> Any:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def _evaluations(run: Path) -> list[dict[str, Any]]:
+    """Evaluation records in the run's metrics.jsonl (lines with per-target returns)."""
+    found = []
+    try:
+        lines = (run / "metrics.jsonl").read_text().splitlines()
+    except OSError:
+        return found
+    for line in lines:
+        try:
+            row = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(row, dict) and any(str(k).startswith("eval") for k in row):
+            found.append(row)
+    return found
+
+
+def model_card(run: Path, ckpt: Path, record: dict[str, Any]) -> str:
+    """README.md of the artifact, written from the run's records: data and provenance, training
+    settings (``train_config.json``), the evaluation scores the run measured (``metrics.jsonl``),
+    the calibrated target range and how to run it."""
+    dataset = record["provenance"]["dataset"]
+    ret = record["dataset_return"] or {}
+    lines = [f"# Decision Transformer for {record['env_id']}", "",
+             f"Exported by dtlab {record['dtlab_version']} from `{ckpt}` (step "
+             f"{record['provenance']['step']}).", "", "## Data", ""]
+    lines.append(f"- dataset: `{dataset.get('path', 'unknown')}`")
+    for key in ("episodes", "transitions"):
+        if key in dataset:
+            lines.append(f"- {key}: {dataset[key]}")
+    if ret:
+        lines.append(f"- episode returns: mean {ret['mean']:.1f}, std {ret['std']:.1f}, min "
+                     f"{ret['min']:.1f}, max {ret['max']:.1f}")
+    meta = dataset.get("metadata") or {}
+    if meta:
+        lines.append("- recorded with the data: " + ", ".join(f"{k}={meta[k]}" for k in sorted(meta)))
+    lines += ["", "## Model and training", "",
+              f"- observations: {json.dumps(record['observation_space'])}",
+              f"- actions: {json.dumps(record['action_space'])}",
+              f"- {record['architecture']}, context_len (K) {record['context_len']}, max_ep_len "
+              f"{record['max_ep_len']}, return scale {record['return_scale']:g}"]
+    config = _read_json(run / "train_config.json")
+    if isinstance(config, dict):
+        lines.append("- training settings (train_config.json):")
+        for group in ("model", "optim", "run"):
+            values = config.get(group)
+            if isinstance(values, dict):
+                shown = ", ".join(f"{k}={v}" for k, v in values.items()
+                                  if k not in ("out", "progress", "tensorboard"))
+                lines.append(f"  - {group}: {shown}")
+    lines += ["", "## Evaluation", ""]
+    evals = _evaluations(run)
+    if evals:
+        lines.append("Measured during training (metrics.jsonl; returns in env units):")
+        lines.append("")
+        for row in evals[-3:]:
+            shown = ", ".join(f"{k}={v:.1f}" if isinstance(v, float) else f"{k}={v}"
+                              for k, v in row.items() if k == "step" or str(k).startswith("eval"))
+            lines.append(f"- {shown}")
+    else:
+        lines.append("The run recorded no evaluation (train with --eval-episodes, or run "
+                     "`dtlab evaluate`).")
+    lines += ["", "## Target returns", ""]
+    reliable = record["reliable_targets"]
+    if reliable:
+        rising = reliable["rising_range"]
+        lines.append(f"Calibrated (`dtlab calibrate`): the achieved return rises with the target "
+                     f"up to {reliable['max']:g}"
+                     + (f" (rising from {rising[0]:g})" if rising else "")
+                     + "; the runtime warns for targets above it.")
+    else:
+        best = ret.get("max")
+        lines.append("Not calibrated (run `dtlab calibrate` before exporting to record the range "
+                     "of targets the model follows); the runtime warns for targets above the "
+                     f"data's best episode return{f' ({best:.1f})' if best is not None else ''}.")
+    lines += ["", "## Running it", "",
+              "Needs numpy and onnxruntime only (no torch): `pip install ./deploy` from the dtlab "
+              "repository installs the runtime alone (docs/deploy.md).", "", "```python",
+              "from dtlab_deploy import DeployedPolicy  # or: from dtlab.deploy import DeployedPolicy",
+              "policy = DeployedPolicy('.')  # this directory",
+              f"policy.reset(target_return={reliable['max'] if reliable else ret.get('max', 0.0):.0f})",
+              "action = policy.act(observation)               # first step",
+              "action = policy.act(observation, last_reward)  # later steps",
+              "```", "",
+              "Files: `policy.onnx` (one step: the window state in, the action and the next "
+              "state out), `policy.json` (spaces, K, return scale, ranges, provenance).", ""]
+    return "\n".join(lines)
+
+
+# ---- the command ---------------------------------------------------------------------------------
+def export_run(run: str | Path, out: str | Path, dataset: str | None = None) -> Path:
+    """Write the deploy artifact of run (or checkpoint) directory ``run`` into ``out`` (which
+    must not exist, or be an empty directory), atomically: a failure leaves no ``out``.
+
+    CheckpointError for a missing or corrupt checkpoint; ConfigError when ``out`` exists and is
+    not empty (--out); DatasetError when ``dataset`` does not fit (--dataset).
+    """
+    out = Path(out)
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise ConfigError(f"{out}: exists and is not an empty directory; choose another --out")
+    run = Path(run)
+    ckpt = checkpoint.resolve(run)
+    model, info = checkpoint.load(ckpt, "cpu")
+    record = build_policy_record(ckpt, info, dataset)
+    run_dir = run if not (run / checkpoint.CONFIG_FILE).is_file() else ckpt.parent
+    with atomic_path(out, directory=True) as tmp:
+        export_onnx(model, info, tmp / POLICY_ONNX)
+        (tmp / POLICY_JSON).write_text(dumps_json(record))
+        (tmp / MODEL_CARD).write_text(model_card(run_dir, ckpt, record))
+    return out

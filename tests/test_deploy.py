@@ -1,0 +1,293 @@
+"""The deploy artifact (dtlab.export) and its torch-free runtime (dtlab.deploy) against DTPolicy.
+
+Parity: whole episodes on real envs, the runtime fed exactly what DTPolicy is fed (the envs are
+stepped with DTPolicy's actions), before and after the window fills, after steer, batch 1 and
+batch N, with episodes ending at different steps (``index``). The checkpoints are tiny models
+with random weights spread wider than the init (std 0.3 added), so that discrete logits are far
+from ties and continuous actions far from 0: parity is about the arithmetic, not the skill.
+"""
+
+import json
+import subprocess
+import sys
+import warnings
+from pathlib import Path
+
+import h5py
+import numpy as np
+import pytest
+import torch
+
+from dtlab import checkpoint
+from dtlab.deploy import DeployedPolicy
+from dtlab.envs import make_env
+from dtlab.errors import ConfigError, DtlabWarning
+from dtlab.export import StepGraph, export_onnx, export_run
+from dtlab.policy import DTPolicy
+from dtlab.spaces import (DictObservations, DiscreteActions, ImageObservations,
+                          VectorObservations)
+
+from tests.configs import HOPPER_DATA, box, make_checkpoint
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def lockstep(env_id, dt, deployed, targets, *, steps, steer=None, single=False, first_reward=None):
+    """Run len(targets) episodes with DTPolicy's actions; feed the runtime the same observations
+    and rewards (``first_reward`` at the first step, which both must ignore); return
+    [(step, episode indices, DTPolicy's actions, the runtime's)]."""
+    envs = [make_env(env_id) for _ in targets]
+    obs = [env.reset(seed=i)[0] for i, env in enumerate(envs)]
+    rewards = [0.0] * len(targets)
+    live = np.ones(len(targets), bool)
+    dt.reset(targets[0] if single else targets)
+    deployed.reset(targets[0] if single else targets)
+    record = []
+    for t in range(steps):
+        idx = np.flatnonzero(live)
+        if not idx.size:
+            break
+        index = None if single else idx
+        if steer is not None and t == steer[0]:
+            dt.steer(steer[1], index=index)
+            deployed.steer(steer[1], index=index)
+        if isinstance(obs[0], dict):
+            batch = obs[0] if single else [obs[i] for i in idx]
+        else:
+            batch = obs[0] if single else np.stack([obs[i] for i in idx])
+        reward = first_reward if t == 0 else (
+            rewards[0] if single else np.array([rewards[i] for i in idx]))
+        a = dt.act(batch, reward, index=index)
+        b = deployed.act(batch, reward, index=index)
+        record.append((t, idx, np.asarray(a), np.asarray(b)))
+        for j, i in enumerate(idx):
+            action = a if single else a[j]
+            obs[i], rewards[i], terminated, truncated, _ = envs[i].step(action)
+            live[i] = not (terminated or truncated)
+    for env in envs:
+        env.close()
+    return record
+
+
+def assert_parity(record, k, discrete):
+    assert any(t < k for t, *_ in record) and any(t >= k + 2 for t, *_ in record)
+    for t, idx, a, b in record:
+        assert a.shape == b.shape, t
+        if discrete:
+            assert a.dtype == b.dtype == np.int64 and (a == b).all(), (t, idx, a, b)
+        else:
+            np.testing.assert_allclose(b, a, atol=1e-5, rtol=0, err_msg=f"step {t}")
+
+
+@pytest.fixture(scope="module")
+def hopper(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("hopper")
+    run = make_checkpoint(tmp, "Hopper-v5", VectorObservations(11), box("Hopper-v5"),
+                          returns=(0.0, 3000.0), max_ep_len=1000)
+    return run, export_run(run, tmp / "artifact")
+
+
+def test_hopper_parity_batch_n_with_steer_and_episodes_ending_apart(hopper):
+    run, artifact = hopper
+    record = lockstep("Hopper-v5", DTPolicy.from_checkpoint(run), DeployedPolicy(artifact),
+                      [300.0, 900.0, 2000.0], steps=40, steer=(7, 500.0))
+    assert_parity(record, 4, discrete=False)
+    assert len({len(idx) for _, idx, *_ in record}) > 1  # episodes ended apart: index subsets
+
+
+def test_hopper_parity_batch_1_unbatched(hopper):
+    run, artifact = hopper
+    dt, deployed = DTPolicy.from_checkpoint(run), DeployedPolicy(artifact)
+    record = lockstep("Hopper-v5", dt, deployed, [700.0], steps=30, steer=(5, 200.0), single=True,
+                      first_reward=250.0)
+    assert record[0][2].shape == record[0][3].shape == (3,)
+    assert_parity(record, 4, discrete=False)
+    np.testing.assert_allclose(deployed.returns_to_go, dt.returns_to_go, rtol=1e-6)
+
+
+def test_a_reward_passed_at_the_first_step_is_ignored_exactly(hopper):
+    run, artifact = hopper
+    dt, deployed = DTPolicy.from_checkpoint(run), DeployedPolicy(artifact)
+    obs = np.linspace(-1, 1, 11, dtype=np.float32)
+    for policy in (dt, deployed):
+        policy.reset([333.3, 1000.0])
+        policy.act(np.stack([obs, obs]), [1e5, 1e5])  # first step: ignored
+    assert np.array_equal(deployed.returns_to_go, dt.returns_to_go)
+    np.testing.assert_allclose(dt.returns_to_go, [333.3, 1000.0], rtol=1e-6)
+
+
+@pytest.mark.parametrize("architecture", ["decision-transformer", "transformer-bc", "mlp-bc"])
+def test_cartpole_parity_discrete(tmp_path, architecture):
+    k = 1 if architecture == "mlp-bc" else 4
+    run = make_checkpoint(tmp_path, "CartPole-v1", VectorObservations(4), DiscreteActions(2),
+                          architecture=architecture, max_ep_len=500, seed=1, k=k,
+                          returns=(0.0, 500.0))
+    artifact = export_run(run, tmp_path / "artifact")
+    record = lockstep("CartPole-v1", DTPolicy.from_checkpoint(run), DeployedPolicy(artifact),
+                      [50.0, 200.0, 500.0, 20.0], steps=30, steer=(6, 400.0))
+    assert_parity(record, k, discrete=True)
+    if architecture != "mlp-bc":  # (this MLP's bias picks one action in every state seen)
+        assert len({int(v) for *_, a, _ in record for v in np.ravel(a)}) == 2  # both taken
+
+
+def test_pendulum_parity_maps_actions_to_the_envs_bounds(tmp_path):
+    run = make_checkpoint(tmp_path, "Pendulum-v1", VectorObservations(3), box("Pendulum-v1"),
+                          returns=(-1500.0, 0.0), max_ep_len=200, seed=4)
+    artifact = export_run(run, tmp_path / "artifact")
+    record = lockstep("Pendulum-v1", DTPolicy.from_checkpoint(run), DeployedPolicy(artifact),
+                      [-200.0, -900.0], steps=10, steer=(6, -100.0))
+    assert_parity(record, 4, discrete=False)
+    assert max(np.abs(a).max() for *_, a, _ in record) > 1.0  # beyond [-1, 1]: bounds matter
+
+
+def test_pointmaze_dict_observations_parity(tmp_path):
+    spec = DictObservations(("observation", "desired_goal"), (4, 2))
+    run = make_checkpoint(tmp_path, "PointMaze_UMaze-v3", spec, box("PointMaze_UMaze-v3"),
+                          max_ep_len=300, seed=2)
+    artifact = export_run(run, tmp_path / "artifact")
+    record = lockstep("PointMaze_UMaze-v3", DTPolicy.from_checkpoint(run),
+                      DeployedPolicy(artifact), [0.0, 1.0], steps=12, steer=(6, 0.5))
+    assert_parity(record, 4, discrete=False)
+
+
+def test_atari_frame_stacks_parity(tmp_path):
+    run = make_checkpoint(tmp_path, "ALE/Breakout-v5", ImageObservations((84, 84), 4),
+                          DiscreteActions(4), k=3, max_ep_len=2000, seed=3)
+    artifact = export_run(run, tmp_path / "artifact")
+    record = lockstep("ALE/Breakout-v5", DTPolicy.from_checkpoint(run), DeployedPolicy(artifact),
+                      [10.0, 90.0], steps=8, steer=(4, 5.0))
+    assert_parity(record, 3, discrete=True)
+
+
+class AllRealPadding(StepGraph):
+    """d3rlpy's export: every position of the window is treated as real (an all-zero padding
+    mask), so the zero-filled padded steps are attended to."""
+
+    def forward(self, observation, last_reward, target, observations, actions, returns_to_go,
+                timesteps, masks):
+        out = super().forward(observation, last_reward, target, observations, actions,
+                              returns_to_go, timesteps, torch.ones_like(masks))
+        return (*out[:-1], torch.ones_like(out[-1]))
+
+
+def test_a_graph_that_does_not_mask_padding_fails_the_parity_check(hopper, tmp_path, monkeypatch):
+    run, artifact = hopper
+    wrong = tmp_path / "wrong"
+    wrong.mkdir()
+    (wrong / "policy.json").write_text((artifact / "policy.json").read_text())
+    model, info = checkpoint.load(run)
+    monkeypatch.setattr("dtlab.export.StepGraph", AllRealPadding)
+    export_onnx(model, info, wrong / "policy.onnx")
+    record = lockstep("Hopper-v5", DTPolicy.from_checkpoint(run), DeployedPolicy(wrong),
+                      [700.0], steps=20, single=True)
+    with pytest.raises(AssertionError):
+        assert_parity(record, 4, discrete=False)
+    early = [np.abs(a - b).max() for t, _, a, b in record if t < 3]
+    assert min(early) > 1e-3  # the first K-1 actions differ, as d3rlpy's do
+
+
+def test_policy_json_records_ranges_returns_and_calibration(tmp_path):
+    run = make_checkpoint(tmp_path, "Hopper-v5", VectorObservations(11), box("Hopper-v5"),
+                          returns=(0.0, 1000.0), max_ep_len=1000)
+    checkpoint.save_calibration(run, {"reliable_max_target": 1500.0, "rising_range": [0.0, 1500.0],
+                                      "saturated": True})
+    artifact = export_run(run, tmp_path / "artifact", dataset=str(HOPPER_DATA))
+    record = json.loads((artifact / "policy.json").read_text())
+    with h5py.File(HOPPER_DATA) as f:
+        obs = f["observations"][:].astype(np.float64)
+    np.testing.assert_allclose(record["observation_range"]["low"], obs.min(0))
+    np.testing.assert_allclose(record["observation_range"]["high"], obs.max(0))
+    assert record["reliable_targets"]["max"] == 1500.0
+    assert record["context_len"] == 4 and record["max_ep_len"] == 1000
+    assert record["action_space"]["type"] == "continuous" and record["env_id"] == "Hopper-v5"
+    card = (artifact / "README.md").read_text()
+    assert "1500" in card and "Hopper-v5" in card
+    assert sorted(p.name for p in artifact.iterdir()) == ["README.md", "policy.json", "policy.onnx"]
+
+    policy = DeployedPolicy(artifact)
+    with pytest.warns(DtlabWarning, match="above 1500"):
+        policy.reset([1000.0, 1600.0])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        policy.reset([1000.0, 1400.0])  # within the calibrated range: silent
+        policy.act(obs[:2])  # training observations: silent
+    far = obs[:2].copy()
+    far[1, 5] = obs[:, 5].max() + 3 * obs[:, 5].std()
+    far[0, 8] = obs[:, 8].min() - 3 * obs[:, 8].std()
+    with pytest.warns(DtlabWarning, match=r"dimensions \[5, 8\]"):
+        policy.act(far, [1.0, 1.0])
+    with pytest.warns(DtlabWarning, match="above 1500"):
+        policy.steer(2000.0, index=[0])
+
+
+def test_uncalibrated_target_warning_names_the_datas_best(hopper):
+    _, artifact = hopper
+    policy = DeployedPolicy(artifact)
+    with pytest.warns(DtlabWarning, match=r"above 3000, the best episode return"):
+        policy.reset(3200.0)
+
+
+def test_the_runtime_runs_with_torch_unimportable(hopper):
+    """dtlab.deploy needs neither torch nor dtlab's torch modules (the import contract checks the
+    imports; this runs it)."""
+    _, artifact = hopper
+    code = ("import sys; sys.modules['torch'] = None\n"
+            "import numpy as np\nfrom dtlab.deploy import DeployedPolicy\n"
+            f"p = DeployedPolicy({str(artifact)!r}); p.reset([1.0, 2.0])\n"
+            "a = p.act(np.zeros((2, 11), np.float32)); a = p.act(np.zeros((2, 11)), [1.0, 1.0])\n"
+            "assert a.shape == (2, 3) and 'torch' not in [m for m in sys.modules if sys.modules[m]]\n"
+            "print('ok')")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         env={"PYTHONPATH": str(ROOT / "src"), "OMP_NUM_THREADS": "1"})
+    assert out.stdout.strip() == "ok", out.stderr
+
+
+def test_max_ep_len_and_bad_observations_are_refused(tmp_path):
+    run = make_checkpoint(tmp_path, "CartPole-v1", VectorObservations(4), DiscreteActions(2),
+                          max_ep_len=3)
+    with pytest.warns(DtlabWarning, match="no observation ranges.*--dataset"):  # data is gone
+        artifact = export_run(run, tmp_path / "artifact")
+    assert json.loads((artifact / "policy.json").read_text())["observation_range"] is None
+    policy = DeployedPolicy(artifact)
+    policy.reset(10.0)
+    for _ in range(3):
+        policy.act(np.zeros(4))
+    with pytest.raises(ConfigError, match="max_ep_len is 3"):
+        policy.act(np.zeros(4))
+    from dtlab.errors import EnvError
+    policy.reset([1.0, 2.0])
+    with pytest.raises(EnvError, match="do not fit"):
+        policy.act(np.zeros((2, 5)))
+
+
+def test_cli_export_and_its_refusals(hopper, tmp_path, capsys):
+    from dtlab.cli import main
+
+    run, _ = hopper
+    out = tmp_path / "a"
+    assert main(["export", str(run), "--out", str(out)]) == 0
+    assert sorted(p.name for p in out.iterdir()) == ["README.md", "policy.json", "policy.onnx"]
+    capsys.readouterr()
+    assert main(["export", str(run), "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert "--out" in err and err.count("\n") == 1
+    assert main(["export", str(tmp_path / "missing"), "--out", str(tmp_path / "b")]) == 2
+    assert "not found" in capsys.readouterr().err and not (tmp_path / "b").exists()
+
+
+def test_the_standalone_distribution_is_these_files_at_dtlabs_version():
+    """deploy/pyproject.toml builds dtlab-deploy from src/dtlab/deploy itself (a link), at
+    dtlab's version, and reads the artifact version that dtlab.export writes."""
+    import tomllib
+
+    from dtlab import __version__
+    from dtlab import export
+    from dtlab.deploy import runtime
+
+    project = tomllib.loads((ROOT / "deploy" / "pyproject.toml").read_text())["project"]
+    assert project["version"] == __version__ and project["name"] == "dtlab-deploy"
+    assert "torch" not in " ".join(project["dependencies"])
+    assert (ROOT / "deploy" / "src" / "dtlab_deploy").resolve() == ROOT / "src" / "dtlab" / "deploy"
+    assert (runtime.ARTIFACT_FORMAT, runtime.ARTIFACT_VERSION) == \
+        (export.ARTIFACT_FORMAT, export.ARTIFACT_VERSION)
+    assert runtime.STATE_NAMES == export.STATE_NAMES
