@@ -12,7 +12,8 @@ from dtlab import checkpoint
 from dtlab.config import DataConfig, ModelConfig
 from dtlab.data import EpisodeSet
 from dtlab.errors import ConfigError
-from dtlab.model import DecisionTransformer, MLPBC, build_model
+from dtlab.baselines import MLPBC, build_model
+from dtlab.model import DecisionTransformer
 from dtlab.policy import DTPolicy
 from dtlab.spaces import ContinuousActions, DiscreteActions, VectorObservations
 from dtlab.train import check_resume_config, prepare, train
