@@ -70,8 +70,8 @@ class DTPolicy:
                  precision: str = "fp32", kv_cache: bool = False, temperature: float = 0.0,
                  seed: int = 0):
         """``kv_cache``: incremental inference with cached keys/values (opt-in, approximate once
-        the K-step window slides; see dtlab.kv_cache); decision-transformer
-        models only (ConfigError otherwise). ``temperature``: 0 acts greedily; above 0, discrete
+        the K-step window slides; see dtlab.kv_cache); decision-transformer models only
+        (ConfigError otherwise). ``temperature``: 0 acts greedily; above 0, discrete
         actions are sampled from softmax(logits / temperature) with a generator seeded with
         ``seed`` (ConfigError for a negative one, or one above 0 with continuous actions)."""
         if kv_cache and info.model.architecture != "decision-transformer":
@@ -142,7 +142,8 @@ class DTPolicy:
             self._obs = torch.zeros(n, k, self.info.model.embed_dim, device=dev)
         else:
             self._obs = torch.zeros(n, k, self.info.observation_space.dim, device=dev)  # (N, K, obs_dim)
-        self._act = self.model.predict_action.empty_actions(n, k, dev)  # (N, K, act_dim) in [-1, 1], or (N, K)
+        # (N, K, act_dim) in [-1, 1], or (N, K) indices
+        self._act = self.model.predict_action.empty_actions(n, k, dev)
         self._rtg = torch.zeros(n, k, 1, device=dev)  # (N, K, 1), scaled
         self._timesteps = torch.zeros(n, k, dtype=torch.long, device=dev)  # (N, K)
         self._masks = torch.zeros(n, k, dtype=torch.bool, device=dev)  # (N, K)
@@ -313,7 +314,7 @@ class DTPolicy:
             probs = torch.softmax(pred / self.temperature, dim=-1)  # (n, n_actions)
             pred = torch.multinomial(probs, 1, generator=self._generator)[:, 0]
         else:
-            pred = self.model.predict_action.greedy_action(pred)  # (n, A), or (n,) the most likely index
+            pred = self.model.predict_action.greedy_action(pred)  # (n, A), or (n,) indices
         act_w[:, -1] = pred
         self._obs[idx], self._act[idx], self._rtg[idx] = obs_w, act_w, rtg_w
         self._timesteps[idx], self._masks[idx] = ts_w, mask_w
