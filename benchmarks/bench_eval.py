@@ -311,7 +311,7 @@ def last_action_forward(m, obs, act, rtg, ts):
     y = F.scaled_dot_product_attention(q, kk, v).transpose(1, 2).reshape(b, 1, d)
     y = x[:, -1:] + attn.proj(y)
     y = y + block.mlp(block.ln_2(y))
-    return torch.tanh(m.predict_action(m.ln_f(y)[:, 0]))
+    return m.predict_action(m.ln_f(y)[:, 0])  # the action head (tanh for these actions)
 
 
 def profile_eval(policy, hf, episodes: int, max_steps: int, seed: int) -> dict:

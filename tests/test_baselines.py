@@ -12,7 +12,8 @@ from dtlab import checkpoint
 from dtlab.config import DataConfig, ModelConfig
 from dtlab.data import EpisodeSet
 from dtlab.errors import ConfigError
-from dtlab.model import DecisionTransformer, MLPBC, build_model
+from dtlab.baselines import MLPBC, build_model
+from dtlab.model import ActionHead, DecisionTransformer
 from dtlab.policy import DTPolicy
 from dtlab.spaces import ContinuousActions, DiscreteActions, VectorObservations
 from dtlab.rundir import RunDirectory
@@ -108,6 +109,30 @@ def test_mlp_bc_prediction_at_t_depends_only_on_s_t():
     torch.testing.assert_close(m.predict_last(obs, act, rtg, ts), base[:, -1], rtol=0, atol=1e-6)
     discrete = build_model(cfg, VectorObservations(5), DiscreteActions(4)).eval()
     assert discrete(obs[:, :, :5], torch.zeros(3, K, dtype=torch.long), rtg, ts).shape == (3, K, 4)
+
+
+def test_dt_and_mlp_bc_share_the_action_head():
+    """One ActionHead for every network: tanh of a linear map for continuous actions, the linear
+    map's logits for discrete ones (against the formula written out), under the parameter names
+    checkpoints store."""
+    torch.manual_seed(0)
+    h = torch.randn(4, 7, 32)
+    cont = ActionHead(32, ContinuousActions(2))
+    torch.testing.assert_close(cont(h), torch.tanh(h @ cont.weight.T + cont.bias))
+    disc = ActionHead(32, DiscreteActions(5))
+    torch.testing.assert_close(disc(h), h @ disc.weight.T + disc.bias)  # logits: not squashed
+    assert disc.greedy_action(torch.tensor([[0.1, 2.0, -1.0, 0.0, 1.9]])).tolist() == [1]
+    x = torch.rand(3, 2) * 2 - 1
+    assert torch.equal(cont.greedy_action(x), x)  # continuous actions as they are
+    assert cont.empty_actions(3, 4, "cpu").shape == (3, 4, 2)
+    assert disc.empty_actions(3, 4, "cpu").dtype == torch.long
+    with pytest.raises(ConfigError, match="cannot act in"):
+        ActionHead(32, "Box(3)")
+    for architecture, k in (("decision-transformer", K), ("mlp-bc", 1)):
+        cfg = ModelConfig(embed_dim=32, n_layers=1, context_len=k, architecture=architecture)
+        m = build_model(cfg, VectorObservations(5), DiscreteActions(5))
+        assert type(m.predict_action) is ActionHead and m.predict_action.logits
+        assert {"predict_action.weight", "predict_action.bias"} <= set(m.state_dict())
 
 
 def test_mlp_bc_needs_context_len_1():

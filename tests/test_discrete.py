@@ -211,7 +211,11 @@ def test_cli_collect_train_evaluate_cartpole(tmp_path, capsys):
     results = tmp_path / "results.json"
     assert main(["evaluate", str(run), "--episodes", "2", "--out", str(results)]) == 0
     payload = json.loads(results.read_text())
-    assert [r["target"] for r in payload["results"]] == [500.0, 250.0]
+    # Random CartPole data: the paper's 500 and 250 lie beyond its best return, so the default
+    # targets are fitted to it (its best return and half of it), and the console says so.
+    best = float(f"{payload['dataset_return']['max']:.3g}")
+    assert best < 200 and [r["target"] for r in payload["results"]] == [best, float(f"{best / 2:.3g}")]
+    assert "fitted to the data" in capsys.readouterr().out
     # A discrete dataset against a continuous env is refused in one line.
     assert main(["train", "--dataset", str(data), "--env", "Pendulum-v1", "--out",
                  str(tmp_path / "bad"), "--steps", "2", "--no-progress"]) == 2

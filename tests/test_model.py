@@ -1,4 +1,5 @@
-"""Model properties: causality, padding invariance, gradients, loss masking."""
+"""Model properties: causality, padding invariance, gradients, loss masking; the kv-cache rollout
+(dtlab.kv_cache) against a token-by-token reference; the CPU kernels (dtlab.kernels)."""
 
 from dataclasses import replace
 
@@ -7,7 +8,8 @@ import torch
 
 from dtlab.config import ModelConfig
 from dtlab.errors import ConfigError
-from dtlab.model import DecisionTransformer, KVCache
+from dtlab.kv_cache import KVCache, predict_cached
+from dtlab.model import DecisionTransformer
 from dtlab.spaces import ContinuousActions, VectorObservations
 from dtlab.train import action_loss, param_groups
 
@@ -101,7 +103,7 @@ def naive_forward(m, obs, act, rtg, ts, masks=None):
     attn_mask = None if masks is None else m.attention_mask(masks)
     for block in m.blocks:
         x = block(x, attn_mask)
-    return m.action_head(m.ln_f(x).reshape(b, k, 3, -1)[:, :, 1])
+    return m.predict_action(m.ln_f(x).reshape(b, k, 3, -1)[:, :, 1])
 
 
 def test_forward_readout_equals_computing_every_token():
@@ -131,7 +133,7 @@ def test_timesteps_beyond_max_ep_len_are_an_error_not_clamped():
     message = (r"^timestep 50 is beyond the model's max_ep_len=50 \(it embeds timesteps 0 to 49\); "
                r"cap episodes at 50 steps with max_steps$")
     for call in (lambda: m(obs, act, rtg, late), lambda: m.predict_last(obs, act, rtg, late),
-                 lambda: m.predict_cached(obs, act, rtg, late)):
+                 lambda: predict_cached(m, obs, act, rtg, late)):
         with pytest.raises(ConfigError, match=message):
             call()
     ok = ts.clone()
@@ -170,7 +172,7 @@ def sliding_reference(m, obs, act, rtg, ts):
                 y = (w[..., None] * vv).sum(2).reshape(b, d)  # (B, D)
                 x = h[n] + block.attn.proj(y)
                 h[n] = x + block.mlp(block.ln_2(x))
-        preds.append(m.action_head(m.ln_f(h[3 * t + 1])))
+        preds.append(m.predict_action(m.ln_f(h[3 * t + 1])))
     return torch.stack(preds, dim=1)  # (B, T, A)
 
 
@@ -189,10 +191,10 @@ def test_cached_steps_equal_exact_recomputation_within_the_first_k_steps():
     cache, slid = None, []
     for t in range(3 * k + 2):
         if cache is None:
-            pred, cache = m.predict_cached(obs[:, :1], act[:, :1], rtg[:, :1], ts[:, :1])
+            pred, cache = predict_cached(m, obs[:, :1], act[:, :1], rtg[:, :1], ts[:, :1])
         else:
-            pred, cache = m.predict_cached(obs[:, t - 1:t + 1], act[:, t - 1:t + 1],
-                                           rtg[:, t - 1:t + 1], ts[:, t - 1:t + 1], cache)
+            pred, cache = predict_cached(m, obs[:, t - 1:t + 1], act[:, t - 1:t + 1],
+                                         rtg[:, t - 1:t + 1], ts[:, t - 1:t + 1], cache)
         assert isinstance(cache, KVCache) and cache.steps == min(t + 1, k)
         held = sorted(int(p) for p in cache.positions if p >= 0)  # the window's tokens, no more
         assert held == list(range(cache.tokens - (3 * cache.steps - 1), cache.tokens))
@@ -223,11 +225,11 @@ def test_cache_rebuilt_late_in_an_episode_and_window_edge_cases():
     ts = torch.arange(steps).repeat(3, 1) + 7
     reference = sliding_reference(m, obs[:, start:], act[:, start:], rtg[:, start:], ts[:, start:])
     end = start + k
-    pred, cache = m.predict_cached(obs[:, start:end], act[:, start:end], rtg[:, start:end],
-                                   ts[:, start:end])
+    pred, cache = predict_cached(m, obs[:, start:end], act[:, start:end], rtg[:, start:end],
+                                 ts[:, start:end])
     torch.testing.assert_close(pred, reference[:, k - 1], rtol=0, atol=1e-5)
-    longer, _ = m.predict_cached(obs[:, start - 2:end], act[:, start - 2:end],
-                                 rtg[:, start - 2:end], ts[:, start - 2:end])
+    longer, _ = predict_cached(m, obs[:, start - 2:end], act[:, start - 2:end],
+                               rtg[:, start - 2:end], ts[:, start - 2:end])
     torch.testing.assert_close(longer, pred, rtol=0, atol=1e-6)
     rows = torch.tensor([0, 2])
     picked = None
@@ -235,30 +237,30 @@ def test_cache_rebuilt_late_in_an_episode_and_window_edge_cases():
         two = slice(t - 1, t + 1)
         if t == end + 3:  # rows 0 and 2 go on alone, in a copy of their rows
             picked = cache.select(rows)
-        pred, cache = m.predict_cached(obs[:, two], act[:, two], rtg[:, two], ts[:, two], cache)
+        pred, cache = predict_cached(m, obs[:, two], act[:, two], rtg[:, two], ts[:, two], cache)
         torch.testing.assert_close(pred, reference[:, t - start], rtol=0, atol=1e-5)
         if picked is not None:
-            alone, picked = m.predict_cached(obs[rows, two], act[rows, two], rtg[rows, two],
-                                             ts[rows, two], picked)
+            alone, picked = predict_cached(m, obs[rows, two], act[rows, two], rtg[rows, two],
+                                           ts[rows, two], picked)
             torch.testing.assert_close(alone, pred[rows], rtol=0, atol=1e-6)
 
     one = DecisionTransformer(replace(CFG, context_len=1), VectorObservations(5),
                               ContinuousActions(2)).eval()
-    pred, cache = one.predict_cached(obs[:, :1], act[:, :1], rtg[:, :1], ts[:, :1])
+    pred, cache = predict_cached(one, obs[:, :1], act[:, :1], rtg[:, :1], ts[:, :1])
     for t in range(1, 6):
         two = slice(t - 1, t + 1)
-        pred, cache = one.predict_cached(obs[:, two], act[:, two], rtg[:, two], ts[:, two], cache)
+        pred, cache = predict_cached(one, obs[:, two], act[:, two], rtg[:, two], ts[:, two], cache)
         exact = one.predict_last(obs[:, t:t + 1], act[:, t:t + 1], rtg[:, t:t + 1], ts[:, t:t + 1])
         torch.testing.assert_close(pred, exact, rtol=0, atol=1e-6)
 
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        _, cache = m.predict_cached(obs[:, :2], act[:, :2], rtg[:, :2], ts[:, :2])
+        _, cache = predict_cached(m, obs[:, :2], act[:, :2], rtg[:, :2], ts[:, :2])
     assert all(key.dtype == torch.float32 for key in cache.keys + cache.values)
 
 
-# ---- dropout as dtlab draws it on the CPU (model.dropout, model.attention) ----------------------
+# ---- dropout as dtlab draws it on the CPU (kernels.dropout, kernels.attention) ------------------
 def test_dropout_matches_a_mask_drawn_from_the_same_uniform_numbers():
-    from dtlab.model import dropout
+    from dtlab.kernels import dropout
 
     x = torch.randn(64, 60, 128, requires_grad=True)
     torch.manual_seed(3)
@@ -278,7 +280,7 @@ def test_dropout_matches_a_mask_drawn_from_the_same_uniform_numbers():
 
 
 def test_attention_with_dropout_matches_the_naive_formula():
-    from dtlab.model import attention
+    from dtlab.kernels import attention
 
     torch.manual_seed(0)
     b, h, t, e = 4, 2, 9, 8
@@ -304,14 +306,14 @@ def test_attention_with_dropout_matches_the_naive_formula():
 def test_written_out_attention_equals_sdpa_when_its_dropout_keeps_everything(monkeypatch):
     """The CPU path taken with dropout on, its masks replaced by the identity, against SDPA
     without dropout: with a padding mask and causal; and in fp32 under bf16 autocast."""
-    import dtlab.model as model_module
-    from dtlab.model import attention
+    import dtlab.kernels as kernels_module
+    from dtlab.kernels import attention
 
     torch.manual_seed(0)
     b, h, t, e = 3, 2, 7, 16
     q, k, v = (torch.randn(b, h, t, e) for _ in range(3))
     mask = (torch.ones(t, t, dtype=torch.bool).tril() & (torch.rand(b, 1, 1, t) > 0.3)) | torch.eye(t, dtype=torch.bool)
-    monkeypatch.setattr(model_module, "dropout", lambda x, p, training: x)
+    monkeypatch.setattr(kernels_module, "dropout", lambda x, p, training: x)
     sdpa = torch.nn.functional.scaled_dot_product_attention
     assert torch.allclose(attention(q, k, v, mask, is_causal=False, dropout_p=0.5),
                           sdpa(q, k, v, attn_mask=mask), atol=1e-6)

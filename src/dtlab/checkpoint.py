@@ -27,10 +27,11 @@ from safetensors.torch import load_file, save_file
 from dtlab import runtime
 from dtlab._version import __version__
 from dtlab.atomic import atomic_path, dumps_json, write_json, write_text_atomic
+from dtlab.baselines import build_model
 from dtlab.config import ModelConfig
 from dtlab.checks import is_number
 from dtlab.errors import CheckpointError, ConfigError
-from dtlab.model import DecisionTransformer, build_model
+from dtlab.model import DecisionTransformer
 from dtlab.normalizer import Normalizer
 from dtlab.spaces import (ActionSpec, ContinuousActions, DiscreteActions, ImageObservations,
                           ObservationSpec, VectorObservations, action_space_from_json,

@@ -133,7 +133,7 @@ def example_inputs(model: nn.Module, info: PolicyInfo, n: int) -> tuple[torch.Te
         observation = torch.zeros(n, spec.dim)
         width = spec.dim
     return (observation, torch.zeros(n), torch.zeros(n), torch.zeros(n, k, width),
-            model.empty_actions(n, k, "cpu"), torch.zeros(n, k),
+            model.predict_action.empty_actions(n, k, "cpu"), torch.zeros(n, k),
             torch.zeros(n, k, dtype=torch.long), torch.zeros(n, k, dtype=torch.bool))
 
 

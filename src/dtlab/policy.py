@@ -29,7 +29,8 @@ from dtlab.checkpoint import PolicyInfo
 from dtlab.config import MAX_SEED, check_number, check_targets
 from dtlab.data.records import ReturnStats
 from dtlab.errors import ConfigError, DtlabWarning, EnvError, TrainingError
-from dtlab.model import DecisionTransformer, KVCache
+from dtlab.kv_cache import KVCache, predict_cached
+from dtlab.model import DecisionTransformer
 from dtlab.spaces import (DictObservations, DiscreteActions, ImageObservations,
                           describe_observations, flatten_observation)
 
@@ -70,7 +71,7 @@ class DTPolicy:
                  precision: str = "fp32", kv_cache: bool = False, temperature: float = 0.0,
                  seed: int = 0):
         """``kv_cache``: incremental inference with cached keys/values (opt-in, approximate once
-        the K-step window slides; see ``DecisionTransformer.predict_cached``); decision-transformer
+        the K-step window slides; see dtlab.kv_cache); decision-transformer
         models only (ConfigError otherwise). ``temperature``: 0 acts greedily; above 0, discrete
         actions are sampled from softmax(logits / temperature), each episode from its own stream
         derived from ``seed`` (see ``reset``; ConfigError for a negative temperature, or one above
@@ -198,7 +199,8 @@ class DTPolicy:
             self._obs = torch.zeros(n, k, self.info.model.embed_dim, device=dev)
         else:
             self._obs = torch.zeros(n, k, self.info.observation_space.dim, device=dev)  # (N, K, obs_dim)
-        self._act = self.model.empty_actions(n, k, dev)  # (N, K, act_dim) in [-1, 1], or (N, K)
+        # (N, K, act_dim) in [-1, 1], or (N, K) indices
+        self._act = self.model.predict_action.empty_actions(n, k, dev)
         self._rtg = torch.zeros(n, k, 1, device=dev)  # (N, K, 1), scaled
         self._timesteps = torch.zeros(n, k, dtype=torch.long, device=dev)  # (N, K)
         self._masks = torch.zeros(n, k, dtype=torch.bool, device=dev)  # (N, K)
@@ -270,12 +272,12 @@ class DTPolicy:
                 cache = self._cache.select(torch.tensor([pos[e] for e in ids], device=self.device))
         self._cache = None  # updated in place below: never kept half-updated if a forward fails
         if cache is not None:  # the last two steps: (a_{t-1}) and (R_t, s_t) are new
-            pred, new_cache = self.model.predict_cached(obs_w[:, -2:], act_w[:, -2:], rtg_w[:, -2:],
-                                                        ts_w[:, -2:], cache)
+            pred, new_cache = predict_cached(self.model, obs_w[:, -2:], act_w[:, -2:],
+                                             rtg_w[:, -2:], ts_w[:, -2:], cache)
         elif same_t:
             real = min(t0 + 1, k)  # all selected episodes have exactly this many real steps
-            pred, new_cache = self.model.predict_cached(obs_w[:, -real:], act_w[:, -real:],
-                                                        rtg_w[:, -real:], ts_w[:, -real:])
+            pred, new_cache = predict_cached(self.model, obs_w[:, -real:], act_w[:, -real:],
+                                             rtg_w[:, -real:], ts_w[:, -real:])
         else:  # episodes at different steps: no shared cache, exact recomputation
             pred = self.model.predict_last(obs_w, act_w, rtg_w, ts_w, mask_w)
             self._cache, self._cache_ids, self._cache_t = None, None, -1
@@ -406,7 +408,7 @@ class DTPolicy:
             pred = torch.searchsorted(cdf, u[:, None], right=True).clamp_(
                 max=probs.shape[-1] - 1)[:, 0]
         else:
-            pred = self.model.greedy_action(pred)  # (n, A), or (n,) the most likely index
+            pred = self.model.predict_action.greedy_action(pred)  # (n, A), or (n,) indices
         act_w[:, -1] = pred
         self._obs[idx], self._act[idx], self._rtg[idx] = obs_w, act_w, rtg_w
         self._timesteps[idx], self._masks[idx] = ts_w, mask_w
