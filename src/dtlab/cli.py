@@ -437,15 +437,14 @@ def run_data_validate(cmd: DataValidate) -> None:
     from dtlab.spaces import check_against_env
 
     episodes, findings, context = _load_with_findings(cmd.path, cmd.env)
-    if cmd.env:
-        check_same_env(episodes.provenance.env_id, cmd.env, what=cmd.path,
-                       advice=f"validate against --env {episodes.provenance.env_id}")
     print(f"{cmd.path}: {episodes.num_episodes} episodes, {episodes.num_transitions} transitions: "
           "keys, lengths, finiteness and episode flags OK")
     if cmd.env:
         env = make_env(cmd.env)
         check_against_env(env, episodes.observation_space, episodes.action_space,
                           what=f"dataset {cmd.path}", exact_n=False)
+        check_same_env(episodes.provenance.env_id, cmd.env, what=cmd.path,
+                       advice=f"validate against --env {episodes.provenance.env_id}")
         outside = int(actions_outside_bounds(episodes.actions, env.action_space).sum())
         print(f"{cmd.path}: spaces match {cmd.env}; {outside} actions outside the action bounds")
     for finding in findings:

@@ -98,11 +98,11 @@ def prepare(cfg: TrainConfig, episodes: EpisodeSet | None = None) -> tuple[Episo
             raise DatasetError(f"{episodes.source}: episode {ep} has {longest} steps, more than "
                                f"model.max_ep_len={cfg.model.max_ep_len}; raise --model.max-ep-len "
                                "or pass --truncate-long-episodes")
-    check_same_env(episodes.provenance.env_id, cfg.data.env, what=str(episodes.source),
-                   advice=f"pass --env {episodes.provenance.env_id}")
     env = make_env(cfg.data.env)
     check_against_env(env, episodes.observation_space, episodes.action_space,
                       what=f"dataset {episodes.source}", exact_n=False)
+    check_same_env(episodes.provenance.env_id, cfg.data.env, what=str(episodes.source),
+                   advice=f"pass --env {episodes.provenance.env_id}")
     check_action_bounds(episodes, env, strict=cfg.data.strict)
     if cfg.optim.warmup_steps >= cfg.run.steps:
         warnings.warn(f"warmup_steps ({cfg.optim.warmup_steps}) >= steps ({cfg.run.steps}): the "
