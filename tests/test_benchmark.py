@@ -312,7 +312,7 @@ def test_benchmark_bad_input_is_one_line_and_writes_nothing(tmp_path, capsys, pe
     cases = [
         (["--datasets", str(tmp_path / "missing.hdf5"), "--env", "Pendulum-v1"], "file not found"),
         (["--datasets", str(pendulum_file), "--env", "NoSuchEnv-v0"], "unknown environment"),
-        (["--datasets", str(pendulum_file), "--env", "Hopper-v5"], "recorded in Pendulum-v1, not Hopper-v5"),
+        (["--datasets", str(pendulum_file), "--env", "Hopper-v5"], "observations"),
         (["--datasets", str(pendulum_file), str(pendulum_file)], "would share the directory"),
         (["--model.architecture", "transformer-bc", "--datasets", str(pendulum_file)],
          "set per cell by --algorithms"),
