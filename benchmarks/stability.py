@@ -55,8 +55,14 @@ def scores(report) -> dict[str, float]:
 
 
 def average_curve(run: Path) -> dict[int, dict[str, float]]:
-    """The evaluations during training (of the average), from metrics.jsonl."""
-    curve = {}
+    """The evaluations during training (of the average): evaluations.jsonl, or the
+    eval/normalized_<target> lines of metrics.jsonl that dtlab wrote before it."""
+    from dtlab.rundir import RunDirectory
+
+    curve = {e.step: {f"{r.target:g}": r.normalized_mean for r in e.results}
+             for e in RunDirectory(run).evaluations()}
+    if curve:
+        return curve
     for line in (run / "metrics.jsonl").read_text().splitlines():
         record = json.loads(line)
         found = {k.rsplit("_", 1)[1]: v for k, v in record.items()
@@ -64,6 +70,13 @@ def average_curve(run: Path) -> dict[int, dict[str, float]]:
         if found:
             curve[record["step"]] = found
     return curve
+
+
+def at_evaluations(curve: dict[int, dict[str, float]], every: int, last: int
+                   ) -> dict[int, dict[str, float]]:
+    """The points at evaluation steps (multiples of ``every``, and the last): time-based
+    checkpoints in between are left out."""
+    return {s: v for s, v in curve.items() if s % every == 0 or s == last}
 
 
 def raw_curve(run: Path, cfg: TrainConfig) -> dict[int, dict[str, float]]:
@@ -76,7 +89,7 @@ def raw_curve(run: Path, cfg: TrainConfig) -> dict[int, dict[str, float]]:
                           seed=cfg.optim.seed)
     for path in sorted(run.glob("step_*")):
         step = int(path.name[5:])
-        if step in cache:
+        if step in cache or (step % cfg.evaluation.eval_every and step != cfg.run.steps):
             continue
         model, info = checkpoint.load(path)
         state = checkpoint.load_trainer_state(path)
@@ -128,12 +141,12 @@ def main(argv=None) -> int:
             train(cfg)
         if not (run / "metrics.jsonl").exists():
             continue
-        averaged.append(average_curve(run))
+        averaged.append(at_evaluations(average_curve(run), args.eval_every, args.steps))
         if not args.report_only:
             raw_curve(run, dataclasses.replace(cfg))
         if (run / "raw_evaluations.json").exists():
-            raw.append({int(k): v for k, v in
-                        json.loads((run / "raw_evaluations.json").read_text()).items()})
+            raw.append(at_evaluations({int(k): v for k, v in json.loads(
+                (run / "raw_evaluations.json").read_text()).items()}, args.eval_every, args.steps))
     report = {"settings": vars(args), "targets": {}}
     for target in (f"{t:g}" for t in args.targets):
         report["targets"][target] = {

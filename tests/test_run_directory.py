@@ -180,3 +180,28 @@ def test_offline_evaluation_defaults_to_the_training_file(tmp_path, capsys):
     out = tmp_path / "offline.json"
     assert main(["evaluate", str(run), "--offline", "--out", str(out)]) == 0
     assert json.loads(out.read_text())["dataset"].endswith("data.hdf5")
+
+
+def test_the_start_line_and_the_best_checkpoint(tmp_path, capsys):
+    """Item 14: a run says what it starts with (model size, device, precision, data, resume
+    point); the weights of the best evaluation so far are kept in RUN/best beside the latest."""
+    import torch
+    from safetensors.torch import load_file
+
+    from dtlab.rundir import RunDirectory
+
+    data, run = data_file(tmp_path), tmp_path / "run"
+    assert train(data, run, "--steps", "10", "--eval-every", "5", "--eval-episodes", "1",
+                 "--eval-targets", "-400", "--checkpoint-every", "5") == 0
+    out = capsys.readouterr().out
+    assert re.search(r"^train decision-transformer: 0\.0\dM parameters \(embed 16, 1 layers, K 5\) "
+                     r"on cpu, 1 threads, precision fp32 \(auto\); data data\.hdf5: 3 episodes, "
+                     r"600 transitions, .* 10 steps, from step 0$", out, re.M), out
+    scores = {e.step: e.mean_score() for e in RunDirectory(run).evaluations()}
+    best_step = max(scores, key=scores.get)
+    best = load_file(str(run / "best" / "model.safetensors"))
+    at_best = load_file(str(run / f"step_{best_step:08d}" / "model.safetensors"))
+    assert all(torch.equal(best[k], at_best[k]) for k in best)
+    assert (run / "latest").read_text().strip() == "step_00000010"
+    assert main(["train", "--out", str(run), "--resume", "--steps", "12"]) == 0
+    assert "resumed from step 10" in capsys.readouterr().out

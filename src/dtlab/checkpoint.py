@@ -213,8 +213,10 @@ def resolve(path: str | Path) -> Path:
 
 
 def save(run_dir: str | Path, name: str, model: DecisionTransformer, info: PolicyInfo,
-         trainer_state: dict[str, Any] | None = None, keep: int | None = None) -> Path:
-    """Write checkpoint ``run_dir/name`` atomically and point ``run_dir/latest`` at it."""
+         trainer_state: dict[str, Any] | None = None, keep: int | None = None,
+         latest: bool = True) -> Path:
+    """Write checkpoint ``run_dir/name`` atomically and (``latest``) point ``run_dir/latest`` at
+    it; ``keep``: then keep only the newest ``keep`` ``step_*`` checkpoints."""
     run_dir = Path(run_dir)
     final = run_dir / name
     # A directory written whole, then renamed into place (an existing one, e.g. the final save of
@@ -225,7 +227,8 @@ def save(run_dir: str | Path, name: str, model: DecisionTransformer, info: Polic
         (tmp / CONFIG_FILE).write_text(dumps_json(info.to_json()))
         if trainer_state is not None:
             torch.save(trainer_state, tmp / TRAINER_FILE)
-    write_text_atomic(run_dir / LATEST_FILE, name + "\n")
+    if latest:
+        write_text_atomic(run_dir / LATEST_FILE, name + "\n")
     if keep is not None:
         steps = sorted((p for p in run_dir.glob("step_*") if p.is_dir() and p.name[5:].isdigit()),
                        key=lambda p: int(p.name[5:]))  # by step (names past 10^8 stop sorting)

@@ -78,6 +78,10 @@ class Evaluation:
         r = next(r for r in self.results if r.target == target)
         return r.normalized_mean if r.normalized_mean is not None else r.mean
 
+    def mean_score(self) -> float:
+        """The mean over targets of ``score``: how the run's best checkpoint is chosen."""
+        return sum(self.score(r.target) for r in self.results) / len(self.results)
+
     def line(self) -> str:
         """One console line: 'eval step 2500: target 3600 -> 1234.5 (40.1 normalized), ...'."""
         parts = []

@@ -84,11 +84,14 @@ def learning_curve(records: list[dict], evaluations: Sequence[Evaluation], path:
                              squeeze=False)
     ax = axes[0, 0]
     ax.plot(*zip(*loss))
-    ax.set_yscale("log")
-    ax.yaxis.set_major_formatter(matplotlib.ticker.FormatStrFormatter("%.3g"))
-    ax.yaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
+    values = [v for _, v in loss]
+    log = min(values) > 0 and max(values) / min(values) >= 10  # a log axis spans a decade or more
+    if log:
+        ax.set_yscale("log")
+        ax.yaxis.set_major_formatter(matplotlib.ticker.FormatStrFormatter("%.3g"))
+        ax.yaxis.set_minor_formatter(matplotlib.ticker.FormatStrFormatter("%.2g"))
     ax.set_xlabel("gradient step")
-    ax.set_ylabel(f"training loss ({loss_name}, log scale)")
+    ax.set_ylabel(f"training loss ({loss_name}{', log scale' if log else ''})")
     ax.set_title("training loss")
     if evals:
         ax = axes[0, 1]
@@ -100,10 +103,10 @@ def learning_curve(records: list[dict], evaluations: Sequence[Evaluation], path:
         averaged = any(e.weights == "average" for e in evaluations)
         episodes = len(evaluations[-1].results[0].returns)
         ax.set_xlabel("gradient step")
-        ax.set_ylabel("D4RL normalized score (0 = random, 100 = expert)" if normalized
+        ax.set_ylabel("D4RL normalized score\n(0 = random, 100 = expert)" if normalized
                       else "return (mean over episodes)")
-        ax.set_title(f"evaluation: mean of {episodes} episodes per target"
-                     + (", averaged weights" if averaged else ""))
+        ax.set_title(f"evaluation: mean of {episodes} episode{'s' if episodes > 1 else ''} per "
+                     f"target{', averaged weights' if averaged else ''}", fontsize=9)
         ax.legend(fontsize=8)
     fig.suptitle(title, fontsize=10)
     fig.tight_layout()

@@ -458,10 +458,11 @@ def train(cfg: TrainConfig, episodes: EpisodeSet | None = None, *,
         if device.type == "cpu":  # the node's cores are shared by its processes
             runtime.set_threads(cfg.run.threads, default=max(1, (os.cpu_count() or 1)
                                                              // world.local_size))
+        auto = cfg.optim.precision == "auto"
         cfg = _resolved(cfg, device, world, RunDirectory(cfg.run.out))
         created_group = distributed.start(world, device)
         try:
-            return _train(cfg, episodes, info, device, world, evaluator, should_stop)
+            return _train(cfg, episodes, info, device, world, evaluator, should_stop, auto)
         finally:
             distributed.finish(created_group)
 
@@ -486,8 +487,8 @@ def _resolved(cfg: TrainConfig, device: torch.device, world: World, run: RunDire
 
 
 def _train(cfg: TrainConfig, episodes: EpisodeSet, info: PolicyInfo, device: torch.device,
-           world: World, evaluator: Evaluate | None, should_stop: Callable[[], bool]
-           ) -> TrainResult:
+           world: World, evaluator: Evaluate | None, should_stop: Callable[[], bool],
+           auto_precision: bool = False) -> TrainResult:
     run = RunDirectory(cfg.run.out, main=world.is_main)
     with run.hold():  # what the directory holds is read under the lock
         start_from = run.resume_point(cfg)
@@ -503,6 +504,8 @@ def _train(cfg: TrainConfig, episodes: EpisodeSet, info: PolicyInfo, device: tor
             if trainer.state.step == cfg.run.steps:
                 return TrainResult(start_from, trainer.state.step, float("nan"), [],
                                    already_done=True)
+        if world.is_main:
+            print(_start_line(cfg, trainer, episodes, auto_precision, start_from), flush=True)
         if evaluator is None and cfg.evaluation.eval_episodes:
             evaluator = default_evaluator(cfg, info)
         if should_stop():  # stopped while loading (e.g. Ctrl-C during a download): nothing written
@@ -521,6 +524,24 @@ def _train(cfg: TrainConfig, episodes: EpisodeSet, info: PolicyInfo, device: tor
                 _draw_learning_curve(run, cfg, info)
     distributed.barrier(world)  # the run's files are complete when any rank returns
     return result
+
+
+def _start_line(cfg: TrainConfig, trainer: "Trainer", episodes: EpisodeSet, auto: bool,
+                resumed: Path | None) -> str:
+    """What a run starts with, in one line: the model and its size, the device, threads and the
+    precision (and whether auto chose it), the data, the length, and where it resumed from."""
+    m = cfg.model
+    params = sum(p.numel() for p in trainer.model.parameters())
+    threads = f", {torch.get_num_threads()} threads" if trainer.device.type == "cpu" else ""
+    where = (f"resumed from step {trainer.state.step} ({resumed})" if resumed is not None
+             else "from step 0")
+    ema = f", weight average {cfg.optim.ema_decay:g}" if cfg.optim.ema_decay else ""
+    return (f"train {m.architecture}: {params / 1e6:.2f}M parameters (embed {m.embed_dim}, "
+            f"{m.n_layers} layers, K {m.context_len}) on {trainer.device}{threads}, precision "
+            f"{trainer.precision}{' (auto)' if auto else ''}; data {Path(str(episodes.source)).name}: "
+            f"{episodes.num_episodes} episodes, {episodes.num_transitions} transitions, returns "
+            f"{episodes.return_stats.min:.1f} to {episodes.return_stats.max:.1f}; "
+            f"{cfg.run.steps} steps{ema}, {where}")
 
 
 def _draw_learning_curve(run: RunDirectory, cfg: TrainConfig, info: PolicyInfo) -> None:
@@ -712,9 +733,16 @@ def _evaluate(evaluator: Evaluate, trainer: Trainer, info: PolicyInfo,
     trainer.model.train()
     evaluation = Evaluation(step, tuple(report.results),
                             "average" if trainer.ema is not None else "raw", report.timing())
+    best = max((e.mean_score() for e in run.evaluations()), default=-math.inf)
     run.record_evaluation(evaluation)
     print(evaluation.line(), flush=True)
+    if evaluation.mean_score() > best:  # kept beside the latest: the best evaluated weights
+        checkpoint.save(run.path, BEST_CHECKPOINT, trainer.policy_model,
+                        dataclasses.replace(info, step=step), latest=False)
     return evaluation
+
+
+BEST_CHECKPOINT = "best"  # in a run directory: the weights of the best evaluation so far
 
 
 def _check_enough_steps_applied(trainer: Trainer, cfg: TrainConfig, episodes: EpisodeSet,
