@@ -3,9 +3,10 @@ count how often the walk returns to a module it has already visited (a measure o
 config travels back and forth between modules; issue 20).
 
 Reads the code with ``ast`` only (nothing is imported). From ``train(cfg, ...)`` it visits, in
-source order, every call that passes the tracked config (a name bound to it)
-or a part of it (``cfg.optim``, ``cfg.data.env``), resolves the callee through the module's imports (``from dtlab.x import f``, ``import dtlab.x``,
-classes' methods, ``self.method``), and walks into it with the parameter that received it. A
+source order, every call that passes the tracked config (a name bound to it) or one of its
+groups (``cfg.optim``; not a value read from it, such as ``cfg.data.env``), resolves the callee
+through the module's imports (``from dtlab.x import f``, ``import dtlab.x``, classes' methods,
+``self.method``), and walks into it with the parameter that received it. A
 function is walked once. Prints the modules in visiting order, the number of distinct modules and
 the number of returns (entering a module other than the current one that was entered before).
 
@@ -133,8 +134,9 @@ def walk(src: Path, start: str, param: str) -> list[str]:
 
 
 def _rooted(expr, tracked: set[str]) -> bool:
-    """``cfg`` or an attribute of it (``cfg.optim``, ``cfg.data.env``): a part of the config."""
-    while isinstance(expr, ast.Attribute):
+    """``cfg`` or one of its groups (``cfg.optim``): a config object, not a value read from it
+    (``cfg.data.env`` is a value: a helper handed it receives what it uses)."""
+    if isinstance(expr, ast.Attribute):
         expr = expr.value
     return isinstance(expr, ast.Name) and expr.id in tracked
 
