@@ -19,7 +19,7 @@ def test_quickstart_writes_its_run_and_overwrites_only_a_finished_one(tmp_path):
     saved = json.loads((out / "results.json").read_text())
     assert [r["target"] for r in saved["results"]] == [r["target"] for r in results["results"]]
     assert len(saved["results"]) == 4 and all(len(r["returns"]) == 1 for r in saved["results"])
-    with pytest.raises(ConfigError, match="already holds a quickstart run; set overwrite"):
+    with pytest.raises(ConfigError, match="already holds a quickstart run; pass --overwrite"):
         quickstart(out, steps=20, episodes=1, progress=False)
     with one_writer(out / "run"):  # as a quickstart still training there holds it
         with pytest.raises(ConfigError, match=r"another process \(pid \d+, training\) holds this run"):

@@ -205,3 +205,20 @@ def test_the_start_line_and_the_best_checkpoint(tmp_path, capsys):
     assert (run / "latest").read_text().strip() == "step_00000010"
     assert main(["train", "--out", str(run), "--resume", "--steps", "12"]) == 0
     assert "resumed from step 10" in capsys.readouterr().out
+
+
+def test_an_env_id_recorded_as_a_root_attribute_is_read(tmp_path, capsys):
+    """Item 13: other tools record the env in a root attribute (env_name); dtlab reads it, shows
+    it in `data info` and pairs the data with that env only."""
+    import h5py
+    import shutil
+
+    path = tmp_path / "cheetah.hdf5"
+    shutil.copy(HALFCHEETAH, path)
+    with h5py.File(path, "r+") as f:
+        del f["metadata/env_id"]
+        f.attrs["env_name"] = "HalfCheetah-v5"
+    assert main(["data", "info", str(path), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["env_id"] == "HalfCheetah-v5"
+    assert main(["data", "validate", str(path), "--env", "Walker2d-v5"]) == 2
+    assert "recorded in HalfCheetah-v5, not Walker2d-v5" in one_line_error(capsys)

@@ -380,7 +380,7 @@ def _load_with_findings(path: str, env_id: str | None):
             findings.append(Finding("read", str(w.message).removeprefix(f"{path}: ")))
         else:  # not ours: shown as usual
             warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
-    recorded = episodes.metadata.get("env_id")
+    recorded = episodes.provenance.env_id
     env_id = env_id or (recorded if isinstance(recorded, str) and recorded else None)
     limit = time_limit(env_id)
     scale = env_info(env_id or "").return_scale
@@ -426,7 +426,7 @@ def run_data_convert(cmd: DataConvert) -> None:
     episodes = load_episodes(cmd.src)
     options = {}
     if cmd.dst.startswith(MINARI_PREFIX) or cmd.format == "minari":
-        env_id = cmd.env or episodes.metadata.get("env_id")
+        env_id = cmd.env or episodes.provenance.env_id
         options = {"env_id": env_id if isinstance(env_id, str) else None, "overwrite": cmd.overwrite}
     save_episodes(episodes, cmd.dst, cmd.format, **options)
     print(f"wrote {cmd.dst}: {episodes.num_episodes} episodes, {episodes.num_transitions} transitions")

@@ -19,7 +19,7 @@ from dtlab import checkpoint, runtime
 from dtlab.atomic import check_writable, write_json
 from dtlab.config import MAX_SEED, PRECISIONS, check_choice, check_number, check_targets
 from dtlab.data.episodes import EpisodeSet
-from dtlab.data.records import ReturnStats
+from dtlab.data.records import Provenance, ReturnStats
 from dtlab.envs import check_same_env, episode_limit, make_env
 from dtlab.errors import ConfigError, DatasetError, DtlabWarning
 from dtlab.policy import DTPolicy
@@ -297,8 +297,8 @@ def check_paired_envs(path: Path, info, env_id: str) -> None:
     check_same_env(info.env_id, env_id, what=str(path), noun="the checkpoint was trained for",
                    advice=f"evaluate it with --env {info.env_id}")
     metadata = info.dataset.get("metadata") if isinstance(info.dataset, dict) else None
-    recorded = metadata.get("env_id") if isinstance(metadata, dict) else None
-    check_same_env(recorded if isinstance(recorded, str) else None, env_id,
+    recorded = Provenance.from_metadata(metadata).env_id if isinstance(metadata, dict) else None
+    check_same_env(recorded, env_id,
                    what=f"{path} (trained on {info.dataset.get('path')})",
                    advice=f"evaluate it with --env {recorded}")
 

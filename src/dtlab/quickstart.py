@@ -43,7 +43,7 @@ def quickstart(out: str | Path = "dtlab-quickstart", *, steps: int = STEPS, epis
     run_dir = out / "run"
     if run_dir.exists():
         if not overwrite:
-            raise ConfigError(f"{out}: already holds a quickstart run; set overwrite, or choose another out")
+            raise ConfigError(f"{out}: already holds a quickstart run; pass --overwrite, or choose another --out")
         with one_writer(run_dir, activity="replacing it"):  # not while a quickstart trains in it
             shutil.rmtree(run_dir)
     started = time.perf_counter()

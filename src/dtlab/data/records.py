@@ -73,7 +73,9 @@ class ReturnStats:
 # keys first, then Minari's, then the bare names D4RL-style files use.
 _REF_KEYS = {"ref_min_score": ("dtlab_ref_min_score", "minari_ref_min_score", "ref_min_score"),
              "ref_max_score": ("dtlab_ref_max_score", "minari_ref_max_score", "ref_max_score")}
-_KNOWN = {"env_id", "policies", "algorithm", "seed", "dtlab_version", "gymnasium_version",
+# The env id: dtlab's and Minari-converted files write env_id; other tools env_name or env.
+_ENV_KEYS = ("env_id", "env_name", "env")
+_KNOWN = {*_ENV_KEYS, "policies", "algorithm", "seed", "dtlab_version", "gymnasium_version",
           "episode_return", *(k for keys in _REF_KEYS.values() for k in keys)}
 
 
@@ -113,7 +115,7 @@ class Provenance:
         refs = {name: next((v for v in (_number(metadata.get(k)) for k in keys) if v is not None),
                            None) for name, keys in _REF_KEYS.items()}
         return cls(
-            env_id=text("env_id"), policies=names,
+            env_id=next((text(k) for k in _ENV_KEYS if text(k)), None), policies=names,
             seed=int(seed) if isinstance(seed, int) and not isinstance(seed, bool) else None,
             dtlab_version=text("dtlab_version"), gymnasium_version=text("gymnasium_version"),
             ref_min_score=refs["ref_min_score"], ref_max_score=refs["ref_max_score"],

@@ -158,6 +158,20 @@ def write_metadata(group: h5py.Group, metadata: dict[str, Any]) -> None:
             group[key].attrs[_JSON_ATTR] = True
 
 
+def read_attributes(obj: h5py.HLObject) -> dict[str, Any]:
+    """Scalar HDF5 attributes of ``obj`` (strings decoded, NumPy scalars as Python's); arrays are
+    skipped."""
+    out: dict[str, Any] = {}
+    for key, value in obj.attrs.items():
+        if isinstance(value, bytes):
+            value = value.decode("utf-8", errors="replace")
+        elif isinstance(value, np.generic):
+            value = value.item()
+        if isinstance(value, (str, int, float, bool)):
+            out[key] = value
+    return out
+
+
 def read_metadata(group: h5py.Group) -> dict[str, Any]:
     """Scalar datasets under ``group`` as a flat dict keyed ``"a/b"``; arrays are skipped.
 

@@ -12,7 +12,8 @@ Layout, from D4RL's dataset files and ``d4rl.offline_env.OfflineEnv.get_dataset`
     next_observations  (N, obs_dim) float32  optional: the observation after step i; equal to
                                              observations[i + 1] inside an episode
     infos/*                                  optional (qpos, qvel, action_log_probs), ignored
-    metadata/*                               optional provenance (algorithm, policy/...)
+    metadata/*                               optional provenance (algorithm, policy/...); root
+                                             attributes count too (metadata/ wins)
     metadata/dtlab_observation_space         dtlab: JSON of a non-vector observation spec
                                              (dtlab.spaces: image frames, Dict keys)
 
@@ -46,7 +47,8 @@ import numpy as np
 
 from dtlab.data.episodes import EpisodeSet
 from dtlab.data.formats._hdf5 import (COMPRESSION, atomic_hdf5, open_hdf5, read_array,
-                                      read_metadata, write_metadata, write_observations)
+                                      read_attributes, read_metadata, write_metadata,
+                                      write_observations)
 from dtlab.errors import ConfigError, DatasetError, DtlabWarning
 from dtlab.spaces import ImageObservations, VectorObservations, observation_space_from_json
 
@@ -86,6 +88,8 @@ def episodes_from_d4rl(f: h5py.File, path: str | Path) -> EpisodeSet:
             length = arr.shape[0] if arr.ndim else "no"
             raise DatasetError(f"{path}: '{key}' has {length} entries but 'observations' has {n}")
     metadata = read_metadata(f["metadata"]) if isinstance(f.get("metadata"), h5py.Group) else {}
+    for key, value in read_attributes(f).items():  # root attributes other tools write
+        metadata.setdefault(key, value)
     raw_spec = metadata.pop(SPEC_KEY, None)
     stack = None
     if raw_spec is None and observations.ndim == 4 and observations.dtype == np.uint8:
