@@ -204,16 +204,17 @@ class Progress:
 
             self._bar = RichProgress(
                 TextColumn("train"), BarColumn(), MofNCompleteColumn(),
-                TextColumn("loss {task.fields[loss]:.4f}  lr {task.fields[lr]:.2e}  "
-                           "{task.fields[rate]:.1f} steps/s"),
+                TextColumn("{task.fields[status]}"),
                 TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn(), transient=False)
             self._bar.start()
+            # Until the first log point there is no loss to show: say so, not "loss nan".
             self._task = self._bar.add_task("train", total=total, completed=start,
-                                            loss=float("nan"), lr=0.0, rate=0.0)
+                                            status="loss at the first log point")
 
     def update(self, step: int, loss: float, lr: float, rate: float) -> None:
         if self._bar is not None:
-            self._bar.update(self._task, completed=step, loss=loss, lr=lr, rate=rate)
+            self._bar.update(self._task, completed=step,
+                             status=f"loss {loss:.4f}  lr {lr:.2e}  {rate:.1f} steps/s")
 
     def close(self) -> None:
         if self._bar is not None:

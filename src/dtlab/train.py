@@ -669,6 +669,7 @@ def _loop(cfg: TrainConfig, trainer: Trainer, info: PolicyInfo, run: RunDirector
                     and step % cfg.evaluation.eval_every == 0 and step < steps):
                 if world.is_main:
                     evaluations.append(_evaluate(evaluator, trainer, info, run))
+                    _draw_learning_curve(run, cfg, info)  # the curve so far, while it runs
                 distributed.barrier(world)  # the other ranks wait for rank 0's evaluation
             if step % cfg.run.checkpoint_every == 0 or step == steps or time_due:
                 last_loss = settle() if tally.taken else last_loss
