@@ -112,7 +112,7 @@ def memory_case(transitions: int, steps: int, from_file: str | None) -> dict:
 
 
 def sampler_case(transitions: int, steps: int) -> dict:
-    from dtlab.model import build_model
+    from dtlab.baselines import build_model
     from dtlab.normalizer import Normalizer
     from dtlab.data.sampling import SequenceSampler
     from dtlab.spaces import DiscreteActions
@@ -156,7 +156,7 @@ def rollout_case(episodes: int) -> dict:
     from dtlab import checkpoint
     from dtlab.checkpoint import PolicyInfo
     from dtlab.config import ModelConfig
-    from dtlab.model import build_model
+    from dtlab.baselines import build_model
     from dtlab.normalizer import Normalizer
     from dtlab.policy import DTPolicy
     from dtlab.rollout import rollout

@@ -38,7 +38,7 @@ def paper_size_run(tmp: Path) -> Path:
     from dtlab import checkpoint
     from dtlab.checkpoint import PolicyInfo
     from dtlab.config import ModelConfig
-    from dtlab.model import build_model
+    from dtlab.baselines import build_model
     from dtlab.normalizer import Normalizer
     from dtlab.spaces import ContinuousActions, VectorObservations
 

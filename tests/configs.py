@@ -59,7 +59,7 @@ def make_checkpoint(tmp_path, env_id, obs_spec, act_spec, *, k=4, max_ep_len=100
     from dtlab import checkpoint
     from dtlab.checkpoint import PolicyInfo
     from dtlab.config import ModelConfig
-    from dtlab.model import build_model
+    from dtlab.baselines import build_model
     from dtlab.normalizer import Normalizer
     from dtlab.spaces import ImageObservations
 

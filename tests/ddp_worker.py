@@ -29,7 +29,7 @@ def model_and_batches(ends_per_part: list[np.ndarray]):
     window ends, for a process of its own."""
     from dtlab.config import ModelConfig
     from dtlab.data.sampling import SequenceSampler
-    from dtlab.model import build_model
+    from dtlab.baselines import build_model
     from dtlab.train import make_optimizer, prepare, to_tensors
     from tests.configs import train_config
 

@@ -17,7 +17,7 @@ from dtlab.config import ModelConfig
 from dtlab.data import EpisodeSet
 from dtlab.data.formats import load_episodes, write_native
 from dtlab.envs import env_info, make_env
-from dtlab.model import build_model
+from dtlab.baselines import build_model
 from dtlab.normalizer import Normalizer
 from dtlab.spaces import DictObservations, DiscreteActions, ImageObservations
 

@@ -15,7 +15,7 @@ from dtlab.config import ModelConfig
 from dtlab.data import EpisodeSet
 from dtlab.data.sampling import SequenceSampler
 from dtlab.errors import TrainingError
-from dtlab.model import build_model
+from dtlab.baselines import build_model
 from dtlab.normalizer import Normalizer
 from dtlab.spaces import ContinuousActions, DiscreteActions, VectorObservations
 from dtlab.train import DeviceSampler, to_tensors, train, train_step

@@ -16,7 +16,8 @@ from dtlab.config import ModelConfig, TRAIN_PRESETS, TrainConfig, train_preset
 from dtlab.data import EpisodeSet, SequenceSampler
 from dtlab.data.formats import load_episodes, read_d4rl, write_d4rl, write_native
 from dtlab.errors import ConfigError, DatasetError, DtlabWarning, EnvError
-from dtlab.model import DecisionTransformer, ImageEncoder, build_model
+from dtlab.baselines import build_model
+from dtlab.model import DecisionTransformer, ImageEncoder
 from dtlab.normalizer import Normalizer
 from dtlab.policy import DTPolicy
 from dtlab.spaces import (ContinuousActions, DictObservations, DiscreteActions,

@@ -464,54 +464,44 @@ def _flag_value(args: list[str], flag: str) -> tuple[str | None, list[str]]:
 
 def train_defaults(args: list[str]) -> tuple[list[str], TrainConfig | None]:
     """``dtlab train``'s defaults that the other flags override: ``--preset NAME``
-    (``dtlab.config.train_preset``), ``--config FILE`` (a train_config.json), or with ``--resume``
-    the run's own
-    train_config.json in ``--out`` (so ``--resume`` needs no other flag). Returns the arguments
-    without ``--preset``/``--config`` and the defaults (None: parse as usual). ConfigError for an unreadable
-    file, or ``--resume`` on a directory without a run and no ``--dataset``."""
-    from dtlab.errors import ConfigError
-    from dtlab.rundir import RunDirectory
+    (``dtlab.config.train_preset``), ``--config FILE`` (a train_config.json or a run directory:
+    a new run from its settings, with ``--resume`` off and precision ``auto`` again), or with
+    ``--resume`` the run's own train_config.json in ``--out`` (so ``--resume`` needs no other
+    flag). Returns the arguments without ``--preset``/``--config`` and the defaults (None:
+    parse as usual; also for a run saved in the flat format of dtlab before issue 9, resumed by
+    giving its flags). ConfigError for an unreadable file, or ``--resume`` on a directory
+    without a run and no ``--dataset``."""
+    import dataclasses
 
     from dtlab.config import train_preset
+    from dtlab.errors import ConfigError
+    from dtlab.rundir import TRAIN_CONFIG_FILE, RunDirectory, read_train_config
 
     preset, args = _flag_value(args, "--preset")
     file, args = _flag_value(args, "--config")
+    given_dataset = any(a == "--dataset" or a.startswith("--dataset=") for a in args)
     if preset is not None and (file is not None or "--resume" in args):
         raise ConfigError("--preset starts a new run: give it without --config and --resume")
     if preset is not None:
         return args, train_preset(preset)
     if file is not None:
-        path = Path(file)
-        if path.is_dir():
-            path = path / "train_config.json"
-        if not path.is_file():
-            raise ConfigError(f"{file}: --config file not found (give a train_config.json or a "
-                              "run directory)")
-        return args, RunDirectory(path.parent).saved_config() if path.name == \
-            "train_config.json" else _config_file(path)
+        path = Path(file) / TRAIN_CONFIG_FILE if Path(file).is_dir() else Path(file)
+        saved = read_train_config(path, flag="--config")
+        return args, dataclasses.replace(
+            saved, run=dataclasses.replace(saved.run, resume=False),
+            optim=dataclasses.replace(saved.optim, precision="auto"))
     if "--resume" not in args:
         return args, None
     out = _flag_value(args, "--out")[0] or "runs/dt"
     run = RunDirectory(out)
     if run.is_run():
+        if given_dataset and not isinstance(run.saved_config_json().get("optim"), dict):
+            return args, None  # the flat format of older runs: resumed from the flags given
         return args, run.saved_config()
-    if not any(a == "--dataset" or a.startswith("--dataset=") for a in args):
-        raise ConfigError(f"{out}: --resume found no run here (no train_config.json); give the "
+    if not given_dataset:
+        raise ConfigError(f"{out}: --resume found no run here (no {TRAIN_CONFIG_FILE}); give the "
                           "--out of a run, or --dataset and --env to start one")
     return args, None
-
-
-def _config_file(path: Path) -> TrainConfig:
-    import json
-
-    from dtlab.config import from_dict
-    from dtlab.errors import ConfigError
-
-    try:
-        data = json.loads(path.read_text())
-        return from_dict(TrainConfig, data)
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError, TypeError, AttributeError) as exc:
-        raise ConfigError(f"{path}: --config: not a training configuration ({exc})") from None
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -240,10 +240,25 @@ def episode_limit(env, env_id: str, max_steps: int | None, max_ep_len: int) -> t
 
 
 def env_family(env_id: str) -> str:
-    """An env id without its namespace and version, lower case: ``Hopper-v5`` -> ``hopper``,
-    ``ALE/Breakout-v5`` -> ``breakout``, D4RL's ``hopper-medium-v2`` -> ``hopper-medium``."""
-    name = env_id.rsplit("/", 1)[-1]
-    return re.sub(r"-v\d+$", "", name).lower()
+    """An env id without its module, namespace, version and ALE variant, lower case:
+    ``Hopper-v5`` -> ``hopper``, ``ALE/Breakout-v5`` and ``BreakoutNoFrameskip-v4`` ->
+    ``breakout``, ``my_mod:MyEnv-v0`` -> ``myenv``, D4RL's ``hopper-medium-v2`` ->
+    ``hopper-medium``."""
+    name = env_id.rsplit(":", 1)[-1].rsplit("/", 1)[-1]
+    name = re.sub(r"-v\d+$", "", name)
+    return re.sub(r"(NoFrameskip|Deterministic)$", "", name).lower()
+
+
+def _registered(env_id: str) -> bool:
+    """Whether Gymnasium knows ``env_id`` (gymnasium-robotics ids register on first use)."""
+    for attempt in range(2):
+        try:
+            gym.spec(env_id)
+            return True
+        except Exception:  # gymnasium.error.Error subclasses for unknown or malformed ids
+            if attempt or not register_robotics():
+                return False
+    return False
 
 
 def check_same_env(recorded: str | None, env_id: str, *, what: str, advice: str,
@@ -252,16 +267,22 @@ def check_same_env(recorded: str | None, env_id: str, *, what: str, advice: str,
     ConfigError ``'<what>: <noun> <recorded>, not <env_id>; <advice>'`` when
     ``recorded`` names another env family (``env_family``: Walker2d-v5 for HalfCheetah-v5
     data); one warning when only the version differs (D4RL's Hopper-v2 data in Hopper-v5).
-    Silent when nothing was recorded, or for a D4RL dataset name that starts with the env's
-    family (``hopper-medium-v2`` for Hopper-v5)."""
-    if not recorded or recorded == env_id:
+    Silent when nothing was recorded, the ids differ in case only, or for a D4RL dataset name
+    that starts with the env's family (``hopper-medium-v2`` for Hopper-v5). A recorded name that
+    Gymnasium does not know (D4RL's ``maze2d-umaze-v1``, an unregistered module path) cannot be
+    compared: one warning, and the pair is taken as given."""
+    if not recorded or recorded.lower() == env_id.lower():
         return
     data, env = env_family(recorded), env_family(env_id)
+    if data.startswith(env + "-"):
+        return
+    if data != env and not _registered(recorded):
+        warnings.warn(f"{what}: recorded in {recorded}, a name Gymnasium does not know; paired "
+                      f"with {env_id} as given", DtlabWarning, stacklevel=3)
+        return
     if data == env:
         warnings.warn(f"{what}: recorded in {recorded}, paired with {env_id} (another version of "
                       "the env): dynamics or rewards may differ", DtlabWarning, stacklevel=3)
-        return
-    if data.startswith(env + "-"):
         return
     raise ConfigError(f"{what}: {noun} {recorded}, not {env_id}; {advice} (the same spaces do "
                       "not make the same task)")

@@ -24,7 +24,8 @@ from dtlab.envs import check_same_env, episode_limit, make_env
 from dtlab.errors import ConfigError, DatasetError, DtlabWarning
 from dtlab.policy import DTPolicy
 from dtlab.rundir import one_writer
-from dtlab.rollout import RolloutReport, TargetResult, default_targets, rollout
+from dtlab.metrics import TargetResult
+from dtlab.rollout import RolloutReport, default_targets, rollout
 from dtlab.spaces import (ContinuousActions, DictObservations, DiscreteActions, check_against_env,
                           describe_observations)
 

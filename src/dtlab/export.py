@@ -47,7 +47,7 @@ from dtlab._version import __version__
 from dtlab.atomic import atomic_path, dumps_json
 from dtlab.checkpoint import PolicyInfo
 from dtlab.errors import ConfigError, DatasetError, DtlabWarning
-from dtlab.spaces import (ContinuousActions, DictObservations, DiscreteActions, ImageObservations,
+from dtlab.spaces import (DictObservations, DiscreteActions, ImageObservations,
                           describe_observations)
 
 POLICY_ONNX, POLICY_JSON, MODEL_CARD = "policy.onnx", "policy.json", "README.md"
@@ -251,26 +251,9 @@ def _read_json(path: Path) -> Any:
         return None
 
 
-def _evaluations(run: Path) -> list[dict[str, Any]]:
-    """Evaluation records in the run's metrics.jsonl (lines with per-target returns)."""
-    found = []
-    try:
-        lines = (run / "metrics.jsonl").read_text().splitlines()
-    except OSError:
-        return found
-    for line in lines:
-        try:
-            row = json.loads(line)
-        except ValueError:
-            continue
-        if isinstance(row, dict) and any(str(k).startswith("eval") for k in row):
-            found.append(row)
-    return found
-
-
 def model_card(run: Path, ckpt: Path, record: dict[str, Any]) -> str:
     """README.md of the artifact, written from the run's records: data and provenance, training
-    settings (``train_config.json``), the evaluation scores the run measured (``metrics.jsonl``),
+    settings (``train_config.json``), the evaluation scores the run measured (``evaluations.jsonl``),
     the calibrated target range and how to run it."""
     dataset = record["provenance"]["dataset"]
     ret = record["dataset_return"] or {}
@@ -302,14 +285,19 @@ def model_card(run: Path, ckpt: Path, record: dict[str, Any]) -> str:
                                   if k not in ("out", "progress", "tensorboard"))
                 lines.append(f"  - {group}: {shown}")
     lines += ["", "## Evaluation", ""]
-    evals = _evaluations(run)
+    from dtlab.rundir import RunDirectory
+
+    evals = RunDirectory(run).evaluations()
     if evals:
-        lines.append("Measured during training (metrics.jsonl; returns in env units):")
+        lines.append("Measured during training (evaluations.jsonl; the last three evaluations, "
+                     "mean return per target in env units, D4RL normalized score where known):")
         lines.append("")
-        for row in evals[-3:]:
-            shown = ", ".join(f"{k}={v:.1f}" if isinstance(v, float) else f"{k}={v}"
-                              for k, v in row.items() if k == "step" or str(k).startswith("eval"))
-            lines.append(f"- {shown}")
+        for e in evals[-3:]:
+            shown = "; ".join(
+                f"target {r.target:g}: {r.mean:.1f}"
+                + (f" ({r.normalized_mean:.1f} normalized)" if r.normalized_mean is not None
+                   else "") + f" over {len(r.returns)} episodes" for r in e.results)
+            lines.append(f"- step {e.step}: {shown}")
     else:
         lines.append("The run recorded no evaluation (train with --eval-episodes, or run "
                      "`dtlab evaluate`).")

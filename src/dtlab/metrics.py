@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import json
 import math
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -70,7 +70,10 @@ class Evaluation:
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> "Evaluation":
         """The record as ``to_json`` wrote it; KeyError/TypeError/ValueError when malformed."""
-        return cls(int(data["step"]), tuple(TargetResult(**r) for r in data["results"]),
+        names = {f.name for f in fields(TargetResult)}  # keys a later dtlab may add are skipped
+        return cls(int(data["step"]), tuple(TargetResult(**{k: v for k, v in r.items()
+                                                             if k in names})
+                                             for r in data["results"]),
                    str(data.get("weights", "raw")), dict(data.get("timing") or {}))
 
     def score(self, target: float) -> float:

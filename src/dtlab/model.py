@@ -28,7 +28,6 @@ dtlab.kernels (the same arithmetic; the kernel choice is per device).
 
 from __future__ import annotations
 
-import importlib
 import math
 
 import torch
@@ -313,11 +312,3 @@ class DecisionTransformer(nn.Module):
         causal = torch.ones(n, n, dtype=torch.bool, device=masks.device).tril()  # (3K, 3K)
         eye = torch.eye(n, dtype=torch.bool, device=masks.device)  # (3K, 3K)
         return ((causal & keys[:, None, :]) | eye)[:, None]  # (B, 1, 3K, 3K)
-
-
-def __getattr__(name: str):
-    # Transitional, for dtlab.train (another branch's file) and tests that still import
-    # build_model from here; it lives in dtlab.baselines now. Delete once they import it there.
-    if name == "build_model":
-        return importlib.import_module("dtlab.baselines").build_model
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -7,6 +7,7 @@ dtlab.rundir's."""
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 import warnings
 
 import numpy as np
@@ -79,6 +80,8 @@ def policy_info_for(cfg: TrainConfig, episodes: EpisodeSet, env) -> PolicyInfo:
 # ---- preparing a run ------------------------------------------------------------------------------
 def prepare(cfg: TrainConfig, episodes: EpisodeSet | None = None) -> tuple[EpisodeSet, PolicyInfo]:
     """Load and check everything that can fail on bad input, before any output is written."""
+    if getattr(cfg.run, "wandb", False) and importlib.util.find_spec("wandb") is None:
+        raise ConfigError("--wandb needs the wandb library: pip install 'dtlab[wandb]'")
     if episodes is None:
         from dtlab.data.formats import load_episodes  # (imports h5py and minari)
 

@@ -15,7 +15,8 @@ Layout (docs/usage.md, "The run directory")::
     OUT/evaluations.jsonl     evaluation records (dtlab.metrics.Evaluation)
     OUT/tb/                   TensorBoard events
     OUT/step_XXXXXXXX/        checkpoints (dtlab.checkpoint), OUT/latest names the newest
-    OUT/learning_curve.png    drawn at the end of a run
+    OUT/best/                 the checkpoint of the best evaluation so far (model only)
+    OUT/learning_curve.png    drawn at each evaluation and at the end of a run
 """
 
 from __future__ import annotations
@@ -38,6 +39,7 @@ from dtlab.errors import ConfigError, DtlabWarning
 from dtlab.metrics import METRICS_FILE, Evaluation, MetricsLog
 
 EVALUATIONS_FILE = "evaluations.jsonl"
+BEST_CHECKPOINT = "best"  # the weights of the best evaluation so far, beside the latest
 LOCK_FILE = ".lock"  # held (flock) by the process writing the run
 
 
@@ -91,14 +93,7 @@ class RunDirectory:
 
     def saved_config(self) -> TrainConfig:
         """The run's configuration as a TrainConfig (what ``--resume`` continues with)."""
-        saved = self.saved_config_json()
-        if not isinstance(saved.get("optim"), dict):  # runs before issue 9: flat fields
-            raise ConfigError(f"{self.config_file}: written by an older dtlab (flat fields); "
-                              "resume it by giving its flags again")
-        try:
-            return from_dict(TrainConfig, saved)
-        except (TypeError, ValueError) as exc:
-            raise ConfigError(f"{self.config_file}: not a training configuration: {exc}") from None
+        return read_train_config(self.config_file, flag="--resume")
 
     def saved_precision(self) -> str | None:
         """The precision the run resolved ``auto`` to (fp32 or bf16), else None. The one place of
@@ -216,7 +211,7 @@ class RunDirectory:
         """Write the resolved configuration and open the metrics log (records after
         ``resume_from`` are dropped: they will be redone). Returns the log."""
         self._existed = frozenset(name for name in (TRAIN_CONFIG_FILE, METRICS_FILE,
-                                                    EVALUATIONS_FILE, "tb")
+                                                    EVALUATIONS_FILE, "tb", BEST_CHECKPOINT)
                                   if (self.path / name).exists())
         if not self.main:
             self.metrics = NoMetrics()
@@ -226,6 +221,7 @@ class RunDirectory:
         if resume_from is None:
             self.evaluations_file.write_text("")
         elif self.evaluations_file.exists():  # evaluations after the checkpoint will be redone
+            self._drop_best_after(resume_from)
             keep = [e for e in self.evaluations() if e.step <= resume_from]
             write_text_atomic(self.evaluations_file,
                               "".join(dumps_json(e.to_json(), indent=None) + "\n" for e in keep))
@@ -269,8 +265,38 @@ class RunDirectory:
             return
         for name in {TRAIN_CONFIG_FILE, METRICS_FILE, EVALUATIONS_FILE} - self._existed:
             (self.path / name).unlink(missing_ok=True)
-        if "tb" not in self._existed:
-            shutil.rmtree(self.path / "tb", ignore_errors=True)
+        for name in {"tb", BEST_CHECKPOINT} - self._existed:
+            shutil.rmtree(self.path / name, ignore_errors=True)
+
+    def _drop_best_after(self, step: int) -> None:
+        """A resumed run redoes the evaluations after ``step``: a best checkpoint from one of
+        them goes (the redone evaluations choose again)."""
+        best = self.path / BEST_CHECKPOINT
+        try:
+            if checkpoint.load_info(best)[1].step > step:
+                shutil.rmtree(best, ignore_errors=True)
+        except Exception:  # no best checkpoint, or an unreadable one: nothing to keep
+            shutil.rmtree(best, ignore_errors=True)
+
+
+def read_train_config(path: Path, *, flag: str) -> TrainConfig:
+    """A saved ``train_config.json`` as a TrainConfig (the configuration validates itself).
+    ConfigError naming ``path`` and ``flag`` when it is missing, unreadable, not a training
+    configuration, or in the flat format dtlab wrote before issue 9 (give the flags instead)."""
+    try:
+        saved = json.loads(Path(path).read_text())
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: {flag}: file not found (give a run directory or its "
+                          f"{TRAIN_CONFIG_FILE})") from None
+    except (OSError, json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"{path}: {flag}: cannot read the configuration: {exc}") from None
+    if not isinstance(saved, dict) or not isinstance(saved.get("optim"), dict):
+        raise ConfigError(f"{path}: {flag}: not a training configuration of this dtlab (one "
+                          "before issue 9 kept flat fields): give its flags instead")
+    try:
+        return from_dict(TrainConfig, saved)
+    except (TypeError, ValueError, AttributeError) as exc:
+        raise ConfigError(f"{path}: {flag}: not a training configuration: {exc}") from None
 
 
 def _jsonable(value: Any) -> Any:

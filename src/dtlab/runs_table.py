@@ -52,8 +52,9 @@ def _evaluation_json(e: Evaluation) -> dict[str, Any]:
 
 def summarize(run: RunDirectory, root: Path) -> dict[str, Any]:
     """One run's row: name (its path under ``root``), step of the latest checkpoint (None: none
-    yet), steps asked for, dataset file, env, last evaluation and best evaluation (the highest
-    per-target score over all evaluations: value, target and step); ``error`` for a run whose
+    yet), steps asked for, dataset file, env, last evaluation and best evaluation (the one with
+    the highest mean score over targets, as RUN/best is chosen: its best target's score, the
+    target and the step); ``error`` for a run whose
     files cannot be read."""
     name = str(run.path.relative_to(root)) if run.path != root else run.path.name
     try:
@@ -64,11 +65,10 @@ def summarize(run: RunDirectory, root: Path) -> dict[str, Any]:
     except DtlabError as exc:
         return {"name": name, "path": str(run.path), "error": str(exc)}
     best = None
-    for e in evaluations:
-        for r in e.results:
-            value, unit = score(r)
-            if best is None or value > best["score"]:
-                best = {"score": value, "unit": unit, "target": r.target, "step": e.step}
+    if evaluations:  # as RUN/best is chosen: the highest mean score over the targets
+        top = max(evaluations, key=lambda e: e.mean_score())
+        r = max(top.results, key=lambda r: score(r)[0])
+        best = {"score": score(r)[0], "unit": score(r)[1], "target": r.target, "step": top.step}
     data, run_cfg = saved.get("data", {}), saved.get("run", {})
     return {"name": name, "path": str(run.path), "step": step, "steps": run_cfg.get("steps"),
             "dataset": data.get("dataset"), "env": data.get("env"),

@@ -41,13 +41,15 @@ from dtlab.data.sampling import Batch, SequenceSampler
 from dtlab.distributed import World
 from dtlab.errors import CheckpointError, ConfigError, DtlabWarning, TrainingError
 from dtlab.metrics import METRICS_FILE, Evaluation, Progress, training_record
-from dtlab.model import DecisionTransformer, build_model
+from dtlab.baselines import build_model
+from dtlab.model import DecisionTransformer
 from dtlab.normalizer import Normalizer
 from dtlab.policy import DTPolicy
 # Preparing a run (everything checked before output is written) lives in dtlab.prepare.
 from dtlab.prepare import prepare
 from dtlab.data.records import ReturnStats
 from dtlab.rollout import Evaluator, default_targets
+from dtlab import rundir
 from dtlab.rundir import RunDirectory
 from dtlab.spaces import DiscreteActions, ImageObservations, VectorObservations
 
@@ -502,8 +504,7 @@ def _train(cfg: TrainConfig, episodes: EpisodeSet, info: PolicyInfo, device: tor
                                   f"--steps {cfg.run.steps}; nothing was changed (raise --steps "
                                   "to continue it)")
             if trainer.state.step == cfg.run.steps:
-                return TrainResult(start_from, trainer.state.step, float("nan"), [],
-                                   already_done=True)
+                return _finish_evaluation(cfg, trainer, info, run, start_from, evaluator)
         if world.is_main:
             print(_start_line(cfg, trainer, episodes, auto_precision, start_from), flush=True)
         if evaluator is None and cfg.evaluation.eval_episodes:
@@ -524,6 +525,19 @@ def _train(cfg: TrainConfig, episodes: EpisodeSet, info: PolicyInfo, device: tor
                 _draw_learning_curve(run, cfg, info)
     distributed.barrier(world)  # the run's files are complete when any rank returns
     return result
+
+
+def _finish_evaluation(cfg: TrainConfig, trainer: "Trainer", info: PolicyInfo,
+                       run: RunDirectory, at: Path, evaluator: Evaluate | None) -> TrainResult:
+    """``--resume`` of a run already at ``--steps``: nothing to train. Its final evaluation is
+    made if the run was stopped before recording it (killed during it); else nothing is written."""
+    step = trainer.state.step
+    recorded = any(e.step == step for e in run.evaluations())
+    if not cfg.evaluation.eval_episodes or recorded or not trainer.world.is_main:
+        return TrainResult(at, step, float("nan"), [], already_done=True)
+    evaluation = _evaluate(evaluator or default_evaluator(cfg, info), trainer, info, run)
+    _draw_learning_curve(run, cfg, info)
+    return TrainResult(at, step, float("nan"), [evaluation])
 
 
 def _start_line(cfg: TrainConfig, trainer: "Trainer", episodes: EpisodeSet, auto: bool,
@@ -716,8 +730,9 @@ def default_evaluator(cfg: TrainConfig, info: PolicyInfo) -> Evaluate:
                                        ReturnStats.from_json(info.dataset.get("episode_return")))
         if not targets:
             raise ConfigError(f"{why}: give --eval-targets")
-        print(f"evaluation during training at {why.replace('--targets', '--eval-targets')}",
-              flush=True)
+        if World.current().is_main:
+            print(f"evaluation during training at "
+                  f"{why.replace('--targets', '--eval-targets')}", flush=True)
     seed = cfg.evaluation.eval_seed if cfg.evaluation.eval_seed is not None else cfg.optim.seed
     return Evaluator(cfg.data.env, targets, cfg.evaluation.eval_episodes, seed=seed,
                      workers=cfg.evaluation.eval_workers)
@@ -738,12 +753,10 @@ def _evaluate(evaluator: Evaluate, trainer: Trainer, info: PolicyInfo,
     run.record_evaluation(evaluation)
     print(evaluation.line(), flush=True)
     if evaluation.mean_score() > best:  # kept beside the latest: the best evaluated weights
-        checkpoint.save(run.path, BEST_CHECKPOINT, trainer.policy_model,
+        checkpoint.save(run.path, rundir.BEST_CHECKPOINT, trainer.policy_model,
                         dataclasses.replace(info, step=step), latest=False)
     return evaluation
 
-
-BEST_CHECKPOINT = "best"  # in a run directory: the weights of the best evaluation so far
 
 
 def _check_enough_steps_applied(trainer: Trainer, cfg: TrainConfig, episodes: EpisodeSet,

@@ -35,6 +35,7 @@ from dtlab.atomic import write_json
 from dtlab.config import (MAX_SEED, DataConfig, EvalDuringTraining, ModelConfig, OptimConfig,
                           RunConfig, TrainConfig, check_number, check_targets, setting_differences)
 from dtlab.evaluate import CalibrateConfig
+from dtlab.data.records import ReturnStats
 from dtlab.data.returns import normalized_score
 from dtlab.errors import ConfigError
 
@@ -54,7 +55,6 @@ TARGET_FREE = frozenset({"transformer-bc", "mlp-bc", "percentile-bc"})
 # more than this fraction of max(|best|, best - worst): 1.5x the best return for data whose
 # returns start near 0 (issue 22: Hopper's 3600 against a file whose best is 980), and a rule
 # that also holds for negative returns (Pendulum).
-FAR_BEYOND = 0.5
 PAPER, DATA_FITTED, GIVEN = "paper", "data-fitted", "--eval-targets"  # where a target came from
 
 
@@ -185,12 +185,11 @@ def dataset_name(source: str) -> str:
 def data_fitted_target(paper_targets: tuple[float, ...], episode_returns: np.ndarray
                        ) -> float | None:
     """The data's best episode return rounded to 3 significant digits, when a paper target lies
-    far beyond it (FAR_BEYOND); else None."""
-    best, worst = float(np.max(episode_returns)), float(np.min(episode_returns))
-    margin = FAR_BEYOND * max(abs(best), best - worst)
-    if not any(t > best + margin for t in paper_targets):
+    beyond what the data supports (``ReturnStats.supports``); else None."""
+    stats = ReturnStats.of(episode_returns)
+    if all(stats.supports(t) for t in paper_targets):
         return None
-    return float(f"{best:.3g}")
+    return float(f"{stats.max:.3g}")
 
 
 def choose_targets(env: str, given: tuple[float, ...], episode_returns: np.ndarray
@@ -479,7 +478,7 @@ def prepare_benchmark(cfg: BenchmarkConfig) -> tuple[list[DatasetEntry], list[Ce
     directory's recorded settings), then record the settings (benchmark.json) and the datasets
     (dataset.json) in --out. Returns the datasets and the cells. DtlabError subclasses for bad
     input, before anything is written."""
-    from dtlab.train import prepare
+    from dtlab.prepare import prepare
 
     out = Path(cfg.out)
     entries = load_datasets(cfg)

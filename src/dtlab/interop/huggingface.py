@@ -47,7 +47,7 @@ from dtlab.atomic import atomic_path, dumps_json
 from dtlab.checkpoint import PolicyInfo
 from dtlab.config import ModelConfig
 from dtlab.errors import CheckpointError, ConfigError, EnvError
-from dtlab.model import build_model
+from dtlab.baselines import build_model
 from dtlab.normalizer import Normalizer
 from dtlab.spaces import (ContinuousActions, DictObservations, VectorObservations,
                           action_space_from_json, observation_space_from_json)
