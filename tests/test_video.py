@@ -52,6 +52,21 @@ def test_one_video_per_target_of_its_first_episode(tmp_path, capsys, monkeypatch
                                      "videos/target-50.mp4"]
 
 
+def test_recording_in_waves_that_reuse_envs(tmp_path, monkeypatch, cartpole_run):
+    """One env slot: each target's first episode follows the other target's episodes in it."""
+    from dtlab.policy import DTPolicy
+    from dtlab.rollout import rollout
+
+    monkeypatch.setenv("SDL_VIDEODRIVER", "dummy")
+    policy = DTPolicy.from_checkpoint(cartpole_run, device="cpu")
+    report = rollout(policy, "CartPole-v1", (100.0, 50.0), 2, max_steps=100, max_parallel=1,
+                     video=str(tmp_path))
+    assert report.videos == (str(tmp_path / "target-100.mp4"), str(tmp_path / "target-50.mp4"))
+    assert files_under(tmp_path) == ["target-100.mp4", "target-50.mp4"]
+    for result, video in zip(report.results, report.videos):
+        assert imageio_ffmpeg.count_frames_and_secs(video)[0] == result.lengths[0] + 1
+
+
 @pytest.mark.parametrize("flags, targets, words", [
     (["--eval-workers", "1"], (100, 50), "--eval-workers"),
     (["--offline"], (100, 50), "--offline"),
@@ -70,3 +85,15 @@ def test_video_path_that_is_a_file(tmp_path, capsys, cartpole_run):
     code, out = evaluate(capsys, cartpole_run, "--video", tmp_path / "videos")
     assert code == 2 and "--video" in out.err and str(tmp_path / "videos") in out.err
     assert (tmp_path / "videos").read_text() == "not a directory"
+
+
+# Gymnasium's half-made MuJoCo viewer fails again in its __del__ (ignored by Python).
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
+def test_render_failure_is_one_env_error_naming_mujoco_gl(monkeypatch):
+    from dtlab.envs import make_env, make_render_env
+    from dtlab.errors import EnvError
+
+    make_env("Hopper-v5").close()  # mujoco imported: MUJOCO_GL is now read by the renderer only
+    monkeypatch.setenv("MUJOCO_GL", "no-such-backend")
+    with pytest.raises(EnvError, match="Hopper-v5: cannot render.*MUJOCO_GL=egl"):
+        make_render_env("Hopper-v5")

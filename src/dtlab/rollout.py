@@ -129,7 +129,7 @@ def rollout(policy: DTPolicy, env_id: str, targets: Sequence[float], episodes: i
         staging = Path(tempfile.mkdtemp(prefix=".recording-", dir=video))
     try:
         returns, lengths, env_steps, model_time, elapsed = _run_episodes(
-            policy, env_id, slots, workers, n, target_of, start_seed, limit, names,
+            policy, env_id, slots, workers, target_of, start_seed, limit, names,
             None if staging is None else str(staging))
         videos = []
         for name in names.values():  # whole episodes only: moved once every one has ended
@@ -152,7 +152,7 @@ def rollout(policy: DTPolicy, env_id: str, targets: Sequence[float], episodes: i
             normalized_std=None if norm is None else float(norm.std()),
         ))
     return RolloutReport(results, limit, standard, comparable, int(env_steps), elapsed, model_time,
-                         tuple(videos) if video else ())
+                         tuple(videos))
 
 
 def video_name(target: float) -> str:
@@ -175,11 +175,13 @@ def _check_video(video: str, workers: int, names: dict[int, str]) -> None:
         raise ConfigError(f"{video}: is not a directory; give --video a directory")
 
 
-def _run_episodes(policy: DTPolicy, env_id: str, slots: int, workers: int, n: int,
-                  target_of: np.ndarray, start_seed: np.ndarray, limit: int,
-                  names: dict[int, str], video_folder: str | None):
-    """Run the ``n`` episodes in waves of ``slots``; episode j in ``names`` is recorded to
-    ``video_folder``. (returns (n,), lengths (n,), env steps, model seconds, seconds)."""
+def _run_episodes(policy: DTPolicy, env_id: str, slots: int, workers: int, target_of: np.ndarray,
+                  start_seed: np.ndarray, limit: int, names: dict[int, str],
+                  video_folder: str | None):
+    """Run the n = ``target_of.size`` episodes in waves of ``slots`` envs; episode j in ``names``
+    is recorded to ``video_folder`` under that name. (returns (n,), lengths (n,), env steps, model
+    seconds, seconds)."""
+    n = target_of.size
     envs = (EnvWorkers(env_id, slots, workers) if workers > 0
             else LocalEnvs(env_id, slots, video_folder))
     try:
