@@ -17,11 +17,12 @@ given as ``"module:EnvId"`` (Gymnasium imports the module first).
 from __future__ import annotations
 
 import multiprocessing
+import os
 from typing import Any
 
 import numpy as np
 
-from dtlab.envs import make_env
+from dtlab.envs import make_env, make_render_env
 from dtlab.errors import EnvError
 
 StepResult = tuple[list[np.ndarray], np.ndarray, np.ndarray, np.ndarray]
@@ -50,10 +51,34 @@ def step_envs(envs: list, actions) -> StepResult:
 
 
 class LocalEnvs:
-    """``count`` envs of ``env_id`` in this process, addressed by slot."""
+    """``count`` envs of ``env_id`` in this process, addressed by slot; ``video_folder``: where
+    ``record`` writes its videos."""
 
-    def __init__(self, env_id: str, count: int) -> None:
+    def __init__(self, env_id: str, count: int, video_folder: str | None = None) -> None:
+        self.env_id = env_id
+        self.video_folder = video_folder
         self.envs = [make_env(env_id) for _ in range(count)]
+
+    def record(self, slot: int, name: str) -> None:
+        """Record the next episode of ``slot`` to ``video_folder/<name>/<name>-episode-0.mp4``
+        (Gymnasium's ``RecordVideo``: the reset frame and one frame per step, at the env's
+        ``render_fps``; written when the slot is next reset or closed). The slot gets a fresh
+        rgb_array env (``make_render_env``); reset with the same seed it runs the same episode.
+        """
+        from gymnasium.wrappers import RecordVideo
+
+        if self.video_folder is None:
+            raise EnvError(f"{self.env_id}: recording needs a video folder")
+        env = make_render_env(self.env_id)
+        try:
+            # A folder of its own: RecordVideo warns when its folder exists.
+            recorder = RecordVideo(env, os.path.join(self.video_folder, name),
+                                   episode_trigger=_first_episode, name_prefix=name)
+        except Exception:
+            env.close()
+            raise
+        self.envs[slot].close()
+        self.envs[slot] = recorder
 
     def reset(self, slots: np.ndarray, seeds: np.ndarray) -> list[np.ndarray]:
         return reset_envs([self.envs[i] for i in slots], seeds)
@@ -64,6 +89,11 @@ class LocalEnvs:
     def close(self) -> None:
         for env in self.envs:
             env.close()
+
+
+def _first_episode(episode_id: int) -> bool:
+    """RecordVideo's episode trigger: record an env's first episode only."""
+    return episode_id == 0
 
 
 def _serve(conn, env_id: str, count: int) -> None:

@@ -13,6 +13,7 @@ as the DT paper does (it follows Hafner et al. 2021, DreamerV2).
 
 from __future__ import annotations
 
+import os
 import re
 import warnings
 from dataclasses import dataclass
@@ -135,6 +136,35 @@ def make_env(env_id: str, **kwargs) -> gym.Env:
         raise EnvError(f"unknown environment '{env_id}': {exc}{hint}") from None
     except ImportError as exc:
         raise EnvError(f"environment '{env_id}' needs a missing package: {exc}") from None
+
+
+def make_render_env(env_id: str) -> gym.Env:
+    """``make_env(env_id, render_mode="rgb_array")``, checked by rendering one frame: ``render()``
+    returns (H, W, 3) uint8 frames (MuJoCo: 480 x 480, classic control through pygame surfaces,
+    no display needed). Stepping is unchanged: rgb_array envs render only when asked.
+
+    MuJoCo renders through OpenGL, chosen by ``MUJOCO_GL``; its default, GLFW, needs a display.
+    Without one (no ``DISPLAY`` or ``WAYLAND_DISPLAY``) and with ``MUJOCO_GL`` unset, it is set
+    to ``egl`` (headless, libEGL) for this process; so is ``SDL_VIDEODRIVER`` to ``dummy``
+    (pygame draws classic control on surfaces; SDL's display probe would print an error line).
+    EnvError, naming MUJOCO_GL, when the frame cannot be rendered (e.g. no libEGL/libOSMesa, or
+    pygame missing for classic control)."""
+    if not (os.environ.get("DISPLAY") or os.environ.get("WAYLAND_DISPLAY")):
+        # Both are read when the first frame is rendered, so setting them now is in time.
+        os.environ.setdefault("MUJOCO_GL", "egl")
+        os.environ.setdefault("SDL_VIDEODRIVER", "dummy")
+    env = make_env(env_id, render_mode="rgb_array")
+    try:
+        env.reset()
+        env.render()
+    except Exception as exc:  # noqa: BLE001 (OpenGL and pygame failures have no common type)
+        env.close()
+        first_line = (str(exc).strip().splitlines() or [""])[0]
+        raise EnvError(f"{env_id}: cannot render frames for --video ({type(exc).__name__}: "
+                       f"{first_line}); MuJoCo renders headless with MUJOCO_GL=egl (libEGL) or "
+                       f"MUJOCO_GL=osmesa (libOSMesa), now MUJOCO_GL="
+                       f"{os.environ.get('MUJOCO_GL', '')!r}") from None
+    return env
 
 
 def register_robotics() -> bool:

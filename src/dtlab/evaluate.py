@@ -73,6 +73,11 @@ class EvalConfig:
     """Approximate, faster rollouts: feed only each step's new tokens and reuse cached keys and
     values. Exact for the first K steps; afterwards older tokens keep keys/values computed with
     context that has left the window (measured score impact: docs/benchmarks.md)."""
+    video: str | None = None
+    """Directory to record the first episode of each target to, as DIR/target-<target>.mp4
+    (Gymnasium's RecordVideo: the reset frame and one per step; needs moviepy: pip install
+    'dtlab[video]'; MuJoCo without a display renders with MUJOCO_GL=egl, set when unset). Not with
+    --eval-workers."""
     temperature: float = 0.0
     """Discrete actions: 0 takes the most likely action; above 0 samples from softmax(logits /
     temperature), each episode from its own stream keyed by (--seed, its env seed, its target),
@@ -115,6 +120,8 @@ class EvalConfig:
         check_number("max_steps", self.max_steps, minimum=1, integer=True)
         check_number("threads", self.threads, minimum=1, integer=True)
         check_number("eval_workers", self.eval_workers, minimum=0, integer=True)
+        if self.video is not None and self.offline:
+            raise ConfigError("--video records episodes in the env; --offline runs none: drop one")
 
 
 @dataclass(frozen=True)
@@ -267,10 +274,12 @@ def evaluate_checkpoint(cfg: EvalConfig, echo: bool = False) -> dict:
                                       kv_cache=cfg.kv_cache, temperature=cfg.temperature,
                                       seed=cfg.seed, info=info)
     report = rollout(policy, env_id, targets, cfg.episodes, seed=cfg.seed, max_steps=cfg.max_steps,
-                     workers=cfg.eval_workers)
+                     workers=cfg.eval_workers, video=cfg.video)
     data = results_json(report, checkpoint=str(path), env_id=env_id, episodes=cfg.episodes,
                         seed=cfg.seed, dataset=info.dataset, precision=precision)
     data["checkpoint_step"] = info.step
+    if cfg.video:
+        data["videos"] = list(report.videos)  # target i's first episode: videos[i]
     if echo:
         print_table(report, title=f"{run_label(path, info)} ({path}), {env_id}, {cfg.episodes} "
                                   f"episodes per target ({report.env_steps_per_s:.0f} env steps/s)",
@@ -287,8 +296,9 @@ def evaluate_checkpoint(cfg: EvalConfig, echo: bool = False) -> dict:
         data["plot"] = plot
     if cfg.out:
         write_json(cfg.out, data)
-    if echo and (cfg.out or plot):
-        print("wrote " + ", ".join(p for p in (cfg.out, plot) if p))
+    written = [p for p in (cfg.out, plot, *report.videos) if p]
+    if echo and written:
+        print("wrote " + ", ".join(written))
     return data
 
 

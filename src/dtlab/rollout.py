@@ -10,8 +10,12 @@ neither loop imports the other.
 
 from __future__ import annotations
 
+import os
+import shutil
+import tempfile
 import time
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Sequence
 
 import numpy as np
@@ -38,6 +42,7 @@ class RolloutReport:
     env_steps: int
     seconds: float
     model_seconds: float  # time inside the policy (forward passes)
+    videos: tuple[str, ...] = ()  # recorded mp4 files, one per target (rollout's video=)
 
     @property
     def env_steps_per_s(self) -> float:
@@ -78,16 +83,20 @@ def _fmt(targets: Sequence[float]) -> str:
 
 def rollout(policy: DTPolicy, env_id: str, targets: Sequence[float], episodes: int, *,
             seed: int = 0, max_steps: int | None = None, max_parallel: int = 256,
-            workers: int = 0) -> RolloutReport:
+            workers: int = 0, video: str | None = None) -> RolloutReport:
     """Run ``episodes`` episodes per target in ``env_id`` and report their returns.
 
     Up to ``max_parallel`` episodes run at once (each in its own env, stepped in lockstep, one
     batched forward per step); more run in successive waves that reuse the same envs. ``workers``
     > 0: the envs live in that many worker processes (dtlab.env_workers) while the policy acts
-    here; the results are identical. Raises ConfigError for no targets/episodes, non-finite
-    targets, episodes longer than the model's max_ep_len, a negative ``seed`` or ``workers``, or
-    ``max_steps`` / ``max_parallel`` below 1; EnvError for an unknown env, when the env's spaces
-    differ from the checkpoint's or a worker fails.
+    here; the results are identical. ``video``: a directory; the first episode of each target is
+    recorded with Gymnasium's ``RecordVideo`` to ``<video>/target-<target>.mp4`` (its reset frame
+    and one frame per step; episodes in this process only, ``workers`` 0), the files listed in the
+    report's ``videos``; they appear only once every episode has ended. Raises ConfigError for no
+    targets/episodes, non-finite targets, episodes longer than the model's max_ep_len, a negative
+    ``seed`` or ``workers``, ``max_steps`` / ``max_parallel`` below 1, ``video`` with workers or
+    without moviepy, or two targets that name the same video; EnvError for an unknown env, when
+    the env's spaces differ from the checkpoint's, a worker fails, or frames cannot be rendered.
     """
     check_number("episodes", episodes, minimum=1, integer=True)
     check_number("seed", seed, minimum=0, maximum=MAX_SEED, integer=True)
@@ -101,6 +110,9 @@ def rollout(policy: DTPolicy, env_id: str, targets: Sequence[float], episodes: i
     if not np.isfinite(target_of).all():
         raise ConfigError(f"targets must be finite, got {list(targets)}")
     target_of = target_of.astype(np.float32)
+    names = {i * episodes: video_name(t) for i, t in enumerate(targets)} if video else {}
+    if video:
+        _check_video(video, workers, names)
     # Episode j runs target j // episodes from start state seed + j % episodes.
     start_seed = seed + np.arange(n) % episodes  # (n,)
     slots = min(n, max_parallel)
@@ -111,20 +123,21 @@ def rollout(policy: DTPolicy, env_id: str, targets: Sequence[float], episodes: i
         limit, standard = episode_limit(probe, env_id, max_steps, policy.info.model.max_ep_len)
     finally:
         probe.close()
-    envs = EnvWorkers(env_id, slots, workers) if workers > 0 else LocalEnvs(env_id, slots)
+    staging = None
+    if video:  # RecordVideo writes here; finished files are moved up, the rest removed
+        Path(video).mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(prefix=".recording-", dir=video))
     try:
-        returns = np.zeros(n)
-        lengths = np.zeros(n, dtype=np.int64)
-        env_steps, model_time, started = 0, 0.0, time.perf_counter()
-        for first in range(0, n, slots):
-            wave = np.arange(first, min(n, first + slots))  # episode ids of this wave
-            steps, seconds = _run_wave(policy, envs, wave, target_of, start_seed, limit, returns,
-                                       lengths)
-            env_steps += steps
-            model_time += seconds
-        elapsed = time.perf_counter() - started
+        returns, lengths, env_steps, model_time, elapsed = _run_episodes(
+            policy, env_id, slots, workers, target_of, start_seed, limit, names,
+            None if staging is None else str(staging))
+        videos = []
+        for name in names.values():  # whole episodes only: moved once every one has ended
+            videos.append(str(Path(video) / f"{name}.mp4"))
+            os.replace(staging / name / f"{name}-episode-0.mp4", videos[-1])
     finally:
-        envs.close()
+        if staging is not None:
+            shutil.rmtree(staging, ignore_errors=True)
     comparable = standard is not None and limit == standard
     ref_min, ref_max = reference_scores(env_id, policy.info.ref_min_score, policy.info.ref_max_score)
     results = []
@@ -138,7 +151,56 @@ def rollout(policy: DTPolicy, env_id: str, targets: Sequence[float], episodes: i
             normalized_mean=None if norm is None else float(norm.mean()),
             normalized_std=None if norm is None else float(norm.std()),
         ))
-    return RolloutReport(results, limit, standard, comparable, int(env_steps), elapsed, model_time)
+    return RolloutReport(results, limit, standard, comparable, int(env_steps), elapsed, model_time,
+                         tuple(videos))
+
+
+def video_name(target: float) -> str:
+    """A target's video file stem: ``target-3600``, ``target--150.5`` (12 significant digits)."""
+    return f"target-{target:.12g}"
+
+
+def _check_video(video: str, workers: int, names: dict[int, str]) -> None:
+    """ConfigError unless ``video`` can hold one recording per target, made in this process."""
+    if workers > 0:
+        raise ConfigError("--video records episodes in this process: drop --eval-workers")
+    if len(set(names.values())) < len(names):
+        raise ConfigError(f"--video: two targets would write the same file ("
+                          f"{', '.join(names.values())}); give distinct --targets")
+    try:
+        import moviepy  # noqa: F401  (RecordVideo writes mp4 through it)
+    except ImportError:
+        raise ConfigError("--video needs moviepy: pip install 'dtlab[video]'") from None
+    if Path(video).exists() and not Path(video).is_dir():
+        raise ConfigError(f"{video}: is not a directory; give --video a directory")
+
+
+def _run_episodes(policy: DTPolicy, env_id: str, slots: int, workers: int, target_of: np.ndarray,
+                  start_seed: np.ndarray, limit: int, names: dict[int, str],
+                  video_folder: str | None):
+    """Run the n = ``target_of.size`` episodes in waves of ``slots`` envs; episode j in ``names``
+    is recorded to ``video_folder`` under that name. (returns (n,), lengths (n,), env steps, model
+    seconds, seconds)."""
+    n = target_of.size
+    envs = (EnvWorkers(env_id, slots, workers) if workers > 0
+            else LocalEnvs(env_id, slots, video_folder))
+    try:
+        returns = np.zeros(n)
+        lengths = np.zeros(n, dtype=np.int64)
+        env_steps, model_time, started = 0, 0.0, time.perf_counter()
+        for first in range(0, n, slots):
+            wave = np.arange(first, min(n, first + slots))  # episode ids of this wave
+            for slot, j in enumerate(wave):
+                if j in names:
+                    envs.record(slot, names[j])
+            steps, seconds = _run_wave(policy, envs, wave, target_of, start_seed, limit, returns,
+                                       lengths)
+            env_steps += steps
+            model_time += seconds
+        elapsed = time.perf_counter() - started
+    finally:
+        envs.close()  # writes the recordings still open
+    return returns, lengths, env_steps, model_time, elapsed
 
 
 def _run_wave(policy: DTPolicy, envs: LocalEnvs | EnvWorkers, wave: np.ndarray,
