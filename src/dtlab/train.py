@@ -461,6 +461,13 @@ class Trainer:
                                   f"the run's model or optimizer): {type(exc).__name__}: "
                                   f"{str(exc).splitlines()[0] if str(exc) else ''}") from None
 
+    def use_episodes(self, episodes: EpisodeSet) -> None:
+        """Draw the next windows from ``episodes`` (same spaces, the run's normalizer): online
+        finetuning's replay, rebuilt after each rollout. The sampling stream continues."""
+        self.sampler = SequenceSampler(episodes, self.sampler.context_len, self.sampler.normalizer)
+        if self.device_sampler is not None:
+            self.device_sampler = DeviceSampler(self.sampler, self.device)
+
     def step(self, optim: OptimConfig) -> tuple[torch.Tensor, torch.Tensor]:
         """Sample a batch, take one ``train_step``, advance the schedule; (loss, grad_norm) as
         ``train_step`` returns them (the step was applied iff grad_norm is finite)."""
