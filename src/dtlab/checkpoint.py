@@ -214,9 +214,12 @@ def resolve(path: str | Path) -> Path:
 
 def save(run_dir: str | Path, name: str, model: DecisionTransformer, info: PolicyInfo,
          trainer_state: dict[str, Any] | None = None, keep: int | None = None,
-         latest: bool = True) -> Path:
+         latest: bool = True,
+         extra: dict[str, dict[str, torch.Tensor]] | None = None) -> Path:
     """Write checkpoint ``run_dir/name`` atomically and (``latest``) point ``run_dir/latest`` at
-    it; ``keep``: then keep only the newest ``keep`` ``step_*`` checkpoints."""
+    it; ``keep``: then keep only the newest ``keep`` ``step_*`` checkpoints. ``extra``: more
+    safetensors files written into the same directory, file name -> tensors (e.g. dtlab
+    finetune's replay), part of the same atomic write (``load_extra`` reads one)."""
     run_dir = Path(run_dir)
     final = run_dir / name
     # A directory written whole, then renamed into place (an existing one, e.g. the final save of
@@ -227,6 +230,9 @@ def save(run_dir: str | Path, name: str, model: DecisionTransformer, info: Polic
         (tmp / CONFIG_FILE).write_text(dumps_json(info.to_json()))
         if trainer_state is not None:
             torch.save(trainer_state, tmp / TRAINER_FILE)
+        for file, tensors in (extra or {}).items():
+            save_file({k: v.detach().to("cpu").contiguous() for k, v in tensors.items()},
+                      tmp / file)
     if latest:
         write_text_atomic(run_dir / LATEST_FILE, name + "\n")
     if keep is not None:
@@ -286,6 +292,18 @@ def load_weights(path: Path, info: PolicyInfo, device: str | torch.device = "cpu
                                   f"config.json implies {tuple(expected[key].shape)}")
     model.load_state_dict(weights)
     return model.to(device).eval()
+
+
+def load_extra(path: str | Path, file: str) -> dict[str, torch.Tensor]:
+    """The tensors of an ``extra`` file of checkpoint ``path`` (``save``), on the CPU.
+    CheckpointError when it is missing or corrupt."""
+    full = resolve(path) / file
+    if not full.is_file():
+        raise CheckpointError(f"{full}: missing")
+    try:
+        return load_file(full, device="cpu")
+    except (SafetensorError, OSError, ValueError) as exc:
+        raise CheckpointError(f"{full}: corrupt safetensors file: {exc}") from None
 
 
 def save_calibration(path: str | Path, calibration: dict[str, Any]) -> Path:

@@ -22,6 +22,7 @@ from dtlab.behaviour.sac import BehaviourConfig
 from dtlab.collect import CollectConfig
 from dtlab.config import MAX_SEED, TrainConfig, check_number
 from dtlab.evaluate import CalibrateConfig, EvalConfig
+from dtlab.finetune import FinetuneConfig
 from dtlab.errors import DtlabError, one_line_warning
 from dtlab.quickstart import STEPS as QUICKSTART_STEPS
 from dtlab.runs_table import RunsConfig
@@ -186,6 +187,7 @@ Command = Union[
     Annotated[QuickstartConfig, tyro.conf.subcommand("quickstart")],
     Annotated[TrainConfig, tyro.conf.subcommand("train")],
     Annotated[EvalConfig, tyro.conf.subcommand("evaluate")],
+    Annotated[FinetuneConfig, tyro.conf.subcommand("finetune")],
     Annotated[DataCommand, tyro.conf.subcommand("data")],
     Annotated[CollectConfig, tyro.conf.subcommand("collect")],
     Annotated[TrainBehaviourCommand, tyro.conf.subcommand("train-behaviour")],
@@ -238,6 +240,24 @@ def run_train(cfg: TrainConfig) -> int:
     skipped = f", {result.skipped_nonfinite} non-finite steps skipped" if result.skipped_nonfinite else ""
     print(f"done: {result.steps} steps, final loss {result.final_loss:.5f}{skipped}, "
           f"checkpoint {result.checkpoint}")
+    return 0
+
+
+def run_finetune(cfg: FinetuneConfig) -> int:
+    """Finetune online; SIGINT/SIGTERM stop it after the current iteration with a checkpoint
+    (exit 128 + signal)."""
+    from dtlab.finetune import finetune
+
+    with signals_received() as received:
+        result = finetune(cfg, should_stop=lambda: bool(received))
+    if result.interrupted:
+        sig = received[0] if received else 0
+        print(f"interrupted by signal {sig} at online env step {result.env_steps}; checkpoint "
+              f"{result.checkpoint}; continue with the same command and --resume",
+              file=sys.stderr)
+        return 128 + sig
+    print(f"done: {result.env_steps} online env steps in {result.rollouts} rollouts, checkpoint "
+          f"{result.checkpoint}")
     return 0
 
 
@@ -539,6 +559,8 @@ def main(argv: list[str] | None = None) -> int:
             return run_train(cmd)
         elif isinstance(cmd, EvalConfig):
             run_evaluate(cmd)
+        elif isinstance(cmd, FinetuneConfig):
+            return run_finetune(cmd)
         elif isinstance(cmd, BenchmarkConfig):
             return run_benchmark(cmd)
         elif isinstance(cmd, CalibrateConfig):

@@ -113,6 +113,12 @@ class ModelConfig:
     baseline; mlp-bc, an MLP on the current state alone (model.n_layers hidden layers of
     model.embed_dim units with model.activation and model.dropout, the DT code's MLPBCModel;
     needs model.context_len 1). Both baselines ignore the target return."""
+    policy: Literal["deterministic", "stochastic"] = "deterministic"
+    """The action head: deterministic (the DT's: tanh actions trained by squared error, or logits
+    by cross entropy) or stochastic (the Online Decision Transformer's: a tanh-squashed Gaussian,
+    or a categorical for discrete actions, trained by negative log-likelihood minus a learned
+    temperature times its entropy; needed by dtlab finetune). Evaluation acts with the mean
+    action either way."""
 
     def __post_init__(self) -> None:
         if self.architecture == "mlp-bc" and self.context_len != 1:
@@ -125,6 +131,7 @@ class ModelConfig:
             check_number(f"model.{name}", getattr(self, name), minimum=1, integer=True)
         check_number("model.dropout", self.dropout, minimum=0.0, below=1.0)
         check_choice("model.activation", self.activation, ("relu", "gelu"))
+        check_choice("model.policy", self.policy, ("deterministic", "stochastic"))
         if self.embed_dim % self.n_heads:
             raise ConfigError(f"model.embed_dim {self.embed_dim} is not divisible by model.n_heads "
                               f"{self.n_heads}")

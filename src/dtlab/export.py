@@ -342,6 +342,9 @@ def export_run(run: str | Path, out: str | Path, dataset: str | None = None) -> 
     run = Path(run)
     ckpt = checkpoint.resolve(run)
     model, info = checkpoint.load(ckpt, "cpu")
+    if info.model.policy != "deterministic":  # the step graph ends in the deterministic head
+        raise ConfigError(f"{ckpt}: dtlab export writes deterministic policies; this checkpoint "
+                          f"has a {info.model.policy} head (--model.policy stochastic)")
     record = build_policy_record(ckpt, info, dataset)
     run_dir = run if not (run / checkpoint.CONFIG_FILE).is_file() else ckpt.parent
     with atomic_path(out, directory=True) as tmp:

@@ -110,6 +110,97 @@ class ActionHead(nn.Linear):
         return torch.zeros(b, k, self.action_space.dim, device=device)
 
 
+# The log standard deviation of the stochastic head is clamped to this range: the ODT's bounds
+# (Zheng, Zhang and Grover 2022, "Online Decision Transformer", Appendix C; the same as common SAC
+# implementations' actors).
+LOG_STD_MIN, LOG_STD_MAX = -5.0, 2.0
+# Data actions at the bounds +-1 have no tanh preimage; the likelihood reads them this far inside.
+ACTION_EPS = 1e-6
+
+
+class StochasticActionHead(nn.Linear):
+    """The ODT's stochastic policy head (Zheng et al. 2022, section 3.1): hidden states (..., D) ->
+    the parameters of a distribution over actions.
+
+    ``ContinuousActions(dim)``: a tanh-squashed diagonal Gaussian, a = tanh(u), u ~ N(mean, std^2);
+    the output is (..., 2 dim) = (mean of u, log std clamped to [LOG_STD_MIN, LOG_STD_MAX]).
+    ``DiscreteActions(n)``: a categorical distribution, the output its n logits (as
+    ``ActionHead``). One ``nn.Linear``, so it initializes and decays as the deterministic head;
+    its parameters are ``predict_action.weight`` and ``.bias`` of width 2 dim (continuous). The
+    entropy temperature is the trainer's (dtlab.train.EntropyTemperature), not a weight.
+    ConfigError for any other action spec."""
+
+    def __init__(self, in_features: int, action_space: ActionSpec) -> None:
+        width, logits = action_outputs(action_space)
+        super().__init__(in_features, width if logits else 2 * width)
+        self.logits, self.action_space, self.width = logits, action_space, width
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        out = super().forward(h)
+        if self.logits:
+            return out  # (..., n) logits
+        mean, log_std = out.split(self.width, dim=-1)  # 2 x (..., A)
+        return torch.cat((mean, log_std.clamp(LOG_STD_MIN, LOG_STD_MAX)), dim=-1)  # (..., 2A)
+
+    def split(self, out: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Continuous: (mean, log std) of the Gaussian before tanh, each (..., A)."""
+        return out[..., :self.width], out[..., self.width:]
+
+    def greedy_action(self, out: torch.Tensor) -> torch.Tensor:
+        """The action evaluation takes: tanh(mean) in [-1, 1] (B, A) (the ODT evaluates the
+        mean action), or the most likely index ((B,) int64)."""
+        return out.argmax(-1) if self.logits else torch.tanh(self.split(out)[0])
+
+    def sample_action(self, out: torch.Tensor, noise: torch.Tensor,
+                      temperature: float = 1.0) -> torch.Tensor:
+        """Continuous: tanh(mean + temperature x std x noise), noise (B, A) standard normal
+        draws; (B, A) in [-1, 1]. (Discrete sampling is dtlab.policy's, from the logits.)"""
+        mean, log_std = self.split(out)
+        return torch.tanh(mean + temperature * log_std.exp() * noise)
+
+    def log_likelihood(self, out: torch.Tensor, actions: torch.Tensor) -> torch.Tensor:
+        """log pi(a | context) of the data's actions, (...,): continuous a (..., A) in [-1, 1]
+        (clamped to +-(1 - ACTION_EPS)), the squashed Gaussian's density by the change of
+        variables, log N(atanh a; mean, std) - sum log(1 - a^2); discrete: log softmax of the
+        logits at the indices (...,) int64."""
+        if self.logits:
+            return torch.log_softmax(out, -1).gather(-1, actions[..., None]).squeeze(-1)
+        mean, log_std = self.split(out)
+        a = actions.clamp(-1.0 + ACTION_EPS, 1.0 - ACTION_EPS)
+        gaussian = torch.distributions.Normal(mean, log_std.exp())
+        return (gaussian.log_prob(torch.atanh(a)) - torch.log1p(-a.pow(2))).sum(-1)
+
+    def entropy(self, out: torch.Tensor, noise: torch.Tensor | None = None) -> torch.Tensor:
+        """The policy's entropy at each position, (...,). Discrete: the categorical's, exact.
+        Continuous: the squashed Gaussian has no closed form; by the change of variables
+        H[tanh u] = H[u] + E[sum log(1 - tanh(u)^2)], the Gaussian's entropy exactly and the
+        Jacobian term by a one-sample Monte-Carlo estimate at u = mean + std x noise
+        (reparameterized, so it is differentiable; the ODT estimates the entropy by sampling,
+        section 3.2). ``noise``: (..., A) standard normal draws (continuous only)."""
+        if self.logits:
+            return torch.distributions.Categorical(logits=out).entropy()
+        mean, log_std = self.split(out)
+        gaussian = (0.5 * (1.0 + math.log(2 * math.pi)) + log_std).sum(-1)  # (...,)
+        u = mean + log_std.exp() * noise  # (..., A)
+        # log(1 - tanh(u)^2) = 2 (log 2 - u - softplus(-2u)), stable for large |u|.
+        log_det = 2.0 * (math.log(2.0) - u - F.softplus(-2.0 * u))
+        return gaussian + log_det.sum(-1)
+
+    def empty_actions(self, b: int, k: int, device: torch.device | str) -> torch.Tensor:
+        """Zero actions for a (B, K) window: (B, K, act_dim) float32, or (B, K) int64 indices."""
+        if self.logits:
+            return torch.zeros(b, k, dtype=torch.long, device=device)
+        return torch.zeros(b, k, self.action_space.dim, device=device)
+
+
+def action_head(cfg: ModelConfig, in_features: int,
+                action_space: ActionSpec) -> ActionHead | StochasticActionHead:
+    """The head ``cfg.policy`` names: ``ActionHead`` (deterministic) or ``StochasticActionHead``."""
+    if cfg.policy == "stochastic":
+        return StochasticActionHead(in_features, action_space)
+    return ActionHead(in_features, action_space)
+
+
 class CausalSelfAttention(nn.Module):
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
@@ -189,7 +280,7 @@ class DecisionTransformer(nn.Module):
         self.drop = Dropout(cfg.dropout)
         self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layers))
         self.ln_f = nn.LayerNorm(d)
-        self.predict_action = ActionHead(d, action_space)
+        self.predict_action = action_head(cfg, d, action_space)
         self.apply(self._init_weights)
         # GPT-2's scaled init of the residual projections (Radford et al. 2019, section 2.3).
         for name, p in self.named_parameters():

@@ -156,7 +156,7 @@ def calibration_plot(curves: Sequence[tuple[str, dict]], path: str | Path, *,
 def score_curves(curves: Sequence[tuple[str, Sequence[int], Sequence[float], Sequence[float]]],
                  path: str | Path, *, title: str = "", ylabel: str = "score",
                  reference: tuple[str, float] | None = None,
-                 band: str = "± 1 std") -> Path:
+                 band: str = "± 1 std", xlabel: str = "training step") -> Path:
     """Learning curves: mean score against training step with a shaded band (mean ± the given
     spread), one line per (label, steps, means, spreads); each line has its own colour, line style
     and marker, so curves that coincide stay visible. ``band`` says in the legend what the bands
@@ -174,7 +174,7 @@ def score_curves(curves: Sequence[tuple[str, Sequence[int], Sequence[float], Seq
         ax.axhline(reference[1], color="0.4", ls="--", lw=1, label=reference[0])
     if curves:
         ax.fill_between([], [], [], color="0.6", alpha=0.3, label=f"shaded: {band}")
-    ax.set_xlabel("training step")
+    ax.set_xlabel(xlabel)
     ax.set_ylabel(ylabel)
     ax.set_title(title)
     ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))  # beside, not on, the data

@@ -11,7 +11,10 @@ per episode, not K), or Dict observations, flattened with the checkpoint's keys 
 (``DictObservations``).
 Discrete actions are the most likely index (``temperature`` 0, the default) or sampled from the
 logits divided by ``temperature`` (the DT Atari code samples at temperature 1:
-atari/mingpt/trainer_atari.py, ``sample(..., temperature=1.0, sample=True)``).
+atari/mingpt/trainer_atari.py, ``sample(..., temperature=1.0, sample=True)``). A stochastic head
+(``model.policy`` stochastic, the Online Decision Transformer's) acts with its mean action,
+tanh(mean), at temperature 0, and samples tanh(mean + temperature x std x noise) above 0 (dtlab
+finetune's exploration rollouts, at temperature 1).
 """
 
 from __future__ import annotations
@@ -84,9 +87,11 @@ class DTPolicy:
         if not isinstance(temperature, (int, float)) or isinstance(temperature, bool) or \
                 not 0 <= temperature < float("inf"):
             raise ConfigError(f"temperature must be a finite number >= 0, got {temperature!r}")
-        if temperature > 0 and not isinstance(info.action_space, DiscreteActions):
-            raise ConfigError(f"temperature {temperature:g}: sampling is for discrete actions; "
-                              "this checkpoint's actions are continuous (use temperature 0)")
+        if temperature > 0 and not isinstance(info.action_space, DiscreteActions) and \
+                info.model.policy != "stochastic":
+            raise ConfigError(f"temperature {temperature:g}: sampling is for discrete actions or "
+                              "a stochastic policy head; this checkpoint's actions are continuous "
+                              "and deterministic (use temperature 0)")
         if precision not in ("fp32", "bf16"):
             raise ConfigError(f"precision must be fp32 or bf16, got {precision!r} (resolve auto "
                               "with dtlab.runtime.resolve_precision)")
@@ -398,7 +403,15 @@ class DTPolicy:
                 f"the model produced a non-finite action ({pred[bad].tolist()}) for episode {e} "
                 f"(target {float(self._targets[e]):g}) at step {int(steps[bad])}; its weights or "
                 "inputs are not finite or overflow")
-        if self.temperature > 0:  # (n,) indices sampled from softmax(logits / temperature)
+        head = self.model.predict_action
+        if self.temperature > 0 and not isinstance(self.info.action_space, DiscreteActions):
+            # The stochastic head's Gaussian, its std scaled by the temperature, squashed; one
+            # row of standard normal draws per episode from its own stream.
+            noise = torch.tensor(np.stack([self._streams[r].standard_normal(head.width)
+                                           for r in rows]), dtype=pred.dtype,
+                                 device=self.device)  # (n, A)
+            pred = head.sample_action(pred, noise, self.temperature)  # (n, A) in [-1, 1]
+        elif self.temperature > 0:  # (n,) indices sampled from softmax(logits / temperature)
             probs = torch.softmax(pred / self.temperature, dim=-1)  # (n, n_actions)
             # One uniform per episode from its own stream, inverted through the CDF: an episode's
             # draws depend on its stream and its logits only, not on what else is in the batch.
@@ -408,7 +421,7 @@ class DTPolicy:
             pred = torch.searchsorted(cdf, u[:, None], right=True).clamp_(
                 max=probs.shape[-1] - 1)[:, 0]
         else:
-            pred = self.model.predict_action.greedy_action(pred)  # (n, A), or (n,) indices
+            pred = head.greedy_action(pred)  # (n, A), or (n,) indices
         act_w[:, -1] = pred
         self._obs[idx], self._act[idx], self._rtg[idx] = obs_w, act_w, rtg_w
         self._timesteps[idx], self._masks[idx] = ts_w, mask_w

@@ -42,7 +42,7 @@ from dtlab.distributed import World
 from dtlab.errors import CheckpointError, ConfigError, DtlabWarning, TrainingError
 from dtlab.metrics import METRICS_FILE, Evaluation, Progress, training_record
 from dtlab.baselines import build_model
-from dtlab.model import DecisionTransformer
+from dtlab.model import DecisionTransformer, StochasticActionHead
 from dtlab.normalizer import Normalizer
 from dtlab.policy import DTPolicy
 # Preparing a run (everything checked before output is written) lives in dtlab.prepare.
@@ -51,10 +51,11 @@ from dtlab.data.records import ReturnStats
 from dtlab.rollout import Evaluator, default_targets
 from dtlab import rundir
 from dtlab.rundir import RunDirectory
-from dtlab.spaces import DiscreteActions, ImageObservations, VectorObservations
+from dtlab.spaces import ActionSpec, DiscreteActions, ImageObservations, VectorObservations
 
 __all__ = ["train", "train_step", "TrainConfig", "TrainResult", "Trainer", "TrainerState",
-           "prepare", "action_loss", "param_groups", "unit_scaler"]
+           "prepare", "action_loss", "param_groups", "unit_scaler", "stochastic_action_loss",
+           "EntropyTemperature"]
 
 
 # ---- pieces ---------------------------------------------------------------------------------------
@@ -70,6 +71,85 @@ def action_loss(pred: torch.Tensor, target: torch.Tensor, masks: torch.Tensor) -
         per_step = (pred - target).pow(2).mean(-1)  # (B, K)
     m = masks.to(per_step.dtype)
     return (per_step * m).sum() / m.sum()
+
+
+def stochastic_action_loss(head: StochasticActionHead, out: torch.Tensor, actions: torch.Tensor,
+                           masks: torch.Tensor, alpha: torch.Tensor
+                           ) -> tuple[torch.Tensor, torch.Tensor]:
+    """The ODT's policy objective (Zheng et al. 2022, section 3.2, Eq. 5): the mean negative
+    log-likelihood of the data's actions minus ``alpha`` times the mean entropy, both over every
+    real position of every window (the paper's 1/K sum over a window's steps, averaged over the
+    batch). ``out``: the stochastic head's output (B, K, 2A) or logits (B, K, n); ``actions``
+    (B, K, A) in [-1, 1] or (B, K) indices; ``masks`` (B, K) bool; ``alpha`` a 0-d tensor, held
+    constant here. The entropy's Monte-Carlo noise is drawn from torch's generator on the
+    device (``StochasticActionHead.entropy``).
+
+    Returns (objective, mean entropy), 0-d tensors; the entropy still carries its gradient."""
+    nll = -head.log_likelihood(out, actions)  # (B, K)
+    noise = None if head.logits else torch.randn_like(out[..., :head.width])  # (B, K, A)
+    entropy = head.entropy(out, noise)  # (B, K)
+    m = masks.to(nll.dtype)
+    real = m.sum()
+    nll_mean, entropy_mean = (nll * m).sum() / real, (entropy * m).sum() / real
+    return nll_mean - alpha * entropy_mean, entropy_mean
+
+
+# The ODT's temperature (Zheng et al. 2022, section 3.2 and Appendix C): initial value 0.1,
+# optimized in log space by Adam at learning rate 1e-4, betas (0.9, 0.999), toward the target
+# entropy -act_dim (SAC's heuristic, Haarnoja et al. 2018, "Soft Actor-Critic Algorithms and
+# Applications", section 5). Discrete actions (not in the paper): half the uniform policy's
+# entropy, 0.5 log n, dtlab's choice (any fixed target below log n keeps exploring without
+# pushing the policy to uniform; SAC-discrete's 0.98 log n does the latter).
+INITIAL_TEMPERATURE = 0.1
+TEMPERATURE_LR = 1e-4
+TEMPERATURE_BETAS = (0.9, 0.999)
+
+
+def target_entropy(action_space: ActionSpec) -> float:
+    """-act_dim for continuous actions; 0.5 log n for ``DiscreteActions(n)`` (see above)."""
+    if isinstance(action_space, DiscreteActions):
+        return 0.5 * math.log(action_space.n)
+    return -float(action_space.dim)
+
+
+class EntropyTemperature:
+    """The ODT's learned entropy temperature lambda (the policy loss weighs the entropy by it), as
+    the dual variable of the constraint entropy >= target (Zheng et al. 2022, Eq. 4 and 6):
+    log lambda is a (1,) tensor with its own Adam optimizer, stepped on
+    lambda x (mean entropy - target) with the entropy held constant, so lambda grows while the
+    entropy is below the target and shrinks while above."""
+
+    def __init__(self, action_space: ActionSpec, device: torch.device,
+                 initial: float = INITIAL_TEMPERATURE) -> None:
+        self.target = target_entropy(action_space)
+        self.log_alpha = torch.full((1,), math.log(initial), device=device, requires_grad=True)
+        self.optimizer = torch.optim.Adam([self.log_alpha], lr=TEMPERATURE_LR,
+                                          betas=TEMPERATURE_BETAS,
+                                          fused=device.type in ("cpu", "cuda") or None)
+
+    @property
+    def alpha(self) -> torch.Tensor:
+        """lambda, 0-d, without gradient."""
+        return self.log_alpha.detach().exp()[0]
+
+    def step(self, entropy: torch.Tensor, scaler: torch.amp.GradScaler) -> None:
+        """One Adam step of log lambda on ``entropy`` (the batch's mean entropy, 0-d), skipped
+        (by ``scaler``, without a host sync) when it is not finite."""
+        self.optimizer.zero_grad(set_to_none=True)
+        scaler.scale((self.log_alpha.exp() * (entropy.detach() - self.target)).sum()).backward()
+        scaler.unscale_(self.optimizer)
+        scaler.step(self.optimizer)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"log_alpha": self.log_alpha.detach().cpu().clone(),
+                "optimizer": self.optimizer.state_dict(), "target": self.target}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        with torch.no_grad():
+            self.log_alpha.copy_(state["log_alpha"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        for group in self.optimizer.param_groups:  # this device's implementation (as AdamW's)
+            group["fused"] = self.optimizer.defaults.get("fused")
 
 
 def param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
@@ -171,7 +251,8 @@ def unit_scaler(device: torch.device) -> torch.amp.GradScaler:
 def train_step(model: DecisionTransformer, optimizer: torch.optim.Optimizer,
                batch: dict[str, torch.Tensor], *, grad_clip: float,
                precision: runtime.Precision = "fp32",
-               scaler: torch.amp.GradScaler | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+               scaler: torch.amp.GradScaler | None = None,
+               temperature: EntropyTemperature | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """One gradient step on ``batch`` (``to_tensors`` of a sampled Batch): forward (under the
     precision's autocast), masked action loss in fp32, backward, global-norm clipping
     (``grad_clip`` 0: none), and the optimizer step, skipped when any gradient is non-finite
@@ -180,6 +261,11 @@ def train_step(model: DecisionTransformer, optimizer: torch.optim.Optimizer,
 
     Returns (loss, grad_norm), both detached 0-d tensors on the model's device; the step was
     applied iff ``grad_norm`` is finite.
+
+    A model with a ``StochasticActionHead`` (``model.policy`` stochastic) needs ``temperature``:
+    its loss is ``stochastic_action_loss`` at the temperature's lambda, and after the weights'
+    step the temperature takes its own (on the batch's mean entropy, averaged over the processes
+    under torchrun). The deterministic path is unchanged.
 
     ``model`` may be a ``DistributedDataParallel`` wrapper (torchrun): its gradient is then the
     one a single process would compute on all processes' windows together (see below); the
@@ -190,7 +276,16 @@ def train_step(model: DecisionTransformer, optimizer: torch.optim.Optimizer,
     with runtime.autocast(device, precision):
         pred = model(batch["observations"], batch["actions"], batch["returns_to_go"],
                      batch["timesteps"], batch["masks"])
-    loss = action_loss(pred.float(), batch["actions"], batch["masks"])
+    head = (model.module if isinstance(model, DistributedDataParallel) else model).predict_action
+    entropy = None
+    if isinstance(head, StochasticActionHead):
+        if temperature is None:
+            raise ConfigError("a stochastic policy head trains with an EntropyTemperature "
+                              "(train_step's temperature argument)")
+        loss, entropy = stochastic_action_loss(head, pred.float(), batch["actions"],
+                                               batch["masks"], temperature.alpha)
+    else:
+        loss = action_loss(pred.float(), batch["actions"], batch["masks"])
     objective = loss
     if isinstance(model, DistributedDataParallel):
         # DDP averages the W processes' gradients. Weighting each process's mean by W x (its real
@@ -209,6 +304,13 @@ def train_step(model: DecisionTransformer, optimizer: torch.optim.Optimizer,
     grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(),
                                                grad_clip if grad_clip > 0 else float("inf"))
     scaler.step(optimizer)  # skipped when a gradient was non-finite
+    if entropy is not None:
+        entropy = entropy.detach()
+        if isinstance(model, DistributedDataParallel):  # one lambda on every process
+            entropy = entropy.clone()
+            dist.all_reduce(entropy)
+            entropy /= dist.get_world_size(model.process_group)
+        temperature.step(entropy, scaler)
     scaler.update(1.0)  # back to scale 1 (a skipped step would otherwise halve it)
     return loss.detach(), grad_norm.detach()
 
@@ -303,6 +405,7 @@ class Trainer:
     precision: runtime.Precision = "fp32"  # resolved (never "auto")
     applied_lr: float = float("nan")  # the learning rate of the last step taken
     scaler: torch.amp.GradScaler | None = None  # train_step's non-finite check (unit_scaler)
+    temperature: EntropyTemperature | None = None  # model.policy stochastic: the ODT's lambda
 
     @property
     def policy_model(self) -> DecisionTransformer:
@@ -334,9 +437,11 @@ class Trainer:
         # A deep copy: draws no random numbers, so the raw weights train exactly as without it.
         ema = (AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(cfg.optim.ema_decay))
                if cfg.optim.ema_decay else None)
+        temperature = (EntropyTemperature(info.action_space, device)
+                       if cfg.model.policy == "stochastic" else None)
         return cls(model, optimizer, scheduler, sampler, state, device, world, ddp,
                    device_sampler, cfg.optim.seed, ema, cfg.optim.precision,
-                   scaler=unit_scaler(device))
+                   scaler=unit_scaler(device), temperature=temperature)
 
     def resume(self, path: Path) -> None:
         """Continue from checkpoint ``path``: weights, optimizer, schedule, RNG streams, step."""
@@ -351,10 +456,19 @@ class Trainer:
                 self.model.load_state_dict(weights.state_dict())
             self.state = TrainerState.restore(saved, self.optimizer, self.scheduler, self.device,
                                               self.world, self.seed)
+            if self.temperature is not None:
+                self.temperature.load_state_dict(saved["temperature"])
         except (KeyError, TypeError, ValueError, AttributeError, RuntimeError) as exc:
             raise CheckpointError(f"{path}: cannot resume from this checkpoint (it does not match "
                                   f"the run's model or optimizer): {type(exc).__name__}: "
                                   f"{str(exc).splitlines()[0] if str(exc) else ''}") from None
+
+    def use_episodes(self, episodes: EpisodeSet) -> None:
+        """Draw the next windows from ``episodes`` (same spaces, the run's normalizer): online
+        finetuning's replay, rebuilt after each rollout. The sampling stream continues."""
+        self.sampler = SequenceSampler(episodes, self.sampler.context_len, self.sampler.normalizer)
+        if self.device_sampler is not None:
+            self.device_sampler = DeviceSampler(self.sampler, self.device)
 
     def step(self, optim: OptimConfig) -> tuple[torch.Tensor, torch.Tensor]:
         """Sample a batch, take one ``train_step``, advance the schedule; (loss, grad_norm) as
@@ -367,7 +481,7 @@ class Trainer:
         self.applied_lr = self.optimizer.param_groups[0]["lr"]  # before the schedule advances
         loss, grad_norm = train_step(self.ddp or self.model, self.optimizer, batch,
                                      grad_clip=optim.grad_clip, precision=self.precision,
-                                     scaler=self.scaler)
+                                     scaler=self.scaler, temperature=self.temperature)
         if self.ema is not None:  # a skipped step left the weights as they were: averaged again
             self.ema.update_parameters(self.model)
         with warnings.catch_warnings():  # a skipped first step makes torch warn about the order
@@ -377,9 +491,11 @@ class Trainer:
         self.state.step += 1
         return loss, grad_norm
 
-    def save(self, out: Path, info: PolicyInfo, keep: int) -> Path | None:
+    def save(self, out: Path, info: PolicyInfo, keep: int,
+             extra: dict[str, dict[str, torch.Tensor]] | None = None) -> Path | None:
         """Write a checkpoint (rank 0; every rank must call it: its random streams are gathered
-        there). Returns its directory, None on the other ranks."""
+        there), with ``extra`` safetensors files in it (``checkpoint.save``). Returns its
+        directory, None on the other ranks."""
         at = self.state.step
         ranks = None
         if self.world.distributed:
@@ -392,8 +508,11 @@ class Trainer:
             state["raw_weights"] = {k: v.detach().to("cpu") for k, v in
                                     self.model.state_dict().items()}
             state["ema_n_averaged"] = int(self.ema.n_averaged)
+        if self.temperature is not None:
+            state["temperature"] = self.temperature.state_dict()
         path = checkpoint.save(out, f"step_{at:08d}", self.policy_model,
-                               dataclasses.replace(info, step=at), state, keep=keep)
+                               dataclasses.replace(info, step=at), state, keep=keep,
+                               extra=extra)
         distributed.barrier(self.world)  # the checkpoint exists when any rank goes on
         return path
 

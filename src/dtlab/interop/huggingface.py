@@ -326,6 +326,10 @@ def to_hf(run: str | Path, out: str | Path, push: str | None = None) -> Path:
         raise ConfigError(f"{out}: exists and is not an empty directory; choose another OUT")
     path = checkpoint.resolve(run)
     model, info = checkpoint.load(path, "cpu")
+    if info.model.policy != "deterministic":
+        raise ConfigError(f"{path}: the Hugging Face DecisionTransformerModel has a deterministic "
+                          f"tanh head; this checkpoint's is {info.model.policy} "
+                          "(--model.policy stochastic)")
     if info.model.architecture != "decision-transformer" or \
             not isinstance(info.action_space, ContinuousActions) or \
             not isinstance(info.observation_space, (VectorObservations, DictObservations)):

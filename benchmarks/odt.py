@@ -1,0 +1,109 @@
+"""Online finetuning (the Online Decision Transformer) against its control, over seeds.
+
+For each seed: (a) offline pretraining with the stochastic head (``dtlab train --model.policy
+stochastic``), (b) ``dtlab finetune`` for --online-steps env steps, and (c) the control: the
+same offline run continued offline for as many extra gradient steps as the finetuning took
+(``dtlab train --resume --steps``). Reports the evaluation return (normalized score where known)
+before (the offline run's last evaluation), after finetuning and for the control, as the IQM over
+seeds with its 95% stratified-bootstrap CI (``dtlab.benchmark.report.iqm_with_ci``), one number
+per seed averaged over the evaluation targets. Results as JSON (--out/odt.json) and a table.
+
+Tiny end-to-end check (minutes on a busy CPU; docs/results.md):
+
+    python benchmarks/odt.py --dataset pendulum.hdf5 --env Pendulum-v1 --seeds 0 1 \
+        --offline-steps 300 --online-steps 1000 --updates-per-rollout 20 --tiny --out bench-odt
+
+The real run (docs/usage.md, "Online finetuning"):
+
+    dtlab collect --preset hopper-medium-v5 --out hopper-medium-v5.hdf5
+    python benchmarks/odt.py --dataset hopper-medium-v5.hdf5 --env Hopper-v5 --seeds 0 1 2 \
+        --offline-steps 15000 --online-steps 200000 --out bench-odt-hopper
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+
+from dtlab.benchmark.report import iqm_with_ci
+from dtlab.rundir import RunDirectory
+
+TINY = ["--model.embed-dim", "32", "--model.n-layers", "1", "--model.context-len", "5",
+        "--batch-size", "32"]
+
+
+def dtlab(*args: str) -> None:
+    print("$ dtlab " + " ".join(args), flush=True)
+    subprocess.run([sys.executable, "-m", "dtlab", *args], check=True)
+
+
+def score(run: Path) -> float:
+    """Mean over targets of the last evaluation's normalized score (else its mean return)."""
+    last = RunDirectory(run).evaluations()[-1]
+    return float(np.mean([last.score(r.target) for r in last.results]))
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--dataset", required=True)
+    p.add_argument("--env", required=True)
+    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    p.add_argument("--offline-steps", type=int, default=15_000)
+    p.add_argument("--online-steps", type=int, default=200_000)
+    p.add_argument("--updates-per-rollout", type=int, default=300)
+    p.add_argument("--eval-episodes", type=int, default=10)
+    p.add_argument("--eval-targets", type=float, nargs="*", default=[])
+    p.add_argument("--tiny", action="store_true", help="a tiny model (the end-to-end check)")
+    p.add_argument("--out", required=True)
+    a = p.parse_args()
+    out = Path(a.out)
+    targets = [str(t) for t in a.eval_targets]
+    rows = []
+    for seed in a.seeds:
+        off, ft, ctl = (out / f"seed{seed}" / name for name in ("offline", "finetuned", "control"))
+        common = ["--env", a.env, "--seed", str(seed), "--no-progress", "--no-tensorboard",
+                  "--eval-episodes", str(a.eval_episodes),
+                  *(["--eval-targets", *targets] if targets else [])]
+        if not (off / "latest").exists():
+            dtlab("train", "--dataset", a.dataset, "--out", str(off), "--steps",
+                  str(a.offline_steps), "--warmup-steps", str(min(1000, a.offline_steps // 10)),
+                  "--model.policy", "stochastic", *(TINY if a.tiny else []), *common)
+        dtlab("finetune", str(off), "--env", a.env, "--online-steps", str(a.online_steps),
+              "--out", str(ft), "--seed", str(seed), "--updates-per-rollout",
+              str(a.updates_per_rollout), "--eval-every", str(max(a.online_steps // 5, 1)),
+              "--eval-episodes", str(a.eval_episodes),
+              *(["--eval-targets", *targets] if targets else []),
+              *(["--resume"] if (ft / "latest").exists() else []))
+        updates = RunDirectory(ft).evaluations()[-1].timing["gradient_step"] - a.offline_steps
+        if not (ctl / "latest").exists():  # the offline run's directory, copied, then continued
+            subprocess.run(["cp", "-r", str(off), str(ctl)], check=True)
+            (ctl / ".lock").unlink(missing_ok=True)
+        config = json.loads((ctl / "train_config.json").read_text())
+        if config["run"]["out"] != str(ctl):
+            config["run"]["out"] = str(ctl)
+            (ctl / "train_config.json").write_text(json.dumps(config, indent=2))
+        dtlab("train", "--out", str(ctl), "--resume", "--steps", str(a.offline_steps + updates),
+              "--no-progress")
+        rows.append({"seed": seed, "before": score(off), "after": score(ft),
+                     "control": score(ctl), "extra_updates": int(updates)})
+    summary = {}
+    for key in ("before", "after", "control"):
+        values = np.array([[r[key]] for r in rows])
+        iqm, lo, hi = iqm_with_ci(values, reps=2000)
+        summary[key] = {"iqm": iqm, "ci95": [lo, hi], "per_seed": values[:, 0].tolist()}
+    result = {"dataset": a.dataset, "env": a.env, "offline_steps": a.offline_steps,
+              "online_steps": a.online_steps, "updates_per_rollout": a.updates_per_rollout,
+              "runs": rows, "summary": summary}
+    (out / "odt.json").write_text(json.dumps(result, indent=2))
+    for key, s in summary.items():
+        print(f"{key:>8}: IQM {s['iqm']:.1f} [{s['ci95'][0]:.1f}, {s['ci95'][1]:.1f}] over seeds "
+              f"{a.seeds}: {', '.join(f'{v:.1f}' for v in s['per_seed'])}")
+
+
+if __name__ == "__main__":
+    main()

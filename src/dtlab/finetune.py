@@ -1,0 +1,434 @@
+"""Online finetuning: the Online Decision Transformer (Zheng, Zhang and Grover 2022, "Online
+Decision Transformer", ICML; arXiv 2202.05607), from a dtlab run trained offline with the
+stochastic head (``--model.policy stochastic``).
+
+One iteration (the paper's Algorithm 1): one exploration rollout, acting by sampling from the
+policy at the exploration return-to-go (the paper's g_online, twice the evaluation target), added
+to a replay of the most recent trajectories (dtlab.data.replay: first in, first out, started with
+the offline data's best episodes; its returns-to-go are the returns each trajectory achieved,
+the paper's hindsight relabelling), then ``updates_per_rollout`` gradient steps on windows drawn
+from the replay (trajectories in proportion to their length). Every ``eval_every`` online env
+steps the policy is evaluated with its mean action at the evaluation targets.
+
+The updates are ``dtlab.train``'s: the same ``Trainer`` (its optimizer, schedule and entropy
+temperature continue from the offline checkpoint), the same ``train_step``; only the windows'
+source changes each iteration. Checkpoints are written at iteration ends and hold the replay
+(``replay.safetensors``) and the progress beside the weights and trainer state, so ``--resume``
+continues bit for bit after Ctrl-C or kill -9 on the CPU.
+
+Deviations from the paper, each a dtlab convention: windows end at the sampled position and are
+left-padded (DESIGN.md, "Windows"; the paper samples a segment's start); one process (no
+torchrun), the evaluation envs optionally in worker processes (``--eval-workers``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import time
+import warnings
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Annotated
+
+import numpy as np
+import torch
+import tyro
+
+from dtlab import checkpoint, runtime
+from dtlab.atomic import dumps_json, write_text_atomic
+from dtlab.checkpoint import PolicyInfo
+from dtlab.config import MAX_SEED, check_number, check_targets, setting_differences
+from dtlab.data.records import ReturnStats
+from dtlab.data.replay import Trajectory, TrajectoryReplay
+from dtlab.distributed import World
+from dtlab.envs import episode_limit, make_env
+from dtlab.errors import CheckpointError, ConfigError, DtlabWarning, EnvError, TrainingError
+from dtlab.metrics import Evaluation, training_record
+from dtlab.policy import DTPolicy
+from dtlab.rollout import Evaluator, default_targets
+from dtlab.rundir import RunDirectory
+from dtlab.spaces import VectorObservations, check_against_env
+from dtlab.train import Trainer, TrainerState, _Tally
+
+FINETUNE_CONFIG_FILE = "finetune_config.json"
+REPLAY_FILE = "replay.safetensors"
+LEARNING_CURVE = "online_learning_curve.png"
+
+
+@dataclass(frozen=True)
+class FinetuneConfig:
+    """Finetune a run online (the Online Decision Transformer): exploration rollouts, a replay
+    of the most recent trajectories with hindsight return-to-go relabelling, and the offline
+    run's updates on it (defaults: the ODT paper's, Zheng et al. 2022, Appendix C)."""
+
+    run: Annotated[str, tyro.conf.Positional, tyro.conf.arg(metavar="RUN")]
+    """Run directory (its latest checkpoint) trained offline with --model.policy stochastic."""
+    env: str
+    """Gymnasium env id to interact with (the run's env)."""
+    online_steps: int
+    """Online env steps to take in exploration rollouts (the paper: 200,000)."""
+    out: str
+    """Run directory of the finetuned policy (checkpoints, replay, evaluations.jsonl, curve)."""
+    eval_every: int = 10_000
+    """Evaluate every this many online env steps (and before the first rollout and at the end)."""
+    eval_episodes: int = 10
+    """Evaluation episodes per target."""
+    eval_targets: tuple[float, ...] = ()
+    """Evaluation target returns (default: the DT paper's for the env, as dtlab train)."""
+    eval_workers: int = 0
+    """Step the evaluation envs in this many worker processes (0: in this process)."""
+    exploration_target: float | None = None
+    """The return-to-go exploration rollouts ask for (default: --exploration-scale x the highest
+    evaluation target)."""
+    exploration_scale: float = 2.0
+    """The exploration target as a multiple of the highest evaluation target (the paper's
+    g_online = 2 x g_eval, e.g. 7,200 for Hopper's 3,600)."""
+    replay_trajectories: int = 1000
+    """Replay capacity in trajectories (the paper: 1,000), started with the offline data's best."""
+    updates_per_rollout: int = 300
+    """Gradient steps after each exploration rollout (the paper: 300)."""
+    dataset: str | None = None
+    """Offline data to start the replay from (default: the file the run was trained on)."""
+    max_episode_steps: int | None = None
+    """Cut exploration and evaluation episodes at this many steps (default: the env's limit)."""
+    seed: int = 0
+    """Seed of the exploration rollouts, the window sampling, dropout and the entropy's noise."""
+    resume: bool = False
+    """Continue the finetuning in --out from its latest checkpoint (bit for bit on the CPU)."""
+    checkpoint_every: int = 10
+    """Write a checkpoint every this many rollouts (and at each evaluation and the end)."""
+    checkpoint_every_minutes: float = 10.0
+    """Also write one when this many minutes have passed since the last (0 disables)."""
+    keep_checkpoints: int = 3
+    """How many checkpoints to keep in --out (the newest ones)."""
+    device: str = "auto"
+    """torch device: auto, cpu, cuda, cuda:1, ..."""
+    threads: int | None = None
+    """CPU threads for torch (default: OMP_NUM_THREADS if set, else the number of cores)."""
+
+    def __post_init__(self) -> None:
+        check_number("online_steps", self.online_steps, minimum=1, integer=True)
+        for name in ("eval_every", "eval_episodes", "eval_workers"):
+            check_number(name, getattr(self, name), minimum=0, integer=True)
+        for name in ("replay_trajectories", "updates_per_rollout", "checkpoint_every",
+                     "keep_checkpoints"):
+            check_number(name, getattr(self, name), minimum=1, integer=True)
+        check_number("max_episode_steps", self.max_episode_steps, minimum=1, integer=True)
+        check_number("exploration_scale", self.exploration_scale, above=0)
+        check_number("checkpoint_every_minutes", self.checkpoint_every_minutes, minimum=0)
+        check_number("seed", self.seed, minimum=0, maximum=MAX_SEED, integer=True)
+        check_number("threads", self.threads, minimum=1, integer=True)
+        check_targets("eval_targets", self.eval_targets)
+        if self.exploration_target is not None:
+            check_targets("exploration_target", (self.exploration_target,))
+
+    # Fields a resumed finetuning may change (they do not change its sequence of updates).
+    RESUME_MAY_CHANGE = frozenset({"resume", "online_steps", "checkpoint_every_minutes",
+                                   "keep_checkpoints", "device", "threads", "eval_workers"})
+
+
+@dataclass
+class FinetuneResult:
+    checkpoint: Path
+    env_steps: int
+    rollouts: int
+    evaluations: list[Evaluation] = field(default_factory=list)  # those made by this call
+    interrupted: bool = False
+
+
+@dataclass
+class _Progress:
+    """Where a finetuning stands (saved with each checkpoint, in the replay file)."""
+
+    env_steps: int = 0
+    rollouts: int = 0
+    next_eval: int = 0  # env steps at which the next evaluation is due
+
+    def to_tensor(self) -> torch.Tensor:
+        return torch.tensor([self.env_steps, self.rollouts, self.next_eval], dtype=torch.int64)
+
+    @classmethod
+    def from_tensor(cls, t: torch.Tensor) -> "_Progress":
+        return cls(*(int(v) for v in t.tolist()))
+
+
+def finetune(cfg: FinetuneConfig, *, should_stop: Callable[[], bool] = lambda: False,
+             echo: bool = True) -> FinetuneResult:
+    """Finetune ``cfg.run`` online into ``cfg.out``; returns where the final checkpoint is.
+
+    Raises ConfigError for a deterministic-head run (naming --model.policy stochastic), image or
+    Dict observations, torchrun, an --out that holds another run (or resume settings that
+    differ); EnvError when --env is not the run's; CheckpointError for a missing or corrupt
+    checkpoint. ``should_stop`` is polled after each iteration; True ends the run with a
+    checkpoint (the CLI wires SIGINT/SIGTERM to it). Nothing is written before every check has
+    passed; a run that fails before its first checkpoint leaves nothing behind.
+    """
+    if World.current().distributed:
+        raise ConfigError("dtlab finetune runs in one process; start it without torchrun")
+    source, info = checkpoint.load_info(cfg.run)
+    if info.model.policy != "stochastic":
+        raise ConfigError(f"{source}: dtlab finetune continues a run with the stochastic head; "
+                          "this one is deterministic: train it with --model.policy stochastic")
+    if not isinstance(info.observation_space, VectorObservations):
+        raise ConfigError(f"{source}: dtlab finetune takes vector observations; this run has "
+                          f"{info.observation_space.to_json()['type']} observations")
+    if cfg.env != info.env_id:
+        raise EnvError(f"{source}: the run was trained for {info.env_id}, not --env {cfg.env}; "
+                       f"pass --env {info.env_id}")
+    train_cfg = RunDirectory(source.parent).saved_config()
+    out_cfg = dataclasses.replace(train_cfg, run=dataclasses.replace(
+        train_cfg.run, out=cfg.out, resume=cfg.resume, progress=False, device=cfg.device,
+        threads=cfg.threads))
+    env = make_env(cfg.env)
+    try:
+        check_against_env(env, info.observation_space, info.action_space, what="the checkpoint",
+                          exact_n=True)
+        limit, _ = episode_limit(env, cfg.env, cfg.max_episode_steps, info.model.max_ep_len)
+    finally:
+        env.close()
+    targets = tuple(cfg.eval_targets)
+    if not targets:
+        targets, why = default_targets(cfg.env, ReturnStats.from_json(
+            info.dataset.get("episode_return")))
+        if not targets:
+            raise ConfigError(f"{why}: give --eval-targets")
+    explore = (cfg.exploration_target if cfg.exploration_target is not None
+               else cfg.exploration_scale * max(targets))
+    device = runtime.resolve_device(cfg.device)
+    if device.type == "cpu":
+        runtime.set_threads(cfg.threads, default=os.cpu_count() or 1)
+    run = RunDirectory(cfg.out)
+    with run.hold(activity="finetuning"):
+        start_from = run.resume_point(out_cfg)
+        if start_from is not None:
+            _check_resume_settings(run, cfg)
+            replay, progress = _load_replay(start_from)
+        else:
+            replay, progress = _initial_replay(cfg, info), _Progress()
+        trainer = Trainer.create(out_cfg, replay.episodes(info.observation_space,
+                                                          info.action_space), info, device)
+        if start_from is not None:
+            trainer.resume(start_from)
+        else:
+            trainer.resume(source)  # weights, optimizer, schedule, temperature of the offline run
+            # Fresh streams for this finetuning, from its own seed.
+            trainer.state = TrainerState(trainer.state.step, 0, np.random.default_rng(
+                np.random.SeedSequence([cfg.seed, _FINETUNE_STREAM])))
+            torch.manual_seed(cfg.seed)
+        if should_stop():
+            raise KeyboardInterrupt
+        try:
+            run.start(out_cfg, resume_from=trainer.state.step if start_from is not None
+                      else None)
+            write_text_atomic(run.path / FINETUNE_CONFIG_FILE, dumps_json(dataclasses.asdict(cfg)))
+            evaluator = Evaluator(cfg.env, targets, cfg.eval_episodes, seed=cfg.seed,
+                                  max_steps=cfg.max_episode_steps, workers=cfg.eval_workers)
+            loop = _Online(cfg, trainer, info, run, replay, progress, evaluator, explore, limit,
+                           echo)
+            result = loop.execute(should_stop)
+        except BaseException:
+            run.discard_if_no_checkpoint()
+            raise
+        run.close()
+        _draw_curve(run, cfg, info, targets)
+        if echo:
+            print(console_curve(run.evaluations()), flush=True)
+    return result
+
+
+# The finetuning's sampling stream: SeedSequence([seed, this]) (the offline run's are [seed] and
+# [seed, rank]: distinct streams).
+_FINETUNE_STREAM = 0x0D7
+
+
+def _initial_replay(cfg: FinetuneConfig, info: PolicyInfo) -> TrajectoryReplay:
+    """The ``replay_trajectories`` best episodes of the offline data (--dataset, default the
+    run's file, which must still be the data it was trained on)."""
+    from dtlab.data.formats import load_episodes  # (imports h5py and minari)
+
+    path = cfg.dataset or info.dataset.get("path")
+    if not isinstance(path, str) or not path:
+        raise ConfigError(f"{cfg.run}: the run records no dataset path; give --dataset")
+    episodes = load_episodes(path)
+    recorded = info.dataset.get("fingerprint")
+    if cfg.dataset is None and recorded and recorded != episodes.fingerprint():
+        raise ConfigError(f"{path}: not the data the run in {cfg.run} was trained on (its "
+                          "content changed); restore it, or give the offline data with --dataset")
+    if episodes.observation_space != info.observation_space or \
+            type(episodes.action_space) is not type(info.action_space):
+        raise ConfigError(f"{path}: its spaces differ from the run's; give the run's data with "
+                          "--dataset")
+    longest = int(episodes.episode_lengths.max())
+    if longest > info.model.max_ep_len:
+        episodes = episodes.truncate_episodes(info.model.max_ep_len)
+    return TrajectoryReplay.from_best(episodes, cfg.replay_trajectories)
+
+
+def _load_replay(path: Path) -> tuple[TrajectoryReplay, _Progress]:
+    tensors = checkpoint.load_extra(path, REPLAY_FILE)
+    try:
+        progress = _Progress.from_tensor(tensors.pop("progress"))
+        return TrajectoryReplay.from_arrays({k: v.numpy() for k, v in tensors.items()}), progress
+    except (KeyError, ValueError, TypeError, ConfigError) as exc:
+        raise CheckpointError(f"{path / REPLAY_FILE}: not a finetuning replay: {exc}") from None
+
+
+def _check_resume_settings(run: RunDirectory, cfg: FinetuneConfig) -> None:
+    file = run.path / FINETUNE_CONFIG_FILE
+    try:
+        saved = json.loads(file.read_text())
+    except (OSError, json.JSONDecodeError, UnicodeDecodeError):
+        raise ConfigError(f"{run.path}: --resume: no readable {FINETUNE_CONFIG_FILE} (not a "
+                          "dtlab finetune run); choose another --out") from None
+    now = json.loads(json.dumps(dataclasses.asdict(cfg)))  # tuples -> lists, as saved
+    differ = [d for d in setting_differences(saved, now)
+              if d[0] not in FinetuneConfig.RESUME_MAY_CHANGE]
+    if differ:
+        shown = ", ".join(f"{k}: {a!r} -> {b!r}" for k, a, b in differ)
+        raise ConfigError(f"{file}: --resume with different settings than the finetuning "
+                          f"({shown}); give its own, or start a new one with another --out")
+
+
+class _Online:
+    """The online loop's state and steps (one object, so the loop reads on one screen)."""
+
+    def __init__(self, cfg: FinetuneConfig, trainer: Trainer, info: PolicyInfo,
+                 run: RunDirectory, replay: TrajectoryReplay, progress: _Progress,
+                 evaluator: Evaluator, explore: float, limit: int, echo: bool) -> None:
+        self.cfg, self.trainer, self.info, self.run = cfg, trainer, info, run
+        self.replay, self.progress, self.evaluator = replay, progress, evaluator
+        self.explore, self.limit, self.echo = explore, limit, echo
+        self.optim = run.saved_config().optim  # the offline run's (batch size, clipping, ...)
+        self.evaluations: list[Evaluation] = []
+
+    def execute(self, should_stop: Callable[[], bool]) -> FinetuneResult:
+        cfg, p, trainer = self.cfg, self.progress, self.trainer
+        tally = _Tally(trainer.device, trainer.state.step)
+        saved_at, last_saved = time.monotonic(), p.rollouts
+        stop = False
+        if p.env_steps == 0 and p.rollouts == 0 and p.next_eval == 0:
+            self._evaluate()  # the offline policy: the "before" of the learning curve
+            p.next_eval = cfg.eval_every or cfg.online_steps
+        while p.env_steps < cfg.online_steps and not stop:
+            trajectory = self._explore()
+            self.replay.add(trajectory)
+            p.env_steps += len(trajectory)
+            p.rollouts += 1
+            trainer.use_episodes(self.replay.episodes(self.info.observation_space,
+                                                      self.info.action_space))
+            trainer.model.train()
+            started = time.perf_counter()
+            for _ in range(cfg.updates_per_rollout):
+                tally.add(*trainer.step(self.optim))
+            loss, skipped, bad = tally.read(trainer.world)
+            if skipped and not self.optim.skip_nonfinite:
+                raise TrainingError(f"non-finite loss or gradient at step {bad}; last good "
+                                    f"checkpoint: {self.run.latest_checkpoint() or 'none'}")
+            rate = cfg.updates_per_rollout / max(time.perf_counter() - started, 1e-9)
+            alpha = float(trainer.temperature.alpha) if trainer.temperature is not None else None
+            self.run.metrics.write({**training_record(trainer.state.step, loss,
+                                                      trainer.applied_lr, rate),
+                                    "env_steps": p.env_steps, "rollout_return":
+                                    trajectory.episode_return, "rollout_length": len(trajectory),
+                                    "temperature": alpha})
+            due = p.env_steps >= p.next_eval or p.env_steps >= cfg.online_steps
+            if due:
+                self._evaluate()
+                while p.next_eval <= p.env_steps:
+                    p.next_eval += cfg.eval_every or cfg.online_steps
+            stop = should_stop()
+            minutes = cfg.checkpoint_every_minutes
+            if due or stop or p.rollouts - last_saved >= cfg.checkpoint_every or \
+                    p.env_steps >= cfg.online_steps or \
+                    (minutes and time.monotonic() - saved_at >= 60 * minutes):
+                self._save()
+                saved_at, last_saved = time.monotonic(), p.rollouts
+        if last_saved != p.rollouts or not self.run.has_checkpoint():
+            self._save()
+        return FinetuneResult(checkpoint.resolve(self.run.path), p.env_steps, p.rollouts,
+                              self.evaluations, p.env_steps < cfg.online_steps)
+
+    def _explore(self) -> Trajectory:
+        """One exploration episode: actions sampled from the policy (temperature 1) conditioned
+        on the exploration target; its env seed and sampling stream from (seed, rollout)."""
+        p = self.progress
+        policy = DTPolicy(self.trainer.model, self.info, self.trainer.device,
+                          precision=self.trainer.precision, temperature=1.0, seed=self.cfg.seed)
+        env_seed = int(np.random.SeedSequence([self.cfg.seed, _FINETUNE_STREAM, p.rollouts])
+                       .generate_state(1)[0])
+        env = make_env(self.cfg.env)
+        observations, actions, rewards = [], [], []
+        terminated = False
+        try:
+            obs, _ = env.reset(seed=env_seed)
+            with warnings.catch_warnings():  # asking beyond the data is the point here
+                warnings.simplefilter("ignore", DtlabWarning)
+                policy.reset(np.array([self.explore]), streams=np.array([p.rollouts]))
+            reward = None
+            for _ in range(self.limit):
+                action = policy.act(np.asarray(obs, np.float32)[None],
+                                    None if reward is None else np.array([reward]))[0]
+                observations.append(np.asarray(obs, np.float32))
+                actions.append(action)
+                obs, reward, terminated, truncated, _ = env.step(action)
+                rewards.append(float(reward))
+                if terminated or truncated:
+                    break
+        finally:
+            env.close()
+        return Trajectory(np.stack(observations), np.stack(actions),
+                          np.asarray(rewards, np.float32), bool(terminated))
+
+    def _evaluate(self) -> None:
+        """Evaluate the mean action at the targets; recorded with step = online env steps."""
+        policy = DTPolicy(self.trainer.model, self.info, self.trainer.device,
+                          precision=self.trainer.precision)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", DtlabWarning)
+            report = self.evaluator(policy)
+        self.trainer.model.train()
+        evaluation = Evaluation(self.progress.env_steps, tuple(report.results), "raw",
+                                {**report.timing(), "gradient_step": self.trainer.state.step})
+        self.run.record_evaluation(evaluation)
+        self.evaluations.append(evaluation)
+        if self.echo:
+            print(evaluation.line().replace("eval step", "eval at online env step", 1),
+                  flush=True)
+
+    def _save(self) -> None:
+        arrays = {k: torch.from_numpy(np.ascontiguousarray(v))
+                  for k, v in self.replay.to_arrays().items()}
+        arrays["progress"] = self.progress.to_tensor()
+        self.trainer.save(self.run.path, self.info, self.cfg.keep_checkpoints,
+                          extra={REPLAY_FILE: arrays})
+
+
+def console_curve(evaluations: list[Evaluation]) -> str:
+    """The learning curve as text: one line per evaluation, online env steps and the mean
+    return (normalized score where known) at each target."""
+    lines = ["online learning curve (env steps: mean return per target)"]
+    for e in evaluations:
+        parts = [f"{r.target:g} -> {r.mean:.1f}" + (f" ({r.normalized_mean:.1f})"
+                                                    if r.normalized_mean is not None else "")
+                 for r in e.results]
+        lines.append(f"  {e.step:>9d}: " + "; ".join(parts))
+    return "\n".join(lines)
+
+
+def _draw_curve(run: RunDirectory, cfg: FinetuneConfig, info: PolicyInfo,
+                targets: tuple[float, ...]) -> None:
+    from dtlab.plots import score_curves
+
+    evaluations = run.evaluations()
+    curves = []
+    for target in targets:
+        rows = [(e.step, r) for e in evaluations for r in e.results if r.target == target]
+        if rows:
+            curves.append((f"target {target:g}", [s for s, _ in rows], [r.mean for _, r in rows],
+                           [r.std for _, r in rows]))
+    score_curves(curves, run.path / LEARNING_CURVE, ylabel="mean return (sum of rewards)",
+                 title=f"{run.path.name}: online finetuning of {Path(cfg.run).name} on {cfg.env}",
+                 xlabel="online env steps")
