@@ -62,7 +62,7 @@ LEARNING_CURVE = "online_learning_curve.png"
 class FinetuneConfig:
     """Finetune a run online (the Online Decision Transformer): exploration rollouts, a replay
     of the most recent trajectories with hindsight return-to-go relabelling, and the offline
-    run's updates on it (defaults: the ODT paper's, Zheng et al. 2022, Appendix C)."""
+    run's updates on it (defaults after the ODT paper's, Zheng et al. 2022)."""
 
     run: Annotated[str, tyro.conf.Positional, tyro.conf.arg(metavar="RUN")]
     """Run directory (its latest checkpoint) trained offline with --model.policy stochastic."""

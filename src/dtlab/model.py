@@ -110,9 +110,9 @@ class ActionHead(nn.Linear):
         return torch.zeros(b, k, self.action_space.dim, device=device)
 
 
-# The log standard deviation of the stochastic head is clamped to this range: the ODT's bounds
-# (Zheng, Zhang and Grover 2022, "Online Decision Transformer", Appendix C; the same as common SAC
-# implementations' actors).
+# The log standard deviation of the stochastic head is clamped to this range: the common SAC
+# actors' bounds, which the ODT (Zheng, Zhang and Grover 2022, "Online Decision Transformer") is
+# recalled to use; not yet checked against the paper's appendix (docs/results.md says so).
 LOG_STD_MIN, LOG_STD_MAX = -5.0, 2.0
 # Data actions at the bounds +-1 have no tanh preimage; the likelihood reads them this far inside.
 ACTION_EPS = 1e-6
