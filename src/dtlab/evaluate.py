@@ -20,14 +20,13 @@ from dtlab.atomic import check_writable, write_json
 from dtlab.config import MAX_SEED, PRECISIONS, check_choice, check_number, check_targets
 from dtlab.data.episodes import EpisodeSet
 from dtlab.data.records import Provenance, ReturnStats
-from dtlab.envs import check_same_env, episode_limit, make_env
+from dtlab.envs import check_same_env
 from dtlab.errors import ConfigError, DatasetError, DtlabWarning
 from dtlab.policy import DTPolicy
 from dtlab.rundir import one_writer
 from dtlab.metrics import TargetResult
-from dtlab.rollout import RolloutReport, default_targets, rollout
-from dtlab.spaces import (ContinuousActions, DictObservations, DiscreteActions, check_against_env,
-                          describe_observations)
+from dtlab.rollout import RolloutReport, check_env, default_targets, rollout
+from dtlab.spaces import (ContinuousActions, DictObservations, DiscreteActions, describe_observations)
 
 # ---- the commands' configs ----------------------------------------------------------------------
 @dataclass(frozen=True)
@@ -251,7 +250,7 @@ def evaluate_checkpoint(cfg: EvalConfig, echo: bool = False) -> dict:
     # threads fighting the simulator for the CPU.
     device = runtime.setup(cfg.device, cfg.threads, default_threads=1)
     # Check the env before loading weights, so an unknown env id fails fast.
-    _check_env(env_id, info, path, cfg.max_steps)
+    checked = check_env(env_id, info, cfg.max_steps, what=f"checkpoint {path}")
     check_paired_envs(path, info, env_id)
     dataset_return = ReturnStats.from_json(info.dataset.get("episode_return"))
     if cfg.sweep:
@@ -274,7 +273,7 @@ def evaluate_checkpoint(cfg: EvalConfig, echo: bool = False) -> dict:
                                       kv_cache=cfg.kv_cache, temperature=cfg.temperature,
                                       seed=cfg.seed, info=info)
     report = rollout(policy, env_id, targets, cfg.episodes, seed=cfg.seed, max_steps=cfg.max_steps,
-                     workers=cfg.eval_workers, video=cfg.video)
+                     workers=cfg.eval_workers, video=cfg.video, checked=checked)
     data = results_json(report, checkpoint=str(path), env_id=env_id, episodes=cfg.episodes,
                         seed=cfg.seed, dataset=info.dataset, precision=precision)
     data["checkpoint_step"] = info.step
@@ -312,18 +311,6 @@ def check_paired_envs(path: Path, info, env_id: str) -> None:
     check_same_env(recorded, env_id,
                    what=f"{path} (trained on {info.dataset.get('path')})",
                    advice=f"evaluate it with --env {recorded}")
-
-
-def _check_env(env_id: str, info, path: Path, max_steps: int | None) -> None:
-    """EnvError/ConfigError before any weights load: unknown env, spaces differ, episodes longer
-    than the model's max_ep_len."""
-    env = make_env(env_id)
-    try:
-        check_against_env(env, info.observation_space, info.action_space,
-                          what=f"checkpoint {path}", exact_n=True)
-        episode_limit(env, env_id, max_steps, info.model.max_ep_len)
-    finally:
-        env.close()
 
 
 # ---- calibration of the return conditioning ------------------------------------------------------
@@ -431,14 +418,14 @@ def _calibrate(cfg: CalibrateConfig, echo: bool, episodes: EpisodeSet | None) ->
 
         episodes = load_episodes(cfg.dataset)
     device = runtime.setup(cfg.device, cfg.threads, default_threads=1)
-    _check_env(info.env_id, info, path, cfg.max_steps)
+    checked = check_env(info.env_id, info, cfg.max_steps, what=f"checkpoint {path}")
     episode_returns = (episodes.episode_returns.tolist() if episodes is not None
                        else _recorded_episode_returns(info.dataset.get("path")))
     targets = calibration_targets(dataset_return, cfg.points)
     policy = DTPolicy.from_checkpoint(path, device=str(device), info=info)
     policy.reliable_max_target = None  # the sweep asks for more on purpose
     report = rollout(policy, info.env_id, targets, cfg.episodes, seed=cfg.seed,
-                     max_steps=cfg.max_steps)
+                     max_steps=cfg.max_steps, checked=checked)
     se = [float(np.std(r.returns, ddof=1) / math.sqrt(len(r.returns))) if len(r.returns) > 1
           else 0.0 for r in report.results]
     cal = reliable_maximum(targets, [r.mean for r in report.results], se, z=cfg.z)

@@ -14,13 +14,13 @@ import os
 import shutil
 import tempfile
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
 
 import numpy as np
 
-from dtlab.config import MAX_SEED, check_number
+from dtlab.config import MAX_SEED, check_number, check_targets
 from dtlab.data.records import ReturnStats
 from dtlab.data.returns import normalized_score
 from dtlab.env_workers import EnvWorkers, LocalEnvs
@@ -81,9 +81,36 @@ def _fmt(targets: Sequence[float]) -> str:
     return ", ".join(f"{t:g}" for t in targets)
 
 
+@dataclass(frozen=True)
+class EpisodeLimit:
+    """How long an env's episodes run (``dtlab.envs.episode_limit``), once it was checked."""
+
+    steps: int  # episodes are cut at this many steps
+    standard: int | None  # the env's standard time limit (None: unknown)
+
+    def __iter__(self):
+        return iter((self.steps, self.standard))
+
+
+def check_env(env_id: str, info, max_steps: int | None = None, *,
+              what: str = "the checkpoint") -> EpisodeLimit:
+    """Make ``env_id`` once and check it against a checkpoint's ``info`` (PolicyInfo): its spaces
+    (EnvError when they differ) and how long its episodes run against the model's max_ep_len
+    (ConfigError). EnvError for an unknown env. The one check before rollouts; its result goes
+    to ``rollout(checked=...)``."""
+    probe = make_env(env_id)
+    try:
+        check_against_env(probe, info.observation_space, info.action_space, what=what,
+                          exact_n=True)
+        return EpisodeLimit(*episode_limit(probe, env_id, max_steps, info.model.max_ep_len))
+    finally:
+        probe.close()
+
+
 def rollout(policy: DTPolicy, env_id: str, targets: Sequence[float], episodes: int, *,
             seed: int = 0, max_steps: int | None = None, max_parallel: int = 256,
-            workers: int = 0, video: str | None = None) -> RolloutReport:
+            workers: int = 0, video: str | None = None,
+            checked: "EpisodeLimit | None" = None) -> RolloutReport:
     """Run ``episodes`` episodes per target in ``env_id`` and report their returns.
 
     Up to ``max_parallel`` episodes run at once (each in its own env, stepped in lockstep, one
@@ -97,6 +124,8 @@ def rollout(policy: DTPolicy, env_id: str, targets: Sequence[float], episodes: i
     ``seed`` or ``workers``, ``max_steps`` / ``max_parallel`` below 1, ``video`` with workers or
     without moviepy, or two targets that name the same video; EnvError for an unknown env, when
     the env's spaces differ from the checkpoint's, a worker fails, or frames cannot be rendered.
+    ``checked``: what ``check_env`` already returned for this env, policy and ``max_steps`` (the
+    env is then not made again to check it).
     """
     check_number("episodes", episodes, minimum=1, integer=True)
     check_number("seed", seed, minimum=0, maximum=MAX_SEED, integer=True)
@@ -106,23 +135,15 @@ def rollout(policy: DTPolicy, env_id: str, targets: Sequence[float], episodes: i
     n = len(targets) * episodes
     if n == 0:
         raise ConfigError("rollout needs at least one target and one episode")
-    target_of = np.repeat(np.asarray(targets, dtype=np.float64), episodes)  # (n,)
-    if not np.isfinite(target_of).all():
-        raise ConfigError(f"targets must be finite, got {list(targets)}")
-    target_of = target_of.astype(np.float32)
+    check_targets("targets", tuple(float(t) for t in targets))  # before any env or worker starts
+    target_of = np.repeat(np.asarray(targets, dtype=np.float32), episodes)  # (n,)
     names = {i * episodes: video_name(t) for i, t in enumerate(targets)} if video else {}
     if video:
         _check_video(video, workers, names)
     # Episode j runs target j // episodes from start state seed + j % episodes.
     start_seed = seed + np.arange(n) % episodes  # (n,)
     slots = min(n, max_parallel)
-    probe = make_env(env_id)  # checks before any worker starts
-    try:
-        check_against_env(probe, policy.info.observation_space, policy.info.action_space,
-                          what="the checkpoint", exact_n=True)
-        limit, standard = episode_limit(probe, env_id, max_steps, policy.info.model.max_ep_len)
-    finally:
-        probe.close()
+    limit, standard = checked or check_env(env_id, policy.info, max_steps)
     staging = None
     if video:  # RecordVideo writes here; finished files are moved up, the rest removed
         Path(video).mkdir(parents=True, exist_ok=True)
@@ -244,7 +265,11 @@ class Evaluator:
     seed: int = 0
     max_steps: int | None = None
     workers: int = 0  # env worker processes (0: in this process)
+    _checked: EpisodeLimit | None = field(default=None, init=False, repr=False, compare=False)
 
     def __call__(self, policy: DTPolicy) -> RolloutReport:
+        if self._checked is None:  # the env is checked at the first evaluation only
+            object.__setattr__(self, "_checked", check_env(self.env_id, policy.info,
+                                                           self.max_steps))
         return rollout(policy, self.env_id, self.targets, self.episodes, seed=self.seed,
-                       max_steps=self.max_steps, workers=self.workers)
+                       max_steps=self.max_steps, workers=self.workers, checked=self._checked)
