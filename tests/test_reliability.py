@@ -132,7 +132,7 @@ def test_signal_mid_run_then_resume_equals_uninterrupted(tmp_path, sig):
             proc.communicate()
     if sig == signal.SIGTERM:
         assert proc.returncode == 128 + signal.SIGTERM, stderr
-        assert "continue with --resume" in stderr
+        assert "continue with: dtlab train --out" in stderr
     else:
         assert proc.returncode == -signal.SIGKILL
     _, info = checkpoint.load(out)  # whatever moment it died at, the latest checkpoint loads

@@ -262,8 +262,8 @@ def episode_limit(env, env_id: str, max_steps: int | None, max_ep_len: int) -> t
     if limit > max_ep_len:
         raise ConfigError(
             f"{env_id}: episodes run up to {limit} steps but the model's max_ep_len is {max_ep_len} "
-            f"(timesteps beyond it have no embedding); cap episodes with max_steps <= {max_ep_len}, "
-            "or train with a larger model.max_ep_len")
+            f"(timesteps beyond it have no embedding); cap episodes with --max-steps {max_ep_len} "
+            "or fewer, or train with a larger --model.max-ep-len")
     info = env_info(env_id)
     standard = info.max_ep_len if info.ref_min_score is not None else spec_limit
     return limit, standard

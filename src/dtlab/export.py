@@ -303,12 +303,15 @@ def model_card(run: Path, ckpt: Path, record: dict[str, Any]) -> str:
                      "`dtlab evaluate`).")
     lines += ["", "## Target returns", ""]
     reliable = record["reliable_targets"]
-    if reliable:
+    if reliable and reliable["rising_range"] is None:
+        lines.append(f"Calibrated (`dtlab calibrate`): the achieved return does not rise with the "
+                     f"target, so the target does not steer this model; the runtime warns for "
+                     f"targets above {reliable['max']:g}, the lowest one calibrated.")
+    elif reliable:
         rising = reliable["rising_range"]
         lines.append(f"Calibrated (`dtlab calibrate`): the achieved return rises with the target "
-                     f"up to {reliable['max']:g}"
-                     + (f" (rising from {rising[0]:g})" if rising else "")
-                     + "; the runtime warns for targets above it.")
+                     f"from {rising[0]:g} up to {reliable['max']:g}; the runtime warns for "
+                     "targets above it.")
     else:
         best = ret.get("max")
         lines.append("Not calibrated (run `dtlab calibrate` before exporting to record the range "

@@ -214,6 +214,11 @@ class Progress:
             self._task = self._bar.add_task("train", total=total, completed=start,
                                             status="loss at the first log point")
 
+    def advance(self, step: int) -> None:
+        """The bar at ``step`` (every step: its count and ETA move between log points)."""
+        if self._bar is not None:
+            self._bar.update(self._task, completed=step)
+
     def update(self, step: int, loss: float, lr: float, rate: float) -> None:
         if self._bar is not None:
             self._bar.update(self._task, completed=step,

@@ -358,7 +358,11 @@ class DTPolicy:
         obs = self._observation_tensor(observation, rows)  # (n, obs_dim) or (n, S, H, W)
         t = torch.from_numpy(steps).to(self.device)  # (n,)
         if last_reward is not None:
-            r = torch.tensor(np.asarray(last_reward, dtype=np.float32).reshape(-1), device=self.device)
+            rewards = np.asarray(last_reward, dtype=np.float32).reshape(-1)
+            if not np.isfinite(rewards).all():
+                raise EnvError(f"last_reward contains NaN/inf ({rewards.tolist()[:8]}): the env "
+                               "returned a non-finite reward")
+            r = torch.tensor(rewards, device=self.device)
             r = r.expand(idx.shape[0])
             self._next_rtg[idx] -= torch.where(t > 0, self._norm.scale_returns(r), 0.0)
         pending = self._pending[idx]  # (n,)

@@ -95,7 +95,15 @@ def prepare(cfg: TrainConfig, episodes: EpisodeSet | None = None) -> tuple[Episo
     longest = int(episodes.episode_lengths.max())
     if longest > cfg.model.max_ep_len:
         if cfg.data.truncate_long_episodes:
+            before = episodes
             episodes = episodes.truncate_episodes(cfg.model.max_ep_len)
+            cut = int((before.episode_lengths > cfg.model.max_ep_len).sum())
+            warnings.warn(f"{before.source}: --truncate-long-episodes cut {cut} of "
+                          f"{before.num_episodes} episodes to --model.max-ep-len "
+                          f"{cfg.model.max_ep_len} steps ({before.num_transitions - episodes.num_transitions} "
+                          f"of {before.num_transitions} transitions dropped; best episode return "
+                          f"{before.return_stats.max:.1f} -> {episodes.return_stats.max:.1f})",
+                          DtlabWarning, stacklevel=3)
         else:
             ep = int(np.argmax(episodes.episode_lengths))
             raise DatasetError(f"{episodes.source}: episode {ep} has {longest} steps, more than "
@@ -107,8 +115,8 @@ def prepare(cfg: TrainConfig, episodes: EpisodeSet | None = None) -> tuple[Episo
     check_same_env(episodes.provenance.env_id, cfg.data.env, what=str(episodes.source),
                    advice=f"pass --env {episodes.provenance.env_id}")
     check_action_bounds(episodes, env, strict=cfg.data.strict)
-    if cfg.optim.warmup_steps >= cfg.run.steps:
-        warnings.warn(f"warmup_steps ({cfg.optim.warmup_steps}) >= steps ({cfg.run.steps}): the "
+    if cfg.optim.warmup_steps > cfg.run.steps:
+        warnings.warn(f"--warmup-steps {cfg.optim.warmup_steps} > --steps {cfg.run.steps}: the "
                       f"learning rate never reaches lr ({cfg.optim.lr:g}); it ends at "
                       f"{cfg.optim.lr * cfg.run.steps / max(cfg.optim.warmup_steps, 1):.3g}",
                       DtlabWarning, stacklevel=3)

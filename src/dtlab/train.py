@@ -641,8 +641,8 @@ def _train(cfg: TrainConfig, episodes: EpisodeSet, info: PolicyInfo, device: tor
         run.close()
         if not result.interrupted:
             _check_enough_steps_applied(trainer, cfg, episodes, info, final=True)
-            if world.is_main:
-                _draw_learning_curve(run, cfg, info)
+        if world.is_main:  # also when stopped: the curve as far as the run got
+            _draw_learning_curve(run, cfg, info)
     distributed.barrier(world)  # the run's files are complete when any rank returns
     return result
 
@@ -783,6 +783,7 @@ def _loop(cfg: TrainConfig, trainer: Trainer, info: PolicyInfo, run: RunDirector
             loss, grad_norm = trainer.step(cfg.optim)
             tally.add(loss, grad_norm)
             step = state.step
+            progress.advance(step)
             minutes = cfg.run.checkpoint_every_minutes
             time_due = False
             if step % poll_every == 0 or step == steps:  # every rank stops and saves together
