@@ -40,17 +40,17 @@ def test_policy_rollout_and_collection_arguments_are_checked():
     with pytest.raises(ConfigError, match="^precision must be fp32 or bf16, got 'fp16'"):
         DTPolicy(model, info, precision="fp16")
     for seed in (-1, "0", 1.5):
-        with pytest.raises(ConfigError, match="^seed must be"):
+        with pytest.raises(ConfigError, match="^DTPolicy's seed must be"):
             DTPolicy(model, info, seed=seed)
     policy = DTPolicy(model, info)
     for kwargs, name in (({"seed": -5}, "seed"), ({"max_steps": 0}, "max_steps"),
                          ({"max_parallel": 0}, "max_parallel"), ({"workers": -1}, "workers")):
-        with pytest.raises(ConfigError, match=f"^{name} must be"):
+        with pytest.raises(ConfigError, match=f"^rollout's {name} must be"):
             rollout(policy, "Pendulum-v1", [-100.0], 1, **kwargs)
     policy.reset([-100.0, -200.0])
     with pytest.raises(ConfigError, match=r"index \[2\] names episodes outside 0..1"):
         policy.act(np.zeros((1, 3)), index=[2])
-    with pytest.raises(ConfigError, match="^seed must be >= 0"):
+    with pytest.raises(ConfigError, match="^collect_episodes's seed must be >= 0"):
         collect_episodes("Pendulum-v1", RandomPolicy.for_env("Pendulum-v1"), num_episodes=1, seed=-1)
 
 

@@ -136,9 +136,9 @@ def test_dt_and_mlp_bc_share_the_action_head():
 
 
 def test_mlp_bc_needs_context_len_1():
-    with pytest.raises(ConfigError, match="model.context_len must be 1 for model.architecture mlp-bc"):
+    with pytest.raises(ConfigError, match="--model.context-len must be 1 for --model.architecture mlp-bc"):
         ModelConfig(architecture="mlp-bc")
-    with pytest.raises(ConfigError, match="top_fraction"):
+    with pytest.raises(ConfigError, match="--top-fraction"):
         DataConfig(dataset="x", env="Pendulum-v1", top_fraction=0.0)
 
 

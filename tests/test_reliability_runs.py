@@ -67,7 +67,7 @@ def test_evaluation_past_max_ep_len_is_refused_unless_capped(short_model_run, tm
                            "--out", results)
     assert code == 2 and err.count("\n") == 1
     assert "episodes run up to 200 steps but the model's max_ep_len is 50" in err
-    assert "max_steps <= 50" in err and not results.exists()
+    assert "--max-steps 50 or fewer" in err and not results.exists()
     code, _, err = run_cli(capsys, "evaluate", short_model_run, "--targets", -200, "--episodes", 1,
                            "--max-steps", 50, "--out", results)
     assert code == 0, err
@@ -90,7 +90,7 @@ def test_non_finite_or_absurd_targets_are_refused(short_model_run, tmp_path, cap
     results = tmp_path / "r.json"
     code, _, err = run_cli(capsys, "evaluate", short_model_run, "--targets", target, "--max-steps", 5,
                            "--out", results)
-    assert code == 2 and err.startswith("dtlab: error: targets must be") and err.count("\n") == 1
+    assert code == 2 and err.startswith("dtlab: error: --targets must be") and err.count("\n") == 1
     assert not results.exists()
 
 
@@ -100,23 +100,23 @@ def test_non_finite_or_absurd_targets_are_refused(short_model_run, tmp_path, cap
     ("--model.dropout", "1.5", "model.dropout"), ("--eval-targets", "nan", "eval_targets"),
     ("--checkpoint-every-minutes", "-1", "checkpoint_every_minutes"), ("--threads", "0", "threads"),
 ])
-def test_numeric_train_options_refuse_bad_values_naming_the_field(tmp_path, capsys, flag, value,
-                                                                   field):
+def test_numeric_train_options_refuse_bad_values_naming_the_flag(tmp_path, capsys, flag, value,
+                                                                  field):
     out = tmp_path / "run"
     code, _, err = run_cli(capsys, "train", "--dataset", "x.hdf5", "--env", "Pendulum-v1",
                            "--out", out, flag, value)
-    assert code == 2 and err.startswith(f"dtlab: error: {field} must be") and err.count("\n") == 1
+    assert code == 2 and err.startswith(f"dtlab: error: {flag} must be") and err.count("\n") == 1
     assert not out.exists()
 
 
 def test_api_configs_validate_themselves():
-    with pytest.raises(ConfigError, match=r"^lr must be > 0, got -0.1$"):
+    with pytest.raises(ConfigError, match=r"^--lr must be > 0, got -0.1$"):
         OptimConfig(lr=-0.1)
-    with pytest.raises(ConfigError, match=r"^episodes must be >= 1, got 0$"):
+    with pytest.raises(ConfigError, match=r"^--episodes must be >= 1, got 0$"):
         EvalConfig("ckpt", episodes=0)
-    with pytest.raises(ConfigError, match=r"^betas must be < 1"):
+    with pytest.raises(ConfigError, match=r"^--betas must be < 1"):
         OptimConfig(betas=(0.9, 1.0))
-    with pytest.raises(ConfigError, match=r"^return_scale must be a finite number"):
+    with pytest.raises(ConfigError, match=r"^--return-scale must be a finite number"):
         DataConfig("x", "Pendulum-v1", return_scale=float("nan"))
 
 
@@ -236,19 +236,20 @@ def test_policy_refuses_bad_targets_and_acting_before_reset(short_model_run):
     policy = DTPolicy.from_checkpoint(short_model_run)
     with pytest.raises(ConfigError, match="call reset"):
         policy.act(np.zeros(3, np.float32))
-    with pytest.raises(ConfigError, match=r"^target_return must be a finite number, got nan"):
+    with pytest.raises(ConfigError,
+                       match=r"^reset's target_return must be a finite number, got nan"):
         policy.reset(float("nan"))
     policy.reset([-100.0, -200.0])
-    with pytest.raises(ConfigError, match=r"^return_to_go must be <= 1e\+09"):
+    with pytest.raises(ConfigError, match=r"^steer's return_to_go must be <= 1e\+09"):
         policy.steer(1e30)
-    with pytest.raises(ConfigError, match=r"^return_to_go must be a finite number"):
+    with pytest.raises(ConfigError, match=r"^steer's return_to_go must be a finite number"):
         policy.steer(float("nan"))  # (NaN also marks "no steer pending": never silently ignored)
 
 
 @pytest.mark.parametrize("field,value", [("batch_size", 1.5), ("steps", 10.5), ("seed", 2**70),
                                          ("schedule", "linear"), ("precision", "fp16")])
 def test_configs_refuse_wrong_types_and_choices(tmp_path, field, value):
-    with pytest.raises(ConfigError, match=rf"^{field} must be"):
+    with pytest.raises(ConfigError, match=rf"^--{field.replace('_', '-')} must be"):
         cfg(tmp_path, **{field: value})
 
 
@@ -289,6 +290,11 @@ def test_out_that_is_a_file_is_a_one_line_error(tmp_path, capsys):
 
 
 def test_a_warm_up_longer_than_the_run_is_warned(tmp_path):
-    with pytest.warns(DtlabWarning, match=r"warmup_steps \(10\) >= steps \(8\): the learning rate "
+    """Warned when the rate never arrives (the last step applies lr x steps / warm-up); not when
+    the warm-up ends exactly at the last step, which applies lr itself."""
+    with pytest.warns(DtlabWarning, match=r"--warmup-steps 10 > --steps 8: the learning rate "
                                           r"never reaches lr \(0.0001\); it ends at 8e-05"):
         train(cfg(tmp_path, warmup_steps=10), pendulum_data())
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", DtlabWarning)
+        train(cfg(tmp_path / "equal", warmup_steps=8), pendulum_data())

@@ -270,7 +270,7 @@ def collect_episodes(
     budget = num_episodes if num_episodes is not None else num_transitions
     if budget < 1:
         raise ConfigError(f"collection budget must be at least 1, got {budget}")
-    check_number("seed", seed, minimum=0, maximum=MAX_SEED, integer=True)
+    check_number("collect_episodes's seed", seed, minimum=0, maximum=MAX_SEED, integer=True)
     make_policy = policy if not callable(getattr(policy, "act", None)) else (lambda i: policy)
 
     env = make_env(env_id)

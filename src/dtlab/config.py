@@ -16,7 +16,7 @@ from typing import Annotated, Any, Literal
 
 import tyro
 
-from dtlab.checks import check_number  # noqa: F401  (re-exported: the one check, dtlab.checks)
+from dtlab.checks import check_number, flag  # check_number: re-exported, the one check
 from dtlab.errors import ConfigError
 
 
@@ -70,10 +70,10 @@ def _from_json_value(tp: Any, value: Any) -> Any:
 
 
 def check_choice(name: str, value: object, choices: tuple) -> None:
-    """Raise ConfigError naming ``name`` unless ``value`` is one of ``choices`` (Literal fields
-    are not checked at run time by Python itself)."""
+    """Raise ConfigError naming the flag of ``name`` (``dtlab.checks.flag``) unless ``value`` is
+    one of ``choices`` (Literal fields are not checked at run time by Python itself)."""
     if value not in choices:
-        raise ConfigError(f"{name} must be one of {', '.join(map(str, choices))}; got {value!r}")
+        raise ConfigError(f"{flag(name)} must be one of {', '.join(map(str, choices))}; got {value!r}")
 
 
 def check_targets(name: str, targets: tuple[float, ...], *, limit: float = 1e9) -> None:
@@ -122,10 +122,10 @@ class ModelConfig:
 
     def __post_init__(self) -> None:
         if self.architecture == "mlp-bc" and self.context_len != 1:
-            raise ConfigError(f"model.context_len must be 1 for model.architecture mlp-bc (it sees "
+            raise ConfigError(f"--model.context-len must be 1 for --model.architecture mlp-bc (it sees "
                               f"one state), got {self.context_len}")
         if self.n_heads >= 1 and self.embed_dim % self.n_heads:
-            raise ConfigError(f"model.embed_dim {self.embed_dim} is not divisible by model.n_heads "
+            raise ConfigError(f"--model.embed-dim {self.embed_dim} is not divisible by --model.n-heads "
                               f"{self.n_heads}")
         for name in ("embed_dim", "n_layers", "n_heads", "mlp_ratio", "context_len", "max_ep_len"):
             check_number(f"model.{name}", getattr(self, name), minimum=1, integer=True)
@@ -133,7 +133,7 @@ class ModelConfig:
         check_choice("model.activation", self.activation, ("relu", "gelu"))
         check_choice("model.policy", self.policy, ("deterministic", "stochastic"))
         if self.embed_dim % self.n_heads:
-            raise ConfigError(f"model.embed_dim {self.embed_dim} is not divisible by model.n_heads "
+            raise ConfigError(f"--model.embed-dim {self.embed_dim} is not divisible by --model.n-heads "
                               f"{self.n_heads}")
 
 
@@ -169,7 +169,7 @@ class DataConfig:
         check_number("top_fraction", self.top_fraction, above=0, maximum=1)
         keys = tuple(k.strip() for item in self.obs_keys for k in str(item).split(","))
         if any(not k for k in keys) or len(set(keys)) != len(keys):
-            raise ConfigError(f"obs_keys must be distinct non-empty names, got {self.obs_keys!r}")
+            raise ConfigError(f"--obs-keys must be distinct non-empty names, got {self.obs_keys!r}")
         object.__setattr__(self, "obs_keys", keys)
 
 
@@ -226,7 +226,7 @@ class OptimConfig:
         check_choice("schedule", self.schedule, ("constant", "cosine"))
         check_choice("precision", self.precision, PRECISIONS)
         if len(self.betas) != 2:
-            raise ConfigError(f"betas must be two numbers, got {self.betas!r}")
+            raise ConfigError(f"--betas must be two numbers, got {self.betas!r}")
         for beta in self.betas:
             check_number("betas", beta, minimum=0, below=1)
 

@@ -95,7 +95,7 @@ class DTPolicy:
         if precision not in ("fp32", "bf16"):
             raise ConfigError(f"precision must be fp32 or bf16, got {precision!r} (resolve auto "
                               "with dtlab.runtime.resolve_precision)")
-        check_number("seed", seed, minimum=0, maximum=MAX_SEED, integer=True)
+        check_number("DTPolicy's seed", seed, minimum=0, maximum=MAX_SEED, integer=True)
         device = runtime.resolve_device(device)
         self.temperature = float(temperature)
         self.model = model.to(device).eval()
@@ -190,7 +190,7 @@ class DTPolicy:
         episode's env seed). Default: keys counting the episodes this policy has started (0, 1,
         ... over successive resets). ConfigError for keys that are not one non-negative integer
         per episode."""
-        check_targets("target_return", np.ravel(np.asarray(target_return, dtype=np.float64)).tolist())
+        check_targets("reset's target_return", np.ravel(np.asarray(target_return, dtype=np.float64)).tolist())
         self._warn_above_reliable_max(np.asarray(target_return, dtype=np.float64))
         targets = np.array(target_return, dtype=np.float32)  # a copy: the input may be read-only
         self._single = targets.ndim == 0
@@ -240,7 +240,7 @@ class DTPolicy:
         (DtlabWarning) above the checkpoint's calibrated reliable maximum target.
         """
         idx = self._index(index)
-        check_targets("return_to_go", np.ravel(np.asarray(return_to_go, dtype=np.float64)).tolist())
+        check_targets("steer's return_to_go", np.ravel(np.asarray(return_to_go, dtype=np.float64)).tolist())
         self._warn_above_reliable_max(np.asarray(return_to_go, dtype=np.float64))
         new = torch.tensor(np.asarray(return_to_go, dtype=np.float32).reshape(-1), device=self.device)
         self._pending[idx] = self._norm.scale_returns(new)

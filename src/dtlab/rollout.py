@@ -127,15 +127,16 @@ def rollout(policy: DTPolicy, env_id: str, targets: Sequence[float], episodes: i
     ``checked``: what ``check_env`` already returned for this env, policy and ``max_steps`` (the
     env is then not made again to check it).
     """
-    check_number("episodes", episodes, minimum=1, integer=True)
-    check_number("seed", seed, minimum=0, maximum=MAX_SEED, integer=True)
-    check_number("max_steps", max_steps, minimum=1, integer=True)
-    check_number("max_parallel", max_parallel, minimum=1, integer=True)
-    check_number("workers", workers, minimum=0, integer=True)
+    check_number("rollout's episodes", episodes, minimum=1, integer=True)
+    check_number("rollout's seed", seed, minimum=0, maximum=MAX_SEED, integer=True)
+    check_number("rollout's max_steps", max_steps, minimum=1, integer=True)
+    check_number("rollout's max_parallel", max_parallel, minimum=1, integer=True)
+    check_number("rollout's workers", workers, minimum=0, integer=True)
     n = len(targets) * episodes
     if n == 0:
         raise ConfigError("rollout needs at least one target and one episode")
-    check_targets("targets", tuple(float(t) for t in targets))  # before any env or worker starts
+    # Before any env or worker starts.
+    check_targets("rollout's targets", tuple(float(t) for t in targets))
     target_of = np.repeat(np.asarray(targets, dtype=np.float32), episodes)  # (n,)
     names = {i * episodes: video_name(t) for i, t in enumerate(targets)} if video else {}
     if video:
