@@ -55,3 +55,28 @@ def test_logged_learning_rate_is_the_one_applied(tmp_path):
     lrs = {r["step"]: r["lr"] for r in lines if "lr" in r}
     assert sorted(lrs) == [1, 2, 3, 4]
     assert all(abs(lrs[k] - k * 1e-4) < 1e-12 for k in lrs), lrs
+
+
+def test_the_best_checkpoint_holds_the_best_evaluation_not_the_last(tmp_path):
+    """RUN/best holds the weights evaluated best (mean score over targets), here step 10 of
+    evaluations scoring 10, 30, 20 at steps 5, 10, 15."""
+    from types import SimpleNamespace
+
+    from dtlab.metrics import TargetResult
+
+    scores = iter([10.0, 30.0, 20.0])
+
+    def evaluator(policy):
+        s = next(scores)
+        result = TargetResult(-100.0, [s], [200], s, 0.0, s, 0.0)
+        return SimpleNamespace(results=[result], timing=lambda: {})
+
+    train(config(tmp_path, steps=15, checkpoint_every=5, keep_checkpoints=10, eval_every=5,
+                 eval_episodes=1), pendulum_like(), evaluator=evaluator)
+    run = tmp_path / "run"
+    from safetensors.torch import load_file
+
+    best = load_file(str(run / "best" / checkpoint.WEIGHTS_FILE))
+    assert all(torch.equal(best[k], v) for k, v in load_step(run, 10).items())
+    assert not all(torch.equal(best[k], v) for k, v in load_step(run, 15).items())
+    assert checkpoint.load_info(run / "best")[1].step == 10
