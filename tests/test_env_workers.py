@@ -86,3 +86,33 @@ def test_worker_failures_are_reported():
         envs._procs[1].join()
         with pytest.raises(EnvError, match="env worker 1 exited"):
             envs.step(np.array([0, 1]), np.zeros((2, 1), np.float32))
+
+
+def test_training_evaluations_keep_their_env_workers(tmp_path, monkeypatch):
+    """Issue 21 item 7e: `--eval-workers 1` during training starts its worker processes once and
+    keeps them across evaluations (they were started anew at every evaluation), with the same
+    returns as evaluating in the training process; the processes end with the run."""
+    import dtlab.rollout as rollout_module
+    from tests.configs import pendulum_like, train_config
+    from dtlab.train import train
+
+    started = []
+
+    class Counting(EnvWorkers):
+        def __init__(self, *args, **kwargs):
+            started.append(args)
+            super().__init__(*args, **kwargs)
+
+        def close(self):
+            started.append("closed")
+            super().close()
+
+    monkeypatch.setattr(rollout_module, "EnvWorkers", Counting)
+    base = dict(dataset="<memory>", env="Pendulum-v1", steps=9, batch_size=8, warmup_steps=2,
+                log_every=3, progress=False, tensorboard=False, eval_every=3, eval_episodes=2,
+                eval_targets=(-300.0,), model=ModelConfig(embed_dim=16, n_layers=1, context_len=4,
+                                                          max_ep_len=200))
+    pooled = train(train_config(out=str(tmp_path / "a"), eval_workers=1, **base), pendulum_like())
+    assert len(pooled.evaluations) == 3 and started == [("Pendulum-v1", 2, 1), "closed"]
+    local = train(train_config(out=str(tmp_path / "b"), **base), pendulum_like())
+    assert [e.results for e in pooled.evaluations] == [e.results for e in local.evaluations]

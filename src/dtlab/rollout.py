@@ -107,10 +107,14 @@ def check_env(env_id: str, info, max_steps: int | None = None, *,
         probe.close()
 
 
+MAX_PARALLEL = 256  # episodes stepped at once by default (more run in waves)
+
+
 def rollout(policy: DTPolicy, env_id: str, targets: Sequence[float], episodes: int, *,
-            seed: int = 0, max_steps: int | None = None, max_parallel: int = 256,
+            seed: int = 0, max_steps: int | None = None, max_parallel: int = MAX_PARALLEL,
             workers: int = 0, video: str | None = None,
-            checked: "EpisodeLimit | None" = None) -> RolloutReport:
+            checked: "EpisodeLimit | None" = None,
+            pool: "EnvWorkers | None" = None) -> RolloutReport:
     """Run ``episodes`` episodes per target in ``env_id`` and report their returns.
 
     Up to ``max_parallel`` episodes run at once (each in its own env, stepped in lockstep, one
@@ -125,7 +129,9 @@ def rollout(policy: DTPolicy, env_id: str, targets: Sequence[float], episodes: i
     without moviepy, or two targets that name the same video; EnvError for an unknown env, when
     the env's spaces differ from the checkpoint's, a worker fails, or frames cannot be rendered.
     ``checked``: what ``check_env`` already returned for this env, policy and ``max_steps`` (the
-    env is then not made again to check it).
+    env is then not made again to check it). ``pool``: open ``EnvWorkers`` of ``env_id`` with
+    ``min(episodes x targets, max_parallel)`` envs over ``workers`` processes to use instead of
+    starting new ones (the caller closes it; ``Evaluator`` keeps one across evaluations).
     """
     check_number("rollout's episodes", episodes, minimum=1, integer=True)
     check_number("rollout's seed", seed, minimum=0, maximum=MAX_SEED, integer=True)
@@ -152,7 +158,7 @@ def rollout(policy: DTPolicy, env_id: str, targets: Sequence[float], episodes: i
     try:
         returns, lengths, env_steps, model_time, elapsed = _run_episodes(
             policy, env_id, slots, workers, target_of, start_seed, limit, names,
-            None if staging is None else str(staging))
+            None if staging is None else str(staging), pool)
         videos = []
         for name in names.values():  # whole episodes only: moved once every one has ended
             videos.append(str(Path(video) / f"{name}.mp4"))
@@ -199,12 +205,13 @@ def _check_video(video: str, workers: int, names: dict[int, str]) -> None:
 
 def _run_episodes(policy: DTPolicy, env_id: str, slots: int, workers: int, target_of: np.ndarray,
                   start_seed: np.ndarray, limit: int, names: dict[int, str],
-                  video_folder: str | None):
+                  video_folder: str | None, pool: "EnvWorkers | None" = None):
     """Run the n = ``target_of.size`` episodes in waves of ``slots`` envs; episode j in ``names``
     is recorded to ``video_folder`` under that name. (returns (n,), lengths (n,), env steps, model
     seconds, seconds)."""
     n = target_of.size
-    envs = (EnvWorkers(env_id, slots, workers) if workers > 0
+    owned = pool is None or workers == 0
+    envs = (pool if not owned else EnvWorkers(env_id, slots, workers) if workers > 0
             else LocalEnvs(env_id, slots, video_folder))
     try:
         returns = np.zeros(n)
@@ -221,7 +228,8 @@ def _run_episodes(policy: DTPolicy, env_id: str, slots: int, workers: int, targe
             model_time += seconds
         elapsed = time.perf_counter() - started
     finally:
-        envs.close()  # writes the recordings still open
+        if owned:
+            envs.close()  # writes the recordings still open
     return returns, lengths, env_steps, model_time, elapsed
 
 
@@ -267,10 +275,21 @@ class Evaluator:
     max_steps: int | None = None
     workers: int = 0  # env worker processes (0: in this process)
     _checked: EpisodeLimit | None = field(default=None, init=False, repr=False, compare=False)
+    _pool: EnvWorkers | None = field(default=None, init=False, repr=False, compare=False)
 
     def __call__(self, policy: DTPolicy) -> RolloutReport:
         if self._checked is None:  # the env is checked at the first evaluation only
             object.__setattr__(self, "_checked", check_env(self.env_id, policy.info,
                                                            self.max_steps))
+        if self.workers and self._pool is None:  # started once, kept across evaluations
+            slots = min(len(self.targets) * self.episodes, MAX_PARALLEL)
+            object.__setattr__(self, "_pool", EnvWorkers(self.env_id, slots, self.workers))
         return rollout(policy, self.env_id, self.targets, self.episodes, seed=self.seed,
-                       max_steps=self.max_steps, workers=self.workers, checked=self._checked)
+                       max_steps=self.max_steps, workers=self.workers, checked=self._checked,
+                       pool=self._pool)
+
+    def close(self) -> None:
+        """Stop the env worker processes, if any were started."""
+        if self._pool is not None:
+            self._pool.close()
+            object.__setattr__(self, "_pool", None)

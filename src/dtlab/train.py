@@ -638,6 +638,9 @@ def _train(cfg: TrainConfig, episodes: EpisodeSet, info: PolicyInfo, device: tor
         except BaseException:
             run.discard_if_no_checkpoint()
             raise
+        finally:
+            if hasattr(evaluator, "close"):  # env worker processes kept across evaluations
+                evaluator.close()
         run.close()
         if not result.interrupted:
             _check_enough_steps_applied(trainer, cfg, episodes, info, final=True)
@@ -655,7 +658,12 @@ def _finish_evaluation(cfg: TrainConfig, trainer: "Trainer", info: PolicyInfo,
     recorded = any(e.step == step for e in run.evaluations())
     if not cfg.evaluation.eval_episodes or recorded or not trainer.world.is_main:
         return TrainResult(at, step, float("nan"), [], already_done=True)
-    evaluation = _evaluate(evaluator or default_evaluator(cfg, info), trainer, info, run)
+    evaluator = evaluator or default_evaluator(cfg, info)
+    try:
+        evaluation = _evaluate(evaluator, trainer, info, run)
+    finally:
+        if hasattr(evaluator, "close"):
+            evaluator.close()
     _draw_learning_curve(run, cfg, info)
     return TrainResult(at, step, float("nan"), [evaluation])
 
