@@ -133,10 +133,16 @@ def walk(src: Path, start: str, param: str) -> list[str]:
     return order
 
 
+# TrainConfig's groups: config objects themselves (``cfg.optim``); any other attribute is a value.
+GROUPS = {"data", "model", "optim", "run", "evaluation"}
+
+
 def _rooted(expr, tracked: set[str]) -> bool:
     """``cfg`` or one of its groups (``cfg.optim``): a config object, not a value read from it
-    (``cfg.data.env`` is a value: a helper handed it receives what it uses)."""
+    (``cfg.data.env``, ``cfg.dropout`` are values: a helper handed one receives what it uses)."""
     if isinstance(expr, ast.Attribute):
+        if expr.attr not in GROUPS:
+            return False
         expr = expr.value
     return isinstance(expr, ast.Name) and expr.id in tracked
 

@@ -47,7 +47,7 @@ class MLPBC(nn.Module):
                        nn.ReLU() if cfg.activation == "relu" else nn.GELU(), Dropout(cfg.dropout)]
             width = cfg.embed_dim
         self.hidden = nn.Sequential(*layers)
-        self.predict_action = action_head(cfg, width, action_space)
+        self.predict_action = action_head(cfg.policy, width, action_space)
 
     def encode_observations(self, frames: torch.Tensor) -> torch.Tensor:
         """Image models: frame stacks (..., stack, H, W) -> (..., embed_dim) features, which

@@ -193,10 +193,11 @@ class StochasticActionHead(nn.Linear):
         return torch.zeros(b, k, self.action_space.dim, device=device)
 
 
-def action_head(cfg: ModelConfig, in_features: int,
+def action_head(policy: str, in_features: int,
                 action_space: ActionSpec) -> ActionHead | StochasticActionHead:
-    """The head ``cfg.policy`` names: ``ActionHead`` (deterministic) or ``StochasticActionHead``."""
-    if cfg.policy == "stochastic":
+    """The head ``policy`` (``ModelConfig.policy``) names: ``ActionHead`` (deterministic) or
+    ``StochasticActionHead``."""
+    if policy == "stochastic":
         return StochasticActionHead(in_features, action_space)
     return ActionHead(in_features, action_space)
 
@@ -280,7 +281,7 @@ class DecisionTransformer(nn.Module):
         self.drop = Dropout(cfg.dropout)
         self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layers))
         self.ln_f = nn.LayerNorm(d)
-        self.predict_action = action_head(cfg, d, action_space)
+        self.predict_action = action_head(cfg.policy, d, action_space)
         self.apply(self._init_weights)
         # GPT-2's scaled init of the residual projections (Radford et al. 2019, section 2.3).
         for name, p in self.named_parameters():
