@@ -258,6 +258,11 @@ def test_max_ep_len_and_bad_observations_are_refused(tmp_path):
     policy.reset([1.0, 2.0])
     with pytest.raises(EnvError, match="do not fit"):
         policy.act(np.zeros((2, 5)))
+    with pytest.raises(EnvError, match=r"observation contains NaN/inf \(dimension 2\) for "
+                                       r"episode 1"):
+        policy.act(np.array([[0.0, 0, 0, 0], [0, 0, np.nan, 0]]))
+    with pytest.raises(EnvError, match="last_reward contains NaN/inf"):
+        policy.act(np.zeros((2, 4)), np.array([0.0, np.inf]))
 
 
 def test_cli_export_and_its_refusals(hopper, tmp_path, capsys):

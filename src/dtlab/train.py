@@ -674,12 +674,14 @@ def _start_line(cfg: TrainConfig, trainer: "Trainer", episodes: EpisodeSet, auto
     precision (and whether auto chose it), the data, the length, and where it resumed from."""
     m = cfg.model
     params = sum(p.numel() for p in trainer.model.parameters())
-    threads = f", {torch.get_num_threads()} threads" if trainer.device.type == "cpu" else ""
+    n = torch.get_num_threads()
+    threads = f", {n} thread{'s' if n > 1 else ''}" if trainer.device.type == "cpu" else ""
     where = (f"resumed from step {trainer.state.step} ({resumed})" if resumed is not None
              else "from step 0")
     ema = f", weight average {cfg.optim.ema_decay:g}" if cfg.optim.ema_decay else ""
     return (f"train {m.architecture}: {params / 1e6:.2f}M parameters (embed {m.embed_dim}, "
-            f"{m.n_layers} layers, K {m.context_len}) on {trainer.device}{threads}, precision "
+            f"{m.n_layers} layer{'s' if m.n_layers > 1 else ''}, K {m.context_len}) on "
+            f"{trainer.device}{threads}, precision "
             f"{trainer.precision}{' (auto)' if auto else ''}; data {Path(str(episodes.source)).name}: "
             f"{episodes.num_episodes} episodes, {episodes.num_transitions} transitions, returns "
             f"{episodes.return_stats.min:.1f} to {episodes.return_stats.max:.1f}; "

@@ -218,9 +218,16 @@ class DeployedPolicy:
                               f"{self.max_ep_len - 1}); cap episodes at {self.max_ep_len} steps")
         obs = self._observation_array(observation, n)
         if obs.dtype == np.float32:
+            bad = ~np.isfinite(obs)  # (n, obs_dim): refused here, as DTPolicy does
+            if bad.any():
+                row, dim = (int(i) for i in np.argwhere(bad)[0])
+                raise EnvError(f"observation contains NaN/inf (dimension {dim}) for episode "
+                               f"{int(rows[row])}: {obs[row, dim]}")
             self._warn_out_of_range(obs)
         reward = np.zeros(n, np.float32) if last_reward is None else np.broadcast_to(
             np.asarray(last_reward, dtype=np.float32).reshape(-1), (n,))
+        if not np.isfinite(reward).all():
+            raise EnvError(f"last_reward contains NaN/inf ({reward.tolist()[:8]})")
         whole = index is None
         feed = {"observation": obs, "last_reward": np.ascontiguousarray(reward),
                 "target": self._pending[rows]}
