@@ -26,3 +26,22 @@ def test_policy_names_bad_observations_before_the_model_sees_them(tiny_checkpoin
     assert forwards == []
     policy.act(np.zeros((2, 3), np.float32))  # good input after bad: the policy still acts
     assert forwards == [1]
+
+
+def test_act_without_a_reward_after_the_first_step_warns(tiny_checkpoint):
+    """Issue 23 (walkthrough): a missing last_reward after an episode's first step leaves the
+    return-to-go where it was; that is said, once, instead of passing silently."""
+    import warnings
+
+    from dtlab.errors import DtlabWarning
+    from dtlab.policy import DTPolicy
+
+    policy = DTPolicy.from_checkpoint(tiny_checkpoint)
+    policy.reset(-950.0)
+    obs = np.zeros(3, np.float32)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", DtlabWarning)
+        policy.act(obs)  # the first step has no previous reward
+        policy.act(obs, -1.0)
+    with pytest.warns(DtlabWarning, match="no last_reward after an episode's first step"):
+        policy.act(obs)

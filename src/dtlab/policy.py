@@ -365,6 +365,11 @@ class DTPolicy:
             r = torch.tensor(rewards, device=self.device)
             r = r.expand(idx.shape[0])
             self._next_rtg[idx] -= torch.where(t > 0, self._norm.scale_returns(r), 0.0)
+        elif steps.size and steps.max() > 0 and \
+                self.info.model.architecture == "decision-transformer":
+            warnings.warn("act was given no last_reward after an episode's first step: the "
+                          "return-to-go is not reduced by the reward received (pass the reward "
+                          "of the previous action as last_reward)", DtlabWarning, stacklevel=2)
         pending = self._pending[idx]  # (n,)
         steered = ~torch.isnan(pending)
         any_steered = bool(steered.any())
