@@ -116,7 +116,7 @@ def sampler_case(transitions: int, steps: int) -> dict:
     from dtlab.normalizer import Normalizer
     from dtlab.data.sampling import SequenceSampler
     from dtlab.spaces import DiscreteActions
-    from dtlab.train import make_optimizer, to_tensors, train_step
+    from dtlab.trainer import make_optimizer, to_tensors, train_step
 
     torch.set_num_threads(1)
     cfg = preset_configs(steps, "unused")

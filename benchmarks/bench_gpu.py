@@ -48,7 +48,8 @@ from dtlab import runtime  # noqa: E402
 from dtlab.config import DataConfig, ModelConfig, OptimConfig, RunConfig, TrainConfig  # noqa: E402
 from dtlab.rollout import rollout  # noqa: E402
 from dtlab.policy import DTPolicy  # noqa: E402
-from dtlab.train import DeviceSampler, train, train_step  # noqa: E402
+from dtlab.train import train  # noqa: E402
+from dtlab.trainer import DeviceSampler, train_step  # noqa: E402
 
 
 def sync(device: torch.device) -> None:

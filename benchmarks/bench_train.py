@@ -44,8 +44,12 @@ from dtlab.data.sampling import SequenceSampler  # noqa: E402
 from dtlab.model import DecisionTransformer  # noqa: E402
 from dtlab.normalizer import Normalizer  # noqa: E402
 from dtlab.spaces import ContinuousActions, VectorObservations  # noqa: E402
-import dtlab.train  # noqa: E402
-from dtlab.train import action_loss, make_optimizer, to_tensors, train_step  # noqa: E402
+try:  # the step lives in dtlab.trainer since issue 20
+    import dtlab.trainer as step_module  # noqa: E402
+except ImportError:  # older dtlab: benchmarks/ab_sources.py runs this file against it too
+    import dtlab.train as step_module  # noqa: E402
+action_loss, make_optimizer = step_module.action_loss, step_module.make_optimizer
+to_tensors, train_step = step_module.to_tensors, step_module.train_step
 
 B, K, CLIP, LR, WD, WARMUP = 64, 20, 0.25, 1e-4, 1e-4, 10_000
 CPU = torch.device("cpu")
@@ -87,16 +91,16 @@ class DtlabTrainer:
         self.sched = torch.optim.lr_scheduler.LambdaLR(self.opt, warmup_lambda)
         self.sampler = SequenceSampler(episodes, K, Normalizer.from_episodes(episodes, 1000.0, actions))
         self.rng = np.random.default_rng(seed)
-        # The trainer's one non-finite check, made once as dtlab.train.Trainer does (absent in
+        # The trainer's one non-finite check, made once as dtlab.trainer.Trainer does (absent in
         # dtlab before issue 20: benchmarks/ab_sources.py runs this file against older code too).
-        scaler = getattr(dtlab.train, "unit_scaler", None)
+        scaler = getattr(step_module, "unit_scaler", None)
         self.step_options = {"scaler": scaler(device)} if scaler else {}
 
     def batch(self) -> dict:
         return to_tensors(self.sampler.sample(B, self.rng), self.device)
 
     def step(self, b: dict, bf16: bool = False) -> torch.Tensor:
-        # The shipped step itself (dtlab.train.train_step), then the schedule as dtlab.train does.
+        # The shipped step itself (dtlab.trainer.train_step), then the schedule as dtlab.train does.
         loss, _ = train_step(self.model, self.opt, b, grad_clip=CLIP,
                              precision="bf16" if bf16 else "fp32", **self.step_options)
         self.sched.step()

@@ -30,7 +30,8 @@ def model_and_batches(ends_per_part: list[np.ndarray]):
     from dtlab.config import ModelConfig
     from dtlab.data.sampling import SequenceSampler
     from dtlab.baselines import build_model
-    from dtlab.train import make_optimizer, prepare, to_tensors
+    from dtlab.prepare import prepare
+    from dtlab.trainer import make_optimizer, to_tensors
     from tests.configs import train_config
 
     cfg = train_config(dataset="<memory>", env="Pendulum-v1", lr=1e-3, grad_clip=0.0,
@@ -50,7 +51,7 @@ def gradient_step(rank: int, store: str, out: str) -> None:
     import torch.distributed as dist
     from torch.nn.parallel import DistributedDataParallel
 
-    from dtlab.train import train_step
+    from dtlab.trainer import train_step
 
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=2)

@@ -9,7 +9,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-import dtlab.train as train_module
+import dtlab.trainer as train_module  # where the step and its loss live
 from dtlab import checkpoint
 from dtlab.config import ModelConfig
 from dtlab.data import EpisodeSet
@@ -18,7 +18,8 @@ from dtlab.errors import TrainingError
 from dtlab.baselines import build_model
 from dtlab.normalizer import Normalizer
 from dtlab.spaces import ContinuousActions, DiscreteActions, VectorObservations
-from dtlab.train import DeviceSampler, to_tensors, train, train_step
+from dtlab.train import train
+from dtlab.trainer import DeviceSampler, to_tensors, train_step
 from tests.test_reliability import cfg, episodes, nan_on_call
 
 CPU = torch.device("cpu")

@@ -11,7 +11,8 @@ from dtlab.errors import ConfigError
 from dtlab.kv_cache import KVCache, predict_cached
 from dtlab.model import DecisionTransformer
 from dtlab.spaces import ContinuousActions, VectorObservations
-from dtlab.train import action_loss, param_groups
+from dtlab.losses import action_loss
+from dtlab.trainer import param_groups
 
 CFG = ModelConfig(embed_dim=32, n_layers=2, n_heads=2, context_len=6, max_ep_len=50, dropout=0.0)
 

@@ -24,7 +24,7 @@ from dtlab.spaces import (ContinuousActions, DictObservations, DiscreteActions,
                           ImageObservations, VectorObservations, check_against_env,
                           flatten_observation, observation_space_from_gym,
                           observation_space_from_json)
-from dtlab.train import to_tensors
+from dtlab.trainer import to_tensors
 
 TINY = ModelConfig(embed_dim=16, n_layers=1, n_heads=1, context_len=4, max_ep_len=64, dropout=0.0)
 

@@ -13,7 +13,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-import dtlab.train as train_module
+import dtlab.trainer as train_module  # where the step and its loss live
 from dtlab import checkpoint
 from dtlab.config import ModelConfig
 from tests.configs import flat_fields, train_config

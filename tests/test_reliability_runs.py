@@ -12,7 +12,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-import dtlab.train as train_module
+import dtlab.trainer as train_module  # where the step and its loss live
 from dtlab import checkpoint
 from dtlab.atomic import dumps_json, write_json
 from dtlab.cli import main

@@ -51,7 +51,8 @@ from dtlab.policy import DTPolicy
 from dtlab.rollout import Evaluator, default_targets
 from dtlab.rundir import RunDirectory
 from dtlab.spaces import VectorObservations, check_against_env
-from dtlab.train import Trainer, TrainerState, _Tally
+from dtlab.train import _Tally
+from dtlab.trainer import Trainer, TrainerState
 
 FINETUNE_CONFIG_FILE = "finetune_config.json"
 REPLAY_FILE = "replay.safetensors"

@@ -127,7 +127,7 @@ class StochasticActionHead(nn.Linear):
     ``DiscreteActions(n)``: a categorical distribution, the output its n logits (as
     ``ActionHead``). One ``nn.Linear``, so it initializes and decays as the deterministic head;
     its parameters are ``predict_action.weight`` and ``.bias`` of width 2 dim (continuous). The
-    entropy temperature is the trainer's (dtlab.train.EntropyTemperature), not a weight.
+    entropy temperature is the trainer's (dtlab.trainer.EntropyTemperature), not a weight.
     ConfigError for any other action spec."""
 
     def __init__(self, in_features: int, action_space: ActionSpec) -> None:
