@@ -275,7 +275,7 @@ def model_card(run: Path, ckpt: Path, record: dict[str, Any]) -> str:
               f"- actions: {json.dumps(record['action_space'])}",
               f"- {record['architecture']}, context_len (K) {record['context_len']}, max_ep_len "
               f"{record['max_ep_len']}, return scale {record['return_scale']:g}"]
-    config = _read_json(run / "train_config.json")
+    config = _read_json(run / checkpoint.TRAIN_CONFIG_FILE)
     if isinstance(config, dict):
         lines.append("- training settings (train_config.json):")
         for group in ("model", "optim", "run"):

@@ -263,7 +263,7 @@ def _run_wave(policy: DTPolicy, envs: LocalEnvs | EnvWorkers, wave: np.ndarray,
     return env_steps, model_time
 
 
-@dataclass(frozen=True)
+@dataclass
 class Evaluator:
     """Evaluation during training, as a callable the training loop is handed:
     ``evaluator(policy) -> RolloutReport``."""
@@ -279,11 +279,10 @@ class Evaluator:
 
     def __call__(self, policy: DTPolicy) -> RolloutReport:
         if self._checked is None:  # the env is checked at the first evaluation only
-            object.__setattr__(self, "_checked", check_env(self.env_id, policy.info,
-                                                           self.max_steps))
+            self._checked = check_env(self.env_id, policy.info, self.max_steps)
         if self.workers and self._pool is None:  # started once, kept across evaluations
             slots = min(len(self.targets) * self.episodes, MAX_PARALLEL)
-            object.__setattr__(self, "_pool", EnvWorkers(self.env_id, slots, self.workers))
+            self._pool = EnvWorkers(self.env_id, slots, self.workers)
         return rollout(policy, self.env_id, self.targets, self.episodes, seed=self.seed,
                        max_steps=self.max_steps, workers=self.workers, checked=self._checked,
                        pool=self._pool)
@@ -292,4 +291,4 @@ class Evaluator:
         """Stop the env worker processes, if any were started."""
         if self._pool is not None:
             self._pool.close()
-            object.__setattr__(self, "_pool", None)
+            self._pool = None

@@ -387,9 +387,10 @@ def _flag_value(value: Any) -> str:
 
 def has_run(directory: Path) -> bool:
     """A cell's run directory holds a run to continue (dtlab train wrote its settings there)."""
-    from dtlab.checkpoint import LATEST_FILE
+    from dtlab.rundir import RunDirectory
 
-    return (directory / "train_config.json").is_file() or (directory / LATEST_FILE).is_file()
+    run = RunDirectory(directory)
+    return run.is_run() or run.has_checkpoint()
 
 
 def read_evaluations(directory: Path, targets: tuple[float, ...]) -> list[dict]:
