@@ -387,7 +387,7 @@ def test_image_episode_set_refuses_wrong_frames():
 def test_preset_atari_expands_to_the_dt_papers_settings_and_later_flags_win(tmp_path, capsys):
     """Presets are config objects: `dtlab train --preset atari` parses with their values as the
     defaults, and the command line's own flags win."""
-    from dtlab.cli import train_defaults
+    from dtlab.cli_errors import train_defaults
 
     args, defaults = train_defaults(["--dataset", "d", "--env", "ALE/Pong-v5", "--preset",
                                      "atari", "--lr", "1e-4"])

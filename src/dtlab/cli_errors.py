@@ -1,4 +1,5 @@
-"""One-line parse errors for the ``dtlab`` command line.
+"""Parsing the ``dtlab`` command line: one-line parse errors, and ``dtlab train``'s saved
+defaults (``train_defaults``: --preset, --config, --resume with the run's own settings).
 
 tyro reports a mistyped flag or a missing one in a box of 8-32 lines that lists every
 subcommand's options. :func:`parse` runs ``tyro.cli`` with a parse-error hook that turns the
@@ -18,10 +19,12 @@ import contextlib
 import difflib
 import io
 import re
+from pathlib import Path
 from typing import Any, Sequence
 
 import tyro
 
+from dtlab.config import TrainConfig
 from dtlab.errors import ConfigError
 
 # ``usage: dtlab data [-h] {info,validate,convert}``: the subcommand choices of a help text.
@@ -147,3 +150,55 @@ def parse(command: Any, args: Sequence[str], *, prog: str, description: str,
     with _errors.on_parse_error(hook):
         return tyro.cli(command, args=args, prog=prog, description=description, config=config,
                         **kwargs)
+
+
+def _flag_value(args: list[str], flag: str) -> tuple[str | None, list[str]]:
+    """The value of ``flag`` (``--flag V`` or ``--flag=V``) in ``args`` and ``args`` without it."""
+    for i, arg in enumerate(args):
+        if arg == flag and i + 1 < len(args):
+            return args[i + 1], args[:i] + args[i + 2:]
+        if arg.startswith(flag + "="):
+            return arg.split("=", 1)[1], args[:i] + args[i + 1:]
+    return None, args
+
+
+def train_defaults(args: list[str]) -> tuple[list[str], TrainConfig | None]:
+    """``dtlab train``'s defaults that the other flags override: ``--preset NAME``
+    (``dtlab.config.train_preset``), ``--config FILE`` (a train_config.json or a run directory:
+    a new run from its settings, with ``--resume`` off and precision ``auto`` again), or with
+    ``--resume`` the run's own train_config.json in ``--out`` (so ``--resume`` needs no other
+    flag). Returns the arguments without ``--preset``/``--config`` and the defaults (None:
+    parse as usual; also for a run saved in the flat format of dtlab before issue 9, resumed by
+    giving its flags). ConfigError for an unreadable file, or ``--resume`` on a directory
+    without a run and no ``--dataset``."""
+    import dataclasses
+
+    from dtlab.config import train_preset
+    from dtlab.errors import ConfigError
+    from dtlab.rundir import TRAIN_CONFIG_FILE, RunDirectory, read_train_config
+
+    preset, args = _flag_value(args, "--preset")
+    file, args = _flag_value(args, "--config")
+    given_dataset = any(a == "--dataset" or a.startswith("--dataset=") for a in args)
+    if preset is not None and (file is not None or "--resume" in args):
+        raise ConfigError("--preset starts a new run: give it without --config and --resume")
+    if preset is not None:
+        return args, train_preset(preset)
+    if file is not None:
+        path = Path(file) / TRAIN_CONFIG_FILE if Path(file).is_dir() else Path(file)
+        saved = read_train_config(path, flag="--config")
+        return args, dataclasses.replace(
+            saved, run=dataclasses.replace(saved.run, resume=False),
+            optim=dataclasses.replace(saved.optim, precision="auto"))
+    if "--resume" not in args:
+        return args, None
+    out = _flag_value(args, "--out")[0] or "runs/dt"
+    run = RunDirectory(out)
+    if run.is_run():
+        if given_dataset and not isinstance(run.saved_config_json().get("optim"), dict):
+            return args, None  # the flat format of older runs: resumed from the flags given
+        return args, run.saved_config()
+    if not given_dataset:
+        raise ConfigError(f"{out}: --resume found no run here (no {TRAIN_CONFIG_FILE}); give the "
+                          "--out of a run, or --dataset and --env to start one")
+    return args, None

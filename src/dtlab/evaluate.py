@@ -253,21 +253,7 @@ def evaluate_checkpoint(cfg: EvalConfig, echo: bool = False) -> dict:
     checked = check_env(env_id, info, cfg.max_steps, what=f"checkpoint {path}")
     check_paired_envs(path, info, env_id)
     dataset_return = ReturnStats.from_json(info.dataset.get("episode_return"))
-    if cfg.sweep:
-        if not dataset_return:
-            raise ConfigError(f"{path}: checkpoint has no dataset return statistics for sweep")
-        targets = sweep_targets(dataset_return, cfg.sweep_points)
-    else:
-        targets = list(cfg.targets)
-        if not targets:
-            calibration = checkpoint.load_calibration(path)
-            chosen, why = default_targets(env_id, dataset_return, calibration
-                                          and float(calibration["reliable_max_target"]))
-            if not chosen:
-                raise ConfigError(f"{path}: {why}; give --targets")
-            targets = list(chosen)
-            if echo:
-                print(f"evaluating at {why}")
+    targets = _targets(cfg, path, env_id, dataset_return, echo)
     precision = runtime.resolve_precision(cfg.precision, device)
     policy = DTPolicy.from_checkpoint(path, device=str(device), precision=precision,
                                       kv_cache=cfg.kv_cache, temperature=cfg.temperature,
@@ -299,6 +285,26 @@ def evaluate_checkpoint(cfg: EvalConfig, echo: bool = False) -> dict:
     if echo and written:
         print("wrote " + ", ".join(written))
     return data
+
+
+def _targets(cfg: EvalConfig, path: Path, env_id: str, dataset_return: ReturnStats | None,
+             echo: bool) -> list[float]:
+    """The targets ``dtlab evaluate`` runs: the sweep's, ``--targets``, or ``default_targets``
+    (the calibrated maximum taken into account; the choice printed with ``echo``)."""
+    if cfg.sweep:
+        if not dataset_return:
+            raise ConfigError(f"{path}: checkpoint has no dataset return statistics for sweep")
+        return sweep_targets(dataset_return, cfg.sweep_points)
+    if cfg.targets:
+        return list(cfg.targets)
+    calibration = checkpoint.load_calibration(path)
+    chosen, why = default_targets(env_id, dataset_return, calibration
+                                  and float(calibration["reliable_max_target"]))
+    if not chosen:
+        raise ConfigError(f"{path}: {why}; give --targets")
+    if echo:
+        print(f"evaluating at {why}")
+    return list(chosen)
 
 
 def check_paired_envs(path: Path, info, env_id: str) -> None:

@@ -174,16 +174,7 @@ def train_step(model: DecisionTransformer, optimizer: torch.optim.Optimizer,
                                                batch["masks"], temperature.alpha)
     else:
         loss = action_loss(pred.float(), batch["actions"], batch["masks"])
-    objective = loss
-    if isinstance(model, DistributedDataParallel):
-        # DDP averages the W processes' gradients. Weighting each process's mean by W x (its real
-        # positions) / (all processes' real positions) makes that average the gradient of the
-        # mean over every real position of all windows, as on the concatenated batch (windows
-        # near an episode start are padded, so the processes' counts differ).
-        real = batch["masks"].sum().to(loss.dtype)
-        total = real.detach().clone()
-        dist.all_reduce(total)  # asynchronous to the host on CUDA
-        objective = loss * (real * dist.get_world_size(model.process_group) / total)
+    objective = _ddp_objective(model, loss, batch["masks"])
     optimizer.zero_grad(set_to_none=True)
     scaler.scale(objective).backward()
     scaler.unscale_(optimizer)  # records whether any gradient is non-finite
@@ -192,15 +183,33 @@ def train_step(model: DecisionTransformer, optimizer: torch.optim.Optimizer,
     grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(),
                                                grad_clip if grad_clip > 0 else float("inf"))
     scaler.step(optimizer)  # skipped when a gradient was non-finite
-    if entropy is not None:
-        entropy = entropy.detach()
-        if isinstance(model, DistributedDataParallel):  # one lambda on every process
-            entropy = entropy.clone()
-            dist.all_reduce(entropy)
-            entropy /= dist.get_world_size(model.process_group)
-        temperature.step(entropy, scaler)
+    if entropy is not None:  # the same temperature on every process: the ranks' mean entropy
+        temperature.step(_mean_over_ranks(model, entropy.detach()), scaler)
     scaler.update(1.0)  # back to scale 1 (a skipped step would otherwise halve it)
     return loss.detach(), grad_norm.detach()
+
+
+def _ddp_objective(model, loss: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
+    """What a process backpropagates: ``loss`` itself, or under DistributedDataParallel the loss
+    weighted so that DDP's average of the W processes' gradients is the gradient of the mean
+    over every real position of all windows, as on the concatenated batch: W x (this process's
+    real positions) / (all processes' real positions) (windows near an episode start are padded,
+    so the processes' counts differ)."""
+    if not isinstance(model, DistributedDataParallel):
+        return loss
+    real = masks.sum().to(loss.dtype)
+    total = real.detach().clone()
+    dist.all_reduce(total)  # asynchronous to the host on CUDA
+    return loss * (real * dist.get_world_size(model.process_group) / total)
+
+
+def _mean_over_ranks(model, value: torch.Tensor) -> torch.Tensor:
+    """``value`` averaged over the DistributedDataParallel processes (itself for one process)."""
+    if not isinstance(model, DistributedDataParallel):
+        return value
+    value = value.clone()
+    dist.all_reduce(value)
+    return value / dist.get_world_size(model.process_group)
 
 
 # ---- the trainer ----------------------------------------------------------------------------------
