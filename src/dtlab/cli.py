@@ -330,6 +330,69 @@ def run_train_behaviour(cfg) -> None:
         print(manifest.to_json())
 
 
+def parse_command(args: list[str]):
+    """The command ``args`` name, its config built (and validated) by tyro; ``dtlab train`` with
+    --preset, --config or --resume parses over those saved defaults. ConfigError for a parse
+    error (one line), None for ``--version`` (printed)."""
+    defaults = None
+    if args[:1] == ["train"]:  # --preset, --config, --resume: saved defaults, overridable
+        train_args, defaults = train_defaults(args[1:])
+        args = ["train", *train_args]
+    if args[:1] == ["--version"]:
+        from dtlab._version import __version__
+
+        print(f"dtlab {__version__}")
+        return None
+    if defaults is not None:  # a saved configuration: its values are the defaults
+        return parse(TrainConfig, args[1:], prog="dtlab train", description=DESCRIPTION,
+                     config=(tyro.conf.OmitSubcommandPrefixes,), default=defaults)
+    return parse(Command, args, prog="dtlab", description=DESCRIPTION,
+                 config=(tyro.conf.OmitSubcommandPrefixes,),
+                 extra_flags={"train": ["--preset", "--config"]})
+
+
+def run_export(cmd: ExportCommand) -> None:
+    from dtlab.export import export_run
+
+    out = export_run(cmd.run, cmd.out, cmd.dataset)
+    print(f"{out}: policy.onnx, policy.json, README.md")
+
+
+def run_interop(cmd: InteropCommand) -> None:
+    from dtlab.interop import huggingface
+
+    sub = cmd.command
+    if isinstance(sub, InteropFromHF):
+        out = huggingface.from_hf(sub.src, sub.out, dataset=sub.dataset, env=sub.env,
+                                  obs_mean=sub.obs_mean, obs_std=sub.obs_std,
+                                  return_scale=sub.return_scale, context_len=sub.context_len)
+    else:
+        out = huggingface.to_hf(sub.run, sub.out, push=sub.push)
+    print(f"{out}: written")
+
+
+def run_quickstart(cmd: QuickstartConfig) -> None:
+    from dtlab.quickstart import quickstart
+
+    quickstart(cmd.out, steps=cmd.steps, episodes=cmd.episodes, seed=cmd.seed,
+               progress=cmd.progress, overwrite=cmd.overwrite)
+
+
+def run_runs(cmd: RunsConfig) -> None:
+    from dtlab.runs_table import list_runs
+
+    list_runs(cmd)
+
+
+# Each command's config type and what runs it; a runner's int return is the exit code.
+RUNNERS = ((QuickstartConfig, run_quickstart), (TrainConfig, run_train),
+           (EvalConfig, run_evaluate), (FinetuneConfig, run_finetune),
+           (BenchmarkConfig, run_benchmark), (CalibrateConfig, run_calibrate),
+           (RunsConfig, run_runs), (ExportCommand, run_export), (InteropCommand, run_interop),
+           (TrainBehaviourCommand, run_train_behaviour), (CollectConfig, run_collect),
+           (DataCommand, run_data))
+
+
 def main(argv: list[str] | None = None) -> int:
     import warnings
 
@@ -337,74 +400,20 @@ def main(argv: list[str] | None = None) -> int:
     if argv is None and hasattr(signal, "SIGPIPE"):  # `dtlab ... | head`: end quietly, as Unix tools do
         signal.signal(signal.SIGPIPE, signal.SIG_DFL)
     try:
-        args = list(sys.argv[1:] if argv is None else argv)
-        defaults = None
-        if args[:1] == ["train"]:  # --preset, --config, --resume: saved defaults, overridable
-            train_args, defaults = train_defaults(args[1:])
-            args = ["train", *train_args]
-        if args[:1] == ["--version"]:
-            from dtlab._version import __version__
-
-            print(f"dtlab {__version__}")
-            return 0
         # Inside the try: config dataclasses validate themselves while tyro builds them, and a
-        # parse error is one ConfigError line (--preset is expanded above, before tyro).
-        if defaults is not None:  # a saved configuration: its values are the defaults
-            cmd = parse(TrainConfig, args[1:], prog="dtlab train", description=DESCRIPTION,
-                        config=(tyro.conf.OmitSubcommandPrefixes,), default=defaults)
-        else:
-            cmd = parse(Command, args, prog="dtlab", description=DESCRIPTION,
-                        config=(tyro.conf.OmitSubcommandPrefixes,),
-                        extra_flags={"train": ["--preset", "--config"]})
-        if isinstance(cmd, QuickstartConfig):
-            from dtlab.quickstart import quickstart
-
-            quickstart(cmd.out, steps=cmd.steps, episodes=cmd.episodes, seed=cmd.seed,
-                       progress=cmd.progress, overwrite=cmd.overwrite)
-        elif isinstance(cmd, TrainConfig):
-            return run_train(cmd)
-        elif isinstance(cmd, EvalConfig):
-            run_evaluate(cmd)
-        elif isinstance(cmd, FinetuneConfig):
-            return run_finetune(cmd)
-        elif isinstance(cmd, BenchmarkConfig):
-            return run_benchmark(cmd)
-        elif isinstance(cmd, CalibrateConfig):
-            run_calibrate(cmd)
-        elif isinstance(cmd, RunsConfig):
-            from dtlab.runs_table import list_runs
-
-            list_runs(cmd)
-        elif isinstance(cmd, ExportCommand):
-            from dtlab.export import export_run
-
-            out = export_run(cmd.run, cmd.out, cmd.dataset)
-            print(f"{out}: policy.onnx, policy.json, README.md")
-        elif isinstance(cmd, InteropCommand):
-            from dtlab.interop import huggingface
-
-            sub = cmd.command
-            if isinstance(sub, InteropFromHF):
-                out = huggingface.from_hf(sub.src, sub.out, dataset=sub.dataset, env=sub.env,
-                                          obs_mean=sub.obs_mean, obs_std=sub.obs_std,
-                                          return_scale=sub.return_scale,
-                                          context_len=sub.context_len)
-            else:
-                out = huggingface.to_hf(sub.run, sub.out, push=sub.push)
-            print(f"{out}: written")
-        elif isinstance(cmd, TrainBehaviourCommand):
-            run_train_behaviour(cmd)
-        elif isinstance(cmd, CollectConfig):
-            run_collect(cmd)
-        elif isinstance(cmd, DataCommand):
-            run_data(cmd)
+        # parse error is one ConfigError line.
+        cmd = parse_command(list(sys.argv[1:] if argv is None else argv))
+        if cmd is None:
+            return 0
+        run = next(run for kind, run in RUNNERS if isinstance(cmd, kind))
+        code = run(cmd)
     except DtlabError as exc:
         print(f"dtlab: error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("dtlab: interrupted", file=sys.stderr)
         return 130
-    return 0
+    return code if isinstance(code, int) else 0
 
 
 if __name__ == "__main__":
