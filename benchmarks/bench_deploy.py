@@ -1,6 +1,7 @@
 """Deploy artifact speed: onnxruntime (dtlab.deploy) vs DTPolicy, per step, on the CPU.
 
-    python benchmarks/bench_deploy.py [RUN] [--steps 300] [--repeats 3] [--json out.json]
+    python benchmarks/bench_deploy.py [RUN] [--steps 300] [--repeats 3]
+        [--alternate step|episode] [--json out.json]
 
 RUN is a dtlab run or checkpoint directory (default: a model of the DT paper's gym size, embed
 128, 3 layers, K = 20, random weights, saved to a temporary directory); it is exported to a
@@ -14,6 +15,9 @@ episode --steps long so that most steps have a full window:
                --steps steps x --repeats episodes, in microseconds
   steps_b64    env steps per second at batch 64 (64 episodes advancing together; policy time
                only, no simulator): 64 x steps / time, best of --repeats
+
+--alternate step (default) interleaves the two policies step by step; --alternate episode runs
+each policy's episode whole, the order flipped from one repeat to the next (see run_episodes).
 
 The goal (issue 24): the artifact's p50 at batch 1 at most half of DTPolicy's.
 """
@@ -62,23 +66,31 @@ def episode_inputs(steps: int, batch: int):
             rew.reshape(batch, steps).T.copy())
 
 
-def run_episodes(policies: dict, obs, rew, targets, times: dict | None = None) -> dict:
-    """One episode of every policy in lockstep: at each step every policy acts on the same
-    observation, the order alternating step by step, so that all see the same machine conditions
-    (other jobs on the machine move single-step times by 2-3x). Returns each policy's total
-    seconds; ``times`` collects each step's seconds per policy."""
+def run_episodes(policies: dict, obs, rew, targets, times: dict | None = None,
+                 alternate: str = "step", flip: bool = False) -> dict:
+    """One episode of every policy. ``alternate="step"``: in lockstep, at each step every policy
+    acts on the same observation, the order alternating step by step, so that all see the same
+    machine conditions (other jobs on the machine move single-step times by 2-3x), at the price
+    of each evicting the other's weights from the caches between two of its steps.
+    ``alternate="episode"``: one whole episode per policy, one after the other (the order
+    reversed with ``flip``), as each would run alone. Returns each policy's total seconds;
+    ``times`` collects each step's seconds per policy."""
     total = {name: 0.0 for name in policies}
     for policy in policies.values():
         policy.reset(targets)
-    names = list(policies)
-    for t in range(obs.shape[0]):
-        for name in (names if t % 2 == 0 else names[::-1]):
-            start = time.perf_counter()
-            policies[name].act(obs[t], None if t == 0 else rew[t - 1])
-            elapsed = time.perf_counter() - start
-            total[name] += elapsed
-            if times is not None:
-                times[name].append(elapsed)
+    names = list(policies)[::-1] if flip else list(policies)
+    if alternate == "episode":
+        order = [(name, t) for name in names for t in range(obs.shape[0])]
+    else:
+        order = [(name, t) for t in range(obs.shape[0])
+                 for name in (names if t % 2 == 0 else names[::-1])]
+    for name, t in order:
+        start = time.perf_counter()
+        policies[name].act(obs[t], None if t == 0 else rew[t - 1])
+        elapsed = time.perf_counter() - start
+        total[name] += elapsed
+        if times is not None:
+            times[name].append(elapsed)
     return total
 
 
@@ -87,6 +99,9 @@ def main() -> None:
     parser.add_argument("run", nargs="?")
     parser.add_argument("--steps", type=int, default=300)
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--alternate", choices=("step", "episode"), default="step",
+                        help="interleave the policies step by step (default) or episode by "
+                             "episode (see run_episodes)")
     parser.add_argument("--json")
     args = parser.parse_args()
 
@@ -109,8 +124,8 @@ def main() -> None:
     obs1, rew1 = episode_inputs(args.steps, 1)
     latency = {name: [] for name in policies}
     run_episodes(policies, obs1[:20], rew1[:20], [3600.0])  # warm-up
-    for _ in range(args.repeats):
-        run_episodes(policies, obs1, rew1, [3600.0], latency)
+    for i in range(args.repeats):
+        run_episodes(policies, obs1, rew1, [3600.0], latency, args.alternate, i % 2 == 1)
     for name, times in latency.items():
         us = np.asarray(times) * 1e6
         results[name]["latency_b1_p50_us"] = float(np.percentile(us, 50))
@@ -120,8 +135,9 @@ def main() -> None:
     targets = list(np.linspace(300.0, 3600.0, 64))
     run_episodes(policies, obs64[:5], rew64[:5], targets)  # warm-up
     best = {name: 0.0 for name in policies}
-    for _ in range(args.repeats):
-        for name, seconds in run_episodes(policies, obs64, rew64, targets).items():
+    for i in range(args.repeats):
+        for name, seconds in run_episodes(policies, obs64, rew64, targets, None, args.alternate,
+                                          i % 2 == 1).items():
             best[name] = max(best[name], 64 * args.steps / seconds)
     for name, rate in best.items():
         results[name]["steps_b64_per_s"] = rate
@@ -136,7 +152,8 @@ def main() -> None:
           f"{a['steps_b64_per_s'] / d['steps_b64_per_s']:.2f}x")
     if args.json:
         Path(args.json).write_text(json.dumps({"results": results, "p50_ratio": ratio,
-                                               "steps": args.steps, "repeats": args.repeats},
+                                               "steps": args.steps, "repeats": args.repeats,
+                                               "alternate": args.alternate},
                                               indent=2))
 
 

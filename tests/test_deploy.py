@@ -105,6 +105,33 @@ def test_hopper_parity_batch_1_unbatched(hopper):
     np.testing.assert_allclose(deployed.returns_to_go, dt.returns_to_go, rtol=1e-6)
 
 
+def test_acting_on_every_episode_runs_the_graph_fixed_to_resets_batch_size(hopper):
+    """reset(n) loads the graph with its batch axis fixed to n (onnxruntime then folds the shape
+    arithmetic); act on all n episodes runs it, on a subset the dynamic graph; both give the
+    actions the dynamic graph gives for the same inputs."""
+    _, artifact = hopper
+    policy = DeployedPolicy(artifact)
+    assert policy.session.get_inputs()[0].shape == ["batch", 11]
+    policy.reset([300.0, 900.0, 2000.0])
+    fixed = policy._fixed[1]
+    assert fixed.get_inputs()[0].shape == [3, 11]
+    calls = []
+    for session in (fixed, policy.session):
+        run = session.run
+        session.run = lambda names, feed, run=run, s=session: (
+            calls.append((s, {k: v.copy() for k, v in feed.items()})) or run(names, feed))
+    obs = np.linspace(-1, 1, 33, dtype=np.float32).reshape(3, 11)
+    action = policy.act(obs)
+    subset = policy.act(obs[:2], [1.0, 2.0], index=[0, 1])
+    assert [c[0] for c in calls] == [fixed, policy.session]
+    del fixed.run, policy.session.run
+    for (_, feed), got in zip(calls, (action, subset)):
+        want = policy.session.run(["action"], feed)[0]
+        np.testing.assert_allclose(got, want, atol=1e-6, rtol=0)
+    policy.reset([1.0, 2.0, 3.0])
+    assert policy._fixed[1] is fixed  # the same batch size keeps its session
+
+
 def test_a_reward_passed_at_the_first_step_is_ignored_exactly(hopper):
     run, artifact = hopper
     dt, deployed = DTPolicy.from_checkpoint(run), DeployedPolicy(artifact)

@@ -108,8 +108,8 @@ class StepGraph(nn.Module):
         returns_to_go = torch.cat((returns_to_go[:, 1:], rtg[:, None]), 1)  # (N, K)
         timesteps = torch.cat((timesteps[:, 1:], t[:, None]), 1)  # (N, K)
         masks = torch.cat((masks[:, 1:], torch.ones_like(masks[:, :1])), 1)  # (N, K)
-        pred = self.model(observations, actions, returns_to_go[..., None], timesteps,
-                          masks)[:, -1]  # (N, A) in [-1, 1], or (N, n) logits
+        pred = self.model.predict_last(observations, actions, returns_to_go[..., None],
+                                       timesteps, masks)  # (N, A) in [-1, 1], or (N, n) logits
         finite = torch.isfinite(pred).all(-1)  # (N,)
         if self.discrete:
             chosen = pred.argmax(-1)  # (N,) int64, the first of equal maxima (as torch.argmax)

@@ -49,7 +49,7 @@ class Dropout(nn.Dropout):
 
 
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_mask: torch.Tensor | None,
-              *, is_causal: bool, dropout_p: float) -> torch.Tensor:
+              *, is_causal: bool, dropout_p: float, scale: float | None = None) -> torch.Tensor:
     """``F.scaled_dot_product_attention`` (q (B, H, Tq, E), k and v (B, H, T, E), a bool mask
     broadcastable to (B, H, Tq, T), True: attend) with attention-probability dropout drawn as
     ``dropout`` draws it. Returns (B, H, Tq, E) in v's dtype.
@@ -60,9 +60,9 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_mask: torc
     """
     if dropout_p == 0.0 or q.device.type != "cpu":
         return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, is_causal=is_causal,
-                                              dropout_p=dropout_p)
+                                              dropout_p=dropout_p, scale=scale)
     with torch.autocast("cpu", enabled=False):  # fp32 scores and softmax under bf16 autocast too
-        scale = 1.0 / math.sqrt(q.shape[-1])
+        scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
         scores = q.float() @ k.float().transpose(-2, -1) * scale  # (B, H, Tq, T)
         if is_causal:
             attn_mask = torch.ones(q.shape[-2], k.shape[-2], dtype=torch.bool,

@@ -124,14 +124,13 @@ def _block_step(block: Block, x: torch.Tensor, keys: torch.Tensor, values: torch
     to the buffers under ``mask`` (Tn, S) bool (True: attend). Returns (B, Tn, D), or with
     ``last_only`` the last new token's output alone, (B, 1, D). Eval mode: no dropout."""
     attn = block.attn
-    b, tn, d = x.shape
-    q, k, v = (z.view(b, tn, attn.n_heads, d // attn.n_heads).transpose(1, 2)
-               for z in attn.qkv(block.ln_1(x)).split(d, dim=2))  # 3 x (B, H, Tn, D/H)
+    d = x.shape[2]
+    q, k, v = (attn.heads(z) for z in attn.qkv(block.ln_1(x)).split(d, dim=2))  # 3 x (B, H, Tn, D/H)
     keys.index_copy_(2, slots, k.to(keys.dtype))
     values.index_copy_(2, slots, v.to(values.dtype))
     if last_only:  # only s_t's output is read from the last block
-        q, mask, x, tn = q[:, :, -1:], mask[-1:], x[:, -1:], 1
+        q, mask, x = q[:, :, -1:], mask[-1:], x[:, -1:]
     with torch.autocast(x.device.type, enabled=False):  # in the buffers' dtype
         y = F.scaled_dot_product_attention(q.to(keys.dtype), keys, values, attn_mask=mask)
-    x = x + attn.proj(y.transpose(1, 2).reshape(b, tn, d))  # y: (B, H, Tn, D/H) -> (B, Tn, D)
+    x = x + attn.proj(attn.merge_heads(y))  # y: (B, H, Tn, D/H) -> (B, Tn, D)
     return x + block.mlp(block.ln_2(x))

@@ -207,6 +207,9 @@ class CausalSelfAttention(nn.Module):
         super().__init__()
         self.n_heads = cfg.n_heads
         self.dropout = cfg.dropout
+        # SDPA's default scale 1/sqrt(E), E = D/H, given as a constant: the same value, and an
+        # exported graph then holds it as a constant instead of computing it from q's shape.
+        self.scale = 1.0 / math.sqrt(cfg.embed_dim // cfg.n_heads)
         self.qkv = nn.Linear(cfg.embed_dim, 3 * cfg.embed_dim)
         self.proj = nn.Linear(cfg.embed_dim, cfg.embed_dim)
         self.resid_drop = Dropout(cfg.dropout)
@@ -216,19 +219,29 @@ class CausalSelfAttention(nn.Module):
         """(B, T, D) -> (B, T, D); with ``query``, only those tokens' outputs, (B, Tq, D)
         (``attn_mask`` then holds just their rows). Keys and values always come from every token.
         ``attn_mask`` None: plain causal."""
-        b, t, d = x.shape  # (B, T, D), T = 3K tokens
+        d = x.shape[2]  # (B, T, D), T = 3K tokens
         if query is None:
             q, k, v = self.qkv(x).split(d, dim=2)  # 3 x (B, T, D)
         else:  # queries of the selected tokens only: the rows of qkv's weight that make q
             q = F.linear(x[:, query], self.qkv.weight[:d], self.qkv.bias[:d])  # (B, Tq, D)
             k, v = F.linear(x, self.qkv.weight[d:], self.qkv.bias[d:]).split(d, dim=2)
-        q = q.view(b, q.shape[1], self.n_heads, d // self.n_heads).transpose(1, 2)  # (B, H, Tq, D/H)
-        k = k.view(b, t, self.n_heads, d // self.n_heads).transpose(1, 2)  # (B, H, T, D/H)
-        v = v.view(b, t, self.n_heads, d // self.n_heads).transpose(1, 2)  # (B, H, T, D/H)
-        y = attention(q, k, v, attn_mask, is_causal=attn_mask is None and query is None,
+        y = attention(self.heads(q), self.heads(k), self.heads(v), attn_mask,
+                      is_causal=attn_mask is None and query is None, scale=self.scale,
                       dropout_p=self.dropout if self.training else 0.0)  # (B, H, Tq, D/H)
-        y = y.transpose(1, 2).reshape(b, q.shape[2], d)  # (B, Tq, D)
-        return self.resid_drop(self.proj(y))
+        return self.resid_drop(self.proj(self.merge_heads(y)))  # (B, Tq, D)
+
+    def heads(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, T, D) -> (B, H, T, D/H). With one head (the DT paper's) an unsqueeze: the same
+        values, and no shape arithmetic in an exported graph."""
+        if self.n_heads == 1:
+            return x.unsqueeze(1)
+        return x.unflatten(-1, (self.n_heads, -1)).transpose(1, 2)
+
+    def merge_heads(self, y: torch.Tensor) -> torch.Tensor:
+        """(B, H, T, D/H) -> (B, T, D), the inverse of ``heads``."""
+        if self.n_heads == 1:
+            return y.squeeze(1)
+        return y.transpose(1, 2).flatten(2)
 
 
 class Block(nn.Module):

@@ -65,15 +65,15 @@ class DeployedPolicy:
             raise ConfigError(f"{record_file}: not a {ARTIFACT_FORMAT} version {ARTIFACT_VERSION} "
                               "record; export the run again with this dtlab version")
         self.record = record
-        options = ort.SessionOptions()
-        options.intra_op_num_threads = int(threads)
-        options.inter_op_num_threads = 1
-        try:
-            self.session = ort.InferenceSession(str(path / record["onnx"]), options,
-                                                providers=["CPUExecutionProvider"])
-        except Exception as exc:  # onnxruntime raises its own types for missing/corrupt files
-            raise ConfigError(f"{path / record['onnx']}: cannot load the step graph: {exc}") from None
+        self._graph_file, self._threads = path / record["onnx"], int(threads)
+        self.session = self._load_session(None)
+        # The session of the batch size reset() last started: the graph with its batch dimension
+        # fixed (onnxruntime's free-dimension override), so that onnxruntime folds the shape
+        # arithmetic and fuses each MatMul with its bias into a Gemm; docs/benchmarks.md has what
+        # that saves at batch 1. act() on a subset of the episodes uses the dynamic ``session``.
+        self._fixed: tuple[int, ort.InferenceSession] | None = None
         inputs = {i.name: i for i in self.session.get_inputs()}
+        self._batch_dim = inputs["observation"].shape[0]  # the graph's name of its batch axis
         # Per episode: the shape and dtype of each state array, (K, ...) without the batch axis.
         self._state_spec = {name: (tuple(inputs[name].shape[1:]), _NUMPY_TYPES[inputs[name].type])
                             for name in STATE_NAMES}
@@ -101,6 +101,19 @@ class DeployedPolicy:
         self.num_envs = 0
         self._single = True
 
+    def _load_session(self, batch: int | None) -> ort.InferenceSession:
+        """The step graph on onnxruntime's CPU provider; with ``batch``, for that batch size only."""
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = self._threads
+        options.inter_op_num_threads = 1
+        if batch is not None:
+            options.add_free_dimension_override_by_name(self._batch_dim, batch)
+        try:
+            return ort.InferenceSession(str(self._graph_file), options,
+                                        providers=["CPUExecutionProvider"])
+        except Exception as exc:  # onnxruntime raises its own types for missing/corrupt files
+            raise ConfigError(f"{self._graph_file}: cannot load the step graph: {exc}") from None
+
     # ---- episode state --------------------------------------------------------------------------
     def reset(self, target_return: float | Sequence[float] | np.ndarray) -> None:
         """Start new episodes, one per target (a scalar starts one and ``act`` then takes and
@@ -115,6 +128,8 @@ class DeployedPolicy:
                        in self._state_spec.items()}
         self._t = np.zeros(n, np.int64)  # (N,) steps taken so far
         self._pending = targets.copy()  # (N,) the target the next act conditions on (NaN: none)
+        if self._fixed is None or self._fixed[0] != n:
+            self._fixed = (n, self._load_session(n))
 
     def steer(self, return_to_go: float | Sequence[float], index: np.ndarray | None = None) -> None:
         """Ask for a different return from the next step on: the next ``act`` conditions on exactly
@@ -233,7 +248,8 @@ class DeployedPolicy:
                 "target": self._pending[rows]}
         for name in STATE_NAMES:
             feed[name] = self._state[name] if whole else self._state[name][rows]
-        action, finite, *state = self.session.run(self._outputs, feed)
+        session = self._fixed[1] if self._fixed and self._fixed[0] == n else self.session
+        action, finite, *state = session.run(self._outputs, feed)
         if not finite.all():
             bad = int(np.argmin(finite))
             raise TrainingError(f"the model produced a non-finite action for episode "
