@@ -51,8 +51,7 @@ from dtlab.policy import DTPolicy
 from dtlab.rollout import Evaluator, default_targets
 from dtlab.rundir import RunDirectory
 from dtlab.spaces import VectorObservations, check_against_env
-from dtlab.train import _Tally
-from dtlab.trainer import Trainer, TrainerState
+from dtlab.trainer import Tally, Trainer, TrainerState
 
 FINETUNE_CONFIG_FILE = "finetune_config.json"
 REPLAY_FILE = "replay.safetensors"
@@ -307,7 +306,7 @@ class _Online:
 
     def execute(self, should_stop: Callable[[], bool]) -> FinetuneResult:
         cfg, p, trainer = self.cfg, self.progress, self.trainer
-        tally = _Tally(trainer.device, trainer.state.step)
+        tally = Tally(trainer.device, trainer.state.step)
         saved_at, last_saved = time.monotonic(), p.rollouts
         stop = False
         if p.env_steps == 0 and p.rollouts == 0 and p.next_eval == 0:
