@@ -74,7 +74,8 @@ LEARNING_CURVE = "online_learning_curve.png"
 class FinetuneConfig:
     """Finetune a run online (the Online Decision Transformer): exploration rollouts, a replay
     of the most recent trajectories with hindsight return-to-go relabelling, and the offline
-    run's updates on it (defaults after the ODT paper's, Zheng et al. 2022)."""
+    run's updates on it (defaults after the ODT paper's, Zheng et al. 2022). Under torchrun each
+    process takes one rollout per iteration and the updates are DistributedDataParallel steps."""
 
     run: Annotated[str, tyro.conf.Positional, tyro.conf.arg(metavar="RUN")]
     """Run directory (its latest checkpoint) trained offline with --model.policy stochastic."""
@@ -111,7 +112,7 @@ class FinetuneConfig:
     """Cut exploration and evaluation episodes at this many steps (default: the env's limit)."""
     seed: int = 0
     """Seed of the exploration rollouts, the window sampling, dropout and the entropy's noise
-    (under torchrun each rank's streams from (seed, rank))."""
+    (under torchrun: windows and dropout from (seed, rank), rollouts from (seed, their number))."""
     resume: bool = False
     """Continue the finetuning in --out from its latest checkpoint (bit for bit on the CPU)."""
     checkpoint_every: int = 10
@@ -310,8 +311,9 @@ def _finetune(cfg: FinetuneConfig, source: Path, info: PolicyInfo, device: torch
     return result
 
 
-def _trainer(cfg: FinetuneConfig, out_cfg: TrainConfig, info: PolicyInfo, replay: TrajectoryReplay,
-             device: torch.device, world: World, at: Path, fresh: bool) -> Trainer:
+def _trainer(cfg: FinetuneConfig, out_cfg: TrainConfig, info: PolicyInfo,
+             replay: TrajectoryReplay, device: torch.device, world: World, at: Path,
+             fresh: bool) -> Trainer:
     """The trainer on the replay, from checkpoint ``at``: the finetuning's own (resume), or the
     offline run's (``fresh``: its weights, optimizer, schedule and temperature, with new
     random streams from --seed: ``SeedSequence([seed, _FINETUNE_STREAM])`` for the windows and
@@ -337,8 +339,9 @@ def _trainer(cfg: FinetuneConfig, out_cfg: TrainConfig, info: PolicyInfo, replay
     return trainer
 
 
-# The finetuning's streams: SeedSequence([seed, this]) for the windows, [seed, this, k] for
-# rollout k (the offline run's are [seed] and [seed, rank]: distinct streams).
+# The finetuning's streams: SeedSequence([seed, this]) for the windows (under torchrun rank r's
+# with spawn_key (r,)), [seed, this, k] for rollout k (the offline run's are [seed] and
+# [seed, rank]: distinct streams).
 _FINETUNE_STREAM = 0x0D7
 
 
