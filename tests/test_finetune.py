@@ -181,7 +181,7 @@ def test_finetune_refuses_another_env_in_one_line(offline_run, tmp_path):
 def _two_rank_args(run, out):
     """Rounds of 2 rollouts of 50 steps: 200 online env steps are 2 rounds (4 rollouts)."""
     return ["finetune", str(run), "--env", "Pendulum-v1", "--online-steps", "200", "--out",
-            str(out), "--eval-every", "1000", "--eval-episodes", "1", "--eval-targets", "-100",
+            str(out), "--eval-every", "100", "--eval-episodes", "1", "--eval-targets", "-100",
             "--updates-per-rollout", "5", "--replay-trajectories", "6", "--max-episode-steps",
             "50", "--checkpoint-every", "1", "--device", "cpu"]
 
@@ -226,9 +226,9 @@ def test_two_rank_finetune_ranks_hold_the_same_weights_and_replay_in_rank_order(
 
     r0, r1 = two_rank_run
     # 2 rounds x 2 ranks x 50 env steps; 10 offline steps + 2 rounds x 5 updates.
-    assert r0["result"] == ("step_00000020", 200, 4, 2, False)  # evaluated at 0 and 200
+    assert r0["result"] == ("step_00000020", 200, 4, 3, False)  # evaluated at 0, 100 and 200
     assert r1["result"] == ("step_00000020", 200, 4, 0, False)  # rank 0 alone evaluates
-    assert len((offline_run / "ddp_whole" / "evaluations.jsonl").read_text().splitlines()) == 2
+    assert len((offline_run / "ddp_whole" / "evaluations.jsonl").read_text().splitlines()) == 3
     for key in r0["weights"]:
         assert torch.equal(r0["weights"][key], r1["weights"][key]), key
     for key in r0["replay"]:
@@ -268,7 +268,7 @@ def test_two_rank_finetune_stopped_and_restarted_equals_an_uninterrupted_run(
     # both ranks stop there with a checkpoint.
     stopped = _finetune_two_ranks(offline_run, offline_run / "off", out,
                                   offline_run / "spy_stop", stop_at_poll=2)
-    assert [r["result"][1:] for r in stopped] == [(100, 2, 1, True), (100, 2, 0, True)]
+    assert [r["result"][1:] for r in stopped] == [(100, 2, 2, True), (100, 2, 0, True)]
     # Started again as torchrun restarts workers (TORCHELASTIC_RESTART_COUNT 1, no --resume).
     resumed = _finetune_two_ranks(offline_run, offline_run / "off", out,
                                   offline_run / "spy_resume", restart=1)
@@ -285,4 +285,6 @@ def test_two_rank_finetune_stopped_and_restarted_equals_an_uninterrupted_run(
     assert a["ranks"][0]["numpy_rng"] != a["ranks"][1]["numpy_rng"]
     lines = [[line.split('"timing"')[0] for line in (run / "evaluations.jsonl").read_text()
               .splitlines()] for run in (offline_run / "ddp_whole", out)]
-    assert lines[0] == lines[1] and len(lines[0]) == 2
+    # Those before the stop kept (env steps 0 and 100: past the checkpoint's gradient step 15),
+    # the one after it made by the resumed run.
+    assert lines[0] == lines[1] and len(lines[0]) == 3

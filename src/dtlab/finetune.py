@@ -289,8 +289,9 @@ def _finetune(cfg: FinetuneConfig, source: Path, info: PolicyInfo, device: torch
         evaluator = Evaluator(cfg.env, targets, cfg.eval_episodes, seed=cfg.seed,
                               max_steps=cfg.max_episode_steps, workers=cfg.eval_workers)
         try:
+            # Metrics count gradient steps, evaluations online env steps.
             run.start(out_cfg, resume_from=trainer.state.step if start_from is not None
-                      else None)
+                      else None, evaluations_until=progress.env_steps)
             if world.is_main:
                 write_text_atomic(run.path / FINETUNE_CONFIG_FILE,
                                   dumps_json(dataclasses.asdict(cfg)))
