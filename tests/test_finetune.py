@@ -288,3 +288,30 @@ def test_two_rank_finetune_stopped_and_restarted_equals_an_uninterrupted_run(
     # Those before the stop kept (env steps 0 and 100: past the checkpoint's gradient step 15),
     # the one after it made by the resumed run.
     assert lines[0] == lines[1] and len(lines[0]) == 3
+
+
+@pytest.mark.slow  # torchrun, two attempts of 2 processes, about 30 s
+def test_two_rank_finetune_killed_and_restarted_by_torchrun_equals_an_uninterrupted_run(
+        offline_run, two_rank_run):
+    import torch
+    from safetensors.torch import load_file
+
+    from tests.test_distributed import WORKER, _torchrun_once_more_on_teardown_abort
+
+    out = offline_run / "ddp_killed"
+    # tests/ddp_worker.py as the script: rank 1 kills itself (SIGKILL) right after gradient step
+    # 16 of the first attempt, in round 2, past round 1's checkpoint (step 15); torchrun
+    # restarts both workers, which resume from it without --resume.
+    proc = _torchrun_once_more_on_teardown_abort(
+        ["16", *_two_rank_args(offline_run / "off", out)], offline_run, out, restarts=1,
+        script=WORKER, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "torchrun restarted the workers" in proc.stderr
+    assert proc.stdout.count("done: 200 online env steps in 4 rollouts") == 1  # rank 0 reports
+    whole, again = offline_run / "ddp_whole" / "step_00000020", out / "step_00000020"
+    for file in ("model.safetensors", "replay.safetensors"):
+        a, b = load_file(whole / file), load_file(again / file)
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), file
+    lines = [[line.split('"timing"')[0] for line in (run / "evaluations.jsonl").read_text()
+              .splitlines()] for run in (offline_run / "ddp_whole", out)]
+    assert lines[0] == lines[1] and len(lines[0]) == 3
