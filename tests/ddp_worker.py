@@ -1,7 +1,10 @@
-"""Worker code for tests/test_distributed.py, run in processes the tests start.
+"""Worker code for tests/test_distributed.py and tests/test_finetune.py, run in processes the
+tests start.
 
 - ``gradient_step(rank, ...)``: one ``train_step`` of a DistributedDataParallel model on this
   rank's half of a fixed batch (started by ``torch.multiprocessing.start_processes``).
+- ``finetune_rank(rank, ...)``: rank ``rank`` of a 2-process ``dtlab finetune`` (started the
+  same way), recording what the rank holds.
 - As a script under torchrun: ``dtlab train`` whose rank 1 kills itself with SIGKILL right after
   step ``KILL_AT`` of the first attempt (``TORCHELASTIC_RESTART_COUNT`` 0):
   ``torchrun ... tests/ddp_worker.py KILL_AT train --dataset ...``.
@@ -62,6 +65,55 @@ def gradient_step(rank: int, store: str, out: str) -> None:
         if rank == 0:
             torch.save({"grads": {n: p.grad.clone() for n, p in model.named_parameters()},
                         "grad_norm": grad_norm, "weights": model.state_dict()}, out)
+    finally:
+        dist.destroy_process_group()
+
+
+def finetune_rank(rank: int, store: str, args: list[str], spy: str, stop_at_poll: int | None,
+                  restart: int) -> None:
+    """Rank ``rank`` of 2 of ``dtlab finetune ARGS`` (torchrun's environment with restart count
+    ``restart``; the process group joined through a file store). Rank 1 alone asks to stop at
+    its ``stop_at_poll``-th poll of ``should_stop``. Saves to ``spy/rank{rank}.pt`` what this
+    rank holds at its last checkpoint (weights, replay arrays), the trajectories it contributed
+    to the exchange, and its result."""
+    import torch.distributed as dist
+
+    from dtlab import distributed
+    from dtlab.cli_errors import parse
+    from dtlab.finetune import REPLAY_FILE, FinetuneConfig, finetune
+    from dtlab.trainer import Trainer
+
+    os.environ.update(RANK=str(rank), WORLD_SIZE="2", LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE="2",
+                      TORCHELASTIC_RESTART_COUNT=str(restart))
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=2)
+    held, own = {}, []
+    save, gather = Trainer.save, distributed.all_gather
+
+    def save_and_record(self, out, info, keep, extra=None):
+        held["weights"] = {k: v.clone() for k, v in self.model.state_dict().items()}
+        held["replay"] = {k: v.clone() for k, v in extra[REPLAY_FILE].items()}
+        return save(self, out, info, keep, extra)
+
+    def gather_and_record(world, obj):
+        own.append(obj)
+        return gather(world, obj)
+
+    Trainer.save, distributed.all_gather = save_and_record, gather_and_record
+    polls = []
+
+    def should_stop():
+        polls.append(1)
+        return rank == 1 and len(polls) == stop_at_poll
+
+    try:
+        cfg = parse(FinetuneConfig, args, prog="dtlab finetune", description="")
+        result = finetune(cfg, should_stop=should_stop, echo=False)
+        torch.save({**held, "own": [{"observations": torch.from_numpy(t.observations),
+                                     "rewards": torch.from_numpy(t.rewards)} for t in own],
+                    "result": (result.checkpoint.name, result.env_steps, result.rollouts,
+                               len(result.evaluations), result.interrupted)},
+                   os.path.join(spy, f"rank{rank}.pt"))
     finally:
         dist.destroy_process_group()
 

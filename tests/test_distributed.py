@@ -4,6 +4,7 @@ evaluates; a rank killed mid-run and restarted by torchrun resumes to the same w
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 import warnings

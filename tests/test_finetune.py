@@ -175,3 +175,143 @@ def test_finetune_refuses_another_env_in_one_line(offline_run, tmp_path):
     _, err = proc.communicate(timeout=120)
     assert proc.returncode == 2 and len(err.strip().splitlines()) == 1
     assert "--env Pendulum-v1" in err and not (tmp_path / "ft").exists()
+
+
+# ---- under torchrun: 2 ranks (gloo on the CPU), started as tests/test_distributed.py does -------
+def _two_rank_args(run, out):
+    """Rounds of 2 rollouts of 50 steps: 200 online env steps are 2 rounds (4 rollouts)."""
+    return ["finetune", str(run), "--env", "Pendulum-v1", "--online-steps", "200", "--out",
+            str(out), "--eval-every", "100", "--eval-episodes", "1", "--eval-targets", "-100",
+            "--updates-per-rollout", "5", "--replay-trajectories", "6", "--max-episode-steps",
+            "50", "--checkpoint-every", "1", "--device", "cpu"]
+
+
+def _finetune_two_ranks(tmp, run, out, spy, stop_at_poll=None, restart=0, timeout=120):
+    """Both ranks' records (tests/ddp_worker.py's finetune_rank), the processes joined within
+    ``timeout`` seconds (a rank left waiting at a collective fails the test, not hangs it)."""
+    import torch
+    import torch.multiprocessing as mp
+
+    spy.mkdir()
+    context = mp.start_processes(_finetune_rank, args=(
+        str(tmp / f"store-{spy.name}"), _two_rank_args(run, out)[1:], str(spy), stop_at_poll,
+        restart), nprocs=2, start_method="spawn", join=False)
+    deadline = time.monotonic() + timeout
+    while not context.join(timeout=1):
+        if time.monotonic() > deadline:
+            for p in context.processes:
+                p.kill()
+            pytest.fail(f"2-rank finetune did not finish in {timeout} s")
+    return [torch.load(spy / f"rank{r}.pt", weights_only=True) for r in (0, 1)]
+
+
+def _finetune_rank(rank, *args):  # spawn needs a function importable by name
+    sys.path.insert(0, str(ROOT))
+    from tests.ddp_worker import finetune_rank
+
+    finetune_rank(rank, *args)
+
+
+@pytest.fixture(scope="module")
+def two_rank_run(offline_run):
+    """An uninterrupted 2-rank finetuning and both ranks' records."""
+    return _finetune_two_ranks(offline_run, offline_run / "off", offline_run / "ddp_whole",
+                               offline_run / "spy_whole")
+
+
+def test_two_rank_finetune_ranks_hold_the_same_weights_and_replay_in_rank_order(
+        offline_run, two_rank_run):
+    import gymnasium as gym
+    import torch
+
+    r0, r1 = two_rank_run
+    # 2 rounds x 2 ranks x 50 env steps; 10 offline steps + 2 rounds x 5 updates.
+    assert r0["result"] == ("step_00000020", 200, 4, 3, False)  # evaluated at 0, 100 and 200
+    assert r1["result"] == ("step_00000020", 200, 4, 0, False)  # rank 0 alone evaluates
+    assert len((offline_run / "ddp_whole" / "evaluations.jsonl").read_text().splitlines()) == 3
+    for key in r0["weights"]:
+        assert torch.equal(r0["weights"][key], r1["weights"][key]), key
+    for key in r0["replay"]:
+        assert torch.equal(r0["replay"][key], r1["replay"][key]), key
+    # The replay of 6: the 2 best offline episodes, then round 1's rollouts of ranks 0 and 1,
+    # then round 2's; each rank's own rollouts as it took them.
+    replay = r0["replay"]
+    assert replay["lengths"].tolist() == [200, 200, 50, 50, 50, 50]
+    online = torch.split(replay["observations"][400:], 50)
+    mine = [r0["own"][0], r1["own"][0], r0["own"][1], r1["own"][1]]
+    for k, (observations, own) in enumerate(zip(online, mine)):
+        assert torch.equal(observations, own["observations"]), k
+    # Rollout k starts where Pendulum-v1 resets with the env seed the finetuning documents for
+    # it: SeedSequence([seed, 0x0D7, k]) (rank r's in round i is k = 2i + r): distinct per rank.
+    env = gym.make("Pendulum-v1")
+    for k, observations in enumerate(online):
+        seed = int(np.random.SeedSequence([0, 0x0D7, k]).generate_state(1)[0])
+        start, _ = env.reset(seed=seed)
+        np.testing.assert_array_equal(observations[0].numpy(), start.astype(np.float32))
+    env.close()
+    from safetensors.torch import load_file
+
+    saved = load_file(offline_run / "ddp_whole" / "step_00000020" / "model.safetensors")
+    assert all(torch.equal(saved[k], r0["weights"][k]) for k in saved)
+
+
+@pytest.mark.slow  # two more 2-process runs, about 20 s
+def test_two_rank_finetune_stopped_and_restarted_equals_an_uninterrupted_run(
+        offline_run, two_rank_run):
+    import torch
+    from safetensors.torch import load_file
+
+    from dtlab import checkpoint
+
+    out = offline_run / "ddp_stop"
+    # Rank 1 alone is signalled, after round 1 (its polls: before the start, after each round):
+    # both ranks stop there with a checkpoint.
+    stopped = _finetune_two_ranks(offline_run, offline_run / "off", out,
+                                  offline_run / "spy_stop", stop_at_poll=2)
+    assert [r["result"][1:] for r in stopped] == [(100, 2, 2, True), (100, 2, 0, True)]
+    # Started again as torchrun restarts workers (TORCHELASTIC_RESTART_COUNT 1, no --resume).
+    resumed = _finetune_two_ranks(offline_run, offline_run / "off", out,
+                                  offline_run / "spy_resume", restart=1)
+    assert [r["result"] for r in resumed] == [("step_00000020", 200, 4, 1, False),
+                                              ("step_00000020", 200, 4, 0, False)]
+    whole, again = offline_run / "ddp_whole" / "step_00000020", out / "step_00000020"
+    for file in ("model.safetensors", "replay.safetensors"):
+        a, b = load_file(whole / file), load_file(again / file)
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), file
+    a, b = (checkpoint.load_trainer_state(p) for p in (whole, again))
+    for r in (0, 1):  # each rank's own streams, as the uninterrupted run left them
+        assert a["ranks"][r]["numpy_rng"] == b["ranks"][r]["numpy_rng"]
+        assert torch.equal(a["ranks"][r]["torch_rng"], b["ranks"][r]["torch_rng"])
+    assert a["ranks"][0]["numpy_rng"] != a["ranks"][1]["numpy_rng"]
+    lines = [[line.split('"timing"')[0] for line in (run / "evaluations.jsonl").read_text()
+              .splitlines()] for run in (offline_run / "ddp_whole", out)]
+    # Those before the stop kept (env steps 0 and 100: past the checkpoint's gradient step 15),
+    # the one after it made by the resumed run.
+    assert lines[0] == lines[1] and len(lines[0]) == 3
+
+
+@pytest.mark.slow  # torchrun, two attempts of 2 processes, about 30 s
+def test_two_rank_finetune_killed_and_restarted_by_torchrun_equals_an_uninterrupted_run(
+        offline_run, two_rank_run):
+    import torch
+    from safetensors.torch import load_file
+
+    from tests.test_distributed import WORKER, _torchrun_once_more_on_teardown_abort
+
+    out = offline_run / "ddp_killed"
+    # tests/ddp_worker.py as the script: rank 1 kills itself (SIGKILL) right after gradient step
+    # 16 of the first attempt, in round 2, past round 1's checkpoint (step 15); torchrun
+    # restarts both workers, which resume from it without --resume.
+    proc = _torchrun_once_more_on_teardown_abort(
+        ["16", *_two_rank_args(offline_run / "off", out)], offline_run, out, restarts=1,
+        script=WORKER, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "torchrun restarted the workers" in proc.stderr
+    assert proc.stdout.count("done: 200 online env steps in 4 rollouts") == 1  # rank 0 reports
+    whole, again = offline_run / "ddp_whole" / "step_00000020", out / "step_00000020"
+    for file in ("model.safetensors", "replay.safetensors"):
+        a, b = load_file(whole / file), load_file(again / file)
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), file
+    lines = [[line.split('"timing"')[0] for line in (run / "evaluations.jsonl").read_text()
+              .splitlines()] for run in (offline_run / "ddp_whole", out)]
+    assert lines[0] == lines[1] and len(lines[0]) == 3

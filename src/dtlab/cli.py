@@ -196,10 +196,13 @@ def run_train(cfg: TrainConfig) -> int:
 def run_finetune(cfg: FinetuneConfig) -> int:
     """Finetune online; SIGINT/SIGTERM stop it after the current iteration with a checkpoint
     (exit 128 + signal)."""
+    from dtlab.distributed import World
     from dtlab.finetune import finetune
 
     with signals_received() as received:
         result = finetune(cfg, should_stop=lambda: bool(received))
+    if not World.current().is_main:  # under torchrun, rank 0 reports
+        return 128 + received[0] if result.interrupted and received else 0
     if result.interrupted:
         sig = received[0] if received else 0
         print(f"interrupted by signal {sig} at online env step {result.env_steps}; checkpoint "

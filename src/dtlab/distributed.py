@@ -176,3 +176,14 @@ def gather_to_main(world: World, obj: Any) -> list[Any] | None:
     out = [None] * world.size if world.is_main else None
     dist.gather_object(obj, out, dst=0)
     return out
+
+
+def all_gather(world: World, obj: Any) -> list[Any]:
+    """Every rank's ``obj`` (picklable, e.g. a small numpy record), in rank order, on every rank
+    (a collective every rank must call; ``[obj]`` for one process). torch.distributed's
+    ``all_gather_object`` pickles it: for objects from the job's own ranks only."""
+    if not world.distributed:
+        return [obj]
+    out: list[Any] = [None] * world.size
+    dist.all_gather_object(out, obj)
+    return out

@@ -16,13 +16,24 @@ source changes each iteration. Checkpoints are written at iteration ends and hol
 (``replay.safetensors``) and the progress beside the weights and trainer state, so ``--resume``
 continues bit for bit after Ctrl-C or kill -9 on the CPU.
 
+Under ``torchrun`` (dtlab.distributed) with W processes, one iteration is W rollouts: every rank
+takes its own (rank r's is rollout number ``rollouts + r``, its env seed and action sampling
+drawn from (seed, that number)), the W trajectories are exchanged and added to every rank's
+replay in rank order, so every rank holds the same replay; the updates are DistributedDataParallel
+steps, each rank drawing windows from its own stream, exactly as ``dtlab train``'s; the online
+env steps count all ranks' rollouts. Rank 0 evaluates (the others wait) and writes the run
+directory; a checkpoint holds every rank's random streams, so ``--resume`` with the same number
+of processes continues bit for bit.
+
 Deviations from the paper, each a dtlab convention: windows end at the sampled position and are
-left-padded (DESIGN.md, "Windows"; the paper samples a segment's start); one process (no
-torchrun), the evaluation envs optionally in worker processes (``--eval-workers``).
+left-padded (DESIGN.md, "Windows"; the paper samples a segment's start); several rollouts per
+iteration under torchrun (one per process), the evaluation envs optionally in worker processes
+(``--eval-workers``).
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import os
@@ -37,10 +48,11 @@ import numpy as np
 import torch
 import tyro
 
-from dtlab import checkpoint, runtime
+from dtlab import checkpoint, distributed, runtime
 from dtlab.atomic import dumps_json, write_text_atomic
 from dtlab.checkpoint import PolicyInfo
-from dtlab.config import MAX_SEED, check_number, check_targets, setting_differences
+from dtlab.config import (MAX_SEED, OptimConfig, TrainConfig, check_number, check_targets,
+                          setting_differences)
 from dtlab.data.records import ReturnStats
 from dtlab.data.replay import Trajectory, TrajectoryReplay
 from dtlab.distributed import World
@@ -51,8 +63,7 @@ from dtlab.policy import DTPolicy
 from dtlab.rollout import Evaluator, default_targets
 from dtlab.rundir import RunDirectory
 from dtlab.spaces import VectorObservations, check_against_env
-from dtlab.train import _Tally
-from dtlab.trainer import Trainer, TrainerState
+from dtlab.trainer import Tally, Trainer, TrainerState
 
 FINETUNE_CONFIG_FILE = "finetune_config.json"
 REPLAY_FILE = "replay.safetensors"
@@ -63,14 +74,16 @@ LEARNING_CURVE = "online_learning_curve.png"
 class FinetuneConfig:
     """Finetune a run online (the Online Decision Transformer): exploration rollouts, a replay
     of the most recent trajectories with hindsight return-to-go relabelling, and the offline
-    run's updates on it (defaults after the ODT paper's, Zheng et al. 2022)."""
+    run's updates on it (defaults after the ODT paper's, Zheng et al. 2022). Under torchrun each
+    process takes one rollout per iteration and the updates are DistributedDataParallel steps."""
 
     run: Annotated[str, tyro.conf.Positional, tyro.conf.arg(metavar="RUN")]
     """Run directory (its latest checkpoint) trained offline with --model.policy stochastic."""
     env: str
     """Gymnasium env id to interact with (the run's env)."""
     online_steps: int
-    """Online env steps to take in exploration rollouts (the paper: 200,000)."""
+    """Online env steps to take in exploration rollouts, all ranks' under torchrun (the paper:
+    200,000)."""
     out: str
     """Run directory of the finetuned policy (checkpoints, replay, evaluations.jsonl, curve)."""
     eval_every: int = 10_000
@@ -80,7 +93,8 @@ class FinetuneConfig:
     eval_targets: tuple[float, ...] = ()
     """Evaluation target returns (default: the DT paper's for the env, as dtlab train)."""
     eval_workers: int = 0
-    """Step the evaluation envs in this many worker processes (0: in this process)."""
+    """Step the evaluation envs in this many worker processes (0: in this process; under
+    torchrun rank 0's, which evaluates)."""
     exploration_target: float | None = None
     """The return-to-go exploration rollouts ask for (default: --exploration-scale x the highest
     evaluation target)."""
@@ -90,17 +104,20 @@ class FinetuneConfig:
     replay_trajectories: int = 1000
     """Replay capacity in trajectories (the paper: 1,000), started with the offline data's best."""
     updates_per_rollout: int = 300
-    """Gradient steps after each exploration rollout (the paper: 300)."""
+    """Gradient steps after each exploration rollout (the paper: 300); under torchrun after
+    each round of one rollout per rank, each step on every rank's windows together."""
     dataset: str | None = None
     """Offline data to start the replay from (default: the file the run was trained on)."""
     max_episode_steps: int | None = None
     """Cut exploration and evaluation episodes at this many steps (default: the env's limit)."""
     seed: int = 0
-    """Seed of the exploration rollouts, the window sampling, dropout and the entropy's noise."""
+    """Seed of the exploration rollouts, the window sampling, dropout and the entropy's noise
+    (under torchrun: windows and dropout from (seed, rank), rollouts from (seed, their number))."""
     resume: bool = False
     """Continue the finetuning in --out from its latest checkpoint (bit for bit on the CPU)."""
     checkpoint_every: int = 10
-    """Write a checkpoint every this many rollouts (and at each evaluation and the end)."""
+    """Write a checkpoint every this many rollouts, all ranks' under torchrun (and at each
+    evaluation and the end)."""
     checkpoint_every_minutes: float = 10.0
     """Also write one when this many minutes have passed since the last (0 disables)."""
     keep_checkpoints: int = 3
@@ -108,7 +125,8 @@ class FinetuneConfig:
     device: str = "auto"
     """torch device: auto, cpu, cuda, cuda:1, ..."""
     threads: int | None = None
-    """CPU threads for torch (default: OMP_NUM_THREADS if set, else the number of cores)."""
+    """CPU threads for torch (default: OMP_NUM_THREADS if set, else the number of cores divided
+    by the processes torchrun starts on the node)."""
 
     def __post_init__(self) -> None:
         check_number("online_steps", self.online_steps, minimum=1, integer=True)
@@ -144,8 +162,8 @@ class FinetuneResult:
 class _Progress:
     """Where a finetuning stands (saved with each checkpoint, in the replay file)."""
 
-    env_steps: int = 0
-    rollouts: int = 0
+    env_steps: int = 0  # all ranks' exploration env steps
+    rollouts: int = 0  # all ranks' exploration rollouts
     next_eval: int = 0  # env steps at which the next evaluation is due
 
     def to_tensor(self) -> torch.Tensor:
@@ -161,14 +179,43 @@ def finetune(cfg: FinetuneConfig, *, should_stop: Callable[[], bool] = lambda: F
     """Finetune ``cfg.run`` online into ``cfg.out``; returns where the final checkpoint is.
 
     Raises ConfigError for a deterministic-head run (naming --model.policy stochastic), image or
-    Dict observations, torchrun, an --out that holds another run (or resume settings that
-    differ); EnvError when --env is not the run's; CheckpointError for a missing or corrupt
-    checkpoint. ``should_stop`` is polled after each iteration; True ends the run with a
-    checkpoint (the CLI wires SIGINT/SIGTERM to it). Nothing is written before every check has
-    passed; a run that fails before its first checkpoint leaves nothing behind.
+    Dict observations, an --out that holds another run (or resume settings that differ);
+    EnvError when --env is not the run's; CheckpointError for a missing or corrupt checkpoint.
+    ``should_stop`` is polled after each iteration; True ends the run with a checkpoint (the
+    CLI wires SIGINT/SIGTERM to it). Nothing is written before every check has passed; a run
+    that fails before its first checkpoint leaves nothing behind.
+
+    Under torchrun (``WORLD_SIZE`` etc. in the environment, dtlab.distributed) this is one of W
+    processes: each iteration every rank takes its own exploration rollout, the W trajectories
+    join every rank's replay in rank order (so the replays stay equal), and the updates are
+    DistributedDataParallel steps as in ``dtlab.train``; rank 0 alone evaluates, prints and
+    writes (its result holds the evaluations, the others' none); the ranks agree on stopping
+    after each iteration. A worker restarted by torchrun resumes from the latest checkpoint.
     """
-    if World.current().distributed:
-        raise ConfigError("dtlab finetune runs in one process; start it without torchrun")
+    world = World.current()
+    # Rank 0 owns the output: the other ranks' warnings would repeat its own.
+    with warnings.catch_warnings() if not world.is_main else contextlib.nullcontext():
+        if not world.is_main:
+            warnings.simplefilter("ignore", DtlabWarning)
+        source, info = _offline_run(cfg)
+        limit, targets = _episode_limit(cfg, info), _eval_targets(cfg, info)
+        explore = (cfg.exploration_target if cfg.exploration_target is not None
+                   else cfg.exploration_scale * max(targets))
+        device = distributed.process_device(world, runtime.resolve_device(cfg.device))
+        if device.type == "cpu":  # the node's cores are shared by its processes
+            runtime.set_threads(cfg.threads, default=max(1, (os.cpu_count() or 1)
+                                                         // world.local_size))
+        cfg = _resumed_after_restart(cfg, world)
+        created_group = distributed.start(world, device)
+        try:
+            return _finetune(cfg, source, info, device, world, targets, explore, limit,
+                             should_stop, echo)
+        finally:
+            distributed.finish(created_group)
+
+
+def _offline_run(cfg: FinetuneConfig) -> tuple[Path, PolicyInfo]:
+    """The checkpoint of ``cfg.run`` and its info, checked to be one dtlab finetune continues."""
     source, info = checkpoint.load_info(cfg.run)
     if info.model.policy != "stochastic":
         raise ConfigError(f"{source}: dtlab finetune continues a run with the stochastic head; "
@@ -179,10 +226,12 @@ def finetune(cfg: FinetuneConfig, *, should_stop: Callable[[], bool] = lambda: F
     if cfg.env != info.env_id:
         raise EnvError(f"{source}: the run was trained for {info.env_id}, not --env {cfg.env}; "
                        f"pass --env {info.env_id}")
-    train_cfg = RunDirectory(source.parent).saved_config()
-    out_cfg = dataclasses.replace(train_cfg, run=dataclasses.replace(
-        train_cfg.run, out=cfg.out, resume=cfg.resume, progress=False, device=cfg.device,
-        threads=cfg.threads))
+    return source, info
+
+
+def _episode_limit(cfg: FinetuneConfig, info: PolicyInfo) -> int:
+    """The episodes' step limit (--max-episode-steps, else the env's), the env checked against
+    the run's spaces."""
     env = make_env(cfg.env)
     try:
         check_against_env(env, info.observation_space, info.action_space, what="the checkpoint",
@@ -190,18 +239,41 @@ def finetune(cfg: FinetuneConfig, *, should_stop: Callable[[], bool] = lambda: F
         limit, _ = episode_limit(env, cfg.env, cfg.max_episode_steps, info.model.max_ep_len)
     finally:
         env.close()
+    return limit
+
+
+def _eval_targets(cfg: FinetuneConfig, info: PolicyInfo) -> tuple[float, ...]:
+    """--eval-targets, else the DT paper's for the env (``default_targets``)."""
     targets = tuple(cfg.eval_targets)
     if not targets:
         targets, why = default_targets(cfg.env, ReturnStats.from_json(
             info.dataset.get("episode_return")))
         if not targets:
             raise ConfigError(f"{why}: give --eval-targets")
-    explore = (cfg.exploration_target if cfg.exploration_target is not None
-               else cfg.exploration_scale * max(targets))
-    device = runtime.resolve_device(cfg.device)
-    if device.type == "cpu":
-        runtime.set_threads(cfg.threads, default=os.cpu_count() or 1)
-    run = RunDirectory(cfg.out)
+    return targets
+
+
+def _resumed_after_restart(cfg: FinetuneConfig, world: World) -> FinetuneConfig:
+    """``cfg``, with ``resume`` set in a worker that torchrun restarted when --out already
+    holds this finetuning (as ``dtlab train`` does)."""
+    if world.restart == 0 or cfg.resume or not (Path(cfg.out) / FINETUNE_CONFIG_FILE).is_file():
+        return cfg
+    if world.is_main:
+        warnings.warn(f"{cfg.out}: torchrun restarted the workers (restart {world.restart}); "
+                      "resuming the finetuning from its latest checkpoint", DtlabWarning,
+                      stacklevel=3)
+    return dataclasses.replace(cfg, resume=True)
+
+
+def _finetune(cfg: FinetuneConfig, source: Path, info: PolicyInfo, device: torch.device,
+              world: World, targets: tuple[float, ...], explore: float, limit: int,
+              should_stop: Callable[[], bool], echo: bool) -> FinetuneResult:
+    """The finetuning in the run directory: set up or resume, loop, draw the curve."""
+    train_cfg = RunDirectory(source.parent).saved_config()
+    out_cfg = dataclasses.replace(train_cfg, run=dataclasses.replace(
+        train_cfg.run, out=cfg.out, resume=cfg.resume, progress=False, device=cfg.device,
+        threads=cfg.threads))
+    run = RunDirectory(cfg.out, main=world.is_main)
     with run.hold(activity="finetuning"):
         start_from = run.resume_point(out_cfg)
         if start_from is not None:
@@ -209,38 +281,67 @@ def finetune(cfg: FinetuneConfig, *, should_stop: Callable[[], bool] = lambda: F
             replay, progress = _load_replay(start_from)
         else:
             replay, progress = _initial_replay(cfg, info), _Progress()
-        trainer = Trainer.create(out_cfg, replay.episodes(info.observation_space,
-                                                          info.action_space), info, device)
-        if start_from is not None:
-            trainer.resume(start_from)
-        else:
-            trainer.resume(source)  # weights, optimizer, schedule, temperature of the offline run
-            # Fresh streams for this finetuning, from its own seed.
-            trainer.state = TrainerState(trainer.state.step, 0, np.random.default_rng(
-                np.random.SeedSequence([cfg.seed, _FINETUNE_STREAM])))
-            torch.manual_seed(cfg.seed)
+        trainer = _trainer(cfg, out_cfg, info, replay, device, world, start_from or source,
+                           fresh=start_from is None)
         if should_stop():
             raise KeyboardInterrupt
+        distributed.barrier(world)  # every rank has read the run directory before rank 0 writes
+        evaluator = Evaluator(cfg.env, targets, cfg.eval_episodes, seed=cfg.seed,
+                              max_steps=cfg.max_episode_steps, workers=cfg.eval_workers)
         try:
+            # Metrics count gradient steps, evaluations online env steps.
             run.start(out_cfg, resume_from=trainer.state.step if start_from is not None
-                      else None)
-            write_text_atomic(run.path / FINETUNE_CONFIG_FILE, dumps_json(dataclasses.asdict(cfg)))
-            evaluator = Evaluator(cfg.env, targets, cfg.eval_episodes, seed=cfg.seed,
-                                  max_steps=cfg.max_episode_steps, workers=cfg.eval_workers)
-            loop = _Online(cfg, trainer, info, run, replay, progress, evaluator, explore, limit,
-                           echo)
+                      else None, evaluations_until=progress.env_steps)
+            if world.is_main:
+                write_text_atomic(run.path / FINETUNE_CONFIG_FILE,
+                                  dumps_json(dataclasses.asdict(cfg)))
+            loop = _Online(cfg, trainer, out_cfg.optim, info, run, replay, progress, evaluator,
+                           explore, limit, echo)
             result = loop.execute(should_stop)
         except BaseException:
             run.discard_if_no_checkpoint()
             raise
+        finally:
+            evaluator.close()  # env worker processes kept across evaluations
         run.close()
-        _draw_curve(run, cfg, info, targets)
-        if echo:
-            print(console_curve(run.evaluations()), flush=True)
+        if world.is_main:
+            _draw_curve(run, cfg, info, targets)
+            if echo:
+                print(console_curve(run.evaluations()), flush=True)
+    distributed.barrier(world)  # the run's files are complete when any rank returns
     return result
 
 
-# The finetuning's sampling stream: SeedSequence([seed, this]) (the offline run's are [seed] and
+def _trainer(cfg: FinetuneConfig, out_cfg: TrainConfig, info: PolicyInfo,
+             replay: TrajectoryReplay, device: torch.device, world: World, at: Path,
+             fresh: bool) -> Trainer:
+    """The trainer on the replay, from checkpoint ``at``: the finetuning's own (resume), or the
+    offline run's (``fresh``: its weights, optimizer, schedule and temperature, with new
+    random streams from --seed: ``SeedSequence([seed, _FINETUNE_STREAM])`` for the windows and
+    ``torch.manual_seed(seed)``; under torchrun rank r's windows from ``SeedSequence([seed,
+    _FINETUNE_STREAM], spawn_key=(r,))`` and its torch seed from (seed, r, _FINETUNE_STREAM))."""
+    trainer = Trainer.create(out_cfg, replay.episodes(info.observation_space, info.action_space),
+                             info, device, world)
+    trainer.seed = cfg.seed  # a resume with another number of processes redraws from it
+    if not fresh:
+        trainer.resume(at)
+        return trainer
+    with warnings.catch_warnings():  # its streams are replaced below: no note that they restart
+        warnings.filterwarnings("ignore", message="resuming a run of", category=DtlabWarning)
+        trainer.resume(at)
+    if world.distributed:
+        rng = np.random.default_rng(np.random.SeedSequence([cfg.seed, _FINETUNE_STREAM],
+                                                           spawn_key=(world.rank,)))
+        torch.manual_seed(distributed.rank_torch_seed(cfg.seed, world, _FINETUNE_STREAM))
+    else:
+        rng = np.random.default_rng(np.random.SeedSequence([cfg.seed, _FINETUNE_STREAM]))
+        torch.manual_seed(cfg.seed)
+    trainer.state = TrainerState(trainer.state.step, 0, rng)
+    return trainer
+
+
+# The finetuning's streams: SeedSequence([seed, this]) for the windows (under torchrun rank r's
+# with spawn_key (r,)), [seed, this, k] for rollout k (the offline run's are [seed] and
 # [seed, rank]: distinct streams).
 _FINETUNE_STREAM = 0x0D7
 
@@ -296,55 +397,47 @@ def _check_resume_settings(run: RunDirectory, cfg: FinetuneConfig) -> None:
 class _Online:
     """The online loop's state and steps (one object, so the loop reads on one screen)."""
 
-    def __init__(self, cfg: FinetuneConfig, trainer: Trainer, info: PolicyInfo,
-                 run: RunDirectory, replay: TrajectoryReplay, progress: _Progress,
-                 evaluator: Evaluator, explore: float, limit: int, echo: bool) -> None:
+    def __init__(self, cfg: FinetuneConfig, trainer: Trainer, optim: OptimConfig,
+                 info: PolicyInfo, run: RunDirectory, replay: TrajectoryReplay,
+                 progress: _Progress, evaluator: Evaluator, explore: float, limit: int,
+                 echo: bool) -> None:
         self.cfg, self.trainer, self.info, self.run = cfg, trainer, info, run
+        self.optim = optim  # the offline run's (batch size, clipping, ...)
         self.replay, self.progress, self.evaluator = replay, progress, evaluator
         self.explore, self.limit, self.echo = explore, limit, echo
-        self.optim = run.saved_config().optim  # the offline run's (batch size, clipping, ...)
+        self.world = trainer.world
         self.evaluations: list[Evaluation] = []
 
     def execute(self, should_stop: Callable[[], bool]) -> FinetuneResult:
+        """Iterations until --online-steps (or a stop): W rollouts (one per rank, W = 1 without
+        torchrun) into the replay, the updates, an evaluation when due, a checkpoint when due."""
         cfg, p, trainer = self.cfg, self.progress, self.trainer
-        tally = _Tally(trainer.device, trainer.state.step)
         saved_at, last_saved = time.monotonic(), p.rollouts
         stop = False
         if p.env_steps == 0 and p.rollouts == 0 and p.next_eval == 0:
             self._evaluate()  # the offline policy: the "before" of the learning curve
             p.next_eval = cfg.eval_every or cfg.online_steps
         while p.env_steps < cfg.online_steps and not stop:
-            trajectory = self._explore()
-            self.replay.add(trajectory)
-            p.env_steps += len(trajectory)
-            p.rollouts += 1
-            trainer.use_episodes(self.replay.episodes(self.info.observation_space,
-                                                      self.info.action_space))
-            trainer.model.train()
-            started = time.perf_counter()
-            for _ in range(cfg.updates_per_rollout):
-                tally.add(*trainer.step(self.optim))
-            loss, skipped, bad = tally.read(trainer.world)
-            if skipped and not self.optim.skip_nonfinite:
-                raise TrainingError(f"non-finite loss or gradient at step {bad}; last good "
-                                    f"checkpoint: {self.run.latest_checkpoint() or 'none'}")
-            rate = cfg.updates_per_rollout / max(time.perf_counter() - started, 1e-9)
-            alpha = float(trainer.temperature.alpha) if trainer.temperature is not None else None
-            self.run.metrics.write({**training_record(trainer.state.step, loss,
-                                                      trainer.applied_lr, rate),
-                                    "env_steps": p.env_steps, "rollout_return":
-                                    trajectory.episode_return, "rollout_length": len(trajectory),
-                                    "temperature": alpha})
+            # Rank r's rollout is number rollouts + r; every rank adds all W in rank order.
+            trajectories = distributed.all_gather(self.world, self._explore(p.rollouts +
+                                                                            self.world.rank))
+            for trajectory in trajectories:
+                self.replay.add(trajectory)
+            p.env_steps += sum(len(t) for t in trajectories)
+            p.rollouts += len(trajectories)
+            self._update(trajectories)
             due = p.env_steps >= p.next_eval or p.env_steps >= cfg.online_steps
             if due:
                 self._evaluate()
                 while p.next_eval <= p.env_steps:
                     p.next_eval += cfg.eval_every or cfg.online_steps
-            stop = should_stop()
             minutes = cfg.checkpoint_every_minutes
-            if due or stop or p.rollouts - last_saved >= cfg.checkpoint_every or \
-                    p.env_steps >= cfg.online_steps or \
-                    (minutes and time.monotonic() - saved_at >= 60 * minutes):
+            # Every rank stops and saves together: the ranks agree on the signal and the clock.
+            stop, time_due = distributed.any_rank(
+                self.world, [should_stop(), bool(minutes) and
+                             time.monotonic() - saved_at >= 60 * minutes], trainer.device)
+            if due or stop or time_due or p.rollouts - last_saved >= cfg.checkpoint_every or \
+                    p.env_steps >= cfg.online_steps:
                 self._save()
                 saved_at, last_saved = time.monotonic(), p.rollouts
         if last_saved != p.rollouts or not self.run.has_checkpoint():
@@ -352,13 +445,38 @@ class _Online:
         return FinetuneResult(checkpoint.resolve(self.run.path), p.env_steps, p.rollouts,
                               self.evaluations, p.env_steps < cfg.online_steps)
 
-    def _explore(self) -> Trajectory:
-        """One exploration episode: actions sampled from the policy (temperature 1) conditioned
-        on the exploration target; its env seed and sampling stream from (seed, rollout)."""
-        p = self.progress
+    def _update(self, trajectories: list[Trajectory]) -> None:
+        """``updates_per_rollout`` gradient steps on the replay (DistributedDataParallel steps
+        under torchrun), then one metrics record: the rollouts' mean return and length."""
+        trainer, p = self.trainer, self.progress
+        trainer.use_episodes(self.replay.episodes(self.info.observation_space,
+                                                  self.info.action_space))
+        trainer.model.train()
+        tally = Tally(trainer.device, trainer.state.step)
+        started = time.perf_counter()
+        for _ in range(self.cfg.updates_per_rollout):
+            tally.add(*trainer.step(self.optim))
+        loss, skipped, bad = tally.read(self.world)
+        if skipped and not self.optim.skip_nonfinite:
+            raise TrainingError(f"non-finite loss or gradient at step {bad}; last good "
+                                f"checkpoint: {self.run.latest_checkpoint() or 'none'}")
+        rate = self.cfg.updates_per_rollout / max(time.perf_counter() - started, 1e-9)
+        alpha = float(trainer.temperature.alpha) if trainer.temperature is not None else None
+        self.run.metrics.write({
+            **training_record(trainer.state.step, loss, trainer.applied_lr, rate),
+            "env_steps": p.env_steps,
+            "rollout_return": float(np.mean([t.episode_return for t in trajectories])),
+            "rollout_length": float(np.mean([len(t) for t in trajectories])),
+            "temperature": alpha})
+
+    def _explore(self, number: int) -> Trajectory:
+        """Exploration rollout ``number`` (counted over all ranks): actions sampled from the
+        policy (temperature 1) conditioned on the exploration target; its env seed
+        ``SeedSequence([seed, _FINETUNE_STREAM, number]).generate_state(1)[0]`` and its
+        sampling stream key ``number`` (DTPolicy.reset's ``streams``)."""
         policy = DTPolicy(self.trainer.model, self.info, self.trainer.device,
                           precision=self.trainer.precision, temperature=1.0, seed=self.cfg.seed)
-        env_seed = int(np.random.SeedSequence([self.cfg.seed, _FINETUNE_STREAM, p.rollouts])
+        env_seed = int(np.random.SeedSequence([self.cfg.seed, _FINETUNE_STREAM, number])
                        .generate_state(1)[0])
         env = make_env(self.cfg.env)
         observations, actions, rewards = [], [], []
@@ -367,7 +485,7 @@ class _Online:
             obs, _ = env.reset(seed=env_seed)
             with warnings.catch_warnings():  # asking beyond the data is the point here
                 warnings.simplefilter("ignore", DtlabWarning)
-                policy.reset(np.array([self.explore]), streams=np.array([p.rollouts]))
+                policy.reset(np.array([self.explore]), streams=np.array([number]))
             reward = None
             for _ in range(self.limit):
                 action = policy.act(np.asarray(obs, np.float32)[None],
@@ -384,22 +502,28 @@ class _Online:
                           np.asarray(rewards, np.float32), bool(terminated))
 
     def _evaluate(self) -> None:
-        """Evaluate the mean action at the targets; recorded with step = online env steps."""
-        policy = DTPolicy(self.trainer.model, self.info, self.trainer.device,
-                          precision=self.trainer.precision)
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", DtlabWarning)
-            report = self.evaluator(policy)
-        self.trainer.model.train()
-        evaluation = Evaluation(self.progress.env_steps, tuple(report.results), "raw",
-                                {**report.timing(), "gradient_step": self.trainer.state.step})
-        self.run.record_evaluation(evaluation)
-        self.evaluations.append(evaluation)
-        if self.echo:
-            print(evaluation.line().replace("eval step", "eval at online env step", 1),
-                  flush=True)
+        """Evaluate the mean action at the targets (rank 0; the other ranks wait); recorded
+        with step = online env steps."""
+        if self.world.is_main:
+            policy = DTPolicy(self.trainer.model, self.info, self.trainer.device,
+                              precision=self.trainer.precision)
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", DtlabWarning)
+                report = self.evaluator(policy)
+            self.trainer.model.train()
+            evaluation = Evaluation(self.progress.env_steps, tuple(report.results), "raw",
+                                    {**report.timing(),
+                                     "gradient_step": self.trainer.state.step})
+            self.run.record_evaluation(evaluation)
+            self.evaluations.append(evaluation)
+            if self.echo:
+                print(evaluation.line().replace("eval step", "eval at online env step", 1),
+                      flush=True)
+        distributed.barrier(self.world)
 
     def _save(self) -> None:
+        """A checkpoint with the replay and the progress (rank 0 writes; every rank calls it:
+        each rank's random streams are gathered into it)."""
         arrays = {k: torch.from_numpy(np.ascontiguousarray(v))
                   for k, v in self.replay.to_arrays().items()}
         arrays["progress"] = self.progress.to_tensor()

@@ -207,9 +207,13 @@ class RunDirectory:
                               "reads them), or start a new run with another --out")
 
     # ---- writing ---------------------------------------------------------------------------------
-    def start(self, cfg: TrainConfig, resume_from: int | None) -> MetricsLog | "NoMetrics":
+    def start(self, cfg: TrainConfig, resume_from: int | None,
+              evaluations_until: int | None = None) -> MetricsLog | "NoMetrics":
         """Write the resolved configuration and open the metrics log (records after
-        ``resume_from`` are dropped: they will be redone). Returns the log."""
+        ``resume_from`` are dropped: they will be redone; so are evaluation records after
+        ``evaluations_until``, default ``resume_from``: a run whose evaluations count another
+        step, dtlab finetune's online env steps, gives the checkpoint's in that unit). Returns
+        the log."""
         self._existed = frozenset(name for name in (TRAIN_CONFIG_FILE, METRICS_FILE,
                                                     EVALUATIONS_FILE, "tb", BEST_CHECKPOINT)
                                   if (self.path / name).exists())
@@ -221,8 +225,9 @@ class RunDirectory:
         if resume_from is None:
             self.evaluations_file.write_text("")
         elif self.evaluations_file.exists():  # evaluations after the checkpoint will be redone
-            self._drop_best_after(resume_from)
-            keep = [e for e in self.evaluations() if e.step <= resume_from]
+            self._drop_best_after(resume_from)  # the best checkpoint's step is a gradient step
+            until = resume_from if evaluations_until is None else evaluations_until
+            keep = [e for e in self.evaluations() if e.step <= until]
             write_text_atomic(self.evaluations_file,
                               "".join(dumps_json(e.to_json(), indent=None) + "\n" for e in keep))
         self.metrics = MetricsLog(self.path, resume_from=resume_from,

@@ -41,8 +41,8 @@ from dtlab import rundir
 from dtlab.rundir import RunDirectory
 from dtlab.spaces import DiscreteActions, ImageObservations
 # The step and its state; re-exported in __all__, the training API's names.
-from dtlab.trainer import (EntropyTemperature, Trainer, TrainerState, action_loss, param_groups,
-                           stochastic_action_loss, train_step, unit_scaler)
+from dtlab.trainer import (EntropyTemperature, Tally, Trainer, TrainerState, action_loss,
+                           param_groups, stochastic_action_loss, train_step, unit_scaler)
 
 __all__ = ["train", "train_step", "TrainConfig", "TrainResult", "Trainer", "TrainerState",
            "prepare", "action_loss", "param_groups", "unit_scaler", "stochastic_action_loss",
@@ -242,46 +242,10 @@ def _short(value: Any) -> str:
 SYNC_EVERY = 10
 
 
-class _Tally:
-    """Loss and non-finite steps since the last read, kept on the device: the loop adds each
-    step without a host sync and reads the tally at log, evaluation and checkpoint points
-    (the same on the CPU, on CUDA and under torchrun)."""
-
-    def __init__(self, device: torch.device, step: int) -> None:
-        self.loss_sum = torch.zeros((), device=device)  # the applied steps' losses
-        self.applied = torch.zeros((), dtype=torch.long, device=device)
-        self.first_bad = torch.zeros((), dtype=torch.long, device=device)  # 1-based; 0: none
-        self.taken, self.since = 0, step
-
-    def add(self, loss: torch.Tensor, grad_norm: torch.Tensor) -> None:
-        finite = torch.isfinite(grad_norm)
-        self.taken += 1
-        self.loss_sum += torch.where(finite, loss, 0.0)
-        self.applied += finite
-        self.first_bad = torch.where(~finite & (self.first_bad == 0), self.taken, self.first_bad)
-
-    def read(self, world: World) -> tuple[float, int, int | None]:
-        """(mean loss of the applied steps, or nan; steps skipped; the first bad step or None)
-        since the last read, then starts afresh. Under torchrun the loss is averaged over the
-        ranks (a collective: every rank reads at the same steps)."""
-        both = distributed.all_sum(world, torch.stack([self.loss_sum,
-                                                       self.applied.to(self.loss_sum.dtype)]))
-        loss_sum, count = float(both[0]), float(both[1])
-        applied, first = int(self.applied), int(self.first_bad)
-        skipped = self.taken - applied
-        bad = self.since + first if first else None
-        self.loss_sum.zero_()
-        self.applied.zero_()
-        self.first_bad.zero_()
-        self.since += self.taken
-        self.taken = 0
-        return (loss_sum / count if count else float("nan")), skipped, bad
-
-
 def _loop(cfg: TrainConfig, trainer: Trainer, info: PolicyInfo, run: RunDirectory,
           evaluator: Evaluate | None, should_stop: Callable[[], bool]) -> TrainResult:
     state, world, steps = trainer.state, trainer.world, cfg.run.steps
-    tally = _Tally(trainer.device, state.step)
+    tally = Tally(trainer.device, state.step)
     evaluations: list[Evaluation] = []
     last_loss, tick, tick_step = float("nan"), time.perf_counter(), state.step
     last_saved, saved_at = (state.step if cfg.run.resume else -1), time.monotonic()
