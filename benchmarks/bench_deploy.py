@@ -1,7 +1,7 @@
 """Deploy artifact speed: onnxruntime (dtlab.deploy) vs DTPolicy, per step, on the CPU.
 
     python benchmarks/bench_deploy.py [RUN] [--steps 300] [--repeats 3]
-        [--alternate step|episode] [--json out.json]
+        [--interleave step|episode] [--json out.json]
 
 RUN is a dtlab run or checkpoint directory (default: a model of the DT paper's gym size, embed
 128, 3 layers, K = 20, random weights, saved to a temporary directory); it is exported to a
@@ -16,7 +16,7 @@ episode --steps long so that most steps have a full window:
   steps_b64    env steps per second at batch 64 (64 episodes advancing together; policy time
                only, no simulator): 64 x steps / time, best of --repeats
 
---alternate step (default) interleaves the two policies step by step; --alternate episode runs
+--interleave step (default) interleaves the two policies step by step; --interleave episode runs
 each policy's episode whole, the order flipped from one repeat to the next (see run_episodes).
 
 The goal (issue 24): the artifact's p50 at batch 1 at most half of DTPolicy's.
@@ -67,19 +67,19 @@ def episode_inputs(steps: int, batch: int):
 
 
 def run_episodes(policies: dict, obs, rew, targets, times: dict | None = None,
-                 alternate: str = "step", flip: bool = False) -> dict:
-    """One episode of every policy. ``alternate="step"``: in lockstep, at each step every policy
+                 interleave: str = "step", flip: bool = False) -> dict:
+    """One episode of every policy. ``interleave="step"``: in lockstep, at each step every policy
     acts on the same observation, the order alternating step by step, so that all see the same
     machine conditions (other jobs on the machine move single-step times by 2-3x), at the price
     of each evicting the other's weights from the caches between two of its steps.
-    ``alternate="episode"``: one whole episode per policy, one after the other (the order
+    ``interleave="episode"``: one whole episode per policy, one after the other (the order
     reversed with ``flip``), as each would run alone. Returns each policy's total seconds;
     ``times`` collects each step's seconds per policy."""
     total = {name: 0.0 for name in policies}
     for policy in policies.values():
         policy.reset(targets)
     names = list(policies)[::-1] if flip else list(policies)
-    if alternate == "episode":
+    if interleave == "episode":
         order = [(name, t) for name in names for t in range(obs.shape[0])]
     else:
         order = [(name, t) for t in range(obs.shape[0])
@@ -94,12 +94,36 @@ def run_episodes(policies: dict, obs, rew, targets, times: dict | None = None,
     return total
 
 
+def measure(policies: dict, results: dict, steps: int, repeats: int, interleave: str) -> None:
+    """Per-step latency p50/p99 at batch 1 and the best steps/s at batch 64 into ``results``."""
+    obs1, rew1 = episode_inputs(steps, 1)
+    latency = {name: [] for name in policies}
+    run_episodes(policies, obs1[:20], rew1[:20], [3600.0])  # warm-up
+    for i in range(repeats):
+        run_episodes(policies, obs1, rew1, [3600.0], latency, interleave, i % 2 == 1)
+    for name, times in latency.items():
+        us = np.asarray(times) * 1e6
+        results[name]["latency_b1_p50_us"] = float(np.percentile(us, 50))
+        results[name]["latency_b1_p99_us"] = float(np.percentile(us, 99))
+
+    obs64, rew64 = episode_inputs(steps, 64)
+    targets = list(np.linspace(300.0, 3600.0, 64))
+    run_episodes(policies, obs64[:5], rew64[:5], targets)  # warm-up
+    best = {name: 0.0 for name in policies}
+    for i in range(repeats):
+        for name, seconds in run_episodes(policies, obs64, rew64, targets, None, interleave,
+                                          i % 2 == 1).items():
+            best[name] = max(best[name], 64 * steps / seconds)
+    for name, rate in best.items():
+        results[name]["steps_b64_per_s"] = rate
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("run", nargs="?")
     parser.add_argument("--steps", type=int, default=300)
     parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--alternate", choices=("step", "episode"), default="step",
+    parser.add_argument("--interleave", choices=("step", "episode"), default="step",
                         help="interleave the policies step by step (default) or episode by "
                              "episode (see run_episodes)")
     parser.add_argument("--json")
@@ -121,27 +145,7 @@ def main() -> None:
           f"torch {torch.__version__}, onnxruntime {__import__('onnxruntime').__version__}")
     results: dict[str, dict[str, float]] = {name: {} for name in policies}
 
-    obs1, rew1 = episode_inputs(args.steps, 1)
-    latency = {name: [] for name in policies}
-    run_episodes(policies, obs1[:20], rew1[:20], [3600.0])  # warm-up
-    for i in range(args.repeats):
-        run_episodes(policies, obs1, rew1, [3600.0], latency, args.alternate, i % 2 == 1)
-    for name, times in latency.items():
-        us = np.asarray(times) * 1e6
-        results[name]["latency_b1_p50_us"] = float(np.percentile(us, 50))
-        results[name]["latency_b1_p99_us"] = float(np.percentile(us, 99))
-
-    obs64, rew64 = episode_inputs(args.steps, 64)
-    targets = list(np.linspace(300.0, 3600.0, 64))
-    run_episodes(policies, obs64[:5], rew64[:5], targets)  # warm-up
-    best = {name: 0.0 for name in policies}
-    for i in range(args.repeats):
-        for name, seconds in run_episodes(policies, obs64, rew64, targets, None, args.alternate,
-                                          i % 2 == 1).items():
-            best[name] = max(best[name], 64 * args.steps / seconds)
-    for name, rate in best.items():
-        results[name]["steps_b64_per_s"] = rate
-
+    measure(policies, results, args.steps, args.repeats, args.interleave)
     a, d = results["artifact"], results["DTPolicy"]
     print(f"{'':10} {'p50 b1 (us)':>12} {'p99 b1 (us)':>12} {'steps/s b64':>12}")
     for name, r in results.items():
@@ -153,7 +157,7 @@ def main() -> None:
     if args.json:
         Path(args.json).write_text(json.dumps({"results": results, "p50_ratio": ratio,
                                                "steps": args.steps, "repeats": args.repeats,
-                                               "alternate": args.alternate},
+                                               "interleave": args.interleave},
                                               indent=2))
 
 

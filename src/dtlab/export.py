@@ -23,9 +23,8 @@ The directory it writes (``ARTIFACT_FILES``):
 
 ``dtlab.deploy.DeployedPolicy`` runs the artifact with numpy and onnxruntime alone.
 
-The graph calls ``DecisionTransformer.forward`` (or the baselines' ``forward``) over the whole
-window and reads the last step's prediction, the same arithmetic as ``DTPolicy.act`` (which reads
-only the last step, ``predict_last``: equal to within float rounding). It is exported with the
+The graph calls the model's ``predict_last`` (the last step's prediction alone), as
+``DTPolicy.act`` does: the same arithmetic, in onnxruntime's kernels. It is exported with the
 TorchScript-based exporter (``dynamo=False``): ``torch.export`` (the default) refuses the model's
 host-side timestep check (``int(timesteps.max())`` is data-dependent); the deploy runtime makes
 that check on the host instead, as ``DTPolicy`` does.

@@ -125,7 +125,8 @@ def _block_step(block: Block, x: torch.Tensor, keys: torch.Tensor, values: torch
     ``last_only`` the last new token's output alone, (B, 1, D). Eval mode: no dropout."""
     attn = block.attn
     d = x.shape[2]
-    q, k, v = (attn.heads(z) for z in attn.qkv(block.ln_1(x)).split(d, dim=2))  # 3 x (B, H, Tn, D/H)
+    qkv = attn.qkv(block.ln_1(x)).split(d, dim=2)
+    q, k, v = (attn.split_heads(z) for z in qkv)  # 3 x (B, H, Tn, D/H)
     keys.index_copy_(2, slots, k.to(keys.dtype))
     values.index_copy_(2, slots, v.to(values.dtype))
     if last_only:  # only s_t's output is read from the last block

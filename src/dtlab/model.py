@@ -225,12 +225,12 @@ class CausalSelfAttention(nn.Module):
         else:  # queries of the selected tokens only: the rows of qkv's weight that make q
             q = F.linear(x[:, query], self.qkv.weight[:d], self.qkv.bias[:d])  # (B, Tq, D)
             k, v = F.linear(x, self.qkv.weight[d:], self.qkv.bias[d:]).split(d, dim=2)
-        y = attention(self.heads(q), self.heads(k), self.heads(v), attn_mask,
-                      is_causal=attn_mask is None and query is None, scale=self.scale,
-                      dropout_p=self.dropout if self.training else 0.0)  # (B, H, Tq, D/H)
-        return self.resid_drop(self.proj(self.merge_heads(y)))  # (B, Tq, D)
+        q, k, v = (self.split_heads(z) for z in (q, k, v))  # (B, H, Tq or T, D/H)
+        y = attention(q, k, v, attn_mask, is_causal=attn_mask is None and query is None,
+                      scale=self.scale, dropout_p=self.dropout if self.training else 0.0)
+        return self.resid_drop(self.proj(self.merge_heads(y)))  # (B, H, Tq, D/H) -> (B, Tq, D)
 
-    def heads(self, x: torch.Tensor) -> torch.Tensor:
+    def split_heads(self, x: torch.Tensor) -> torch.Tensor:
         """(B, T, D) -> (B, H, T, D/H). With one head (the DT paper's) an unsqueeze: the same
         values, and no shape arithmetic in an exported graph."""
         if self.n_heads == 1:
@@ -238,7 +238,7 @@ class CausalSelfAttention(nn.Module):
         return x.unflatten(-1, (self.n_heads, -1)).transpose(1, 2)
 
     def merge_heads(self, y: torch.Tensor) -> torch.Tensor:
-        """(B, H, T, D/H) -> (B, T, D), the inverse of ``heads``."""
+        """(B, H, T, D/H) -> (B, T, D), the inverse of ``split_heads``."""
         if self.n_heads == 1:
             return y.squeeze(1)
         return y.transpose(1, 2).flatten(2)

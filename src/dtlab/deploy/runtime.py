@@ -67,10 +67,11 @@ class DeployedPolicy:
         self.record = record
         self._graph_file, self._threads = path / record["onnx"], int(threads)
         self.session = self._load_session(None)
-        # The session of the batch size reset() last started: the graph with its batch dimension
-        # fixed (onnxruntime's free-dimension override), so that onnxruntime folds the shape
-        # arithmetic and fuses each MatMul with its bias into a Gemm; docs/benchmarks.md has what
-        # that saves at batch 1. act() on a subset of the episodes uses the dynamic ``session``.
+        # The graph with its batch axis fixed to the number of episodes (onnxruntime's
+        # free-dimension override: it then folds the shape arithmetic and fuses each MatMul with
+        # its bias into a Gemm; docs/deploy.md#speed has what that saves), loaded at the first
+        # act() on all episodes after a reset() to a new size; act() on a subset of the
+        # episodes uses the dynamic ``session``.
         self._fixed: tuple[int, ort.InferenceSession] | None = None
         inputs = {i.name: i for i in self.session.get_inputs()}
         self._batch_dim = inputs["observation"].shape[0]  # the graph's name of its batch axis
@@ -114,6 +115,15 @@ class DeployedPolicy:
         except Exception as exc:  # onnxruntime raises its own types for missing/corrupt files
             raise ConfigError(f"{self._graph_file}: cannot load the step graph: {exc}") from None
 
+    def _session(self, n: int) -> ort.InferenceSession:
+        """The session for ``n`` episodes: fixed to ``n`` when it is all the episodes (loaded
+        once per size, about as long as loading the artifact), else the dynamic one."""
+        if n != self.num_envs:
+            return self.session
+        if self._fixed is None or self._fixed[0] != n:
+            self._fixed = (n, self._load_session(n))
+        return self._fixed[1]
+
     # ---- episode state --------------------------------------------------------------------------
     def reset(self, target_return: float | Sequence[float] | np.ndarray) -> None:
         """Start new episodes, one per target (a scalar starts one and ``act`` then takes and
@@ -128,8 +138,6 @@ class DeployedPolicy:
                        in self._state_spec.items()}
         self._t = np.zeros(n, np.int64)  # (N,) steps taken so far
         self._pending = targets.copy()  # (N,) the target the next act conditions on (NaN: none)
-        if self._fixed is None or self._fixed[0] != n:
-            self._fixed = (n, self._load_session(n))
 
     def steer(self, return_to_go: float | Sequence[float], index: np.ndarray | None = None) -> None:
         """Ask for a different return from the next step on: the next ``act`` conditions on exactly
@@ -220,6 +228,9 @@ class DeployedPolicy:
         the return-to-go before acting. Returns (n, act_dim) float32 in the env's units, or (n,)
         int64 indices (unbatched after a scalar ``reset``).
 
+        The first call on all episodes after a ``reset`` to a new number of episodes loads the
+        graph for that batch size (tens of milliseconds; ConfigError if the file is gone).
+
         ConfigError when an episode reaches ``max_ep_len``; EnvError when the observations do not
         fit; TrainingError when the model's output is not finite, naming the episode and step.
         """
@@ -248,8 +259,7 @@ class DeployedPolicy:
                 "target": self._pending[rows]}
         for name in STATE_NAMES:
             feed[name] = self._state[name] if whole else self._state[name][rows]
-        session = self._fixed[1] if self._fixed and self._fixed[0] == n else self.session
-        action, finite, *state = session.run(self._outputs, feed)
+        action, finite, *state = self._session(n).run(self._outputs, feed)
         if not finite.all():
             bad = int(np.argmin(finite))
             raise TrainingError(f"the model produced a non-finite action for episode "
