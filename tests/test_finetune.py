@@ -302,6 +302,27 @@ def test_two_rank_finetune_ranks_hold_the_same_weights_and_replay_in_rank_order(
     assert all(torch.equal(saved[k], r0["weights"][k]) for k in saved)
 
 
+def test_two_rank_finetuning_resumed_in_one_process_redraws_from_the_finetunings_streams(
+        offline_run, two_rank_run, tmp_path, monkeypatch):
+    import shutil
+
+    from dtlab.cli_errors import parse
+    from dtlab.errors import DtlabWarning
+    from dtlab.finetune import FinetuneConfig, finetune
+
+    shutil.copytree(offline_run / "ddp_whole", tmp_path / "ddp_whole")
+    monkeypatch.chdir(tmp_path)  # the same --out as the 2-rank run's: a copy of it
+    args = _two_rank_args(offline_run / "off", "ddp_whole")[1:]
+    args[args.index("--online-steps") + 1] = "250"  # one more rollout of 50 steps
+    cfg = parse(FinetuneConfig, [*args, "--resume"], prog="dtlab finetune", description="")
+    with pytest.warns(DtlabWarning, match="resuming a run of 2 process") as caught:
+        result = finetune(cfg, echo=False)
+    assert result.env_steps == 250 and result.gradient_step == 25
+    # Not --seed 0's (0, rank, step) streams, which are the offline run's: the finetuning's.
+    own = int(np.random.SeedSequence([0, 0x0D7]).generate_state(1)[0])
+    assert any(f"restart from (seed {own}, rank, step 20)" in str(w.message) for w in caught)
+
+
 @pytest.mark.slow  # two spawned processes, about 10 s
 def test_two_rank_finetune_signalled_on_one_rank_during_setup_stops_every_rank(offline_run):
     # Rank 1 alone is signalled before the first rollout (its first poll): the ranks decide

@@ -356,10 +356,15 @@ def _trainer(cfg: FinetuneConfig, out_cfg: TrainConfig, info: PolicyInfo,
     offline run's (``fresh``: its weights, optimizer, schedule and temperature, with new
     random streams from --seed: ``SeedSequence([seed, _FINETUNE_STREAM])`` for the windows and
     ``torch.manual_seed(seed)``; under torchrun rank r's windows from ``SeedSequence([seed,
-    _FINETUNE_STREAM], spawn_key=(r,))`` and its torch seed from (seed, r, _FINETUNE_STREAM))."""
+    _FINETUNE_STREAM], spawn_key=(r,))`` and its torch seed from (seed, r, _FINETUNE_STREAM)).
+    Resumed with another number of processes, every rank's streams restart from (s, rank,
+    step) with s = ``SeedSequence([seed, _FINETUNE_STREAM]).generate_state(1)[0]``."""
     trainer = Trainer.create(out_cfg, replay.episodes(info.observation_space, info.action_space),
                              info, device, world)
-    trainer.seed = cfg.seed  # a resume with another number of processes redraws from it
+    # A resume with another number of processes redraws every rank's streams from (trainer.seed,
+    # rank, step) (TrainerState.restore): a seed of the finetuning's own streams, not --seed
+    # itself, whose (seed, rank, step) streams are the offline run's.
+    trainer.seed = int(np.random.SeedSequence([cfg.seed, _FINETUNE_STREAM]).generate_state(1)[0])
     if not fresh:
         trainer.resume(at)
         return trainer
@@ -378,8 +383,9 @@ def _trainer(cfg: FinetuneConfig, out_cfg: TrainConfig, info: PolicyInfo,
 
 
 # The finetuning's streams: SeedSequence([seed, this]) for the windows (under torchrun rank r's
-# with spawn_key (r,)), [seed, this, k] for rollout k (the offline run's are [seed] and
-# [seed, rank]: distinct streams).
+# with spawn_key (r,)), [seed, this, k] for rollout k, [s, rank, step] with s drawn from
+# [seed, this] after a resume with another number of processes (the offline run's are [seed],
+# [seed, rank] and [seed, rank, step]: distinct streams).
 _FINETUNE_STREAM = 0x0D7
 
 
