@@ -70,12 +70,13 @@ def gradient_step(rank: int, store: str, out: str) -> None:
 
 
 def finetune_rank(rank: int, store: str, args: list[str], spy: str, stop_at_poll: int | None,
-                  restart: int) -> None:
+                  restart: int, cwds: list[str] | None = None) -> None:
     """Rank ``rank`` of 2 of ``dtlab finetune ARGS`` (torchrun's environment with restart count
-    ``restart``; the process group joined through a file store). Rank 1 alone asks to stop at
-    its ``stop_at_poll``-th poll of ``should_stop``. Saves to ``spy/rank{rank}.pt`` what this
-    rank holds at its last checkpoint (weights, replay arrays), the trajectories it contributed
-    to the exchange, and its result."""
+    ``restart``; the process group joined through a file store), in working directory
+    ``cwds[rank]`` when given. Rank 1 alone asks to stop at its ``stop_at_poll``-th poll of
+    ``should_stop``. Saves to ``spy/rank{rank}.pt`` what this rank holds at its last checkpoint
+    (weights, replay arrays), the trajectories it contributed to the exchange, and its result
+    (the string "KeyboardInterrupt" when the finetuning raised it)."""
     import torch.distributed as dist
 
     from dtlab import distributed
@@ -86,6 +87,8 @@ def finetune_rank(rank: int, store: str, args: list[str], spy: str, stop_at_poll
     os.environ.update(RANK=str(rank), WORLD_SIZE="2", LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE="2",
                       TORCHELASTIC_RESTART_COUNT=str(restart))
     torch.set_num_threads(1)
+    if cwds is not None:
+        os.chdir(cwds[rank])
     dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=2)
     held, own = {}, []
     save, gather = Trainer.save, distributed.all_gather
@@ -108,7 +111,11 @@ def finetune_rank(rank: int, store: str, args: list[str], spy: str, stop_at_poll
 
     try:
         cfg = parse(FinetuneConfig, args, prog="dtlab finetune", description="")
-        result = finetune(cfg, should_stop=should_stop, echo=False)
+        try:
+            result = finetune(cfg, should_stop=should_stop, echo=False)
+        except KeyboardInterrupt:
+            torch.save({"result": "KeyboardInterrupt"}, os.path.join(spy, f"rank{rank}.pt"))
+            return
         torch.save({**held, "own": [{"observations": torch.from_numpy(t.observations),
                                      "rewards": torch.from_numpy(t.rewards)} for t in own],
                     "result": (result.checkpoint.name, result.env_steps, result.rollouts,

@@ -3,19 +3,14 @@ gradient equals one process's on the concatenated batch; a 2-process run's check
 evaluates; a rank killed mid-run and restarted by torchrun resumes to the same weights."""
 
 import json
-import os
-import shutil
-import subprocess
 import sys
 import warnings
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 import torch.multiprocessing as mp
 
-import dtlab
 from dtlab import checkpoint
 from dtlab.config import ModelConfig
 from dtlab.evaluate import EvalConfig
@@ -26,10 +21,7 @@ from dtlab.evaluate import evaluate_checkpoint
 from dtlab.train import train, train_step
 from tests.configs import train_config
 from tests.ddp_worker import ENDS, model_and_batches, pendulum_like
-
-SRC = str(Path(dtlab.__file__).resolve().parents[1])
-WORKER = str(Path(__file__).with_name("ddp_worker.py"))
-ROOT = str(Path(__file__).resolve().parents[1])
+from tests.torchrun_runs import ROOT, WORKER, torchrun_once_more_on_teardown_abort
 
 
 def test_two_process_gradient_equals_one_process_on_the_concatenated_batch(tmp_path):
@@ -95,37 +87,6 @@ def test_rank_streams_and_environment():
         assert process_device(two, torch.device("cuda")) == torch.device("cuda", 1)
 
 
-def _torchrun(args, tmp_path, *, restarts=0, script=None, timeout=240):
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([SRC, ROOT, os.environ.get("PYTHONPATH", "")]),
-           "OMP_NUM_THREADS": "1",
-           # torch 2.13's torchrun shares its rendezvous store with the workers, and restarted
-           # workers read the killed attempt's addresses from it (pytorch/pytorch#135712).
-           "TORCH_DISABLE_SHARE_RDZV_TCP_STORE": "1"}
-    target = [script] if script else ["-m", "dtlab"]
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-           "--max-restarts", str(restarts), *target, *args]
-    return subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=tmp_path,
-                          timeout=timeout)
-
-
-# A rank of a finished run has twice aborted in its interpreter's teardown ("terminate called
-# without an active exception", SIGABRT) after the run had written every file: in the first
-# clean-clone CI of two sessions, never in 30 runs in a row in between. It matches gloo's known
-# teardown crashes (pytorch/pytorch PR #179291, abandoned). Since session 7 ``distributed.finish``
-# collects garbage before it destroys the group (rank 0's DDP wrapper, kept by a reference cycle,
-# had outlived the group until teardown); whether that was the cause is not known, so such a run
-# is still tried once more from scratch; any other failure, or the abort twice, fails the test.
-TEARDOWN_ABORT = "terminate called without an active exception"
-
-
-def _torchrun_once_more_on_teardown_abort(args, tmp_path, out, **kwargs):
-    proc = _torchrun(args, tmp_path, **kwargs)
-    if proc.returncode != 0 and TEARDOWN_ABORT in proc.stderr and (out / "latest").is_file():
-        shutil.rmtree(out)
-        proc = _torchrun(args, tmp_path, **kwargs)
-    return proc
-
-
 def _train_args(dataset, out):
     return ["train", "--dataset", str(dataset), "--env", "Pendulum-v1", "--out", str(out),
             "--steps", "12", "--batch-size", "8", "--warmup-steps", "4", "--log-every", "3",
@@ -140,8 +101,8 @@ def two_process_run(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("ddp")
     dataset = tmp / "pendulum.hdf5"
     save_episodes(pendulum_like(), dataset)
-    proc = _torchrun_once_more_on_teardown_abort(_train_args(dataset, tmp / "full"), tmp,
-                                                 tmp / "full")
+    proc = torchrun_once_more_on_teardown_abort(_train_args(dataset, tmp / "full"), tmp,
+                                                tmp / "full")
     assert proc.returncode == 0, proc.stderr[-3000:]
     return tmp, dataset, proc
 
@@ -171,9 +132,9 @@ def test_killed_rank_restarted_by_torchrun_resumes_to_the_same_weights(two_proce
     tmp, dataset, _ = two_process_run
     # ddp_worker.py's first argument: rank 1 kills itself (SIGKILL) right after step 8, past the
     # checkpoint of step 6; torchrun restarts both workers, which resume from it.
-    proc = _torchrun_once_more_on_teardown_abort(["8", *_train_args(dataset, tmp / "killed")], tmp,
-                                                 tmp / "killed", restarts=1, script=WORKER,
-                                                 timeout=300)
+    proc = torchrun_once_more_on_teardown_abort(["8", *_train_args(dataset, tmp / "killed")], tmp,
+                                                tmp / "killed", restarts=1, script=WORKER,
+                                                timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "torchrun restarted the workers" in proc.stderr
     full, resumed = _weights(tmp / "full"), _weights(tmp / "killed")

@@ -1,6 +1,7 @@
-"""dtlab finetune (the Online Decision Transformer): the replay, hindsight relabelling, resume
-after kill -9, and the command line's refusals."""
+"""dtlab finetune (the Online Decision Transformer): the replay, hindsight relabelling, the
+exploration target, resume after kill -9, and the command line's refusals."""
 
+import json
 import os
 import signal
 import subprocess
@@ -94,26 +95,55 @@ def _cli(args, **kw):
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, **kw)
 
 
-def _in_process(run, out, stop_after=None, resume=False):
+def _in_process(run, out, *extra, stop_after=None, echo=False):
     from dtlab.cli_errors import parse
     from dtlab.finetune import FinetuneConfig, finetune
 
-    args = _finetune_args(run, out, *(["--resume"] if resume else []))[1:]
+    args = _finetune_args(run, out, *extra)[1:]
     cfg = parse(FinetuneConfig, args, prog="dtlab finetune", description="")
     polls = []
     return finetune(cfg, should_stop=lambda: stop_after is not None and
-                    len(polls.append(1) or polls) >= stop_after, echo=False)
+                    len(polls.append(1) or polls) >= stop_after, echo=echo)
 
 
-def test_finetune_stopped_and_resumed_equals_an_uninterrupted_run(offline_run):
+def test_exploration_target_is_the_papers_for_positive_targets_and_more_than_the_best_else():
+    from dtlab.finetune import exploration_target
+
+    # By hand: the paper's g_online = 2 x g_eval for Hopper's 3,600 (the highest of the two).
+    assert exploration_target((1800.0, 3600.0), 2.0) == 7200.0
+    # Pendulum-like negative returns: -400 + (2 - 1) x 400 = 0, not 2 x -400 = -800 (worse
+    # than the evaluation target); -400 + (1.5 - 1) x 400 = -200.
+    assert exploration_target((-800.0, -400.0), 2.0) == 0.0
+    assert exploration_target((-400.0,), 1.5) == -200.0
+
+
+def test_finetune_stopped_and_resumed_equals_an_uninterrupted_run(offline_run, capsys):
     from safetensors.torch import load_file
 
-    whole = _in_process(offline_run / "off", offline_run / "p_whole")
+    from dtlab.errors import ConfigError
+
+    whole = _in_process(offline_run / "off", offline_run / "p_whole", echo=True)
     assert not whole.interrupted and whole.env_steps == 600 and whole.rollouts == 6
+    assert whole.gradient_step == 130  # 10 offline steps + 6 rollouts x 20 updates
+    # The start line: the exploration target -100 + (2 - 1) x |-100| and why, the evaluation
+    # targets, the replay's 4 best offline episodes of 200 steps; the target is recorded.
+    start = capsys.readouterr().out.splitlines()[0]
+    assert "exploration target 0 (-100 + (2 - 1) x |-100|: --exploration-scale" in start
+    assert "evaluation targets -100 (--eval-targets)" in start
+    assert "replay of 4 trajectories (800 transitions)" in start
+    recorded = json.loads((offline_run / "p_whole" / "finetune_config.json").read_text())
+    assert recorded["resolved"] == {"exploration_target": 0.0, "eval_targets": [-100.0]}
+    metrics = [json.loads(line) for line in (offline_run / "p_whole" / "metrics.jsonl")
+               .read_text().splitlines()]
+    # One process: each record's rollout_length an int (the 100 steps of --max-episode-steps).
+    assert [m["rollout_length"] for m in metrics] == [100] * 6
+    assert all(type(m["rollout_length"]) is int for m in metrics)
     # Polled once before the start, then after each rollout: True at the third poll.
     stopped = _in_process(offline_run / "off", offline_run / "p_stop", stop_after=3)
     assert stopped.interrupted and stopped.rollouts == 2
-    resumed = _in_process(offline_run / "off", offline_run / "p_stop", resume=True)
+    with pytest.raises(ConfigError, match="repeat the finetuning's own flags: --seed 0 "):
+        _in_process(offline_run / "off", offline_run / "p_stop", "--resume", "--seed", "1")
+    resumed = _in_process(offline_run / "off", offline_run / "p_stop", "--resume")
     assert resumed.checkpoint.name == whole.checkpoint.name == "step_00000130"
     for file in ("model.safetensors", "replay.safetensors"):
         a, b = (load_file(r.checkpoint / file) for r in (whole, resumed))
@@ -129,6 +159,7 @@ def test_finetune_resumes_bit_for_bit_after_kill_9(offline_run):
     assert whole.returncode == 0, err
     assert "online learning curve" in out and (offline_run / "whole" /
                                                "online_learning_curve.png").is_file()
+    assert f"checkpoint {offline_run / 'whole' / 'step_00000130'} (gradient step 130)" in out
     killed = offline_run / "killed"
     proc = _cli(_finetune_args(offline_run / "off", killed))
     deadline = time.monotonic() + 240
@@ -186,16 +217,18 @@ def _two_rank_args(run, out):
             "50", "--checkpoint-every", "1", "--device", "cpu"]
 
 
-def _finetune_two_ranks(tmp, run, out, spy, stop_at_poll=None, restart=0, timeout=120):
-    """Both ranks' records (tests/ddp_worker.py's finetune_rank), the processes joined within
-    ``timeout`` seconds (a rank left waiting at a collective fails the test, not hangs it)."""
+def _finetune_two_ranks(tmp, run, out, spy, stop_at_poll=None, restart=0, timeout=120,
+                        cwds=None):
+    """Both ranks' records (tests/ddp_worker.py's finetune_rank; rank r in directory ``cwds[r]``
+    when given), the processes joined within ``timeout`` seconds (a rank left waiting at a
+    collective fails the test, not hangs it)."""
     import torch
     import torch.multiprocessing as mp
 
     spy.mkdir()
     context = mp.start_processes(_finetune_rank, args=(
         str(tmp / f"store-{spy.name}"), _two_rank_args(run, out)[1:], str(spy), stop_at_poll,
-        restart), nprocs=2, start_method="spawn", join=False)
+        restart, cwds and [str(c) for c in cwds]), nprocs=2, start_method="spawn", join=False)
     deadline = time.monotonic() + timeout
     while not context.join(timeout=1):
         if time.monotonic() > deadline:
@@ -214,9 +247,14 @@ def _finetune_rank(rank, *args):  # spawn needs a function importable by name
 
 @pytest.fixture(scope="module")
 def two_rank_run(offline_run):
-    """An uninterrupted 2-rank finetuning and both ranks' records."""
-    return _finetune_two_ranks(offline_run, offline_run / "off", offline_run / "ddp_whole",
-                               offline_run / "spy_whole")
+    """An uninterrupted 2-rank finetuning into ``ddp_whole`` (a relative --out) and both ranks'
+    records. Rank 1 works in a directory of its own, as on a node that does not share rank 0's
+    file system: what every rank must do together (the last checkpoint, a collective) is decided
+    from what they share, never from reading rank 0's files."""
+    (offline_run / "rank1_files").mkdir()
+    return _finetune_two_ranks(offline_run, offline_run / "off", Path("ddp_whole"),
+                               offline_run / "spy_whole",
+                               cwds=[offline_run, offline_run / "rank1_files"])
 
 
 def test_two_rank_finetune_ranks_hold_the_same_weights_and_replay_in_rank_order(
@@ -229,6 +267,7 @@ def test_two_rank_finetune_ranks_hold_the_same_weights_and_replay_in_rank_order(
     assert r0["result"] == ("step_00000020", 200, 4, 3, False)  # evaluated at 0, 100 and 200
     assert r1["result"] == ("step_00000020", 200, 4, 0, False)  # rank 0 alone evaluates
     assert len((offline_run / "ddp_whole" / "evaluations.jsonl").read_text().splitlines()) == 3
+    assert list((offline_run / "rank1_files").iterdir()) == []  # rank 0 alone writes
     for key in r0["weights"]:
         assert torch.equal(r0["weights"][key], r1["weights"][key]), key
     for key in r0["replay"]:
@@ -249,10 +288,51 @@ def test_two_rank_finetune_ranks_hold_the_same_weights_and_replay_in_rank_order(
         start, _ = env.reset(seed=seed)
         np.testing.assert_array_equal(observations[0].numpy(), start.astype(np.float32))
     env.close()
+    # metrics.jsonl, one record per round: the means over its 2 rollouts (one per rank).
+    metrics = [json.loads(line) for line in (offline_run / "ddp_whole" / "metrics.jsonl")
+               .read_text().splitlines()]
+    assert [m["rollout_length"] for m in metrics] == [50.0, 50.0]
+    assert all(type(m["rollout_length"]) is float for m in metrics)  # a mean
+    for m, pair in zip(metrics, [mine[:2], mine[2:]]):
+        assert m["rollout_return"] == pytest.approx(
+            np.mean([float(own["rewards"].double().sum()) for own in pair]), rel=1e-6)
     from safetensors.torch import load_file
 
     saved = load_file(offline_run / "ddp_whole" / "step_00000020" / "model.safetensors")
     assert all(torch.equal(saved[k], r0["weights"][k]) for k in saved)
+
+
+def test_two_rank_finetuning_resumed_in_one_process_redraws_from_the_finetunings_streams(
+        offline_run, two_rank_run, tmp_path, monkeypatch):
+    import shutil
+
+    from dtlab.cli_errors import parse
+    from dtlab.errors import DtlabWarning
+    from dtlab.finetune import FinetuneConfig, finetune
+
+    shutil.copytree(offline_run / "ddp_whole", tmp_path / "ddp_whole")
+    monkeypatch.chdir(tmp_path)  # the same --out as the 2-rank run's: a copy of it
+    args = _two_rank_args(offline_run / "off", "ddp_whole")[1:]
+    args[args.index("--online-steps") + 1] = "250"  # one more rollout of 50 steps
+    cfg = parse(FinetuneConfig, [*args, "--resume"], prog="dtlab finetune", description="")
+    with pytest.warns(DtlabWarning, match="resuming a run of 2 process") as caught:
+        result = finetune(cfg, echo=False)
+    assert result.env_steps == 250 and result.gradient_step == 25
+    # Not --seed 0's (0, rank, step) streams, which are the offline run's: the finetuning's.
+    own = int(np.random.SeedSequence([0, 0x0D7]).generate_state(1)[0])
+    assert any(f"restart from (seed {own}, rank, step 20)" in str(w.message) for w in caught)
+
+
+@pytest.mark.slow  # two spawned processes, about 10 s
+def test_two_rank_finetune_signalled_on_one_rank_during_setup_stops_every_rank(offline_run):
+    # Rank 1 alone is signalled before the first rollout (its first poll): the ranks decide
+    # together, so both stop there (KeyboardInterrupt, as before any checkpoint) and leave
+    # nothing behind; a rank stopping alone would leave the other waiting at a collective.
+    out = offline_run / "ddp_setup_stop"
+    ranks = _finetune_two_ranks(offline_run, offline_run / "off", out,
+                                offline_run / "spy_setup_stop", stop_at_poll=1)
+    assert [r["result"] for r in ranks] == ["KeyboardInterrupt"] * 2
+    assert not out.exists()
 
 
 @pytest.mark.slow  # two more 2-process runs, about 20 s
@@ -296,13 +376,13 @@ def test_two_rank_finetune_killed_and_restarted_by_torchrun_equals_an_uninterrup
     import torch
     from safetensors.torch import load_file
 
-    from tests.test_distributed import WORKER, _torchrun_once_more_on_teardown_abort
+    from tests.torchrun_runs import WORKER, torchrun_once_more_on_teardown_abort
 
     out = offline_run / "ddp_killed"
     # tests/ddp_worker.py as the script: rank 1 kills itself (SIGKILL) right after gradient step
     # 16 of the first attempt, in round 2, past round 1's checkpoint (step 15); torchrun
     # restarts both workers, which resume from it without --resume.
-    proc = _torchrun_once_more_on_teardown_abort(
+    proc = torchrun_once_more_on_teardown_abort(
         ["16", *_two_rank_args(offline_run / "off", out)], offline_run, out, restarts=1,
         script=WORKER, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]

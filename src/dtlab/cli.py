@@ -206,11 +206,12 @@ def run_finetune(cfg: FinetuneConfig) -> int:
     if result.interrupted:
         sig = received[0] if received else 0
         print(f"interrupted by signal {sig} at online env step {result.env_steps}; checkpoint "
-              f"{result.checkpoint}; continue with the same command and --resume",
+              f"{result.checkpoint} (gradient step {result.gradient_step}); continue with the "
+              "same command and --resume",
               file=sys.stderr)
         return 128 + sig
     print(f"done: {result.env_steps} online env steps in {result.rollouts} rollouts, checkpoint "
-          f"{result.checkpoint}")
+          f"{result.checkpoint} (gradient step {result.gradient_step})")
     return 0
 
 

@@ -3,7 +3,8 @@ Decision Transformer", ICML; arXiv 2202.05607), from a dtlab run trained offline
 stochastic head (``--model.policy stochastic``).
 
 One iteration (the paper's Algorithm 1): one exploration rollout, acting by sampling from the
-policy at the exploration return-to-go (the paper's g_online, twice the evaluation target), added
+policy at the exploration return-to-go (the paper's g_online, twice the evaluation target for
+positive returns; ``exploration_target`` says what dtlab asks for otherwise), added
 to a replay of the most recent trajectories (dtlab.data.replay: first in, first out, started with
 the offline data's best episodes; its returns-to-go are the returns each trajectory achieved,
 the paper's hindsight relabelling), then ``updates_per_rollout`` gradient steps on windows drawn
@@ -96,11 +97,12 @@ class FinetuneConfig:
     """Step the evaluation envs in this many worker processes (0: in this process; under
     torchrun rank 0's, which evaluates)."""
     exploration_target: float | None = None
-    """The return-to-go exploration rollouts ask for (default: --exploration-scale x the highest
-    evaluation target)."""
+    """The return-to-go exploration rollouts ask for (default: from --exploration-scale and the
+    highest evaluation target)."""
     exploration_scale: float = 2.0
-    """The exploration target as a multiple of the highest evaluation target (the paper's
-    g_online = 2 x g_eval, e.g. 7,200 for Hopper's 3,600)."""
+    """The exploration target from the highest evaluation target g: g + (scale - 1) x |g|, which
+    is scale x g for a positive g (the paper's g_online = 2 x g_eval, e.g. 7,200 for Hopper's
+    3,600) and asks for more than g for a negative one (2: 0 for Pendulum's -400)."""
     replay_trajectories: int = 1000
     """Replay capacity in trajectories (the paper: 1,000), started with the offline data's best."""
     updates_per_rollout: int = 300
@@ -151,8 +153,9 @@ class FinetuneConfig:
 
 @dataclass
 class FinetuneResult:
-    checkpoint: Path
-    env_steps: int
+    checkpoint: Path  # the latest checkpoint, step_XXXXXXXX named by its gradient step
+    gradient_step: int  # the offline run's steps plus the finetuning's
+    env_steps: int  # online env steps (all ranks' rollouts)
     rollouts: int
     evaluations: list[Evaluation] = field(default_factory=list)  # those made by this call
     interrupted: bool = False
@@ -198,9 +201,10 @@ def finetune(cfg: FinetuneConfig, *, should_stop: Callable[[], bool] = lambda: F
         if not world.is_main:
             warnings.simplefilter("ignore", DtlabWarning)
         source, info = _offline_run(cfg)
-        limit, targets = _episode_limit(cfg, info), _eval_targets(cfg, info)
-        explore = (cfg.exploration_target if cfg.exploration_target is not None
-                   else cfg.exploration_scale * max(targets))
+        limit, (targets, targets_why) = _episode_limit(cfg, info), _eval_targets(cfg, info)
+        explore, explore_why = _exploration(cfg, targets)
+        starting = (f"exploration target {explore:g} ({explore_why}); evaluation targets "
+                    f"{targets_why}")
         device = distributed.process_device(world, runtime.resolve_device(cfg.device))
         if device.type == "cpu":  # the node's cores are shared by its processes
             runtime.set_threads(cfg.threads, default=max(1, (os.cpu_count() or 1)
@@ -209,7 +213,7 @@ def finetune(cfg: FinetuneConfig, *, should_stop: Callable[[], bool] = lambda: F
         created_group = distributed.start(world, device)
         try:
             return _finetune(cfg, source, info, device, world, targets, explore, limit,
-                             should_stop, echo)
+                             should_stop, echo, starting)
         finally:
             distributed.finish(created_group)
 
@@ -242,15 +246,41 @@ def _episode_limit(cfg: FinetuneConfig, info: PolicyInfo) -> int:
     return limit
 
 
-def _eval_targets(cfg: FinetuneConfig, info: PolicyInfo) -> tuple[float, ...]:
-    """--eval-targets, else the DT paper's for the env (``default_targets``)."""
+def _eval_targets(cfg: FinetuneConfig, info: PolicyInfo) -> tuple[tuple[float, ...], str]:
+    """--eval-targets, else the DT paper's for the env (``default_targets``); and a line saying
+    which ("targets 3600, 1800: the DT paper's for Hopper-v5")."""
     targets = tuple(cfg.eval_targets)
+    if targets:
+        return targets, ", ".join(f"{t:g}" for t in targets) + " (--eval-targets)"
+    targets, why = default_targets(cfg.env, ReturnStats.from_json(
+        info.dataset.get("episode_return")))
     if not targets:
-        targets, why = default_targets(cfg.env, ReturnStats.from_json(
-            info.dataset.get("episode_return")))
-        if not targets:
-            raise ConfigError(f"{why}: give --eval-targets")
-    return targets
+        raise ConfigError(f"{why}: give --eval-targets")
+    return targets, why.removeprefix("targets ").replace("--targets", "--eval-targets")
+
+
+def exploration_target(targets: tuple[float, ...], scale: float) -> float:
+    """The return-to-go exploration rollouts ask for, from the evaluation targets (returns, sums
+    of rewards) and --exploration-scale: ``g + (scale - 1) * |g|`` for the highest target g.
+
+    For g > 0 this is the paper's rule, ``scale * g`` (its g_online = 2 x g_eval, Zheng et al.
+    2022; Hopper: 2 x 3,600 = 7,200). That rule was written for positive returns: for
+    a negative g, ``scale * g`` would ask for a worse return than the evaluation's (Pendulum:
+    2 x -400 = -800); ``g + (scale - 1) * |g|`` asks for more than g there (scale 2: 0). g = 0
+    gives 0 whatever the scale (give --exploration-target)."""
+    best = max(targets)
+    return best + (scale - 1) * abs(best)
+
+
+def _exploration(cfg: FinetuneConfig, targets: tuple[float, ...]) -> tuple[float, str]:
+    """The exploration target and where it came from (a phrase for the start line)."""
+    if cfg.exploration_target is not None:
+        return cfg.exploration_target, "--exploration-target"
+    best = max(targets)
+    rule = (f"{cfg.exploration_scale:g} x {best:g}" if best > 0 else
+            f"{best:g} + ({cfg.exploration_scale:g} - 1) x |{best:g}|")
+    return (exploration_target(targets, cfg.exploration_scale),
+            f"{rule}: --exploration-scale and the highest evaluation target")
 
 
 def _resumed_after_restart(cfg: FinetuneConfig, world: World) -> FinetuneConfig:
@@ -267,8 +297,9 @@ def _resumed_after_restart(cfg: FinetuneConfig, world: World) -> FinetuneConfig:
 
 def _finetune(cfg: FinetuneConfig, source: Path, info: PolicyInfo, device: torch.device,
               world: World, targets: tuple[float, ...], explore: float, limit: int,
-              should_stop: Callable[[], bool], echo: bool) -> FinetuneResult:
-    """The finetuning in the run directory: set up or resume, loop, draw the curve."""
+              should_stop: Callable[[], bool], echo: bool, starting: str) -> FinetuneResult:
+    """The finetuning in the run directory: set up or resume, loop, draw the curve. ``starting``
+    says what the exploration and evaluation targets are and why (the start line)."""
     train_cfg = RunDirectory(source.parent).saved_config()
     out_cfg = dataclasses.replace(train_cfg, run=dataclasses.replace(
         train_cfg.run, out=cfg.out, resume=cfg.resume, progress=False, device=cfg.device,
@@ -283,9 +314,11 @@ def _finetune(cfg: FinetuneConfig, source: Path, info: PolicyInfo, device: torch
             replay, progress = _initial_replay(cfg, info), _Progress()
         trainer = _trainer(cfg, out_cfg, info, replay, device, world, start_from or source,
                            fresh=start_from is None)
-        if should_stop():
+        # The ranks decide together (a rank that stopped alone would leave the others waiting
+        # at the next collective); this also waits until every rank has read the run directory
+        # before rank 0 writes.
+        if distributed.any_rank(world, [should_stop()], device)[0]:
             raise KeyboardInterrupt
-        distributed.barrier(world)  # every rank has read the run directory before rank 0 writes
         evaluator = Evaluator(cfg.env, targets, cfg.eval_episodes, seed=cfg.seed,
                               max_steps=cfg.max_episode_steps, workers=cfg.eval_workers)
         try:
@@ -293,10 +326,14 @@ def _finetune(cfg: FinetuneConfig, source: Path, info: PolicyInfo, device: torch
             run.start(out_cfg, resume_from=trainer.state.step if start_from is not None
                       else None, evaluations_until=progress.env_steps)
             if world.is_main:
-                write_text_atomic(run.path / FINETUNE_CONFIG_FILE,
-                                  dumps_json(dataclasses.asdict(cfg)))
+                write_text_atomic(run.path / FINETUNE_CONFIG_FILE, dumps_json({
+                    **dataclasses.asdict(cfg), "resolved": {
+                        "exploration_target": explore, "eval_targets": list(targets)}}))
+                if echo:
+                    print(f"finetuning {source}: {starting}; replay of {len(replay)} "
+                          f"trajectories ({sum(len(t) for t in replay)} transitions)", flush=True)
             loop = _Online(cfg, trainer, out_cfg.optim, info, run, replay, progress, evaluator,
-                           explore, limit, echo)
+                           explore, limit, echo, start_from)
             result = loop.execute(should_stop)
         except BaseException:
             run.discard_if_no_checkpoint()
@@ -319,10 +356,15 @@ def _trainer(cfg: FinetuneConfig, out_cfg: TrainConfig, info: PolicyInfo,
     offline run's (``fresh``: its weights, optimizer, schedule and temperature, with new
     random streams from --seed: ``SeedSequence([seed, _FINETUNE_STREAM])`` for the windows and
     ``torch.manual_seed(seed)``; under torchrun rank r's windows from ``SeedSequence([seed,
-    _FINETUNE_STREAM], spawn_key=(r,))`` and its torch seed from (seed, r, _FINETUNE_STREAM))."""
+    _FINETUNE_STREAM], spawn_key=(r,))`` and its torch seed from (seed, r, _FINETUNE_STREAM)).
+    Resumed with another number of processes, every rank's streams restart from (s, rank,
+    step) with s = ``SeedSequence([seed, _FINETUNE_STREAM]).generate_state(1)[0]``."""
     trainer = Trainer.create(out_cfg, replay.episodes(info.observation_space, info.action_space),
                              info, device, world)
-    trainer.seed = cfg.seed  # a resume with another number of processes redraws from it
+    # A resume with another number of processes redraws every rank's streams from (trainer.seed,
+    # rank, step) (TrainerState.restore): a seed of the finetuning's own streams, not --seed
+    # itself, whose (seed, rank, step) streams are the offline run's.
+    trainer.seed = int(np.random.SeedSequence([cfg.seed, _FINETUNE_STREAM]).generate_state(1)[0])
     if not fresh:
         trainer.resume(at)
         return trainer
@@ -341,8 +383,9 @@ def _trainer(cfg: FinetuneConfig, out_cfg: TrainConfig, info: PolicyInfo,
 
 
 # The finetuning's streams: SeedSequence([seed, this]) for the windows (under torchrun rank r's
-# with spawn_key (r,)), [seed, this, k] for rollout k (the offline run's are [seed] and
-# [seed, rank]: distinct streams).
+# with spawn_key (r,)), [seed, this, k] for rollout k, [s, rank, step] with s drawn from
+# [seed, this] after a resume with another number of processes (the offline run's are [seed],
+# [seed, rank] and [seed, rank, step]: distinct streams).
 _FINETUNE_STREAM = 0x0D7
 
 
@@ -390,8 +433,21 @@ def _check_resume_settings(run: RunDirectory, cfg: FinetuneConfig) -> None:
               if d[0] not in FinetuneConfig.RESUME_MAY_CHANGE]
     if differ:
         shown = ", ".join(f"{k}: {a!r} -> {b!r}" for k, a, b in differ)
+        own = " ".join(_as_flag(k, a) for k, a, _ in differ)
         raise ConfigError(f"{file}: --resume with different settings than the finetuning "
-                          f"({shown}); give its own, or start a new one with another --out")
+                          f"({shown}); repeat the finetuning's own flags: {own} (the command "
+                          "that started it, plus --resume), or start a new one with another --out")
+
+
+def _as_flag(name: str, value: object) -> str:
+    """A saved setting as the command line gives it: ``--eval-targets -100 -50``, ``no
+    --dataset`` for None, the run directory alone for the positional RUN."""
+    flag = "--" + name.replace("_", "-")
+    if name == "run":
+        return f"RUN {value}"
+    if value is None:
+        return f"no {flag}"
+    return " ".join([flag, *map(str, value if isinstance(value, list) else [value])])
 
 
 class _Online:
@@ -400,13 +456,16 @@ class _Online:
     def __init__(self, cfg: FinetuneConfig, trainer: Trainer, optim: OptimConfig,
                  info: PolicyInfo, run: RunDirectory, replay: TrajectoryReplay,
                  progress: _Progress, evaluator: Evaluator, explore: float, limit: int,
-                 echo: bool) -> None:
+                 echo: bool, resumed_from: Path | None) -> None:
         self.cfg, self.trainer, self.info, self.run = cfg, trainer, info, run
         self.optim = optim  # the offline run's (batch size, clipping, ...)
         self.replay, self.progress, self.evaluator = replay, progress, evaluator
         self.explore, self.limit, self.echo = explore, limit, echo
         self.world = trainer.world
         self.evaluations: list[Evaluation] = []
+        # The latest checkpoint, known alike on every rank (never read back from the file
+        # system, which another node may not share): the one resumed from, then each saved.
+        self.checkpoint = resumed_from
 
     def execute(self, should_stop: Callable[[], bool]) -> FinetuneResult:
         """Iterations until --online-steps (or a stop): W rollouts (one per rank, W = 1 without
@@ -440,14 +499,16 @@ class _Online:
                     p.env_steps >= cfg.online_steps:
                 self._save()
                 saved_at, last_saved = time.monotonic(), p.rollouts
-        if last_saved != p.rollouts or not self.run.has_checkpoint():
+        if last_saved != p.rollouts or self.checkpoint is None:  # every rank alike: a collective
             self._save()
-        return FinetuneResult(checkpoint.resolve(self.run.path), p.env_steps, p.rollouts,
+        assert self.checkpoint is not None
+        return FinetuneResult(self.checkpoint, trainer.state.step, p.env_steps, p.rollouts,
                               self.evaluations, p.env_steps < cfg.online_steps)
 
     def _update(self, trajectories: list[Trajectory]) -> None:
         """``updates_per_rollout`` gradient steps on the replay (DistributedDataParallel steps
-        under torchrun), then one metrics record: the rollouts' mean return and length."""
+        under torchrun), then one metrics record: the rollout's return and length (under
+        torchrun the means over the round's rollouts, one per rank)."""
         trainer, p = self.trainer, self.progress
         trainer.use_episodes(self.replay.episodes(self.info.observation_space,
                                                   self.info.action_space))
@@ -466,7 +527,9 @@ class _Online:
             **training_record(trainer.state.step, loss, trainer.applied_lr, rate),
             "env_steps": p.env_steps,
             "rollout_return": float(np.mean([t.episode_return for t in trajectories])),
-            "rollout_length": float(np.mean([len(t) for t in trajectories])),
+            # An int for one rollout (one process), the mean of the round's under torchrun.
+            "rollout_length": len(trajectories[0]) if len(trajectories) == 1 else
+            float(np.mean([len(t) for t in trajectories])),
             "temperature": alpha})
 
     def _explore(self, number: int) -> Trajectory:
@@ -529,6 +592,7 @@ class _Online:
         arrays["progress"] = self.progress.to_tensor()
         self.trainer.save(self.run.path, self.info, self.cfg.keep_checkpoints,
                           extra={REPLAY_FILE: arrays})
+        self.checkpoint = self.run.path / f"step_{self.trainer.state.step:08d}"  # Trainer.save's
 
 
 def console_curve(evaluations: list[Evaluation]) -> str:
