@@ -407,13 +407,15 @@ def test_frame_stacks_are_checked_by_shape(breakout, runtime):
     policy = load(runtime, *breakout)
     frames = np.zeros((2, 4, 84, 84), np.uint8)
     policy.reset([10.0, 90.0])
-    with pytest.raises(EnvError, match=r"shape \(1, 2, 4, 84, 84\) for 2 episodes; expected "
-                                       r"\(2, 4, 84, 84\)$"):
+    with pytest.raises(EnvError, match=r"shape \(1, 2, 4, 84, 84\) \(uint8\) for 2 episodes; "
+                                       r"expected \(2, 4, 84, 84\) uint8$"):
         policy.act(frames[None])
     policy.reset(10.0)
-    with pytest.raises(EnvError, match=r"\(1, 1, 4, 84, 84\) for 1 episode; expected "
-                                       r"\(1, 4, 84, 84\) or \(4, 84, 84\)$"):
+    with pytest.raises(EnvError, match=r"\(1, 1, 4, 84, 84\) \(uint8\) for 1 episode; expected "
+                                       r"\(1, 4, 84, 84\) uint8 or \(4, 84, 84\) uint8$"):
         policy.act(frames[None, :1])
+    with pytest.raises(EnvError, match=r"\(4, 84, 84\) \(float32\) for 1 episode"):
+        policy.act(frames[0].astype(np.float32))
     assert policy.act(frames[0]).shape == policy.act(frames[:1], 1.0).shape == ()
 
 

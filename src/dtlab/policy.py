@@ -35,24 +35,27 @@ from dtlab.errors import ConfigError, DtlabWarning, EnvError, TrainingError
 from dtlab.kv_cache import KVCache, predict_cached
 from dtlab.model import DecisionTransformer
 from dtlab.spaces import (DictObservations, DiscreteActions, ImageObservations,
-                          describe_observations, flatten_observation)
+                          flatten_observation)
 
 
 def _episodes(n: int) -> str:
     return f"{n} episode{'s' if n != 1 else ''}"
 
 
-def _fit_batch(value: np.ndarray, n: int, shape: tuple[int, ...], what: str) -> np.ndarray:
-    """``value`` as (n, *shape): it must have exactly that shape, or ``shape`` itself when n is 1
-    (one episode, unbatched). EnvError naming the shape got and the shape expected otherwise
-    (an array of the right size but another shape, e.g. (obs_dim, n), is refused: reshaping
-    it would mix the episodes' values)."""
-    if value.shape == (n, *shape):
-        return value
-    if n == 1 and value.shape == shape:
-        return value[None]
-    expected = f"{(n, *shape)}" + (f" or {shape}" if n == 1 else "")
-    raise EnvError(f"act got {what} of shape {value.shape} for {_episodes(n)}; expected {expected}")
+def _fit_batch(value: np.ndarray, n: int, shape: tuple[int, ...], what: str,
+               dtype: type | None = None) -> np.ndarray:
+    """``value`` as (n, *shape): exactly that shape, or ``shape`` itself when n is 1 (one episode,
+    unbatched), and of ``dtype`` when one is given. EnvError naming the shape got and the shape
+    expected otherwise: an array of the right size but another shape, e.g. (obs_dim, n), is
+    refused, since reshaping it would mix the episodes' values."""
+    fits = value.shape == (n, *shape) or (n == 1 and value.shape == shape)
+    if fits and (dtype is None or value.dtype == dtype):
+        return value.reshape(n, *shape)
+    kind = "" if dtype is None else f" {np.dtype(dtype).name}"
+    got = "" if dtype is None else f" ({value.dtype})"
+    expected = f"{(n, *shape)}{kind}" + (f" or {shape}{kind}" if n == 1 else "")
+    raise EnvError(f"act got {what} of shape {value.shape}{got} for {_episodes(n)}; "
+                   f"expected {expected}")
 
 
 def _dict_rows(spec: DictObservations, observation: Mapping, n: int) -> np.ndarray:
@@ -367,11 +370,8 @@ class DTPolicy:
                 observation = np.concatenate([_dict_rows(spec, o, 1) for o in observation])
             # else: already flattened, (n, dim)
         if self._frames is not None:
-            frames = np.asarray(observation)
-            if frames.dtype != np.uint8:
-                raise EnvError(f"act got observations of dtype {frames.dtype}; expected "
-                               f"{describe_observations(spec)}")
-            frames = _fit_batch(frames, n, self._frames, "observations")  # (n, S, H, W)
+            frames = _fit_batch(np.asarray(observation), n, self._frames, "observations",
+                                np.uint8)  # (n, S, H, W)
             return torch.tensor(np.ascontiguousarray(frames), device=self.device)
         obs = _fit_batch(np.asarray(observation, dtype=np.float32), n, (spec.dim,),
                          "observations")  # (n, obs_dim)

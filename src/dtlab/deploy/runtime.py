@@ -50,16 +50,20 @@ def _episodes(n: int) -> str:
 
 # The input rules below are DTPolicy's (dtlab.policy's helpers of the same names), written again
 # here because this runtime imports numpy and onnxruntime only.
-def _fit_batch(value: np.ndarray, n: int, shape: tuple[int, ...], what: str) -> np.ndarray:
+def _fit_batch(value: np.ndarray, n: int, shape: tuple[int, ...], what: str,
+               dtype: type | None = None) -> np.ndarray:
     """``value`` as (n, *shape): exactly that shape, or ``shape`` itself when n is 1 (one episode,
-    unbatched); an array of the right size but another shape is refused (reshaping it would mix
-    the episodes' values). EnvError naming the shape got and the shape expected."""
-    if value.shape == (n, *shape):
-        return value
-    if n == 1 and value.shape == shape:
-        return value[None]
-    expected = f"{(n, *shape)}" + (f" or {shape}" if n == 1 else "")
-    raise EnvError(f"act got {what} of shape {value.shape} for {_episodes(n)}; expected {expected}")
+    unbatched), and of ``dtype`` when one is given. EnvError naming the shape got and the shape
+    expected otherwise: an array of the right size but another shape, e.g. (obs_dim, n), is
+    refused, since reshaping it would mix the episodes' values."""
+    fits = value.shape == (n, *shape) or (n == 1 and value.shape == shape)
+    if fits and (dtype is None or value.dtype == dtype):
+        return value.reshape(n, *shape)
+    kind = "" if dtype is None else f" {np.dtype(dtype).name}"
+    got = "" if dtype is None else f" ({value.dtype})"
+    expected = f"{(n, *shape)}{kind}" + (f" or {shape}{kind}" if n == 1 else "")
+    raise EnvError(f"act got {what} of shape {value.shape}{got} for {_episodes(n)}; "
+                   f"expected {expected}")
 
 
 def _check_index(index: Any, num_envs: int) -> np.ndarray:
@@ -241,11 +245,8 @@ class DeployedPolicy:
                 observation = np.concatenate([self._flatten(o, 1) for o in observation])
         if space["type"] == "image":
             shape = (space["stack"], *space["shape"])
-            frames = np.asarray(observation)
-            if frames.dtype != np.uint8:
-                raise EnvError(f"act got observations of dtype {frames.dtype}; expected the "
-                               f"artifact's {shape} uint8 frame stacks")
-            return np.ascontiguousarray(_fit_batch(frames, n, shape, "observations"))
+            frames = _fit_batch(np.asarray(observation), n, shape, "observations", np.uint8)
+            return np.ascontiguousarray(frames)  # (n, stack, H, W)
         dim = int(space["dim"]) if space["type"] == "vector" else sum(space["dims"])
         return _fit_batch(np.asarray(observation, dtype=np.float32), n, (dim,), "observations")
 
@@ -287,7 +288,8 @@ class DeployedPolicy:
         episode numbers in 0..N-1, each at most once.
 
         ConfigError when an episode reaches ``max_ep_len`` or for a bad ``index``; EnvError when
-        the observations or ``last_reward`` do not fit (naming the shapes); TrainingError when the model's output is not finite, naming the episode and step.
+        the observations or ``last_reward`` do not fit (naming the shapes); TrainingError when
+        the model's output is not finite, naming the episode and step.
         """
         rows = self._rows(index)
         n = rows.shape[0]
