@@ -49,11 +49,13 @@ HOPPER_DATA = Path(__file__).resolve().parents[1] / "datasets" / "hopper-medium-
 
 
 def make_checkpoint(tmp_path, env_id, obs_spec, act_spec, *, k=4, max_ep_len=100, seed=0,
-                    architecture="decision-transformer", returns=(0.0, 100.0)):
+                    architecture="decision-transformer", returns=(0.0, 100.0),
+                    policy="deterministic"):
     """A run directory ``tmp_path/run`` with one checkpoint of a tiny model (embed 16, 2 layers,
     2 heads, no dropout) whose random weights are spread wider than the init (std 0.3 added), so
     that discrete logits are far from ties and continuous actions far from 0; random observation
-    statistics, return scale 100, the data's episode returns spanning ``returns``."""
+    statistics, return scale 100, the data's episode returns spanning ``returns``; ``policy``: the
+    action head (ModelConfig.policy)."""
     import torch
 
     from dtlab import checkpoint
@@ -64,7 +66,7 @@ def make_checkpoint(tmp_path, env_id, obs_spec, act_spec, *, k=4, max_ep_len=100
     from dtlab.spaces import ImageObservations
 
     cfg = ModelConfig(embed_dim=16, n_layers=2, n_heads=2, context_len=k, max_ep_len=max_ep_len,
-                      dropout=0.0, architecture=architecture)
+                      dropout=0.0, architecture=architecture, policy=policy)
     torch.manual_seed(seed)
     model = build_model(cfg, obs_spec, act_spec)
     g = torch.Generator().manual_seed(seed)

@@ -8,6 +8,7 @@ from ties and continuous actions far from 0: parity is about the arithmetic, not
 """
 
 import json
+import re
 import subprocess
 import sys
 import warnings
@@ -21,7 +22,7 @@ import torch
 from dtlab import checkpoint
 from dtlab.deploy import DeployedPolicy
 from dtlab.envs import make_env
-from dtlab.errors import ConfigError, DtlabWarning
+from dtlab.errors import ConfigError, DtlabWarning, EnvError
 from dtlab.export import StepGraph, export_onnx, export_run
 from dtlab.policy import DTPolicy
 from dtlab.spaces import (DictObservations, DiscreteActions, ImageObservations,
@@ -165,20 +166,52 @@ def test_pendulum_parity_maps_actions_to_the_envs_bounds(tmp_path):
     assert max(np.abs(a).max() for *_, a, _ in record) > 1.0  # beyond [-1, 1]: bounds matter
 
 
-def test_pointmaze_dict_observations_parity(tmp_path):
+@pytest.fixture(scope="module")
+def pointmaze(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("pointmaze")
     spec = DictObservations(("observation", "desired_goal"), (4, 2))
-    run = make_checkpoint(tmp_path, "PointMaze_UMaze-v3", spec, box("PointMaze_UMaze-v3"),
+    run = make_checkpoint(tmp, "PointMaze_UMaze-v3", spec, box("PointMaze_UMaze-v3"),
                           max_ep_len=300, seed=2)
+    return run, export_run(run, tmp / "artifact")
+
+
+@pytest.fixture(scope="module")
+def breakout(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("breakout")
+    run = make_checkpoint(tmp, "ALE/Breakout-v5", ImageObservations((84, 84), 4),
+                          DiscreteActions(4), k=3, max_ep_len=2000, seed=3)
+    return run, export_run(run, tmp / "artifact")
+
+
+@pytest.mark.parametrize("env_id, spec, returns, max_ep_len", [
+    ("Pendulum-v1", VectorObservations(3), (-1500.0, 0.0), 200),
+    ("Hopper-v5", VectorObservations(11), (0.0, 3000.0), 1000)])
+def test_stochastic_head_exports_its_greedy_action(tmp_path, env_id, spec, returns, max_ep_len):
+    """A --model.policy stochastic run (every dtlab finetune policy) exports the action DTPolicy
+    takes at temperature 0, tanh of the Gaussian's mean, mapped to the env's bounds; policy.json
+    and the model card say so."""
+    run = make_checkpoint(tmp_path, env_id, spec, box(env_id), returns=returns,
+                          max_ep_len=max_ep_len, seed=5, policy="stochastic")
     artifact = export_run(run, tmp_path / "artifact")
+    record = lockstep(env_id, DTPolicy.from_checkpoint(run), DeployedPolicy(artifact),
+                      [returns[0] / 2, returns[1] / 2, returns[1]], steps=10, steer=(6, returns[1]))
+    assert_parity(record, 4, discrete=False)
+    assert record[0][2].shape == (3, box(env_id).dim)
+    policy = json.loads((artifact / "policy.json").read_text())
+    assert policy["policy"] == "stochastic" and policy["acts"].startswith("greedy (the mean)")
+    assert "action head: stochastic; the artifact acts greedy (the mean)" in \
+        (artifact / "README.md").read_text()
+
+
+def test_pointmaze_dict_observations_parity(pointmaze):
+    run, artifact = pointmaze
     record = lockstep("PointMaze_UMaze-v3", DTPolicy.from_checkpoint(run),
                       DeployedPolicy(artifact), [0.0, 1.0], steps=12, steer=(6, 0.5))
     assert_parity(record, 4, discrete=False)
 
 
-def test_atari_frame_stacks_parity(tmp_path):
-    run = make_checkpoint(tmp_path, "ALE/Breakout-v5", ImageObservations((84, 84), 4),
-                          DiscreteActions(4), k=3, max_ep_len=2000, seed=3)
-    artifact = export_run(run, tmp_path / "artifact")
+def test_atari_frame_stacks_parity(breakout):
+    run, artifact = breakout
     record = lockstep("ALE/Breakout-v5", DTPolicy.from_checkpoint(run), DeployedPolicy(artifact),
                       [10.0, 90.0], steps=8, steer=(4, 5.0))
     assert_parity(record, 3, discrete=True)
@@ -230,7 +263,7 @@ def test_policy_json_records_ranges_returns_and_calibration(tmp_path):
     assert sorted(p.name for p in artifact.iterdir()) == ["README.md", "policy.json", "policy.onnx"]
 
     policy = DeployedPolicy(artifact)
-    with pytest.warns(DtlabWarning, match="above 1500"):
+    with pytest.warns(DtlabWarning, match="target 1600 asked for, above 1500"):
         policy.reset([1000.0, 1600.0])
     with warnings.catch_warnings():
         warnings.simplefilter("error")
@@ -241,14 +274,15 @@ def test_policy_json_records_ranges_returns_and_calibration(tmp_path):
     far[0, 8] = obs[:, 8].min() - 3 * obs[:, 8].std()
     with pytest.warns(DtlabWarning, match=r"dimensions \[5, 8\]"):
         policy.act(far, [1.0, 1.0])
-    with pytest.warns(DtlabWarning, match="above 1500"):
+    with pytest.warns(DtlabWarning, match="target 2000 asked for, above 1500"):
         policy.steer(2000.0, index=[0])
 
 
 def test_uncalibrated_target_warning_names_the_datas_best(hopper):
     _, artifact = hopper
     policy = DeployedPolicy(artifact)
-    with pytest.warns(DtlabWarning, match=r"above 3000, the best episode return"):
+    with pytest.warns(DtlabWarning, match=r"target 3200 asked for, above 3000, the best "
+                                          r"episode return"):
         policy.reset(3200.0)
 
 
@@ -279,9 +313,8 @@ def test_max_ep_len_and_bad_observations_are_refused(tmp_path):
         policy.act(np.zeros(4))
     with pytest.raises(ConfigError, match="max_ep_len is 3"):
         policy.act(np.zeros(4))
-    from dtlab.errors import EnvError
     policy.reset([1.0, 2.0])
-    with pytest.raises(EnvError, match="do not fit"):
+    with pytest.raises(EnvError, match=r"shape \(2, 5\) for 2 episodes; expected \(2, 4\)$"):
         policy.act(np.zeros((2, 5)))
     with pytest.raises(EnvError, match=r"observation contains NaN/inf \(dimension 2\) for "
                                        r"episode 1"):
@@ -321,3 +354,96 @@ def test_the_standalone_distribution_is_these_files_at_dtlabs_version():
     assert (runtime.ARTIFACT_FORMAT, runtime.ARTIFACT_VERSION) == \
         (export.ARTIFACT_FORMAT, export.ARTIFACT_VERSION)
     assert runtime.STATE_NAMES == export.STATE_NAMES
+
+
+# ---- input checks: the same rules in DTPolicy and DeployedPolicy ----------------------------------
+RUNTIMES = ["DTPolicy", "DeployedPolicy"]
+
+
+def load(runtime, run, artifact):
+    return DTPolicy.from_checkpoint(run) if runtime == "DTPolicy" else DeployedPolicy(artifact)
+
+
+@pytest.mark.parametrize("runtime", RUNTIMES)
+def test_observations_of_another_shape_are_refused_even_when_their_size_fits(hopper, runtime):
+    """(obs_dim, n) has the size of (n, obs_dim) but reshaping it would mix the episodes'
+    observations: refused, as (obs_dim, 1) and (1, 1, obs_dim) are for one episode."""
+    policy = load(runtime, *hopper)
+    x = np.linspace(-1, 1, 22, dtype=np.float32).reshape(2, 11)
+    policy.reset([300.0, 900.0])
+    with pytest.raises(EnvError, match=r"^act got observations of shape \(11, 2\) for 2 "
+                                       r"episodes; expected \(2, 11\)$"):
+        policy.act(x.T)
+    policy.reset(300.0)
+    for bad in (x[:1].T, x[None, :1]):
+        with pytest.raises(EnvError, match=re.escape(f"shape {bad.shape} for 1 episode; "
+                                                     "expected (1, 11) or (11,)")):
+            policy.act(bad)
+    assert policy.act(x[0]).shape == policy.act(x[:1], 1.0).shape == (3,)
+
+
+@pytest.mark.parametrize("runtime", RUNTIMES)
+def test_dict_observation_keys_are_checked_by_shape(pointmaze, runtime):
+    policy = load(runtime, *pointmaze)
+    goal = np.array([[0.5, -0.5], [1.0, 1.5]], np.float32)  # (2, 2)
+    obs = np.arange(8, dtype=np.float32).reshape(2, 4) / 8  # (2, 4)
+    policy.reset([0.0, 1.0])
+    with pytest.raises(EnvError, match=r"key 'observation' of shape \(4, 2\) for 2 episodes; "
+                                       r"expected \(2, 4\)$"):
+        policy.act({"observation": obs.T, "desired_goal": goal})
+    with pytest.raises(EnvError, match=r"key 'desired_goal' of shape \(1, 4\) for 2 episodes"):
+        policy.act({"observation": obs, "desired_goal": goal.reshape(1, 4)})
+    with pytest.raises(EnvError, match="3 Dict observations for 2 episodes"):
+        policy.act([{"observation": obs[0], "desired_goal": goal[0]}] * 3)
+    policy.reset(0.0)
+    with pytest.raises(EnvError, match=r"key 'observation' of shape \(4, 1\) for 1 episode; "
+                                       r"expected \(1, 4\) or \(4,\)$"):
+        policy.act({"observation": obs[0][:, None], "desired_goal": goal[0]})
+    assert policy.act({"observation": obs[0], "desired_goal": goal[0]}).shape == (2,)
+
+
+@pytest.mark.parametrize("runtime", RUNTIMES)
+def test_frame_stacks_are_checked_by_shape(breakout, runtime):
+    policy = load(runtime, *breakout)
+    frames = np.zeros((2, 4, 84, 84), np.uint8)
+    policy.reset([10.0, 90.0])
+    with pytest.raises(EnvError, match=r"shape \(1, 2, 4, 84, 84\) \(uint8\) for 2 episodes; "
+                                       r"expected \(2, 4, 84, 84\) uint8$"):
+        policy.act(frames[None])
+    policy.reset(10.0)
+    with pytest.raises(EnvError, match=r"\(1, 1, 4, 84, 84\) \(uint8\) for 1 episode; expected "
+                                       r"\(1, 4, 84, 84\) uint8 or \(4, 84, 84\) uint8$"):
+        policy.act(frames[None, :1])
+    with pytest.raises(EnvError, match=r"\(4, 84, 84\) \(float32\) for 1 episode"):
+        policy.act(frames[0].astype(np.float32))
+    assert policy.act(frames[0]).shape == policy.act(frames[:1], 1.0).shape == ()
+
+
+@pytest.mark.parametrize("runtime", RUNTIMES)
+def test_last_reward_index_and_steer_values_of_the_wrong_size_are_named(hopper, runtime):
+    """One dtlab error naming the argument and the sizes, not numpy's or torch's; the policy
+    refuses before changing anything: it then acts as a fresh one does."""
+    policy, fresh = load(runtime, *hopper), load(runtime, *hopper)
+    obs = np.linspace(-1, 1, 22, dtype=np.float32).reshape(2, 11)
+    for p in (policy, fresh):
+        p.reset([300.0, 900.0])
+        p.act(obs)
+    with pytest.raises(EnvError, match=r"^last_reward has shape \(3,\) for 2 episodes; give "
+                                       r"one value per episode \(shape \(2,\)\) or a scalar$"):
+        policy.act(obs, np.zeros(3))
+    with pytest.raises(ConfigError, match=r"^index \[5\] names episodes outside 0\.\.1"):
+        policy.steer(-500.0, index=[5])
+    with pytest.raises(ConfigError, match=r"^index \[-1\] names episodes outside 0\.\.1"):
+        policy.act(obs[:1], 1.0, index=[-1])
+    with pytest.raises(ConfigError, match=r"^index \[1, 1\] names an episode more than once"):
+        policy.act(obs, [1.0, 2.0], index=[1, 1])
+    with pytest.raises(ConfigError, match=r"^index must be .*integers"):
+        policy.steer(-500.0, index=[True, False])
+    with pytest.raises(ConfigError, match=r"^steer's return_to_go has shape \(3,\) for 2 episodes"):
+        policy.steer([100.0, 200.0, 300.0])
+    with pytest.raises(ConfigError, match=r"^steer's return_to_go has shape \(2,\) for 1 episode"):
+        policy.steer([100.0, 200.0], index=[0])
+    np.testing.assert_array_equal(policy.act(obs, [1.0, 2.0]), fresh.act(obs, [1.0, 2.0]))
+    policy.steer([100.0, 200.0], index=[1, 0])  # good input: one value per episode named
+    policy.act(obs[::-1], 3.0, index=[1, 0])  # (a view with a negative stride)
+    np.testing.assert_allclose(policy.returns_to_go, [200.0, 100.0], rtol=1e-6)

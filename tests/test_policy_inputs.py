@@ -45,3 +45,21 @@ def test_act_without_a_reward_after_the_first_step_warns(tiny_checkpoint):
         policy.act(obs, -1.0)
     with pytest.warns(DtlabWarning, match="no last_reward after an episode's first step"):
         policy.act(obs)
+
+
+def test_observations_are_taken_by_shape_not_by_size(tiny_checkpoint):
+    """Pendulum (obs_dim 3): two episodes' observations transposed, (3, 2), have the right size
+    but would be read as mixed-up rows; one episode's (3, 1) and (1, 1, 3) are not (1, 3) or
+    (3,). Each is refused with the shape got and the shape expected."""
+    policy = DTPolicy.from_checkpoint(tiny_checkpoint)
+    x = np.array([[0.1, 0.2, 0.3], [-0.4, -0.5, -0.6]], np.float32)  # (2, 3)
+    policy.reset([-300.0, -600.0])
+    with pytest.raises(EnvError, match=r"shape \(3, 2\) for 2 episodes; expected \(2, 3\)$"):
+        policy.act(x.T)
+    policy.reset(-300.0)
+    with pytest.raises(EnvError, match=r"shape \(3, 1\) for 1 episode; expected \(1, 3\) or "
+                                       r"\(3,\)$"):
+        policy.act(np.zeros((3, 1)))
+    with pytest.raises(EnvError, match=r"shape \(1, 1, 3\) for 1 episode"):
+        policy.act(np.zeros((1, 1, 3)))
+    assert policy.act(x[0]).shape == (1,)  # (obs_dim,) for one episode: one unbatched action

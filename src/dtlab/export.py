@@ -12,7 +12,8 @@ The directory it writes (``ARTIFACT_FILES``):
   model's embed_dim), ``actions`` (N, K, act_dim) float32 in [-1, 1] or (N, K) int64,
   ``returns_to_go`` (N, K) float32 divided by the return scale, ``timesteps`` (N, K) int64 and
   ``masks`` (N, K) bool (False at left padding). Outputs: ``action`` (N, act_dim) float32 in the
-  env's units, or (N,) int64 (the most likely index), ``finite`` (N,) bool (whether the model's
+  env's units (a stochastic head's greedy action, tanh of its mean), or (N,) int64 (the most
+  likely index), ``finite`` (N,) bool (whether the model's
   output was finite) and the next window state under the same names with a ``next_`` prefix.
   Observation normalization, return scaling and the action mapping are inside the graph; the
   batch dimension N is dynamic. A fresh episode's state is all zeros (all padding).
@@ -67,7 +68,9 @@ OUT_OF_RANGE_STD = 1.0
 
 class StepGraph(nn.Module):
     """One ``DTPolicy.act`` step for a batch of episodes (the module docstring lists the inputs
-    and outputs). Built from a loaded checkpoint's model (eval mode) and ``PolicyInfo``."""
+    and outputs), at temperature 0: a stochastic head (``--model.policy stochastic``) acts with
+    its greedy action, tanh of the Gaussian's mean (continuous) or the most likely index. Built
+    from a loaded checkpoint's model (eval mode) and ``PolicyInfo``."""
 
     def __init__(self, model: nn.Module, info: PolicyInfo) -> None:
         super().__init__()
@@ -110,13 +113,15 @@ class StepGraph(nn.Module):
         pred = self.model.predict_last(observations, actions, returns_to_go[..., None],
                                        timesteps, masks)  # (N, A) in [-1, 1], or (N, n) logits
         finite = torch.isfinite(pred).all(-1)  # (N,)
+        # The action DTPolicy takes at temperature 0: the most likely index ((N,) int64, the
+        # first of equal maxima, as torch.argmax), the deterministic head's action, or the
+        # stochastic head's tanh(mean) ((N, A) in [-1, 1]).
+        chosen = self.model.predict_action.greedy_action(pred)
         if self.discrete:
-            chosen = pred.argmax(-1)  # (N,) int64, the first of equal maxima (as torch.argmax)
             action = chosen
         else:
-            chosen = pred
-            action = (self.action_low + (pred + 1.0) * 0.5 * (self.action_high - self.action_low)
-                      if self.maps_actions else pred)  # normalizer.from_unit_interval
+            action = (self.action_low + (chosen + 1.0) * 0.5 * (self.action_high - self.action_low)
+                      if self.maps_actions else chosen)  # normalizer.from_unit_interval
         actions = torch.cat((actions[:, :-1], chosen[:, None]), 1)
         return action, finite, observations, actions, returns_to_go, timesteps, masks
 
@@ -223,6 +228,15 @@ def reliable_targets(path: Path) -> dict[str, Any] | None:
             "saturated": cal.get("saturated"), "source": checkpoint.CALIBRATION_FILE}
 
 
+def acting_rule(info: PolicyInfo) -> str:
+    """How the graph picks its action (``policy.json`` ``acts``): DTPolicy's at temperature 0."""
+    if isinstance(info.action_space, DiscreteActions):
+        return "greedy (the most likely index)"
+    if info.model.policy == "stochastic":
+        return "greedy (the mean): tanh of the Gaussian's mean, not sampled"
+    return "the deterministic head's action"
+
+
 def build_policy_record(path: Path, info: PolicyInfo, dataset: str | None) -> dict[str, Any]:
     """The content of ``policy.json`` for checkpoint ``path`` (see the module docstring)."""
     return {
@@ -231,7 +245,8 @@ def build_policy_record(path: Path, info: PolicyInfo, dataset: str | None) -> di
         "outputs": list(OUTPUT_NAMES), "env_id": info.env_id,
         "observation_space": info.observation_space.to_json(),
         "action_space": info.action_space.to_json(),
-        "architecture": info.model.architecture, "context_len": info.model.context_len,
+        "architecture": info.model.architecture, "policy": info.model.policy,
+        "acts": acting_rule(info), "context_len": info.model.context_len,
         "max_ep_len": info.model.max_ep_len, "return_scale": info.normalizer.return_scale,
         "dataset_return": info.dataset.get("episode_return"),
         "reliable_targets": reliable_targets(path),
@@ -273,7 +288,11 @@ def model_card(run: Path, ckpt: Path, record: dict[str, Any]) -> str:
               f"- observations: {json.dumps(record['observation_space'])}",
               f"- actions: {json.dumps(record['action_space'])}",
               f"- {record['architecture']}, context_len (K) {record['context_len']}, max_ep_len "
-              f"{record['max_ep_len']}, return scale {record['return_scale']:g}"]
+              f"{record['max_ep_len']}, return scale {record['return_scale']:g}",
+              f"- action head: {record['policy']}; the artifact acts {record['acts']}"
+              + (" (the action `DTPolicy` takes at temperature 0, as evaluation does; the "
+                 "exploration noise of online finetuning is not exported)"
+                 if record["policy"] == "stochastic" else "")]
     config = _read_json(run / checkpoint.TRAIN_CONFIG_FILE)
     if isinstance(config, dict):
         lines.append("- training settings (train_config.json):")
@@ -344,9 +363,6 @@ def export_run(run: str | Path, out: str | Path, dataset: str | None = None) -> 
     run = Path(run)
     ckpt = checkpoint.resolve(run)
     model, info = checkpoint.load(ckpt, "cpu")
-    if info.model.policy != "deterministic":  # the step graph ends in the deterministic head
-        raise ConfigError(f"{ckpt}: dtlab export writes deterministic policies; this checkpoint "
-                          f"has a {info.model.policy} head (--model.policy stochastic)")
     record = build_policy_record(ckpt, info, dataset)
     run_dir = run if not (run / checkpoint.CONFIG_FILE).is_file() else ckpt.parent
     with atomic_path(out, directory=True) as tmp:

@@ -35,7 +35,67 @@ from dtlab.errors import ConfigError, DtlabWarning, EnvError, TrainingError
 from dtlab.kv_cache import KVCache, predict_cached
 from dtlab.model import DecisionTransformer
 from dtlab.spaces import (DictObservations, DiscreteActions, ImageObservations,
-                          describe_observations, flatten_observation)
+                          flatten_observation)
+
+
+def _episodes(n: int) -> str:
+    return f"{n} episode{'s' if n != 1 else ''}"
+
+
+def _fit_batch(value: np.ndarray, n: int, shape: tuple[int, ...], what: str,
+               dtype: type | None = None) -> np.ndarray:
+    """``value`` as (n, *shape): exactly that shape, or ``shape`` itself when n is 1 (one episode,
+    unbatched), and of ``dtype`` when one is given. EnvError naming the shape got and the shape
+    expected otherwise: an array of the right size but another shape, e.g. (obs_dim, n), is
+    refused, since reshaping it would mix the episodes' values."""
+    fits = value.shape == (n, *shape) or (n == 1 and value.shape == shape)
+    if fits and (dtype is None or value.dtype == dtype):
+        return value.reshape(n, *shape)
+    kind = "" if dtype is None else f" {np.dtype(dtype).name}"
+    got = "" if dtype is None else f" ({value.dtype})"
+    expected = f"{(n, *shape)}{kind}" + (f" or {shape}{kind}" if n == 1 else "")
+    raise EnvError(f"act got {what} of shape {value.shape}{got} for {_episodes(n)}; "
+                   f"expected {expected}")
+
+
+def _dict_rows(spec: DictObservations, observation: Mapping, n: int) -> np.ndarray:
+    """One mapping of Dict observations for ``n`` episodes -> (n, spec.dim): each key's value
+    (n, dim_k), or (dim_k,) when n is 1 (``_fit_batch``'s rule, naming the key)."""
+    for key, dim in zip(spec.keys, spec.dims):
+        if key in observation:  # (a missing key: flatten_observation names it)
+            _fit_batch(np.asarray(observation[key]), n, (dim,), f"Dict observation key {key!r}")
+    return flatten_observation(spec, observation)
+
+
+def _check_index(index: Any, num_envs: int) -> np.ndarray:
+    """``index`` as (n,) int64 episode numbers: integers in 0..num_envs-1, each at most once (a
+    negative index is refused rather than counted from the end, and a repeated one would advance
+    an episode twice in one step). ConfigError naming ``index`` otherwise."""
+    rows = np.asarray(index)
+    if rows.size == 0:
+        return np.zeros(0, np.int64)
+    if rows.ndim > 1 or rows.dtype.kind not in "iu":
+        raise ConfigError(f"index must be a sequence of episode numbers (integers), got "
+                          f"{rows.tolist()!r}")
+    rows = rows.astype(np.int64).reshape(-1)
+    if rows.min() < 0 or rows.max() >= num_envs:
+        raise ConfigError(f"index {rows.tolist()} names episodes outside 0..{num_envs - 1} "
+                          f"(reset started {num_envs})")
+    if np.unique(rows).size != rows.size:
+        raise ConfigError(f"index {rows.tolist()} names an episode more than once")
+    return rows
+
+
+def _per_episode(name: str, value: Any, n: int, error: type[Exception] = EnvError) -> np.ndarray:
+    """``value`` (a scalar or a single value, for every episode, or one value per episode) as
+    (n,) float32. ``error`` (EnvError unless given) naming ``name`` and the sizes otherwise."""
+    values = np.asarray(value, dtype=np.float32)
+    if values.ndim == 0 or values.shape == (1,):
+        return np.broadcast_to(values.reshape(1), (n,))
+    if values.shape != (n,):
+        raise error(f"{name} has shape {values.shape} for {_episodes(n)}; give one value per "
+                       f"episode (shape ({n},)) or a scalar")
+    return values
 
 
 class DTPolicy:
@@ -238,28 +298,31 @@ class DTPolicy:
         subtracted), and the return-to-go tokens already in the context shift by the same amount,
         so the context reads as if this return had been asked for from the start. Warns
         (DtlabWarning) above the checkpoint's calibrated reliable maximum target.
+
+        ``return_to_go``: one value for every episode in ``index`` (default: all), or one per
+        episode. ``index``: episode numbers, each in 0..N-1 and at most once (negative numbers
+        are not counted from the end). ConfigError otherwise, naming the argument.
         """
-        idx = self._index(index)
+        rows = self._rows(index)
         check_targets("steer's return_to_go", np.ravel(np.asarray(return_to_go, dtype=np.float64)).tolist())
         self._warn_above_reliable_max(np.asarray(return_to_go, dtype=np.float64))
-        new = torch.tensor(np.asarray(return_to_go, dtype=np.float32).reshape(-1), device=self.device)
-        self._pending[idx] = self._norm.scale_returns(new)
+        new = _per_episode("steer's return_to_go", return_to_go, rows.shape[0], ConfigError)
+        self._pending[torch.from_numpy(rows).to(self.device)] = self._norm.scale_returns(
+            torch.tensor(new, device=self.device))
 
     @property
     def returns_to_go(self) -> np.ndarray:
         """Return-to-go each episode conditioned its last action on (unscaled). (N,)"""
         return self._norm.unscale_returns(self._next_rtg).cpu().numpy()
 
-    def _index(self, index) -> torch.Tensor:
+    def _rows(self, index) -> np.ndarray:
+        """(n,) int64 episodes ``index`` names (default: all); ConfigError before a reset and for
+        an index ``_check_index`` refuses."""
         if not self.num_envs:
             raise ConfigError("the policy has no episodes: call reset(target_return) first")
         if index is None:
-            return torch.arange(self.num_envs, device=self.device)
-        rows = np.asarray(index, dtype=np.int64).reshape(-1)
-        if rows.size and (rows.min() < 0 or rows.max() >= self.num_envs):
-            raise ConfigError(f"index {rows.tolist()} names episodes outside 0..{self.num_envs - 1} "
-                              f"(reset started {self.num_envs})")
-        return torch.tensor(rows, device=self.device)
+            return np.arange(self.num_envs)
+        return _check_index(index, self.num_envs)
 
     def _predict_cached(self, idx, t, obs_w, act_w, rtg_w, ts_w, mask_w, invalidate: bool) -> torch.Tensor:
         """kv_cache mode: feed only the new step (and the previous step's now known action) when
@@ -299,32 +362,26 @@ class DTPolicy:
         spec, n = self.info.observation_space, len(rows)
         if isinstance(spec, DictObservations):
             if isinstance(observation, Mapping):
-                flat = flatten_observation(spec, observation)  # (n, dim)
-            elif isinstance(observation, np.ndarray) and observation.dtype != object:
-                flat = observation  # already flattened
-            else:
-                flat = np.concatenate([flatten_observation(spec, o) for o in observation])
-            observation = flat
+                observation = _dict_rows(spec, observation, n)  # (n, dim)
+            elif not (isinstance(observation, np.ndarray) and observation.dtype != object):
+                if len(observation) != n:  # a sequence of per-episode mappings
+                    raise EnvError(f"act got {len(observation)} Dict observations for "
+                                   f"{_episodes(n)}")
+                observation = np.concatenate([_dict_rows(spec, o, 1) for o in observation])
+            # else: already flattened, (n, dim)
         if self._frames is not None:
-            frames = np.asarray(observation)
-            if frames.dtype != np.uint8 or frames.shape[-3:] != self._frames or \
-                    frames.size != n * int(np.prod(self._frames)):
-                raise EnvError(f"act got observations of shape {frames.shape} ({frames.dtype}) for "
-                               f"{n} episode{'s' if n != 1 else ''}; expected "
-                               f"{(n, *self._frames)} uint8 ({describe_observations(spec)})")
-            return torch.tensor(frames.reshape(n, *self._frames), device=self.device)
-        obs = np.asarray(observation, dtype=np.float32)
-        if obs.size != n * spec.dim:
-            single = f" or ({spec.dim},)" if n == 1 else ""
-            raise EnvError(f"act got observations of shape {obs.shape} for {n} "
-                           f"episode{'s' if n != 1 else ''}; expected ({n}, {spec.dim}){single}")
-        obs = obs.reshape(n, spec.dim)  # (n, obs_dim)
+            frames = _fit_batch(np.asarray(observation), n, self._frames, "observations",
+                                np.uint8)  # (n, S, H, W)
+            return torch.tensor(np.ascontiguousarray(frames), device=self.device)
+        obs = _fit_batch(np.asarray(observation, dtype=np.float32), n, (spec.dim,),
+                         "observations")  # (n, obs_dim)
         finite = np.isfinite(obs)
         if not finite.all():
             e, i = np.argwhere(~finite)[0]
             raise EnvError(f"observation contains NaN/inf (dimension {i}) for episode {rows[e]} "
                            f"at step {self._t[rows[e]]}: {obs[e, i]}")
-        return torch.tensor(obs, device=self.device)
+        # (a copy: torch.tensor refuses numpy's negative strides, e.g. obs[::-1])
+        return torch.tensor(np.ascontiguousarray(obs), device=self.device)
 
     # ---- acting -------------------------------------------------------------------------------
     @torch.inference_mode()
@@ -339,14 +396,19 @@ class DTPolicy:
         per-episode mappings; unbatched after a scalar ``reset``). Returns (n, act_dim) float32 in the env's units, or
         (n,) int64 indices (unbatched after a scalar ``reset``).
 
+        ``index``: episode numbers, each in 0..N-1 and at most once (ConfigError otherwise).
+        ``last_reward``: a scalar (for every episode) or (n,).
+
         Raises ConfigError when an episode reaches the model's ``max_ep_len`` (timesteps beyond
         it have no embedding: cap episodes with max_steps), EnvError for observations of another
-        shape than (n, obs_dim) (or (obs_dim,) for one episode) or holding NaN/inf, and
+        shape than (n, obs_dim) (or (obs_dim,) for one episode; the same rule for frame stacks,
+        (n, stack, H, W), and for each key of a Dict observation, (n, dim_k)) or holding NaN/inf,
+        for a ``last_reward`` of another shape, and
         TrainingError when the model produces a non-finite action, naming the episode, its target
         and step.
         """
-        idx = self._index(index)
-        rows = np.arange(self.num_envs) if index is None else np.asarray(index, np.int64).reshape(-1)
+        rows = self._rows(index)  # (n,)
+        idx = torch.from_numpy(rows).to(self.device)
         steps = self._t[rows]  # (n,) this step's timestep per episode
         limit = self.info.model.max_ep_len
         if steps.size and steps.max() >= limit:
@@ -358,12 +420,11 @@ class DTPolicy:
         obs = self._observation_tensor(observation, rows)  # (n, obs_dim) or (n, S, H, W)
         t = torch.from_numpy(steps).to(self.device)  # (n,)
         if last_reward is not None:
-            rewards = np.asarray(last_reward, dtype=np.float32).reshape(-1)
+            rewards = _per_episode("last_reward", last_reward, rows.shape[0])  # (n,)
             if not np.isfinite(rewards).all():
                 raise EnvError(f"last_reward contains NaN/inf ({rewards.tolist()[:8]}): the env "
                                "returned a non-finite reward")
             r = torch.tensor(rewards, device=self.device)
-            r = r.expand(idx.shape[0])
             self._next_rtg[idx] -= torch.where(t > 0, self._norm.scale_returns(r), 0.0)
         elif steps.size and steps.max() > 0 and \
                 self.info.model.architecture == "decision-transformer":

@@ -44,6 +44,59 @@ def _finite_targets(name: str, value: Any) -> np.ndarray:
     return values.astype(np.float32)
 
 
+def _episodes(n: int) -> str:
+    return f"{n} episode{'s' if n != 1 else ''}"
+
+
+# The input rules below are DTPolicy's (dtlab.policy's helpers of the same names), written again
+# here because this runtime imports numpy and onnxruntime only.
+def _fit_batch(value: np.ndarray, n: int, shape: tuple[int, ...], what: str,
+               dtype: type | None = None) -> np.ndarray:
+    """``value`` as (n, *shape): exactly that shape, or ``shape`` itself when n is 1 (one episode,
+    unbatched), and of ``dtype`` when one is given. EnvError naming the shape got and the shape
+    expected otherwise: an array of the right size but another shape, e.g. (obs_dim, n), is
+    refused, since reshaping it would mix the episodes' values."""
+    fits = value.shape == (n, *shape) or (n == 1 and value.shape == shape)
+    if fits and (dtype is None or value.dtype == dtype):
+        return value.reshape(n, *shape)
+    kind = "" if dtype is None else f" {np.dtype(dtype).name}"
+    got = "" if dtype is None else f" ({value.dtype})"
+    expected = f"{(n, *shape)}{kind}" + (f" or {shape}{kind}" if n == 1 else "")
+    raise EnvError(f"act got {what} of shape {value.shape}{got} for {_episodes(n)}; "
+                   f"expected {expected}")
+
+
+def _check_index(index: Any, num_envs: int) -> np.ndarray:
+    """``index`` as (n,) int64: integers in 0..num_envs-1, each at most once (a negative index is
+    refused, not counted from the end; a repeated one would advance an episode twice in one
+    step). ConfigError naming ``index`` otherwise."""
+    rows = np.asarray(index)
+    if rows.size == 0:
+        return np.zeros(0, np.int64)
+    if rows.ndim > 1 or rows.dtype.kind not in "iu":
+        raise ConfigError(f"index must be a sequence of episode numbers (integers), got "
+                          f"{rows.tolist()!r}")
+    rows = rows.astype(np.int64).reshape(-1)
+    if rows.min() < 0 or rows.max() >= num_envs:
+        raise ConfigError(f"index {rows.tolist()} names episodes outside 0..{num_envs - 1} "
+                          f"(reset started {num_envs})")
+    if np.unique(rows).size != rows.size:
+        raise ConfigError(f"index {rows.tolist()} names an episode more than once")
+    return rows
+
+
+def _per_episode(name: str, value: Any, n: int, error: type[Exception] = EnvError) -> np.ndarray:
+    """``value`` (a scalar or a single value, for every episode, or one value per episode) as
+    (n,) float32; ``error`` naming ``name`` and the sizes otherwise."""
+    values = np.asarray(value, dtype=np.float32)
+    if values.ndim == 0 or values.shape == (1,):
+        return np.broadcast_to(values.reshape(1), (n,))
+    if values.shape != (n,):
+        raise error(f"{name} has shape {values.shape} for {_episodes(n)}; give one value per "
+                    f"episode (shape ({n},)) or a scalar")
+    return values
+
+
 class DeployedPolicy:
     """The policy of a ``dtlab export`` directory, without torch.
 
@@ -143,9 +196,13 @@ class DeployedPolicy:
         """Ask for a different return from the next step on: the next ``act`` conditions on exactly
         ``return_to_go`` (the reward passed to it is not subtracted) and the context's
         returns-to-go shift by the same amount (``DTPolicy.steer``). Warns above the reliable
-        maximum target."""
+        maximum target. ``return_to_go``: one value for every episode in ``index`` (default: all)
+        or one per episode; ``index``: episode numbers in 0..N-1, each at most once. ConfigError
+        otherwise, naming the argument."""
         rows = self._rows(index)
         values = _finite_targets("return_to_go", return_to_go)
+        values = _per_episode("steer's return_to_go", np.asarray(return_to_go, np.float32),
+                              rows.shape[0], ConfigError)  # (n,), finite
         self._warn_above_reliable_max(values)
         self._pending[rows] = values
 
@@ -159,54 +216,49 @@ class DeployedPolicy:
             raise ConfigError("the policy has no episodes: call reset(target_return) first")
         if index is None:
             return np.arange(self.num_envs)
-        return np.asarray(index, dtype=np.int64).reshape(-1)
+        return _check_index(index, self.num_envs)
 
     def _warn_above_reliable_max(self, targets: np.ndarray) -> None:
+        """One line naming the highest target asked for when it exceeds ``reliable_max_target``
+        (the same text for the same target, so Python's default filter shows it once)."""
         limit = self.reliable_max_target
-        if limit is not None and float(np.max(targets)) > limit:
-            warnings.warn(f"target returns above {limit:g}, {self._limit_source} (policy.json), "
-                          "were asked for: the model is not known to follow them",
+        top = float(np.max(targets)) if targets.size else -math.inf
+        if limit is not None and top > limit:
+            warnings.warn(f"target {top:g} asked for, above {limit:g}, {self._limit_source} "
+                          "(policy.json): the model is not known to follow it",
                           DtlabWarning, stacklevel=3)
 
     # ---- observations ---------------------------------------------------------------------------
     def _observation_array(self, observation: Any, n: int) -> np.ndarray:
-        """(n, obs_dim) float32, or (n, stack, H, W) uint8 frame stacks; Dict observations (a
-        mapping of batched arrays, or a sequence of per-episode mappings) flattened with the
-        artifact's keys in order. EnvError when the shapes do not fit."""
+        """(n, obs_dim) float32, or (n, stack, H, W) uint8 frame stacks ((obs_dim,) or (stack,
+        H, W) accepted for one episode); Dict observations (a mapping whose keys hold (n, dim_k)
+        arrays, or a sequence of n per-episode mappings) flattened with the artifact's keys in
+        order. EnvError when the shapes do not fit (``_fit_batch``)."""
         space = self.observation_space
         if space["type"] == "dict":
             if isinstance(observation, Mapping):
-                observation = self._flatten(observation)
+                observation = self._flatten(observation, n)
             elif not (isinstance(observation, np.ndarray) and observation.dtype != object):
-                observation = np.concatenate([self._flatten(o) for o in observation])
+                if len(observation) != n:  # a sequence of per-episode mappings
+                    raise EnvError(f"act got {len(observation)} Dict observations for "
+                                   f"{_episodes(n)}")
+                observation = np.concatenate([self._flatten(o, 1) for o in observation])
         if space["type"] == "image":
             shape = (space["stack"], *space["shape"])
-            frames = np.asarray(observation)
-            if frames.dtype != np.uint8 or tuple(frames.shape[-3:]) != shape or \
-                    frames.size != n * int(np.prod(shape)):
-                raise EnvError(f"observations of shape {frames.shape} ({frames.dtype}) do not fit "
-                               f"the artifact's frame stacks {shape} uint8 for {n} episodes")
-            return np.ascontiguousarray(frames.reshape(n, *shape))
+            frames = _fit_batch(np.asarray(observation), n, shape, "observations", np.uint8)
+            return np.ascontiguousarray(frames)  # (n, stack, H, W)
         dim = int(space["dim"]) if space["type"] == "vector" else sum(space["dims"])
-        obs = np.asarray(observation, dtype=np.float32)
-        if obs.size != n * dim:
-            raise EnvError(f"observations of shape {obs.shape} do not fit the artifact's "
-                           f"{dim}-value observations for {n} episodes")
-        return obs.reshape(n, dim)
+        return _fit_batch(np.asarray(observation, dtype=np.float32), n, (dim,), "observations")
 
-    def _flatten(self, observation: Mapping) -> np.ndarray:
-        """One Dict observation (single or batched values) -> (n, dim) float32, keys in the
-        artifact's order (dtlab.spaces.flatten_observation's rule)."""
-        parts, rows = [], None
+    def _flatten(self, observation: Mapping, n: int) -> np.ndarray:
+        """A Dict observation of ``n`` episodes (each key (n, dim_k), or (dim_k,) for one) ->
+        (n, dim) float32, keys in the artifact's order (dtlab.spaces.flatten_observation's)."""
+        parts = []
         for key, dim in zip(self.observation_space["keys"], self.observation_space["dims"]):
             if key not in observation:
                 raise EnvError(f"Dict observation has no key {key!r} (it has {sorted(observation)})")
             value = np.asarray(observation[key], dtype=np.float32)
-            if value.size % dim or (rows is not None and value.size // dim != rows):
-                raise EnvError(f"Dict observation key {key!r} has shape {value.shape}, not "
-                               f"{rows or 'n'} x {dim} values")
-            rows = value.size // dim
-            parts.append(value.reshape(rows, dim))
+            parts.append(_fit_batch(value, n, (dim,), f"Dict observation key {key!r}"))
         return np.concatenate(parts, axis=1)
 
     def _warn_out_of_range(self, obs: np.ndarray) -> None:
@@ -231,8 +283,13 @@ class DeployedPolicy:
         The first call on all episodes after a ``reset`` to a new number of episodes loads the
         graph for that batch size (tens of milliseconds; ConfigError if the file is gone).
 
-        ConfigError when an episode reaches ``max_ep_len``; EnvError when the observations do not
-        fit; TrainingError when the model's output is not finite, naming the episode and step.
+        ``observation``: (n, obs_dim), (n, stack, H, W) uint8 or a Dict of (n, dim_k) arrays,
+        unbatched ((obs_dim,), ...) for one episode; ``last_reward``: a scalar or (n,); ``index``:
+        episode numbers in 0..N-1, each at most once.
+
+        ConfigError when an episode reaches ``max_ep_len`` or for a bad ``index``; EnvError when
+        the observations or ``last_reward`` do not fit (naming the shapes); TrainingError when
+        the model's output is not finite, naming the episode and step.
         """
         rows = self._rows(index)
         n = rows.shape[0]
@@ -250,8 +307,8 @@ class DeployedPolicy:
                 raise EnvError(f"observation contains NaN/inf (dimension {dim}) for episode "
                                f"{int(rows[row])}: {obs[row, dim]}")
             self._warn_out_of_range(obs)
-        reward = np.zeros(n, np.float32) if last_reward is None else np.broadcast_to(
-            np.asarray(last_reward, dtype=np.float32).reshape(-1), (n,))
+        reward = np.zeros(n, np.float32) if last_reward is None else _per_episode(
+            "last_reward", last_reward, n)  # (n,)
         if not np.isfinite(reward).all():
             raise EnvError(f"last_reward contains NaN/inf ({reward.tolist()[:8]})")
         whole = index is None
