@@ -403,8 +403,8 @@ def test_preset_atari_expands_to_the_dt_papers_settings_and_later_flags_win(tmp_
                     default=train_preset("atari-pong"))
     assert (pong.model.context_len, pong.optim.batch_size, pong.optim.lr) == (50, 512, 6e-4)
     cpu = tyro.cli(TrainConfig, args=["--dataset", "d", "--env", "e"], default=train_preset("cpu"))
-    assert (cpu.run.steps, cpu.optim.warmup_steps, cpu.evaluation.eval_every) == (15_000, 1_000,
-                                                                                 2_500)
+    assert (cpu.run.steps, cpu.optim.warmup_steps, cpu.evaluation.eval_every,
+            cpu.optim.ema_decay) == (15_000, 1_000, 2_500, 0.999)
     assert TRAIN_PRESETS == ("cpu", "atari", "atari-pong")
     with pytest.raises(ConfigError, match=r"unknown --preset 'mujoco' \(cpu, atari, atari-pong\)"):
         train_preset("mujoco")
