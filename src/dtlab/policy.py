@@ -32,70 +32,20 @@ from dtlab.checkpoint import PolicyInfo
 from dtlab.config import MAX_SEED, check_number, check_targets
 from dtlab.data.records import ReturnStats
 from dtlab.errors import ConfigError, DtlabWarning, EnvError, TrainingError
+from dtlab.deploy.inputs import check_index, episodes, fit_batch, per_episode
 from dtlab.kv_cache import KVCache, predict_cached
 from dtlab.model import DecisionTransformer
 from dtlab.spaces import (DictObservations, DiscreteActions, ImageObservations,
                           flatten_observation)
 
 
-def _episodes(n: int) -> str:
-    return f"{n} episode{'s' if n != 1 else ''}"
-
-
-def _fit_batch(value: np.ndarray, n: int, shape: tuple[int, ...], what: str,
-               dtype: type | None = None) -> np.ndarray:
-    """``value`` as (n, *shape): exactly that shape, or ``shape`` itself when n is 1 (one episode,
-    unbatched), and of ``dtype`` when one is given. EnvError naming the shape got and the shape
-    expected otherwise: an array of the right size but another shape, e.g. (obs_dim, n), is
-    refused, since reshaping it would mix the episodes' values."""
-    fits = value.shape == (n, *shape) or (n == 1 and value.shape == shape)
-    if fits and (dtype is None or value.dtype == dtype):
-        return value.reshape(n, *shape)
-    kind = "" if dtype is None else f" {np.dtype(dtype).name}"
-    got = "" if dtype is None else f" ({value.dtype})"
-    expected = f"{(n, *shape)}{kind}" + (f" or {shape}{kind}" if n == 1 else "")
-    raise EnvError(f"act got {what} of shape {value.shape}{got} for {_episodes(n)}; "
-                   f"expected {expected}")
-
-
 def _dict_rows(spec: DictObservations, observation: Mapping, n: int) -> np.ndarray:
     """One mapping of Dict observations for ``n`` episodes -> (n, spec.dim): each key's value
-    (n, dim_k), or (dim_k,) when n is 1 (``_fit_batch``'s rule, naming the key)."""
+    (n, dim_k), or (dim_k,) when n is 1 (``fit_batch``'s rule, naming the key)."""
     for key, dim in zip(spec.keys, spec.dims):
         if key in observation:  # (a missing key: flatten_observation names it)
-            _fit_batch(np.asarray(observation[key]), n, (dim,), f"Dict observation key {key!r}")
+            fit_batch(np.asarray(observation[key]), n, (dim,), f"Dict observation key {key!r}")
     return flatten_observation(spec, observation)
-
-
-def _check_index(index: Any, num_envs: int) -> np.ndarray:
-    """``index`` as (n,) int64 episode numbers: integers in 0..num_envs-1, each at most once (a
-    negative index is refused rather than counted from the end, and a repeated one would advance
-    an episode twice in one step). ConfigError naming ``index`` otherwise."""
-    rows = np.asarray(index)
-    if rows.size == 0:
-        return np.zeros(0, np.int64)
-    if rows.ndim > 1 or rows.dtype.kind not in "iu":
-        raise ConfigError(f"index must be a sequence of episode numbers (integers), got "
-                          f"{rows.tolist()!r}")
-    rows = rows.astype(np.int64).reshape(-1)
-    if rows.min() < 0 or rows.max() >= num_envs:
-        raise ConfigError(f"index {rows.tolist()} names episodes outside 0..{num_envs - 1} "
-                          f"(reset started {num_envs})")
-    if np.unique(rows).size != rows.size:
-        raise ConfigError(f"index {rows.tolist()} names an episode more than once")
-    return rows
-
-
-def _per_episode(name: str, value: Any, n: int, error: type[Exception] = EnvError) -> np.ndarray:
-    """``value`` (a scalar or a single value, for every episode, or one value per episode) as
-    (n,) float32. ``error`` (EnvError unless given) naming ``name`` and the sizes otherwise."""
-    values = np.asarray(value, dtype=np.float32)
-    if values.ndim == 0 or values.shape == (1,):
-        return np.broadcast_to(values.reshape(1), (n,))
-    if values.shape != (n,):
-        raise error(f"{name} has shape {values.shape} for {_episodes(n)}; give one value per "
-                       f"episode (shape ({n},)) or a scalar")
-    return values
 
 
 class DTPolicy:
@@ -306,7 +256,7 @@ class DTPolicy:
         rows = self._rows(index)
         check_targets("steer's return_to_go", np.ravel(np.asarray(return_to_go, dtype=np.float64)).tolist())
         self._warn_above_reliable_max(np.asarray(return_to_go, dtype=np.float64))
-        new = _per_episode("steer's return_to_go", return_to_go, rows.shape[0], ConfigError)
+        new = per_episode("steer's return_to_go", return_to_go, rows.shape[0], ConfigError)
         self._pending[torch.from_numpy(rows).to(self.device)] = self._norm.scale_returns(
             torch.tensor(new, device=self.device))
 
@@ -317,12 +267,12 @@ class DTPolicy:
 
     def _rows(self, index) -> np.ndarray:
         """(n,) int64 episodes ``index`` names (default: all); ConfigError before a reset and for
-        an index ``_check_index`` refuses."""
+        an index ``check_index`` refuses."""
         if not self.num_envs:
             raise ConfigError("the policy has no episodes: call reset(target_return) first")
         if index is None:
             return np.arange(self.num_envs)
-        return _check_index(index, self.num_envs)
+        return check_index(index, self.num_envs)
 
     def _predict_cached(self, idx, t, obs_w, act_w, rtg_w, ts_w, mask_w, invalidate: bool) -> torch.Tensor:
         """kv_cache mode: feed only the new step (and the previous step's now known action) when
@@ -366,14 +316,14 @@ class DTPolicy:
             elif not (isinstance(observation, np.ndarray) and observation.dtype != object):
                 if len(observation) != n:  # a sequence of per-episode mappings
                     raise EnvError(f"act got {len(observation)} Dict observations for "
-                                   f"{_episodes(n)}")
+                                   f"{episodes(n)}")
                 observation = np.concatenate([_dict_rows(spec, o, 1) for o in observation])
             # else: already flattened, (n, dim)
         if self._frames is not None:
-            frames = _fit_batch(np.asarray(observation), n, self._frames, "observations",
+            frames = fit_batch(np.asarray(observation), n, self._frames, "observations",
                                 np.uint8)  # (n, S, H, W)
             return torch.tensor(np.ascontiguousarray(frames), device=self.device)
-        obs = _fit_batch(np.asarray(observation, dtype=np.float32), n, (spec.dim,),
+        obs = fit_batch(np.asarray(observation, dtype=np.float32), n, (spec.dim,),
                          "observations")  # (n, obs_dim)
         finite = np.isfinite(obs)
         if not finite.all():
@@ -420,7 +370,7 @@ class DTPolicy:
         obs = self._observation_tensor(observation, rows)  # (n, obs_dim) or (n, S, H, W)
         t = torch.from_numpy(steps).to(self.device)  # (n,)
         if last_reward is not None:
-            rewards = _per_episode("last_reward", last_reward, rows.shape[0])  # (n,)
+            rewards = per_episode("last_reward", last_reward, rows.shape[0])  # (n,)
             if not np.isfinite(rewards).all():
                 raise EnvError(f"last_reward contains NaN/inf ({rewards.tolist()[:8]}): the env "
                                "returned a non-finite reward")

@@ -6,8 +6,19 @@ it is ``dtlab.deploy``; installed alone (``pip install ./deploy``, no torch) it 
 ``dtlab_deploy``, built from these same files.
 """
 
+from typing import Any
+
 from .errors import ConfigError, DtlabError, DtlabWarning, EnvError, TrainingError
-from .runtime import DeployedPolicy
+
+
+def __getattr__(name: str) -> Any:
+    """``DeployedPolicy`` is imported when first asked for, so that ``dtlab.deploy.inputs`` (the
+    input rules DTPolicy shares) imports without onnxruntime."""
+    if name == "DeployedPolicy":
+        from .runtime import DeployedPolicy
+
+        return DeployedPolicy
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 __all__ = ["DeployedPolicy", "ConfigError", "DtlabError", "DtlabWarning", "EnvError",
            "TrainingError"]

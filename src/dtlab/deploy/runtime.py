@@ -26,6 +26,7 @@ import numpy as np
 import onnxruntime as ort
 
 from .errors import ConfigError, DtlabWarning, EnvError, TrainingError
+from .inputs import check_index, episodes, fit_batch, per_episode
 
 # The artifact layout this runtime reads (dtlab.export.ARTIFACT_FORMAT / ARTIFACT_VERSION).
 ARTIFACT_FORMAT, ARTIFACT_VERSION = "dtlab-deploy", 1
@@ -42,59 +43,6 @@ def _finite_targets(name: str, value: Any) -> np.ndarray:
     if not values.size or not np.isfinite(values).all():
         raise ConfigError(f"{name} must be finite numbers, got {values.tolist()}")
     return values.astype(np.float32)
-
-
-def _episodes(n: int) -> str:
-    return f"{n} episode{'s' if n != 1 else ''}"
-
-
-# The input rules below are DTPolicy's (dtlab.policy's helpers of the same names), written again
-# here because this runtime imports numpy and onnxruntime only.
-def _fit_batch(value: np.ndarray, n: int, shape: tuple[int, ...], what: str,
-               dtype: type | None = None) -> np.ndarray:
-    """``value`` as (n, *shape): exactly that shape, or ``shape`` itself when n is 1 (one episode,
-    unbatched), and of ``dtype`` when one is given. EnvError naming the shape got and the shape
-    expected otherwise: an array of the right size but another shape, e.g. (obs_dim, n), is
-    refused, since reshaping it would mix the episodes' values."""
-    fits = value.shape == (n, *shape) or (n == 1 and value.shape == shape)
-    if fits and (dtype is None or value.dtype == dtype):
-        return value.reshape(n, *shape)
-    kind = "" if dtype is None else f" {np.dtype(dtype).name}"
-    got = "" if dtype is None else f" ({value.dtype})"
-    expected = f"{(n, *shape)}{kind}" + (f" or {shape}{kind}" if n == 1 else "")
-    raise EnvError(f"act got {what} of shape {value.shape}{got} for {_episodes(n)}; "
-                   f"expected {expected}")
-
-
-def _check_index(index: Any, num_envs: int) -> np.ndarray:
-    """``index`` as (n,) int64: integers in 0..num_envs-1, each at most once (a negative index is
-    refused, not counted from the end; a repeated one would advance an episode twice in one
-    step). ConfigError naming ``index`` otherwise."""
-    rows = np.asarray(index)
-    if rows.size == 0:
-        return np.zeros(0, np.int64)
-    if rows.ndim > 1 or rows.dtype.kind not in "iu":
-        raise ConfigError(f"index must be a sequence of episode numbers (integers), got "
-                          f"{rows.tolist()!r}")
-    rows = rows.astype(np.int64).reshape(-1)
-    if rows.min() < 0 or rows.max() >= num_envs:
-        raise ConfigError(f"index {rows.tolist()} names episodes outside 0..{num_envs - 1} "
-                          f"(reset started {num_envs})")
-    if np.unique(rows).size != rows.size:
-        raise ConfigError(f"index {rows.tolist()} names an episode more than once")
-    return rows
-
-
-def _per_episode(name: str, value: Any, n: int, error: type[Exception] = EnvError) -> np.ndarray:
-    """``value`` (a scalar or a single value, for every episode, or one value per episode) as
-    (n,) float32; ``error`` naming ``name`` and the sizes otherwise."""
-    values = np.asarray(value, dtype=np.float32)
-    if values.ndim == 0 or values.shape == (1,):
-        return np.broadcast_to(values.reshape(1), (n,))
-    if values.shape != (n,):
-        raise error(f"{name} has shape {values.shape} for {_episodes(n)}; give one value per "
-                    f"episode (shape ({n},)) or a scalar")
-    return values
 
 
 class DeployedPolicy:
@@ -201,7 +149,7 @@ class DeployedPolicy:
         otherwise, naming the argument."""
         rows = self._rows(index)
         values = _finite_targets("return_to_go", return_to_go)
-        values = _per_episode("steer's return_to_go", np.asarray(return_to_go, np.float32),
+        values = per_episode("steer's return_to_go", np.asarray(return_to_go, np.float32),
                               rows.shape[0], ConfigError)  # (n,), finite
         self._warn_above_reliable_max(values)
         self._pending[rows] = values
@@ -216,7 +164,7 @@ class DeployedPolicy:
             raise ConfigError("the policy has no episodes: call reset(target_return) first")
         if index is None:
             return np.arange(self.num_envs)
-        return _check_index(index, self.num_envs)
+        return check_index(index, self.num_envs)
 
     def _warn_above_reliable_max(self, targets: np.ndarray) -> None:
         """One line naming the highest target asked for when it exceeds ``reliable_max_target``
@@ -233,7 +181,7 @@ class DeployedPolicy:
         """(n, obs_dim) float32, or (n, stack, H, W) uint8 frame stacks ((obs_dim,) or (stack,
         H, W) accepted for one episode); Dict observations (a mapping whose keys hold (n, dim_k)
         arrays, or a sequence of n per-episode mappings) flattened with the artifact's keys in
-        order. EnvError when the shapes do not fit (``_fit_batch``)."""
+        order. EnvError when the shapes do not fit (``fit_batch``)."""
         space = self.observation_space
         if space["type"] == "dict":
             if isinstance(observation, Mapping):
@@ -241,14 +189,14 @@ class DeployedPolicy:
             elif not (isinstance(observation, np.ndarray) and observation.dtype != object):
                 if len(observation) != n:  # a sequence of per-episode mappings
                     raise EnvError(f"act got {len(observation)} Dict observations for "
-                                   f"{_episodes(n)}")
+                                   f"{episodes(n)}")
                 observation = np.concatenate([self._flatten(o, 1) for o in observation])
         if space["type"] == "image":
             shape = (space["stack"], *space["shape"])
-            frames = _fit_batch(np.asarray(observation), n, shape, "observations", np.uint8)
+            frames = fit_batch(np.asarray(observation), n, shape, "observations", np.uint8)
             return np.ascontiguousarray(frames)  # (n, stack, H, W)
         dim = int(space["dim"]) if space["type"] == "vector" else sum(space["dims"])
-        return _fit_batch(np.asarray(observation, dtype=np.float32), n, (dim,), "observations")
+        return fit_batch(np.asarray(observation, dtype=np.float32), n, (dim,), "observations")
 
     def _flatten(self, observation: Mapping, n: int) -> np.ndarray:
         """A Dict observation of ``n`` episodes (each key (n, dim_k), or (dim_k,) for one) ->
@@ -258,7 +206,7 @@ class DeployedPolicy:
             if key not in observation:
                 raise EnvError(f"Dict observation has no key {key!r} (it has {sorted(observation)})")
             value = np.asarray(observation[key], dtype=np.float32)
-            parts.append(_fit_batch(value, n, (dim,), f"Dict observation key {key!r}"))
+            parts.append(fit_batch(value, n, (dim,), f"Dict observation key {key!r}"))
         return np.concatenate(parts, axis=1)
 
     def _warn_out_of_range(self, obs: np.ndarray) -> None:
@@ -307,7 +255,7 @@ class DeployedPolicy:
                 raise EnvError(f"observation contains NaN/inf (dimension {dim}) for episode "
                                f"{int(rows[row])}: {obs[row, dim]}")
             self._warn_out_of_range(obs)
-        reward = np.zeros(n, np.float32) if last_reward is None else _per_episode(
+        reward = np.zeros(n, np.float32) if last_reward is None else per_episode(
             "last_reward", last_reward, n)  # (n,)
         if not np.isfinite(reward).all():
             raise EnvError(f"last_reward contains NaN/inf ({reward.tolist()[:8]})")
