@@ -30,6 +30,7 @@ from pathlib import Path
 
 import numpy as np
 
+from dtlab import checkpoint
 from dtlab.benchmark.report import iqm_with_ci
 from dtlab.rundir import RunDirectory
 
@@ -73,6 +74,8 @@ def main() -> None:
             dtlab("train", "--dataset", a.dataset, "--out", str(off), "--steps",
                   str(a.offline_steps), "--warmup-steps", str(min(1000, a.offline_steps // 10)),
                   "--model.policy", "stochastic", *(TINY if a.tiny else []), *common)
+        elif checkpoint.load_info(off)[1].step < a.offline_steps:  # stopped before its end
+            dtlab("train", "--out", str(off), "--resume", "--no-progress")
         dtlab("finetune", str(off), "--env", a.env, "--online-steps", str(a.online_steps),
               "--out", str(ft), "--seed", str(seed), "--updates-per-rollout",
               str(a.updates_per_rollout), "--eval-every", str(max(a.online_steps // 5, 1)),
