@@ -38,10 +38,9 @@ import contextlib
 import dataclasses
 import json
 import os
-import time
 import warnings
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated
 
@@ -52,22 +51,22 @@ import tyro
 from dtlab import checkpoint, distributed, runtime
 from dtlab.atomic import dumps_json, write_text_atomic
 from dtlab.checkpoint import PolicyInfo
-from dtlab.config import (MAX_SEED, OptimConfig, TrainConfig, check_number, check_targets,
+from dtlab.config import (MAX_SEED, TrainConfig, check_number, check_targets,
                           setting_differences)
 from dtlab.data.records import ReturnStats
-from dtlab.data.replay import Trajectory, TrajectoryReplay
+from dtlab.data.replay import TrajectoryReplay
 from dtlab.distributed import World
 from dtlab.envs import episode_limit, make_env
-from dtlab.errors import CheckpointError, ConfigError, DtlabWarning, EnvError, TrainingError
-from dtlab.metrics import Evaluation, training_record
-from dtlab.policy import DTPolicy
+from dtlab.errors import CheckpointError, ConfigError, DtlabWarning, EnvError
+from dtlab.metrics import Evaluation
 from dtlab.rollout import Evaluator, default_targets
 from dtlab.rundir import RunDirectory
 from dtlab.spaces import VectorObservations, check_against_env
-from dtlab.trainer import Tally, Trainer, TrainerState
+from dtlab.online import (FINETUNE_STREAM, REPLAY_FILE, FinetuneResult, OnlineLoop,
+                          OnlineProgress)
+from dtlab.trainer import Trainer, TrainerState
 
 FINETUNE_CONFIG_FILE = "finetune_config.json"
-REPLAY_FILE = "replay.safetensors"
 LEARNING_CURVE = "online_learning_curve.png"
 
 
@@ -149,32 +148,6 @@ class FinetuneConfig:
     # Fields a resumed finetuning may change (they do not change its sequence of updates).
     RESUME_MAY_CHANGE = frozenset({"resume", "online_steps", "checkpoint_every_minutes",
                                    "keep_checkpoints", "device", "threads", "eval_workers"})
-
-
-@dataclass
-class FinetuneResult:
-    checkpoint: Path  # the latest checkpoint, step_XXXXXXXX named by its gradient step
-    gradient_step: int  # the offline run's steps plus the finetuning's
-    env_steps: int  # online env steps (all ranks' rollouts)
-    rollouts: int
-    evaluations: list[Evaluation] = field(default_factory=list)  # those made by this call
-    interrupted: bool = False
-
-
-@dataclass
-class _Progress:
-    """Where a finetuning stands (saved with each checkpoint, in the replay file)."""
-
-    env_steps: int = 0  # all ranks' exploration env steps
-    rollouts: int = 0  # all ranks' exploration rollouts
-    next_eval: int = 0  # env steps at which the next evaluation is due
-
-    def to_tensor(self) -> torch.Tensor:
-        return torch.tensor([self.env_steps, self.rollouts, self.next_eval], dtype=torch.int64)
-
-    @classmethod
-    def from_tensor(cls, t: torch.Tensor) -> "_Progress":
-        return cls(*(int(v) for v in t.tolist()))
 
 
 def finetune(cfg: FinetuneConfig, *, should_stop: Callable[[], bool] = lambda: False,
@@ -311,7 +284,7 @@ def _finetune(cfg: FinetuneConfig, source: Path, info: PolicyInfo, device: torch
             _check_resume_settings(run, cfg)
             replay, progress = _load_replay(start_from)
         else:
-            replay, progress = _initial_replay(cfg, info), _Progress()
+            replay, progress = _initial_replay(cfg, info), OnlineProgress()
         trainer = _trainer(cfg, out_cfg, info, replay, device, world, start_from or source,
                            fresh=start_from is None)
         # The ranks decide together (a rank that stopped alone would leave the others waiting
@@ -332,7 +305,7 @@ def _finetune(cfg: FinetuneConfig, source: Path, info: PolicyInfo, device: torch
                 if echo:
                     print(f"finetuning {source}: {starting}; replay of {len(replay)} "
                           f"trajectories ({sum(len(t) for t in replay)} transitions)", flush=True)
-            loop = _Online(cfg, trainer, out_cfg.optim, info, run, replay, progress, evaluator,
+            loop = OnlineLoop(cfg, trainer, out_cfg.optim, info, run, replay, progress, evaluator,
                            explore, limit, echo, start_from)
             result = loop.execute(should_stop)
         except BaseException:
@@ -354,17 +327,17 @@ def _trainer(cfg: FinetuneConfig, out_cfg: TrainConfig, info: PolicyInfo,
              fresh: bool) -> Trainer:
     """The trainer on the replay, from checkpoint ``at``: the finetuning's own (resume), or the
     offline run's (``fresh``: its weights, optimizer, schedule and temperature, with new
-    random streams from --seed: ``SeedSequence([seed, _FINETUNE_STREAM])`` for the windows and
+    random streams from --seed: ``SeedSequence([seed, FINETUNE_STREAM])`` for the windows and
     ``torch.manual_seed(seed)``; under torchrun rank r's windows from ``SeedSequence([seed,
-    _FINETUNE_STREAM], spawn_key=(r,))`` and its torch seed from (seed, r, _FINETUNE_STREAM)).
+    FINETUNE_STREAM], spawn_key=(r,))`` and its torch seed from (seed, r, FINETUNE_STREAM)).
     Resumed with another number of processes, every rank's streams restart from (s, rank,
-    step) with s = ``SeedSequence([seed, _FINETUNE_STREAM]).generate_state(1)[0]``."""
+    step) with s = ``SeedSequence([seed, FINETUNE_STREAM]).generate_state(1)[0]``."""
     trainer = Trainer.create(out_cfg, replay.episodes(info.observation_space, info.action_space),
                              info, device, world)
     # A resume with another number of processes redraws every rank's streams from (trainer.seed,
     # rank, step) (TrainerState.restore): a seed of the finetuning's own streams, not --seed
     # itself, whose (seed, rank, step) streams are the offline run's.
-    trainer.seed = int(np.random.SeedSequence([cfg.seed, _FINETUNE_STREAM]).generate_state(1)[0])
+    trainer.seed = int(np.random.SeedSequence([cfg.seed, FINETUNE_STREAM]).generate_state(1)[0])
     if not fresh:
         trainer.resume(at)
         return trainer
@@ -372,21 +345,14 @@ def _trainer(cfg: FinetuneConfig, out_cfg: TrainConfig, info: PolicyInfo,
         warnings.filterwarnings("ignore", message="resuming a run of", category=DtlabWarning)
         trainer.resume(at)
     if world.distributed:
-        rng = np.random.default_rng(np.random.SeedSequence([cfg.seed, _FINETUNE_STREAM],
+        rng = np.random.default_rng(np.random.SeedSequence([cfg.seed, FINETUNE_STREAM],
                                                            spawn_key=(world.rank,)))
-        torch.manual_seed(distributed.rank_torch_seed(cfg.seed, world, _FINETUNE_STREAM))
+        torch.manual_seed(distributed.rank_torch_seed(cfg.seed, world, FINETUNE_STREAM))
     else:
-        rng = np.random.default_rng(np.random.SeedSequence([cfg.seed, _FINETUNE_STREAM]))
+        rng = np.random.default_rng(np.random.SeedSequence([cfg.seed, FINETUNE_STREAM]))
         torch.manual_seed(cfg.seed)
     trainer.state = TrainerState(trainer.state.step, 0, rng)
     return trainer
-
-
-# The finetuning's streams: SeedSequence([seed, this]) for the windows (under torchrun rank r's
-# with spawn_key (r,)), [seed, this, k] for rollout k, [s, rank, step] with s drawn from
-# [seed, this] after a resume with another number of processes (the offline run's are [seed],
-# [seed, rank] and [seed, rank, step]: distinct streams).
-_FINETUNE_STREAM = 0x0D7
 
 
 def _initial_replay(cfg: FinetuneConfig, info: PolicyInfo) -> TrajectoryReplay:
@@ -412,10 +378,10 @@ def _initial_replay(cfg: FinetuneConfig, info: PolicyInfo) -> TrajectoryReplay:
     return TrajectoryReplay.from_best(episodes, cfg.replay_trajectories)
 
 
-def _load_replay(path: Path) -> tuple[TrajectoryReplay, _Progress]:
+def _load_replay(path: Path) -> tuple[TrajectoryReplay, OnlineProgress]:
     tensors = checkpoint.load_extra(path, REPLAY_FILE)
     try:
-        progress = _Progress.from_tensor(tensors.pop("progress"))
+        progress = OnlineProgress.from_tensor(tensors.pop("progress"))
         return TrajectoryReplay.from_arrays({k: v.numpy() for k, v in tensors.items()}), progress
     except (KeyError, ValueError, TypeError, ConfigError) as exc:
         raise CheckpointError(f"{path / REPLAY_FILE}: not a finetuning replay: {exc}") from None
@@ -448,151 +414,6 @@ def _as_flag(name: str, value: object) -> str:
     if value is None:
         return f"no {flag}"
     return " ".join([flag, *map(str, value if isinstance(value, list) else [value])])
-
-
-class _Online:
-    """The online loop's state and steps (one object, so the loop reads on one screen)."""
-
-    def __init__(self, cfg: FinetuneConfig, trainer: Trainer, optim: OptimConfig,
-                 info: PolicyInfo, run: RunDirectory, replay: TrajectoryReplay,
-                 progress: _Progress, evaluator: Evaluator, explore: float, limit: int,
-                 echo: bool, resumed_from: Path | None) -> None:
-        self.cfg, self.trainer, self.info, self.run = cfg, trainer, info, run
-        self.optim = optim  # the offline run's (batch size, clipping, ...)
-        self.replay, self.progress, self.evaluator = replay, progress, evaluator
-        self.explore, self.limit, self.echo = explore, limit, echo
-        self.world = trainer.world
-        self.evaluations: list[Evaluation] = []
-        # The latest checkpoint, known alike on every rank (never read back from the file
-        # system, which another node may not share): the one resumed from, then each saved.
-        self.checkpoint = resumed_from
-
-    def execute(self, should_stop: Callable[[], bool]) -> FinetuneResult:
-        """Iterations until --online-steps (or a stop): W rollouts (one per rank, W = 1 without
-        torchrun) into the replay, the updates, an evaluation when due, a checkpoint when due."""
-        cfg, p, trainer = self.cfg, self.progress, self.trainer
-        saved_at, last_saved = time.monotonic(), p.rollouts
-        stop = False
-        if p.env_steps == 0 and p.rollouts == 0 and p.next_eval == 0:
-            self._evaluate()  # the offline policy: the "before" of the learning curve
-            p.next_eval = cfg.eval_every or cfg.online_steps
-        while p.env_steps < cfg.online_steps and not stop:
-            # Rank r's rollout is number rollouts + r; every rank adds all W in rank order.
-            trajectories = distributed.all_gather(self.world, self._explore(p.rollouts +
-                                                                            self.world.rank))
-            for trajectory in trajectories:
-                self.replay.add(trajectory)
-            p.env_steps += sum(len(t) for t in trajectories)
-            p.rollouts += len(trajectories)
-            self._update(trajectories)
-            due = p.env_steps >= p.next_eval or p.env_steps >= cfg.online_steps
-            if due:
-                self._evaluate()
-                while p.next_eval <= p.env_steps:
-                    p.next_eval += cfg.eval_every or cfg.online_steps
-            minutes = cfg.checkpoint_every_minutes
-            # Every rank stops and saves together: the ranks agree on the signal and the clock.
-            stop, time_due = distributed.any_rank(
-                self.world, [should_stop(), bool(minutes) and
-                             time.monotonic() - saved_at >= 60 * minutes], trainer.device)
-            if due or stop or time_due or p.rollouts - last_saved >= cfg.checkpoint_every or \
-                    p.env_steps >= cfg.online_steps:
-                self._save()
-                saved_at, last_saved = time.monotonic(), p.rollouts
-        if last_saved != p.rollouts or self.checkpoint is None:  # every rank alike: a collective
-            self._save()
-        assert self.checkpoint is not None
-        return FinetuneResult(self.checkpoint, trainer.state.step, p.env_steps, p.rollouts,
-                              self.evaluations, p.env_steps < cfg.online_steps)
-
-    def _update(self, trajectories: list[Trajectory]) -> None:
-        """``updates_per_rollout`` gradient steps on the replay (DistributedDataParallel steps
-        under torchrun), then one metrics record: the rollout's return and length (under
-        torchrun the means over the round's rollouts, one per rank)."""
-        trainer, p = self.trainer, self.progress
-        trainer.use_episodes(self.replay.episodes(self.info.observation_space,
-                                                  self.info.action_space))
-        trainer.model.train()
-        tally = Tally(trainer.device, trainer.state.step)
-        started = time.perf_counter()
-        for _ in range(self.cfg.updates_per_rollout):
-            tally.add(*trainer.step(self.optim))
-        loss, skipped, bad = tally.read(self.world)
-        if skipped and not self.optim.skip_nonfinite:
-            raise TrainingError(f"non-finite loss or gradient at step {bad}; last good "
-                                f"checkpoint: {self.run.latest_checkpoint() or 'none'}")
-        rate = self.cfg.updates_per_rollout / max(time.perf_counter() - started, 1e-9)
-        alpha = float(trainer.temperature.alpha) if trainer.temperature is not None else None
-        self.run.metrics.write({
-            **training_record(trainer.state.step, loss, trainer.applied_lr, rate),
-            "env_steps": p.env_steps,
-            "rollout_return": float(np.mean([t.episode_return for t in trajectories])),
-            # An int for one rollout (one process), the mean of the round's under torchrun.
-            "rollout_length": len(trajectories[0]) if len(trajectories) == 1 else
-            float(np.mean([len(t) for t in trajectories])),
-            "temperature": alpha})
-
-    def _explore(self, number: int) -> Trajectory:
-        """Exploration rollout ``number`` (counted over all ranks): actions sampled from the
-        policy (temperature 1) conditioned on the exploration target; its env seed
-        ``SeedSequence([seed, _FINETUNE_STREAM, number]).generate_state(1)[0]`` and its
-        sampling stream key ``number`` (DTPolicy.reset's ``streams``)."""
-        policy = DTPolicy(self.trainer.model, self.info, self.trainer.device,
-                          precision=self.trainer.precision, temperature=1.0, seed=self.cfg.seed)
-        env_seed = int(np.random.SeedSequence([self.cfg.seed, _FINETUNE_STREAM, number])
-                       .generate_state(1)[0])
-        env = make_env(self.cfg.env)
-        observations, actions, rewards = [], [], []
-        terminated = False
-        try:
-            obs, _ = env.reset(seed=env_seed)
-            with warnings.catch_warnings():  # asking beyond the data is the point here
-                warnings.simplefilter("ignore", DtlabWarning)
-                policy.reset(np.array([self.explore]), streams=np.array([number]))
-            reward = None
-            for _ in range(self.limit):
-                action = policy.act(np.asarray(obs, np.float32)[None],
-                                    None if reward is None else np.array([reward]))[0]
-                observations.append(np.asarray(obs, np.float32))
-                actions.append(action)
-                obs, reward, terminated, truncated, _ = env.step(action)
-                rewards.append(float(reward))
-                if terminated or truncated:
-                    break
-        finally:
-            env.close()
-        return Trajectory(np.stack(observations), np.stack(actions),
-                          np.asarray(rewards, np.float32), bool(terminated))
-
-    def _evaluate(self) -> None:
-        """Evaluate the mean action at the targets (rank 0; the other ranks wait); recorded
-        with step = online env steps."""
-        if self.world.is_main:
-            policy = DTPolicy(self.trainer.model, self.info, self.trainer.device,
-                              precision=self.trainer.precision)
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore", DtlabWarning)
-                report = self.evaluator(policy)
-            self.trainer.model.train()
-            evaluation = Evaluation(self.progress.env_steps, tuple(report.results), "raw",
-                                    {**report.timing(),
-                                     "gradient_step": self.trainer.state.step})
-            self.run.record_evaluation(evaluation)
-            self.evaluations.append(evaluation)
-            if self.echo:
-                print(evaluation.line().replace("eval step", "eval at online env step", 1),
-                      flush=True)
-        distributed.barrier(self.world)
-
-    def _save(self) -> None:
-        """A checkpoint with the replay and the progress (rank 0 writes; every rank calls it:
-        each rank's random streams are gathered into it)."""
-        arrays = {k: torch.from_numpy(np.ascontiguousarray(v))
-                  for k, v in self.replay.to_arrays().items()}
-        arrays["progress"] = self.progress.to_tensor()
-        self.trainer.save(self.run.path, self.info, self.cfg.keep_checkpoints,
-                          extra={REPLAY_FILE: arrays})
-        self.checkpoint = self.run.path / f"step_{self.trainer.state.step:08d}"  # Trainer.save's
 
 
 def console_curve(evaluations: list[Evaluation]) -> str:

@@ -1,7 +1,9 @@
 """The training losses: the masked action loss (mean squared error of continuous actions, cross
 entropy of discrete ones, over the real positions of the windows) and the stochastic head's
 (negative log-likelihood minus the learned entropy temperature times the entropy, the Online
-Decision Transformer's; ``EntropyTemperature``). ``dtlab.trainer.train_step`` calls them."""
+Decision Transformer's; ``EntropyTemperature``). ``dtlab.trainer.train_step`` calls them; a
+training loop (dtlab train, dtlab finetune) adds each step's loss to a ``Tally`` and reads it at
+its log points."""
 
 from __future__ import annotations
 
@@ -11,6 +13,8 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from dtlab import distributed
+from dtlab.distributed import World
 from dtlab.model import StochasticActionHead
 from dtlab.spaces import ActionSpec, DiscreteActions
 
@@ -107,3 +111,40 @@ class EntropyTemperature:
         self.optimizer.load_state_dict(state["optimizer"])
         for group in self.optimizer.param_groups:  # this device's implementation (as AdamW's)
             group["fused"] = self.optimizer.defaults.get("fused")
+
+
+class Tally:
+    """Loss and non-finite steps since the last read, kept on the device: a training loop (dtlab
+    train, dtlab finetune) adds each step's ``(loss, grad_norm)`` (``Trainer.step``) without a
+    host sync and reads the tally at log, evaluation and checkpoint points (the same on the CPU,
+    on CUDA and under torchrun)."""
+
+    def __init__(self, device: torch.device, step: int) -> None:
+        self.loss_sum = torch.zeros((), device=device)  # the applied steps' losses
+        self.applied = torch.zeros((), dtype=torch.long, device=device)
+        self.first_bad = torch.zeros((), dtype=torch.long, device=device)  # 1-based; 0: none
+        self.taken, self.since = 0, step
+
+    def add(self, loss: torch.Tensor, grad_norm: torch.Tensor) -> None:
+        finite = torch.isfinite(grad_norm)
+        self.taken += 1
+        self.loss_sum += torch.where(finite, loss, 0.0)
+        self.applied += finite
+        self.first_bad = torch.where(~finite & (self.first_bad == 0), self.taken, self.first_bad)
+
+    def read(self, world: World) -> tuple[float, int, int | None]:
+        """(mean loss of the applied steps, or nan; steps skipped; the first bad step or None)
+        since the last read, then starts afresh. Under torchrun the loss is averaged over the
+        ranks (a collective: every rank reads at the same steps)."""
+        both = distributed.all_sum(world, torch.stack([self.loss_sum,
+                                                       self.applied.to(self.loss_sum.dtype)]))
+        loss_sum, count = float(both[0]), float(both[1])
+        applied, first = int(self.applied), int(self.first_bad)
+        skipped = self.taken - applied
+        bad = self.since + first if first else None
+        self.loss_sum.zero_()
+        self.applied.zero_()
+        self.first_bad.zero_()
+        self.since += self.taken
+        self.taken = 0
+        return (loss_sum / count if count else float("nan")), skipped, bad

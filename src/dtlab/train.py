@@ -40,8 +40,9 @@ from dtlab.rollout import Evaluator, default_targets
 from dtlab import rundir
 from dtlab.rundir import RunDirectory
 from dtlab.spaces import DiscreteActions, ImageObservations
+from dtlab.losses import Tally
 # The step and its state; re-exported in __all__, the training API's names.
-from dtlab.trainer import (EntropyTemperature, Tally, Trainer, TrainerState, action_loss,
+from dtlab.trainer import (EntropyTemperature, Trainer, TrainerState, action_loss,
                            param_groups, stochastic_action_loss, train_step, unit_scaler)
 
 __all__ = ["train", "train_step", "TrainConfig", "TrainResult", "Trainer", "TrainerState",

@@ -1,7 +1,7 @@
 """One gradient step and the state around it: the optimizer and its schedule, batches on the
 device, ``train_step`` (over the losses of dtlab.losses), the ``Trainer`` that holds model,
-optimizer, sampler, weight average and random streams and saves and resumes them, and the
-``Tally`` of its steps' losses that the loops (dtlab.train, dtlab.finetune) read at log points.
+optimizer, sampler, weight average and random streams and saves and resumes them (the loops
+add each step's loss to a ``dtlab.losses.Tally``).
 
 ``train_step`` is one gradient step (the benchmarks time exactly this function); the loop around
 it, ``dtlab.train.train``, logs, evaluates and checkpoints. Under ``torchrun``
@@ -211,43 +211,6 @@ def _mean_over_ranks(model, value: torch.Tensor) -> torch.Tensor:
     value = value.clone()
     dist.all_reduce(value)
     return value / dist.get_world_size(model.process_group)
-
-
-class Tally:
-    """Loss and non-finite steps since the last read, kept on the device: a training loop (dtlab
-    train, dtlab finetune) adds each step's ``(loss, grad_norm)`` (``Trainer.step``) without a
-    host sync and reads the tally at log, evaluation and checkpoint points (the same on the CPU,
-    on CUDA and under torchrun)."""
-
-    def __init__(self, device: torch.device, step: int) -> None:
-        self.loss_sum = torch.zeros((), device=device)  # the applied steps' losses
-        self.applied = torch.zeros((), dtype=torch.long, device=device)
-        self.first_bad = torch.zeros((), dtype=torch.long, device=device)  # 1-based; 0: none
-        self.taken, self.since = 0, step
-
-    def add(self, loss: torch.Tensor, grad_norm: torch.Tensor) -> None:
-        finite = torch.isfinite(grad_norm)
-        self.taken += 1
-        self.loss_sum += torch.where(finite, loss, 0.0)
-        self.applied += finite
-        self.first_bad = torch.where(~finite & (self.first_bad == 0), self.taken, self.first_bad)
-
-    def read(self, world: World) -> tuple[float, int, int | None]:
-        """(mean loss of the applied steps, or nan; steps skipped; the first bad step or None)
-        since the last read, then starts afresh. Under torchrun the loss is averaged over the
-        ranks (a collective: every rank reads at the same steps)."""
-        both = distributed.all_sum(world, torch.stack([self.loss_sum,
-                                                       self.applied.to(self.loss_sum.dtype)]))
-        loss_sum, count = float(both[0]), float(both[1])
-        applied, first = int(self.applied), int(self.first_bad)
-        skipped = self.taken - applied
-        bad = self.since + first if first else None
-        self.loss_sum.zero_()
-        self.applied.zero_()
-        self.first_bad.zero_()
-        self.since += self.taken
-        self.taken = 0
-        return (loss_sum / count if count else float("nan")), skipped, bad
 
 
 # ---- the trainer ----------------------------------------------------------------------------------
