@@ -105,6 +105,48 @@ def predict_cached(model: DecisionTransformer, observations, actions, returns_to
     return model.predict_action(model.ln_f(x[:, -1])), cache
 
 
+
+class CachedSteps:
+    """A cached rollout across steps (``DTPolicy`` in kv_cache mode): the ``KVCache`` of the
+    episodes it holds (their numbers) at the step it expects next."""
+
+    def __init__(self) -> None:
+        self.cache: KVCache | None = None
+        self.ids: list[int] | None = None
+        self.t = -1
+
+    def predict(self, model: DecisionTransformer, idx: torch.Tensor, t: torch.Tensor, obs_w,
+                act_w, rtg_w, ts_w, mask_w, invalidate: bool) -> torch.Tensor:
+        """The last step's action of episodes ``idx`` (n,) at timesteps ``t`` (n,) from their
+        slid windows (``DTPolicy``'s, (n, K, ...)): feed only the new step (and the previous
+        step's now known action) when the cache holds these episodes at this step; otherwise
+        (first step, steering: ``invalidate``, episodes at different steps) rebuild it from the
+        window's real steps (an exact pass). (n, A), or (n, n_actions) logits."""
+        k, t0 = obs_w.shape[1], int(t[0])
+        same_t = bool((t == t0).all())
+        cache = None
+        if self.cache is not None and same_t and self.t == t0 and not invalidate:
+            ids = idx.tolist()
+            if ids == self.ids:
+                cache = self.cache
+            elif set(ids) <= set(self.ids):  # some episodes ended: keep the others' rows
+                pos = {e: i for i, e in enumerate(self.ids)}
+                cache = self.cache.select(torch.tensor([pos[e] for e in ids], device=idx.device))
+        self.cache = None  # updated in place below: never kept half-updated if a forward fails
+        if cache is not None:  # the last two steps: (a_{t-1}) and (R_t, s_t) are new
+            pred, new_cache = predict_cached(model, obs_w[:, -2:], act_w[:, -2:],
+                                             rtg_w[:, -2:], ts_w[:, -2:], cache)
+        elif same_t:
+            real = min(t0 + 1, k)  # all selected episodes have exactly this many real steps
+            pred, new_cache = predict_cached(model, obs_w[:, -real:], act_w[:, -real:],
+                                             rtg_w[:, -real:], ts_w[:, -real:])
+        else:  # episodes at different steps: no shared cache, exact recomputation
+            pred = model.predict_last(obs_w, act_w, rtg_w, ts_w, mask_w)
+            self.cache, self.ids, self.t = None, None, -1
+            return pred
+        self.cache, self.ids, self.t = new_cache, idx.tolist(), t0 + 1
+        return pred
+
 def _embed_newest(model: DecisionTransformer, observations, actions, returns_to_go,
                   timesteps) -> torch.Tensor:
     """The tokens (a_{t-1}, R_t, s_t) of two steps (B, 2, .): (B, 3, D), equal to

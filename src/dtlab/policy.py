@@ -20,7 +20,6 @@ finetune's exploration rollouts, at temperature 1).
 from __future__ import annotations
 
 import warnings
-from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -32,20 +31,10 @@ from dtlab.checkpoint import PolicyInfo
 from dtlab.config import MAX_SEED, check_number, check_targets
 from dtlab.data.records import ReturnStats
 from dtlab.errors import ConfigError, DtlabWarning, EnvError, TrainingError
-from dtlab.deploy.inputs import check_index, episodes, fit_batch, per_episode
-from dtlab.kv_cache import KVCache, predict_cached
+from dtlab.deploy.inputs import check_index, dict_rows, fit_batch, per_episode
+from dtlab.kv_cache import CachedSteps
 from dtlab.model import DecisionTransformer
-from dtlab.spaces import (DictObservations, DiscreteActions, ImageObservations,
-                          flatten_observation)
-
-
-def _dict_rows(spec: DictObservations, observation: Mapping, n: int) -> np.ndarray:
-    """One mapping of Dict observations for ``n`` episodes -> (n, spec.dim): each key's value
-    (n, dim_k), or (dim_k,) when n is 1 (``fit_batch``'s rule, naming the key)."""
-    for key, dim in zip(spec.keys, spec.dims):
-        if key in observation:  # (a missing key: flatten_observation names it)
-            fit_batch(np.asarray(observation[key]), n, (dim,), f"Dict observation key {key!r}")
-    return flatten_observation(spec, observation)
+from dtlab.spaces import DictObservations, DiscreteActions, ImageObservations
 
 
 class DTPolicy:
@@ -222,8 +211,7 @@ class DTPolicy:
         self._t = np.zeros(n, dtype=np.int64)  # (N,) steps taken so far (host: no device sync)
         self._next_rtg = self._norm.scale_returns(torch.from_numpy(targets).to(dev))  # (N,)
         self._pending = torch.full((n,), float("nan"), device=dev)  # (N,) steer() requests
-        self._cache: KVCache | None = None  # kv_cache mode only: the cache, its episodes, its step
-        self._cache_ids, self._cache_t = None, -1
+        self._steps = CachedSteps()  # kv_cache mode only
 
     def _sampling_streams(self, targets: np.ndarray, streams) -> list[np.random.Generator]:
         """One generator per episode: ``SeedSequence(seed, spawn_key=(key, float32 bits of its
@@ -274,35 +262,6 @@ class DTPolicy:
             return np.arange(self.num_envs)
         return check_index(index, self.num_envs)
 
-    def _predict_cached(self, idx, t, obs_w, act_w, rtg_w, ts_w, mask_w, invalidate: bool) -> torch.Tensor:
-        """kv_cache mode: feed only the new step (and the previous step's now known action) when
-        the cache holds these episodes at this step; otherwise (first step, steering, episodes at
-        different steps) rebuild it from the window's real steps (an exact pass)."""
-        k, t0 = self.context_len, int(t[0])
-        same_t = bool((t == t0).all())
-        cache = None
-        if self._cache is not None and same_t and self._cache_t == t0 and not invalidate:
-            ids = idx.tolist()
-            if ids == self._cache_ids:
-                cache = self._cache
-            elif set(ids) <= set(self._cache_ids):  # some episodes ended: keep the others' rows
-                pos = {e: i for i, e in enumerate(self._cache_ids)}
-                cache = self._cache.select(torch.tensor([pos[e] for e in ids], device=self.device))
-        self._cache = None  # updated in place below: never kept half-updated if a forward fails
-        if cache is not None:  # the last two steps: (a_{t-1}) and (R_t, s_t) are new
-            pred, new_cache = predict_cached(self.model, obs_w[:, -2:], act_w[:, -2:],
-                                             rtg_w[:, -2:], ts_w[:, -2:], cache)
-        elif same_t:
-            real = min(t0 + 1, k)  # all selected episodes have exactly this many real steps
-            pred, new_cache = predict_cached(self.model, obs_w[:, -real:], act_w[:, -real:],
-                                             rtg_w[:, -real:], ts_w[:, -real:])
-        else:  # episodes at different steps: no shared cache, exact recomputation
-            pred = self.model.predict_last(obs_w, act_w, rtg_w, ts_w, mask_w)
-            self._cache, self._cache_ids, self._cache_t = None, None, -1
-            return pred
-        self._cache, self._cache_ids, self._cache_t = new_cache, idx.tolist(), t0 + 1
-        return pred
-
     def _observation_tensor(self, observation: Any, rows: np.ndarray) -> torch.Tensor:
         """The observations of episodes ``rows`` ((n,) indices) on the device: (n, obs_dim) float32, or frame stacks
         (n, stack, H, W) uint8. Dict observations (one mapping of batched arrays, or a sequence of
@@ -311,14 +270,7 @@ class DTPolicy:
         (the one check of the observations ``act`` gets)."""
         spec, n = self.info.observation_space, len(rows)
         if isinstance(spec, DictObservations):
-            if isinstance(observation, Mapping):
-                observation = _dict_rows(spec, observation, n)  # (n, dim)
-            elif not (isinstance(observation, np.ndarray) and observation.dtype != object):
-                if len(observation) != n:  # a sequence of per-episode mappings
-                    raise EnvError(f"act got {len(observation)} Dict observations for "
-                                   f"{episodes(n)}")
-                observation = np.concatenate([_dict_rows(spec, o, 1) for o in observation])
-            # else: already flattened, (n, dim)
+            observation = dict_rows(observation, spec.keys, spec.dims, n)  # (n, dim)
         if self._frames is not None:
             frames = fit_batch(np.asarray(observation), n, self._frames, "observations",
                                 np.uint8)  # (n, S, H, W)
@@ -360,6 +312,40 @@ class DTPolicy:
         rows = self._rows(index)  # (n,)
         idx = torch.from_numpy(rows).to(self.device)
         steps = self._t[rows]  # (n,) this step's timestep per episode
+        self._check_limit(rows, steps)
+        obs = self._observation_tensor(observation, rows)  # (n, obs_dim) or (n, S, H, W)
+        t = torch.from_numpy(steps).to(self.device)  # (n,)
+        self._subtract_reward(last_reward, rows, idx, steps, t)
+        pending = self._pending[idx]  # (n,)
+        steered = ~torch.isnan(pending)
+        any_steered = bool(steered.any())
+        if any_steered:
+            delta = torch.where(steered, pending - self._next_rtg[idx], 0.0)  # (n,)
+            self._next_rtg[idx] += delta
+            self._rtg[idx] += delta[:, None, None] * self._masks[idx][..., None]
+            self._pending[idx] = float("nan")
+        obs_w, act_w, rtg_w, ts_w, mask_w = self._slid_windows(idx, obs, t)
+        all_real = bool(mask_w.all())
+        with runtime.autocast(self.device, self.precision):
+            if self.kv_cache:
+                pred = self._steps.predict(self.model, idx, t, obs_w, act_w, rtg_w, ts_w, mask_w,
+                                           invalidate=any_steered)
+            else:
+                pred = self.model.predict_last(obs_w, act_w, rtg_w, ts_w,
+                                               None if all_real else mask_w)
+        pred = pred.float()  # (n, A) in [-1, 1], or (n, n_actions) logits
+        self._check_finite(pred, rows, steps)
+        pred = self._choose(pred, rows)  # (n, A) in [-1, 1], or (n,) indices
+        act_w[:, -1] = pred
+        self._obs[idx], self._act[idx], self._rtg[idx] = obs_w, act_w, rtg_w
+        self._timesteps[idx], self._masks[idx] = ts_w, mask_w
+        self._t[rows] = steps + 1
+        action = self._norm.actions_from_model(pred).cpu().numpy()  # (n, A) env units, or (n,)
+        return action[0] if self._single and index is None else action
+
+    def _check_limit(self, rows: np.ndarray, steps: np.ndarray) -> None:
+        """ConfigError when an episode's timestep ``steps`` (n,) reaches the model's max_ep_len
+        (timesteps beyond it have no embedding), naming the episode and its target."""
         limit = self.info.model.max_ep_len
         if steps.size and steps.max() >= limit:
             e = int(rows[np.argmax(steps)])
@@ -367,8 +353,11 @@ class DTPolicy:
                               f"{int(steps.max())}, but the model's max_ep_len is {limit} (it "
                               f"embeds timesteps 0 to {limit - 1}); cap episodes at {limit} steps "
                               f"with max_steps (dtlab evaluate --max-steps {limit})")
-        obs = self._observation_tensor(observation, rows)  # (n, obs_dim) or (n, S, H, W)
-        t = torch.from_numpy(steps).to(self.device)  # (n,)
+
+    def _subtract_reward(self, last_reward, rows: np.ndarray, idx: torch.Tensor,
+                         steps: np.ndarray, t: torch.Tensor) -> None:
+        """Subtract each episode's ``last_reward`` (a scalar or (n,)) from its return-to-go,
+        except at its first step; warn once when a Decision Transformer gets none after it."""
         if last_reward is not None:
             rewards = per_episode("last_reward", last_reward, rows.shape[0])  # (n,)
             if not np.isfinite(rewards).all():
@@ -380,16 +369,14 @@ class DTPolicy:
                 self.info.model.architecture == "decision-transformer":
             warnings.warn("act was given no last_reward after an episode's first step: the "
                           "return-to-go is not reduced by the reward received (pass the reward "
-                          "of the previous action as last_reward)", DtlabWarning, stacklevel=2)
-        pending = self._pending[idx]  # (n,)
-        steered = ~torch.isnan(pending)
-        any_steered = bool(steered.any())
-        if any_steered:
-            delta = torch.where(steered, pending - self._next_rtg[idx], 0.0)  # (n,)
-            self._next_rtg[idx] += delta
-            self._rtg[idx] += delta[:, None, None] * self._masks[idx][..., None]
-            self._pending[idx] = float("nan")
-        # Slide every selected window one step left and write the new step at the end.
+                          "of the previous action as last_reward)", DtlabWarning, stacklevel=3)
+
+    def _slid_windows(self, idx: torch.Tensor, obs: torch.Tensor, t: torch.Tensor
+                      ) -> tuple[torch.Tensor, ...]:
+        """The selected episodes' windows slid one step left, this step written at the end
+        (observation, unknown action 0, return-to-go, timestep ``t``, real): (obs_w (n, K,
+        obs_dim or D), act_w (n, K, act_dim) or (n, K), rtg_w (n, K, 1), ts_w (n, K), mask_w
+        (n, K))."""
         obs_w = self._obs[idx].roll(-1, dims=1)  # (n, K, obs_dim)
         act_w = self._act[idx].roll(-1, dims=1)  # (n, K, act_dim), or (n, K) indices
         rtg_w = self._rtg[idx].roll(-1, dims=1)  # (n, K, 1)
@@ -406,15 +393,11 @@ class DTPolicy:
         rtg_w[:, -1, 0] = self._next_rtg[idx]
         ts_w[:, -1] = t
         mask_w[:, -1] = True
-        all_real = bool(mask_w.all())
-        with runtime.autocast(self.device, self.precision):
-            if self.kv_cache:
-                pred = self._predict_cached(idx, t, obs_w, act_w, rtg_w, ts_w, mask_w,
-                                            invalidate=any_steered)
-            else:
-                pred = self.model.predict_last(obs_w, act_w, rtg_w, ts_w,
-                                               None if all_real else mask_w)
-        pred = pred.float()  # (n, A) in [-1, 1], or (n, n_actions) logits
+        return obs_w, act_w, rtg_w, ts_w, mask_w
+
+    def _check_finite(self, pred: torch.Tensor, rows: np.ndarray, steps: np.ndarray) -> None:
+        """TrainingError naming the first episode whose model output ``pred`` (n, .) is not
+        finite, its target and step."""
         finite = torch.isfinite(pred).all(-1)  # (n,)
         if not bool(finite.all()):
             bad = int(torch.argmin(finite.int()))
@@ -423,6 +406,10 @@ class DTPolicy:
                 f"the model produced a non-finite action ({pred[bad].tolist()}) for episode {e} "
                 f"(target {float(self._targets[e]):g}) at step {int(steps[bad])}; its weights or "
                 "inputs are not finite or overflow")
+
+    def _choose(self, pred: torch.Tensor, rows: np.ndarray) -> torch.Tensor:
+        """The action from the model's output ``pred`` (n, A) or logits (n, n_actions): sampled
+        at ``temperature`` > 0 (each episode from its own stream), else the greedy one."""
         head = self.model.predict_action
         if self.temperature > 0 and not isinstance(self.info.action_space, DiscreteActions):
             # The stochastic head's Gaussian, its std scaled by the temperature, squashed; one
@@ -430,21 +417,14 @@ class DTPolicy:
             noise = torch.tensor(np.stack([self._streams[r].standard_normal(head.width)
                                            for r in rows]), dtype=pred.dtype,
                                  device=self.device)  # (n, A)
-            pred = head.sample_action(pred, noise, self.temperature)  # (n, A) in [-1, 1]
-        elif self.temperature > 0:  # (n,) indices sampled from softmax(logits / temperature)
+            return head.sample_action(pred, noise, self.temperature)  # (n, A) in [-1, 1]
+        if self.temperature > 0:  # (n,) indices sampled from softmax(logits / temperature)
             probs = torch.softmax(pred / self.temperature, dim=-1)  # (n, n_actions)
             # One uniform per episode from its own stream, inverted through the CDF: an episode's
             # draws depend on its stream and its logits only, not on what else is in the batch.
             u = torch.tensor([self._streams[r].random() for r in rows], dtype=probs.dtype,
                              device=self.device)  # (n,)
             cdf = probs.cumsum(-1)  # (n, n_actions)
-            pred = torch.searchsorted(cdf, u[:, None], right=True).clamp_(
+            return torch.searchsorted(cdf, u[:, None], right=True).clamp_(
                 max=probs.shape[-1] - 1)[:, 0]
-        else:
-            pred = head.greedy_action(pred)  # (n, A), or (n,) indices
-        act_w[:, -1] = pred
-        self._obs[idx], self._act[idx], self._rtg[idx] = obs_w, act_w, rtg_w
-        self._timesteps[idx], self._masks[idx] = ts_w, mask_w
-        self._t[rows] = steps + 1
-        action = self._norm.actions_from_model(pred).cpu().numpy()  # (n, A) env units, or (n,)
-        return action[0] if self._single and index is None else action
+        return head.greedy_action(pred)  # (n, A), or (n,) indices

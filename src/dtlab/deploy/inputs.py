@@ -1,9 +1,10 @@
 """The rules both runtimes (``DTPolicy`` and ``DeployedPolicy``) apply to what ``act`` and
-``steer`` are given: batch shapes, per-episode values and episode indices. numpy only, so that the
+``steer`` are given: batch shapes, Dict observations, per-episode values and episode indices. numpy only, so that the
 deploy runtime (numpy and onnxruntime) and dtlab's torch policy share one copy."""
 
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -60,3 +61,33 @@ def per_episode(name: str, value: Any, n: int, error: type[Exception] = EnvError
         raise error(f"{name} has shape {values.shape} for {episodes(n)}; give one value per "
                     f"episode (shape ({n},)) or a scalar")
     return values
+
+
+def dict_rows(observation: Any, keys: Sequence[str], dims: Sequence[int], n: int) -> Any:
+    """Dict observations of ``n`` episodes -> (n, sum(dims)) float32, the ``keys`` concatenated
+    in order (dtlab.spaces.flatten_observation's layout): one mapping whose keys hold (n, dim_k)
+    arrays ((dim_k,) for one episode, ``fit_batch``'s rule), or a sequence of n per-episode
+    mappings. A non-object ndarray is taken as already flattened and returned as it is. EnvError
+    naming the missing key, the key of the wrong shape, or the count of mappings."""
+    if isinstance(observation, np.ndarray) and observation.dtype != object:
+        return observation
+    if not isinstance(observation, Mapping):  # a sequence of per-episode mappings
+        if len(observation) != n:
+            raise EnvError(f"act got {len(observation)} Dict observations for {episodes(n)}")
+        return np.concatenate([_mapping_rows(o, keys, dims, 1) for o in observation])
+    return _mapping_rows(observation, keys, dims, n)
+
+
+def _mapping_rows(observation: Any, keys: Sequence[str], dims: Sequence[int], n: int
+                  ) -> np.ndarray:
+    """One mapping of ``n`` episodes' Dict observations -> (n, sum(dims)) float32."""
+    if not isinstance(observation, Mapping):
+        raise EnvError(f"expected a Dict observation with keys {list(keys)}, got "
+                       f"{type(observation).__name__}")
+    parts = []
+    for key, dim in zip(keys, dims):
+        if key not in observation:
+            raise EnvError(f"Dict observation has no key {key!r} (it has {sorted(observation)})")
+        value = np.asarray(observation[key], dtype=np.float32)
+        parts.append(fit_batch(value, n, (dim,), f"Dict observation key {key!r}"))
+    return np.concatenate(parts, axis=1)

@@ -18,7 +18,7 @@ from __future__ import annotations
 import json
 import math
 import warnings
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -26,7 +26,7 @@ import numpy as np
 import onnxruntime as ort
 
 from .errors import ConfigError, DtlabWarning, EnvError, TrainingError
-from .inputs import check_index, episodes, fit_batch, per_episode
+from .inputs import check_index, dict_rows, fit_batch, per_episode
 
 # The artifact layout this runtime reads (dtlab.export.ARTIFACT_FORMAT / ARTIFACT_VERSION).
 ARTIFACT_FORMAT, ARTIFACT_VERSION = "dtlab-deploy", 1
@@ -148,9 +148,9 @@ class DeployedPolicy:
         or one per episode; ``index``: episode numbers in 0..N-1, each at most once. ConfigError
         otherwise, naming the argument."""
         rows = self._rows(index)
-        values = _finite_targets("return_to_go", return_to_go)
+        _finite_targets("return_to_go", return_to_go)  # numbers, finite: else ConfigError
         values = per_episode("steer's return_to_go", np.asarray(return_to_go, np.float32),
-                              rows.shape[0], ConfigError)  # (n,), finite
+                             rows.shape[0], ConfigError)  # (n,)
         self._warn_above_reliable_max(values)
         self._pending[rows] = values
 
@@ -184,30 +184,13 @@ class DeployedPolicy:
         order. EnvError when the shapes do not fit (``fit_batch``)."""
         space = self.observation_space
         if space["type"] == "dict":
-            if isinstance(observation, Mapping):
-                observation = self._flatten(observation, n)
-            elif not (isinstance(observation, np.ndarray) and observation.dtype != object):
-                if len(observation) != n:  # a sequence of per-episode mappings
-                    raise EnvError(f"act got {len(observation)} Dict observations for "
-                                   f"{episodes(n)}")
-                observation = np.concatenate([self._flatten(o, 1) for o in observation])
+            observation = dict_rows(observation, space["keys"], space["dims"], n)
         if space["type"] == "image":
             shape = (space["stack"], *space["shape"])
             frames = fit_batch(np.asarray(observation), n, shape, "observations", np.uint8)
             return np.ascontiguousarray(frames)  # (n, stack, H, W)
         dim = int(space["dim"]) if space["type"] == "vector" else sum(space["dims"])
         return fit_batch(np.asarray(observation, dtype=np.float32), n, (dim,), "observations")
-
-    def _flatten(self, observation: Mapping, n: int) -> np.ndarray:
-        """A Dict observation of ``n`` episodes (each key (n, dim_k), or (dim_k,) for one) ->
-        (n, dim) float32, keys in the artifact's order (dtlab.spaces.flatten_observation's)."""
-        parts = []
-        for key, dim in zip(self.observation_space["keys"], self.observation_space["dims"]):
-            if key not in observation:
-                raise EnvError(f"Dict observation has no key {key!r} (it has {sorted(observation)})")
-            value = np.asarray(observation[key], dtype=np.float32)
-            parts.append(fit_batch(value, n, (dim,), f"Dict observation key {key!r}"))
-        return np.concatenate(parts, axis=1)
 
     def _warn_out_of_range(self, obs: np.ndarray) -> None:
         if self._obs_low is None:
