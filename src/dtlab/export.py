@@ -269,12 +269,21 @@ def model_card(run: Path, ckpt: Path, record: dict[str, Any]) -> str:
     """README.md of the artifact, written from the run's records: data and provenance, training
     settings (``train_config.json``), the evaluation scores the run measured (``evaluations.jsonl``),
     the calibrated target range and how to run it."""
-    dataset = record["provenance"]["dataset"]
-    ret = record["dataset_return"] or {}
     lines = [f"# Decision Transformer for {record['env_id']}", "",
              f"Exported by dtlab {record['dtlab_version']} from `{ckpt}` (step "
              f"{record['provenance']['step']}).", "", "## Data", ""]
-    lines.append(f"- dataset: `{dataset.get('path', 'unknown')}`")
+    lines += _card_data(record)
+    lines += _card_model(run, record)
+    lines += _card_evaluations(run)
+    lines += _card_targets(record)
+    lines += _card_running(record)
+    return "\n".join(lines)
+
+
+def _card_data(record: dict[str, Any]) -> list[str]:
+    """The card's data lines: the file, its size, its returns and its recorded metadata."""
+    dataset, ret = record["provenance"]["dataset"], record["dataset_return"] or {}
+    lines = [f"- dataset: `{dataset.get('path', 'unknown')}`"]
     for key in ("episodes", "transitions"):
         if key in dataset:
             lines.append(f"- {key}: {dataset[key]}")
@@ -284,6 +293,12 @@ def model_card(run: Path, ckpt: Path, record: dict[str, Any]) -> str:
     meta = dataset.get("metadata") or {}
     if meta:
         lines.append("- recorded with the data: " + ", ".join(f"{k}={meta[k]}" for k in sorted(meta)))
+    return lines
+
+
+def _card_model(run: Path, record: dict[str, Any]) -> list[str]:
+    """The card's model and training section: spaces, architecture, head, training settings."""
+    lines: list[str] = []
     lines += ["", "## Model and training", "",
               f"- observations: {json.dumps(record['observation_space'])}",
               f"- actions: {json.dumps(record['action_space'])}",
@@ -302,6 +317,12 @@ def model_card(run: Path, ckpt: Path, record: dict[str, Any]) -> str:
                 shown = ", ".join(f"{k}={v}" for k, v in values.items()
                                   if k not in ("out", "progress", "tensorboard"))
                 lines.append(f"  - {group}: {shown}")
+    return lines
+
+
+def _card_evaluations(run: Path) -> list[str]:
+    """The card's evaluation section: the run's last three evaluations (evaluations.jsonl)."""
+    lines: list[str] = []
     lines += ["", "## Evaluation", ""]
     from dtlab.rundir import RunDirectory
 
@@ -319,6 +340,13 @@ def model_card(run: Path, ckpt: Path, record: dict[str, Any]) -> str:
     else:
         lines.append("The run recorded no evaluation (train with --eval-episodes, or run "
                      "`dtlab evaluate`).")
+    return lines
+
+
+def _card_targets(record: dict[str, Any]) -> list[str]:
+    """The card's target section: the calibrated range, or the data's best where uncalibrated."""
+    ret = record["dataset_return"] or {}
+    lines: list[str] = []
     lines += ["", "## Target returns", ""]
     reliable = record["reliable_targets"]
     if reliable and reliable["rising_range"] is None:
@@ -335,6 +363,13 @@ def model_card(run: Path, ckpt: Path, record: dict[str, Any]) -> str:
         lines.append("Not calibrated (run `dtlab calibrate` before exporting to record the range "
                      "of targets the model follows); the runtime warns for targets above the "
                      f"data's best episode return{f' ({best:.1f})' if best is not None else ''}.")
+    return lines
+
+
+def _card_running(record: dict[str, Any]) -> list[str]:
+    """The card's last section: installing the runtime alone and acting with it."""
+    ret, reliable = record["dataset_return"] or {}, record["reliable_targets"]
+    lines: list[str] = []
     lines += ["", "## Running it", "",
               "Needs numpy and onnxruntime only (no torch): `pip install ./deploy` from the dtlab "
               "repository installs the runtime alone (docs/deploy.md).", "", "```python",
@@ -346,7 +381,7 @@ def model_card(run: Path, ckpt: Path, record: dict[str, Any]) -> str:
               "```", "",
               "Files: `policy.onnx` (one step: the window state in, the action and the next "
               "state out), `policy.json` (spaces, K, return scale, ranges, provenance).", ""]
-    return "\n".join(lines)
+    return lines
 
 
 # ---- the command ---------------------------------------------------------------------------------
