@@ -150,6 +150,34 @@ def test_finetune_stopped_and_resumed_equals_an_uninterrupted_run(offline_run, c
         assert a.keys() == b.keys() and all((a[k] == b[k]).all() for k in a)
 
 
+def test_finetune_of_an_averaged_run_evaluates_the_average_not_the_raw_weights(
+        offline_run, tmp_path):
+    from dtlab import checkpoint
+    from dtlab.config import ModelConfig
+    from dtlab.policy import DTPolicy
+    from dtlab.rollout import Evaluator
+    from dtlab.rundir import RunDirectory
+    from dtlab.train import train
+
+    model = ModelConfig(embed_dim=16, n_layers=1, context_len=4, max_ep_len=200, dropout=0.1,
+                        policy="stochastic")
+    train(train_config(model=model, dataset=str(offline_run / "data.hdf5"), env="Pendulum-v1",
+                       out=str(tmp_path / "off"), steps=10, lr=1e-2, warmup_steps=1,
+                       batch_size=8, ema_decay=0.9, progress=False, tensorboard=False))
+    _in_process(tmp_path / "off", tmp_path / "ft", stop_after=2)  # step 0 and one rollout
+    first = RunDirectory(tmp_path / "ft").evaluations()[0]
+    assert first.step == 0 and first.weights == "average"
+    # Reference: the offline checkpoint (whose model is the average), evaluated by hand with
+    # the finetuning's evaluator settings; the raw weights would act otherwise.
+    at, _ = checkpoint.load_info(tmp_path / "off")
+    weights, info = checkpoint.load(at, "cpu")
+    report = Evaluator("Pendulum-v1", (-100.0,), 1, seed=0, max_steps=100)(
+        DTPolicy(weights, info, "cpu"))
+    assert [r.returns for r in first.results] == [list(r.returns) for r in report.results]
+    raw = checkpoint.load_trainer_state(at)["raw_weights"]
+    assert any((raw[k] != v).any() for k, v in weights.state_dict().items())
+
+
 @pytest.mark.slow  # three CLI processes, about 30 s
 def test_finetune_resumes_bit_for_bit_after_kill_9(offline_run):
     from safetensors.torch import load_file

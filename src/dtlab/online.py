@@ -184,15 +184,18 @@ class OnlineLoop:
 
     def _evaluate(self) -> None:
         """Evaluate the mean action at the targets (rank 0; the other ranks wait); recorded
-        with step = online env steps."""
+        with step = online env steps. The weights a checkpoint holds are evaluated: their
+        average when the offline run kept one (``optim.ema_decay``), as ``dtlab train`` does;
+        the rollouts explore with the weights being trained."""
         if self.world.is_main:
-            policy = DTPolicy(self.trainer.model, self.info, self.trainer.device,
+            policy = DTPolicy(self.trainer.policy_model, self.info, self.trainer.device,
                               precision=self.trainer.precision)
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore", DtlabWarning)
                 report = self.evaluator(policy)
             self.trainer.model.train()
-            evaluation = Evaluation(self.progress.env_steps, tuple(report.results), "raw",
+            evaluation = Evaluation(self.progress.env_steps, tuple(report.results),
+                                    "average" if self.trainer.ema is not None else "raw",
                                     {**report.timing(),
                                      "gradient_step": self.trainer.state.step})
             self.run.record_evaluation(evaluation)
