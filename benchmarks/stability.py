@@ -6,8 +6,9 @@ average is a copy that draws no random numbers), and saves the raw weights besid
 every checkpoint. This script trains such runs (one per seed, resumable), evaluates the average
 during training, then evaluates the raw weights of every checkpoint at the same targets on the
 same env seeds, and reports per recipe: last, final (mean of the last 3), best, the swing (mean
-absolute difference between consecutive evaluations) and the last-vs-best gap, each as IQM with
-a 95% stratified-bootstrap CI over seeds (dtlab.benchmark.report's statistics).
+absolute difference between consecutive evaluations), the late swing (the same over the second
+half of training) and the last-vs-best gap, each as IQM with a 95% stratified-bootstrap CI over
+seeds (dtlab.benchmark.report's statistics).
 
     python benchmarks/stability.py --dataset datasets/hopper-medium-replay-v5.hdf5 \
         --env Hopper-v5 --out bench/stability-hmr --seeds 0 1 2 --steps 15000 \
@@ -99,16 +100,26 @@ def raw_curve(run: Path, cfg: TrainConfig) -> dict[int, dict[str, float]]:
     return cache
 
 
-def summary(curves: list[dict[int, dict[str, float]]], target: str, reps: int) -> dict:
+KEYS = ("last", "final", "best", "swing", "late_swing", "gap")
+
+
+def summary(curves: list[dict[int, dict[str, float]]], target: str, reps: int,
+            steps: int) -> dict:
+    """Per seed and as IQM [95% CI] over seeds: last, final (mean of the last 3), best, swing
+    (mean absolute difference of consecutive evaluations), late_swing (the same over the
+    evaluations in the second half of training, from step steps/2 on: the early climb, which
+    is learning and not oscillation, left out) and the last-vs-best gap."""
     per_seed = []
     for curve in curves:
         values = [curve[s][target] for s in sorted(curve)]
+        late = [curve[s][target] for s in sorted(curve) if s >= steps / 2]
         per_seed.append({"last": values[-1], "final": float(np.mean(values[-3:])),
                          "best": max(values),
                          "swing": float(np.mean(np.abs(np.diff(values)))),
+                         "late_swing": float(np.mean(np.abs(np.diff(late)))),
                          "gap": max(values) - values[-1]})
     out = {}
-    for key in ("last", "final", "best", "swing", "gap"):
+    for key in KEYS:
         x = np.array([p[key] for p in per_seed])
         iqm, lo, hi = iqm_with_ci(x[:, None], reps)
         out[key] = {"iqm": iqm, "ci": [lo, hi], "per_seed": x.tolist()}
@@ -150,18 +161,18 @@ def main(argv=None) -> int:
     report = {"settings": vars(args), "targets": {}}
     for target in (f"{t:g}" for t in args.targets):
         report["targets"][target] = {
-            "ema": summary(averaged, target, args.reps) if averaged else None,
-            "raw": summary(raw, target, args.reps) if raw else None,
+            "ema": summary(averaged, target, args.reps, args.steps) if averaged else None,
+            "raw": summary(raw, target, args.reps, args.steps) if raw else None,
             "curves": {"ema": [{str(k): v[target] for k, v in sorted(c.items())} for c in averaged],
                        "raw": [{str(k): v[target] for k, v in sorted(c.items())} for c in raw]}}
     Path(args.out, "stability.json").write_text(json.dumps(report, indent=1))
     for target, rows in report["targets"].items():
-        print(f"target {target}: weights | last | final | best | swing | last-vs-best gap")
+        print(f"target {target}: weights | last | final | best | swing | late swing | "
+              "last-vs-best gap")
         for name in ("raw", "ema"):
             if rows[name]:
                 cells = [f"{rows[name][k]['iqm']:.1f} [{rows[name][k]['ci'][0]:.1f}, "
-                         f"{rows[name][k]['ci'][1]:.1f}]" for k in
-                         ("last", "final", "best", "swing", "gap")]
+                         f"{rows[name][k]['ci'][1]:.1f}]" for k in KEYS]
                 print(f"  {name} | " + " | ".join(cells))
     return 0
 

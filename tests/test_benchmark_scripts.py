@@ -54,3 +54,20 @@ def test_eval_variants_quality_compares_separate_rollouts(tiny_checkpoint, tmp_p
     # Float rounding only (6e-7 measured); a wrong mask, embedding or cache write gives 4e-4 to 1.
     assert diff["kv_cache"] < 3e-5, diff
     assert diff["bf16"] > 1e-4 and diff["kv_cache_bf16"] > 1e-4, diff  # 5e-3 measured
+
+
+def test_stability_summary_against_hand_computed_values():
+    """benchmarks/stability.py's per-seed figures on a curve worked by hand: evaluations every
+    2,500 steps of 15,000; the late swing uses the evaluations from step 7,500 on."""
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    from stability import summary
+
+    curve = {2500: {"1": 10.0}, 5000: {"1": 30.0}, 7500: {"1": 20.0}, 10000: {"1": 40.0},
+             12500: {"1": 10.0}, 15000: {"1": 30.0}}
+    out = summary([curve], "1", reps=10, steps=15_000)
+    by_hand = {"last": 30.0, "final": (40 + 10 + 30) / 3, "best": 40.0,
+               "swing": (20 + 10 + 20 + 30 + 20) / 5,  # |30-10|, |20-30|, ...
+               "late_swing": (20 + 30 + 20) / 3,  # 20 -> 40 -> 10 -> 30
+               "gap": 40.0 - 30.0}
+    for key, value in by_hand.items():
+        assert abs(out[key]["per_seed"][0] - value) < 1e-9, key
