@@ -16,6 +16,7 @@ from dtlab.normalizer import Normalizer, from_unit_interval, to_unit_interval
 from dtlab.policy import DTPolicy
 from dtlab.spaces import (ContinuousActions, DiscreteActions, VectorObservations,
                           action_space_from_gym, action_space_from_json, check_against_env,
+                          env_advice,
                           observation_space_from_gym, observation_space_from_json)
 from dtlab.train import train
 from tests.configs import train_config
@@ -58,21 +59,26 @@ def test_invalid_specs_are_one_line_config_errors_naming_the_field(data, message
 
 def test_check_against_env_messages():
     env = gym.make("Pendulum-v1")
-    check_against_env(env, VectorObservations(3), ContinuousActions(1), what="x", exact_n=True)
+    check_against_env(env, VectorObservations(3), ContinuousActions(1), what="x", exact_n=True,
+                      advice="A")
     with pytest.raises(EnvError, match=r"^Pendulum-v1 has observations \(3,\) and actions \(1,\), "
-                                       r"but dataset d has observations \(4,\) and actions \(1,\)$"):
+                                       r"but dataset d has observations \(4,\) and actions \(1,\); "
+                                       r"pass --env X-v0$"):
         check_against_env(env, VectorObservations(4), ContinuousActions(1), what="dataset d",
-                          exact_n=False)
+                          exact_n=False, advice=env_advice("X-v0", "Pendulum-v1"))
     cartpole = gym.make("CartPole-v1")
-    check_against_env(cartpole, VectorObservations(4), DiscreteActions(1), what="d", exact_n=False)
+    check_against_env(cartpole, VectorObservations(4), DiscreteActions(1), what="d", exact_n=False,
+                      advice="A")
+    # The env the data names is the one given: the line says which env --env must be.
     with pytest.raises(EnvError, match=r"and 2 actions, but the checkpoint has observations \(4,\) "
-                                       r"and 1 actions$"):
+                                       r"and 1 actions; pass --env the env it was trained on$"):
         check_against_env(cartpole, VectorObservations(4), DiscreteActions(1),
-                          what="the checkpoint", exact_n=True)
+                          what="the checkpoint", exact_n=True,
+                          advice=env_advice("CartPole-v1", "CartPole-v1", "it was trained on"))
     with pytest.raises(EnvError, match="has continuous actions but the env's action space is "
-                                       r"Discrete\(2\)"):
+                                       r"Discrete\(2\); B$"):
         check_against_env(cartpole, VectorObservations(4), ContinuousActions(1), what="d",
-                          exact_n=True)
+                          exact_n=True, advice="B")
 
 
 # ---- Normalizer ----------------------------------------------------------------------------------

@@ -144,7 +144,7 @@ def run_data_convert(cmd: DataConvert) -> None:
 
 def run_data_validate(cmd: DataValidate) -> None:
     from dtlab.envs import actions_outside_bounds, check_same_env, make_env
-    from dtlab.spaces import check_against_env
+    from dtlab.spaces import check_against_env, env_advice
 
     episodes, findings, context = _load_with_findings(cmd.path, cmd.env)
     print(f"{cmd.path}: {episodes.num_episodes} episodes, {episodes.num_transitions} transitions: "
@@ -152,7 +152,8 @@ def run_data_validate(cmd: DataValidate) -> None:
     if cmd.env:
         env = make_env(cmd.env)
         check_against_env(env, episodes.observation_space, episodes.action_space,
-                          what=f"dataset {cmd.path}", exact_n=False)
+                          what=f"dataset {cmd.path}", exact_n=False,
+                          advice=env_advice(episodes.provenance.env_id, cmd.env))
         check_same_env(episodes.provenance.env_id, cmd.env, what=cmd.path,
                        advice=f"validate against --env {episodes.provenance.env_id}")
         outside = int(actions_outside_bounds(episodes.actions, env.action_space).sum())

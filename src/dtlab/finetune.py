@@ -61,7 +61,7 @@ from dtlab.errors import CheckpointError, ConfigError, DtlabWarning, EnvError
 from dtlab.metrics import Evaluation
 from dtlab.rollout import Evaluator, default_targets
 from dtlab.rundir import RunDirectory
-from dtlab.spaces import VectorObservations, check_against_env
+from dtlab.spaces import VectorObservations, check_against_env, env_advice
 from dtlab.online import (FINETUNE_STREAM, REPLAY_FILE, FinetuneResult, OnlineLoop,
                           OnlineProgress)
 from dtlab.trainer import Trainer, TrainerState
@@ -212,7 +212,7 @@ def _episode_limit(cfg: FinetuneConfig, info: PolicyInfo) -> int:
     env = make_env(cfg.env)
     try:
         check_against_env(env, info.observation_space, info.action_space, what="the checkpoint",
-                          exact_n=True)
+                          exact_n=True, advice=env_advice(info.env_id, cfg.env, "it was trained on"))
         limit, _ = episode_limit(env, cfg.env, cfg.max_episode_steps, info.model.max_ep_len)
     finally:
         env.close()

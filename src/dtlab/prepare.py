@@ -20,7 +20,8 @@ from dtlab.envs import (actions_outside_bounds, check_same_env, describe_space, 
                         episode_limit, make_env, reference_scores)
 from dtlab.errors import ConfigError, DatasetError, DtlabWarning, EnvError
 from dtlab.normalizer import Normalizer
-from dtlab.spaces import (ContinuousActions, DictObservations, action_space_from_gym, check_against_env)
+from dtlab.spaces import (ContinuousActions, DictObservations, action_space_from_gym,
+                          check_against_env, env_advice)
 
 
 def select_observations(episodes: EpisodeSet, obs_keys: tuple[str, ...]) -> EpisodeSet:
@@ -111,7 +112,8 @@ def prepare(cfg: TrainConfig, episodes: EpisodeSet | None = None) -> tuple[Episo
                                "or pass --truncate-long-episodes")
     env = make_env(cfg.data.env)
     check_against_env(env, episodes.observation_space, episodes.action_space,
-                      what=f"dataset {episodes.source}", exact_n=False)
+                      what=f"dataset {episodes.source}", exact_n=False,
+                      advice=env_advice(episodes.provenance.env_id, cfg.data.env))
     check_same_env(episodes.provenance.env_id, cfg.data.env, what=str(episodes.source),
                    advice=f"pass --env {episodes.provenance.env_id}")
     check_action_bounds(episodes, env, strict=cfg.data.strict)

@@ -28,7 +28,7 @@ from dtlab.envs import env_info, episode_limit, make_env, reference_scores
 from dtlab.errors import ConfigError
 from dtlab.metrics import TargetResult
 from dtlab.policy import DTPolicy
-from dtlab.spaces import check_against_env
+from dtlab.spaces import check_against_env, env_advice
 
 
 @dataclass(frozen=True)
@@ -101,7 +101,7 @@ def check_env(env_id: str, info, max_steps: int | None = None, *,
     probe = make_env(env_id)
     try:
         check_against_env(probe, info.observation_space, info.action_space, what=what,
-                          exact_n=True)
+                          exact_n=True, advice=env_advice(info.env_id, env_id, "it was trained on"))
         return EpisodeLimit(*episode_limit(probe, env_id, max_steps, info.model.max_ep_len))
     finally:
         probe.close()

@@ -371,10 +371,18 @@ def _env_observations(space: Any) -> str:
     return str(space.shape)
 
 
+def env_advice(recorded: str | None, given: str, what: str = "the data was recorded in") -> str:
+    """The end of a space-mismatch line: the --env to pass (``recorded``, the env the data or
+    run names, when it is another), else which env --env must be."""
+    if recorded and recorded != given:
+        return f"pass --env {recorded}"
+    return f"pass --env the env {what}"
+
+
 def check_against_env(env: Any, observations: ObservationSpec, actions: ActionSpec, *, what: str,
-                      exact_n: bool) -> None:
-    """Raise a one-line EnvError when ``env``'s spaces differ from ``what`` (e.g. "dataset X",
-    "the checkpoint") has: the observations (``observations_fit``: a vector's shape, a frame
+                      exact_n: bool, advice: str) -> None:
+    """Raise a one-line EnvError, ending in ``advice`` (the flag to change), when ``env``'s spaces
+    differ from what ``what`` (e.g. "dataset X", "the checkpoint") has: the observations (``observations_fit``: a vector's shape, a frame
     stack's depth and frame shape, a Dict's keys and sizes), and the action shape (continuous) or a
     ``Discrete(n)`` starting at 0 with n equal to the spec's (``exact_n``: a checkpoint's number of
     logits) or at least the spec's (a dataset need not use every action)."""
@@ -388,16 +396,16 @@ def check_against_env(env: Any, observations: ObservationSpec, actions: ActionSp
     if isinstance(actions, DiscreteActions):
         if not isinstance(space, gym.spaces.Discrete) or int(space.start) != 0:
             raise EnvError(f"{env_id}: {what} has discrete actions but the env's action space is "
-                           f"{describe_space(space)} (need Discrete(n) starting at 0)")
+                           f"{describe_space(space)} (need Discrete(n) starting at 0); {advice}")
         fits = actions.n == int(space.n) if exact_n else actions.n <= int(space.n)
         if not obs_ok or not fits:
             n_ours = f"{actions.n} actions" if exact_n else f"actions up to index {actions.n - 1}"
             raise EnvError(f"{env_id} has observations {env_obs} and {int(space.n)} actions, but "
-                           f"{what} has observations {ours} and {n_ours}")
+                           f"{what} has observations {ours} and {n_ours}; {advice}")
         return
     if not isinstance(space, gym.spaces.Box):
         raise EnvError(f"{env_id}: {what} has continuous actions but the env's action space is "
-                       f"{describe_space(space)}")
+                       f"{describe_space(space)}; {advice}")
     if not obs_ok or space.shape != (actions.dim,):
         raise EnvError(f"{env_id} has observations {env_obs} and actions {space.shape}, but "
-                       f"{what} has observations {ours} and actions ({actions.dim},)")
+                       f"{what} has observations {ours} and actions ({actions.dim},); {advice}")

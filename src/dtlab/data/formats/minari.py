@@ -52,7 +52,7 @@ from dtlab.data.episodes import EpisodeSet
 from dtlab.data.formats._hdf5 import json_default
 from dtlab.errors import DatasetError, DtlabError
 from dtlab.spaces import (DictObservations, DiscreteActions, ImageObservations,
-                          action_space_from_gym, check_against_env, describe_space,
+                          action_space_from_gym, check_against_env, describe_space, env_advice,
                           observation_space_from_gym)
 
 PREFIX = "minari:"
@@ -296,7 +296,8 @@ def _make_env(env_id: str, episodes: EpisodeSet, source: str) -> gym.Env:
     env = make_env(env_id)
     try:
         check_against_env(env, episodes.observation_space, episodes.action_space,
-                          what=f"dataset {source}", exact_n=False)
+                          what=f"dataset {source}", exact_n=False,
+                          advice=env_advice(episodes.provenance.env_id, env_id))
         _check_observation_space(env.observation_space, env_id)
     except BaseException:
         env.close()
