@@ -6,7 +6,9 @@ same offline run continued offline for as many extra gradient steps as the finet
 (``dtlab train --resume --steps``). Reports the evaluation return (normalized score where known)
 before (the offline run's last evaluation), after finetuning and for the control, as the IQM over
 seeds with its 95% stratified-bootstrap CI (``dtlab.benchmark.report.iqm_with_ci``), one number
-per seed averaged over the evaluation targets. Results as JSON (--out/odt.json) and a table.
+per seed averaged over the evaluation targets. Results as JSON (--out/odt.json), a table, and
+the finetuning's learning curves (score against online env steps, one line per seed, the
+control's IQM as a reference line) in --out/odt_curves.png.
 
 Tiny end-to-end check (minutes on a busy CPU; docs/results.md):
 
@@ -47,6 +49,25 @@ def score(run: Path) -> float:
     """Mean over targets of the last evaluation's normalized score (else its mean return)."""
     last = RunDirectory(run).evaluations()[-1]
     return float(np.mean([last.score(r.target) for r in last.results]))
+
+
+def draw_curves(out: Path, seeds: list[int], control: float, env: str) -> Path:
+    """odt_curves.png: each seed's finetuning evaluations (mean over targets of the score, the
+    band the mean over targets of the episodes' std) against online env steps."""
+    from dtlab.plots import score_curves
+
+    curves = []
+    for seed in seeds:
+        evaluations = RunDirectory(out / f"seed{seed}" / "finetuned").evaluations()
+        spread = [float(np.mean([r.normalized_std if r.normalized_std is not None else r.std
+                                 for r in e.results])) for e in evaluations]
+        curves.append((f"seed {seed}", [e.step for e in evaluations],
+                       [e.mean_score() for e in evaluations], spread))
+    return score_curves(curves, out / "odt_curves.png", xlabel="online env steps",
+                        title=f"dtlab finetune on {env}: score (mean over targets) per seed",
+                        reference=(f"control, IQM over seeds ({control:.1f})", control),
+                        band="± 1 std over episodes",
+                        ylabel="D4RL-normalized score (else return)")
 
 
 def main() -> None:
@@ -103,6 +124,7 @@ def main() -> None:
               "online_steps": a.online_steps, "updates_per_rollout": a.updates_per_rollout,
               "runs": rows, "summary": summary}
     (out / "odt.json").write_text(json.dumps(result, indent=2))
+    draw_curves(out, a.seeds, summary["control"]["iqm"], a.env)
     for key, s in summary.items():
         print(f"{key:>8}: IQM {s['iqm']:.1f} [{s['ci95'][0]:.1f}, {s['ci95'][1]:.1f}] over seeds "
               f"{a.seeds}: {', '.join(f'{v:.1f}' for v in s['per_seed'])}")
