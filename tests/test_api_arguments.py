@@ -9,7 +9,7 @@ from dtlab import checkpoint
 from dtlab.behaviour.policies import RandomPolicy
 from dtlab.collect import collect_episodes
 from dtlab.errors import ConfigError
-from dtlab.evaluate import offline_evaluation
+from dtlab.offline_eval import offline_evaluation
 from dtlab.policy import DTPolicy
 from dtlab.rollout import rollout
 from dtlab.runtime import available_devices

@@ -27,7 +27,7 @@ from dtlab.benchmark.plan import BenchmarkConfig
 from dtlab.cli import main
 from dtlab.config import (DataConfig, EvalDuringTraining, ModelConfig, OptimConfig, RunConfig,
                           TrainConfig)
-from dtlab.evaluate import CalibrateConfig
+from dtlab.calibrate import CalibrateConfig
 from dtlab.data.episodes import EpisodeSet
 from dtlab.data.formats import save_episodes
 from dtlab.errors import ConfigError

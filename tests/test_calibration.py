@@ -17,7 +17,8 @@ from dtlab.cli import main
 from dtlab.data import EpisodeSet
 from dtlab.data.formats import save_episodes
 from dtlab.errors import CheckpointError, ConfigError, DtlabWarning
-from dtlab.evaluate import calibration_summary, offline_evaluation, reliable_maximum
+from dtlab.calibrate import calibration_summary, reliable_maximum
+from dtlab.offline_eval import offline_evaluation
 from dtlab.policy import DTPolicy
 from dtlab.rundir import one_writer
 from dtlab.spaces import DiscreteActions
@@ -299,7 +300,7 @@ def test_calibration_needs_two_episodes_per_target():
     """One episode has no standard error: every difference would count as a rise (a new user's
     --calibrate-episodes 1 reported a 'reliable maximum' from a 0.1 change in return)."""
     from dtlab.benchmark.plan import BenchmarkConfig
-    from dtlab.evaluate import CalibrateConfig
+    from dtlab.calibrate import CalibrateConfig
 
     with pytest.raises(ConfigError, match="episodes must be >= 2, got 1"):
         CalibrateConfig(checkpoint="run", episodes=1)

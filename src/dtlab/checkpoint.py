@@ -307,7 +307,7 @@ def load_extra(path: str | Path, file: str) -> dict[str, torch.Tensor]:
 
 
 def save_calibration(path: str | Path, calibration: dict[str, Any]) -> Path:
-    """Write ``calibration`` (dtlab.evaluate.calibrate_checkpoint's record, with a numeric
+    """Write ``calibration`` (dtlab.calibrate.calibrate_checkpoint's record, with a numeric
     ``reliable_max_target``) as ``calibration.json`` into checkpoint ``path``, atomically."""
     file = resolve(path) / CALIBRATION_FILE
     write_json(file, calibration)

@@ -20,7 +20,8 @@ from dtlab.behaviour.sac import BehaviourConfig
 from dtlab.collect import CollectConfig
 from dtlab.config import MAX_SEED, TrainConfig, check_number
 from dtlab.data_commands import DataCommand, run_data
-from dtlab.evaluate import CalibrateConfig, EvalConfig
+from dtlab.calibrate import CalibrateConfig
+from dtlab.evaluate import EvalConfig
 from dtlab.finetune import FinetuneConfig
 from dtlab.errors import DtlabError, one_line_warning
 from dtlab.quickstart import STEPS as QUICKSTART_STEPS
@@ -253,7 +254,7 @@ def run_benchmark(cfg: BenchmarkConfig) -> int:
 
 
 def run_calibrate(cfg: CalibrateConfig) -> None:
-    from dtlab.evaluate import calibrate_checkpoint
+    from dtlab.calibrate import calibrate_checkpoint
 
     calibrate_checkpoint(cfg, echo=True)
 

@@ -66,7 +66,7 @@ class DTPolicy:
     True
 
     For many episodes at once, ``reset`` takes one target per episode and ``act`` a batch of
-    observations; ``index`` selects the episodes that advance (see dtlab.evaluate.rollout).
+    observations; ``index`` selects the episodes that advance (see dtlab.rollout.rollout).
     """
 
     def __init__(self, model: DecisionTransformer, info: PolicyInfo, device: str | torch.device = "cpu",

@@ -34,7 +34,7 @@ import tyro
 from dtlab.atomic import write_json
 from dtlab.config import (MAX_SEED, DataConfig, EvalDuringTraining, ModelConfig, OptimConfig,
                           RunConfig, TrainConfig, check_number, check_targets, setting_differences)
-from dtlab.evaluate import CalibrateConfig
+from dtlab.calibrate import CalibrateConfig
 from dtlab.data.records import ReturnStats
 from dtlab.data.returns import normalized_score
 from dtlab.errors import ConfigError
