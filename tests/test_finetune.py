@@ -143,8 +143,11 @@ def test_finetune_stopped_and_resumed_equals_an_uninterrupted_run(offline_run, c
     assert stopped.interrupted and stopped.rollouts == 2
     with pytest.raises(ConfigError, match="repeat the finetuning's own flags: --seed 0 "):
         _in_process(offline_run / "off", offline_run / "p_stop", "--resume", "--seed", "1")
-    resumed = _in_process(offline_run / "off", offline_run / "p_stop", "--resume")
+    # Moved before it resumes: the directory given is the run, whatever --out it started with.
+    (offline_run / "p_stop").rename(offline_run / "p_moved")
+    resumed = _in_process(offline_run / "off", offline_run / "p_moved", "--resume")
     assert resumed.checkpoint.name == whole.checkpoint.name == "step_00000130"
+    assert resumed.checkpoint.parent == offline_run / "p_moved"
     for file in ("model.safetensors", "replay.safetensors"):
         a, b = (load_file(r.checkpoint / file) for r in (whole, resumed))
         assert a.keys() == b.keys() and all((a[k] == b[k]).all() for k in a)

@@ -145,8 +145,9 @@ class FinetuneConfig:
         if self.exploration_target is not None:
             check_targets("exploration_target", (self.exploration_target,))
 
-    # Fields a resumed finetuning may change (they do not change its sequence of updates).
-    RESUME_MAY_CHANGE = frozenset({"resume", "online_steps", "checkpoint_every_minutes",
+    # Fields a resumed finetuning may change (they do not change its sequence of updates); `out`
+    # too: the directory resumed is the one given, wherever it was moved since.
+    RESUME_MAY_CHANGE = frozenset({"resume", "out", "online_steps", "checkpoint_every_minutes",
                                    "keep_checkpoints", "device", "threads", "eval_workers"})
 
 
