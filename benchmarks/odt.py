@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -71,6 +72,9 @@ def draw_curves(out: Path, seeds: list[int], control: float, env: str) -> Path:
 
 
 def main() -> None:
+    # `kill PID` (SIGTERM) ends this script through SystemExit, so subprocess.run kills its dtlab
+    # child rather than leaving it running; every phase resumes on the next invocation.
+    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--dataset", required=True)
     p.add_argument("--env", required=True)
