@@ -74,7 +74,9 @@ LEARNING_CURVE = "online_learning_curve.png"
 class FinetuneConfig:
     """Finetune a run online (the Online Decision Transformer): exploration rollouts, a replay
     of the most recent trajectories with hindsight return-to-go relabelling, and the offline
-    run's updates on it (defaults after the ODT paper's, Zheng et al. 2022). Under torchrun each
+    run's updates on it (online steps, replay size, updates per rollout and exploration scale as
+    in the ODT paper, Zheng et al. 2022; its other training settings, such as learning rate and
+    context length, are not applied: the offline run's continue). Under torchrun each
     process takes one rollout per iteration and the updates are DistributedDataParallel steps."""
 
     run: Annotated[str, tyro.conf.Positional, tyro.conf.arg(metavar="RUN")]
@@ -91,7 +93,8 @@ class FinetuneConfig:
     eval_episodes: int = 10
     """Evaluation episodes per target."""
     eval_targets: tuple[float, ...] = ()
-    """Evaluation target returns (default: the DT paper's for the env, as dtlab train)."""
+    """Evaluation target returns (default, as dtlab train: the DT paper's for the env, or targets
+    fitted to the data when those lie beyond its best return)."""
     eval_workers: int = 0
     """Step the evaluation envs in this many worker processes (0: in this process; under
     torchrun rank 0's, which evaluates)."""
@@ -221,8 +224,8 @@ def _episode_limit(cfg: FinetuneConfig, info: PolicyInfo) -> int:
 
 
 def _eval_targets(cfg: FinetuneConfig, info: PolicyInfo) -> tuple[tuple[float, ...], str]:
-    """--eval-targets, else the DT paper's for the env (``default_targets``); and a line saying
-    which ("targets 3600, 1800: the DT paper's for Hopper-v5")."""
+    """--eval-targets, else ``default_targets`` (the DT paper's for the env, or fitted to the
+    data); and a line saying which ("3600, 1800: the DT paper's for Hopper-v5")."""
     targets = tuple(cfg.eval_targets)
     if targets:
         return targets, ", ".join(f"{t:g}" for t in targets) + " (--eval-targets)"
