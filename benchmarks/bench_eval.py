@@ -4,7 +4,7 @@
     python benchmarks/bench_eval.py --workers 1 2 [--episodes 50]   # env worker processes only
 
 Cases (untrained models with random weights, DT paper configuration, targets 3600 and 1800):
-  dtlab_rollout      dtlab.evaluate.rollout: all episodes of both targets batched, one forward per
+  dtlab_rollout      dtlab.rollout.rollout: all episodes of both targets batched, one forward per
                      env step (rate from rollout's own timing: env construction excluded)
   hf_blog            the HF blog's loop: one env, get_action re-runs the whole K window every step,
                      no torch.no_grad (as in the blog)

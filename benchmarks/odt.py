@@ -71,6 +71,19 @@ def draw_curves(out: Path, seeds: list[int], control: float, env: str) -> Path:
                         ylabel="D4RL-normalized score (else return)")
 
 
+def control(offline: Path, out: Path, steps: int) -> None:
+    """The control: the offline run's directory copied to ``out``, then trained on offline to
+    ``steps`` gradient steps (resumable: a copy made earlier is continued)."""
+    if not (out / "latest").exists():
+        subprocess.run(["cp", "-r", str(offline), str(out)], check=True)
+        (out / ".lock").unlink(missing_ok=True)
+    config = json.loads((out / "train_config.json").read_text())
+    if config["run"]["out"] != str(out):
+        config["run"]["out"] = str(out)
+        (out / "train_config.json").write_text(json.dumps(config, indent=2))
+    dtlab("train", "--out", str(out), "--resume", "--steps", str(steps), "--no-progress")
+
+
 def main() -> None:
     # `kill PID` (SIGTERM) ends this script through SystemExit, so subprocess.run kills its dtlab
     # child rather than leaving it running; every phase resumes on the next invocation.
@@ -108,15 +121,7 @@ def main() -> None:
               *(["--eval-targets", *targets] if targets else []),
               *(["--resume"] if (ft / "latest").exists() else []))
         updates = RunDirectory(ft).evaluations()[-1].timing["gradient_step"] - a.offline_steps
-        if not (ctl / "latest").exists():  # the offline run's directory, copied, then continued
-            subprocess.run(["cp", "-r", str(off), str(ctl)], check=True)
-            (ctl / ".lock").unlink(missing_ok=True)
-        config = json.loads((ctl / "train_config.json").read_text())
-        if config["run"]["out"] != str(ctl):
-            config["run"]["out"] = str(ctl)
-            (ctl / "train_config.json").write_text(json.dumps(config, indent=2))
-        dtlab("train", "--out", str(ctl), "--resume", "--steps", str(a.offline_steps + updates),
-              "--no-progress")
+        control(off, ctl, a.offline_steps + updates)
         rows.append({"seed": seed, "before": score(off), "after": score(ft),
                      "control": score(ctl), "extra_updates": int(updates)})
     summary = {}

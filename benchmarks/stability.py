@@ -108,22 +108,28 @@ def summary(curves: list[dict[int, dict[str, float]]], target: str, reps: int,
     """Per seed and as IQM [95% CI] over seeds: last, final (mean of the last 3), best, swing
     (mean absolute difference of consecutive evaluations), late_swing (the same over the
     evaluations in the second half of training, from step steps/2 on: the early climb, which
-    is learning and not oscillation, left out) and the last-vs-best gap."""
+    is learning and not oscillation, left out) and the last-vs-best gap. A swing needs two
+    evaluations: a seed with fewer (a run stopped early) has None there, and the IQM is over the
+    seeds that have one (None when none has)."""
     per_seed = []
     for curve in curves:
         values = [curve[s][target] for s in sorted(curve)]
         late = [curve[s][target] for s in sorted(curve) if s >= steps / 2]
         per_seed.append({"last": values[-1], "final": float(np.mean(values[-3:])),
-                         "best": max(values),
-                         "swing": float(np.mean(np.abs(np.diff(values)))),
-                         "late_swing": float(np.mean(np.abs(np.diff(late)))),
-                         "gap": max(values) - values[-1]})
+                         "best": max(values), "swing": _swing(values),
+                         "late_swing": _swing(late), "gap": max(values) - values[-1]})
     out = {}
     for key in KEYS:
-        x = np.array([p[key] for p in per_seed])
-        iqm, lo, hi = iqm_with_ci(x[:, None], reps)
-        out[key] = {"iqm": iqm, "ci": [lo, hi], "per_seed": x.tolist()}
+        values = [p[key] for p in per_seed]
+        x = np.array([v for v in values if v is not None])
+        iqm, lo, hi = iqm_with_ci(x[:, None], reps) if x.size else (None, None, None)
+        out[key] = {"iqm": iqm, "ci": [lo, hi], "per_seed": values}
     return out
+
+
+def _swing(values: list[float]) -> float | None:
+    """Mean absolute difference of consecutive values; None for fewer than two."""
+    return float(np.mean(np.abs(np.diff(values)))) if len(values) > 1 else None
 
 
 def main(argv=None) -> int:
@@ -171,7 +177,8 @@ def main(argv=None) -> int:
               "last-vs-best gap")
         for name in ("raw", "ema"):
             if rows[name]:
-                cells = [f"{rows[name][k]['iqm']:.1f} [{rows[name][k]['ci'][0]:.1f}, "
+                cells = ["-" if rows[name][k]["iqm"] is None else
+                         f"{rows[name][k]['iqm']:.1f} [{rows[name][k]['ci'][0]:.1f}, "
                          f"{rows[name][k]['ci'][1]:.1f}]" for k in KEYS]
                 print(f"  {name} | " + " | ".join(cells))
     return 0

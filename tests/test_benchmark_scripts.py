@@ -56,10 +56,10 @@ def test_eval_variants_quality_compares_separate_rollouts(tiny_checkpoint, tmp_p
     assert diff["bf16"] > 1e-4 and diff["kv_cache_bf16"] > 1e-4, diff  # 5e-3 measured
 
 
-def test_stability_summary_against_hand_computed_values():
+def test_stability_summary_against_hand_computed_values(monkeypatch):
     """benchmarks/stability.py's per-seed figures on a curve worked by hand: evaluations every
     2,500 steps of 15,000; the late swing uses the evaluations from step 7,500 on."""
-    sys.path.insert(0, str(ROOT / "benchmarks"))
+    monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))
     from stability import summary
 
     curve = {2500: {"1": 10.0}, 5000: {"1": 30.0}, 7500: {"1": 20.0}, 10000: {"1": 40.0},
@@ -71,3 +71,9 @@ def test_stability_summary_against_hand_computed_values():
                "gap": 40.0 - 30.0}
     for key, value in by_hand.items():
         assert abs(out[key]["per_seed"][0] - value) < 1e-9, key
+    # Of 20,000 steps, a run stopped at 10,000 has one late evaluation: no late swing (not
+    # NaN), and the IQM is the other seed's, (30 + 20) / 2 from 40 -> 10 -> 30.
+    stopped = {step: curve[step] for step in (2500, 5000, 7500, 10000)}
+    out = summary([curve, stopped], "1", reps=10, steps=20_000)
+    assert out["late_swing"]["per_seed"] == [25.0, None]
+    assert out["late_swing"]["iqm"] == 25.0

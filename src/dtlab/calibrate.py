@@ -173,7 +173,10 @@ def _calibrate(cfg: CalibrateConfig, echo: bool, episodes: EpisodeSet | None) ->
 
         episodes = load_episodes(cfg.dataset)
     device = runtime.setup(cfg.device, cfg.threads, default_threads=1)
-    checked = check_env(info.env_id, info, cfg.max_steps, what=f"checkpoint {path}")
+    checked = check_env(info.env_id, info, cfg.max_steps, what=f"checkpoint {path}",
+                        advice=f"it was trained on {info.env_id} itself: another version of "
+                        "Gymnasium or of the env's package; calibrate it with the versions it was "
+                        "trained with")
     episode_returns = (episodes.episode_returns.tolist() if episodes is not None
                        else _recorded_episode_returns(info.dataset.get("path")))
     targets = calibration_targets(dataset_return, cfg.points)

@@ -143,8 +143,8 @@ def run_data_convert(cmd: DataConvert) -> None:
 
 
 def run_data_validate(cmd: DataValidate) -> None:
-    from dtlab.envs import actions_outside_bounds, check_same_env, make_env
-    from dtlab.spaces import check_against_env, env_advice
+    from dtlab.envs import actions_outside_bounds, check_same_env, env_advice, make_env
+    from dtlab.spaces import check_against_env
 
     episodes, findings, context = _load_with_findings(cmd.path, cmd.env)
     print(f"{cmd.path}: {episodes.num_episodes} episodes, {episodes.num_transitions} transitions: "

@@ -291,6 +291,22 @@ def _registered(env_id: str) -> bool:
     return False
 
 
+def env_advice(recorded: str | None, given: str, what: str = "the data was recorded in") -> str:
+    """The end of a space-mismatch line (``dtlab.spaces.check_against_env``): the --env to pass.
+
+    ``recorded`` is the env the data or run names, ``what`` how it relates to it ("the data was
+    recorded in", "it was trained on"). Gymnasium knows ``recorded`` and it is another env than
+    ``given``: pass it. It is ``given`` itself (case aside): the env's spaces changed since, or
+    the record is wrong. Nothing recorded, or a name Gymnasium does not know (D4RL's
+    ``hopper-medium-v2``): which env --env must be."""
+    if recorded and recorded.lower() == given.lower():
+        return (f"{what} {given} itself: another version of Gymnasium or of the env's package, or "
+                "a wrong env id in the record; pass --env the env it really ran in")
+    if recorded and _registered(recorded):
+        return f"pass --env {recorded}"
+    return f"pass --env the env {what}"
+
+
 def check_same_env(recorded: str | None, env_id: str, *, what: str, advice: str,
                    noun: str = "the data was recorded in") -> None:
     """Data recorded in one env must not be paired with another that merely has the same spaces:

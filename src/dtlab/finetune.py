@@ -56,12 +56,12 @@ from dtlab.config import (MAX_SEED, TrainConfig, check_number, check_targets,
 from dtlab.data.records import ReturnStats
 from dtlab.data.replay import TrajectoryReplay
 from dtlab.distributed import World
-from dtlab.envs import episode_limit, make_env
+from dtlab.envs import env_advice, episode_limit, make_env
 from dtlab.errors import CheckpointError, ConfigError, DtlabWarning, EnvError
 from dtlab.metrics import Evaluation
 from dtlab.rollout import Evaluator, default_targets
 from dtlab.rundir import RunDirectory
-from dtlab.spaces import VectorObservations, check_against_env, env_advice
+from dtlab.spaces import VectorObservations, check_against_env
 from dtlab.online import (FINETUNE_STREAM, REPLAY_FILE, FinetuneResult, OnlineLoop,
                           OnlineProgress)
 from dtlab.trainer import Trainer, TrainerState

@@ -16,12 +16,12 @@ from dtlab.checkpoint import PolicyInfo
 from dtlab.config import TrainConfig
 from dtlab.data.diagnostics import warn_findings
 from dtlab.data.episodes import EpisodeSet
-from dtlab.envs import (actions_outside_bounds, check_same_env, describe_space, env_info,
-                        episode_limit, make_env, reference_scores)
+from dtlab.envs import (actions_outside_bounds, check_same_env, describe_space, env_advice,
+                        env_info, episode_limit, make_env, reference_scores)
 from dtlab.errors import ConfigError, DatasetError, DtlabWarning, EnvError
 from dtlab.normalizer import Normalizer
 from dtlab.spaces import (ContinuousActions, DictObservations, action_space_from_gym,
-                          check_against_env, env_advice)
+                          check_against_env)
 
 
 def select_observations(episodes: EpisodeSet, obs_keys: tuple[str, ...]) -> EpisodeSet:

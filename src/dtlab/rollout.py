@@ -24,11 +24,11 @@ from dtlab.config import MAX_SEED, check_number, check_targets
 from dtlab.data.records import ReturnStats
 from dtlab.data.returns import normalized_score
 from dtlab.env_workers import EnvWorkers, LocalEnvs
-from dtlab.envs import env_info, episode_limit, make_env, reference_scores
+from dtlab.envs import env_advice, env_info, episode_limit, make_env, reference_scores
 from dtlab.errors import ConfigError
 from dtlab.metrics import TargetResult
 from dtlab.policy import DTPolicy
-from dtlab.spaces import check_against_env, env_advice
+from dtlab.spaces import check_against_env
 
 
 @dataclass(frozen=True)
@@ -93,15 +93,16 @@ class EpisodeLimit:
 
 
 def check_env(env_id: str, info, max_steps: int | None = None, *,
-              what: str = "the checkpoint") -> EpisodeLimit:
+              what: str = "the checkpoint", advice: str | None = None) -> EpisodeLimit:
     """Make ``env_id`` once and check it against a checkpoint's ``info`` (PolicyInfo): its spaces
-    (EnvError when they differ) and how long its episodes run against the model's max_ep_len
-    (ConfigError). EnvError for an unknown env. The one check before rollouts; its result goes
-    to ``rollout(checked=...)``."""
+    (EnvError when they differ, ending in ``advice``, by default ``env_advice``'s --env) and how
+    long its episodes run against the model's max_ep_len (ConfigError). EnvError for an unknown
+    env. The one check before rollouts; its result goes to ``rollout(checked=...)``."""
     probe = make_env(env_id)
     try:
         check_against_env(probe, info.observation_space, info.action_space, what=what,
-                          exact_n=True, advice=env_advice(info.env_id, env_id, "it was trained on"))
+                          exact_n=True, advice=advice or env_advice(info.env_id, env_id,
+                                                                    "it was trained on"))
         return EpisodeLimit(*episode_limit(probe, env_id, max_steps, info.model.max_ep_len))
     finally:
         probe.close()

@@ -371,18 +371,11 @@ def _env_observations(space: Any) -> str:
     return str(space.shape)
 
 
-def env_advice(recorded: str | None, given: str, what: str = "the data was recorded in") -> str:
-    """The end of a space-mismatch line: the --env to pass (``recorded``, the env the data or
-    run names, when it is another), else which env --env must be."""
-    if recorded and recorded != given:
-        return f"pass --env {recorded}"
-    return f"pass --env the env {what}"
-
-
 def check_against_env(env: Any, observations: ObservationSpec, actions: ActionSpec, *, what: str,
                       exact_n: bool, advice: str) -> None:
-    """Raise a one-line EnvError, ending in ``advice`` (the flag to change), when ``env``'s spaces
-    differ from what ``what`` (e.g. "dataset X", "the checkpoint") has: the observations (``observations_fit``: a vector's shape, a frame
+    """Raise a one-line EnvError, ending in ``advice`` (the flag to change, e.g.
+    ``dtlab.envs.env_advice``'s), when ``env``'s spaces differ from what ``what`` (e.g.
+    "dataset X", "the checkpoint") has: the observations (``observations_fit``: a vector's shape, a frame
     stack's depth and frame shape, a Dict's keys and sizes), and the action shape (continuous) or a
     ``Discrete(n)`` starting at 0 with n equal to the spec's (``exact_n``: a checkpoint's number of
     logits) or at least the spec's (a dataset need not use every action)."""

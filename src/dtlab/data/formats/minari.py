@@ -52,7 +52,7 @@ from dtlab.data.episodes import EpisodeSet
 from dtlab.data.formats._hdf5 import json_default
 from dtlab.errors import DatasetError, DtlabError
 from dtlab.spaces import (DictObservations, DiscreteActions, ImageObservations,
-                          action_space_from_gym, check_against_env, describe_space, env_advice,
+                          action_space_from_gym, check_against_env, describe_space,
                           observation_space_from_gym)
 
 PREFIX = "minari:"
@@ -291,7 +291,7 @@ def _final_observations(episodes: EpisodeSet, given: np.ndarray | None, source: 
 
 
 def _make_env(env_id: str, episodes: EpisodeSet, source: str) -> gym.Env:
-    from dtlab.envs import make_env
+    from dtlab.envs import env_advice, make_env
 
     env = make_env(env_id)
     try:
