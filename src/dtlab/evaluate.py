@@ -5,6 +5,7 @@ plot. Calibration lives in ``dtlab.calibrate``, evaluation without an env (``--o
 
 from __future__ import annotations
 
+import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Annotated, Literal
@@ -19,7 +20,7 @@ from dtlab.data.records import Provenance, ReturnStats
 from dtlab.envs import check_same_env
 from dtlab.errors import ConfigError
 from dtlab.metrics import TargetResult
-from dtlab.offline_eval import evaluate_offline
+from dtlab.offline_eval import offline_evaluation, print_offline
 from dtlab.policy import DTPolicy
 from dtlab.rollout import RolloutReport, check_env, default_targets, rollout
 
@@ -270,3 +271,38 @@ def check_paired_envs(path: Path, info, env_id: str) -> None:
     check_same_env(recorded, env_id,
                    what=f"{path} (trained on {info.dataset.get('path')})",
                    advice=f"evaluate it with --env {recorded}")
+
+
+def evaluate_offline(cfg: EvalConfig, echo: bool = False) -> dict:
+    """``dtlab evaluate CKPT --offline [--dataset FILE]``: ``offline_evaluation`` with JSON out and
+    a table, on ``--dataset`` or by default the checkpoint's own training file (refused when its
+    content changed since). Raises CheckpointError, ConfigError (data recorded in another env,
+    changed training data) or DatasetError before anything is written."""
+    from dtlab.data.formats import load_episodes
+
+    path, info = checkpoint.load_info(cfg.checkpoint)
+    trained_on = info.dataset.get("path")
+    if cfg.dataset is None:  # the training data, and only if it is still the same
+        if not isinstance(trained_on, str) or trained_on.startswith("<"):
+            raise ConfigError(f"{path}: the checkpoint records no dataset file; pass --dataset")
+        episodes = load_episodes(trained_on)
+        recorded = info.dataset.get("fingerprint")
+        if recorded and episodes.fingerprint() != recorded:
+            raise ConfigError(f"{trained_on}: not the data {path} was trained on (its content "
+                              "changed since); pass --dataset to evaluate on it anyway")
+    else:
+        episodes = load_episodes(cfg.dataset)
+        check_same_env(episodes.provenance.env_id, info.env_id, what=cfg.dataset,
+                       advice=f"pass --dataset with data from {info.env_id}")
+    device = runtime.setup(cfg.device, cfg.threads, default_threads=os.cpu_count() or 1)
+    model = checkpoint.load_weights(path, info, device)
+    data = {"checkpoint": str(path), "seed": cfg.seed, **offline_evaluation(
+        model, info, episodes, buckets=cfg.buckets, windows=cfg.windows, seed=cfg.seed,
+        swap_quantiles=cfg.swap_quantiles, device=str(device))}
+    if echo:
+        print_offline(data)
+    if cfg.out:
+        write_json(cfg.out, data)
+        if echo:
+            print(f"wrote {cfg.out}")
+    return data

@@ -1,25 +1,18 @@
-"""Evaluation without an environment (``dtlab evaluate CKPT --offline``): a checkpoint's action
-error and return sensitivity on a dataset's windows, the training sampler's K-step windows scored
-at their last step, as a rollout acts on it."""
+"""Evaluation without an environment (``dtlab evaluate CKPT --offline``, whose command is
+``dtlab.evaluate.evaluate_offline``): a checkpoint's action error and return sensitivity on a
+dataset's windows, the training sampler's K-step windows scored at their last step, as a rollout
+acts on it, and its table."""
 
 from __future__ import annotations
 
-import os
-from typing import TYPE_CHECKING
-
 import numpy as np
 
-from dtlab import checkpoint, runtime
-from dtlab.atomic import write_json
+from dtlab import runtime
 from dtlab.data.episodes import EpisodeSet
-from dtlab.envs import check_same_env
-from dtlab.errors import ConfigError, DatasetError
+from dtlab.errors import DatasetError
 from dtlab.spaces import ContinuousActions, DictObservations, DiscreteActions, describe_observations
 
-if TYPE_CHECKING:
-    from dtlab.evaluate import EvalConfig
-
-__all__ = ["offline_evaluation", "evaluate_offline"]
+__all__ = ["offline_evaluation", "print_offline"]
 
 
 def offline_evaluation(model, info, episodes: EpisodeSet, *, buckets: int = 4, windows: int = 10_000,
@@ -146,42 +139,7 @@ def _by_bucket(rtg_last: np.ndarray, error: np.ndarray, buckets: int, metric: st
     return rows
 
 
-def evaluate_offline(cfg: EvalConfig, echo: bool = False) -> dict:
-    """``dtlab evaluate CKPT --offline [--dataset FILE]``: ``offline_evaluation`` with JSON out and
-    a table, on ``--dataset`` or by default the checkpoint's own training file (refused when its
-    content changed since). Raises CheckpointError, ConfigError (data recorded in another env,
-    changed training data) or DatasetError before anything is written."""
-    from dtlab.data.formats import load_episodes
-
-    path, info = checkpoint.load_info(cfg.checkpoint)
-    trained_on = info.dataset.get("path")
-    if cfg.dataset is None:  # the training data, and only if it is still the same
-        if not isinstance(trained_on, str) or trained_on.startswith("<"):
-            raise ConfigError(f"{path}: the checkpoint records no dataset file; pass --dataset")
-        episodes = load_episodes(trained_on)
-        recorded = info.dataset.get("fingerprint")
-        if recorded and episodes.fingerprint() != recorded:
-            raise ConfigError(f"{trained_on}: not the data {path} was trained on (its content "
-                              "changed since); pass --dataset to evaluate on it anyway")
-    else:
-        episodes = load_episodes(cfg.dataset)
-        check_same_env(episodes.provenance.env_id, info.env_id, what=cfg.dataset,
-                       advice=f"pass --dataset with data from {info.env_id}")
-    device = runtime.setup(cfg.device, cfg.threads, default_threads=os.cpu_count() or 1)
-    model = checkpoint.load_weights(path, info, device)
-    data = {"checkpoint": str(path), "seed": cfg.seed, **offline_evaluation(
-        model, info, episodes, buckets=cfg.buckets, windows=cfg.windows, seed=cfg.seed,
-        swap_quantiles=cfg.swap_quantiles, device=str(device))}
-    if echo:
-        _print_offline(data)
-    if cfg.out:
-        write_json(cfg.out, data)
-        if echo:
-            print(f"wrote {cfg.out}")
-    return data
-
-
-def _print_offline(data: dict) -> None:
+def print_offline(data: dict) -> None:
     from rich.console import Console
     from rich.table import Table
 
