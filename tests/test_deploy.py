@@ -278,12 +278,35 @@ def test_policy_json_records_ranges_returns_and_calibration(tmp_path):
         policy.steer(2000.0, index=[0])
 
 
-def test_uncalibrated_target_warning_names_the_datas_best(hopper):
-    _, artifact = hopper
-    policy = DeployedPolicy(artifact)
+def test_uncalibrated_runtimes_warn_at_the_same_targets(hopper):
+    """Uncalibrated, both runtimes warn above the highest target the data supports: by hand,
+    returns 0 to 3000, best 3000 plus half the scale max(|3000|, 3000 - 0): 4500."""
+    run, artifact = hopper
+    assert json.loads((artifact / "policy.json").read_text())["supported_max_target"] == 4500.0
+    assert "warns, as DTPolicy does, for targets above 4500.0" in (artifact / "README.md").read_text()
+    for target, warns in ((3200.0, False), (4500.0, False), (4600.0, True)):
+        for policy in (DeployedPolicy(artifact), DTPolicy.from_checkpoint(run)):
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always")
+                policy.reset(target)
+            said = [str(w.message) for w in caught if issubclass(w.category, DtlabWarning)]
+            assert bool(said) == warns, (type(policy).__name__, target, said)
+    with pytest.warns(DtlabWarning, match=r"target 4600 asked for, above 4500, the highest "
+                                          r"target the training data supports"):
+        DeployedPolicy(artifact).reset(4600.0)
+
+
+def test_an_artifact_written_before_supported_max_target_warns_above_the_datas_best(
+        hopper, tmp_path):
+    import shutil
+
+    old = shutil.copytree(hopper[1], tmp_path / "old")
+    record = json.loads((old / "policy.json").read_text())
+    del record["supported_max_target"]
+    (old / "policy.json").write_text(json.dumps(record))
     with pytest.warns(DtlabWarning, match=r"target 3200 asked for, above 3000, the best "
                                           r"episode return"):
-        policy.reset(3200.0)
+        DeployedPolicy(old).reset(3200.0)
 
 
 def test_the_runtime_runs_with_torch_unimportable(hopper):

@@ -17,8 +17,10 @@ The directory it writes (``ARTIFACT_FILES``):
   output was finite) and the next window state under the same names with a ``next_`` prefix.
   Observation normalization, return scaling and the action mapping are inside the graph; the
   batch dimension N is dynamic. A fresh episode's state is all zeros (all padding).
-- ``policy.json``: spaces, env id, K, max_ep_len, return scale, the data's return statistics, the
-  calibrated reliable target range (when ``dtlab calibrate`` ran), observation ranges with the
+- ``policy.json``: spaces, env id, K, max_ep_len, return scale, the data's return statistics and
+  the highest target they support (``ReturnStats.supported_max``, where DTPolicy warns for an
+  uncalibrated run), the calibrated reliable target range (when ``dtlab calibrate`` ran),
+  observation ranges with the
   out-of-range threshold, provenance and the dtlab version (``build_policy_record``).
 - ``README.md``: a model card written from the run's records (``model_card``).
 
@@ -46,6 +48,7 @@ from dtlab import checkpoint
 from dtlab._version import __version__
 from dtlab.atomic import atomic_path, dumps_json
 from dtlab.checkpoint import PolicyInfo
+from dtlab.data.records import ReturnStats
 from dtlab.errors import ConfigError, DatasetError, DtlabWarning
 from dtlab.spaces import (DictObservations, DiscreteActions, ImageObservations,
                           describe_observations)
@@ -239,6 +242,7 @@ def acting_rule(info: PolicyInfo) -> str:
 
 def build_policy_record(path: Path, info: PolicyInfo, dataset: str | None) -> dict[str, Any]:
     """The content of ``policy.json`` for checkpoint ``path`` (see the module docstring)."""
+    supported = ReturnStats.from_json(info.dataset.get("episode_return"))
     return {
         "format": ARTIFACT_FORMAT, "format_version": ARTIFACT_VERSION, "dtlab_version": __version__,
         "onnx": POLICY_ONNX, "opset": OPSET, "inputs": list(INPUT_NAMES),
@@ -249,6 +253,7 @@ def build_policy_record(path: Path, info: PolicyInfo, dataset: str | None) -> di
         "acts": acting_rule(info), "context_len": info.model.context_len,
         "max_ep_len": info.model.max_ep_len, "return_scale": info.normalizer.return_scale,
         "dataset_return": info.dataset.get("episode_return"),
+        "supported_max_target": supported.supported_max if supported else None,
         "reliable_targets": reliable_targets(path),
         "observation_range": observation_ranges(info, dataset),
         "reference_scores": {"min": info.ref_min_score, "max": info.ref_max_score},
@@ -358,11 +363,15 @@ def _card_targets(record: dict[str, Any]) -> list[str]:
         lines.append(f"Calibrated (`dtlab calibrate`): the achieved return rises with the target "
                      f"from {rising[0]:g} up to {reliable['max']:g}; the runtime warns for "
                      "targets above it.")
-    else:
-        best = ret.get("max")
+    elif record.get("supported_max_target") is not None:
         lines.append("Not calibrated (run `dtlab calibrate` before exporting to record the range "
-                     "of targets the model follows); the runtime warns for targets above the "
-                     f"data's best episode return{f' ({best:.1f})' if best is not None else ''}.")
+                     "of targets the model follows); the runtime warns, as DTPolicy does, for "
+                     f"targets above {record['supported_max_target']:.1f}, the highest the "
+                     f"training data supports (its best episode return, {ret['max']:.1f}, plus "
+                     "half its return scale).")
+    else:
+        lines.append("Not calibrated, and the run recorded no return statistics of its data: "
+                     "the runtime does not warn for any target.")
     return lines
 
 

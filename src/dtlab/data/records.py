@@ -61,12 +61,17 @@ class ReturnStats:
     def to_json(self) -> dict[str, float]:
         return {"mean": self.mean, "std": self.std, "min": self.min, "max": self.max}
 
+    @property
+    def supported_max(self) -> float:
+        """The highest target return data with these returns supports: ``SUPPORT_MARGIN`` times
+        the data's scale (max(|best|, best - worst)) above its best return. Above it, a
+        return-conditioned policy is asked for returns far beyond any it was trained on (the DT
+        paper's 3600 on a Hopper file whose best return is 980)."""
+        return self.max + SUPPORT_MARGIN * max(abs(self.max), self.max - self.min)
+
     def supports(self, target: float) -> bool:
-        """Whether a target return lies within what data with these returns supports: at most
-        ``SUPPORT_MARGIN`` times the data's scale (max(|best|, best - worst)) above its best
-        return. Above it, a return-conditioned policy is asked for returns far beyond any it was
-        trained on (the DT paper's 3600 on a Hopper file whose best return is 980)."""
-        return target <= self.max + SUPPORT_MARGIN * max(abs(self.max), self.max - self.min)
+        """Whether a target return is at most ``supported_max``."""
+        return target <= self.supported_max
 
 
 # Where each field lives in the metadata the formats keep, in order of precedence: dtlab's own

@@ -8,7 +8,9 @@ record the target: the graph conditions on it at the next ``act``.
 
 Guardrails (DtlabWarning, one line, the same text for the same problem so that Python's default
 filter shows it once): a target above the calibrated reliable maximum (``policy.json``
-``reliable_targets``), or above the data's best episode return where the run was not calibrated;
+``reliable_targets``), or where the run was not calibrated above the highest target its data
+supports (``supported_max_target``, where DTPolicy warns; artifacts written before it: the data's
+best episode return);
 an observation more than ``observation_range.threshold_std`` of the data's standard deviations
 outside the range of the training observations, naming the dimensions.
 """
@@ -44,6 +46,21 @@ def _finite_targets(name: str, value: Any) -> np.ndarray:
         raise ConfigError(f"{name} must be finite numbers, got {values.tolist()}")
     return values.astype(np.float32)
 
+
+
+def _target_limit(record: dict[str, Any]) -> tuple[float | None, str]:
+    """Targets above the returned value warn, and the words naming it: the calibrated reliable
+    maximum, else the highest target the data supports, else (artifacts written before
+    ``supported_max_target``) the data's best episode return; None: no statistics, no warning."""
+    reliable = record.get("reliable_targets")
+    if reliable:
+        return float(reliable["max"]), "the reliable maximum target found by calibration"
+    supported = record.get("supported_max_target")
+    if supported is not None:
+        return float(supported), ("the highest target the training data supports (its best "
+                                  "episode return plus half its return scale)")
+    best = (record.get("dataset_return") or {}).get("max")
+    return (None if best is None else float(best)), "the best episode return in the training data"
 
 class DeployedPolicy:
     """The policy of a ``dtlab export`` directory, without torch.
@@ -85,13 +102,7 @@ class DeployedPolicy:
         self.context_len = int(record["context_len"])
         self.max_ep_len = int(record["max_ep_len"])
         self.return_scale = float(record["return_scale"])
-        reliable = record.get("reliable_targets")
-        best = (record.get("dataset_return") or {}).get("max")
-        # Targets above this warn: the calibrated reliable maximum, else the data's best return.
-        self.reliable_max_target: float | None = (
-            float(reliable["max"]) if reliable else None if best is None else float(best))
-        self._limit_source = ("the reliable maximum target found by calibration" if reliable
-                              else "the best episode return in the training data")
+        self.reliable_max_target, self._limit_source = _target_limit(record)
         obs_range = record.get("observation_range")
         self._obs_low = self._obs_high = None
         if obs_range:
