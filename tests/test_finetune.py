@@ -132,7 +132,8 @@ def test_finetune_stopped_and_resumed_equals_an_uninterrupted_run(offline_run, c
     assert "evaluation targets -100 (--eval-targets)" in start
     assert "replay of 4 trajectories (800 transitions)" in start
     recorded = json.loads((offline_run / "p_whole" / "finetune_config.json").read_text())
-    assert recorded["resolved"] == {"exploration_target": 0.0, "eval_targets": [-100.0]}
+    assert recorded["resolved"] == {"run": str((offline_run / "off").resolve()),
+                                    "exploration_target": 0.0, "eval_targets": [-100.0]}
     metrics = [json.loads(line) for line in (offline_run / "p_whole" / "metrics.jsonl")
                .read_text().splitlines()]
     # One process: each record's rollout_length an int (the 100 steps of --max-episode-steps).
@@ -143,9 +144,11 @@ def test_finetune_stopped_and_resumed_equals_an_uninterrupted_run(offline_run, c
     assert stopped.interrupted and stopped.rollouts == 2
     with pytest.raises(ConfigError, match="repeat the finetuning's own flags: --seed 0 "):
         _in_process(offline_run / "off", offline_run / "p_stop", "--resume", "--seed", "1")
-    # Moved before it resumes: the directory given is the run, whatever --out it started with.
+    # Moved before it resumes: the directory given is the run, whatever --out it started with;
+    # and RUN written another way (as from another working directory) is the same offline run.
     (offline_run / "p_stop").rename(offline_run / "p_moved")
-    resumed = _in_process(offline_run / "off", offline_run / "p_moved", "--resume")
+    resumed = _in_process(offline_run / "p_moved" / ".." / "off", offline_run / "p_moved",
+                          "--resume")
     assert resumed.checkpoint.name == whole.checkpoint.name == "step_00000130"
     assert resumed.checkpoint.parent == offline_run / "p_moved"
     for file in ("model.safetensors", "replay.safetensors"):

@@ -68,3 +68,18 @@ def test_setting_differences_names_each_differing_field():
                                exempt=frozenset({"optim.skip_nonfinite"})) == [
         ("steps", 10, 20), ("optim.lr", 1e-4, 1e-3)]
     assert setting_differences({"optim": 3}, {"optim": {"lr": 1.0}}) == [("optim.lr", None, 1.0)]
+
+
+def test_supported_max_and_whose_default_targets_are_said():
+    from dtlab.rollout import default_targets
+
+    # By hand: returns -1536.7 to -0.3 (Pendulum-like), best plus half of
+    # max(|-0.3|, -0.3 - -1536.7) = -0.3 + 768.2 = 767.9.
+    stats = ReturnStats(mean=-600.0, std=400.0, min=-1536.7, max=-0.3)
+    assert math.isclose(stats.supported_max, 767.9)
+    assert stats.supports(767.9) and not stats.supports(768.0)
+    targets, why = default_targets("Pendulum-v1", stats)
+    assert targets == (-150.0, -500.0, -900.0) and "dtlab's defaults for Pendulum-v1" in why
+    targets, why = default_targets("Hopper-v5", ReturnStats(mean=2000.0, std=500.0, min=0.0,
+                                                             max=3000.0))
+    assert targets == (3600.0, 1800.0) and "the DT paper's for Hopper-v5" in why

@@ -34,6 +34,7 @@ class EnvInfo:
     return_scale: float  # return-to-go divisor (DT paper: 1000 for MuJoCo locomotion)
     targets: tuple[float, ...]  # default evaluation target returns (DT paper's gym configs)
     max_ep_len: int  # time limit of the task
+    targets_from: str = "the DT paper's"  # whose targets they are, for the console
 
 
 # Targets from the DT paper's gym experiment (experiment.py): hopper 3600/1800,
@@ -96,9 +97,11 @@ def env_info(env_id: str) -> EnvInfo:
     if family in _MUJOCO:
         return _MUJOCO[family]
     if family == "Pendulum":
-        return EnvInfo(PENDULUM_REF_MIN, PENDULUM_REF_MAX, 100.0, (-150.0, -500.0, -900.0), 200)
+        return EnvInfo(PENDULUM_REF_MIN, PENDULUM_REF_MAX, 100.0, (-150.0, -500.0, -900.0), 200,
+                       targets_from="dtlab's defaults")
     if family == "CartPole":
-        return EnvInfo(CARTPOLE_RANDOM_RETURN, CARTPOLE_MAX_RETURN, 100.0, (500.0, 250.0), 500)
+        return EnvInfo(CARTPOLE_RANDOM_RETURN, CARTPOLE_MAX_RETURN, 100.0, (500.0, 250.0), 500,
+                       targets_from="dtlab's defaults")
     return EnvInfo(None, None, 1000.0, (), 1000)
 
 

@@ -18,8 +18,8 @@ The directory it writes (``ARTIFACT_FILES``):
   Observation normalization, return scaling and the action mapping are inside the graph; the
   batch dimension N is dynamic. A fresh episode's state is all zeros (all padding).
 - ``policy.json``: spaces, env id, K, max_ep_len, return scale, the data's return statistics and
-  the highest target they support (``ReturnStats.supported_max``, where DTPolicy warns for an
-  uncalibrated run), the calibrated reliable target range (when ``dtlab calibrate`` ran),
+  the highest target they support (``ReturnStats.supported_max``: the best return plus half of
+  max(|best|, best - worst), where DTPolicy warns for an uncalibrated run), the calibrated reliable target range (when ``dtlab calibrate`` ran),
   observation ranges with the
   out-of-range threshold, provenance and the dtlab version (``build_policy_record``).
 - ``README.md``: a model card written from the run's records (``model_card``).
@@ -367,8 +367,8 @@ def _card_targets(record: dict[str, Any]) -> list[str]:
         lines.append("Not calibrated (run `dtlab calibrate` before exporting to record the range "
                      "of targets the model follows); the runtime warns, as DTPolicy does, for "
                      f"targets above {record['supported_max_target']:.1f}, the highest the "
-                     f"training data supports (its best episode return, {ret['max']:.1f}, plus "
-                     "half its return scale).")
+                     f"training data supports: its best episode return, {ret['max']:.1f}, plus "
+                     "half of max(|best|, best - worst) over its episode returns.")
     else:
         lines.append("Not calibrated, and the run recorded no return statistics of its data: "
                      "the runtime does not warn for any target.")

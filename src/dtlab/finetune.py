@@ -89,7 +89,8 @@ class FinetuneConfig:
     out: str
     """Run directory of the finetuned policy (checkpoints, replay, evaluations.jsonl, curve)."""
     eval_every: int = 10_000
-    """Evaluate every this many online env steps (and before the first rollout and at the end)."""
+    """Evaluate every this many online env steps: after the rollout that crosses each multiple
+    (and before the first rollout and at the end)."""
     eval_episodes: int = 10
     """Evaluation episodes per target."""
     eval_targets: tuple[float, ...] = ()
@@ -305,7 +306,8 @@ def _finetune(cfg: FinetuneConfig, source: Path, info: PolicyInfo, device: torch
             if world.is_main:
                 write_text_atomic(run.path / FINETUNE_CONFIG_FILE, dumps_json({
                     **dataclasses.asdict(cfg), "resolved": {
-                        "exploration_target": explore, "eval_targets": list(targets)}}))
+                        "run": str(Path(cfg.run).resolve()), "exploration_target": explore,
+                        "eval_targets": list(targets)}}))
                 if echo:
                     print(f"finetuning {source}: {starting}; replay of {len(replay)} "
                           f"trajectories ({sum(len(t) for t in replay)} transitions)", flush=True)
@@ -399,6 +401,10 @@ def _check_resume_settings(run: RunDirectory, cfg: FinetuneConfig) -> None:
         raise ConfigError(f"{run.path}: --resume: no readable {FINETUNE_CONFIG_FILE} (not a "
                           "dtlab finetune run); choose another --out") from None
     now = json.loads(json.dumps(dataclasses.asdict(cfg)))  # tuples -> lists, as saved
+    resolved = saved.get("resolved") if isinstance(saved.get("resolved"), dict) else {}
+    if isinstance(saved.get("run"), str) and Path(cfg.run).resolve() == Path(
+            resolved.get("run") or saved["run"]).resolve():
+        now["run"] = saved["run"]  # the same offline run, named from another directory
     differ = [d for d in setting_differences(saved, now)
               if d[0] not in FinetuneConfig.RESUME_MAY_CHANGE]
     if differ:

@@ -57,21 +57,23 @@ def default_targets(env_id: str, dataset_return: ReturnStats | None,
                     reliable_max: float | None = None) -> tuple[tuple[float, ...], str]:
     """The targets to evaluate at when none are given, and a line saying why (for the console).
 
-    The DT paper's targets for the env (``dtlab.envs.env_info``), unless one lies beyond what
+    The env's registered targets (``dtlab.envs.env_info``: the DT paper's for MuJoCo and Atari,
+    dtlab's own for Pendulum and CartPole, as ``targets_from`` says), unless one lies beyond what
     the data supports (``ReturnStats.supports``): then targets fitted to the data, the calibrated
     ``reliable_max`` when there is one, else the data's best episode return, and half of it
     (when positive), rounded to 3 significant digits. () when the env has no paper targets and
     nothing is known of the data."""
-    paper = tuple(env_info(env_id).targets)
+    info = env_info(env_id)
+    paper = tuple(info.targets)
     if paper and (dataset_return is None or all(dataset_return.supports(t) for t in paper)):
-        return paper, f"targets {_fmt(paper)}: the DT paper's for {env_id}"
+        return paper, f"targets {_fmt(paper)}: {info.targets_from} for {env_id}"
     if dataset_return is None:
         return (), f"no default targets for {env_id}"
     best = reliable_max if reliable_max is not None else dataset_return.max
     what = "calibrated reliable maximum" if reliable_max is not None else "best episode return"
     fitted = tuple(dict.fromkeys(float(f"{t:.3g}") for t in ((best, best / 2) if best > 0
                                                             else (best,))))
-    why = (f"the DT paper's {_fmt(paper)} lie beyond the data's best return "
+    why = (f"{info.targets_from} {_fmt(paper)} lie beyond the data's best return "
            f"{dataset_return.max:g}" if paper else f"dtlab knows no paper targets for {env_id}")
     return fitted, (f"targets {_fmt(fitted)}: fitted to the data (its {what} is {best:g}; "
                     f"{why}); choose others with --targets")

@@ -58,7 +58,7 @@ def _target_limit(record: dict[str, Any]) -> tuple[float | None, str]:
     supported = record.get("supported_max_target")
     if supported is not None:
         return float(supported), ("the highest target the training data supports (its best "
-                                  "episode return plus half its return scale)")
+                                  "episode return plus half of max(|best|, best - worst))")
     best = (record.get("dataset_return") or {}).get("max")
     return (None if best is None else float(best)), "the best episode return in the training data"
 
