@@ -139,6 +139,18 @@ def test_finetune_stopped_and_resumed_equals_an_uninterrupted_run(offline_run, c
     # One process: each record's rollout_length an int (the 100 steps of --max-episode-steps).
     assert [m["rollout_length"] for m in metrics] == [100] * 6
     assert all(type(m["rollout_length"]) is int for m in metrics)
+    # Resumed once finished: nothing runs and nothing is rewritten; the command says so.
+    files = {name: (offline_run / "p_whole" / name).read_bytes() for name in
+             ("evaluations.jsonl", "metrics.jsonl", "finetune_config.json", "train_config.json")}
+    again = _in_process(offline_run / "off", offline_run / "p_whole", "--resume")
+    assert again.already_done and again.env_steps == 600 and again.rollouts == 6
+    assert again.checkpoint == whole.checkpoint and again.gradient_step == 130
+    cli = _cli(_finetune_args(offline_run / "off", offline_run / "p_whole", "--resume",
+                              "--online-steps", "500"))
+    out, err = cli.communicate(timeout=300)
+    assert cli.returncode == 0 and "already at 600 online env steps (--online-steps 500); " \
+        "nothing to do" in out, (out, err)
+    assert {name: (offline_run / "p_whole" / name).read_bytes() for name in files} == files
     # Polled once before the start, then after each rollout: True at the third poll.
     stopped = _in_process(offline_run / "off", offline_run / "p_stop", stop_after=3)
     assert stopped.interrupted and stopped.rollouts == 2

@@ -211,6 +211,10 @@ def run_finetune(cfg: FinetuneConfig) -> int:
               "same command and --resume",
               file=sys.stderr)
         return 128 + sig
+    if result.already_done:
+        print(f"{cfg.out}: already at {result.env_steps} online env steps (--online-steps "
+              f"{cfg.online_steps}); nothing to do (raise --online-steps to continue it)")
+        return 0
     print(f"done: {result.env_steps} online env steps in {result.rollouts} rollouts, checkpoint "
           f"{result.checkpoint} (gradient step {result.gradient_step})")
     return 0

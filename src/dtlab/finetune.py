@@ -288,6 +288,9 @@ def _finetune(cfg: FinetuneConfig, source: Path, info: PolicyInfo, device: torch
         if start_from is not None:
             _check_resume_settings(run, cfg)
             replay, progress = _load_replay(start_from)
+            if progress.env_steps >= cfg.online_steps:  # a finished run is not rewritten
+                return FinetuneResult(start_from, checkpoint.load_info(start_from)[1].step,
+                                      progress.env_steps, progress.rollouts, already_done=True)
         else:
             replay, progress = _initial_replay(cfg, info), OnlineProgress()
         trainer = _trainer(cfg, out_cfg, info, replay, device, world, start_from or source,

@@ -48,6 +48,7 @@ class FinetuneResult:
     rollouts: int
     evaluations: list[Evaluation] = field(default_factory=list)  # those made by this call
     interrupted: bool = False
+    already_done: bool = False  # resumed at or past --online-steps: nothing ran, nothing written
 
 
 @dataclass
