@@ -106,6 +106,26 @@ def _in_process(run, out, *extra, stop_after=None, echo=False):
                     len(polls.append(1) or polls) >= stop_after, echo=echo)
 
 
+def test_default_evaluation_targets_take_a_calibrated_maximum(offline_run, capsys):
+    """As dtlab evaluate: the data-fitted default targets start from the run's calibrated
+    reliable maximum when it has one (this data's returns do not support Pendulum's -150)."""
+    import shutil
+
+    from dtlab import checkpoint
+
+    run = shutil.copytree(offline_run / "off", offline_run / "off_calibrated")
+    checkpoint.save_calibration(checkpoint.resolve(run), {"reliable_max_target": -321.0})
+    args = _finetune_args(run, offline_run / "p_calibrated", "--online-steps", "100")
+    at = args.index("--eval-targets")
+    del args[at:at + 2]
+    from dtlab.cli_errors import parse
+    from dtlab.finetune import FinetuneConfig, finetune
+
+    finetune(parse(FinetuneConfig, args[1:], prog="dtlab finetune", description=""))
+    start = capsys.readouterr().out.splitlines()[0]
+    assert "evaluation targets -321: fitted to the data (its calibrated reliable maximum" in start
+
+
 def test_exploration_target_is_the_papers_for_positive_targets_and_more_than_the_best_else():
     from dtlab.finetune import exploration_target
 

@@ -94,8 +94,9 @@ class FinetuneConfig:
     eval_episodes: int = 10
     """Evaluation episodes per target."""
     eval_targets: tuple[float, ...] = ()
-    """Evaluation target returns (default, as dtlab train: the DT paper's for the env, or targets
-    fitted to the data when those lie beyond its best return)."""
+    """Evaluation target returns (default, as dtlab evaluate: the DT paper's for the env, or
+    targets fitted to the data, or to the run's calibrated reliable maximum, when those lie
+    beyond what the data supports)."""
     eval_workers: int = 0
     """Step the evaluation envs in this many worker processes (0: in this process; under
     torchrun rank 0's, which evaluates)."""
@@ -179,7 +180,8 @@ def finetune(cfg: FinetuneConfig, *, should_stop: Callable[[], bool] = lambda: F
         if not world.is_main:
             warnings.simplefilter("ignore", DtlabWarning)
         source, info = _offline_run(cfg)
-        limit, (targets, targets_why) = _episode_limit(cfg, info), _eval_targets(cfg, info)
+        limit = _episode_limit(cfg, info)
+        targets, targets_why = _eval_targets(cfg, info, source)
         explore, explore_why = _exploration(cfg, targets)
         starting = (f"exploration target {explore:g} ({explore_why}); evaluation targets "
                     f"{targets_why}")
@@ -224,14 +226,19 @@ def _episode_limit(cfg: FinetuneConfig, info: PolicyInfo) -> int:
     return limit
 
 
-def _eval_targets(cfg: FinetuneConfig, info: PolicyInfo) -> tuple[tuple[float, ...], str]:
+def _eval_targets(cfg: FinetuneConfig, info: PolicyInfo,
+                  source: Path) -> tuple[tuple[float, ...], str]:
     """--eval-targets, else ``default_targets`` (the DT paper's for the env, or fitted to the
-    data); and a line saying which ("3600, 1800: the DT paper's for Hopper-v5")."""
+    data: to the calibrated reliable maximum of checkpoint ``source`` when it has one, as
+    ``dtlab evaluate`` does); and a line saying which ("3600, 1800: the DT paper's for
+    Hopper-v5")."""
     targets = tuple(cfg.eval_targets)
     if targets:
         return targets, ", ".join(f"{t:g}" for t in targets) + " (--eval-targets)"
+    calibration = checkpoint.load_calibration(source)
     targets, why = default_targets(cfg.env, ReturnStats.from_json(
-        info.dataset.get("episode_return")))
+        info.dataset.get("episode_return")), calibration and float(
+        calibration["reliable_max_target"]))
     if not targets:
         raise ConfigError(f"{why}: give --eval-targets")
     return targets, why.removeprefix("targets ").replace("--targets", "--eval-targets")
