@@ -104,7 +104,7 @@ def test_temperature_moves_toward_the_target_entropy(entropy, grows):
                         rel_tol=0, abs_tol=5e-7)
 
 
-def test_stochastic_training_resumes_bit_for_bit(tmp_path):
+def test_stochastic_training_resumes_bit_for_bit(tmp_path, capsys):
     from dtlab.checkpoint import load_trainer_state
     from dtlab.train import train
 
@@ -113,6 +113,7 @@ def test_stochastic_training_resumes_bit_for_bit(tmp_path):
     common = dict(dataset="x", env="Pendulum-v1", lr=1e-3, warmup_steps=1, progress=False,
                   tensorboard=False, batch_size=8, checkpoint_every=3)
     train(train_config(model=model, out=str(tmp_path / "a"), steps=6, **common), pendulum_like())
+    assert "(embed 16, 1 layer, K 4, stochastic head) on cpu" in capsys.readouterr().out
     train(train_config(model=model, out=str(tmp_path / "b"), steps=3, **common), pendulum_like())
     train(train_config(model=model, out=str(tmp_path / "b"), steps=6, resume=True, **common),
           pendulum_like())

@@ -196,7 +196,8 @@ def _start_line(cfg: TrainConfig, trainer: "Trainer", episodes: EpisodeSet, auto
              else "from step 0")
     ema = f", weight average {cfg.optim.ema_decay:g}" if cfg.optim.ema_decay else ""
     return (f"train {m.architecture}: {params / 1e6:.2f}M parameters (embed {m.embed_dim}, "
-            f"{m.n_layers} layer{'s' if m.n_layers > 1 else ''}, K {m.context_len}) on "
+            f"{m.n_layers} layer{'s' if m.n_layers > 1 else ''}, K {m.context_len}"
+            f"{', stochastic head' if m.policy == 'stochastic' else ''}) on "
             f"{trainer.device}{threads}, precision "
             f"{trainer.precision}{' (auto)' if auto else ''}; data {Path(str(episodes.source)).name}: "
             f"{episodes.num_episodes} episodes, {episodes.num_transitions} transitions, returns "
