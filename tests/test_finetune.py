@@ -126,6 +126,17 @@ def test_default_evaluation_targets_take_a_calibrated_maximum(offline_run, capsy
     assert "evaluation targets -321: fitted to the data (its calibrated reliable maximum" in start
 
 
+def test_the_model_card_of_a_finetuned_run_says_so(offline_run):
+    from dtlab.export import export_run
+
+    out = offline_run / "p_card"
+    _in_process(offline_run / "off", out, "--online-steps", "100")
+    card = (export_run(out, offline_run / "card_artifact") / "README.md").read_text()
+    assert "## Online finetuning" in card and "100 online env steps (--online-steps), 20 " \
+        "updates after each exploration rollout at target 0" in card
+    assert "- online env step 100: target -100:" in card  # one rollout of --max-episode-steps 100
+
+
 def test_exploration_target_is_the_papers_for_positive_targets_and_more_than_the_best_else():
     from dtlab.finetune import exploration_target
 

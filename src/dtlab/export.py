@@ -279,7 +279,10 @@ def model_card(run: Path, ckpt: Path, record: dict[str, Any]) -> str:
              f"{record['provenance']['step']}).", "", "## Data", ""]
     lines += _card_data(record)
     lines += _card_model(run, record)
-    lines += _card_evaluations(run)
+    finetuning = _read_json(run / "finetune_config.json")  # dtlab.finetune.FINETUNE_CONFIG_FILE
+    if isinstance(finetuning, dict):
+        lines += _card_finetuning(finetuning)
+    lines += _card_evaluations(run, online=isinstance(finetuning, dict))
     lines += _card_targets(record)
     lines += _card_running(record)
     return "\n".join(lines)
@@ -325,8 +328,24 @@ def _card_model(run: Path, record: dict[str, Any]) -> list[str]:
     return lines
 
 
-def _card_evaluations(run: Path) -> list[str]:
-    """The card's evaluation section: the run's last three evaluations (evaluations.jsonl)."""
+def _card_finetuning(settings: dict[str, Any]) -> list[str]:
+    """The card's section for a run finetuned online (``finetune_config.json``'s settings)."""
+    resolved = settings.get("resolved") if isinstance(settings.get("resolved"), dict) else {}
+    explore = resolved.get("exploration_target")
+    return ["", "## Online finetuning", "",
+            f"Finetuned online with `dtlab finetune` (the Online Decision Transformer) from the "
+            f"offline run `{settings.get('run')}` in `{settings.get('env')}`: "
+            f"{settings.get('online_steps')} online env steps (--online-steps), "
+            f"{settings.get('updates_per_rollout')} updates after each exploration rollout"
+            + (f" at target {explore:g}" if isinstance(explore, (int, float)) else "")
+            + f", a replay of the {settings.get('replay_trajectories')} most recent "
+            "trajectories. The training settings above are the offline run's, which the "
+            "finetuning continued; the evaluations below are counted in online env steps."]
+
+
+def _card_evaluations(run: Path, online: bool = False) -> list[str]:
+    """The card's evaluation section: the run's last three evaluations (evaluations.jsonl),
+    their steps online env steps for a finetuned run (``online``)."""
     lines: list[str] = []
     lines += ["", "## Evaluation", ""]
     from dtlab.rundir import RunDirectory
@@ -341,7 +360,7 @@ def _card_evaluations(run: Path) -> list[str]:
                 f"target {r.target:g}: {r.mean:.1f}"
                 + (f" ({r.normalized_mean:.1f} normalized)" if r.normalized_mean is not None
                    else "") + f" over {len(r.returns)} episodes" for r in e.results)
-            lines.append(f"- step {e.step}: {shown}")
+            lines.append(f"- {'online env step' if online else 'step'} {e.step}: {shown}")
     else:
         lines.append("The run recorded no evaluation (train with --eval-episodes, or run "
                      "`dtlab evaluate`).")
