@@ -116,14 +116,17 @@ def test_default_evaluation_targets_take_a_calibrated_maximum(offline_run, capsy
     run = shutil.copytree(offline_run / "off", offline_run / "off_calibrated")
     checkpoint.save_calibration(checkpoint.resolve(run), {"reliable_max_target": -321.0})
     args = _finetune_args(run, offline_run / "p_calibrated", "--online-steps", "100")
-    at = args.index("--eval-targets")
-    del args[at:at + 2]
+    for flag in ("--eval-targets", "--env"):  # --env too: it defaults to the run's
+        at = args.index(flag)
+        del args[at:at + 2]
     from dtlab.cli_errors import parse
     from dtlab.finetune import FinetuneConfig, finetune
 
     finetune(parse(FinetuneConfig, args[1:], prog="dtlab finetune", description=""))
     start = capsys.readouterr().out.splitlines()[0]
     assert "evaluation targets -321: fitted to the data (its calibrated reliable maximum" in start
+    recorded = json.loads((offline_run / "p_calibrated" / "finetune_config.json").read_text())
+    assert recorded["env"] == "Pendulum-v1"
 
 
 def test_the_model_card_of_a_finetuned_run_says_so(offline_run):

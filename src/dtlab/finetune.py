@@ -81,13 +81,14 @@ class FinetuneConfig:
 
     run: Annotated[str, tyro.conf.Positional, tyro.conf.arg(metavar="RUN")]
     """Run directory (its latest checkpoint) trained offline with --model.policy stochastic."""
-    env: str
-    """Gymnasium env id to interact with (the run's env)."""
     online_steps: int
     """Online env steps to take in exploration rollouts, all ranks' under torchrun (the paper:
     200,000)."""
     out: str
     """Run directory of the finetuned policy (checkpoints, replay, evaluations.jsonl, curve)."""
+    env: str | None = None
+    """Gymnasium env id to interact with (default: the env the run was trained in; another is
+    refused)."""
     eval_every: int = 10_000
     """Evaluate every this many online env steps: after the rollout that crosses each multiple
     (and before the first rollout and at the end)."""
@@ -162,7 +163,7 @@ def finetune(cfg: FinetuneConfig, *, should_stop: Callable[[], bool] = lambda: F
 
     Raises ConfigError for a deterministic-head run (naming --model.policy stochastic), image or
     Dict observations, an --out that holds another run (or resume settings that differ);
-    EnvError when --env is not the run's; CheckpointError for a missing or corrupt checkpoint.
+    EnvError when --env is not the run's (it defaults to it); CheckpointError for a missing or corrupt checkpoint.
     ``should_stop`` is polled after each iteration; True ends the run with a checkpoint (the
     CLI wires SIGINT/SIGTERM to it). Nothing is written before every check has passed; a run
     that fails before its first checkpoint leaves nothing behind.
@@ -180,6 +181,7 @@ def finetune(cfg: FinetuneConfig, *, should_stop: Callable[[], bool] = lambda: F
         if not world.is_main:
             warnings.simplefilter("ignore", DtlabWarning)
         source, info = _offline_run(cfg)
+        cfg = dataclasses.replace(cfg, env=info.env_id)  # --env, checked, or the run's
         limit = _episode_limit(cfg, info)
         targets, targets_why = _eval_targets(cfg, info, source)
         explore, explore_why = _exploration(cfg, targets)
@@ -207,7 +209,7 @@ def _offline_run(cfg: FinetuneConfig) -> tuple[Path, PolicyInfo]:
     if not isinstance(info.observation_space, VectorObservations):
         raise ConfigError(f"{source}: dtlab finetune takes vector observations; this run has "
                           f"{info.observation_space.to_json()['type']} observations")
-    if cfg.env != info.env_id:
+    if cfg.env is not None and cfg.env != info.env_id:
         raise EnvError(f"{source}: the run was trained for {info.env_id}, not --env {cfg.env}; "
                        f"pass --env {info.env_id}")
     return source, info
