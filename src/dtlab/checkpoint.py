@@ -185,6 +185,9 @@ def _check(info: PolicyInfo, source: str) -> None:
 
 # A run directory's resolved training configuration (written by dtlab.rundir.RunDirectory).
 TRAIN_CONFIG_FILE = "train_config.json"
+# A finetuned run directory's finetuning settings (written by dtlab.finetune, read by its
+# --resume and by dtlab.export's model card).
+FINETUNE_CONFIG_FILE = "finetune_config.json"
 
 
 def resolve(path: str | Path) -> Path:
@@ -328,6 +331,13 @@ def load_calibration(path: str | Path) -> dict[str, Any] | None:
     if not is_number(value):
         raise CheckpointError(f"{file}: 'reliable_max_target' must be a finite number")
     return data
+
+
+def reliable_max_target(path: str | Path) -> float | None:
+    """The calibrated reliable maximum target of checkpoint ``path`` (``load_calibration``), or
+    None when it was not calibrated."""
+    calibration = load_calibration(path)
+    return None if calibration is None else float(calibration["reliable_max_target"])
 
 
 def load_trainer_state(path: str | Path) -> dict[str, Any]:

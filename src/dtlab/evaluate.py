@@ -251,9 +251,7 @@ def _targets(cfg: EvalConfig, path: Path, env_id: str, dataset_return: ReturnSta
         return sweep_targets(dataset_return, cfg.sweep_points)
     if cfg.targets:
         return list(cfg.targets)
-    calibration = checkpoint.load_calibration(path)
-    chosen, why = default_targets(env_id, dataset_return, calibration
-                                  and float(calibration["reliable_max_target"]))
+    chosen, why = default_targets(env_id, dataset_return, checkpoint.reliable_max_target(path))
     if not chosen:
         raise ConfigError(f"{path}: {why}; give --targets")
     if echo:

@@ -19,8 +19,8 @@ The directory it writes (``ARTIFACT_FILES``):
   batch dimension N is dynamic. A fresh episode's state is all zeros (all padding).
 - ``policy.json``: spaces, env id, K, max_ep_len, return scale, the data's return statistics and
   the highest target they support (``ReturnStats.supported_max``: the best return plus half of
-  max(|best|, best - worst), where DTPolicy warns for an uncalibrated run), the calibrated reliable target range (when ``dtlab calibrate`` ran),
-  observation ranges with the
+  max(|best|, best - worst), where DTPolicy warns for an uncalibrated run), the calibrated
+  reliable target range (when ``dtlab calibrate`` ran), observation ranges with the
   out-of-range threshold, provenance and the dtlab version (``build_policy_record``).
 - ``README.md``: a model card written from the run's records (``model_card``).
 
@@ -279,7 +279,7 @@ def model_card(run: Path, ckpt: Path, record: dict[str, Any]) -> str:
              f"{record['provenance']['step']}).", "", "## Data", ""]
     lines += _card_data(record)
     lines += _card_model(run, record)
-    finetuning = _read_json(run / "finetune_config.json")  # dtlab.finetune.FINETUNE_CONFIG_FILE
+    finetuning = _read_json(run / checkpoint.FINETUNE_CONFIG_FILE)
     if isinstance(finetuning, dict):
         lines += _card_finetuning(finetuning)
     lines += _card_evaluations(run, online=isinstance(finetuning, dict))

@@ -58,16 +58,14 @@ from dtlab.data.replay import TrajectoryReplay
 from dtlab.distributed import World
 from dtlab.envs import env_advice, episode_limit, make_env
 from dtlab.errors import CheckpointError, ConfigError, DtlabWarning, EnvError
-from dtlab.metrics import Evaluation
 from dtlab.rollout import Evaluator, default_targets
 from dtlab.rundir import RunDirectory
 from dtlab.spaces import VectorObservations, check_against_env
 from dtlab.online import (FINETUNE_STREAM, REPLAY_FILE, FinetuneResult, OnlineLoop,
-                          OnlineProgress)
+                          OnlineProgress, console_curve, draw_learning_curve)
 from dtlab.trainer import Trainer, TrainerState
 
-FINETUNE_CONFIG_FILE = "finetune_config.json"
-LEARNING_CURVE = "online_learning_curve.png"
+FINETUNE_CONFIG_FILE = checkpoint.FINETUNE_CONFIG_FILE
 
 
 @dataclass(frozen=True)
@@ -163,7 +161,8 @@ def finetune(cfg: FinetuneConfig, *, should_stop: Callable[[], bool] = lambda: F
 
     Raises ConfigError for a deterministic-head run (naming --model.policy stochastic), image or
     Dict observations, an --out that holds another run (or resume settings that differ);
-    EnvError when --env is not the run's (it defaults to it); CheckpointError for a missing or corrupt checkpoint.
+    EnvError when --env is not the run's (it defaults to it); CheckpointError for a missing or
+    corrupt checkpoint.
     ``should_stop`` is polled after each iteration; True ends the run with a checkpoint (the
     CLI wires SIGINT/SIGTERM to it). Nothing is written before every check has passed; a run
     that fails before its first checkpoint leaves nothing behind.
@@ -237,10 +236,8 @@ def _eval_targets(cfg: FinetuneConfig, info: PolicyInfo,
     targets = tuple(cfg.eval_targets)
     if targets:
         return targets, ", ".join(f"{t:g}" for t in targets) + " (--eval-targets)"
-    calibration = checkpoint.load_calibration(source)
     targets, why = default_targets(cfg.env, ReturnStats.from_json(
-        info.dataset.get("episode_return")), calibration and float(
-        calibration["reliable_max_target"]))
+        info.dataset.get("episode_return")), checkpoint.reliable_max_target(source))
     if not targets:
         raise ConfigError(f"{why}: give --eval-targets")
     return targets, why.removeprefix("targets ").replace("--targets", "--eval-targets")
@@ -333,7 +330,8 @@ def _finetune(cfg: FinetuneConfig, source: Path, info: PolicyInfo, device: torch
             evaluator.close()  # env worker processes kept across evaluations
         run.close()
         if world.is_main:
-            _draw_curve(run, cfg, info, targets)
+            draw_learning_curve(run, targets, title=f"{run.path.name}: online finetuning of "
+                                f"{Path(cfg.run).name} on {cfg.env}")
             if echo:
                 print(console_curve(run.evaluations()), flush=True)
     distributed.barrier(world)  # the run's files are complete when any rank returns
@@ -436,31 +434,3 @@ def _as_flag(name: str, value: object) -> str:
     if value is None:
         return f"no {flag}"
     return " ".join([flag, *map(str, value if isinstance(value, list) else [value])])
-
-
-def console_curve(evaluations: list[Evaluation]) -> str:
-    """The learning curve as text: one line per evaluation, online env steps and the mean
-    return (normalized score where known) at each target."""
-    lines = ["online learning curve (env steps: mean return per target)"]
-    for e in evaluations:
-        parts = [f"{r.target:g} -> {r.mean:.1f}" + (f" ({r.normalized_mean:.1f})"
-                                                    if r.normalized_mean is not None else "")
-                 for r in e.results]
-        lines.append(f"  {e.step:>9d}: " + "; ".join(parts))
-    return "\n".join(lines)
-
-
-def _draw_curve(run: RunDirectory, cfg: FinetuneConfig, info: PolicyInfo,
-                targets: tuple[float, ...]) -> None:
-    from dtlab.plots import score_curves
-
-    evaluations = run.evaluations()
-    curves = []
-    for target in targets:
-        rows = [(e.step, r) for e in evaluations for r in e.results if r.target == target]
-        if rows:
-            curves.append((f"target {target:g}", [s for s, _ in rows], [r.mean for _, r in rows],
-                           [r.std for _, r in rows]))
-    score_curves(curves, run.path / LEARNING_CURVE, ylabel="mean return (sum of rewards)",
-                 title=f"{run.path.name}: online finetuning of {Path(cfg.run).name} on {cfg.env}",
-                 xlabel="online env steps")

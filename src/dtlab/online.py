@@ -30,6 +30,7 @@ from dtlab.rundir import RunDirectory
 from dtlab.trainer import Trainer
 
 REPLAY_FILE = "replay.safetensors"
+LEARNING_CURVE = "online_learning_curve.png"
 
 # The finetuning's streams: SeedSequence([seed, this]) for the windows (under torchrun rank r's
 # with spawn_key (r,)), [seed, this, k] for rollout k, [s, rank, step] with s drawn from
@@ -215,3 +216,31 @@ class OnlineLoop:
         self.trainer.save(self.run.path, self.info, self.cfg.keep_checkpoints,
                           extra={REPLAY_FILE: arrays})
         self.checkpoint = self.run.path / f"step_{self.trainer.state.step:08d}"  # Trainer.save's
+
+
+def console_curve(evaluations: list[Evaluation]) -> str:
+    """The learning curve as text: one line per evaluation, online env steps and the mean
+    return (normalized score where known) at each target."""
+    lines = ["online learning curve (env steps: mean return per target)"]
+    for e in evaluations:
+        parts = [f"{r.target:g} -> {r.mean:.1f}" + (f" ({r.normalized_mean:.1f})"
+                                                    if r.normalized_mean is not None else "")
+                 for r in e.results]
+        lines.append(f"  {e.step:>9d}: " + "; ".join(parts))
+    return "\n".join(lines)
+
+
+def draw_learning_curve(run: RunDirectory, targets: tuple[float, ...], title: str) -> None:
+    """``LEARNING_CURVE`` in the run directory: mean return (± std over episodes) per target
+    against online env steps, from its evaluations."""
+    from dtlab.plots import score_curves
+
+    evaluations = run.evaluations()
+    curves = []
+    for target in targets:
+        rows = [(e.step, r) for e in evaluations for r in e.results if r.target == target]
+        if rows:
+            curves.append((f"target {target:g}", [s for s, _ in rows], [r.mean for _, r in rows],
+                           [r.std for _, r in rows]))
+    score_curves(curves, run.path / LEARNING_CURVE, ylabel="mean return (sum of rewards)",
+                 title=title, xlabel="online env steps")

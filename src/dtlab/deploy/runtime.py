@@ -47,7 +47,6 @@ def _finite_targets(name: str, value: Any) -> np.ndarray:
     return values.astype(np.float32)
 
 
-
 def _target_limit(record: dict[str, Any]) -> tuple[float | None, str]:
     """Targets above the returned value warn, and the words naming it: the calibrated reliable
     maximum, else the highest target the data supports, else (artifacts written before
@@ -61,6 +60,7 @@ def _target_limit(record: dict[str, Any]) -> tuple[float | None, str]:
                                   "episode return plus half of max(|best|, best - worst))")
     best = (record.get("dataset_return") or {}).get("max")
     return (None if best is None else float(best)), "the best episode return in the training data"
+
 
 class DeployedPolicy:
     """The policy of a ``dtlab export`` directory, without torch.
