@@ -95,7 +95,7 @@ def test_train_and_evaluate_hopper_d4rl_file(tmp_path, capsys, hopper_file):
     # Cut at 20 of Hopper's 1000 steps: no normalized scores (not comparable with D4RL's).
     assert all(len(r["returns"]) == 2 and r["normalized_mean"] is None for r in data["results"])
     assert data["normalized_scores_comparable"] is False
-    assert "3600" in stdout  # the table
+    assert "3600" in stdout and "2 episodes per target" in stdout  # the table
 
 
 def test_evaluate_bad_input(tmp_path, capsys, tiny_checkpoint):
@@ -115,9 +115,10 @@ def test_evaluate_bad_input(tmp_path, capsys, tiny_checkpoint):
 
 def test_sweep_writes_plot(tmp_path, capsys, tiny_checkpoint):
     out = tmp_path / "sweep.json"
-    code, _, stderr = run_cli(capsys, "evaluate", tiny_checkpoint, "--sweep", "--sweep-points", 3,
-                              "--episodes", 1, "--max-steps", 5, "--out", out)
+    code, stdout, stderr = run_cli(capsys, "evaluate", tiny_checkpoint, "--sweep", "--sweep-points", 3,
+                                   "--episodes", 1, "--max-steps", 5, "--out", out)
     assert code == 0, stderr
+    assert "1 episode per target" in stdout  # the table's title, singular
     data = json.loads(out.read_text())
     assert len(data["results"]) == 3
     png = out.with_suffix(".png")

@@ -272,7 +272,7 @@ def test_policy_json_records_ranges_returns_and_calibration(tmp_path):
     far = obs[:2].copy()
     far[1, 5] = obs[:, 5].max() + 3 * obs[:, 5].std()
     far[0, 8] = obs[:, 8].min() - 3 * obs[:, 8].std()
-    with pytest.warns(DtlabWarning, match=r"dimensions \[5, 8\]"):
+    with pytest.warns(DtlabWarning, match=r"dimensions \[5, 8\] lie more than 1 standard deviation "):
         policy.act(far, [1.0, 1.0])
     with pytest.warns(DtlabWarning, match="target 2000 asked for, above 1500"):
         policy.steer(2000.0, index=[0])

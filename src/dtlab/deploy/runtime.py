@@ -209,8 +209,9 @@ class DeployedPolicy:
         outside = ((obs < self._obs_low) | (obs > self._obs_high)).any(0)  # (obs_dim,)
         if outside.any():
             dims = np.flatnonzero(outside).tolist()
+            deviations = f"standard deviation{'s' * (self._threshold != 1)}"
             warnings.warn(f"observation dimensions {dims} lie more than {self._threshold:g} "
-                          "standard deviations outside the training data's range (policy.json "
+                          f"{deviations} outside the training data's range (policy.json "
                           "observation_range): the actions there are extrapolation",
                           DtlabWarning, stacklevel=3)
 
