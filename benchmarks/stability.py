@@ -17,6 +17,9 @@ seeds (dtlab.benchmark.report's statistics).
 
 Run it again with the same arguments to continue (finished evaluations are cached in
 ``raw_evaluations.json`` per run); ``--report-only`` prints the table from what exists.
+``--include RECORD.json ...`` adds the seeds of earlier reports (this script's stability.json,
+as committed under docs/results/) to the ones run here, after checking that they were run with
+the same settings on the same data.
 """
 
 from __future__ import annotations
@@ -132,7 +135,68 @@ def _swing(values: list[float]) -> float | None:
     return float(np.mean(np.abs(np.diff(values)))) if len(values) > 1 else None
 
 
+# The settings that must agree for seeds from two reports to be summarized together.
+SAME = ("env", "steps", "warmup_steps", "eval_every", "eval_episodes", "ema_decay", "schedule",
+        "targets")
+
+
+class Refused(Exception):
+    """Bad input: one line naming the problem, the file and the flag (exit code 2)."""
+
+
+def included(path: str, settings: dict) -> tuple[list[int], list[dict], list[dict]]:
+    """The seeds of an earlier report and their curves (average, raw), keyed by step:
+    ``(seeds, ema_curves, raw_curves)``.
+
+    Raises Refused when the report is unreadable, was run with other settings (``SAME``, the
+    dataset's file name, and its content fingerprint where both reports recorded one), or does
+    not hold both curves for each of its seeds."""
+    try:
+        record = json.loads(Path(path).read_text())
+        theirs, targets = record["settings"], record["targets"]
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise Refused(f"--include {path}: not a stability.json report ({e})") from None
+    mine = dict(settings, dataset=Path(settings["dataset"]).name,
+                targets=[float(t) for t in settings["targets"]])
+    theirs = dict(theirs, dataset=Path(str(theirs.get("dataset"))).name,
+                  targets=[float(t) for t in theirs.get("targets", [])])
+    for key in ("dataset",) + SAME + ("dataset_fingerprint",) * bool(
+            mine.get("dataset_fingerprint") and theirs.get("dataset_fingerprint")):
+        if mine.get(key) != theirs.get(key):
+            raise Refused(f"--include {path}: its {key} is {theirs.get(key)!r}, this report's "
+                          f"is {mine.get(key)!r}; include only reports run with the same "
+                          "settings on the same data")
+    seeds = list(theirs.get("seeds", []))
+    ema, raw = [], []
+    for target in (f"{t:g}" for t in mine["targets"]):
+        curves = targets.get(target, {}).get("curves", {})
+        if len(curves.get("ema", [])) != len(seeds) or len(curves.get("raw", [])) != len(seeds):
+            raise Refused(f"--include {path}: it has no average and raw curve at target "
+                          f"{target} for each of its seeds {seeds}; include a finished report")
+    for i in range(len(seeds)):
+        ema.append(_merge(targets, "ema", i))
+        raw.append(_merge(targets, "raw", i))
+    return seeds, ema, raw
+
+
+def _merge(targets: dict, which: str, i: int) -> dict[int, dict[str, float]]:
+    """Seed i's curve ``{step: {target: score}}`` from a report's per-target curves."""
+    curve: dict[int, dict[str, float]] = {}
+    for target, rows in targets.items():
+        for step, value in rows["curves"][which][i].items():
+            curve.setdefault(int(step), {})[target] = value
+    return curve
+
+
 def main(argv=None) -> int:
+    try:
+        return _main(argv)
+    except Refused as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+
+def _main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--dataset", required=True)
     p.add_argument("--env", required=True)
@@ -148,9 +212,12 @@ def main(argv=None) -> int:
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--reps", type=int, default=2000)
     p.add_argument("--report-only", action="store_true")
+    p.add_argument("--include", nargs="+", default=[], metavar="RECORD",
+                   help="earlier stability.json reports whose seeds join this one's")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
-    averaged, raw = [], []
+    averaged, raw, reported = [], [], []
+    fingerprint = None
     for seed in args.seeds:
         cfg = run_config(args, seed)
         run = Path(cfg.run.out)
@@ -158,19 +225,31 @@ def main(argv=None) -> int:
             train(cfg)
         if not (run / "metrics.jsonl").exists():
             continue
+        fingerprint = fingerprint or _fingerprint(run)
+        reported.append(seed)
         averaged.append(at_evaluations(average_curve(run), args.eval_every, args.steps))
         if not args.report_only:
             raw_curve(run, dataclasses.replace(cfg))
         if (run / "raw_evaluations.json").exists():
             raw.append(at_evaluations({int(k): v for k, v in json.loads(
                 (run / "raw_evaluations.json").read_text()).items()}, args.eval_every, args.steps))
-    report = {"settings": vars(args), "targets": {}}
+    settings = dict(vars(args), seeds=reported, dataset_fingerprint=fingerprint)
+    for path in args.include:
+        seeds, ema, raw_curves = included(path, settings)
+        if set(seeds) & set(settings["seeds"]):
+            raise Refused(f"--include {path}: seeds {sorted(set(seeds) & set(settings['seeds']))}"
+                          " are reported twice; drop them from --seeds or the include")
+        settings["seeds"] += seeds
+        averaged += ema
+        raw += raw_curves
+    report = {"settings": settings, "targets": {}}
     for target in (f"{t:g}" for t in args.targets):
         report["targets"][target] = {
             "ema": summary(averaged, target, args.reps, args.steps) if averaged else None,
             "raw": summary(raw, target, args.reps, args.steps) if raw else None,
             "curves": {"ema": [{str(k): v[target] for k, v in sorted(c.items())} for c in averaged],
                        "raw": [{str(k): v[target] for k, v in sorted(c.items())} for c in raw]}}
+    Path(args.out).mkdir(parents=True, exist_ok=True)
     Path(args.out, "stability.json").write_text(json.dumps(report, indent=1))
     for target, rows in report["targets"].items():
         print(f"target {target}: weights | last | final | best | swing | late swing | "
@@ -182,6 +261,14 @@ def main(argv=None) -> int:
                          f"{rows[name][k]['ci'][1]:.1f}]" for k in KEYS]
                 print(f"  {name} | " + " | ".join(cells))
     return 0
+
+
+def _fingerprint(run: Path) -> str | None:
+    """The content fingerprint of the data a run trained on, as its checkpoint recorded it."""
+    try:
+        return checkpoint.load_info(run)[1].dataset.get("fingerprint")
+    except Exception:
+        return None
 
 
 def _finished(run: Path, steps: int) -> bool:

@@ -77,3 +77,39 @@ def test_stability_summary_against_hand_computed_values(monkeypatch):
     out = summary([curve, stopped], "1", reps=10, steps=20_000)
     assert out["late_swing"]["per_seed"] == [25.0, None]
     assert out["late_swing"]["iqm"] == 25.0
+
+
+def test_stability_include_joins_earlier_seeds_and_refuses_other_settings(tmp_path, monkeypatch,
+                                                                         capsys):
+    """--include: an earlier report's seeds join the summary (by hand: two seeds' last scores
+    10 and 30 at target 1, IQM of two = their mean 20); a report run at other targets, or one
+    holding a seed reported twice, is refused in one line with exit code 2."""
+    monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))
+    from stability import main
+
+    def record(path, seeds, targets, last):
+        curves = {"ema": [{"2500": 0.0, "5000": v} for v in last],
+                  "raw": [{"2500": 5.0, "5000": v + 1} for v in last]}
+        settings = {"dataset": "elsewhere/data.hdf5", "env": "Hopper-v5", "seeds": seeds,
+                    "steps": 5000, "warmup_steps": 1000, "eval_every": 2500, "eval_episodes": 10,
+                    "ema_decay": 0.999, "schedule": "constant", "targets": targets}
+        path.write_text(json.dumps({"settings": settings, "targets": {
+            f"{t:g}": {"curves": curves} for t in targets}}))
+        return str(path)
+
+    a = record(tmp_path / "a.json", [0], [1], [10.0])
+    b = record(tmp_path / "b.json", [1], [1.0], [30.0])
+    args = ["--dataset", "data.hdf5", "--env", "Hopper-v5", "--out", str(tmp_path / "out"),
+            "--seeds", "7", "--steps", "5000", "--targets", "1", "--report-only", "--reps", "10"]
+    assert main(args + ["--include", a, b]) == 0
+    report = json.loads((tmp_path / "out" / "stability.json").read_text())
+    assert report["settings"]["seeds"] == [0, 1]  # seed 7 never ran: not reported
+    assert report["targets"]["1"]["ema"]["last"]["per_seed"] == [10.0, 30.0]
+    assert report["targets"]["1"]["ema"]["last"]["iqm"] == 20.0
+    assert report["targets"]["1"]["raw"]["swing"]["per_seed"] == [6.0, 26.0]  # |11-5|, |31-5|
+    capsys.readouterr()
+    for bad, message in ((record(tmp_path / "c.json", [2], [2], [1.0]), "its targets is [2.0]"),
+                         (a, "seeds [0] are reported twice")):
+        assert main(args + ["--include", a, bad]) == 2
+        err = capsys.readouterr().err
+        assert message in err and len(err.strip().splitlines()) == 1, err
