@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import signal
 import subprocess
 import sys
@@ -74,9 +75,9 @@ def draw_curves(out: Path, seeds: list[int], control: float, env: str) -> Path:
 def control(offline: Path, out: Path, steps: int) -> None:
     """The control: the offline run's directory copied to ``out``, then trained on offline to
     ``steps`` gradient steps (resumable: a copy made earlier is continued)."""
-    if not (out / "latest").exists():
-        subprocess.run(["cp", "-r", str(offline), str(out)], check=True)
-        (out / ".lock").unlink(missing_ok=True)
+    if not (out / "latest").exists():  # a copy cut short is completed, not nested inside
+        shutil.copytree(offline, out, symlinks=True, dirs_exist_ok=True,
+                        ignore=shutil.ignore_patterns(".lock"))
     config = json.loads((out / "train_config.json").read_text())
     if config["run"]["out"] != str(out):
         config["run"]["out"] = str(out)

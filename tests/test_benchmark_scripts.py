@@ -113,3 +113,28 @@ def test_stability_include_joins_earlier_seeds_and_refuses_other_settings(tmp_pa
         assert main(args + ["--include", a, bad]) == 2
         err = capsys.readouterr().err
         assert message in err and len(err.strip().splitlines()) == 1, err
+
+
+def test_odt_control_copies_the_offline_run_and_completes_a_cut_copy(tmp_path, monkeypatch):
+    """benchmarks/odt.py's control starts from a copy of the offline run: its files, its
+    `latest` link still a link, no lock, the saved out path rewritten; a copy cut short (the
+    directory there, `latest` not yet) is completed in place, not nested inside."""
+    monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))
+    import odt
+
+    offline = tmp_path / "offline"
+    (offline / "step_00000010").mkdir(parents=True)
+    (offline / "step_00000010" / "model.safetensors").write_bytes(b"weights")
+    (offline / "latest").symlink_to("step_00000010")
+    (offline / ".lock").write_text("123")
+    (offline / "train_config.json").write_text(json.dumps({"run": {"out": str(offline)}}))
+    calls = []
+    monkeypatch.setattr(odt, "dtlab", lambda *args: calls.append(args))
+    out = tmp_path / "control"
+    (out / "step_00000010").mkdir(parents=True)  # the cut copy
+    odt.control(offline, out, 20)
+    assert sorted(p.name for p in out.iterdir()) == ["latest", "step_00000010",
+                                                      "train_config.json"]
+    assert (out / "latest").is_symlink() and (out / "latest" / "model.safetensors").exists()
+    assert json.loads((out / "train_config.json").read_text())["run"]["out"] == str(out)
+    assert calls == [("train", "--out", str(out), "--resume", "--steps", "20", "--no-progress")]
