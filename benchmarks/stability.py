@@ -225,14 +225,21 @@ def _main(argv=None) -> int:
             train(cfg)
         if not (run / "metrics.jsonl").exists():
             continue
-        fingerprint = fingerprint or _fingerprint(run)
-        reported.append(seed)
-        averaged.append(at_evaluations(average_curve(run), args.eval_every, args.steps))
         if not args.report_only:
             raw_curve(run, dataclasses.replace(cfg))
-        if (run / "raw_evaluations.json").exists():
-            raw.append(at_evaluations({int(k): v for k, v in json.loads(
-                (run / "raw_evaluations.json").read_text()).items()}, args.eval_every, args.steps))
+        ema_curve = at_evaluations(average_curve(run), args.eval_every, args.steps)
+        raw_file = run / "raw_evaluations.json"
+        raw_c = at_evaluations({int(k): v for k, v in json.loads(raw_file.read_text()).items()},
+                               args.eval_every, args.steps) if raw_file.exists() else {}
+        if set(raw_c) != set(ema_curve):  # the same evaluations for both, or the seed waits
+            print(f"seed {seed}: raw weights evaluated at {len(raw_c)} of the average's "
+                  f"{len(ema_curve)} evaluations; left out (run without --report-only to "
+                  "evaluate them)", file=sys.stderr)
+            continue
+        fingerprint = fingerprint or _fingerprint(run)
+        reported.append(seed)
+        averaged.append(ema_curve)
+        raw.append(raw_c)
     settings = dict(vars(args), seeds=reported, dataset_fingerprint=fingerprint)
     for path in args.include:
         seeds, ema, raw_curves = included(path, settings)
@@ -251,6 +258,7 @@ def _main(argv=None) -> int:
                        "raw": [{str(k): v[target] for k, v in sorted(c.items())} for c in raw]}}
     Path(args.out).mkdir(parents=True, exist_ok=True)
     Path(args.out, "stability.json").write_text(json.dumps(report, indent=1))
+    draw(report, Path(args.out, "stability.png"))
     for target, rows in report["targets"].items():
         print(f"target {target}: weights | last | final | best | swing | late swing | "
               "last-vs-best gap")
@@ -261,6 +269,32 @@ def _main(argv=None) -> int:
                          f"{rows[name][k]['ci'][1]:.1f}]" for k in KEYS]
                 print(f"  {name} | " + " | ".join(cells))
     return 0
+
+
+def draw(report: dict, path: Path) -> Path:
+    """The learning curves of a report: one panel per target, one colour per seed, the raw
+    weights dashed and their average solid (D4RL-normalized score against gradient step)."""
+    from dtlab.plots import _save, plt
+
+    settings, targets = report["settings"], report["targets"]
+    fig, axes = plt.subplots(1, len(targets), figsize=(5.0 * len(targets), 3.8), dpi=120,
+                             squeeze=False, layout="constrained")
+    for ax, (target, rows) in zip(axes[0], targets.items()):
+        for i, seed in enumerate(settings["seeds"]):
+            for which, style, width, label in (("raw", "--", 1.0, "raw weights"),
+                                               ("ema", "-", 2.0, "average")):
+                if i < len(rows["curves"][which]):
+                    curve = rows["curves"][which][i]
+                    steps = sorted(curve, key=int)
+                    ax.plot([int(s) for s in steps], [curve[s] for s in steps], ls=style,
+                            lw=width, marker="o", ms=3, color=f"C{i % 10}",
+                            label=f"seed {seed}, {label}")
+        ax.set_title(f"{Path(settings['dataset']).stem}, target {target}", fontsize=9)
+        ax.set_xlabel("gradient step")
+        ax.set_ylabel("D4RL-normalized score")
+        ax.grid(alpha=0.3)
+    axes[0][-1].legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.02, 1.0))
+    return _save(fig, path)
 
 
 def _fingerprint(run: Path) -> str | None:

@@ -101,12 +101,23 @@ def test_stability_include_joins_earlier_seeds_and_refuses_other_settings(tmp_pa
     b = record(tmp_path / "b.json", [1], [1.0], [30.0])
     args = ["--dataset", "data.hdf5", "--env", "Hopper-v5", "--out", str(tmp_path / "out"),
             "--seeds", "7", "--steps", "5000", "--targets", "1", "--report-only", "--reps", "10"]
+    seed7 = tmp_path / "out" / "seed7"  # a run here whose raw weights are not evaluated yet
+    seed7.mkdir(parents=True)
+    (seed7 / "metrics.jsonl").write_text(json.dumps({"step": 2500, "eval/normalized_1": 4.0}))
     assert main(args + ["--include", a, b]) == 0
+    assert "seed 7: raw weights evaluated at 0 of the average's 1" in capsys.readouterr().err
     report = json.loads((tmp_path / "out" / "stability.json").read_text())
-    assert report["settings"]["seeds"] == [0, 1]  # seed 7 never ran: not reported
+    assert report["settings"]["seeds"] == [0, 1]  # seed 7 is left out until it has both curves
+    png = (tmp_path / "out" / "stability.png").read_bytes()
+    assert png[:8] == b"\x89PNG\r\n\x1a\n"
     assert report["targets"]["1"]["ema"]["last"]["per_seed"] == [10.0, 30.0]
     assert report["targets"]["1"]["ema"]["last"]["iqm"] == 20.0
     assert report["targets"]["1"]["raw"]["swing"]["per_seed"] == [6.0, 26.0]  # |11-5|, |31-5|
+    (seed7 / "raw_evaluations.json").write_text(json.dumps({"2500": {"1": 6.0}}))
+    assert main(args + ["--include", a]) == 0
+    report = json.loads((tmp_path / "out" / "stability.json").read_text())
+    assert report["settings"]["seeds"] == [7, 0]
+    assert report["targets"]["1"]["raw"]["last"]["per_seed"] == [6.0, 11.0]
     capsys.readouterr()
     for bad, message in ((record(tmp_path / "c.json", [2], [2], [1.0]), "its targets is [2.0]"),
                          (a, "seeds [0] are reported twice")):
