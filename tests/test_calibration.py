@@ -92,26 +92,28 @@ def test_targets_above_the_reliable_maximum_warn(checkpoint_copy):
 def test_a_flat_calibration_says_the_target_does_not_steer(checkpoint_copy):
     """A curve that never rises (issue 21): the summary and the warning say what was measured,
     not that returns "stopped rising" at the lowest target."""
-    flat = {"targets": [8.0, 90.0, 179.0], "means": [170.7, 160.2, 165.0],
-            "reliable_max_target": 8.0, "achieved_at_reliable_max": 170.7, "rising_range": None,
-            "saturated": True}
+    flat = {"targets": [-600.0, -400.0, -200.0], "means": [-250.3, -260.2, -255.0],
+            "reliable_max_target": -600.0, "achieved_at_reliable_max": -250.3,
+            "rising_range": None, "saturated": True}  # Pendulum-v1's returns: at most 0
     summary = calibration_summary(flat)
-    assert "does not rise with the target" in summary and "8 to 179 all achieve 160.2 to 170.7" \
-        in summary and "does not steer" in summary
-    rising = {**flat, "means": [10.0, 90.0, 95.0], "rising_range": [8.0, 90.0],
-              "reliable_max_target": 90.0, "achieved_at_reliable_max": 90.0}
-    assert calibration_summary(rising).startswith("reliable maximum target 90 (achieved 90.0); "
-                                                  "achieved return rises with the target from 8")
+    assert "does not rise with the target" in summary and \
+        "-600 to -200 all achieve -260.2 to -250.3" in summary and "does not steer" in summary
+    rising = {**flat, "means": [-600.0, -400.0, -395.0], "rising_range": [-600.0, -400.0],
+              "reliable_max_target": -400.0, "achieved_at_reliable_max": -400.0}
+    assert calibration_summary(rising).startswith("reliable maximum target -400 (achieved "
+                                                  "-400.0); achieved return rises with the "
+                                                  "target from -600")
     checkpoint.save_calibration(checkpoint_copy, flat)
     policy = DTPolicy.from_checkpoint(checkpoint_copy)
-    with pytest.warns(DtlabWarning, match=r"target 100 asked for, above 8;.*no rise of the "
-                                          r"achieved return .*targets 8 to 179 all achieved "
-                                          r"160.2 to 170.7.*does not steer"):
-        policy.reset([100.0])
+    with pytest.warns(DtlabWarning, match=r"target -100 asked for, above -600;.*no rise of the "
+                                          r"achieved return .*targets -600 to -200 all achieved "
+                                          r"-260.2 to -250.3.*does not steer"):
+        policy.reset([-100.0])
     checkpoint.save_calibration(checkpoint_copy, rising)
     policy = DTPolicy.from_checkpoint(checkpoint_copy)
-    with pytest.warns(DtlabWarning, match="above 90, the reliable maximum target .*stopped rising"):
-        policy.reset([100.0])
+    with pytest.warns(DtlabWarning, match="above -400, the reliable maximum target .*stopped "
+                                          "rising"):
+        policy.reset([-100.0])
 
 
 def test_a_corrupt_calibration_file_is_refused(checkpoint_copy):

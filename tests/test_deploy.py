@@ -296,6 +296,27 @@ def test_uncalibrated_runtimes_warn_at_the_same_targets(hopper):
         DeployedPolicy(artifact).reset(4600.0)
 
 
+def test_both_runtimes_warn_above_the_most_a_bounded_env_can_return(tmp_path):
+    """Pendulum-v1 pays at most 0 a step: returns -1500 to -120 support, by the data's rule,
+    -120 + 0.5 * max(120, 1380) = 570, capped at 0, the most an episode can return; both
+    runtimes warn above 0 and not at it, naming the env's maximum, and the card says so."""
+    run = make_checkpoint(tmp_path, "Pendulum-v1", VectorObservations(3), box("Pendulum-v1"),
+                          returns=(-1500.0, -120.0), max_ep_len=200)
+    artifact = export_run(run, tmp_path / "artifact")
+    record = json.loads((artifact / "policy.json").read_text())
+    assert record["supported_max_target"] == 0.0 and record["env_max_return"] == 0.0
+    assert "targets above 0.0, the most an episode of Pendulum-v1 can return" in \
+        (artifact / "README.md").read_text()
+    for target, warns in ((-100.0, False), (0.0, False), (10.0, True)):
+        for policy in (DeployedPolicy(artifact), DTPolicy.from_checkpoint(run)):
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always")
+                policy.reset(target)
+            said = [str(w.message) for w in caught if issubclass(w.category, DtlabWarning)]
+            assert bool(said) == warns, (type(policy).__name__, target, said)
+            assert all("the most an episode of Pendulum-v1 can return" in m for m in said), said
+
+
 def test_an_artifact_written_before_supported_max_target_warns_above_the_datas_best(
         hopper, tmp_path):
     import shutil

@@ -35,6 +35,8 @@ class EnvInfo:
     targets: tuple[float, ...]  # default evaluation target returns (DT paper's gym configs)
     max_ep_len: int  # time limit of the task
     targets_from: str = "the DT paper's"  # whose targets they are, for the console
+    # The most an episode can return, where the task bounds it (None: unbounded or unknown).
+    max_return: float | None = None
 
 
 # Targets from the DT paper's gym experiment (experiment.py): hopper 3600/1800,
@@ -60,6 +62,12 @@ PENDULUM_REF_MAX = PENDULUM_SCRIPTED_RETURN
 CARTPOLE_RANDOM_RETURN = 23.93
 CARTPOLE_MAX_RETURN = 500.0
 
+# Pendulum-v1 pays -(theta^2 + 0.1 theta_dot^2 + 0.001 torque^2) a step (Gymnasium's
+# pendulum.py): never more than 0, so no episode returns more than 0.
+PENDULUM_MAX_RETURN = 0.0
+# Pong: +1 a point won, -1 a point lost, and a game ends when one side reaches 21 points.
+PONG_MAX_RETURN = 21.0
+
 
 # Atari: the ALE v5 envs end an episode after max_num_frames_per_episode = 108,000 emulator frames
 # (ale_py's registration of the v5 ids), i.e. 27,000 agent steps at frame skip 4.
@@ -77,7 +85,7 @@ ATARI_MAX_STEPS = ATARI_MAX_FRAMES // ATARI_FRAME_SKIP  # 27,000
 # Return scale 1: the DT Atari code feeds returns-to-go unscaled (create_dataset.py, rtg).
 _ATARI = {
     "Breakout": EnvInfo(1.7, 30.5, 1.0, (90.0,), ATARI_MAX_STEPS),
-    "Pong": EnvInfo(-20.7, 14.6, 1.0, (20.0,), ATARI_MAX_STEPS),
+    "Pong": EnvInfo(-20.7, 14.6, 1.0, (20.0,), ATARI_MAX_STEPS, max_return=PONG_MAX_RETURN),
     "Qbert": EnvInfo(163.9, 13455.0, 1.0, (14000.0,), ATARI_MAX_STEPS),
     "Seaquest": EnvInfo(68.4, 42054.7, 1.0, (1150.0,), ATARI_MAX_STEPS),
 }
@@ -98,11 +106,19 @@ def env_info(env_id: str) -> EnvInfo:
         return _MUJOCO[family]
     if family == "Pendulum":
         return EnvInfo(PENDULUM_REF_MIN, PENDULUM_REF_MAX, 100.0, (-150.0, -500.0, -900.0), 200,
-                       targets_from="dtlab's defaults")
+                       targets_from="dtlab's defaults", max_return=PENDULUM_MAX_RETURN)
     if family == "CartPole":
         return EnvInfo(CARTPOLE_RANDOM_RETURN, CARTPOLE_MAX_RETURN, 100.0, (500.0, 250.0), 500,
-                       targets_from="dtlab's defaults")
+                       targets_from="dtlab's defaults", max_return=CARTPOLE_MAX_RETURN)
     return EnvInfo(None, None, 1000.0, (), 1000)
+
+
+def supported_max_target(env_id: str | None, supported_max: float) -> float:
+    """The highest target return the data supports in ``env_id``: its
+    ``ReturnStats.supported_max``, capped at the most the env can return where that is bounded
+    (``EnvInfo.max_return``: Pendulum-v1 0, CartPole-v1 500, Pong 21)."""
+    ceiling = env_info(env_id).max_return if env_id else None
+    return supported_max if ceiling is None else min(supported_max, ceiling)
 
 
 def reference_scores(env_id: str, recorded_min: float | None = None,

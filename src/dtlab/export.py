@@ -19,7 +19,9 @@ The directory it writes (``ARTIFACT_FILES``):
   batch dimension N is dynamic. A fresh episode's state is all zeros (all padding).
 - ``policy.json``: spaces, env id, K, max_ep_len, return scale, the data's return statistics and
   the highest target they support (``ReturnStats.supported_max``: the best return plus half of
-  max(|best|, best - worst), where DTPolicy warns for an uncalibrated run), the calibrated
+  max(|best|, best - worst), capped at the env's ``max_return`` where it is bounded, as
+  ``dtlab.envs.supported_max_target`` computes; where DTPolicy warns for an uncalibrated
+  run), the env's bounded maximum return (``env_max_return``, or null), the calibrated
   reliable target range (when ``dtlab calibrate`` ran), observation ranges with the
   out-of-range threshold, provenance and the dtlab version (``build_policy_record``).
 - ``README.md``: a model card written from the run's records (``model_card``).
@@ -49,6 +51,7 @@ from dtlab._version import __version__
 from dtlab.atomic import atomic_path, dumps_json
 from dtlab.checkpoint import PolicyInfo
 from dtlab.data.records import ReturnStats
+from dtlab.envs import env_info, supported_max_target
 from dtlab.errors import ConfigError, DatasetError, DtlabWarning
 from dtlab.spaces import (DictObservations, DiscreteActions, ImageObservations,
                           describe_observations)
@@ -253,7 +256,9 @@ def build_policy_record(path: Path, info: PolicyInfo, dataset: str | None) -> di
         "acts": acting_rule(info), "context_len": info.model.context_len,
         "max_ep_len": info.model.max_ep_len, "return_scale": info.normalizer.return_scale,
         "dataset_return": info.dataset.get("episode_return"),
-        "supported_max_target": supported.supported_max if supported else None,
+        "supported_max_target": (supported_max_target(info.env_id, supported.supported_max)
+                                 if supported else None),
+        "env_max_return": env_info(info.env_id).max_return if info.env_id else None,
         "reliable_targets": reliable_targets(path),
         "observation_range": observation_ranges(info, dataset),
         "reference_scores": {"min": info.ref_min_score, "max": info.ref_max_score},
@@ -383,11 +388,16 @@ def _card_targets(record: dict[str, Any]) -> list[str]:
                      f"from {rising[0]:g} up to {reliable['max']:g}; the runtime warns for "
                      "targets above it.")
     elif record.get("supported_max_target") is not None:
+        ceiling = record.get("env_max_return")
+        why = (f"the most an episode of {record['env_id']} can return (the training data's best "
+               f"episode return is {ret['max']:.1f})"
+               if ceiling is not None and record["supported_max_target"] >= ceiling else
+               f"the highest the training data supports: its best episode return, "
+               f"{ret['max']:.1f}, plus half of max(|best|, best - worst) over its episode "
+               "returns")
         lines.append("Not calibrated (run `dtlab calibrate` before exporting to record the range "
                      "of targets the model follows); the runtime warns, as DTPolicy does, for "
-                     f"targets above {record['supported_max_target']:.1f}, the highest the "
-                     f"training data supports: its best episode return, {ret['max']:.1f}, plus "
-                     "half of max(|best|, best - worst) over its episode returns.")
+                     f"targets above {record['supported_max_target']:.1f}, {why}.")
     else:
         lines.append("Not calibrated, and the run recorded no return statistics of its data: "
                      "the runtime does not warn for any target.")

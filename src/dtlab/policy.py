@@ -30,6 +30,7 @@ from dtlab import checkpoint, runtime
 from dtlab.checkpoint import PolicyInfo
 from dtlab.config import MAX_SEED, check_number, check_targets
 from dtlab.data.records import ReturnStats
+from dtlab.envs import env_info
 from dtlab.errors import ConfigError, DtlabWarning, EnvError, TrainingError
 from dtlab.deploy.inputs import check_index, dict_rows, fit_batch, per_episode
 from dtlab.kv_cache import CachedSteps
@@ -149,14 +150,20 @@ class DTPolicy:
         return policy
 
     def _warn_above_reliable_max(self, targets: np.ndarray) -> None:
-        """One line naming the highest target asked for when it exceeds what the checkpoint is
-        known to follow: the calibrated reliable maximum target (calibration.json) or, for an
-        uncalibrated checkpoint, the best episode return of its training data (the same text for
-        the same targets, so Python's default filter shows it once)."""
+        """One line naming the highest target asked for when it exceeds the most the env can
+        return (``EnvInfo.max_return``) or what the checkpoint is known to follow: the
+        calibrated reliable maximum target (calibration.json) or, for an uncalibrated
+        checkpoint, what its training data supports (``ReturnStats.supports``) (the same text
+        for the same targets, so Python's default filter shows it once)."""
         if not targets.size:
             return
         top, limit = float(np.max(targets)), self.reliable_max_target
-        if limit is not None and top > limit and self.flat_calibration is not None:
+        ceiling = env_info(self.info.env_id).max_return if self.info.env_id else None
+        if ceiling is not None and top > ceiling:
+            warnings.warn(f"target {top:g} asked for, above {ceiling:g}, the most an episode of "
+                          f"{self.info.env_id} can return: no episode achieves it",
+                          DtlabWarning, stacklevel=3)
+        elif limit is not None and top > limit and self.flat_calibration is not None:
             t0, t1, m0, m1 = self.flat_calibration
             warnings.warn(f"target {top:g} asked for, above {limit:g}; calibration "
                           f"(calibration.json) measured no rise of the achieved return with the "

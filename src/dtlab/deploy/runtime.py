@@ -55,6 +55,9 @@ def _target_limit(record: dict[str, Any]) -> tuple[float | None, str]:
     if reliable:
         return float(reliable["max"]), "the reliable maximum target found by calibration"
     supported = record.get("supported_max_target")
+    ceiling = record.get("env_max_return")  # artifacts written before it: absent
+    if supported is not None and ceiling is not None and supported >= ceiling:
+        return float(supported), f"the most an episode of {record.get('env_id')} can return"
     if supported is not None:
         return float(supported), ("the highest target the training data supports (its best "
                                   "episode return plus half of max(|best|, best - worst))")
