@@ -274,3 +274,31 @@ def test_policy_refuses_non_finite_actions_naming_target_and_step(tiny_checkpoin
     with pytest.raises(TrainingError, match=r"^the model produced a non-finite action \(\[nan\]\) "
                                             r"for episode 1 \(target -300\) at step 1;"):
         policy.act(bad, np.zeros(2))
+
+
+@pytest.mark.parametrize("eval_every", [0, 3])
+def test_a_run_directory_removed_while_training_stops_the_run_in_one_line(tmp_path, eval_every):
+    """The directory removed at step 5, after step 4's checkpoint (in should_stop, polled once
+    before the loop and once a step: the 6th poll): the next checkpoint (step 6) or, first, the
+    evaluation at step 6 (of evaluations every 3 steps) raises one TrainingError line naming it,
+    and nothing recreates a partial directory."""
+    import shutil
+
+    out = tmp_path / "run"
+    polls = []
+
+    def remove_at_step_5():
+        polls.append(1)
+        if len(polls) == 6:
+            shutil.rmtree(out)
+        return False
+
+    cfg = train_config(dataset="x", env="Pendulum-v1", out=str(out), steps=8, batch_size=4,
+                       warmup_steps=1, checkpoint_every=2, eval_every=eval_every,
+                       eval_episodes=1 if eval_every else 0, eval_targets=(-200.0,), progress=False,
+                       tensorboard=False, model=TINY)
+    with pytest.raises(TrainingError, match=r"run directory was removed or moved while "
+                                            r"training \(train_config.json is gone\)") as caught:
+        train(cfg, pendulum_like(), should_stop=remove_at_step_5)
+    assert str(out) in str(caught.value) and "\n" not in str(caught.value)
+    assert not out.exists()

@@ -35,7 +35,7 @@ from dtlab import checkpoint, locks
 from dtlab.atomic import dumps_json, write_text_atomic
 from dtlab.checkpoint import TRAIN_CONFIG_FILE
 from dtlab.config import TrainConfig, from_dict, setting_differences
-from dtlab.errors import ConfigError, DtlabWarning
+from dtlab.errors import ConfigError, DtlabWarning, TrainingError
 from dtlab.metrics import METRICS_FILE, Evaluation, MetricsLog
 
 EVALUATIONS_FILE = "evaluations.jsonl"
@@ -257,6 +257,15 @@ class RunDirectory:
             except (json.JSONDecodeError, KeyError, TypeError, ValueError):
                 continue
         return found
+
+    def check_present(self) -> None:
+        """TrainingError when the directory a run is writing was removed or moved while it
+        trained (its configuration file is gone): checked before each checkpoint and evaluation
+        record, so that the run stops in one line instead of recreating part of a directory."""
+        if self.main and not self.config_file.is_file():
+            raise TrainingError(f"{self.path}: the run directory was removed or moved while "
+                                f"training ({TRAIN_CONFIG_FILE} is gone); stopped without "
+                                "writing more (train again with --out)")
 
     def close(self) -> None:
         if self.metrics is not None:

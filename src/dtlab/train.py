@@ -299,14 +299,14 @@ def _loop(cfg: TrainConfig, trainer: Trainer, info: PolicyInfo, run: RunDirector
                 distributed.barrier(world)  # the other ranks wait for rank 0's evaluation
             if step % cfg.run.checkpoint_every == 0 or step == steps or time_due:
                 last_loss = settle() if tally.taken else last_loss
-                trainer.save(run.path, info, cfg.run.keep_checkpoints)
+                _save(trainer, run, info, cfg)
                 last_saved, saved_at = step, time.monotonic()
     finally:
         progress.close()
     interrupted = state.step < steps
     if last_saved != state.step:
         last_loss = settle() if tally.taken else last_loss
-        trainer.save(run.path, info, cfg.run.keep_checkpoints)
+        _save(trainer, run, info, cfg)
     if evaluator is not None and not interrupted:
         if world.is_main:
             evaluations.append(_evaluate(evaluator, trainer, info, run))
@@ -350,6 +350,12 @@ def default_evaluator(cfg: TrainConfig, info: PolicyInfo) -> Evaluate:
                      workers=cfg.evaluation.eval_workers)
 
 
+def _save(trainer: Trainer, run: RunDirectory, info: PolicyInfo, cfg: TrainConfig) -> None:
+    """A checkpoint of this step in the run directory, unless the directory went away."""
+    run.check_present()
+    trainer.save(run.path, info, cfg.run.keep_checkpoints)
+
+
 def _evaluate(evaluator: Evaluate, trainer: Trainer, info: PolicyInfo,
               run: RunDirectory) -> Evaluation:
     """Evaluate the weights a checkpoint of this step would hold (the average when there is
@@ -358,6 +364,7 @@ def _evaluate(evaluator: Evaluate, trainer: Trainer, info: PolicyInfo,
     policy = DTPolicy(trainer.policy_model, dataclasses.replace(info, step=step), trainer.device,
                       precision=trainer.precision)
     report = evaluator(policy)
+    run.check_present()
     trainer.model.train()
     evaluation = Evaluation(step, tuple(report.results),
                             "average" if trainer.ema is not None else "raw", report.timing())
