@@ -74,10 +74,14 @@ def draw_curves(out: Path, seeds: list[int], control: float, env: str) -> Path:
 
 def control(offline: Path, out: Path, steps: int) -> None:
     """The control: the offline run's directory copied to ``out``, then trained on offline to
-    ``steps`` gradient steps (resumable: a copy made earlier is continued)."""
-    if not (out / "latest").exists():  # a copy cut short is completed, not nested inside
-        shutil.copytree(offline, out, symlinks=True, dirs_exist_ok=True,
-                        ignore=shutil.ignore_patterns(".lock"))
+    ``steps`` gradient steps (resumable: a copy made earlier is continued). The copy is made
+    beside ``out`` and renamed to it when complete, so a copy cut short is made again, never
+    taken for a run."""
+    if not out.exists():
+        partial = out.with_name(out.name + ".partial")
+        shutil.rmtree(partial, ignore_errors=True)
+        shutil.copytree(offline, partial, symlinks=True, ignore=shutil.ignore_patterns(".lock"))
+        partial.rename(out)
     config = json.loads((out / "train_config.json").read_text())
     if config["run"]["out"] != str(out):
         config["run"]["out"] = str(out)

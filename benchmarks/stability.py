@@ -173,9 +173,13 @@ def included(path: str, settings: dict) -> tuple[list[int], list[dict], list[dic
         if len(curves.get("ema", [])) != len(seeds) or len(curves.get("raw", [])) != len(seeds):
             raise Refused(f"--include {path}: it has no average and raw curve at target "
                           f"{target} for each of its seeds {seeds}; include a finished report")
-    for i in range(len(seeds)):
+    for i, seed in enumerate(seeds):
         ema.append(_merge(targets, "ema", i))
         raw.append(_merge(targets, "raw", i))
+        if not ema[-1] or set(ema[-1]) != set(raw[-1]):
+            raise Refused(f"--include {path}: seed {seed}'s average and raw weights were "
+                          f"evaluated at different steps ({sorted(ema[-1])} and "
+                          f"{sorted(raw[-1])}); include a report whose curves match")
     return seeds, ema, raw
 
 
@@ -231,7 +235,7 @@ def _main(argv=None) -> int:
         raw_file = run / "raw_evaluations.json"
         raw_c = at_evaluations({int(k): v for k, v in json.loads(raw_file.read_text()).items()},
                                args.eval_every, args.steps) if raw_file.exists() else {}
-        if set(raw_c) != set(ema_curve):  # the same evaluations for both, or the seed waits
+        if not ema_curve or set(raw_c) != set(ema_curve):  # the same evaluations, or it waits
             print(f"seed {seed}: raw weights evaluated at {len(raw_c)} of the average's "
                   f"{len(ema_curve)} evaluations; left out (run without --report-only to "
                   "evaluate them)", file=sys.stderr)
@@ -274,7 +278,7 @@ def _main(argv=None) -> int:
 def draw(report: dict, path: Path) -> Path:
     """The learning curves of a report: one panel per target, one colour per seed, the raw
     weights dashed and their average solid (D4RL-normalized score against gradient step)."""
-    from dtlab.plots import _save, plt
+    from dtlab.plots import plt
 
     settings, targets = report["settings"], report["targets"]
     fig, axes = plt.subplots(1, len(targets), figsize=(5.0 * len(targets), 3.8), dpi=120,
@@ -294,7 +298,9 @@ def draw(report: dict, path: Path) -> Path:
         ax.set_ylabel("D4RL-normalized score")
         ax.grid(alpha=0.3)
     axes[0][-1].legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.02, 1.0))
-    return _save(fig, path)
+    fig.savefig(path)
+    plt.close(fig)
+    return path
 
 
 def _fingerprint(run: Path) -> str | None:

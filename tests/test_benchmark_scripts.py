@@ -99,13 +99,19 @@ def test_stability_include_joins_earlier_seeds_and_refuses_other_settings(tmp_pa
 
     a = record(tmp_path / "a.json", [0], [1], [10.0])
     b = record(tmp_path / "b.json", [1], [1.0], [30.0])
-    args = ["--dataset", "data.hdf5", "--env", "Hopper-v5", "--out", str(tmp_path / "out"),
-            "--seeds", "7", "--steps", "5000", "--targets", "1", "--report-only", "--reps", "10"]
+    base = ["--dataset", "data.hdf5", "--env", "Hopper-v5", "--out", str(tmp_path / "out"),
+            "--steps", "5000", "--targets", "1", "--report-only", "--reps", "10"]
+    args = base + ["--seeds", "7", "8"]
     seed7 = tmp_path / "out" / "seed7"  # a run here whose raw weights are not evaluated yet
     seed7.mkdir(parents=True)
+    (tmp_path / "out" / "seed8").mkdir()  # a run that has not evaluated yet: left out too
+    (tmp_path / "out" / "seed8" / "metrics.jsonl").write_text(json.dumps({"step": 100,
+                                                                         "loss": 1.0}))
     (seed7 / "metrics.jsonl").write_text(json.dumps({"step": 2500, "eval/normalized_1": 4.0}))
     assert main(args + ["--include", a, b]) == 0
-    assert "seed 7: raw weights evaluated at 0 of the average's 1" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "seed 7: raw weights evaluated at 0 of the average's 1" in err
+    assert "seed 8: raw weights evaluated at 0 of the average's 0" in err
     report = json.loads((tmp_path / "out" / "stability.json").read_text())
     assert report["settings"]["seeds"] == [0, 1]  # seed 7 is left out until it has both curves
     png = (tmp_path / "out" / "stability.png").read_bytes()
@@ -119,33 +125,45 @@ def test_stability_include_joins_earlier_seeds_and_refuses_other_settings(tmp_pa
     assert report["settings"]["seeds"] == [7, 0]
     assert report["targets"]["1"]["raw"]["last"]["per_seed"] == [6.0, 11.0]
     capsys.readouterr()
+    uneven = record(tmp_path / "d.json", [3], [1], [1.0])
+    data = json.loads(Path(uneven).read_text())
+    del data["targets"]["1"]["curves"]["raw"][0]["5000"]  # raw weights not evaluated at 5000
+    Path(uneven).write_text(json.dumps(data))
     for bad, message in ((record(tmp_path / "c.json", [2], [2], [1.0]), "its targets is [2.0]"),
-                         (a, "seeds [0] are reported twice")):
-        assert main(args + ["--include", a, bad]) == 2
+                         (a, "seeds [0] are reported twice"),
+                         (uneven, "seed 3's average and raw weights were evaluated at "
+                                  "different steps ([2500, 5000] and [2500])")):
+        assert main(base + ["--seeds", "9", "--include", a, bad]) == 2
         err = capsys.readouterr().err
         assert message in err and len(err.strip().splitlines()) == 1, err
 
 
-def test_odt_control_copies_the_offline_run_and_completes_a_cut_copy(tmp_path, monkeypatch):
-    """benchmarks/odt.py's control starts from a copy of the offline run: its files, its
-    `latest` link still a link, no lock, the saved out path rewritten; a copy cut short (the
-    directory there, `latest` not yet) is completed in place, not nested inside."""
+def test_odt_control_copies_the_offline_run_and_redoes_a_cut_copy(tmp_path, monkeypatch):
+    """benchmarks/odt.py's control starts from a copy of the offline run: its files (`latest`
+    a text file naming the checkpoint, as dtlab writes it), no lock, the saved out path
+    rewritten; a copy cut short (left as control.partial) is made again, and a finished copy
+    is continued, not copied over."""
     monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))
     import odt
 
     offline = tmp_path / "offline"
     (offline / "step_00000010").mkdir(parents=True)
     (offline / "step_00000010" / "model.safetensors").write_bytes(b"weights")
-    (offline / "latest").symlink_to("step_00000010")
+    (offline / "latest").write_text("step_00000010")
     (offline / ".lock").write_text("123")
     (offline / "train_config.json").write_text(json.dumps({"run": {"out": str(offline)}}))
     calls = []
     monkeypatch.setattr(odt, "dtlab", lambda *args: calls.append(args))
     out = tmp_path / "control"
-    (out / "step_00000010").mkdir(parents=True)  # the cut copy
+    (tmp_path / "control.partial").mkdir()  # the cut copy: only a `latest`, nothing it names
+    (tmp_path / "control.partial" / "latest").write_text("step_00000010")
     odt.control(offline, out, 20)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["control", "offline"]
     assert sorted(p.name for p in out.iterdir()) == ["latest", "step_00000010",
                                                       "train_config.json"]
-    assert (out / "latest").is_symlink() and (out / "latest" / "model.safetensors").exists()
+    assert (out / "step_00000010" / "model.safetensors").read_bytes() == b"weights"
     assert json.loads((out / "train_config.json").read_text())["run"]["out"] == str(out)
     assert calls == [("train", "--out", str(out), "--resume", "--steps", "20", "--no-progress")]
+    (out / "step_00000020").mkdir()  # trained on since: continued as it is
+    odt.control(offline, out, 30)
+    assert (out / "step_00000020").exists() and len(calls) == 2

@@ -309,3 +309,21 @@ def test_calibration_needs_two_episodes_per_target():
     with pytest.raises(ConfigError, match="calibrate-episodes must be >= 2, got 1"):
         BenchmarkConfig(datasets=("d.hdf5",), calibrate_episodes=1)
     CalibrateConfig(checkpoint="run", episodes=2)  # the smallest that has one
+
+
+def test_sweeps_stop_at_the_most_a_bounded_env_can_return():
+    """By hand: returns -1500 to -120 (Pendulum-v1 pays at most 0 a step). The calibration sweep
+    reaches 50% of the range, 1380, past the best: -120 + 690 = 570, a return no Pendulum
+    episode has; capped at 0 it is linspace(-1500, 0, 4). evaluate --sweep's 20% (-120 + 276 =
+    156) is capped the same way; a ceiling the sweep does not reach changes nothing."""
+    from dtlab.calibrate import calibration_targets
+    from dtlab.data.records import ReturnStats
+    from dtlab.envs import env_info
+    from dtlab.evaluate import sweep_targets
+
+    stats = ReturnStats(mean=-800.0, std=400.0, min=-1500.0, max=-120.0)
+    assert calibration_targets(stats, 4) == [-1500.0, -810.0, -120.0, 570.0]
+    ceiling = env_info("Pendulum-v1").max_return
+    assert calibration_targets(stats, 4, ceiling) == [-1500.0, -1000.0, -500.0, 0.0]
+    assert sweep_targets(stats, 3, ceiling=ceiling) == [-1500.0, -750.0, 0.0]
+    assert sweep_targets(stats, 3, ceiling=1000.0) == [-1500.0, -672.0, 156.0]

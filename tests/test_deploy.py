@@ -315,6 +315,14 @@ def test_both_runtimes_warn_above_the_most_a_bounded_env_can_return(tmp_path):
             said = [str(w.message) for w in caught if issubclass(w.category, DtlabWarning)]
             assert bool(said) == warns, (type(policy).__name__, target, said)
             assert all("the most an episode of Pendulum-v1 can return" in m for m in said), said
+    # A calibration made before sweeps stopped at 0 (its reliable maximum 50): the limit of both
+    # runtimes is still 0, named as the env's.
+    checkpoint.save_calibration(run, {"reliable_max_target": 50.0,
+                                      "rising_range": [-1500.0, 50.0], "saturated": True})
+    artifact = export_run(run, tmp_path / "calibrated")
+    for policy in (DeployedPolicy(artifact), DTPolicy.from_checkpoint(run)):
+        with pytest.warns(DtlabWarning, match="above 0, the most an episode of Pendulum-v1"):
+            policy.reset(10.0)
 
 
 def test_an_artifact_written_before_supported_max_target_warns_above_the_datas_best(

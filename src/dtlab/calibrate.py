@@ -20,7 +20,8 @@ from dtlab.config import MAX_SEED, check_number
 from dtlab.data.episodes import EpisodeSet
 from dtlab.data.records import ReturnStats
 from dtlab.errors import ConfigError, DtlabWarning
-from dtlab.evaluate import dataset_label, run_label
+from dtlab.envs import env_info
+from dtlab.evaluate import dataset_label, run_label, sweep_targets
 from dtlab.policy import DTPolicy
 from dtlab.rollout import check_env, rollout
 from dtlab.rundir import one_writer
@@ -39,7 +40,8 @@ class CalibrateConfig:
     """Checkpoint directory (a run directory resolves to its latest checkpoint)."""
     points: int = 10
     """Targets in the sweep: evenly spaced from the data's lowest episode return to 50% of the
-    return range past its best (1.5x the best when the lowest return is 0)."""
+    return range past its best (1.5x the best when the lowest return is 0), and no higher than
+    the most the env can return where it is bounded (Pendulum-v1: 0)."""
     episodes: int = 10
     """Episodes per target, at least 2 (the noise margin uses their standard error, and shrinks
     with 1/sqrt(episodes))."""
@@ -125,12 +127,12 @@ def reliable_maximum(targets: Sequence[float], means: Sequence[float],
         rising_range=(float(x[a]), float(x[j])) if a < j else None, saturated=j < n - 1)
 
 
-def calibration_targets(dataset_return: ReturnStats, points: int) -> list[float]:
+def calibration_targets(dataset_return: ReturnStats, points: int,
+                        ceiling: float | None = None) -> list[float]:
     """``points`` targets from the data's lowest episode return to 50% of its return range past
-    the best (1.5x the best when the lowest return is 0), rounded to 0.1."""
-    lo, hi = dataset_return.min, dataset_return.max
-    span = hi - lo if hi > lo else max(abs(hi), 1.0)
-    return np.unique(np.linspace(lo, hi + 0.5 * span, points).round(1)).tolist()
+    the best (1.5x the best when the lowest return is 0), no higher than ``ceiling`` (the most
+    the env can return, where it is bounded), rounded to 0.1 (``sweep_targets``)."""
+    return sweep_targets(dataset_return, points, past=0.5, ceiling=ceiling)
 
 
 def calibrate_checkpoint(cfg: CalibrateConfig, *, echo: bool = False,
@@ -179,7 +181,7 @@ def _calibrate(cfg: CalibrateConfig, echo: bool, episodes: EpisodeSet | None) ->
                         "trained with")
     episode_returns = (episodes.episode_returns.tolist() if episodes is not None
                        else _recorded_episode_returns(info.dataset.get("path")))
-    targets = calibration_targets(dataset_return, cfg.points)
+    targets = calibration_targets(dataset_return, cfg.points, env_info(info.env_id).max_return)
     policy = DTPolicy.from_checkpoint(path, device=str(device), info=info)
     policy.reliable_max_target = None  # the sweep asks for more on purpose
     report = rollout(policy, info.env_id, targets, cfg.episodes, seed=cfg.seed,

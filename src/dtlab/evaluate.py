@@ -17,7 +17,7 @@ from dtlab import checkpoint, runtime
 from dtlab.atomic import check_writable, write_json
 from dtlab.config import MAX_SEED, PRECISIONS, check_choice, check_number, check_targets
 from dtlab.data.records import Provenance, ReturnStats
-from dtlab.envs import check_same_env
+from dtlab.envs import check_same_env, env_info
 from dtlab.errors import ConfigError
 from dtlab.metrics import TargetResult
 from dtlab.offline_eval import offline_evaluation, print_offline
@@ -44,7 +44,8 @@ class EvalConfig:
     """Write results as JSON to this file."""
     sweep: bool = False
     """Evaluate a range of targets (from the dataset's lowest episode return to 20% of the return
-    range past its highest) and draw achieved vs target return."""
+    range past its highest, no higher than the most the env can return where it is bounded)
+    and draw achieved vs target return."""
     sweep_points: int = 8
     """Number of targets in --sweep."""
     plot: str | None = None
@@ -123,12 +124,16 @@ __all__ = ["EvalConfig", "evaluate_checkpoint", "rollout", "sweep_targets", "res
            "TargetResult", "RolloutReport"]
 
 
-def sweep_targets(dataset_return: ReturnStats, points: int) -> list[float]:
-    """Targets from the dataset's lowest episode return to 20% of its return range past its
-    highest."""
+def sweep_targets(dataset_return: ReturnStats, points: int, *, past: float = 0.2,
+                  ceiling: float | None = None) -> list[float]:
+    """``points`` targets evenly spaced from the dataset's lowest episode return to ``past``
+    times its return range past its highest (all episodes alike: that times max(|best|, 1)),
+    and no higher than ``ceiling``, the most the env can return where it is bounded
+    (``EnvInfo.max_return``); rounded to 0.1, duplicates dropped."""
     lo, hi = dataset_return.min, dataset_return.max
     span = hi - lo if hi > lo else max(abs(hi), 1.0)  # all episodes alike: spread around them
-    return np.unique(np.linspace(lo, hi + 0.2 * span, points).round(1)).tolist()
+    top = hi + past * span if ceiling is None else max(hi, min(hi + past * span, ceiling))
+    return np.unique(np.linspace(lo, top, points).round(1)).tolist()
 
 
 def results_json(report: RolloutReport, *, checkpoint: str, env_id: str, episodes: int, seed: int,
@@ -248,7 +253,8 @@ def _targets(cfg: EvalConfig, path: Path, env_id: str, dataset_return: ReturnSta
     if cfg.sweep:
         if not dataset_return:
             raise ConfigError(f"{path}: checkpoint has no dataset return statistics for sweep")
-        return sweep_targets(dataset_return, cfg.sweep_points)
+        return sweep_targets(dataset_return, cfg.sweep_points,
+                             ceiling=env_info(env_id).max_return)
     if cfg.targets:
         return list(cfg.targets)
     chosen, why = default_targets(env_id, dataset_return, checkpoint.reliable_max_target(path))

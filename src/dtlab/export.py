@@ -18,10 +18,10 @@ The directory it writes (``ARTIFACT_FILES``):
   Observation normalization, return scaling and the action mapping are inside the graph; the
   batch dimension N is dynamic. A fresh episode's state is all zeros (all padding).
 - ``policy.json``: spaces, env id, K, max_ep_len, return scale, the data's return statistics and
-  the highest target they support (``ReturnStats.supported_max``: the best return plus half of
-  max(|best|, best - worst), capped at the env's ``max_return`` where it is bounded, as
-  ``dtlab.envs.supported_max_target`` computes; where DTPolicy warns for an uncalibrated
-  run), the env's bounded maximum return (``env_max_return``, or null), the calibrated
+  the highest target they support (``supported_max_target``: the best return plus half of
+  max(|best|, best - worst), no higher than the most the env can return; DTPolicy warns above
+  it for an uncalibrated run), that most (``env_max_return``: ``EnvInfo.max_return``, null
+  where the env does not bound it), the calibrated
   reliable target range (when ``dtlab calibrate`` ran), observation ranges with the
   out-of-range threshold, provenance and the dtlab version (``build_policy_record``).
 - ``README.md``: a model card written from the run's records (``model_card``).

@@ -186,8 +186,9 @@ class DTPolicy:
     def reset(self, target_return: float | Sequence[float] | np.ndarray,
               streams: Sequence[int] | np.ndarray | None = None) -> None:
         """Start new episodes: one per target (a scalar starts one episode and ``act`` then takes
-        and returns unbatched arrays). Warns (DtlabWarning) for a target above the checkpoint's
-        calibrated reliable maximum target; ConfigError for a non-finite or absurd target.
+        and returns unbatched arrays). Warns (DtlabWarning) for a target above the most the env can
+        return or the checkpoint's calibrated reliable maximum target (uncalibrated: above what
+        its data supports); ConfigError for a non-finite or absurd target.
 
         ``streams`` (sampling, temperature > 0): one non-negative integer key per episode; the
         episode samples its actions from ``SeedSequence(seed, spawn_key=(key, target))`` (the

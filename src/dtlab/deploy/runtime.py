@@ -10,7 +10,8 @@ Guardrails (DtlabWarning, one line, the same text for the same problem so that P
 filter shows it once): a target above the calibrated reliable maximum (``policy.json``
 ``reliable_targets``), or where the run was not calibrated above the highest target its data
 supports (``supported_max_target``, where DTPolicy warns; artifacts written before it: the data's
-best episode return);
+best episode return), any of these capped at the most an episode of the env can return
+(``env_max_return``, where the env bounds it);
 an observation more than ``observation_range.threshold_std`` of the data's standard deviations
 outside the range of the training observations, naming the dimensions.
 """
@@ -50,14 +51,21 @@ def _finite_targets(name: str, value: Any) -> np.ndarray:
 def _target_limit(record: dict[str, Any]) -> tuple[float | None, str]:
     """Targets above the returned value warn, and the words naming it: the calibrated reliable
     maximum, else the highest target the data supports, else (artifacts written before
-    ``supported_max_target``) the data's best episode return; None: no statistics, no warning."""
+    ``supported_max_target``) the data's best episode return; None: no statistics, no warning.
+    Any of them above ``env_max_return`` (the most an episode of the env can return; absent in
+    artifacts written before it) gives way to it."""
+    limit, words = _recorded_limit(record)
+    ceiling = record.get("env_max_return")
+    if ceiling is not None and (limit is None or limit >= float(ceiling)):
+        return float(ceiling), f"the most an episode of {record.get('env_id')} can return"
+    return limit, words
+
+
+def _recorded_limit(record: dict[str, Any]) -> tuple[float | None, str]:
     reliable = record.get("reliable_targets")
     if reliable:
         return float(reliable["max"]), "the reliable maximum target found by calibration"
     supported = record.get("supported_max_target")
-    ceiling = record.get("env_max_return")  # artifacts written before it: absent
-    if supported is not None and ceiling is not None and supported >= ceiling:
-        return float(supported), f"the most an episode of {record.get('env_id')} can return"
     if supported is not None:
         return float(supported), ("the highest target the training data supports (its best "
                                   "episode return plus half of max(|best|, best - worst))")
