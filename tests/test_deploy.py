@@ -278,6 +278,15 @@ def test_policy_json_records_ranges_returns_and_calibration(tmp_path):
         policy.steer(2000.0, index=[0])
 
 
+def warnings_at(run, artifact, target):
+    """(policy, the DtlabWarning messages its reset(target) gave) for both runtimes."""
+    for policy in (DeployedPolicy(artifact), DTPolicy.from_checkpoint(run)):
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            policy.reset(target)
+        yield policy, [str(w.message) for w in caught if issubclass(w.category, DtlabWarning)]
+
+
 def test_uncalibrated_runtimes_warn_at_the_same_targets(hopper):
     """Uncalibrated, both runtimes warn above the highest target the data supports: by hand,
     returns 0 to 3000, best 3000 plus half the scale max(|3000|, 3000 - 0): 4500."""
@@ -285,11 +294,7 @@ def test_uncalibrated_runtimes_warn_at_the_same_targets(hopper):
     assert json.loads((artifact / "policy.json").read_text())["supported_max_target"] == 4500.0
     assert "warns, as DTPolicy does, for targets above 4500.0" in (artifact / "README.md").read_text()
     for target, warns in ((3200.0, False), (4500.0, False), (4600.0, True)):
-        for policy in (DeployedPolicy(artifact), DTPolicy.from_checkpoint(run)):
-            with warnings.catch_warnings(record=True) as caught:
-                warnings.simplefilter("always")
-                policy.reset(target)
-            said = [str(w.message) for w in caught if issubclass(w.category, DtlabWarning)]
+        for policy, said in warnings_at(run, artifact, target):
             assert bool(said) == warns, (type(policy).__name__, target, said)
     with pytest.warns(DtlabWarning, match=r"target 4600 asked for, above 4500, the highest "
                                           r"target the training data supports"):
@@ -308,11 +313,7 @@ def test_both_runtimes_warn_above_the_most_a_bounded_env_can_return(tmp_path):
     assert "targets above 0.0, the most an episode of Pendulum-v1 can return" in \
         (artifact / "README.md").read_text()
     for target, warns in ((-100.0, False), (0.0, False), (10.0, True)):
-        for policy in (DeployedPolicy(artifact), DTPolicy.from_checkpoint(run)):
-            with warnings.catch_warnings(record=True) as caught:
-                warnings.simplefilter("always")
-                policy.reset(target)
-            said = [str(w.message) for w in caught if issubclass(w.category, DtlabWarning)]
+        for policy, said in warnings_at(run, artifact, target):
             assert bool(said) == warns, (type(policy).__name__, target, said)
             assert all("the most an episode of Pendulum-v1 can return" in m for m in said), said
     # A calibration made before sweeps stopped at 0 (its reliable maximum 50): the limit of both
