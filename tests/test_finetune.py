@@ -1,6 +1,8 @@
 """dtlab finetune (the Online Decision Transformer): the replay, hindsight relabelling, the
 exploration target, resume after kill -9, and the command line's refusals."""
 
+import dataclasses
+import hashlib
 import json
 import os
 import signal
@@ -166,7 +168,10 @@ def test_finetune_stopped_and_resumed_equals_an_uninterrupted_run(offline_run, c
     assert "evaluation targets -100 (--eval-targets)" in start
     assert "replay of 4 trajectories (800 transitions)" in start
     recorded = json.loads((offline_run / "p_whole" / "finetune_config.json").read_text())
+    weights = (offline_run / "off" / (offline_run / "off" / "latest").read_text().strip()
+               / "model.safetensors").read_bytes()
     assert recorded["resolved"] == {"run": str((offline_run / "off").resolve()),
+                                    "run_weights": hashlib.sha256(weights).hexdigest(),
                                     "exploration_target": 0.0, "eval_targets": [-100.0]}
     metrics = [json.loads(line) for line in (offline_run / "p_whole" / "metrics.jsonl")
                .read_text().splitlines()]
@@ -200,6 +205,36 @@ def test_finetune_stopped_and_resumed_equals_an_uninterrupted_run(offline_run, c
     for file in ("model.safetensors", "replay.safetensors"):
         a, b = (load_file(r.checkpoint / file) for r in (whole, resumed))
         assert a.keys() == b.keys() and all((a[k] == b[k]).all() for k in a)
+
+
+def test_a_resume_recognizes_the_offline_run_by_its_weights_wherever_it_moved(tmp_path):
+    """The offline run moved (or copied) since the finetuning started: RUN names another
+    directory, and the resume goes on when the checkpoint there holds the weights it started
+    from (their SHA-256, recorded as resolved.run_weights); other weights are refused, naming
+    RUN, in one line."""
+    from dtlab.cli_errors import parse
+    from dtlab.errors import ConfigError
+    from dtlab.finetune import FinetuneConfig, _check_resume_settings
+    from dtlab.rundir import RunDirectory
+
+    def config(run):
+        return parse(FinetuneConfig, _finetune_args(run, tmp_path / "ft")[1:],
+                     prog="dtlab finetune", description="")
+
+    moved = tmp_path / "moved" / "step_00000010"
+    moved.mkdir(parents=True)
+    (moved / "model.safetensors").write_bytes(b"the offline weights")
+    started = dataclasses.asdict(config(tmp_path / "gone"))
+    (tmp_path / "ft").mkdir()
+    (tmp_path / "ft" / "finetune_config.json").write_text(json.dumps({
+        **started, "eval_targets": list(started["eval_targets"]), "resolved": {
+            "run": str(tmp_path / "gone"),
+            "run_weights": hashlib.sha256(b"the offline weights").hexdigest()}}))
+    _check_resume_settings(RunDirectory(tmp_path / "ft"), config(tmp_path / "moved"), moved)
+    (moved / "model.safetensors").write_bytes(b"trained on since")
+    with pytest.raises(ConfigError, match=r"repeat the finetuning's own flags: RUN ") as caught:
+        _check_resume_settings(RunDirectory(tmp_path / "ft"), config(tmp_path / "moved"), moved)
+    assert "\n" not in str(caught.value)
 
 
 def test_finetune_of_an_averaged_run_evaluates_the_average_not_the_raw_weights(

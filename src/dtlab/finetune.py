@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import hashlib
 import json
 import os
 import warnings
@@ -292,7 +293,7 @@ def _finetune(cfg: FinetuneConfig, source: Path, info: PolicyInfo, device: torch
     with run.hold(activity="finetuning"):
         start_from = run.resume_point(out_cfg)
         if start_from is not None:
-            _check_resume_settings(run, cfg)
+            _check_resume_settings(run, cfg, source)
             replay, progress = _load_replay(start_from)
             if progress.env_steps >= cfg.online_steps:  # a finished run is not rewritten
                 return FinetuneResult(start_from, checkpoint.load_info(start_from)[1].step,
@@ -315,7 +316,8 @@ def _finetune(cfg: FinetuneConfig, source: Path, info: PolicyInfo, device: torch
             if world.is_main:
                 write_text_atomic(run.path / FINETUNE_CONFIG_FILE, dumps_json({
                     **dataclasses.asdict(cfg), "resolved": {
-                        "run": str(Path(cfg.run).resolve()), "exploration_target": explore,
+                        "run": str(Path(cfg.run).resolve()),
+                        "run_weights": _weights_digest(source), "exploration_target": explore,
                         "eval_targets": list(targets)}}))
                 if echo:
                     print(f"finetuning {source}: {starting}; replay of {len(replay)} "
@@ -403,7 +405,18 @@ def _load_replay(path: Path) -> tuple[TrajectoryReplay, OnlineProgress]:
         raise CheckpointError(f"{path / REPLAY_FILE}: not a finetuning replay: {exc}") from None
 
 
-def _check_resume_settings(run: RunDirectory, cfg: FinetuneConfig) -> None:
+def _weights_digest(source: Path) -> str:
+    """SHA-256 of a checkpoint's weights file: the offline checkpoint a finetuning started from,
+    recognized wherever its run directory was moved or copied since."""
+    with open(source / checkpoint.WEIGHTS_FILE, "rb") as f:
+        return hashlib.file_digest(f, "sha256").hexdigest()
+
+
+def _check_resume_settings(run: RunDirectory, cfg: FinetuneConfig, source: Path) -> None:
+    """ConfigError unless the finetuning in ``run`` was started with ``cfg``'s settings (those
+    of ``RESUME_MAY_CHANGE`` aside) from the same offline checkpoint: the same RUN path,
+    however written, or one whose weights are the ones it started from (``source``, the
+    checkpoint RUN resolves to now: the offline run moved or copied since)."""
     file = run.path / FINETUNE_CONFIG_FILE
     try:
         saved = json.loads(file.read_text())
@@ -412,9 +425,10 @@ def _check_resume_settings(run: RunDirectory, cfg: FinetuneConfig) -> None:
                           "dtlab finetune run); choose another --out") from None
     now = json.loads(json.dumps(dataclasses.asdict(cfg)))  # tuples -> lists, as saved
     resolved = saved.get("resolved") if isinstance(saved.get("resolved"), dict) else {}
-    if isinstance(saved.get("run"), str) and Path(cfg.run).resolve() == Path(
-            resolved.get("run") or saved["run"]).resolve():
-        now["run"] = saved["run"]  # the same offline run, named from another directory
+    if isinstance(saved.get("run"), str) and (Path(cfg.run).resolve() == Path(
+            resolved.get("run") or saved["run"]).resolve() or resolved.get("run_weights")
+            == _weights_digest(source)):
+        now["run"] = saved["run"]  # the same offline run, named or placed elsewhere
     differ = [d for d in setting_differences(saved, now)
               if d[0] not in FinetuneConfig.RESUME_MAY_CHANGE]
     if differ:
