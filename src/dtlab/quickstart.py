@@ -40,12 +40,7 @@ def quickstart(out: str | Path = "dtlab-quickstart", *, steps: int = STEPS, epis
     if steps < 10 or episodes < 1:
         raise ConfigError(f"quickstart needs steps >= 10 and episodes >= 1 (got {steps}, {episodes})")
     out = Path(out)
-    run_dir = out / "run"
-    if run_dir.exists():
-        if not overwrite:
-            raise ConfigError(f"{out}: already holds a quickstart run; pass --overwrite, or choose another --out")
-        with one_writer(run_dir, activity="replacing it"):  # not while a quickstart trains in it
-            shutil.rmtree(run_dir)
+    run_dir = _fresh_run_dir(out, overwrite)
     started = time.perf_counter()
     out.mkdir(parents=True, exist_ok=True)
 
@@ -90,3 +85,15 @@ def quickstart(out: str | Path = "dtlab-quickstart", *, steps: int = STEPS, epis
     print(f"total {time.perf_counter() - started:.0f} s; plot {out / 'achieved_vs_target.png'}")
     results["total_seconds"] = time.perf_counter() - started
     return results
+
+
+def _fresh_run_dir(out: Path, overwrite: bool) -> Path:
+    """``out/run``, removed first when it holds an earlier quickstart and ``overwrite`` is set
+    (ConfigError when it is not, or while a quickstart trains in it)."""
+    run_dir = out / "run"
+    if run_dir.exists():
+        if not overwrite:
+            raise ConfigError(f"{out}: already holds a quickstart run; pass --overwrite, or choose another --out")
+        with one_writer(run_dir, activity="replacing it"):  # not while a quickstart trains in it
+            shutil.rmtree(run_dir)
+    return run_dir

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import json
 import math
 import os
@@ -256,19 +257,7 @@ def _loop(cfg: TrainConfig, trainer: Trainer, info: PolicyInfo, run: RunDirector
     poll_every = SYNC_EVERY if world.distributed else 1  # one process polls every step
     stop = False
     trainer.model.train()
-
-    def settle() -> float:  # read the tally; stop on a non-finite step unless skipping them
-        loss, skipped, bad = tally.read(world)
-        if skipped and not cfg.optim.skip_nonfinite:
-            good = run.latest_checkpoint()
-            raise TrainingError(
-                f"non-finite loss or gradient at step {bad} ({skipped} of the steps up to "
-                f"{state.step}); last good checkpoint: {good or 'none'}; --skip-nonfinite skips "
-                "such steps" + _likely_cause(trainer.sampler.episodes, info))
-        state.skipped_nonfinite += skipped
-        _check_enough_steps_applied(trainer, cfg, trainer.sampler.episodes, info)
-        return loss
-
+    settle = functools.partial(_settle, trainer, tally, cfg, run, info)
     try:
         while state.step < steps and not stop:
             loss, grad_norm = trainer.step(cfg.optim)
@@ -313,6 +302,23 @@ def _loop(cfg: TrainConfig, trainer: Trainer, info: PolicyInfo, run: RunDirector
         distributed.barrier(world)
     return TrainResult(checkpoint.resolve(run.path), state.step, last_loss, evaluations,
                        interrupted, state.skipped_nonfinite)
+
+
+def _settle(trainer: Trainer, tally: Tally, cfg: TrainConfig, run: RunDirectory,
+            info: PolicyInfo) -> float:
+    """The mean loss since the last read of the tally; TrainingError on a non-finite step
+    unless --skip-nonfinite (then counted), or when too few steps were applied."""
+    state = trainer.state
+    loss, skipped, bad = tally.read(trainer.world)
+    if skipped and not cfg.optim.skip_nonfinite:
+        good = run.latest_checkpoint()
+        raise TrainingError(
+            f"non-finite loss or gradient at step {bad} ({skipped} of the steps up to "
+            f"{state.step}); last good checkpoint: {good or 'none'}; --skip-nonfinite skips "
+            "such steps" + _likely_cause(trainer.sampler.episodes, info))
+    state.skipped_nonfinite += skipped
+    _check_enough_steps_applied(trainer, cfg, trainer.sampler.episodes, info)
+    return loss
 
 
 class _LineReport:
