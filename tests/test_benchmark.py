@@ -22,7 +22,7 @@ import tyro
 from safetensors.numpy import load_file
 
 from dtlab.behaviour.scripted import pendulum_mixed_dataset
-from dtlab.benchmark import plan, report
+from dtlab.benchmark import datasets, plan, report
 from dtlab.benchmark.plan import BenchmarkConfig
 from dtlab.cli import main
 from dtlab.config import (DataConfig, EvalDuringTraining, ModelConfig, OptimConfig, RunConfig,
@@ -106,21 +106,21 @@ def test_train_argv_parses_back_to_the_cells_config():
 def test_data_fitted_target_where_the_paper_targets_lie_far_beyond_the_data():
     # Hopper's paper targets over a file whose best return is 980.4 (issue 22): 3600 > 1.5 x 980.4.
     returns = np.array([3.5, 400.0, 980.4])
-    assert plan.data_fitted_target((3600.0, 1800.0), returns) == 980.0
-    assert plan.data_fitted_target((1471.0,), returns) == 980.0  # 1471 > 980.4 + 490.2
-    assert plan.data_fitted_target((1470.0,), returns) is None  # within half of 980.4 beyond
+    assert datasets.data_fitted_target((3600.0, 1800.0), returns) == 980.0
+    assert datasets.data_fitted_target((1471.0,), returns) == 980.0  # 1471 > 980.4 + 490.2
+    assert datasets.data_fitted_target((1470.0,), returns) is None  # within half of 980.4 beyond
     # D4RL hopper-medium-replay's best is about 3190: 3600 is within reach.
-    assert plan.data_fitted_target((3600.0, 1800.0), np.array([100.0, 3190.0])) is None
+    assert datasets.data_fitted_target((3600.0, 1800.0), np.array([100.0, 3190.0])) is None
     # Rounded to 3 significant digits; negative returns (Pendulum): half of max(|best|, range).
-    assert plan.data_fitted_target((5000.0,), np.array([0.0, 1234.5])) == 1230.0
-    assert plan.data_fitted_target((-150.0,), np.array([-1600.0, -1234.0])) == -1230.0
-    assert plan.data_fitted_target((-700.0,), np.array([-1600.0, -1234.0])) is None
-    targets, kinds, why = plan.choose_targets("Hopper-v5", (), returns)
+    assert datasets.data_fitted_target((5000.0,), np.array([0.0, 1234.5])) == 1230.0
+    assert datasets.data_fitted_target((-150.0,), np.array([-1600.0, -1234.0])) == -1230.0
+    assert datasets.data_fitted_target((-700.0,), np.array([-1600.0, -1234.0])) is None
+    targets, kinds, why = datasets.choose_targets("Hopper-v5", (), returns)
     assert targets == (3600.0, 1800.0, 980.0)
-    assert kinds == (plan.PAPER, plan.PAPER, plan.DATA_FITTED)
+    assert kinds == (datasets.PAPER, datasets.PAPER, datasets.DATA_FITTED)
     assert "data-fitted" in why and "3.7x" in why
-    targets, kinds, why = plan.choose_targets("Hopper-v5", (900.0, 450.0), returns)
-    assert targets == (900.0, 450.0) and kinds == (plan.GIVEN,) * 2 and "--eval-targets" in why
+    targets, kinds, why = datasets.choose_targets("Hopper-v5", (900.0, 450.0), returns)
+    assert targets == (900.0, 450.0) and kinds == (datasets.GIVEN,) * 2 and "--eval-targets" in why
 
 
 def test_plan_prints_the_cells_with_the_targets_it_chose(tmp_path, capsys):
@@ -329,9 +329,9 @@ def test_benchmark_bad_input_is_one_line_and_writes_nothing(tmp_path, capsys, pe
 
 
 def test_dataset_names():
-    assert plan.dataset_name("data/hopper-medium-v5.hdf5") == "hopper-medium-v5"
-    assert plan.dataset_name("minari:mujoco/hopper/medium-v0") == "mujoco-hopper-medium-v0"
-    assert Path(plan.dataset_name("a b/c d.hdf5")).name == "c_d"
+    assert datasets.dataset_name("data/hopper-medium-v5.hdf5") == "hopper-medium-v5"
+    assert datasets.dataset_name("minari:mujoco/hopper/medium-v0") == "mujoco-hopper-medium-v0"
+    assert Path(datasets.dataset_name("a b/c d.hdf5")).name == "c_d"
 
 
 def test_progress_estimate_counts_rounds_of_jobs():

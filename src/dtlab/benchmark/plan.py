@@ -1,4 +1,5 @@
-"""The benchmark's plan: its config, its datasets and targets, and the grid of cells.
+"""The benchmark's plan: its config and the grid of cells (its datasets and their targets:
+dtlab.benchmark.datasets).
 
 A cell is one dataset x algorithm x seed: a plain ``TrainConfig`` whose run directory is
 ``OUT/runs/<dataset>/<algorithm>/seed<k>/``, run as ``dtlab train <its flags>`` (``train_argv``),
@@ -22,27 +23,22 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import re
 import shlex
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated, Any, Literal
+from typing import Annotated, Any, Literal
 
-import numpy as np
 import tyro
 
 from dtlab.atomic import write_json
+from dtlab.benchmark import datasets
+from dtlab.benchmark.datasets import RUNS_DIR, DatasetEntry, dataset_record
 from dtlab.config import (MAX_SEED, DataConfig, EvalDuringTraining, ModelConfig, OptimConfig,
                           RunConfig, TrainConfig, check_number, check_targets, setting_differences)
 from dtlab.calibrate import CalibrateConfig
-from dtlab.data.records import ReturnStats
-from dtlab.data.returns import normalized_score
 from dtlab.errors import ConfigError
 
-if TYPE_CHECKING:
-    from dtlab.data.episodes import EpisodeSet
-
-RUNS_DIR, PLOTS_DIR, LOGS_DIR = "runs", "plots", "logs"
+PLOTS_DIR, LOGS_DIR = "plots", "logs"
 SETTINGS_FILE, DATASET_FILE = "benchmark.json", "dataset.json"
 RESULTS_JSON, RESULTS_MD = "results.json", "results.md"
 
@@ -50,13 +46,6 @@ Algorithm = Literal["decision-transformer", "transformer-bc", "mlp-bc", "percent
 ALGORITHMS: tuple[Algorithm, ...] = ("decision-transformer", "transformer-bc", "mlp-bc",
                                      "percentile-bc")
 TARGET_FREE = frozenset({"transformer-bc", "mlp-bc", "percentile-bc"})
-
-# A paper target "lies far beyond the data" when it exceeds the data's best episode return by
-# more than this fraction of max(|best|, best - worst): 1.5x the best return for data whose
-# returns start near 0 (issue 22: Hopper's 3600 against a file whose best is 980), and a rule
-# that also holds for negative returns (Pendulum).
-PAPER, DATA_FITTED, GIVEN = "paper", "data-fitted", "--eval-targets"  # where a target came from
-
 
 @dataclass(frozen=True)
 class BenchmarkConfig:
@@ -158,120 +147,9 @@ class BenchmarkConfig:
         check_number("--threads", self.threads, minimum=1, integer=True)
 
 
-# ---- datasets and their targets -------------------------------------------------------------------
-@dataclass(frozen=True)
-class DatasetEntry:
-    """One dataset of the benchmark: its directory name, source, env, the decision transformer's
-    targets (``targets[i]`` came from ``target_kinds[i]``: PAPER, DATA_FITTED or GIVEN) and why."""
-
-    name: str
-    source: str
-    env: str
-    targets: tuple[float, ...]
-    target_kinds: tuple[str, ...]
-    why: str  # one line for the console: the targets and why these
-    episodes: EpisodeSet
-
-
-def dataset_name(source: str) -> str:
-    """Directory name of a dataset: a file's name without its suffix (hopper-medium-v5.hdf5 ->
-    hopper-medium-v5), a Minari id with '/' as '-' (minari:mujoco/hopper/medium-v0 ->
-    mujoco-hopper-medium-v0)."""
-    name = source[len("minari:"):].replace("/", "-") if source.startswith("minari:") \
-        else Path(source).stem
-    return re.sub(r"[^A-Za-z0-9._-]", "_", name) or "dataset"
-
-
-def data_fitted_target(paper_targets: tuple[float, ...], episode_returns: np.ndarray
-                       ) -> float | None:
-    """The data's best episode return rounded to 3 significant digits, when a paper target lies
-    beyond what the data supports (``ReturnStats.supports``); else None."""
-    stats = ReturnStats.of(episode_returns)
-    if all(stats.supports(t) for t in paper_targets):
-        return None
-    return float(f"{stats.max:.3g}")
-
-
-def choose_targets(env: str, given: tuple[float, ...], episode_returns: np.ndarray
-                   ) -> tuple[tuple[float, ...], tuple[str, ...], str]:
-    """(targets, their kinds, the reason in words) of a dataset's decision-transformer cells:
-    ``given`` (--eval-targets), else the env's paper targets plus the data-fitted one where they
-    lie far beyond the data. ConfigError when neither gives a target."""
-    from dtlab.envs import env_info  # (imports gymnasium: not at the CLI's start)
-
-    best = float(np.max(episode_returns))
-    if given:
-        return (tuple(map(float, given)), (GIVEN,) * len(given),
-                f"{_targets_text(given)} (--eval-targets; the data's best return is {best:.4g})")
-    paper = tuple(map(float, env_info(env).targets))
-    if not paper:
-        raise ConfigError(f"dtlab knows no target returns for {env} (env registry, dtlab/envs.py); "
-                          "give them with --eval-targets")
-    fitted = data_fitted_target(paper, episode_returns)
-    if fitted is None or fitted in paper:
-        return (paper, (PAPER,) * len(paper),
-                f"{_targets_text(paper)} (the env's paper targets; the data's best return is "
-                f"{best:.4g})")
-    beyond = max(paper)
-    return (paper + (fitted,), (PAPER,) * len(paper) + (DATA_FITTED,),
-            f"{_targets_text(paper)} (the env's paper targets) and {fitted:g} (data-fitted: the "
-            f"data's best return {best:.4g}, rounded; the paper's {beyond:g} is "
-            f"{_times(beyond, best)} beyond the data)")
-
-
-def _targets_text(targets) -> str:
-    return ", ".join(f"{t:g}" for t in targets)
-
-
-def _times(target: float, best: float) -> str:
-    return f"{target / best:.1f}x" if best > 0 else f"{target - best:g}"
-
-
 def load_datasets(cfg: BenchmarkConfig) -> list[DatasetEntry]:
-    """Load every dataset and pick its env (--env, else its recorded env_id) and targets
-    (``choose_targets``). ConfigError when two datasets share a name, a dataset records no env,
-    or there are no targets; EnvError for an unknown env; DatasetError for unreadable data."""
-    from dtlab.data.formats import load_episodes
-    from dtlab.envs import make_env
-
-    entries: list[DatasetEntry] = []
-    seen: dict[str, str] = {}
-    for source in cfg.datasets:
-        name = dataset_name(source)
-        if name in seen:
-            raise ConfigError(f"--datasets: {seen[name]} and {source} would share the directory "
-                              f"{RUNS_DIR}/{name}; rename one")
-        seen[name] = source
-        episodes = load_episodes(source)
-        env = cfg.env or episodes.provenance.env_id
-        if not isinstance(env, str) or not env:
-            raise ConfigError(f"{source}: the dataset records no env_id; give --env")
-        make_env(env).close()  # EnvError for an id Gymnasium does not know
-        targets, kinds, why = choose_targets(env, cfg.eval_targets, episodes.episode_returns)
-        entries.append(DatasetEntry(name, source, env, targets, kinds, why, episodes))
-    return entries
-
-
-def dataset_record(entry: DatasetEntry) -> dict[str, Any]:
-    """dataset.json: what the report needs about a dataset without loading it again."""
-    from dtlab.envs import reference_scores
-
-    stats = entry.episodes.return_stats
-    recorded = entry.episodes.provenance
-    ref_min, ref_max = reference_scores(entry.env, recorded.ref_min_score, recorded.ref_max_score)
-    return {
-        "name": entry.name, "source": entry.source, "env": entry.env,
-        "targets": list(entry.targets), "target_kinds": list(entry.target_kinds),
-        "episodes": entry.episodes.num_episodes,
-        "transitions": entry.episodes.num_transitions,
-        "score": "normalized" if ref_min is not None else "return",
-        "ref_min_score": ref_min, "ref_max_score": ref_max,
-        "behaviour": {"mean_return": stats.mean, "std_return": stats.std,
-                      "best_return": stats.max,
-                      "normalized": None if ref_min is None
-                      else float(normalized_score(stats.mean, ref_min, ref_max))},
-        "episode_returns": entry.episodes.episode_returns.astype(np.float64).tolist(),
-    }
+    """Every dataset of ``cfg`` loaded, with its env and targets (``datasets.load``)."""
+    return datasets.load(cfg.datasets, cfg.env, cfg.eval_targets)
 
 
 # ---- cells ----------------------------------------------------------------------------------------

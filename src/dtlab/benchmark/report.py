@@ -25,9 +25,10 @@ from typing import Any
 import numpy as np
 
 from dtlab.atomic import write_json, write_text_atomic
-from dtlab.benchmark.plan import (ALGORITHMS, DATASET_FILE, GIVEN, PAPER, PLOTS_DIR, RESULTS_JSON,
-                                  RESULTS_MD, RUNS_DIR, SETTINGS_FILE, TARGET_FREE,
-                                  BenchmarkConfig, read_evaluations, read_json)
+from dtlab.benchmark.datasets import GIVEN, PAPER, RUNS_DIR
+from dtlab.benchmark.plan import (ALGORITHMS, DATASET_FILE, PLOTS_DIR, RESULTS_JSON, RESULTS_MD,
+                                  SETTINGS_FILE, TARGET_FREE, BenchmarkConfig, read_evaluations,
+                                  read_json)
 from dtlab.errors import ConfigError
 
 BOOTSTRAP_SEED = 0  # the report's bootstrap is seeded: rebuilding it gives the same intervals
@@ -129,7 +130,7 @@ def _algorithm_order(name: str) -> tuple[int, str]:
 
 
 def target_kind(dataset: dict, target: float | None) -> str | None:
-    """Where a dataset's target came from (plan.PAPER, DATA_FITTED, GIVEN); None: target-free."""
+    """Where a dataset's target came from (datasets.PAPER, DATA_FITTED, GIVEN); None: target-free."""
     if target is None:
         return None
     kinds = dataset.get("target_kinds") or [PAPER] * len(dataset["targets"])  # older records
