@@ -136,11 +136,7 @@ def rollout(policy: DTPolicy, env_id: str, targets: Sequence[float], episodes: i
     ``min(episodes x targets, max_parallel)`` envs over ``workers`` processes to use instead of
     starting new ones (the caller closes it; ``Evaluator`` keeps one across evaluations).
     """
-    check_number("rollout's episodes", episodes, minimum=1, integer=True)
-    check_number("rollout's seed", seed, minimum=0, maximum=MAX_SEED, integer=True)
-    check_number("rollout's max_steps", max_steps, minimum=1, integer=True)
-    check_number("rollout's max_parallel", max_parallel, minimum=1, integer=True)
-    check_number("rollout's workers", workers, minimum=0, integer=True)
+    _check_counts(episodes, seed, max_steps, max_parallel, workers)
     n = len(targets) * episodes
     if n == 0:
         raise ConfigError("rollout needs at least one target and one episode")
@@ -170,11 +166,31 @@ def rollout(policy: DTPolicy, env_id: str, targets: Sequence[float], episodes: i
         if staging is not None:
             shutil.rmtree(staging, ignore_errors=True)
     comparable = standard is not None and limit == standard
-    ref_min, ref_max = reference_scores(env_id, policy.info.ref_min_score, policy.info.ref_max_score)
+    refs = reference_scores(env_id, policy.info.ref_min_score, policy.info.ref_max_score)
+    results = _target_results(targets, episodes, returns, lengths,
+                              refs if comparable and refs[0] is not None else None)
+    return RolloutReport(results, limit, standard, comparable, int(env_steps), elapsed, model_time,
+                         tuple(videos))
+
+
+def _check_counts(episodes: int, seed: int, max_steps: int | None, max_parallel: int,
+                  workers: int) -> None:
+    """ConfigError naming rollout's argument that is not an integer in its range."""
+    check_number("rollout's episodes", episodes, minimum=1, integer=True)
+    check_number("rollout's seed", seed, minimum=0, maximum=MAX_SEED, integer=True)
+    check_number("rollout's max_steps", max_steps, minimum=1, integer=True)
+    check_number("rollout's max_parallel", max_parallel, minimum=1, integer=True)
+    check_number("rollout's workers", workers, minimum=0, integer=True)
+
+
+def _target_results(targets: Sequence[float], episodes: int, returns: np.ndarray,
+                    lengths: np.ndarray, refs: tuple[float, float] | None) -> list[TargetResult]:
+    """One TargetResult per target from the (targets x episodes,) returns and lengths, episode j
+    of target i at i * episodes + j; normalized with ``refs`` (min, max) when given."""
     results = []
     for i, target in enumerate(targets):
         ret = returns[i * episodes:(i + 1) * episodes]
-        norm = normalized_score(ret, ref_min, ref_max) if comparable and ref_min is not None else None
+        norm = normalized_score(ret, *refs) if refs is not None else None
         results.append(TargetResult(
             target=float(target), returns=ret.tolist(),
             lengths=lengths[i * episodes:(i + 1) * episodes].tolist(),
@@ -182,8 +198,7 @@ def rollout(policy: DTPolicy, env_id: str, targets: Sequence[float], episodes: i
             normalized_mean=None if norm is None else float(norm.mean()),
             normalized_std=None if norm is None else float(norm.std()),
         ))
-    return RolloutReport(results, limit, standard, comparable, int(env_steps), elapsed, model_time,
-                         tuple(videos))
+    return results
 
 
 def video_name(target: float) -> str:
