@@ -143,6 +143,23 @@ def test_missing_statistics_or_env_name_the_flags(tmp_path):
         from_hf(str(path), tmp_path / "b", env="Pendulum-v1")
 
 
+def test_an_env_whose_spaces_do_not_fit_is_refused_naming_it(tmp_path):
+    """A Pendulum-shaped model (state_dim 3, act_dim 1) converted with --env Hopper-v5 (11
+    observations, 3 actions) or with the right actions but the wrong observations."""
+    from dtlab.errors import EnvError
+
+    _, path = hf_model(tmp_path, state_dim=3, act_dim=1, hidden_size=8, n_layer=1, max_ep_len=10)
+    with pytest.raises(EnvError, match=r"^Hopper-v5: action space .* does not fit .*act_dim 1 "
+                                       r"\(continuous, bounded\) \(--env\)"):
+        from_hf(str(path), tmp_path / "a", env="Hopper-v5", obs_mean=[0.0] * 3, obs_std=[1.0] * 3)
+    _, path = hf_model(tmp_path / "m", state_dim=4, act_dim=1, hidden_size=8, n_layer=1,
+                       max_ep_len=10)
+    with pytest.raises(EnvError, match=r"^Pendulum-v1: observations .* do not fit .*state_dim 4"):
+        from_hf(str(path), tmp_path / "b", env="Pendulum-v1", obs_mean=[0.0] * 4,
+                obs_std=[1.0] * 4)
+    assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
+
+
 def test_cli_to_hf_and_back(tmp_path, capsys):
     from dtlab.cli import main
 

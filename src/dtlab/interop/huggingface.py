@@ -276,23 +276,9 @@ def from_hf(source: str, out: str | Path, *, dataset: str | None = None, env: st
         if env is None:
             raise ConfigError(f"{name}: the Hugging Face layout does not name its env; give --env "
                               "(its action bounds and return scale)")
-        from dtlab.envs import env_info, make_env, reference_scores
-        from dtlab.spaces import action_space_from_gym
+        from dtlab.envs import env_info, reference_scores
 
-        gym_env = make_env(env)
-        try:
-            actions = action_space_from_gym(gym_env.action_space)
-            env_obs = gym_env.observation_space
-        finally:
-            gym_env.close()
-        if not isinstance(actions, ContinuousActions) or actions.low is None or \
-                actions.dim != act_dim:
-            raise EnvError(f"{env}: action space {gym_env.action_space} does not fit "
-                           f"{name}'s act_dim {act_dim} (continuous, bounded) (--env)")
-        if getattr(env_obs, "shape", None) != (state_dim,):
-            raise EnvError(f"{env}: observations {env_obs} do not fit {name}'s state_dim "
-                           f"{state_dim} (--env)")
-        observations = VectorObservations(state_dim)
+        observations, actions = _spaces_from_env(env, state_dim, act_dim, name)
         scale = float(return_scale if return_scale is not None else env_info(env).return_scale)
         norm, data = _normalizer_from_flags(state_dim, dataset, obs_mean, obs_std, scale, actions,
                                             name)
@@ -313,6 +299,30 @@ def from_hf(source: str, out: str | Path, *, dataset: str | None = None, env: st
     model.load_state_dict(state)
     checkpoint.save(out, "step_00000000", model, info)
     return out
+
+
+def _spaces_from_env(env: str, state_dim: int, act_dim: int, name: str
+                     ) -> tuple[VectorObservations, ContinuousActions]:
+    """The spaces of a converted model from its ``env`` (--env): vector observations of
+    ``state_dim`` and the env's bounded continuous actions of ``act_dim``; EnvError naming the
+    env and ``name`` (the model's config.json) when they do not fit."""
+    from dtlab.envs import make_env
+    from dtlab.spaces import action_space_from_gym
+
+    gym_env = make_env(env)
+    try:
+        actions = action_space_from_gym(gym_env.action_space)
+        env_obs = gym_env.observation_space
+    finally:
+        gym_env.close()
+    if not isinstance(actions, ContinuousActions) or actions.low is None or \
+            actions.dim != act_dim:
+        raise EnvError(f"{env}: action space {gym_env.action_space} does not fit "
+                       f"{name}'s act_dim {act_dim} (continuous, bounded) (--env)")
+    if getattr(env_obs, "shape", None) != (state_dim,):
+        raise EnvError(f"{env}: observations {env_obs} do not fit {name}'s state_dim "
+                       f"{state_dim} (--env)")
+    return VectorObservations(state_dim), actions
 
 
 def to_hf(run: str | Path, out: str | Path, push: str | None = None) -> Path:
