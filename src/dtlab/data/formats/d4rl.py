@@ -175,6 +175,27 @@ def _observation_space(raw, observations: np.ndarray, path, stack: int | None = 
         raise DatasetError(f"{path}: {e}") from None
 
 
+_NO_TIMEOUTS = " (the file has no 'timeouts')"  # said where a split could have used them
+
+
+def _as_float32_rows(observations: np.ndarray, next_observations: np.ndarray,
+                     path: str | Path) -> tuple[np.ndarray, np.ndarray]:
+    """Both columns as (N, obs_dim) float32; DatasetError when their shapes differ or
+    ``next_observations`` holds NaN or inf."""
+    obs = observations[:, None] if observations.ndim == 1 else observations  # (N, obs_dim)
+    nxt = next_observations[:, None] if next_observations.ndim == 1 else next_observations
+    if nxt.shape != obs.shape:
+        raise DatasetError(f"{path}: 'next_observations' has shape {next_observations.shape} but "
+                           f"'observations' has {observations.shape}")
+    with np.errstate(over="ignore", invalid="ignore"):
+        obs, nxt = obs.astype(np.float32), nxt.astype(np.float32)
+    bad = ~np.isfinite(nxt)
+    if bad.any():
+        raise DatasetError(f"{path}: 'next_observations' contains NaN or inf (first at transition "
+                           f"{int(np.argwhere(bad)[0][0])})")
+    return obs, nxt
+
+
 def _ends_from_next_observations(observations: np.ndarray, next_observations: np.ndarray,
                                  terminals: np.ndarray, timeouts: np.ndarray, path: str | Path, *,
                                  has_timeouts: bool) -> tuple[np.ndarray, np.ndarray | None]:
@@ -197,22 +218,10 @@ def _ends_from_next_observations(observations: np.ndarray, next_observations: np
     - the column equals the row's own observation at every episode end: a copy standing in for
       an unknown final observation (d4rl.qlearning_dataset does this); no final observations.
     """
-    n = observations.shape[0]
-    obs = observations[:, None] if observations.ndim == 1 else observations  # (N, obs_dim)
-    nxt = next_observations[:, None] if next_observations.ndim == 1 else next_observations
-    if nxt.shape != obs.shape:
-        raise DatasetError(f"{path}: 'next_observations' has shape {next_observations.shape} but "
-                           f"'observations' has {observations.shape}")
-    with np.errstate(over="ignore", invalid="ignore"):
-        obs, nxt = obs.astype(np.float32), nxt.astype(np.float32)
-    bad = ~np.isfinite(nxt)
-    if bad.any():
-        raise DatasetError(f"{path}: 'next_observations' contains NaN or inf (first at transition "
-                           f"{int(np.argwhere(bad)[0][0])})")
+    obs, nxt = _as_float32_rows(observations, next_observations, path)
     flagged = (terminals.astype(bool) | timeouts.astype(bool))[:-1]  # (N-1,) ends by flag
     continues = np.all(nxt[:-1] == obs[1:], axis=1)  # (N-1,) row i+1 follows row i
     unflagged_breaks = np.flatnonzero(~continues & ~flagged)
-    no_timeouts = "" if has_timeouts else " (the file has no 'timeouts')"
     if unflagged_breaks.size and unflagged_breaks.size > (~flagged).sum() / 2:
         warnings.warn(
             f"{path}: 'next_observations' differs from the next row's 'observations' at "
@@ -227,9 +236,9 @@ def _ends_from_next_observations(observations: np.ndarray, next_observations: np
         warnings.warn(
             f"{path}: split into {episodes} episodes, {unflagged_breaks.size} more than the "
             f"flags give: 'next_observations' differs from the next row's 'observations' at "
-            f"{unflagged_breaks.size} rows where neither 'terminals' nor 'timeouts' is "
-            f"set{no_timeouts} (first at row {int(unflagged_breaks[0])}); those episodes are "
-            "marked truncated", DtlabWarning, stacklevel=4)
+            f"{unflagged_breaks.size} rows where neither 'terminals' nor 'timeouts' is set"
+            f"{'' if has_timeouts else _NO_TIMEOUTS} (first at row {int(unflagged_breaks[0])}); "
+            "those episodes are marked truncated", DtlabWarning, stacklevel=4)
     flagged_continuing = np.flatnonzero(continues & flagged)
     if flagged_continuing.size:
         warnings.warn(
@@ -239,7 +248,7 @@ def _ends_from_next_observations(observations: np.ndarray, next_observations: np
             "taken from 'next_observations'", DtlabWarning, stacklevel=4)
         return timeouts, None
     ends = np.append(np.flatnonzero(terminals.astype(bool)[:-1] | timeouts.astype(bool)[:-1]),
-                     n - 1)  # (E,) as EpisodeSet.from_flags splits
+                     len(obs) - 1)  # (E,) as EpisodeSet.from_flags splits
     if np.array_equal(nxt[ends], obs[ends]):
         warnings.warn(
             f"{path}: 'next_observations' repeats the observation at every episode end (as "
