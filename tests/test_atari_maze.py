@@ -199,6 +199,27 @@ def test_obs_keys_missing_or_unknown_is_refused_listing_the_keys(maze_file, tmp_
         assert str(maze_file) in err
 
 
+def test_dict_observations_written_to_minari_without_an_env_round_trip(maze_file, tmp_path,
+                                                                       monkeypatch):
+    """write_minari with no env_id takes its spaces from the data: for Dict observations a
+    Dict of Boxes spanning each key's values (was: UnboundLocalError, the action space never
+    set on that path); read back, the episodes are the same."""
+    monkeypatch.setenv("MINARI_DATASETS_PATH", str(tmp_path / "minari"))
+    import minari
+
+    from dtlab.data.formats import write_minari
+
+    episodes = load_episodes(maze_file)
+    write_minari(episodes, "test/maze-no-env-v0")
+    space = minari.load_dataset("test/maze-no-env-v0").observation_space
+    assert set(space.spaces) == {"achieved_goal", "desired_goal", "observation"}
+    back = load_episodes("minari:test/maze-no-env-v0")
+    assert back.observation_space == episodes.observation_space
+    np.testing.assert_array_equal(back.observations, episodes.observations)
+    np.testing.assert_array_equal(back.actions, episodes.actions)
+    np.testing.assert_array_equal(back.rewards, episodes.rewards)
+
+
 def test_pointmaze_collected_into_minari_round_trips_its_dict_space(tmp_path, monkeypatch, capsys):
     monkeypatch.setenv("MINARI_DATASETS_PATH", str(tmp_path / "minari"))
     code, _, err = run_cli(capsys, "collect", "--env", MAZE, "--policy", "pointmaze-goal",

@@ -230,16 +230,7 @@ def write_minari(episodes: EpisodeSet, dataset_id: str, *, env_id: str | None = 
     provenance = json.loads(dumps_json(episodes.metadata, default=json_default))
     env = _make_env(env_id, episodes, source) if env_id is not None else None
     try:
-        if env is not None:
-            obs_space, act_space = env.observation_space, env.action_space
-        elif isinstance(episodes.observation_space, DictObservations):
-            obs_space = _data_dict(episodes.observation_space,
-                                   np.concatenate([episodes.observations, finals]))
-        else:
-            obs_space = _data_box(np.concatenate([episodes.observations, finals]))
-            act_space = (gym.spaces.Discrete(episodes.action_space.n)
-                         if isinstance(episodes.action_space, DiscreteActions)
-                         else _data_box(episodes.actions))
+        obs_space, act_space = _spaces(episodes, finals, env)
         buffers = _episode_buffers(episodes, finals, obs_space, act_space.dtype)
         staging = root / f".dtlab-staging-{secrets.token_hex(4)}"
         try:
@@ -270,6 +261,24 @@ def write_minari(episodes: EpisodeSet, dataset_id: str, *, env_id: str | None = 
     finally:
         if env is not None:
             env.close()
+
+
+def _spaces(episodes: EpisodeSet, finals: np.ndarray, env: gym.Env | None
+            ) -> tuple[gym.Space, gym.Space]:
+    """The dataset's (observation, action) spaces: the env's, else spanning the data (Box
+    bounds from the per-dimension min/max of the observations with ``finals``, a Dict of such
+    Boxes for Dict observations; ``Discrete(n)`` for action indices, else a Box over the
+    actions)."""
+    if env is not None:
+        return env.observation_space, env.action_space
+    observations = np.concatenate([episodes.observations, finals])
+    obs_space = (_data_dict(episodes.observation_space, observations)
+                 if isinstance(episodes.observation_space, DictObservations)
+                 else _data_box(observations))
+    act_space = (gym.spaces.Discrete(episodes.action_space.n)
+                 if isinstance(episodes.action_space, DiscreteActions)
+                 else _data_box(episodes.actions))
+    return obs_space, act_space
 
 
 def _final_observations(episodes: EpisodeSet, given: np.ndarray | None, source: str
