@@ -253,6 +253,9 @@ def _main(argv=None) -> int:
         settings["seeds"] += seeds
         averaged += ema
         raw += raw_curves
+    order = np.argsort(settings["seeds"], kind="stable")  # per-seed lists in seed order
+    settings["seeds"] = [settings["seeds"][i] for i in order]
+    averaged, raw = [averaged[i] for i in order], [raw[i] for i in order]
     report = {"settings": settings, "targets": {}}
     for target in (f"{t:g}" for t in args.targets):
         report["targets"][target] = {

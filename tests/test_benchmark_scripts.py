@@ -122,8 +122,8 @@ def test_stability_include_joins_earlier_seeds_and_refuses_other_settings(tmp_pa
     (seed7 / "raw_evaluations.json").write_text(json.dumps({"2500": {"1": 6.0}}))
     assert main(args + ["--include", a]) == 0
     report = json.loads((tmp_path / "out" / "stability.json").read_text())
-    assert report["settings"]["seeds"] == [7, 0]
-    assert report["targets"]["1"]["raw"]["last"]["per_seed"] == [6.0, 11.0]
+    assert report["settings"]["seeds"] == [0, 7]  # in seed order, wherever each came from
+    assert report["targets"]["1"]["raw"]["last"]["per_seed"] == [11.0, 6.0]
     capsys.readouterr()
     uneven = record(tmp_path / "d.json", [3], [1], [1.0])
     data = json.loads(Path(uneven).read_text())
