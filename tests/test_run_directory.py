@@ -144,11 +144,16 @@ def test_evaluation_during_training_is_printed_or_refused(tmp_path, capsys):
 
 
 def test_a_target_beyond_the_data_warns_naming_it(tmp_path, capsys):
-    """Item 5: an uncalibrated checkpoint asked for 1e9 warns, naming the target."""
+    """Item 5: an uncalibrated checkpoint asked for more than its data supports warns, naming
+    the target: -100 against episode returns of about -500 (best about -480, so the data
+    supports up to about -240); 1e9 is more than any Pendulum-v1 episode can return (0)."""
     run = tmp_path / "run"
     assert train(data_file(tmp_path), run, "--steps", "5") == 0
-    with pytest.warns(Warning, match=r"target 1e\+09 asked for, far above the best episode "
+    with pytest.warns(Warning, match=r"target -100 asked for, far above the best episode "
                                      r"return in the training data \(-4\d\d"):
+        assert main(["evaluate", str(run), "--targets", "-100", "--episodes", "1"]) == 0
+    with pytest.warns(Warning, match=r"target 1e\+09 asked for, above 0, the most an episode "
+                                     r"of Pendulum-v1 can return"):
         assert main(["evaluate", str(run), "--targets", "1e9", "--episodes", "1"]) == 0
 
 

@@ -288,14 +288,14 @@ def _loop(cfg: TrainConfig, trainer: Trainer, info: PolicyInfo, run: RunDirector
                 distributed.barrier(world)  # the other ranks wait for rank 0's evaluation
             if step % cfg.run.checkpoint_every == 0 or step == steps or time_due:
                 last_loss = settle() if tally.taken else last_loss
-                _save(trainer, run, info, cfg)
+                _save(trainer, run, info, cfg.run.keep_checkpoints)
                 last_saved, saved_at = step, time.monotonic()
     finally:
         progress.close()
     interrupted = state.step < steps
     if last_saved != state.step:
         last_loss = settle() if tally.taken else last_loss
-        _save(trainer, run, info, cfg)
+        _save(trainer, run, info, cfg.run.keep_checkpoints)
     if evaluator is not None and not interrupted:
         if world.is_main:
             evaluations.append(_evaluate(evaluator, trainer, info, run))
@@ -356,10 +356,11 @@ def default_evaluator(cfg: TrainConfig, info: PolicyInfo) -> Evaluate:
                      workers=cfg.evaluation.eval_workers)
 
 
-def _save(trainer: Trainer, run: RunDirectory, info: PolicyInfo, cfg: TrainConfig) -> None:
-    """A checkpoint of this step in the run directory, unless the directory went away."""
+def _save(trainer: Trainer, run: RunDirectory, info: PolicyInfo, keep: int) -> None:
+    """A checkpoint of this step in the run directory (``keep``: --keep-checkpoints), unless
+    the directory went away."""
     run.check_present()
-    trainer.save(run.path, info, cfg.run.keep_checkpoints)
+    trainer.save(run.path, info, keep)
 
 
 def _evaluate(evaluator: Evaluate, trainer: Trainer, info: PolicyInfo,
