@@ -212,16 +212,7 @@ def write_minari(episodes: EpisodeSet, dataset_id: str, *, env_id: str | None = 
     While writing, ``MINARI_DATASETS_PATH`` points at the staging root (Minari takes its paths
     from there), so do not run other Minari calls concurrently in other threads.
     """
-    source = PREFIX + dataset_id
-    namespace = _check_id(dataset_id, source)
-    if isinstance(episodes.observation_space, ImageObservations):
-        raise DatasetError(f"{source}: dtlab does not write image frames to Minari datasets; "
-                           "write them to an HDF5 file (native or d4rl format)")
-    root = Path(get_dataset_path())
-    target = root / dataset_id
-    if target.exists() and not overwrite:
-        raise DatasetError(f"{source}: dataset already exists at {target}; pass overwrite=True "
-                           "to replace it")
+    source, namespace, root, target = _destination(episodes, dataset_id, overwrite)
     # Everything that can fail on the input fails here, before anything touches the disk.
     if final_observations is None:
         final_observations = episodes.final_observations
@@ -234,21 +225,14 @@ def write_minari(episodes: EpisodeSet, dataset_id: str, *, env_id: str | None = 
         buffers = _episode_buffers(episodes, finals, obs_space, act_space.dtype)
         staging = root / f".dtlab-staging-{secrets.token_hex(4)}"
         try:
-            with _datasets_root(staging), warnings.catch_warnings():
-                # Minari warns for every optional field left None (author, code_permalink, ...).
-                warnings.filterwarnings("ignore", message=r"`?\w+`? is (set to )?None",
-                                        category=UserWarning)
-                dataset = minari.create_dataset_from_buffers(
-                    dataset_id, buffers, env=env, observation_space=obs_space,
-                    action_space=act_space,
+            with _datasets_root(staging):
+                _create(dataset_id, buffers, env, obs_space, act_space, dict(
                     algorithm_name=algorithm_name or _algorithm_name(episodes.metadata),
                     author=author, author_email=author_email, code_permalink=code_permalink,
-                    description=_description(episodes, finals_copied, description))
-                dataset.storage.update_metadata({
+                    description=_description(episodes, finals_copied, description)), {
                     _DTLAB_METADATA: provenance,
                     _DTLAB_FINALS: _FINALS_COPIED if finals_copied else "recorded",
-                    "dtlab_version": __version__,
-                })
+                    "dtlab_version": __version__})
             if namespace is not None and namespace not in list_local_namespaces():
                 create_namespace(namespace)  # Minari's namespace_metadata.json files
             _move_into_place(staging / dataset_id, target, overwrite, source)
@@ -261,6 +245,38 @@ def write_minari(episodes: EpisodeSet, dataset_id: str, *, env_id: str | None = 
     finally:
         if env is not None:
             env.close()
+
+
+def _destination(episodes: EpisodeSet, dataset_id: str, overwrite: bool
+                 ) -> tuple[str, str | None, Path, Path]:
+    """(``minari:<id>`` for messages, the id's namespace, the datasets root, the dataset's
+    directory); DatasetError for a malformed id, image frames, or an existing dataset without
+    ``overwrite``."""
+    source = PREFIX + dataset_id
+    namespace = _check_id(dataset_id, source)
+    if isinstance(episodes.observation_space, ImageObservations):
+        raise DatasetError(f"{source}: dtlab does not write image frames to Minari datasets; "
+                           "write them to an HDF5 file (native or d4rl format)")
+    root = Path(get_dataset_path())
+    target = root / dataset_id
+    if target.exists() and not overwrite:
+        raise DatasetError(f"{source}: dataset already exists at {target}; pass overwrite=True "
+                           "to replace it")
+    return source, namespace, root, target
+
+
+def _create(dataset_id: str, buffers: list, env: gym.Env | None, obs_space: gym.Space,
+            act_space: gym.Space, info: dict[str, Any], metadata: dict[str, Any]) -> None:
+    """Minari's ``create_dataset_from_buffers`` under the current datasets root, with the
+    dataset's ``info`` (algorithm name, author, ..., description), then dtlab's ``metadata``."""
+    with warnings.catch_warnings():
+        # Minari warns for every optional field left None (author, code_permalink, ...).
+        warnings.filterwarnings("ignore", message=r"`?\w+`? is (set to )?None",
+                                category=UserWarning)
+        dataset = minari.create_dataset_from_buffers(
+            dataset_id, buffers, env=env, observation_space=obs_space, action_space=act_space,
+            **info)
+        dataset.storage.update_metadata(metadata)
 
 
 def _spaces(episodes: EpisodeSet, finals: np.ndarray, env: gym.Env | None
