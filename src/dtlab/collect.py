@@ -265,12 +265,7 @@ def collect_episodes(
     override those keys. ConfigError for a bad budget, seed or metadata; EnvError for an unknown env, an
     unsupported action space, or a policy that does not fit the env.
     """
-    if (num_episodes is None) == (num_transitions is None):
-        raise ConfigError("collect_episodes needs exactly one of num_episodes, num_transitions")
-    budget = num_episodes if num_episodes is not None else num_transitions
-    if budget < 1:
-        raise ConfigError(f"collection budget must be at least 1, got {budget}")
-    check_number("collect_episodes's seed", seed, minimum=0, maximum=MAX_SEED, integer=True)
+    _check_budget(num_episodes, num_transitions, seed)
     make_policy = policy if not callable(getattr(policy, "act", None)) else (lambda i: policy)
 
     env = make_env(env_id)
@@ -297,8 +292,25 @@ def collect_episodes(
     finally:
         env.close()
 
+    episodes = _as_episode_set(recorded, env_id, spec)
+    return episodes.with_metadata(_provenance(env_id, names, episode_policy, seed, episodes,
+                                              metadata))
+
+
+def _check_budget(num_episodes: int | None, num_transitions: int | None, seed: int) -> None:
+    """ConfigError unless exactly one budget is given, at least 1, and the seed is valid."""
+    if (num_episodes is None) == (num_transitions is None):
+        raise ConfigError("collect_episodes needs exactly one of num_episodes, num_transitions")
+    budget = num_episodes if num_episodes is not None else num_transitions
+    if budget < 1:
+        raise ConfigError(f"collection budget must be at least 1, got {budget}")
+    check_number("collect_episodes's seed", seed, minimum=0, maximum=MAX_SEED, integer=True)
+
+
+def _as_episode_set(recorded: list[_Episode], env_id: str, spec: ObservationSpec) -> EpisodeSet:
+    """The recorded episodes as one EpisodeSet, in the order they ran."""
     lengths = [len(e.rewards) for e in recorded]
-    episodes = EpisodeSet(
+    return EpisodeSet(
         *(np.concatenate([getattr(e, f) for e in recorded]) for f in (
             "observations",  # (N, obs_dim)
             "actions",  # (N, act_dim), or (N,) int64 if discrete
@@ -308,6 +320,12 @@ def collect_episodes(
         final_observations=np.stack([e.final_observation for e in recorded]),  # (E, obs_dim)
         observation_space=spec,
     )
+
+
+def _provenance(env_id: str, names: list[str], episode_policy: list[int], seed: int,
+                episodes: EpisodeSet, metadata: dict | None) -> dict[str, Any]:
+    """What collect_episodes records with the data, the caller's ``metadata`` added;
+    ConfigError when ``metadata`` would override one of its keys."""
     provenance: dict[str, Any] = {
         "env_id": env_id,
         "gymnasium_version": gymnasium.__version__,
@@ -322,7 +340,7 @@ def collect_episodes(
     clash = sorted(set(metadata or {}) & set(provenance))
     if clash:
         raise ConfigError(f"metadata may not override collected provenance keys {clash}")
-    return episodes.with_metadata({**provenance, **(metadata or {})})
+    return {**provenance, **(metadata or {})}
 
 
 def collection_counts(episodes: EpisodeSet) -> dict[str, Any]:
