@@ -21,7 +21,8 @@ from dtlab.data.formats.d4rl import episodes_from_d4rl, read_d4rl, write_d4rl
 from dtlab.data.formats.dqn_replay import PREFIX as DQN_REPLAY_PREFIX
 from dtlab.data.formats.dqn_replay import read_dqn_replay
 from dtlab.data.formats.minari import PREFIX as MINARI_PREFIX
-from dtlab.data.formats.minari import read_minari, write_minari
+from dtlab.data.formats.minari import read_minari
+from dtlab.data.formats.minari_write import write_minari
 from dtlab.data.formats.native import FORMAT_ATTR, episodes_from_native, read_native, write_native
 from dtlab.errors import ConfigError, DatasetError
 
