@@ -226,7 +226,8 @@ def evaluate_checkpoint(cfg: EvalConfig, echo: bool = False) -> dict:
         data["videos"] = list(report.videos)  # target i's first episode: videos[i]
     if echo:
         print_table(report, title=f"{run_label(path, info)} ({path}), {env_id}, {cfg.episodes} "
-                                  f"episode{'s' * (cfg.episodes != 1)} per target ({report.env_steps_per_s:.0f} env steps/s)",
+                                  f"episode{'s' * (cfg.episodes != 1)} per target "
+                                  f"({report.env_steps_per_s:.0f} env steps/s)",
                     dataset_return=dataset_return)
     plot = cfg.plot or (str(Path(cfg.out).with_suffix(".png")) if cfg.out and cfg.sweep else None)
     if cfg.sweep and plot is None:

@@ -12,6 +12,6 @@
 - ``report``: the finished cells' evaluation records -> results.json, results.md, plots/.
 
 Imports go downward only: runner -> report -> plan -> datasets (the runner rebuilds the report
-after its cells; the report reads the records the plan names). Nothing is imported here, so that the CLI's
-start stays light.
+after its cells; the report reads the records the plan names). Nothing is imported here, so
+that the CLI's start stays light.
 """

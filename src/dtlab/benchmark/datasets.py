@@ -93,8 +93,9 @@ def _times(target: float, best: float) -> str:
 def load(sources: Sequence[str], env: str | None, eval_targets: tuple[float, ...]
          ) -> list[DatasetEntry]:
     """Load every dataset (``sources``: --datasets) and pick its env (``env``: --env, else its
-    recorded env_id) and targets (``choose_targets``; ``eval_targets``: --eval-targets). ConfigError when two datasets share a name, a dataset records no env,
-    or there are no targets; EnvError for an unknown env; DatasetError for unreadable data."""
+    recorded env_id) and targets (``choose_targets``; ``eval_targets``: --eval-targets).
+    ConfigError when two datasets share a name, a dataset records no env, or there are no
+    targets; EnvError for an unknown env; DatasetError for unreadable data."""
     from dtlab.data.formats import load_episodes
     from dtlab.envs import make_env
 
