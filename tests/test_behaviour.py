@@ -275,6 +275,36 @@ def test_cli_medium_replay_needs_trust_pickle(hopper_run, tmp_path, capsys):
     assert load_episodes(tmp_path / "replay.hdf5").num_transitions == medium
 
 
+def test_cli_medium_step_chooses_where_medium_replay_ends(hopper_run, tmp_path, capsys):
+    """--medium-step ends the data at the named snapshot, without the another-run warning (the
+    user chose the step); a step that is no snapshot, or the flag on another preset, is one line
+    with exit 2 and no file."""
+    import warnings
+
+    from dtlab.cli import main
+    from dtlab.data.formats import load_episodes
+
+    run = read_run_manifest(hopper_run)
+    step = next(s.step for s in run.snapshots if s.step != pick_snapshots(run)["medium"])
+    out = tmp_path / "replay.hdf5"
+    args = ["collect", "--preset", "hopper-medium-replay-v5", "--behaviour-run", str(hopper_run),
+            "--trust-pickle", "--out", str(out)]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", DtlabWarning)
+        assert main([*args, "--medium-step", str(step)]) == 0
+    replay = load_episodes(out)
+    assert replay.num_transitions == step == replay.metadata["policy_training_steps"]
+    out.unlink()
+    capsys.readouterr()
+    assert main([*args, "--medium-step", "150"]) == 2
+    err = capsys.readouterr().err
+    assert "no snapshot at step 150 (--medium-step)" in err and "100, 200, 300" in err
+    assert main(["collect", "--preset", "hopper-medium-v5", "--medium-step", "100", "--out",
+                 str(out)]) == 2
+    assert "--medium-step is for a medium-replay --preset" in capsys.readouterr().err
+    assert not out.exists()
+
+
 def test_corrupt_manifests_name_the_file(tmp_path, monkeypatch):
     import dtlab.presets as presets
     from dtlab.behaviour.sac import replay_until_medium, train_behaviour

@@ -306,7 +306,7 @@ def run_collect(cfg: CollectConfig) -> None:
     if cfg.preset:
         kwargs = {"num_transitions": cfg.transitions} if cfg.transitions else {}
         episodes = preset_dataset(cfg.preset, seed=cfg.seed, behaviour_run=cfg.behaviour_run,
-                                  trust=cfg.trust_pickle, **kwargs)
+                                  trust=cfg.trust_pickle, medium_step=cfg.medium_step, **kwargs)
         env_id = episodes.metadata.get("env_id")
     elif cfg.policy_spec.kind == "pendulum-mixed":
         from dtlab.behaviour.scripted import pendulum_mixed_dataset

@@ -100,6 +100,11 @@ class CollectConfig:
     behaviour_run: str | None = None
     """Run directory of dtlab train-behaviour (for the medium-replay preset: its replay buffer,
     a pickle, so it also needs --trust-pickle)."""
+    medium_step: int | None = None
+    """medium-replay only: the step of --behaviour-run's snapshot that ends the data, one of the
+    steps in its manifest.json. Default: the preset's step when the run is the preset's own, else
+    D4RL's rule (the snapshot closest to a third of the run's best return), which needs a run that
+    went on past its medium snapshot."""
     quality: float = 1.0
     """Quality in [0, 1] of the scripted pendulum-swingup and pointmaze-goal policies."""
     episodes: int | None = None
@@ -118,7 +123,7 @@ class CollectConfig:
         The preset's own env is checked by the caller (dtlab.presets.parse_preset)."""
         from dtlab.errors import ConfigError
 
-        for name in ("episodes", "transitions"):
+        for name in ("episodes", "transitions", "medium_step"):
             check_number(name, getattr(self, name), minimum=1, integer=True)
         check_number("quality", self.quality, minimum=0, maximum=1)
         check_number("seed", self.seed, minimum=0, maximum=MAX_SEED, integer=True)
@@ -129,6 +134,10 @@ class CollectConfig:
             raise ConfigError(f"format minari writes a Minari dataset: give out {MINARI_PREFIX}<id>, "
                               f"not {self.out}")
         kind = parse_policy(self.policy).kind
+        if self.medium_step is not None and not (self.preset or "").rsplit("-", 1)[0].endswith(
+                "-medium-replay"):
+            raise ConfigError(f"--medium-step is for a medium-replay --preset, not "
+                              f"{self.preset or 'a --policy collection'}")
         if self.vecnormalize is not None and kind != "sb3":
             raise ConfigError(f"--vecnormalize is for --policy sb3:PATH, not {kind}")
         if self.preset:

@@ -205,13 +205,19 @@ def export_presets(run_dir: str | Path, dest: str | Path, *, env_id: str, episod
 
 
 def preset_dataset(name: str, *, seed: int = 0, num_transitions: int = PRESET_TRANSITIONS,
-                   behaviour_run: str | None = None, trust: bool = False) -> EpisodeSet:
+                   behaviour_run: str | None = None, trust: bool = False,
+                   medium_step: int | None = None) -> EpisodeSet:
     """Regenerate a D4RL-style preset dataset deterministically (stochastic actions, as D4RL).
 
-    medium-replay reads the replay buffer of ``behaviour_run``, a pickle: only with ``trust=True``.
-    ConfigError for an unknown name, a missing or invalid manifest, or a missing behaviour run.
+    medium-replay reads the replay buffer of ``behaviour_run``, a pickle: only with ``trust=True``,
+    up to its snapshot at ``medium_step`` (None: the preset's step for the preset's own run, else
+    D4RL's rule on the run's snapshots). ConfigError for an unknown name, a missing or invalid
+    manifest, a missing behaviour run, or ``medium_step`` with another variant or not one of the
+    run's snapshot steps.
     """
     env_id, variant = parse_preset(name)
+    if medium_step is not None and variant != "medium-replay":
+        raise ConfigError(f"medium_step is for a medium-replay preset, not {name}")
     base = {"dataset": name, "variant": variant}
     if variant == "random":
         data = collect_sharded(env_id, RandomPolicy.for_env(env_id), shards=PRESET_SHARDS,
@@ -241,9 +247,10 @@ def preset_dataset(name: str, *, seed: int = 0, num_transitions: int = PRESET_TR
             raise ConfigError(f"{name} is built from the behaviour agent's replay buffer, which is not "
                               "in git: pass --behaviour-run DIR (made by dtlab train-behaviour) and "
                               f"--trust-pickle (the buffer is a pickle){committed}")
+        if medium_step is None:
+            medium_step = _preset_medium_step(env_id, behaviour_run)
         data = replay_until_medium(behaviour_run, env_id, trust=trust,
-                                   medium_step=_preset_medium_step(env_id, behaviour_run)
-                                   ).with_metadata(base)
+                                   medium_step=medium_step).with_metadata(base)
     return _record_reference(data, env_id)
 
 

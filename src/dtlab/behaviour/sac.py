@@ -277,9 +277,10 @@ def export_actor(snapshot: str | Path, out: str | Path, *, env_id: str,
 def replay_until_medium(run_dir: str | Path, env_id: str, *, trust: bool = False,
                         medium_step: int | None = None) -> EpisodeSet:
     """D4RL's medium-replay: every transition the SAC agent collected up to the medium snapshot,
-    read from the run's replay buffer. ``medium_step``: that snapshot's step (a preset's, fixed by
-    its committed manifest); None: picked from the run's own snapshots (``pick_snapshots``), which
-    needs the run to have gone on past its medium snapshot.
+    read from the run's replay buffer. ``medium_step``: that snapshot's step, one of the run's
+    snapshot steps (a preset's, fixed by its committed manifest, or the user's ``--medium-step``);
+    None: picked from the run's own snapshots (``pick_snapshots``), which needs the run to have
+    gone on past its medium snapshot.
 
     The buffer is a pickle written by SB3: loading it can run code, so it is read only with
     ``trust=True`` (``--trust-pickle``), for runs you made yourself. ConfigError otherwise, and
@@ -304,6 +305,10 @@ def replay_until_medium(run_dir: str | Path, env_id: str, *, trust: bool = False
                           "pass --trust-pickle if you made this behaviour run yourself")
     if medium_step is None:
         medium_step = pick_snapshots(manifest)["medium"]
+    steps = [s.step for s in manifest.snapshots]
+    if medium_step not in steps:
+        raise ConfigError(f"{run_dir}: no snapshot at step {medium_step} (--medium-step); its "
+                          f"snapshots are at steps {', '.join(map(str, steps))}")
     try:
         buffer = load_from_pkl(pkl)
     except (OSError, EOFError, pickle.UnpicklingError, AttributeError, ValueError) as exc:
