@@ -21,7 +21,7 @@ from typing import Sequence
 import numpy as np
 
 from dtlab.config import MAX_SEED, check_number, check_targets
-from dtlab.data.records import ReturnStats
+from dtlab.data.records import ReturnStats, round_target
 from dtlab.data.returns import normalized_score
 from dtlab.env_workers import EnvWorkers, LocalEnvs
 from dtlab.envs import env_advice, env_info, episode_limit, make_env, reference_scores
@@ -65,14 +65,14 @@ def default_targets(env_id: str, dataset_return: ReturnStats | None,
     nothing is known of the data."""
     info = env_info(env_id)
     paper = tuple(info.targets)
-    if paper and (dataset_return is None or all(dataset_return.supports(t) for t in paper)):
+    if paper and (dataset_return is None or dataset_return.fitted_target(paper) is None):
         return paper, f"targets {_fmt(paper)}: {info.targets_from} for {env_id}"
     if dataset_return is None:
         return (), f"no default targets for {env_id}"
     best = reliable_max if reliable_max is not None else dataset_return.max
     what = "calibrated reliable maximum" if reliable_max is not None else "best episode return"
-    fitted = tuple(dict.fromkeys(float(f"{t:.3g}") for t in ((best, best / 2) if best > 0
-                                                            else (best,))))
+    fitted = tuple(dict.fromkeys(round_target(t) for t in ((best, best / 2) if best > 0
+                                                           else (best,))))
     why = (f"{info.targets_from} {_fmt(paper)} lie beyond the data's best return "
            f"{dataset_return.max:g}" if paper else f"dtlab knows no paper targets for {env_id}")
     return fitted, (f"targets {_fmt(fitted)}: fitted to the data (its {what} is {best:g}; "

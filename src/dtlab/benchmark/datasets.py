@@ -48,11 +48,9 @@ def dataset_name(source: str) -> str:
 def data_fitted_target(paper_targets: tuple[float, ...], episode_returns: np.ndarray
                        ) -> float | None:
     """The data's best episode return rounded to 3 significant digits, when a paper target lies
-    beyond what the data supports (``ReturnStats.supports``); else None."""
-    stats = ReturnStats.of(episode_returns)
-    if all(stats.supports(t) for t in paper_targets):
-        return None
-    return float(f"{stats.max:.3g}")
+    beyond what the data supports (``ReturnStats.fitted_target``, as ``dtlab.rollout``'s
+    default targets); else None."""
+    return ReturnStats.of(episode_returns).fitted_target(paper_targets)
 
 
 def choose_targets(env: str, given: tuple[float, ...], episode_returns: np.ndarray

@@ -11,7 +11,7 @@ Torch-free.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Any
@@ -72,6 +72,19 @@ class ReturnStats:
     def supports(self, target: float) -> bool:
         """Whether a target return is at most ``supported_max``."""
         return target <= self.supported_max
+
+    def fitted_target(self, targets: Sequence[float]) -> float | None:
+        """The data's best return as a target (``round_target``), when one of ``targets`` (an
+        env's paper targets) lies beyond what the data supports; else None."""
+        if all(self.supports(t) for t in targets):
+            return None
+        return round_target(self.max)
+
+
+def round_target(value: float) -> float:
+    """A target fitted to data, rounded to 3 significant digits (980.4 -> 980.0, 1234.5 ->
+    1230.0): printed as given, and exact in a report's table."""
+    return float(f"{value:.3g}")
 
 
 # Where each field lives in the metadata the formats keep, in order of precedence: dtlab's own
