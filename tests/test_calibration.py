@@ -327,3 +327,18 @@ def test_sweeps_stop_at_the_most_a_bounded_env_can_return():
     assert calibration_targets(stats, 4, ceiling) == [-1500.0, -1000.0, -500.0, 0.0]
     assert sweep_targets(stats, 3, ceiling=ceiling) == [-1500.0, -750.0, 0.0]
     assert sweep_targets(stats, 3, ceiling=1000.0) == [-1500.0, -672.0, 156.0]
+
+
+def test_cartpole_ceilings_follow_gymnasiums_time_limits():
+    """CartPole pays +1 a step until its time limit: Gymnasium registers 200 steps for v0 and 500
+    for v1, so those are the most an episode returns, the episode length and the top default
+    target (v0 used v1's 500 before)."""
+    import gymnasium as gym
+
+    from dtlab.envs import env_info
+
+    for env_id in ("CartPole-v0", "CartPole-v1"):
+        limit = gym.spec(env_id).max_episode_steps
+        info = env_info(env_id)
+        assert info.max_return == limit == info.max_ep_len == max(info.targets)
+        assert info.ref_max_score == limit

@@ -59,8 +59,11 @@ PENDULUM_REF_MAX = PENDULUM_SCRIPTED_RETURN
 # CartPole-v1 (discrete actions): min is dtlab's measurement, the mean return of 100 episodes of
 # `collect_episodes("CartPole-v1", RandomPolicy(Discrete(2)), num_episodes=100, seed=0)` (std 15.5,
 # gymnasium 1.4.0); max is the most the task pays: +1 per step up to its 500-step time limit.
+# CartPole-v0 is the same task with a 200-step limit (Gymnasium's registration): the same 100
+# random episodes (none longer than 122 steps) give the same 23.93, and at most 200 is paid.
 CARTPOLE_RANDOM_RETURN = 23.93
 CARTPOLE_MAX_RETURN = 500.0
+CARTPOLE_V0_MAX_RETURN = 200.0
 
 # Pendulum-v1 pays -(theta^2 + 0.1 theta_dot^2 + 0.001 torque^2) a step (Gymnasium's
 # pendulum.py): never more than 0, so no episode returns more than 0.
@@ -108,15 +111,16 @@ def env_info(env_id: str) -> EnvInfo:
         return EnvInfo(PENDULUM_REF_MIN, PENDULUM_REF_MAX, 100.0, (-150.0, -500.0, -900.0), 200,
                        targets_from="dtlab's defaults", max_return=PENDULUM_MAX_RETURN)
     if family == "CartPole":
-        return EnvInfo(CARTPOLE_RANDOM_RETURN, CARTPOLE_MAX_RETURN, 100.0, (500.0, 250.0), 500,
-                       targets_from="dtlab's defaults", max_return=CARTPOLE_MAX_RETURN)
+        most = CARTPOLE_V0_MAX_RETURN if env_id.endswith("-v0") else CARTPOLE_MAX_RETURN
+        return EnvInfo(CARTPOLE_RANDOM_RETURN, most, 100.0, (most, most / 2), int(most),
+                       targets_from="dtlab's defaults", max_return=most)
     return EnvInfo(None, None, 1000.0, (), 1000)
 
 
 def supported_max_target(env_id: str | None, supported_max: float) -> float:
     """The highest target return the data supports in ``env_id``: its
     ``ReturnStats.supported_max``, capped at the most the env can return where that is bounded
-    (``EnvInfo.max_return``: Pendulum-v1 0, CartPole-v1 500, Pong 21)."""
+    (``EnvInfo.max_return``: Pendulum-v1 0, CartPole-v1 500, CartPole-v0 200, Pong 21)."""
     ceiling = env_info(env_id).max_return if env_id else None
     return supported_max if ceiling is None else min(supported_max, ceiling)
 
