@@ -18,11 +18,14 @@ from typing import Any
 
 import numpy as np
 
+from dtlab.data.episode_checks import (check_action_space, check_actions,
+                                      check_episode_end_flags, check_episode_starts, check_finite,
+                                      check_final_observations, check_observation_space,
+                                      check_observations, check_shapes, checked_returns_to_go)
 from dtlab.data.records import Provenance, ReturnStats
-from dtlab.data.returns import returns_to_go as _returns_to_go
 from dtlab.errors import ConfigError, DatasetError
 from dtlab.spaces import (ActionSpec, ContinuousActions, DictObservations, DiscreteActions,
-                          ImageObservations, ObservationSpec, VectorObservations)
+                          ImageObservations, ObservationSpec)
 
 
 @dataclass(frozen=True, eq=False)
@@ -58,120 +61,36 @@ class EpisodeSet:
     observation_space: ObservationSpec | None = field(default=None, kw_only=True)
 
     def __post_init__(self) -> None:
-        def fail(msg: str) -> None:
-            raise DatasetError(f"{self.source}: {msg}")
-
+        """Validate and normalise the arrays (dtlab.data.episode_checks, in this order:
+        observations, actions, shapes and lengths, finite values, action and observation spaces,
+        episode starts, final observations, episode-end flags, returns-to-go), then store them
+        read-only. DatasetError naming ``source`` for the first fault found."""
+        source = self.source
         obs_spec = self.observation_space
         image = isinstance(obs_spec, ImageObservations)
-        if obs_spec is not None and not isinstance(obs_spec, (VectorObservations, ImageObservations,
-                                                              DictObservations)):
-            fail(f"observation_space must be a dtlab.spaces observation spec, got {obs_spec!r}")
-        obs = np.asarray(self.observations)
-        if image:  # frames are stored once, as given: never converted or copied
-            if obs.dtype != np.uint8 or obs.ndim != 3 or obs.shape[1:] != obs_spec.shape:
-                fail(f"'observations' must be uint8 frames (N, {obs_spec.shape[0]}, "
-                     f"{obs_spec.shape[1]}) for {obs_spec}, got {obs.dtype} of shape {obs.shape}")
-        elif obs.ndim == 3 and obs_spec is None and obs.dtype == np.uint8:
-            fail(f"'observations' must be 2-D vectors; uint8 frames of shape {obs.shape} need "
-                 "observation_space=ImageObservations((H, W), stack) (the stack depth is not in "
-                 "the arrays)")
-        else:
-            obs = np.asarray(obs, dtype=np.float32)
-        act = np.asarray(self.actions)
-        spec = self.action_space
-        if spec is not None and not isinstance(spec, (ContinuousActions, DiscreteActions)):
-            fail(f"action_space must be ContinuousActions or DiscreteActions, got {spec!r}")
-        # Integer actions of shape (N,) or (N, 1) are indices into a Discrete space: kept as (N,)
-        # int64. Anything else is a continuous action vector: (N, act_dim) float32. A given
-        # action space decides instead.
-        index_shaped = act.ndim == 1 or (act.ndim == 2 and act.shape[1] == 1)
-        discrete = isinstance(spec, DiscreteActions) or (
-            spec is None and act.dtype.kind in "iu" and index_shaped)
-        if discrete and act.dtype.kind not in "iu":
-            fail(f"'actions' must be integers for {spec}, got {act.dtype}")
-        if discrete and act.ndim == 2 and act.shape[1] == 1:
-            act = act[:, 0]
-        act = act.astype(np.int64) if discrete else act.astype(np.float32)
-        if obs.ndim == 1:
-            obs = obs[:, None]
-        if act.ndim == 1 and not discrete:
-            act = act[:, None]
+        obs = check_observations(self.observations, obs_spec, source)
+        act, discrete = check_actions(self.actions, self.action_space, source)
         rew = np.asarray(self.rewards, dtype=np.float32).reshape(-1)
         term = np.asarray(self.terminations).astype(bool).reshape(-1)
         trunc = np.asarray(self.truncations).astype(bool).reshape(-1)
         starts = np.asarray(self.episode_starts, dtype=np.int64).reshape(-1)
-        if (obs.ndim != 2 and not image) or act.ndim != (1 if discrete else 2):
-            fail(f"observations must be 2-D and actions 2-D (continuous) or 1-D (integer, "
-                 f"discrete), got shapes {obs.shape} and {act.shape} ({act.dtype})")
-        n = obs.shape[0]
-        if n > 0 and (obs.shape[1] == 0 or (not discrete and act.shape[1] == 0)):
-            fail(f"observations and actions need at least one dimension, got shapes {obs.shape} "
-                 f"and {act.shape}")
-        if n == 0:
-            fail("dataset is empty (0 transitions)")
-        for name, arr in (("actions", act), ("rewards", rew), ("terminations", term),
-                          ("truncations", trunc)):
-            if arr.shape[0] != n:
-                fail(f"'{name}' has {arr.shape[0]} entries but 'observations' has {n}")
-        for name, arr in ((("observations", obs),) if not image else ()) + (
-                ("actions", act), ("rewards", rew)):
-            bad = ~np.isfinite(arr)
-            if bad.any():
-                row = int(np.argwhere(bad)[0][0])
-                fail(f"'{name}' contains NaN or inf (first at transition {row})")
-        if discrete and (act < 0).any():
-            fail(f"discrete 'actions' must be >= 0 (first negative at transition "
-                 f"{int(np.argmax(act < 0))}: {int(act[np.argmax(act < 0)])})")
-        if spec is None:
-            spec = DiscreteActions(int(act.max()) + 1) if discrete else ContinuousActions(act.shape[1])
-        elif discrete and act.max() >= spec.n:
-            row = int(np.argmax(act >= spec.n))
-            fail(f"'actions' hold index {int(act[row])} at transition {row}, outside the "
-                 f"action space Discrete({spec.n})")
-        elif not discrete and act.shape[1] != spec.dim:
-            fail(f"'actions' have width {act.shape[1]} but the action space has {spec.dim}")
-        if obs_spec is None:
-            obs_spec = VectorObservations(obs.shape[1])
-        elif not image and obs_spec.dim != obs.shape[1]:
-            fail(f"'observations' have width {obs.shape[1]} but the observation space is "
-                 f"{obs_spec!r}")
-        if starts.size == 0 or starts[0] != 0:
-            fail("episode_starts must begin with 0")
-        if np.any(starts[1:] <= starts[:-1]) or starts[-1] >= n:  # (np.diff could overflow)
-            fail("episode_starts must be strictly increasing and inside the data (zero-length episode?)")
-        finals = self.final_observations
+        n = check_shapes(obs, act, rew, term, trunc, image=image, discrete=discrete,
+                          source=source)
+        check_finite(obs, act, rew, image=image, source=source)
+        spec = check_action_space(act, self.action_space, discrete=discrete, source=source)
+        obs_spec = check_observation_space(obs, obs_spec, image=image, source=source)
+        check_episode_starts(starts, n, source)
+        finals = check_final_observations(self.final_observations, obs, starts, image=image,
+                                     source=source)
         if finals is not None:
-            # A copy: the caller's array stays writable.
-            finals = np.array(finals, dtype=np.uint8 if image else np.float32)
-            if finals.ndim == 1 and obs.shape[1] == 1:
-                finals = finals[:, None]
-            if finals.shape != (starts.shape[0], *obs.shape[1:]):
-                fail(f"'final_observations' has shape {finals.shape}, expected "
-                     f"{(starts.shape[0], *obs.shape[1:])} (one per episode)")
-            if not image and not np.isfinite(finals).all():
-                row = int(np.argwhere(~np.isfinite(finals))[0][0])
-                fail(f"'final_observations' contains NaN or inf (first at episode {row})")
-            finals.setflags(write=False)
             object.__setattr__(self, "final_observations", finals)
-        # Terminations win over truncations when both are set (as d3rlpy does).
-        trunc = trunc & ~term
-        ends = np.append(starts[1:], n) - 1
-        inside = np.ones(n, dtype=bool)
-        inside[ends] = False
-        if (term & inside).any() or (trunc & inside).any():
-            row = int(np.argwhere((term | trunc) & inside)[0][0])
-            fail(f"episode flag set in the middle of an episode (transition {row})")
+        trunc = check_episode_end_flags(term, trunc, starts, n, source)
         for name, value in (("observations", obs), ("actions", act), ("rewards", rew),
-                            ("terminations", term), ("truncations", trunc), ("episode_starts", starts)):
+                            ("terminations", term), ("truncations", trunc),
+                            ("episode_starts", starts)):
             value.setflags(write=False)
             object.__setattr__(self, name, value)
-        with np.errstate(over="ignore"):
-            rtg = _returns_to_go(rew, starts)
-        if not np.isfinite(rtg).all():
-            row = int(np.argwhere(~np.isfinite(rtg))[0][0])
-            fail(f"returns-to-go overflow float32 (an episode's rewards sum beyond 3.4e38; "
-                 f"first at transition {row})")
-        rtg.setflags(write=False)
+        rtg = checked_returns_to_go(rew, starts, source)
         object.__setattr__(self, "returns_to_go", rtg)
         object.__setattr__(self, "action_space", spec)
         object.__setattr__(self, "observation_space", obs_spec)
