@@ -97,6 +97,42 @@ def test_resume_after_the_dataset_file_changed_is_refused_and_writes_nothing(tmp
     assert "content changed" in one_line_error(capsys)
 
 
+def test_a_run_finds_its_data_from_any_directory_and_after_a_move(tmp_path, capsys, monkeypatch):
+    """A dataset named relative to the working directory is recorded as an absolute path, so
+    --resume and evaluate --offline work from elsewhere; once the file moved, both say so in one
+    line naming --dataset, and --resume --dataset NEWPATH continues (same content) or is refused
+    (other content) by the fingerprint."""
+    home, elsewhere = tmp_path / "home", tmp_path / "elsewhere"
+    home.mkdir(), elsewhere.mkdir()
+    data_file(home, "d.hdf5")
+    monkeypatch.chdir(home)
+    assert train("d.hdf5", "run", "--steps", "5") == 0
+    run = home / "run"
+    saved = json.loads((run / "train_config.json").read_text())
+    assert saved["data"]["dataset"] == str(home / "d.hdf5")
+    monkeypatch.chdir(elsewhere)
+    capsys.readouterr()
+    assert main(["train", "--out", str(run), "--resume", "--steps", "10", "--no-progress"]) == 0
+    assert main(["evaluate", str(run), "--offline", "--windows", "20"]) == 0
+    moved = (home / "d.hdf5").rename(elsewhere / "moved.hdf5")
+    capsys.readouterr()
+    before = snapshot(run)
+    assert main(["train", "--out", str(run), "--resume", "--steps", "15"]) == 2
+    err = one_line_error(capsys)
+    assert f"the run's dataset {home / 'd.hdf5'} is not there" in err and "--dataset" in err
+    assert main(["evaluate", str(run), "--offline"]) == 2
+    assert "is not there (moved?); pass --dataset" in one_line_error(capsys)
+    assert snapshot(run) == before
+    other = data_file(elsewhere, "other.hdf5", seed=1)
+    assert main(["train", "--out", str(run), "--resume", "--steps", "15", "--dataset",
+                 str(other)]) == 2
+    assert "not the one the run" in one_line_error(capsys)
+    assert main(["train", "--out", str(run), "--resume", "--steps", "15", "--dataset",
+                 "moved.hdf5", "--no-progress"]) == 0
+    assert "done: 15 steps" in capsys.readouterr().out
+    assert json.loads((run / "train_config.json").read_text())["data"]["dataset"] == str(moved)
+
+
 # ---- issue 23 -------------------------------------------------------------------------------------
 def test_resume_needs_only_the_run_directory(tmp_path, capsys):
     """Item 2: `--resume --out RUN` continues from the run's saved settings; given flags that

@@ -162,6 +162,19 @@ def _flag_value(args: list[str], flag: str) -> tuple[str | None, list[str]]:
     return None, args
 
 
+def _check_saved_dataset(dataset: str | None, config_file: Path) -> None:
+    """ConfigError when the dataset file a run's settings name is not there (moved, or named
+    relative to another directory, as runs before absolute paths were): --dataset says where."""
+    from dtlab.data.formats import is_file_source
+
+    if dataset is None or not is_file_source(dataset) or Path(dataset).exists():
+        return
+    where = "" if Path(dataset).is_absolute() else f" (from {Path.cwd()})"
+    raise ConfigError(f"{config_file}: the run's dataset {dataset} is not there{where}; pass "
+                      "--dataset PATH where it is now (--resume checks that its content is the "
+                      "run's)")
+
+
 def train_defaults(args: list[str]) -> tuple[list[str], TrainConfig | None]:
     """``dtlab train``'s defaults that the other flags override: ``--preset NAME``
     (``dtlab.config.train_preset``), ``--config FILE`` (a train_config.json or a run directory:
@@ -197,7 +210,10 @@ def train_defaults(args: list[str]) -> tuple[list[str], TrainConfig | None]:
     if run.is_run():
         if given_dataset and not isinstance(run.saved_config_json().get("optim"), dict):
             return args, None  # the flat format of older runs: resumed from the flags given
-        return args, run.saved_config()
+        saved = run.saved_config()
+        if not given_dataset:
+            _check_saved_dataset(saved.data.dataset, run.config_file)
+        return args, saved
     if not given_dataset:
         raise ConfigError(f"{out}: --resume found no run here (no {TRAIN_CONFIG_FILE}); give the "
                           "--out of a run, or --dataset and --env to start one")

@@ -329,7 +329,9 @@ class TrainConfig:
     # Fields of those groups a resumed run may change: skip_nonfinite only decides what a
     # non-finite step does, so a run stopped by one resumes from its last good checkpoint with it
     # set (what the error message advises).
-    RESUME_MAY_CHANGE = frozenset({"optim.skip_nonfinite"})
+    # data.dataset: where the file is may change (moved, or named from another directory); that
+    # its content is the run's is checked by its fingerprint (dtlab.train.check_same_data).
+    RESUME_MAY_CHANGE = frozenset({"optim.skip_nonfinite", "data.dataset"})
 
     def resume_groups(self) -> dict:
         """What a resumed run must share with the original to continue bit for bit: the data,

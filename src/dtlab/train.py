@@ -87,6 +87,12 @@ def train(cfg: TrainConfig, episodes: EpisodeSet | None = None, *,
     its latest checkpoint.
     """
     world = World.current()
+    if episodes is None and cfg.data.dataset is not None:
+        from dtlab.data.formats import absolute_source
+
+        # Recorded as an absolute path: --resume and evaluate --offline find it from anywhere.
+        cfg = dataclasses.replace(cfg, data=dataclasses.replace(
+            cfg.data, dataset=absolute_source(cfg.data.dataset)))
     # Rank 0 owns the output: the other ranks' warnings would repeat its own.
     with warnings.catch_warnings() if not world.is_main else contextlib.nullcontext():
         if not world.is_main:

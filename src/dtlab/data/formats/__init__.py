@@ -26,7 +26,7 @@ from dtlab.data.formats.minari_write import write_minari
 from dtlab.data.formats.native import FORMAT_ATTR, episodes_from_native, read_native, write_native
 from dtlab.errors import ConfigError, DatasetError
 
-__all__ = ["load_episodes", "save_episodes", "convert", "read_d4rl", "write_d4rl", "read_native",
+__all__ = ["load_episodes", "save_episodes", "absolute_source", "is_file_source", "convert", "read_d4rl", "write_d4rl", "read_native",
            "write_native", "read_minari", "write_minari", "read_dqn_replay"]
 
 Format = Literal["native", "d4rl", "minari"]
@@ -40,6 +40,19 @@ def load_episodes(path: str | Path) -> EpisodeSet:
     if str(path).startswith(DQN_REPLAY_PREFIX):
         return read_dqn_replay(str(path))
     return _load_hdf5(Path(path))
+
+
+def is_file_source(path: str | Path) -> bool:
+    """Whether ``path`` names a dataset file (HDF5), not ``minari:<id>`` or ``dqn-replay:...``."""
+    return not str(path).startswith((MINARI_PREFIX, DQN_REPLAY_PREFIX))
+
+
+def absolute_source(path: str | Path) -> str:
+    """``path`` as a run records it: an existing dataset file as its absolute path (so the run
+    finds it again from any working directory), anything else (ids, missing files) as given."""
+    if is_file_source(path) and Path(path).is_file():
+        return str(Path(path).resolve())
+    return str(path)
 
 
 def _load_hdf5(path: Path) -> EpisodeSet:
