@@ -376,7 +376,7 @@ def test_max_ep_len_and_bad_observations_are_refused(tmp_path):
         policy.act(np.zeros((2, 4)), np.array([0.0, np.inf]))
 
 
-def test_cli_export_and_its_refusals(hopper, tmp_path, capsys):
+def test_cli_export_and_its_refusals(hopper, tmp_path, capsys, monkeypatch):
     from dtlab.cli import main
 
     run, _ = hopper
@@ -389,6 +389,16 @@ def test_cli_export_and_its_refusals(hopper, tmp_path, capsys):
     assert "--out" in err and err.count("\n") == 1
     assert main(["export", str(tmp_path / "missing"), "--out", str(tmp_path / "b")]) == 2
     assert "not found" in capsys.readouterr().err and not (tmp_path / "b").exists()
+    # Without the export extra (onnx hidden from the import system): one line naming it, no output.
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a: None if name == "onnx" else real(name, *a))
+    assert main(["export", str(run), "--out", str(tmp_path / "c")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "pip install 'dtlab[export]'" in err
+    assert not (tmp_path / "c").exists()
 
 
 def test_the_standalone_distribution_is_these_files_at_dtlabs_version():

@@ -37,6 +37,7 @@ that check on the host instead, as ``DTPolicy`` does.
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import warnings
 from pathlib import Path
@@ -428,11 +429,16 @@ def export_run(run: str | Path, out: str | Path, dataset: str | None = None) -> 
     must not exist, or be an empty directory), atomically: a failure leaves no ``out``.
 
     CheckpointError for a missing or corrupt checkpoint; ConfigError when ``out`` exists and is
-    not empty (--out); DatasetError when ``dataset`` does not fit (--dataset).
+    not empty (--out), or onnx (the ``export`` extra) is not installed;
+    DatasetError when ``dataset`` does not fit (--dataset).
     """
     out = Path(out)
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise ConfigError(f"{out}: exists and is not an empty directory; choose another --out")
+    if importlib.util.find_spec("onnx") is None:
+        raise ConfigError("dtlab export needs onnx: pip install 'dtlab[export]' (from a checkout: "
+                          "pip install -e '.[export]'), which also installs onnxruntime to run "
+                          "the artifact")
     run = Path(run)
     ckpt = checkpoint.resolve(run)
     model, info = checkpoint.load(ckpt, "cpu")
