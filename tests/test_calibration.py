@@ -89,6 +89,22 @@ def test_targets_above_the_reliable_maximum_warn(checkpoint_copy):
     assert len([w for w in record if issubclass(w.category, DtlabWarning)]) == 1
 
 
+def test_the_reliable_maximum_itself_does_not_warn(checkpoint_copy, capsys):
+    """-300.3 is not exact in float32 (-300.29998779 > -300.3): asked for as printed it is not
+    above itself, and the default target fitted to it is not rounded up past it (to -300)."""
+    checkpoint.save_calibration(checkpoint_copy, {"reliable_max_target": -300.3})
+    policy = DTPolicy.from_checkpoint(checkpoint_copy)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", DtlabWarning)
+        policy.reset([-500.0, -300.3])
+        assert main(["evaluate", str(checkpoint_copy), "--episodes", "1", "--max-steps",
+                     "3"]) == 0
+    assert "targets -300.3: fitted to the data (its calibrated reliable maximum is -300.3" in \
+        capsys.readouterr().out
+    with pytest.warns(DtlabWarning, match="above -300.3"):
+        policy.reset([-300.2])
+
+
 def test_a_flat_calibration_says_the_target_does_not_steer(checkpoint_copy):
     """A curve that never rises (issue 21): the summary and the warning say what was measured,
     not that returns "stopped rising" at the lowest target."""

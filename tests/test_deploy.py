@@ -276,6 +276,12 @@ def test_policy_json_records_ranges_returns_and_calibration(tmp_path):
         policy.act(far, [1.0, 1.0])
     with pytest.warns(DtlabWarning, match="target 2000 asked for, above 1500"):
         policy.steer(2000.0, index=[0])
+    # A limit not exact in float32 asked for as recorded is not above itself (test_calibration).
+    record["reliable_targets"]["max"] = 1500.3
+    (artifact / "policy.json").write_text(json.dumps(record))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        DeployedPolicy(artifact).reset([1500.3])
 
 
 def warnings_at(run, artifact, target):

@@ -32,7 +32,8 @@ from dtlab.config import MAX_SEED, check_number, check_targets
 from dtlab.data.records import ReturnStats
 from dtlab.envs import env_info
 from dtlab.errors import ConfigError, DtlabWarning, EnvError, TrainingError
-from dtlab.deploy.inputs import check_index, dict_rows, fit_batch, per_episode
+from dtlab.deploy.inputs import (check_index, dict_rows, fit_batch, per_episode,
+                                 target_above)
 from dtlab.kv_cache import CachedSteps
 from dtlab.model import DecisionTransformer
 from dtlab.spaces import DictObservations, DiscreteActions, ImageObservations
@@ -159,18 +160,19 @@ class DTPolicy:
             return
         top, limit = float(np.max(targets)), self.reliable_max_target
         ceiling = env_info(self.info.env_id).max_return if self.info.env_id else None
-        if ceiling is not None and top > ceiling:
+        if ceiling is not None and target_above(top, ceiling):
             warnings.warn(f"target {top:g} asked for, above {ceiling:g}, the most an episode of "
                           f"{self.info.env_id} can return: no episode achieves it",
                           DtlabWarning, stacklevel=3)
-        elif limit is not None and top > limit and self.flat_calibration is not None:
+        elif (limit is not None and target_above(top, limit)
+              and self.flat_calibration is not None):
             t0, t1, m0, m1 = self.flat_calibration
             warnings.warn(f"target {top:g} asked for, above {limit:g}; calibration "
                           f"(calibration.json) measured no rise of the achieved return with the "
                           f"target: targets {t0:g} to {t1:g} all achieved {m0:.1f} to {m1:.1f}, "
                           "so the target does not steer this checkpoint", DtlabWarning,
                           stacklevel=3)
-        elif limit is not None and top > limit:
+        elif limit is not None and target_above(top, limit):
             warnings.warn(f"target {top:g} asked for, above {limit:g}, the reliable maximum "
                           "target found by calibration (calibration.json): achieved returns "
                           "stopped rising there", DtlabWarning, stacklevel=3)

@@ -61,8 +61,8 @@ def default_targets(env_id: str, dataset_return: ReturnStats | None,
     dtlab's own for Pendulum and CartPole, as ``targets_from`` says), unless one lies beyond what
     the data supports (``ReturnStats.supports``): then targets fitted to the data, the calibrated
     ``reliable_max`` when there is one, else the data's best episode return, and half of it
-    (when positive), rounded to 3 significant digits. () when the env has no paper targets and
-    nothing is known of the data."""
+    (when positive), rounded to 3 significant digits (never up, for the reliable maximum). ()
+    when the env has no paper targets and nothing is known of the data."""
     info = env_info(env_id)
     paper = tuple(info.targets)
     if paper and (dataset_return is None or dataset_return.fitted_target(paper) is None):
@@ -71,8 +71,10 @@ def default_targets(env_id: str, dataset_return: ReturnStats | None,
         return (), f"no default targets for {env_id}"
     best = reliable_max if reliable_max is not None else dataset_return.max
     what = "calibrated reliable maximum" if reliable_max is not None else "best episode return"
-    fitted = tuple(dict.fromkeys(round_target(t) for t in ((best, best / 2) if best > 0
-                                                           else (best,))))
+    # Rounding never lifts a target above the calibrated maximum (-300.3 stays, not -300).
+    fitted = tuple(dict.fromkeys(min(round_target(t), t) if reliable_max is not None
+                                 else round_target(t)
+                                 for t in ((best, best / 2) if best > 0 else (best,))))
     why = (f"{info.targets_from} {_fmt(paper)} lie beyond the data's best return "
            f"{dataset_return.max:g}" if paper else f"dtlab knows no paper targets for {env_id}")
     return fitted, (f"targets {_fmt(fitted)}: fitted to the data (its {what} is {best:g}; "

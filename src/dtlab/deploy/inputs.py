@@ -91,3 +91,10 @@ def _mapping_rows(observation: Any, keys: Sequence[str], dims: Sequence[int], n:
         value = np.asarray(observation[key], dtype=np.float32)
         parts.append(fit_batch(value, n, (dim,), f"Dict observation key {key!r}"))
     return np.concatenate(parts, axis=1)
+
+
+def target_above(target: float, limit: float) -> bool:
+    """Whether ``target`` exceeds ``limit`` as the model receives targets: both as float32 (its
+    dtype), so that a limit asked for as printed (81.8, float32 81.80000305 > float64 81.8) is
+    not above itself. Both runtimes warn with this comparison."""
+    return bool(np.float32(target) > np.float32(limit))

@@ -29,7 +29,7 @@ import numpy as np
 import onnxruntime as ort
 
 from .errors import ConfigError, DtlabWarning, EnvError, TrainingError
-from .inputs import check_index, dict_rows, fit_batch, per_episode
+from .inputs import check_index, dict_rows, fit_batch, per_episode, target_above
 
 # The artifact layout this runtime reads (dtlab.export.ARTIFACT_FORMAT / ARTIFACT_VERSION).
 ARTIFACT_FORMAT, ARTIFACT_VERSION = "dtlab-deploy", 1
@@ -193,7 +193,7 @@ class DeployedPolicy:
         (the same text for the same target, so Python's default filter shows it once)."""
         limit = self.reliable_max_target
         top = float(np.max(targets)) if targets.size else -math.inf
-        if limit is not None and top > limit:
+        if limit is not None and target_above(top, limit):
             warnings.warn(f"target {top:g} asked for, above {limit:g}, {self._limit_source} "
                           "(policy.json): the model is not known to follow it",
                           DtlabWarning, stacklevel=3)
