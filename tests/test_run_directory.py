@@ -263,3 +263,42 @@ def test_an_env_id_recorded_as_a_root_attribute_is_read(tmp_path, capsys):
     assert json.loads(capsys.readouterr().out)["env_id"] == "HalfCheetah-v5"
     assert main(["data", "validate", str(path), "--env", "Walker2d-v5"]) == 2
     assert "recorded in HalfCheetah-v5, not Walker2d-v5" in one_line_error(capsys)
+
+
+def test_an_env_without_a_registered_return_scale_gets_one_fitted_to_its_data(tmp_path, capsys):
+    """MountainCarContinuous-v0 has no scale in dtlab's registry: returns-to-go up to 50 get 10
+    (the power of ten at or below the largest, by hand), said in the start line and stored in
+    the checkpoint, where the old default 1000 shrank them to 0.05; --return-scale still wins."""
+    import numpy as np
+
+    from dtlab import checkpoint
+    from dtlab.data import EpisodeSet
+    from dtlab.data.returns import fitted_return_scale
+
+    assert [fitted_return_scale(np.array(v)) for v in
+            ([95.0], [-1500.0, 3.0], [3190.0], [0.05], [0.0], [10.0])] == \
+        [10.0, 1000.0, 1000.0, 0.01, 1.0, 10.0]
+    rng = np.random.default_rng(0)
+    n, length = 400, 100
+    trunc = np.zeros(n, bool)
+    trunc[length - 1::length] = True
+    episodes = EpisodeSet.from_flags(rng.uniform(-1, 1, (n, 2)), rng.uniform(-1, 1, (n, 1)),
+                                     np.full(n, 0.5), np.zeros(n, bool), trunc,
+                                     metadata={"env_id": "MountainCarContinuous-v0"})
+    path = tmp_path / "car.hdf5"
+    save_episodes(episodes, path)
+    assert episodes.returns_to_go.max() == 50.0
+    run = tmp_path / "run"
+    assert main(["train", "--dataset", str(path), "--env", "MountainCarContinuous-v0", "--out",
+                 str(run), "--no-progress", "--steps", "2", "--model.max-ep-len", "200",
+                 *TINY]) == 0
+    assert "; return scale 10 (fitted to the data: dtlab knows none for " \
+           "MountainCarContinuous-v0; --return-scale sets it)" in capsys.readouterr().out
+    _, info = checkpoint.load_info(checkpoint.resolve(run))
+    assert info.normalizer.return_scale == 10.0
+    assert main(["train", "--dataset", str(path), "--env", "MountainCarContinuous-v0", "--out",
+                 str(tmp_path / "given"), "--no-progress", "--steps", "2", "--model.max-ep-len",
+                 "200", "--return-scale", "100", *TINY]) == 0
+    assert "fitted" not in capsys.readouterr().out
+    _, info = checkpoint.load_info(checkpoint.resolve(tmp_path / "given"))
+    assert info.normalizer.return_scale == 100.0

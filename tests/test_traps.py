@@ -339,8 +339,13 @@ def test_validate_uses_env_for_the_time_limit_and_reports_read_warnings(tmp_path
     bare = tmp_path / "bare.hdf5"  # no env id recorded, no next_observations
     write_h5(bare, observations=obs, actions=act, rewards=rew, terminals=np.zeros(300, bool))
     code, out, _ = run(capsys, "data", "validate", bare)
+    # No env: the return scale is fitted to the data (largest |return-to-go| in [1000, 10000)).
+    from dtlab.data.returns import returns_to_go
+
+    assert 1000 <= np.abs(returns_to_go(rew, np.array([0]))).max() < 10000
     assert code == 0 and out.splitlines()[-1] == f"{bare}: 0 findings (time limit unknown, " \
-                                                 "return scale 1000)"
+                                                 "return scale 1000 (fitted to the data, as " \
+                                                 "training would))"
     code, out, _ = run(capsys, "data", "validate", bare, "--env", "Pendulum-v1")
     assert code == 0 and f"{bare}: warning [no_episode_ends]: " in out
     assert out.splitlines()[-1] == f"{bare}: 1 finding (Pendulum-v1: time limit 200, return " \

@@ -149,7 +149,9 @@ class DataConfig:
     env: str
     """Gymnasium environment id used for evaluation and space checks, e.g. Hopper-v5."""
     return_scale: float | None = None
-    """Divide returns-to-go by this; default from the env registry (1000 for MuJoCo locomotion)."""
+    """Divide returns-to-go by this; default from the env registry (1000 for MuJoCo locomotion),
+    and for an env it has none for, the power of ten at or below the data's largest
+    |return-to-go| (said in the run's first line)."""
     strict: bool = False
     """Refuse datasets with actions outside the env's action bounds (default: warn and clip)."""
     truncate_long_episodes: bool = False

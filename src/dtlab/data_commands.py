@@ -72,12 +72,14 @@ def run_data(cmd: DataCommand) -> None:
 
 def _load_with_findings(path: str, env_id: str | None):
     """Load ``path``; its DtlabWarnings (kind "read") and ``diagnose``'s findings, for the time
-    limit and return scale of ``env_id`` (None: the dataset's recorded env id; neither: no time
-    limit and dtlab's default return scale, as training would use for an unknown env)."""
+    limit and return scale of ``env_id`` (None: the dataset's recorded env id; neither, or an env
+    with no registered scale: no time limit and a return scale fitted to the data, as training
+    would use)."""
     import warnings
 
     from dtlab.data.diagnostics import Finding, diagnose
     from dtlab.data.formats import load_episodes
+    from dtlab.data.returns import fitted_return_scale
     from dtlab.envs import env_info, time_limit
     from dtlab.errors import DtlabWarning
 
@@ -94,9 +96,13 @@ def _load_with_findings(path: str, env_id: str | None):
     env_id = env_id or (recorded if isinstance(recorded, str) and recorded else None)
     limit = time_limit(env_id)
     scale = env_info(env_id or "").return_scale
+    fitted = scale is None
+    if fitted:
+        scale = fitted_return_scale(episodes.returns_to_go)
     findings += diagnose(episodes, time_limit=limit, return_scale=scale)
     context = (f"{env_id + ': ' if env_id else ''}time limit "
-               f"{limit if limit is not None else 'unknown'}, return scale {scale:g}")
+               f"{limit if limit is not None else 'unknown'}, return scale {scale:g}"
+               f"{' (fitted to the data, as training would)' if fitted else ''}")
     return episodes, findings, context
 
 

@@ -31,7 +31,9 @@ class EnvInfo:
 
     ref_min_score: float | None  # random-policy return (D4RL normalized score 0)
     ref_max_score: float | None  # expert-policy return (D4RL normalized score 100)
-    return_scale: float  # return-to-go divisor (DT paper: 1000 for MuJoCo locomotion)
+    # Return-to-go divisor (DT paper: 1000 for MuJoCo locomotion); None: not known for the env,
+    # fitted to the data (dtlab.data.returns.fitted_return_scale).
+    return_scale: float | None
     targets: tuple[float, ...]  # default evaluation target returns (DT paper's gym configs)
     max_ep_len: int  # time limit of the task
     targets_from: str = "the DT paper's"  # whose targets they are, for the console
@@ -114,7 +116,7 @@ def env_info(env_id: str) -> EnvInfo:
         most = CARTPOLE_V0_MAX_RETURN if env_id.endswith("-v0") else CARTPOLE_MAX_RETURN
         return EnvInfo(CARTPOLE_RANDOM_RETURN, most, 100.0, (most, most / 2), int(most),
                        targets_from="dtlab's defaults", max_return=most)
-    return EnvInfo(None, None, 1000.0, (), 1000)
+    return EnvInfo(None, None, None, (), 1000)
 
 
 def supported_max_target(env_id: str | None, supported_max: float) -> float:

@@ -16,6 +16,7 @@ from dtlab.checkpoint import PolicyInfo
 from dtlab.config import TrainConfig
 from dtlab.data.diagnostics import warn_findings
 from dtlab.data.episodes import EpisodeSet
+from dtlab.data.returns import fitted_return_scale
 from dtlab.envs import (actions_outside_bounds, check_same_env, describe_space, env_advice,
                         env_info, episode_limit, make_env, reference_scores)
 from dtlab.errors import ConfigError, DatasetError, DtlabWarning, EnvError
@@ -51,10 +52,15 @@ def check_action_bounds(episodes: EpisodeSet, env, *, strict: bool) -> None:
         warnings.warn(msg + "; they are clipped for training", DtlabWarning, stacklevel=3)
 
 
-def _return_scale(cfg: TrainConfig) -> float:
-    """The configured return scale, else the env registry's (1000 for MuJoCo locomotion)."""
+def _return_scale(cfg: TrainConfig, episodes: EpisodeSet) -> float:
+    """The configured return scale, else the env registry's (1000 for MuJoCo locomotion), else
+    (an env dtlab knows no scale for) one fitted to the data (``fitted_return_scale``)."""
     scale = cfg.data.return_scale
-    return float(scale if scale is not None else env_info(cfg.data.env).return_scale)
+    if scale is None:
+        scale = env_info(cfg.data.env).return_scale
+    if scale is None:
+        scale = fitted_return_scale(episodes.returns_to_go)
+    return float(scale)
 
 
 def policy_info_for(cfg: TrainConfig, episodes: EpisodeSet, env) -> PolicyInfo:
@@ -67,7 +73,7 @@ def policy_info_for(cfg: TrainConfig, episodes: EpisodeSet, env) -> PolicyInfo:
     meta = episodes.metadata
     recorded = episodes.provenance
     ref_min, ref_max = reference_scores(cfg.data.env, recorded.ref_min_score, recorded.ref_max_score)
-    return_scale = _return_scale(cfg)
+    return_scale = _return_scale(cfg, episodes)
     return PolicyInfo(
         model=cfg.model, observation_space=episodes.observation_space, action_space=actions,
         normalizer=Normalizer.from_episodes(episodes, return_scale, actions),
@@ -88,7 +94,7 @@ def prepare(cfg: TrainConfig, episodes: EpisodeSet | None = None) -> tuple[Episo
 
         episodes = load_episodes(cfg.data.dataset)
     episodes = select_observations(episodes, cfg.data.obs_keys)
-    return_scale = _return_scale(cfg)
+    return_scale = _return_scale(cfg, episodes)
     # Valid-but-suspicious data, one warning line each; constant observation dimensions are
     # warned where the Normalizer is built (policy_info_for), which says how it treats them.
     warn_findings(episodes, env_id=cfg.data.env, return_scale=return_scale,

@@ -31,6 +31,7 @@ from dtlab.checkpoint import PolicyInfo
 from dtlab.config import TrainConfig
 from dtlab.data.episodes import EpisodeSet
 from dtlab.distributed import World
+from dtlab.envs import env_info
 from dtlab.errors import ConfigError, DtlabWarning, TrainingError
 from dtlab.metrics import METRICS_FILE, Evaluation, Progress, training_record
 from dtlab.policy import DTPolicy
@@ -149,7 +150,7 @@ def _train(cfg: TrainConfig, episodes: EpisodeSet, info: PolicyInfo, device: tor
             if trainer.state.step == cfg.run.steps:
                 return _finish_evaluation(cfg, trainer, info, run, start_from, evaluator)
         if world.is_main:
-            print(_start_line(cfg, trainer, episodes, auto_precision, start_from), flush=True)
+            print(_start_line(cfg, trainer, episodes, info, auto_precision, start_from), flush=True)
         if evaluator is None and cfg.evaluation.eval_episodes:
             evaluator = default_evaluator(cfg, info)
         if should_stop():  # stopped while loading (e.g. Ctrl-C during a download): nothing written
@@ -191,10 +192,11 @@ def _finish_evaluation(cfg: TrainConfig, trainer: "Trainer", info: PolicyInfo,
     return TrainResult(at, step, float("nan"), [evaluation])
 
 
-def _start_line(cfg: TrainConfig, trainer: "Trainer", episodes: EpisodeSet, auto: bool,
-                resumed: Path | None) -> str:
+def _start_line(cfg: TrainConfig, trainer: "Trainer", episodes: EpisodeSet, info: PolicyInfo,
+                auto: bool, resumed: Path | None) -> str:
     """What a run starts with, in one line: the model and its size, the device, threads and the
-    precision (and whether auto chose it), the data, the length, and where it resumed from."""
+    precision (and whether auto chose it), the data (and its return scale, when fitted to it:
+    an env dtlab knows none for), the length, and where it resumed from."""
     m = cfg.model
     params = sum(p.numel() for p in trainer.model.parameters())
     n = torch.get_num_threads()
@@ -202,13 +204,17 @@ def _start_line(cfg: TrainConfig, trainer: "Trainer", episodes: EpisodeSet, auto
     where = (f"resumed from step {trainer.state.step} ({resumed})" if resumed is not None
              else "from step 0")
     ema = f", weight average {cfg.optim.ema_decay:g}" if cfg.optim.ema_decay else ""
+    scale = ""
+    if cfg.data.return_scale is None and env_info(cfg.data.env).return_scale is None:
+        scale = (f"; return scale {info.normalizer.return_scale:g} (fitted to the data: "
+                 f"dtlab knows none for {cfg.data.env}; --return-scale sets it)")
     return (f"train {m.architecture}: {params / 1e6:.2f}M parameters (embed {m.embed_dim}, "
             f"{m.n_layers} layer{'s' if m.n_layers > 1 else ''}, K {m.context_len}"
             f"{', stochastic head' if m.policy == 'stochastic' else ''}) on "
             f"{trainer.device}{threads}, precision "
             f"{trainer.precision}{' (auto)' if auto else ''}; data {Path(str(episodes.source)).name}: "
             f"{episodes.num_episodes} episodes, {episodes.num_transitions} transitions, returns "
-            f"{episodes.return_stats.min:.1f} to {episodes.return_stats.max:.1f}; "
+            f"{episodes.return_stats.min:.1f} to {episodes.return_stats.max:.1f}{scale}; "
             f"{cfg.run.steps} steps{ema}, {where}")
 
 

@@ -32,6 +32,17 @@ def returns_to_go(rewards: np.ndarray, episode_starts: np.ndarray, gamma: float 
     return out.astype(np.float32)
 
 
+def fitted_return_scale(returns_to_go: np.ndarray) -> float:
+    """A return scale for data whose env has none registered: the power of ten at or below the
+    largest |return-to-go|, so the scaled returns-to-go reach [1, 10) at most, as the DT paper's
+    1000 does for its Hopper and Walker2d data (best returns about 3,200 and 4,600). 1.0 when
+    every return-to-go is 0. ``returns_to_go``: (N,) in the env's units."""
+    largest = float(np.max(np.abs(np.asarray(returns_to_go, dtype=np.float64)), initial=0.0))
+    if not np.isfinite(largest) or largest == 0.0:
+        return 1.0
+    return float(10.0 ** np.floor(np.log10(largest)))
+
+
 def normalized_score(episode_return: float | np.ndarray, ref_min: float, ref_max: float):
     """D4RL normalized score: 100 * (return - random) / (expert - random).
 

@@ -279,7 +279,11 @@ def from_hf(source: str, out: str | Path, *, dataset: str | None = None, env: st
         from dtlab.envs import env_info, reference_scores
 
         observations, actions = _spaces_from_env(env, state_dim, act_dim, name)
-        scale = float(return_scale if return_scale is not None else env_info(env).return_scale)
+        scale = return_scale if return_scale is not None else env_info(env).return_scale
+        if scale is None:
+            raise ConfigError(f"{name}: dtlab knows no return scale for {env}; give the one the "
+                              "model was trained with (--return-scale)")
+        scale = float(scale)
         norm, data = _normalizer_from_flags(state_dim, dataset, obs_mean, obs_std, scale, actions,
                                             name)
         env_id, ref, step = env, reference_scores(env, None, None), 0
