@@ -26,6 +26,8 @@ def run_cli(capsys, *argv):
     (["evaluate", "run", "--precision", "fp23"], "'fp23' for --precision: expected one of auto, "
                                                  "fp32, bf16; did you mean fp32?"),
     (["train", "--dataset", "x", "--env", "y", "--steps", "abc"], "invalid value for --steps"),
+    (["train", "--dataset", "x", "--env", "y", "--eval-targets", "high"],
+     "['high'] (expected [FLOAT [FLOAT ...]])"),  # tyro's message alone names no type
     (["data"], "dtlab data needs a command: info, validate, convert"),
 ])
 def test_parse_errors_are_one_line(capsys, argv, words):

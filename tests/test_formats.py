@@ -235,7 +235,8 @@ BAD_FILES = {
     "text file": (_text_file, r"not an HDF5 file \(or truncated/corrupt\)"),
     "truncated hdf5": (_truncated_hdf5, "truncated"),
     "missing key": (_missing_rewards, r"missing key 'rewards' \(D4RL layout needs observations, "
-                                      r"actions, rewards, terminals, timeouts\)"),
+                                      r"actions, rewards, terminals \(timeouts and "
+                                      r"next_observations are optional\)\)"),
     "length mismatch": (_length_mismatch, "'rewards' has 5 entries but 'observations' has 6"),
     "nan observation": (_nan_observation, r"'observations' contains NaN or inf \(first at "
                                           r"transition 3\)"),

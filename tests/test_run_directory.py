@@ -56,6 +56,22 @@ def test_data_from_another_env_is_refused_by_validate_and_train(tmp_path, capsys
     assert not out.exists()  # nothing half-written
 
 
+def test_another_envs_data_is_refused_before_its_findings_are_warned(tmp_path, capsys):
+    """300-step episodes are longer than Pendulum-v1's 200-step limit, a finding under the wrong
+    env: the refusal comes first and alone (it was a warning line, then the error)."""
+    path = tmp_path / "car.hdf5"
+    save_episodes(pendulum_like(n_episodes=3, length=300).with_metadata(
+        {"env_id": "MountainCarContinuous-v0"}), path)
+    import warnings
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        assert main(["train", "--dataset", str(path), "--env", "Pendulum-v1", "--out",
+                     str(tmp_path / "run"), "--steps", "2", "--no-progress"]) == 2
+    assert "recorded in MountainCarContinuous-v0, not Pendulum-v1" in one_line_error(capsys)
+    assert [str(w.message) for w in caught] == []
+
+
 def test_evaluate_refuses_another_env_and_another_envs_data(tmp_path, capsys):
     """HalfCheetah-v5 and Walker2d-v5 have the same spaces (17 observations, 6 actions)."""
     run = tmp_path / "cheetah"

@@ -113,7 +113,10 @@ class _Hook:
             raise ConfigError(f"{name} takes no value ({event.offending_value!r} given)"
                               if event.reason == "fixed" else f"{name} is missing its value(s)")
         elif isinstance(event, _errors.InstantiationFailure) and event.argument is not None:
-            raise ConfigError(f"invalid value for {event.argument.display_name()}: {event.message}")
+            metavar = getattr(getattr(event.argument, "lowered", None), "metavar", None)
+            expected = f" (expected {metavar})" if isinstance(metavar, str) and metavar else ""
+            raise ConfigError(f"invalid value for {event.argument.display_name()}: "
+                              f"{event.message}{expected}")
 
     def unrecognized(self, tokens: Sequence[str]) -> None:
         words, text = self.path()

@@ -94,6 +94,10 @@ def prepare(cfg: TrainConfig, episodes: EpisodeSet | None = None) -> tuple[Episo
 
         episodes = load_episodes(cfg.data.dataset)
     episodes = select_observations(episodes, cfg.data.obs_keys)
+    # Data recorded in another env: refused before its findings (a time limit of the wrong env)
+    # are warned about.
+    check_same_env(episodes.provenance.env_id, cfg.data.env, what=str(episodes.source),
+                   advice=f"pass --env {episodes.provenance.env_id}")
     return_scale = _return_scale(cfg, episodes)
     # Valid-but-suspicious data, one warning line each; constant observation dimensions are
     # warned where the Normalizer is built (policy_info_for), which says how it treats them.
@@ -120,8 +124,6 @@ def prepare(cfg: TrainConfig, episodes: EpisodeSet | None = None) -> tuple[Episo
     check_against_env(env, episodes.observation_space, episodes.action_space,
                       what=f"dataset {episodes.source}", exact_n=False,
                       advice=env_advice(episodes.provenance.env_id, cfg.data.env))
-    check_same_env(episodes.provenance.env_id, cfg.data.env, what=str(episodes.source),
-                   advice=f"pass --env {episodes.provenance.env_id}")
     check_action_bounds(episodes, env, strict=cfg.data.strict)
     if cfg.optim.warmup_steps > cfg.run.steps:
         warnings.warn(f"--warmup-steps {cfg.optim.warmup_steps} > --steps {cfg.run.steps}: the "

@@ -55,7 +55,8 @@ from dtlab.spaces import ImageObservations, VectorObservations, observation_spac
 # Metadata key holding a non-vector observation spec (JSON of dtlab.spaces ``to_json``).
 SPEC_KEY = "dtlab_observation_space"
 
-_LAYOUT = "D4RL layout needs observations, actions, rewards, terminals, timeouts"
+_LAYOUT = ("D4RL layout needs observations, actions, rewards, terminals (timeouts and "
+           "next_observations are optional)")
 
 
 def read_d4rl(path: str | Path) -> EpisodeSet:

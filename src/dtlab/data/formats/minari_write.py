@@ -108,7 +108,7 @@ def _destination(episodes: EpisodeSet, dataset_id: str, overwrite: bool
     target = root / dataset_id
     if target.exists() and not overwrite:
         raise DatasetError(f"{source}: dataset already exists at {target}; pass overwrite=True "
-                           "to replace it")
+                           "(dtlab data convert --overwrite) to replace it")
     return source, namespace, root, target
 
 
@@ -238,7 +238,7 @@ def _move_into_place(built: Path, target: Path, overwrite: bool, source: str) ->
     whole, and put back if the rename fails)."""
     if target.exists() and not overwrite:  # created meanwhile by someone else
         raise DatasetError(f"{source}: dataset already exists at {target}; pass "
-                           "overwrite=True to replace it")
+                           "overwrite=True (dtlab data convert --overwrite) to replace it")
     with atomic_path(target, directory=True) as tmp:
         os.replace(built, tmp)  # same file system: staging is inside the datasets root
 
