@@ -358,3 +358,21 @@ def test_cartpole_ceilings_follow_gymnasiums_time_limits():
         info = env_info(env_id)
         assert info.max_return == limit == info.max_ep_len == max(info.targets)
         assert info.ref_max_score == limit
+
+
+def test_mountain_car_returns_are_bounded():
+    """MountainCarContinuous pays +100 at the flag less an action cost, MountainCar -1 a step:
+    at most 100 and 0 (Gymnasium's docs), so a calibration sweep of data whose best return is 95
+    stops at 100, where it asked for 161 (the new-user trial)."""
+    import gymnasium as gym
+
+    from dtlab.calibrate import calibration_targets
+    from dtlab.data.records import ReturnStats
+    from dtlab.envs import env_info
+
+    for env_id, most in (("MountainCarContinuous-v0", 100.0), ("MountainCar-v0", 0.0)):
+        assert env_info(env_id).max_return == most
+        assert env_info(env_id).max_ep_len == gym.spec(env_id).max_episode_steps
+    stats = ReturnStats(mean=20.0, std=40.0, min=-37.5, max=95.0)
+    assert calibration_targets(stats, 6)[-1] > 100.0
+    assert calibration_targets(stats, 6, env_info("MountainCarContinuous-v0").max_return)[-1] == 100.0

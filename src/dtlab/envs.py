@@ -70,6 +70,11 @@ CARTPOLE_V0_MAX_RETURN = 200.0
 # Pendulum-v1 pays -(theta^2 + 0.1 theta_dot^2 + 0.001 torque^2) a step (Gymnasium's
 # pendulum.py): never more than 0, so no episode returns more than 0.
 PENDULUM_MAX_RETURN = 0.0
+# MountainCarContinuous-v0 pays +100 on reaching the flag less 0.1 * action^2 a step, so no
+# episode returns more than 100; MountainCar-v0 pays -1 a step until the flag, so at most 0
+# (Gymnasium's continuous_mountain_car.py and mountain_car.py; time limits 999 and 200).
+MOUNTAIN_CAR_CONTINUOUS_MAX_RETURN = 100.0
+MOUNTAIN_CAR_MAX_RETURN = 0.0
 # Pong: +1 a point won, -1 a point lost, and a game ends when one side reaches 21 points.
 PONG_MAX_RETURN = 21.0
 
@@ -116,13 +121,18 @@ def env_info(env_id: str) -> EnvInfo:
         most = CARTPOLE_V0_MAX_RETURN if env_id.endswith("-v0") else CARTPOLE_MAX_RETURN
         return EnvInfo(CARTPOLE_RANDOM_RETURN, most, 100.0, (most, most / 2), int(most),
                        targets_from="dtlab's defaults", max_return=most)
+    if family == "MountainCarContinuous":  # no references or targets: only the bound is known
+        return EnvInfo(None, None, None, (), 999, max_return=MOUNTAIN_CAR_CONTINUOUS_MAX_RETURN)
+    if family == "MountainCar":
+        return EnvInfo(None, None, None, (), 200, max_return=MOUNTAIN_CAR_MAX_RETURN)
     return EnvInfo(None, None, None, (), 1000)
 
 
 def supported_max_target(env_id: str | None, supported_max: float) -> float:
     """The highest target return the data supports in ``env_id``: its
     ``ReturnStats.supported_max``, capped at the most the env can return where that is bounded
-    (``EnvInfo.max_return``: Pendulum-v1 0, CartPole-v1 500, CartPole-v0 200, Pong 21)."""
+    (``EnvInfo.max_return``: Pendulum-v1 0, CartPole-v1 500, CartPole-v0 200,
+    MountainCarContinuous 100, Pong 21)."""
     ceiling = env_info(env_id).max_return if env_id else None
     return supported_max if ceiling is None else min(supported_max, ceiling)
 
