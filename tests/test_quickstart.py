@@ -11,9 +11,11 @@ from dtlab.rundir import one_writer
 from dtlab.quickstart import quickstart
 
 
-def test_quickstart_writes_its_run_and_overwrites_only_a_finished_one(tmp_path):
+def test_quickstart_writes_its_run_and_overwrites_only_a_finished_one(tmp_path, capsys):
     out = tmp_path / "qs"
     results = quickstart(out, steps=20, episodes=1, progress=False)
+    # Its last line says what to run next, on this run and on the user's own data.
+    assert capsys.readouterr().out.splitlines()[-1].startswith(f"next: dtlab calibrate {out / 'run'} ")
     assert checkpoint.load(out / "run")[1].step == 20
     assert (out / "achieved_vs_target.png").stat().st_size > 0
     saved = json.loads((out / "results.json").read_text())
