@@ -256,6 +256,9 @@ def test_policy_json_records_ranges_returns_and_calibration(tmp_path):
     np.testing.assert_allclose(record["observation_range"]["low"], obs.min(0))
     np.testing.assert_allclose(record["observation_range"]["high"], obs.max(0))
     assert record["reliable_targets"]["max"] == 1500.0
+    # Published files name the data by its file name, not this machine's directories.
+    assert record["observation_range"]["source"] == HOPPER_DATA.name
+    assert str(tmp_path) not in (artifact / "policy.json").read_text()
     assert record["context_len"] == 4 and record["max_ep_len"] == 1000
     assert record["action_space"]["type"] == "continuous" and record["env_id"] == "Hopper-v5"
     card = (artifact / "README.md").read_text()

@@ -122,6 +122,9 @@ def test_a_run_finds_its_data_from_any_directory_and_after_a_move(tmp_path, caps
     home.mkdir(), elsewhere.mkdir()
     data_file(home, "d.hdf5")
     monkeypatch.chdir(home)
+    # Messages keep the name the user gave; only the records hold the absolute path.
+    assert train("d.hdf5", "other", "--steps", "2", "--model.max-ep-len", "100") == 2
+    assert one_line_error(capsys).startswith("dtlab: error: d.hdf5: episode 0 has 200 steps")
     assert train("d.hdf5", "run", "--steps", "5") == 0
     run = home / "run"
     saved = json.loads((run / "train_config.json").read_text())
@@ -137,7 +140,7 @@ def test_a_run_finds_its_data_from_any_directory_and_after_a_move(tmp_path, caps
     err = one_line_error(capsys)
     assert f"the run's dataset {home / 'd.hdf5'} is not there" in err and "--dataset" in err
     assert main(["evaluate", str(run), "--offline"]) == 2
-    assert "is not there (moved?); pass --dataset" in one_line_error(capsys)
+    assert f"{home / 'd.hdf5'}, is not there; pass --dataset PATH" in one_line_error(capsys)
     assert snapshot(run) == before
     other = data_file(elsewhere, "other.hdf5", seed=1)
     assert main(["train", "--out", str(run), "--resume", "--steps", "15", "--dataset",
@@ -288,22 +291,14 @@ def test_an_env_without_a_registered_return_scale_gets_one_fitted_to_its_data(tm
     import numpy as np
 
     from dtlab import checkpoint
-    from dtlab.data import EpisodeSet
+    from dtlab.data.formats import load_episodes
     from dtlab.data.returns import fitted_return_scale
 
     assert [fitted_return_scale(np.array(v)) for v in
             ([95.0], [-1500.0, 3.0], [3190.0], [0.05], [0.0], [10.0])] == \
         [10.0, 1000.0, 1000.0, 0.01, 1.0, 10.0]
-    rng = np.random.default_rng(0)
-    n, length = 400, 100
-    trunc = np.zeros(n, bool)
-    trunc[length - 1::length] = True
-    episodes = EpisodeSet.from_flags(rng.uniform(-1, 1, (n, 2)), rng.uniform(-1, 1, (n, 1)),
-                                     np.full(n, 0.5), np.zeros(n, bool), trunc,
-                                     metadata={"env_id": "MountainCarContinuous-v0"})
-    path = tmp_path / "car.hdf5"
-    save_episodes(episodes, path)
-    assert episodes.returns_to_go.max() == 50.0
+    path = car_file(tmp_path)
+    assert load_episodes(path).returns_to_go.max() == 50.0
     run = tmp_path / "run"
     assert main(["train", "--dataset", str(path), "--env", "MountainCarContinuous-v0", "--out",
                  str(run), "--no-progress", "--steps", "2", "--model.max-ep-len", "200",
@@ -318,3 +313,63 @@ def test_an_env_without_a_registered_return_scale_gets_one_fitted_to_its_data(tm
     assert "fitted" not in capsys.readouterr().out
     _, info = checkpoint.load_info(checkpoint.resolve(tmp_path / "given"))
     assert info.normalizer.return_scale == 100.0
+
+
+def car_file(tmp_path, name="car.hdf5", obs_factor=1.0):
+    """4 MountainCarContinuous-shaped episodes of 100 steps paying 0.5 a step (returns-to-go up
+    to 50); ``obs_factor`` scales the observations (other data, the same returns)."""
+    import numpy as np
+
+    from dtlab.data import EpisodeSet
+
+    rng = np.random.default_rng(0)
+    n, length = 400, 100
+    trunc = np.zeros(n, bool)
+    trunc[length - 1::length] = True
+    episodes = EpisodeSet.from_flags(obs_factor * rng.uniform(-1, 1, (n, 2)),
+                                     rng.uniform(-1, 1, (n, 1)), np.full(n, 0.5),
+                                     np.zeros(n, bool), trunc,
+                                     metadata={"env_id": "MountainCarContinuous-v0"})
+    save_episodes(episodes, tmp_path / name)
+    return tmp_path / name
+
+
+def _patch_checkpoint(run, change):
+    """Rewrite the latest checkpoint's config.json as ``change(record)`` (an older dtlab's)."""
+    from dtlab import checkpoint
+
+    config = checkpoint.resolve(run) / "config.json"
+    record = json.loads(config.read_text())
+    change(record)
+    config.write_text(json.dumps(record))
+
+
+def test_a_resumed_run_keeps_its_return_scale_and_old_checkpoints_check_their_data(tmp_path,
+                                                                                  capsys):
+    """A run started when dtlab's default scale for the env was 1000 (as before scales were
+    fitted) resumes at 1000, with one warning, not at today's fitted 10; a checkpoint without a
+    fingerprint (older dtlab) still refuses other data of the same size and returns, by its
+    observation statistics."""
+    import warnings
+
+    from dtlab import checkpoint
+
+    path, run = car_file(tmp_path), tmp_path / "run"
+    args = ["--dataset", str(path), "--env", "MountainCarContinuous-v0", "--out", str(run),
+            "--no-progress", "--model.max-ep-len", "200", *TINY]
+    assert main(["train", *args, "--steps", "2"]) == 0
+    _patch_checkpoint(run, lambda r: r["normalizer"].update(return_scale=1000.0))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        assert main(["train", "--out", str(run), "--resume", "--steps", "4", "--no-progress"]) == 0
+    assert [str(w.message) for w in caught if "return scale" in str(w.message)] == [
+        f"{run}: the run keeps the return scale it started with, 1000 (the default for this "
+        "data is now 10)"]
+    assert checkpoint.load_info(checkpoint.resolve(run))[1].normalizer.return_scale == 1000.0
+    _patch_checkpoint(run, lambda r: r["dataset"].pop("fingerprint"))
+    other = car_file(tmp_path, "other.hdf5", obs_factor=0.5)  # same sizes and returns
+    capsys.readouterr()
+    assert main(["train", "--out", str(run), "--resume", "--steps", "6", "--dataset",
+                 str(other)]) == 2
+    assert "observation statistics" in one_line_error(capsys)
+    assert main(["train", "--out", str(run), "--resume", "--steps", "6", "--no-progress"]) == 0

@@ -344,8 +344,8 @@ def test_validate_uses_env_for_the_time_limit_and_reports_read_warnings(tmp_path
 
     assert 1000 <= np.abs(returns_to_go(rew, np.array([0]))).max() < 10000
     assert code == 0 and out.splitlines()[-1] == f"{bare}: 0 findings (time limit unknown, " \
-                                                 "return scale 1000 (fitted to the data, as " \
-                                                 "training would))"
+                                                 "return scale 1000 (fitted to the data: no " \
+                                                 "scale is registered for the env))"
     code, out, _ = run(capsys, "data", "validate", bare, "--env", "Pendulum-v1")
     assert code == 0 and f"{bare}: warning [no_episode_ends]: " in out
     assert out.splitlines()[-1] == f"{bare}: 1 finding (Pendulum-v1: time limit 200, return " \

@@ -360,3 +360,12 @@ def restore_numpy_rng(state: dict[str, Any]) -> np.random.Generator:
     bit_gen = getattr(np.random, state["bit_generator"])()
     bit_gen.state = state
     return np.random.Generator(bit_gen)
+
+
+def shareable_dataset(dataset: dict[str, Any]) -> dict[str, Any]:
+    """A checkpoint's dataset record as published (deploy artifact, Hugging Face layout): an
+    absolute local ``path`` or ``source`` reduced to the file's name, which names the data
+    without the machine's directories (user names included); ids such as ``minari:<id>`` and
+    relative names as recorded."""
+    return {k: Path(v).name if k in ("path", "source") and isinstance(v, str)
+            and Path(v).is_absolute() else v for k, v in dataset.items()}

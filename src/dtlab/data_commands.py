@@ -102,7 +102,7 @@ def _load_with_findings(path: str, env_id: str | None):
     findings += diagnose(episodes, time_limit=limit, return_scale=scale)
     context = (f"{env_id + ': ' if env_id else ''}time limit "
                f"{limit if limit is not None else 'unknown'}, return scale {scale:g}"
-               f"{' (fitted to the data, as training would)' if fitted else ''}")
+               f"{' (fitted to the data: no scale is registered for the env)' if fitted else ''}")
     return episodes, findings, context
 
 

@@ -132,7 +132,7 @@ def supported_max_target(env_id: str | None, supported_max: float) -> float:
     """The highest target return the data supports in ``env_id``: its
     ``ReturnStats.supported_max``, capped at the most the env can return where that is bounded
     (``EnvInfo.max_return``: Pendulum-v1 0, CartPole-v1 500, CartPole-v0 200,
-    MountainCarContinuous 100, Pong 21)."""
+    MountainCarContinuous 100, MountainCar 0, Pong 21)."""
     ceiling = env_info(env_id).max_return if env_id else None
     return supported_max if ceiling is None else min(supported_max, ceiling)
 

@@ -291,8 +291,9 @@ def evaluate_offline(cfg: EvalConfig, echo: bool = False) -> dict:
         if not isinstance(trained_on, str) or trained_on.startswith("<"):
             raise ConfigError(f"{path}: the checkpoint records no dataset file; pass --dataset")
         if is_file_source(trained_on) and not Path(trained_on).exists():
-            raise ConfigError(f"{path}: the dataset it was trained on, {trained_on}, is not there "
-                              "(moved?); pass --dataset PATH")
+            where = "" if Path(trained_on).is_absolute() else f" (from {Path.cwd()})"
+            raise ConfigError(f"{path}: the dataset it was trained on, {trained_on}, is not "
+                              f"there{where}; pass --dataset PATH where it is now")
         episodes = load_episodes(trained_on)
         recorded = info.dataset.get("fingerprint")
         if recorded and episodes.fingerprint() != recorded:

@@ -13,17 +13,17 @@ The directory it writes (``ARTIFACT_FILES``):
   ``returns_to_go`` (N, K) float32 divided by the return scale, ``timesteps`` (N, K) int64 and
   ``masks`` (N, K) bool (False at left padding). Outputs: ``action`` (N, act_dim) float32 in the
   env's units (a stochastic head's greedy action, tanh of its mean), or (N,) int64 (the most
-  likely index), ``finite`` (N,) bool (whether the model's
-  output was finite) and the next window state under the same names with a ``next_`` prefix.
+  likely index), ``finite`` (N,) bool (whether the model's output was finite) and the next
+  window state under the same names with a ``next_`` prefix.
   Observation normalization, return scaling and the action mapping are inside the graph; the
   batch dimension N is dynamic. A fresh episode's state is all zeros (all padding).
 - ``policy.json``: spaces, env id, K, max_ep_len, return scale, the data's return statistics and
   the highest target they support (``supported_max_target``: the best return plus half of
   max(|best|, best - worst), no higher than the most the env can return; DTPolicy warns above
   it for an uncalibrated run), that most (``env_max_return``: ``EnvInfo.max_return``, null
-  where the env does not bound it), the calibrated
-  reliable target range (when ``dtlab calibrate`` ran), observation ranges with the
-  out-of-range threshold, provenance and the dtlab version (``build_policy_record``).
+  where the env does not bound it), the calibrated reliable target range (when ``dtlab
+  calibrate`` ran), observation ranges with the out-of-range threshold, provenance (the dataset
+  by its file name) and the dtlab version (``build_policy_record``).
 - ``README.md``: a model card written from the run's records (``model_card``).
 
 ``dtlab.deploy.DeployedPolicy`` runs the artifact with numpy and onnxruntime alone.
@@ -220,14 +220,13 @@ def observation_ranges(info: PolicyInfo, dataset: str | None) -> dict[str, Any] 
         raise DatasetError(f"{path}: observations of shape {obs.shape[1:]} do not fit the "
                            f"checkpoint's {describe_observations(spec)} (--dataset)")
     return {"low": obs.min(0).tolist(), "high": obs.max(0).tolist(), "std": obs.std(0).tolist(),
-            "threshold_std": OUT_OF_RANGE_STD, "source": str(path)}
+            "threshold_std": OUT_OF_RANGE_STD, "source": Path(path).name}
 
 
 def reliable_targets(path: Path) -> dict[str, Any] | None:
     """The calibrated reliable target range of checkpoint ``path`` (``calibration.json``), or None
     when it was not calibrated."""
-    cal = checkpoint.load_calibration(path)
-    if cal is None:
+    if (cal := checkpoint.load_calibration(path)) is None:
         return None
     rising = cal.get("rising_range")
     return {"max": float(cal["reliable_max_target"]),
@@ -263,8 +262,9 @@ def build_policy_record(path: Path, info: PolicyInfo, dataset: str | None) -> di
         "reliable_targets": reliable_targets(path),
         "observation_range": observation_ranges(info, dataset),
         "reference_scores": {"min": info.ref_min_score, "max": info.ref_max_score},
-        "provenance": {"checkpoint": str(path), "step": info.step,
-                       "trained_with_dtlab": info.dtlab_version, "dataset": info.dataset},
+        "provenance": {"checkpoint": f"{path.parent.name}/{path.name}", "step": info.step,
+                       "trained_with_dtlab": info.dtlab_version,
+                       "dataset": checkpoint.shareable_dataset(info.dataset)},
     }
 
 
@@ -276,13 +276,13 @@ def _read_json(path: Path) -> Any:
         return None
 
 
-def model_card(run: Path, ckpt: Path, record: dict[str, Any]) -> str:
+def model_card(run: Path, record: dict[str, Any]) -> str:
     """README.md of the artifact, written from the run's records: data and provenance, training
     settings (``train_config.json``), the evaluation scores the run measured (``evaluations.jsonl``),
     the calibrated target range and how to run it."""
     lines = [f"# Decision Transformer for {record['env_id']}", "",
-             f"Exported by dtlab {record['dtlab_version']} from `{ckpt}` (step "
-             f"{record['provenance']['step']}).", "", "## Data", ""]
+             f"Exported by dtlab {record['dtlab_version']} from `{record['provenance']['checkpoint']}`"
+             f" (step {record['provenance']['step']}).", "", "## Data", ""]
     lines += _card_data(record)
     lines += _card_model(run, record)
     finetuning = _read_json(run / checkpoint.FINETUNE_CONFIG_FILE)
@@ -436,9 +436,8 @@ def export_run(run: str | Path, out: str | Path, dataset: str | None = None) -> 
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise ConfigError(f"{out}: exists and is not an empty directory; choose another --out")
     if importlib.util.find_spec("onnx") is None:
-        raise ConfigError("dtlab export needs onnx: pip install 'dtlab[export]' (from a checkout: "
-                          "pip install -e '.[export]'), which also installs onnxruntime to run "
-                          "the artifact")
+        raise ConfigError("dtlab export needs onnx (and onnxruntime to run the artifact): pip "
+                          "install 'dtlab[export]', from a checkout pip install -e '.[export]'")
     run = Path(run)
     ckpt = checkpoint.resolve(run)
     model, info = checkpoint.load(ckpt, "cpu")
@@ -447,5 +446,5 @@ def export_run(run: str | Path, out: str | Path, dataset: str | None = None) -> 
     with atomic_path(out, directory=True) as tmp:
         export_onnx(model, info, tmp / POLICY_ONNX)
         (tmp / POLICY_JSON).write_text(dumps_json(record))
-        (tmp / MODEL_CARD).write_text(model_card(run_dir, ckpt, record))
+        (tmp / MODEL_CARD).write_text(model_card(run_dir, record))
     return out

@@ -177,7 +177,7 @@ class DTPolicy:
                           "target found by calibration (calibration.json): achieved returns "
                           "stopped rising there", DtlabWarning, stacklevel=3)
         elif limit is None and self.data_return is not None and \
-                not self.data_return.supports(top):
+                target_above(top, self.data_return.supported_max):
             warnings.warn(f"target {top:g} asked for, far above the best episode return in the "
                           f"training data ({self.data_return.max:g}), and the checkpoint is not "
                           "calibrated: the model has never seen such a return (dtlab calibrate "

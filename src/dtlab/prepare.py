@@ -63,8 +63,10 @@ def _return_scale(cfg: TrainConfig, episodes: EpisodeSet) -> float:
     return float(scale)
 
 
-def policy_info_for(cfg: TrainConfig, episodes: EpisodeSet, env) -> PolicyInfo:
-    """Everything derived from data and env that the checkpoint must carry."""
+def policy_info_for(cfg: TrainConfig, episodes: EpisodeSet, env, return_scale: float
+                    ) -> PolicyInfo:
+    """Everything derived from data and env that the checkpoint must carry; ``return_scale``:
+    ``_return_scale`` of the data as loaded (before --truncate-long-episodes)."""
     # The env's action space: its bounds for continuous actions, all of its n actions for indices.
     actions = action_space_from_gym(env.action_space)
     if isinstance(actions, ContinuousActions) and actions.low is None:
@@ -73,7 +75,6 @@ def policy_info_for(cfg: TrainConfig, episodes: EpisodeSet, env) -> PolicyInfo:
     meta = episodes.metadata
     recorded = episodes.provenance
     ref_min, ref_max = reference_scores(cfg.data.env, recorded.ref_min_score, recorded.ref_max_score)
-    return_scale = _return_scale(cfg, episodes)
     return PolicyInfo(
         model=cfg.model, observation_space=episodes.observation_space, action_space=actions,
         normalizer=Normalizer.from_episodes(episodes, return_scale, actions),
@@ -85,6 +86,28 @@ def policy_info_for(cfg: TrainConfig, episodes: EpisodeSet, env) -> PolicyInfo:
 
 
 # ---- preparing a run ------------------------------------------------------------------------------
+def _fit_episode_lengths(cfg: TrainConfig, episodes: EpisodeSet) -> EpisodeSet:
+    """``episodes``, cut to ``model.max_ep_len`` steps with --truncate-long-episodes (one warning
+    saying what was dropped); DatasetError for a longer episode without it."""
+    longest = int(episodes.episode_lengths.max())
+    if longest <= cfg.model.max_ep_len:
+        return episodes
+    if not cfg.data.truncate_long_episodes:
+        ep = int(np.argmax(episodes.episode_lengths))
+        raise DatasetError(f"{episodes.source}: episode {ep} has {longest} steps, more than "
+                           f"model.max_ep_len={cfg.model.max_ep_len}; raise --model.max-ep-len "
+                           "or pass --truncate-long-episodes")
+    cut = episodes.truncate_episodes(cfg.model.max_ep_len)
+    n = int((episodes.episode_lengths > cfg.model.max_ep_len).sum())
+    warnings.warn(f"{episodes.source}: --truncate-long-episodes cut {n} of "
+                  f"{episodes.num_episodes} episodes to --model.max-ep-len "
+                  f"{cfg.model.max_ep_len} steps ({episodes.num_transitions - cut.num_transitions} "
+                  f"of {episodes.num_transitions} transitions dropped; best episode return "
+                  f"{episodes.return_stats.max:.1f} -> {cut.return_stats.max:.1f})",
+                  DtlabWarning, stacklevel=4)
+    return cut
+
+
 def prepare(cfg: TrainConfig, episodes: EpisodeSet | None = None) -> tuple[EpisodeSet, PolicyInfo]:
     """Load and check everything that can fail on bad input, before any output is written."""
     if getattr(cfg.run, "wandb", False) and importlib.util.find_spec("wandb") is None:
@@ -94,36 +117,19 @@ def prepare(cfg: TrainConfig, episodes: EpisodeSet | None = None) -> tuple[Episo
 
         episodes = load_episodes(cfg.data.dataset)
     episodes = select_observations(episodes, cfg.data.obs_keys)
-    # Data recorded in another env: refused before its findings (a time limit of the wrong env)
-    # are warned about.
-    check_same_env(episodes.provenance.env_id, cfg.data.env, what=str(episodes.source),
-                   advice=f"pass --env {episodes.provenance.env_id}")
-    return_scale = _return_scale(cfg, episodes)
-    # Valid-but-suspicious data, one warning line each; constant observation dimensions are
-    # warned where the Normalizer is built (policy_info_for), which says how it treats them.
-    warn_findings(episodes, env_id=cfg.data.env, return_scale=return_scale,
-                  skip=("constant_observations",))
-    longest = int(episodes.episode_lengths.max())
-    if longest > cfg.model.max_ep_len:
-        if cfg.data.truncate_long_episodes:
-            before = episodes
-            episodes = episodes.truncate_episodes(cfg.model.max_ep_len)
-            cut = int((before.episode_lengths > cfg.model.max_ep_len).sum())
-            warnings.warn(f"{before.source}: --truncate-long-episodes cut {cut} of "
-                          f"{before.num_episodes} episodes to --model.max-ep-len "
-                          f"{cfg.model.max_ep_len} steps ({before.num_transitions - episodes.num_transitions} "
-                          f"of {before.num_transitions} transitions dropped; best episode return "
-                          f"{before.return_stats.max:.1f} -> {episodes.return_stats.max:.1f})",
-                          DtlabWarning, stacklevel=3)
-        else:
-            ep = int(np.argmax(episodes.episode_lengths))
-            raise DatasetError(f"{episodes.source}: episode {ep} has {longest} steps, more than "
-                               f"model.max_ep_len={cfg.model.max_ep_len}; raise --model.max-ep-len "
-                               "or pass --truncate-long-episodes")
     env = make_env(cfg.data.env)
     check_against_env(env, episodes.observation_space, episodes.action_space,
                       what=f"dataset {episodes.source}", exact_n=False,
                       advice=env_advice(episodes.provenance.env_id, cfg.data.env))
+    check_same_env(episodes.provenance.env_id, cfg.data.env, what=str(episodes.source),
+                   advice=f"pass --env {episodes.provenance.env_id}")
+    return_scale = _return_scale(cfg, episodes)
+    # Valid-but-suspicious data, one warning line each, once the data is known to be the env's;
+    # constant observation dimensions are warned where the Normalizer is built
+    # (policy_info_for), which says how it treats them.
+    warn_findings(episodes, env_id=cfg.data.env, return_scale=return_scale,
+                  skip=("constant_observations",))
+    episodes = _fit_episode_lengths(cfg, episodes)
     check_action_bounds(episodes, env, strict=cfg.data.strict)
     if cfg.optim.warmup_steps > cfg.run.steps:
         warnings.warn(f"--warmup-steps {cfg.optim.warmup_steps} > --steps {cfg.run.steps}: the "
@@ -132,7 +138,7 @@ def prepare(cfg: TrainConfig, episodes: EpisodeSet | None = None) -> tuple[Episo
                       DtlabWarning, stacklevel=3)
     if cfg.evaluation.eval_episodes:  # refuse now what the first evaluation would refuse
         episode_limit(env, cfg.data.env, None, cfg.model.max_ep_len)
-    info = policy_info_for(cfg, episodes, env)
+    info = policy_info_for(cfg, episodes, env, return_scale)
     env.close()
     if cfg.data.top_fraction is not None:  # Percentile BC; normalization from all data (DT code)
         episodes = episodes.top_fraction(cfg.data.top_fraction)

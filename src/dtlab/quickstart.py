@@ -83,10 +83,21 @@ def quickstart(out: str | Path = "dtlab-quickstart", *, steps: int = STEPS, epis
     print(f"return conditioning: achieved return {'rises' if rising else 'does NOT rise'} with the "
           f"target; the highest target achieves {means[-1]:.0f} vs the dataset mean {ret.mean:.0f}")
     print(f"total {time.perf_counter() - started:.0f} s; plot {out / 'achieved_vs_target.png'}")
-    print(f"next: dtlab calibrate {run_dir} (the highest target it follows); your own data: dtlab "
-          "data validate FILE --env ENV, then dtlab train --preset cpu --dataset FILE --env ENV")
+    dtlab = _invoked_as()
+    print(f"next: {dtlab} calibrate {run_dir} (the highest target it follows); your own data: "
+          f"{dtlab} data validate FILE --env ENV, then {dtlab} train --preset cpu --dataset FILE "
+          "--env ENV")
     results["total_seconds"] = time.perf_counter() - started
     return results
+
+
+def _invoked_as() -> str:
+    """How the user ran dtlab (``.venv/bin/dtlab`` when called so, as the README's first command
+    does), so that the next commands printed run as shown; ``dtlab`` otherwise."""
+    import sys
+
+    given = sys.argv[0] if sys.argv else ""
+    return given if Path(given).name == "dtlab" else "dtlab"
 
 
 def _fresh_run_dir(out: Path, overwrite: bool) -> Path:

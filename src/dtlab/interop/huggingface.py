@@ -115,7 +115,8 @@ def hf_config(info: PolicyInfo) -> dict[str, Any]:
                   "observation_space": info.observation_space.to_json(),
                   "action_space": info.action_space.to_json(),
                   "normalizer": info.normalizer.to_json(), "ref_min_score": info.ref_min_score,
-                  "ref_max_score": info.ref_max_score, "dataset": info.dataset, "step": info.step},
+                  "ref_max_score": info.ref_max_score,
+                  "dataset": checkpoint.shareable_dataset(info.dataset), "step": info.step},
     }
 
 

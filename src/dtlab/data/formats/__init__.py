@@ -12,6 +12,7 @@ DQN Replay Dataset's, streamed (dqn_replay.py; read only).
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Any, Literal
 
@@ -51,7 +52,7 @@ def absolute_source(path: str | Path) -> str:
     """``path`` as a run records it: an existing dataset file as its absolute path (so the run
     finds it again from any working directory), anything else (ids, missing files) as given."""
     if is_file_source(path) and Path(path).is_file():
-        return str(Path(path).resolve())
+        return os.path.abspath(path)  # not resolve(): a link keeps the name it was given by
     return str(path)
 
 
