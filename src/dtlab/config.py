@@ -332,7 +332,7 @@ class TrainConfig:
     # non-finite step does, so a run stopped by one resumes from its last good checkpoint with it
     # set (what the error message advises).
     # data.dataset: where the file is may change (moved, or named from another directory); that
-    # its content is the run's is checked by its fingerprint (dtlab.train.check_same_data).
+    # its content is the run's is checked by its fingerprint (dtlab.prepare.check_same_data).
     RESUME_MAY_CHANGE = frozenset({"optim.skip_nonfinite", "data.dataset"})
 
     def resume_groups(self) -> dict:

@@ -1,17 +1,22 @@
 """Preparing a training run: everything that can fail on bad input, checked before any output
 is written: the dataset (loaded, diagnosed, observation keys selected, episode lengths against
 ``model.max_ep_len``), the env it is paired with (its recorded env id, spaces and action bounds)
-and what the checkpoint will carry (``policy_info_for``). The run directory itself is
-dtlab.rundir's."""
+and what the checkpoint will carry (``policy_info_for``); how the run records its dataset file
+(``recorded_absolute``) and, on --resume, that the data is still the checkpoint's
+(``check_same_data``). The run directory itself is dtlab.rundir's."""
 
 from __future__ import annotations
 
 import dataclasses
 import importlib.util
+import json
 import warnings
+from pathlib import Path
+from typing import Any
 
 import numpy as np
 
+from dtlab import checkpoint
 from dtlab.checkpoint import PolicyInfo
 from dtlab.config import TrainConfig
 from dtlab.data.diagnostics import warn_findings
@@ -147,3 +152,56 @@ def prepare(cfg: TrainConfig, episodes: EpisodeSet | None = None) -> tuple[Episo
             "transitions": episodes.num_transitions,
             "min_episode_return": float(episodes.episode_returns.min())}})
     return episodes, info
+
+
+# ---- a run's data, as recorded and as resumed -----------------------------------------------------
+def recorded_absolute(cfg: TrainConfig, info: PolicyInfo) -> tuple[TrainConfig, PolicyInfo]:
+    """The dataset file as the run records it (train_config.json, the checkpoints): by its
+    absolute path, so that --resume and evaluate --offline find it from any directory. Messages
+    keep the name the user gave (the data's ``source``)."""
+    from dtlab.data.formats import absolute_source
+
+    path = absolute_source(cfg.data.dataset)
+    if path == str(cfg.data.dataset):  # already absolute, or not a file (minari:<id>, ...)
+        return cfg, info
+    return (dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, dataset=path)),
+            dataclasses.replace(info, dataset={**info.dataset, "path": path}))
+
+
+def check_same_data(resume_from: Path, info: PolicyInfo) -> PolicyInfo:
+    """A resumed run continues on the data it started on: ConfigError naming what changed when
+    the dataset's content fingerprint (or, for checkpoints before fingerprints, its size, return
+    statistics and observation statistics) differs from what the checkpoint recorded. Its
+    normalization statistics would otherwise be recomputed from other data and written into the
+    next checkpoint. Returns ``info`` with the checkpoint's return scale: a default that changed
+    since the run started (an env dtlab now fits a scale for) does not change the run's, said in
+    one warning."""
+    _, saved = checkpoint.load_info(resume_from)
+    before = dict(saved.dataset)
+    now = dict(info.dataset)
+    if before.get("fingerprint"):
+        keys: tuple[str, ...] = ("fingerprint",)
+    else:
+        keys = ("episodes", "transitions", "episode_return", "observation statistics")
+        before["observation statistics"], now["observation statistics"] = (
+            [list(map(float, n.obs_mean)), list(map(float, n.obs_std))]
+            for n in (saved.normalizer, info.normalizer))
+    changed = [k for k in keys if before.get(k) != now.get(k)]
+    if changed:
+        shown = ", ".join(f"{k} {_short(before.get(k))} -> {_short(now.get(k))}" for k in changed)
+        raise ConfigError(f"{now.get('path')}: the dataset is not the one the run in "
+                          f"{resume_from.parent} trained on ({shown}); --resume continues only on "
+                          "the same data: restore the file, or start a new run with another --out")
+    kept, fitted = saved.normalizer.return_scale, info.normalizer.return_scale
+    if kept != fitted:
+        warnings.warn(f"{resume_from.parent}: the run keeps the return scale it started with, "
+                      f"{kept:g} (the default for this data is now {fitted:g})", DtlabWarning,
+                      stacklevel=3)
+        info = dataclasses.replace(info, normalizer=dataclasses.replace(info.normalizer,
+                                                                        return_scale=kept))
+    return info
+
+
+def _short(value: Any) -> str:
+    text = json.dumps(value) if not isinstance(value, str) else value
+    return text if len(text) <= 40 else text[:37] + "..."

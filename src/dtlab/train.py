@@ -13,7 +13,6 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import functools
-import json
 import math
 import os
 import time
@@ -36,7 +35,7 @@ from dtlab.errors import ConfigError, DtlabWarning, TrainingError
 from dtlab.metrics import METRICS_FILE, Evaluation, Progress, training_record
 from dtlab.policy import DTPolicy
 # Preparing a run (everything checked before output is written) lives in dtlab.prepare.
-from dtlab.prepare import prepare
+from dtlab.prepare import check_same_data, prepare, recorded_absolute
 from dtlab.data.records import ReturnStats
 from dtlab.rollout import Evaluator, default_targets
 from dtlab import rundir
@@ -95,7 +94,7 @@ def train(cfg: TrainConfig, episodes: EpisodeSet | None = None, *,
         loaded = episodes is None
         episodes, info = prepare(cfg, episodes)
         if loaded:
-            cfg, info = _recorded_absolute(cfg, info)
+            cfg, info = recorded_absolute(cfg, info)
         device = runtime.resolve_device(cfg.run.device)
         device = distributed.process_device(world, device)
         if device.type == "cpu":  # the node's cores are shared by its processes
@@ -108,19 +107,6 @@ def train(cfg: TrainConfig, episodes: EpisodeSet | None = None, *,
             return _train(cfg, episodes, info, device, world, evaluator, should_stop, auto)
         finally:
             distributed.finish(created_group)
-
-
-def _recorded_absolute(cfg: TrainConfig, info: PolicyInfo) -> tuple[TrainConfig, PolicyInfo]:
-    """The dataset file as the run records it (train_config.json, the checkpoints): by its
-    absolute path, so that --resume and evaluate --offline find it from any directory. Messages
-    keep the name the user gave (the data's ``source``)."""
-    from dtlab.data.formats import absolute_source
-
-    path = absolute_source(cfg.data.dataset)
-    if path == str(cfg.data.dataset):  # already absolute, or not a file (minari:<id>, ...)
-        return cfg, info
-    return (dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, dataset=path)),
-            dataclasses.replace(info, dataset={**info.dataset, "path": path}))
 
 
 def _resolved(cfg: TrainConfig, device: torch.device, world: World, run: RunDirectory
@@ -238,45 +224,6 @@ def _draw_learning_curve(run: RunDirectory, cfg: TrainConfig, info: PolicyInfo) 
                    title=f"{run.path.name}: {cfg.model.architecture} on "
                          f"{Path(str(info.dataset.get('path'))).name}, {cfg.data.env}",
                    loss_name="cross entropy" if discrete else "MSE")
-
-
-def check_same_data(resume_from: Path, info: PolicyInfo) -> PolicyInfo:
-    """A resumed run continues on the data it started on: ConfigError naming what changed when
-    the dataset's content fingerprint (or, for checkpoints before fingerprints, its size, return
-    statistics and observation statistics) differs from what the checkpoint recorded. Its
-    normalization statistics would otherwise be recomputed from other data and written into the
-    next checkpoint. Returns ``info`` with the checkpoint's return scale: a default that changed
-    since the run started (an env dtlab now fits a scale for) does not change the run's, said in
-    one warning."""
-    _, saved = checkpoint.load_info(resume_from)
-    before = dict(saved.dataset)
-    now = dict(info.dataset)
-    if before.get("fingerprint"):
-        keys: tuple[str, ...] = ("fingerprint",)
-    else:
-        keys = ("episodes", "transitions", "episode_return", "observation statistics")
-        before["observation statistics"], now["observation statistics"] = (
-            [list(map(float, n.obs_mean)), list(map(float, n.obs_std))]
-            for n in (saved.normalizer, info.normalizer))
-    changed = [k for k in keys if before.get(k) != now.get(k)]
-    if changed:
-        shown = ", ".join(f"{k} {_short(before.get(k))} -> {_short(now.get(k))}" for k in changed)
-        raise ConfigError(f"{now.get('path')}: the dataset is not the one the run in "
-                          f"{resume_from.parent} trained on ({shown}); --resume continues only on "
-                          "the same data: restore the file, or start a new run with another --out")
-    kept, fitted = saved.normalizer.return_scale, info.normalizer.return_scale
-    if kept != fitted:
-        warnings.warn(f"{resume_from.parent}: the run keeps the return scale it started with, "
-                      f"{kept:g} (the default for this data is now {fitted:g})", DtlabWarning,
-                      stacklevel=3)
-        info = dataclasses.replace(info, normalizer=dataclasses.replace(info.normalizer,
-                                                                        return_scale=kept))
-    return info
-
-
-def _short(value: Any) -> str:
-    text = json.dumps(value) if not isinstance(value, str) else value
-    return text if len(text) <= 40 else text[:37] + "..."
 
 
 # Under torchrun the ranks agree every this many steps whether to stop (a signal reached one of
