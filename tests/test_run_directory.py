@@ -373,3 +373,13 @@ def test_a_resumed_run_keeps_its_return_scale_and_old_checkpoints_check_their_da
                  str(other)]) == 2
     assert "observation statistics" in one_line_error(capsys)
     assert main(["train", "--out", str(run), "--resume", "--steps", "6", "--no-progress"]) == 0
+
+
+def test_off_a_terminal_progress_is_plain_lines(tmp_path, capsys):
+    """Captured output is not a terminal: without --no-progress the run still prints plain
+    progress lines, not a bar cut to 80 columns (the new-user trial's "1500/1...")."""
+    data, run = data_file(tmp_path), tmp_path / "run"
+    assert main(["train", "--dataset", str(data), "--env", "Pendulum-v1", "--out", str(run),
+                 *TINY, "--steps", "10"]) == 0
+    out = capsys.readouterr().out
+    assert re.search(r"^step 10/10: loss \d", out, re.M) and "━" not in out, out

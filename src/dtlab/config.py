@@ -260,7 +260,8 @@ class RunConfig:
     """CPU threads for torch (default: OMP_NUM_THREADS if set, else the number of cores divided
     by the processes torchrun starts on the node)."""
     progress: bool = True
-    """Show a progress bar."""
+    """Show a progress bar (on a terminal; elsewhere, as with --no-progress, a line at most every
+    30 seconds)."""
     tensorboard: bool = True
     """Also write metrics as TensorBoard events under OUT/tb."""
     wandb: bool = False

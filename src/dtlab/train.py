@@ -15,6 +15,7 @@ import dataclasses
 import functools
 import math
 import os
+import sys
 import time
 import warnings
 from collections.abc import Callable
@@ -238,8 +239,10 @@ def _loop(cfg: TrainConfig, trainer: Trainer, info: PolicyInfo, run: RunDirector
     evaluations: list[Evaluation] = []
     last_loss, tick, tick_step = float("nan"), time.perf_counter(), state.step
     last_saved, saved_at = (state.step if cfg.run.resume else -1), time.monotonic()
-    progress = Progress(steps, state.step, enabled=cfg.run.progress and world.is_main)
-    report = _LineReport(enabled=world.is_main and not cfg.run.progress)
+    # A bar only on a terminal: in a log file or a pipe it is cut to 80 columns ("1500/1...").
+    bar = cfg.run.progress and sys.stdout.isatty()
+    progress = Progress(steps, state.step, enabled=bar and world.is_main)
+    report = _LineReport(enabled=world.is_main and not bar)
     poll_every = SYNC_EVERY if world.distributed else 1  # one process polls every step
     stop = False
     trainer.model.train()
