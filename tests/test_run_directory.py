@@ -383,3 +383,18 @@ def test_off_a_terminal_progress_is_plain_lines(tmp_path, capsys):
                  *TINY, "--steps", "10"]) == 0
     out = capsys.readouterr().out
     assert re.search(r"^step 10/10: loss \d", out, re.M) and "━" not in out, out
+
+
+def test_recorded_sources_are_absolute_where_they_name_local_paths(tmp_path, monkeypatch):
+    """A file and a dqn-replay directory are recorded by absolute path, the replay source's
+    options kept as given; Minari ids and missing paths as given."""
+    from dtlab.data.formats import absolute_source
+
+    (tmp_path / "replay").mkdir()
+    data_file(tmp_path, "d.hdf5")
+    monkeypatch.chdir(tmp_path)
+    assert absolute_source("d.hdf5") == str(tmp_path / "d.hdf5")
+    assert absolute_source("dqn-replay:replay:buffers=1-2:stack=4") == \
+        f"dqn-replay:{tmp_path / 'replay'}:buffers=1-2:stack=4"
+    for kept in ("minari:ns/name-v0", "missing.hdf5", "dqn-replay:missing:stack=4"):
+        assert absolute_source(kept) == kept

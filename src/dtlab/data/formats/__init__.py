@@ -20,6 +20,7 @@ from dtlab.data.episodes import EpisodeSet
 from dtlab.data.formats._hdf5 import open_hdf5
 from dtlab.data.formats.d4rl import episodes_from_d4rl, read_d4rl, write_d4rl
 from dtlab.data.formats.dqn_replay import PREFIX as DQN_REPLAY_PREFIX
+from dtlab.data.formats.dqn_replay import parse_source as parse_replay_source
 from dtlab.data.formats.dqn_replay import read_dqn_replay
 from dtlab.data.formats.minari import PREFIX as MINARI_PREFIX
 from dtlab.data.formats.minari import read_minari
@@ -49,11 +50,19 @@ def is_file_source(path: str | Path) -> bool:
 
 
 def absolute_source(path: str | Path) -> str:
-    """``path`` as a run records it: an existing dataset file as its absolute path (so the run
-    finds it again from any working directory), anything else (ids, missing files) as given."""
-    if is_file_source(path) and Path(path).is_file():
-        return os.path.abspath(path)  # not resolve(): a link keeps the name it was given by
-    return str(path)
+    """``path`` as a run records it: an existing dataset file, or a ``dqn-replay:`` source's
+    directory, made absolute (so the run finds it again from any working directory); anything
+    else (Minari ids, missing files) as given."""
+    text = str(path)
+    if text.startswith(DQN_REPLAY_PREFIX):
+        directory = str(parse_replay_source(text).directory)
+        rest = text[len(DQN_REPLAY_PREFIX) + len(directory):]  # its options, as given
+        if Path(directory).is_dir():
+            return f"{DQN_REPLAY_PREFIX}{os.path.abspath(directory)}{rest}"
+        return text
+    if is_file_source(text) and Path(text).is_file():
+        return os.path.abspath(text)  # not resolve(): a link keeps the name it was given by
+    return text
 
 
 def _load_hdf5(path: Path) -> EpisodeSet:
