@@ -398,3 +398,24 @@ def test_recorded_sources_are_absolute_where_they_name_local_paths(tmp_path, mon
         f"dqn-replay:{tmp_path / 'replay'}:buffers=1-2:stack=4"
     for kept in ("minari:ns/name-v0", "missing.hdf5", "dqn-replay:missing:stack=4"):
         assert absolute_source(kept) == kept
+
+
+def test_a_run_with_no_checkpoint_yet_names_the_other_data_it_starts_on(tmp_path):
+    """Nothing was trained, so --resume --dataset OTHER may start again from step 0: the warning
+    says it starts on other data than the settings name."""
+    import shutil
+
+    import pytest
+
+    from dtlab.errors import DtlabWarning
+
+    data, run = data_file(tmp_path), tmp_path / "run"
+    assert train(data, run, "--steps", "2") == 0
+    (run / "latest").unlink()
+    for step in run.glob("step_*"):
+        shutil.rmtree(step)
+    other = data_file(tmp_path, "other.hdf5", seed=1)
+    with pytest.warns(DtlabWarning, match=rf"starting from step 0, on {re.escape(str(other))} "
+                                          rf"\(the run's settings name {re.escape(str(data))}\)"):
+        assert main(["train", "--out", str(run), "--resume", "--dataset", str(other),
+                     "--no-progress"]) == 0

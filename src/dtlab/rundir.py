@@ -172,8 +172,12 @@ class RunDirectory:
             return checkpoint.resolve(out)
         if self.is_run():
             self.check_resume_config(cfg)
+            saved = (self.saved_config_json().get("data") or {}).get("dataset")
+            other = (f", on {cfg.data.dataset} (the run's settings name {saved})"
+                     if saved and os.path.abspath(str(saved)) != os.path.abspath(
+                         str(cfg.data.dataset)) else "")
             warnings.warn(f"{out}: --resume found the run's settings but no checkpoint yet; "
-                          "starting from step 0", DtlabWarning, stacklevel=3)
+                          f"starting from step 0{other}", DtlabWarning, stacklevel=3)
             return None
         raise ConfigError(f"{out}: --resume is set but the run directory has no checkpoint")
 
