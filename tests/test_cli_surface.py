@@ -28,6 +28,9 @@ def run_cli(capsys, *argv):
     (["train", "--dataset", "x", "--env", "y", "--steps", "abc"], "invalid value for --steps"),
     (["train", "--dataset", "x", "--env", "y", "--eval-targets", "high"],
      "['high'] (expected [FLOAT [FLOAT ...]])"),  # tyro's message alone names no type
+    (["train", "--dataset", "x", "--env", "y", "--return-scale", "x"],
+     "invalid value for --return-scale: no type matching {None}|FLOAT could be instantiated "
+     "from ['x']"),  # tyro's lines per member of the union are left out
     (["data"], "dtlab data needs a command: info, validate, convert"),
 ])
 def test_parse_errors_are_one_line(capsys, argv, words):

@@ -114,9 +114,12 @@ class _Hook:
                               if event.reason == "fixed" else f"{name} is missing its value(s)")
         elif isinstance(event, _errors.InstantiationFailure) and event.argument is not None:
             metavar = getattr(getattr(event.argument, "lowered", None), "metavar", None)
-            expected = f" (expected {metavar})" if isinstance(metavar, str) and metavar else ""
+            # tyro lists each member's failure for a union (float | None): its first line says it
+            first = (event.message.strip().splitlines() or [""])[0].rstrip(".")
+            expected = (f" (expected {metavar})" if isinstance(metavar, str) and metavar
+                        and metavar not in first else "")
             raise ConfigError(f"invalid value for {event.argument.display_name()}: "
-                              f"{event.message}{expected}")
+                              f"{first}{expected}")
 
     def unrecognized(self, tokens: Sequence[str]) -> None:
         words, text = self.path()
