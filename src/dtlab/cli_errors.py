@@ -171,12 +171,11 @@ def _flag_value(args: list[str], flag: str) -> tuple[str | None, list[str]]:
 def _check_saved_dataset(dataset: str | None, config_file: Path) -> None:
     """ConfigError when the dataset file a run's settings name is not there (moved, or named
     relative to another directory, as runs before absolute paths were): --dataset says where."""
-    from dtlab.data.formats import is_file_source
+    from dtlab.data.formats import missing_file
 
-    if dataset is None or not is_file_source(dataset) or Path(dataset).exists():
+    if dataset is None or (missing := missing_file(dataset)) is None:
         return
-    where = "" if Path(dataset).is_absolute() else f" (from {Path.cwd()})"
-    raise ConfigError(f"{config_file}: the run's dataset {dataset} is not there{where}; pass "
+    raise ConfigError(f"{config_file}: the run's dataset {missing} is not there; pass "
                       "--dataset PATH where it is now (--resume checks that its content is the "
                       "run's)")
 

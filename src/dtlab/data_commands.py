@@ -77,10 +77,9 @@ def _load_with_findings(path: str, env_id: str | None):
     would use)."""
     import warnings
 
-    from dtlab.data.diagnostics import Finding, diagnose
+    from dtlab.data.diagnostics import Finding, default_return_scale, diagnose
     from dtlab.data.formats import load_episodes
-    from dtlab.data.returns import fitted_return_scale
-    from dtlab.envs import env_info, time_limit
+    from dtlab.envs import time_limit
     from dtlab.errors import DtlabWarning
 
     with warnings.catch_warnings(record=True) as caught:
@@ -95,10 +94,7 @@ def _load_with_findings(path: str, env_id: str | None):
     recorded = episodes.provenance.env_id
     env_id = env_id or (recorded if isinstance(recorded, str) and recorded else None)
     limit = time_limit(env_id)
-    scale = env_info(env_id or "").return_scale
-    fitted = scale is None
-    if fitted:
-        scale = fitted_return_scale(episodes.returns_to_go)
+    scale, fitted = default_return_scale(env_id, episodes)
     findings += diagnose(episodes, time_limit=limit, return_scale=scale)
     context = (f"{env_id + ': ' if env_id else ''}time limit "
                f"{limit if limit is not None else 'unknown'}, return scale {scale:g}"

@@ -283,17 +283,16 @@ def evaluate_offline(cfg: EvalConfig, echo: bool = False) -> dict:
     a table, on ``--dataset`` or by default the checkpoint's own training file (refused when its
     content changed since). Raises CheckpointError, ConfigError (data recorded in another env,
     changed training data) or DatasetError before anything is written."""
-    from dtlab.data.formats import is_file_source, load_episodes
+    from dtlab.data.formats import load_episodes, missing_file
 
     path, info = checkpoint.load_info(cfg.checkpoint)
     trained_on = info.dataset.get("path")
     if cfg.dataset is None:  # the training data, and only if it is still the same
         if not isinstance(trained_on, str) or trained_on.startswith("<"):
             raise ConfigError(f"{path}: the checkpoint records no dataset file; pass --dataset")
-        if is_file_source(trained_on) and not Path(trained_on).exists():
-            where = "" if Path(trained_on).is_absolute() else f" (from {Path.cwd()})"
-            raise ConfigError(f"{path}: the dataset it was trained on, {trained_on}, is not "
-                              f"there{where}; pass --dataset PATH where it is now")
+        if (missing := missing_file(trained_on)) is not None:
+            raise ConfigError(f"{path}: the dataset it was trained on, {missing}, is not there; "
+                              "pass --dataset PATH where it is now")
         episodes = load_episodes(trained_on)
         recorded = info.dataset.get("fingerprint")
         if recorded and episodes.fingerprint() != recorded:

@@ -19,11 +19,10 @@ import numpy as np
 from dtlab import checkpoint
 from dtlab.checkpoint import PolicyInfo
 from dtlab.config import TrainConfig
-from dtlab.data.diagnostics import warn_findings
+from dtlab.data.diagnostics import default_return_scale, warn_findings
 from dtlab.data.episodes import EpisodeSet
-from dtlab.data.returns import fitted_return_scale
 from dtlab.envs import (actions_outside_bounds, check_same_env, describe_space, env_advice,
-                        env_info, episode_limit, make_env, reference_scores)
+                        episode_limit, make_env, reference_scores)
 from dtlab.errors import ConfigError, DatasetError, DtlabWarning, EnvError
 from dtlab.normalizer import Normalizer
 from dtlab.spaces import (ContinuousActions, DictObservations, action_space_from_gym,
@@ -60,12 +59,9 @@ def check_action_bounds(episodes: EpisodeSet, env, *, strict: bool) -> None:
 def _return_scale(cfg: TrainConfig, episodes: EpisodeSet) -> float:
     """The configured return scale, else the env registry's (1000 for MuJoCo locomotion), else
     (an env dtlab knows no scale for) one fitted to the data (``fitted_return_scale``)."""
-    scale = cfg.data.return_scale
-    if scale is None:
-        scale = env_info(cfg.data.env).return_scale
-    if scale is None:
-        scale = fitted_return_scale(episodes.returns_to_go)
-    return float(scale)
+    if cfg.data.return_scale is not None:
+        return float(cfg.data.return_scale)
+    return default_return_scale(cfg.data.env, episodes)[0]
 
 
 def policy_info_for(cfg: TrainConfig, episodes: EpisodeSet, env, return_scale: float

@@ -29,7 +29,8 @@ from dataclasses import dataclass
 import numpy as np
 
 from dtlab.data.episodes import EpisodeSet
-from dtlab.envs import time_limit
+from dtlab.data.returns import fitted_return_scale
+from dtlab.envs import env_info, time_limit
 from dtlab.errors import DtlabWarning
 from dtlab.normalizer import STD_EPS
 from dtlab.spaces import DiscreteActions, ImageObservations
@@ -202,3 +203,13 @@ def _odd_actions(episodes: EpisodeSet) -> Finding | None:
                    f"integer values {{{shown}}}: converted from bool, integer (N, k) or "
                    "integer-valued float data, they were read as continuous vectors; if they are "
                    "discrete action indices, store them as integers of shape (N,)")
+
+
+def default_return_scale(env_id: str | None, episodes: EpisodeSet) -> tuple[float, bool]:
+    """The return scale training uses without --return-scale, and whether it was fitted: the env
+    registry's (``EnvInfo.return_scale``), else, for an env with none registered (or no env),
+    ``fitted_return_scale`` of the data's returns-to-go."""
+    scale = env_info(env_id or "").return_scale
+    if scale is not None:
+        return float(scale), False
+    return fitted_return_scale(episodes.returns_to_go), True

@@ -28,7 +28,7 @@ from dtlab.data.formats.minari_write import write_minari
 from dtlab.data.formats.native import FORMAT_ATTR, episodes_from_native, read_native, write_native
 from dtlab.errors import ConfigError, DatasetError
 
-__all__ = ["load_episodes", "save_episodes", "absolute_source", "is_file_source", "convert", "read_d4rl", "write_d4rl", "read_native",
+__all__ = ["load_episodes", "save_episodes", "absolute_source", "is_file_source", "missing_file", "convert", "read_d4rl", "write_d4rl", "read_native",
            "write_native", "read_minari", "write_minari", "read_dqn_replay"]
 
 Format = Literal["native", "d4rl", "minari"]
@@ -47,6 +47,15 @@ def load_episodes(path: str | Path) -> EpisodeSet:
 def is_file_source(path: str | Path) -> bool:
     """Whether ``path`` names a dataset file (HDF5), not ``minari:<id>`` or ``dqn-replay:...``."""
     return not str(path).startswith((MINARI_PREFIX, DQN_REPLAY_PREFIX))
+
+
+def missing_file(path: str | Path) -> str | None:
+    """For a dataset file that is not there: how to name it in an error, its path and, for a
+    relative one, the directory it was looked for from ("d.hdf5 (from /home/u)"); None when it
+    is there, or is not a file (``minari:<id>``, ``dqn-replay:...``)."""
+    if not is_file_source(path) or Path(path).exists():
+        return None
+    return str(path) if Path(path).is_absolute() else f"{path} (from {Path.cwd()})"
 
 
 def absolute_source(path: str | Path) -> str:
