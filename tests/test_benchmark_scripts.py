@@ -167,3 +167,35 @@ def test_odt_control_copies_the_offline_run_and_redoes_a_cut_copy(tmp_path, monk
     (out / "step_00000020").mkdir()  # trained on since: continued as it is
     odt.control(offline, out, 30)
     assert (out / "step_00000020").exists() and len(calls) == 2
+
+
+def test_raw_checkpoint_holds_the_weights_a_run_without_the_average_trains(tmp_path, monkeypatch,
+                                                                           capsys):
+    """benchmarks/raw_checkpoint.py on an averaged run: its model is the run's raw weights, which
+    are exactly the weights of the same run trained without the average (the reference), with
+    the same config.json; a run without raw weights, or an existing OUT, is refused in one line
+    with exit code 2."""
+    from dtlab import checkpoint
+    from dtlab.train import train
+    from tests.configs import pendulum_like
+    from tests.test_train import config, weights
+
+    monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))
+    from raw_checkpoint import main
+
+    episodes = pendulum_like()
+    train(config(tmp_path, "plain", steps=5), episodes)
+    train(config(tmp_path, "ema", steps=5, ema_decay=0.8), episodes)
+    assert main([str(tmp_path / "ema"), str(tmp_path / "copy")]) == 0
+    plain, copy, average = (weights(tmp_path / n) for n in ("plain", "copy", "ema"))
+    assert all(torch.equal(copy[k], plain[k]) for k in plain)
+    assert not torch.equal(copy["predict_action.weight"], average["predict_action.weight"])
+    info = [checkpoint.load_info(tmp_path / n)[1].to_json() for n in ("copy", "ema")]
+    assert info[0] == info[1]
+    capsys.readouterr()
+    for argv, words in (([tmp_path / "plain", tmp_path / "other"], "no raw weights"),
+                        ([tmp_path / "ema", tmp_path / "copy"], "exists")):
+        assert main([str(a) for a in argv]) == 2
+        err = capsys.readouterr().err
+        assert words in err and len(err.strip().splitlines()) == 1, err
+    assert not (tmp_path / "other").exists()
