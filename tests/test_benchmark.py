@@ -334,6 +334,19 @@ def test_dataset_names():
     assert Path(datasets.dataset_name("a b/c d.hdf5")).name == "c_d"
 
 
+def test_progress_off_a_terminal_prints_a_line_per_cell(capsys):
+    """Enabled, but stdout is not a terminal (pytest captures it): no bar, which a log or pipe
+    would get only when the benchmark ends, but a line for each cell as it finishes."""
+    from dtlab.benchmark.runner import RunProgress
+
+    progress = RunProgress(total=2, done=0, enabled=True)
+    progress.start("hopper/dt/seed0")
+    progress.finish("hopper/dt/seed0", 12.0)
+    progress.close()
+    err = capsys.readouterr().err
+    assert "cell 1/2 done: hopper/dt/seed0 (12 s; ETA 0:00:12)" in err, err
+
+
 def test_progress_estimate_counts_rounds_of_jobs():
     from dtlab.benchmark.runner import RunProgress
 

@@ -199,3 +199,33 @@ def test_raw_checkpoint_holds_the_weights_a_run_without_the_average_trains(tmp_p
         err = capsys.readouterr().err
         assert words in err and len(err.strip().splitlines()) == 1, err
     assert not (tmp_path / "other").exists()
+
+
+def test_checkpoint_average_is_the_mean_of_the_raw_weights_so_far(tmp_path, monkeypatch):
+    """benchmarks/checkpoint_average.py: at each step, the average is the plain mean of the raw
+    weights of the checkpoints from the first step to that one (the reference: the weights of
+    the same run trained without --ema-decay, whose checkpoints hold its raw weights), and the
+    evaluation steps are the multiples of eval_every from --from-step on, and the last."""
+    from dtlab.train import train
+    from tests.configs import pendulum_like
+    from tests.test_train import config, weights
+
+    monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))
+    from checkpoint_average import averaged, eval_steps
+
+    episodes = pendulum_like()
+    for name, decay in (("plain", 0.0), ("ema", 0.8)):
+        train(config(tmp_path, name, steps=6, checkpoint_every=2, keep_checkpoints=10,
+                     ema_decay=decay), episodes)
+    raw = [weights(tmp_path / "plain" / f"step_{s:08d}") for s in (2, 4, 6)]
+    got = {step: {k: v.detach().clone() for k, v in model.state_dict().items()}
+           for step, model, _ in averaged(tmp_path / "ema", [2, 4, 6])}
+    for step, n in ((2, 1), (4, 2), (6, 3)):
+        for key in raw[0]:
+            mean = sum(w[key] for w in raw[:n]) / n
+            assert torch.allclose(got[step][key], mean, atol=1e-6), (step, key)
+    assert not torch.allclose(got[6]["predict_action.weight"], raw[2]["predict_action.weight"])
+    settings = {"evaluation": {"eval_every": 2500}, "run": {"steps": 15000}}
+    assert eval_steps(settings, 7500) == [7500, 10000, 12500, 15000]
+    settings["run"]["steps"] = 14000
+    assert eval_steps(settings, 7500) == [7500, 10000, 12500, 14000]

@@ -388,16 +388,40 @@ def test_off_a_terminal_progress_is_plain_lines(tmp_path, capsys):
 def test_recorded_sources_are_absolute_where_they_name_local_paths(tmp_path, monkeypatch):
     """A file and a dqn-replay directory are recorded by absolute path, the replay source's
     options kept as given; Minari ids and missing paths as given."""
-    from dtlab.data.formats import absolute_source
+    from dtlab.data.formats import absolute_source, missing_file
 
     (tmp_path / "replay").mkdir()
     data_file(tmp_path, "d.hdf5")
     monkeypatch.chdir(tmp_path)
     assert absolute_source("d.hdf5") == str(tmp_path / "d.hdf5")
-    assert absolute_source("dqn-replay:replay:buffers=1-2:stack=4") == \
-        f"dqn-replay:{tmp_path / 'replay'}:buffers=1-2:stack=4"
+    (tmp_path / "a:b").mkdir()  # a directory whose name holds the separator
+    for written, directory in (("replay", "replay"), ("./replay", "replay"),
+                               ("replay//", "replay"), ("./a:b/../replay", "replay"),
+                               ("a:b", "a:b")):  # as typed, not as pathlib tidies it
+        assert absolute_source(f"dqn-replay:{written}:buffers=1-2:stack=4") == \
+            f"dqn-replay:{tmp_path / directory}:buffers=1-2:stack=4", written
+    assert absolute_source("dqn-replay:./replay") == f"dqn-replay:{tmp_path / 'replay'}"
+    # A moved file or replay directory is named in the resume error (which adds --dataset).
+    assert missing_file("dqn-replay:gone:stack=4") == f"gone (from {tmp_path})"
+    assert missing_file(f"dqn-replay:{tmp_path / 'gone'}") == str(tmp_path / "gone")
+    for there in ("dqn-replay:./replay:stack=4", "d.hdf5", "minari:ns/name-v0"):
+        assert missing_file(there) is None, there
     for kept in ("minari:ns/name-v0", "missing.hdf5", "dqn-replay:missing:stack=4"):
         assert absolute_source(kept) == kept
+
+
+def test_published_dataset_records_name_no_local_directory():
+    """What export and to-hf publish of a run's data: a file by its name, a dqn-replay source by
+    its directory's name with its options; ids and relative names as recorded."""
+    from dtlab.checkpoint import shareable_dataset
+
+    record = {"path": "/home/u/data/d.hdf5", "source": "dqn-replay:/home/u/logs/Pong/1:stack=4",
+              "episodes": 3}
+    assert shareable_dataset(record) == {"path": "d.hdf5", "source": "dqn-replay:1:stack=4",
+                                         "episodes": 3}
+    for kept in ("minari:ns/name-v0", "d.hdf5", "dqn-replay:logs:stack=4"):
+        assert shareable_dataset({"source": kept}) == {"source": kept}
+    assert shareable_dataset({"source": "dqn-replay:/a/b:c"}) == {"source": "dqn-replay:b:c"}
 
 
 def test_a_run_with_no_checkpoint_yet_names_the_other_data_it_starts_on(tmp_path):

@@ -29,6 +29,8 @@ from dtlab._version import __version__
 from dtlab.atomic import atomic_path, dumps_json, write_json, write_text_atomic
 from dtlab.baselines import build_model
 from dtlab.config import ModelConfig
+from dtlab.data.formats.dqn_replay import PREFIX as REPLAY_PREFIX
+from dtlab.data.formats.dqn_replay import split_source as split_replay_source
 from dtlab.checks import is_number
 from dtlab.errors import CheckpointError, ConfigError
 from dtlab.model import DecisionTransformer
@@ -366,6 +368,15 @@ def shareable_dataset(dataset: dict[str, Any]) -> dict[str, Any]:
     """A checkpoint's dataset record as published (deploy artifact, Hugging Face layout): an
     absolute local ``path`` or ``source`` reduced to the file's name, which names the data
     without the machine's directories (user names included); ids such as ``minari:<id>`` and
-    relative names as recorded."""
-    return {k: Path(v).name if k in ("path", "source") and isinstance(v, str)
-            and Path(v).is_absolute() else v for k, v in dataset.items()}
+    relative names as recorded; a ``dqn-replay:`` source keeps its options and its directory's
+    name."""
+    return {k: _shareable_name(v) if k in ("path", "source") and isinstance(v, str) else v
+            for k, v in dataset.items()}
+
+
+def _shareable_name(text: str) -> str:
+    if text.startswith(REPLAY_PREFIX):
+        directory, options = split_replay_source(text)
+        return (f"{REPLAY_PREFIX}{Path(directory).name}{options}"
+                if Path(directory).is_absolute() else text)
+    return Path(text).name if Path(text).is_absolute() else text

@@ -196,6 +196,16 @@ class MetricsLog:
             self._wandb.finish()
 
 
+def on_terminal() -> bool:
+    """Whether stdout shows a live progress bar: a terminal or a Jupyter notebook, as rich
+    decides it (FORCE_TERMINAL and TTY_COMPATIBLE respected). In a log file or a pipe a bar is
+    cut to 80 columns ("1500/1..."), so callers print plain lines there instead."""
+    from rich.console import Console
+
+    console = Console()
+    return console.is_terminal or console.is_jupyter
+
+
 class Progress:
     """A rich progress bar with loss, lr, steps/s and ETA (silent when disabled)."""
 

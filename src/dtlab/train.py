@@ -15,7 +15,6 @@ import dataclasses
 import functools
 import math
 import os
-import sys
 import time
 import warnings
 from collections.abc import Callable
@@ -33,7 +32,7 @@ from dtlab.data.episodes import EpisodeSet
 from dtlab.distributed import World
 from dtlab.envs import env_info
 from dtlab.errors import ConfigError, DtlabWarning, TrainingError
-from dtlab.metrics import METRICS_FILE, Evaluation, Progress, training_record
+from dtlab.metrics import METRICS_FILE, Evaluation, Progress, on_terminal, training_record
 from dtlab.policy import DTPolicy
 # Preparing a run (everything checked before output is written) lives in dtlab.prepare.
 from dtlab.prepare import check_same_data, prepare, recorded_absolute
@@ -239,8 +238,7 @@ def _loop(cfg: TrainConfig, trainer: Trainer, info: PolicyInfo, run: RunDirector
     evaluations: list[Evaluation] = []
     last_loss, tick, tick_step = float("nan"), time.perf_counter(), state.step
     last_saved, saved_at = (state.step if cfg.run.resume else -1), time.monotonic()
-    # A bar only on a terminal: in a log file or a pipe it is cut to 80 columns ("1500/1...").
-    bar = cfg.run.progress and sys.stdout.isatty()
+    bar = cfg.run.progress and on_terminal()  # else plain lines (a log file, a pipe)
     progress = Progress(steps, state.step, enabled=bar and world.is_main)
     report = _LineReport(enabled=world.is_main and not bar)
     poll_every = SYNC_EVERY if world.distributed else 1  # one process polls every step

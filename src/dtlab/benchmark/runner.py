@@ -30,6 +30,7 @@ from dtlab import runtime
 from dtlab.benchmark import plan, report
 from dtlab.benchmark.plan import BenchmarkConfig, Cell
 from dtlab.errors import ConfigError, TrainingError
+from dtlab.metrics import on_terminal
 
 POLL_S = 0.05  # how often the runner looks at its cells and at should_stop
 INTERRUPTED = {128 + signal.SIGINT, 128 + signal.SIGTERM, -signal.SIGINT, -signal.SIGTERM}
@@ -162,10 +163,11 @@ class _CellProcess:
 
 class RunProgress:
     """Cells done / total and an estimate of the time left (the mean time of the cells run in
-    this call, times the rounds of ``jobs`` cells left); a rich bar, or one printed line per cell
-    when disabled."""
+    this call, times the rounds of ``jobs`` cells left); a rich bar on a terminal, else (or when
+    disabled) one printed line per cell."""
 
     def __init__(self, total: int, done: int, enabled: bool, jobs: int = 1) -> None:
+        enabled = enabled and on_terminal()
         self.total, self.done, self.enabled, self.jobs = total, done, enabled, jobs
         self.seconds: list[float] = []
         self.running: list[str] = []

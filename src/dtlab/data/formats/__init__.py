@@ -20,7 +20,7 @@ from dtlab.data.episodes import EpisodeSet
 from dtlab.data.formats._hdf5 import open_hdf5
 from dtlab.data.formats.d4rl import episodes_from_d4rl, read_d4rl, write_d4rl
 from dtlab.data.formats.dqn_replay import PREFIX as DQN_REPLAY_PREFIX
-from dtlab.data.formats.dqn_replay import parse_source as parse_replay_source
+from dtlab.data.formats.dqn_replay import split_source as split_replay_source
 from dtlab.data.formats.dqn_replay import read_dqn_replay
 from dtlab.data.formats.minari import PREFIX as MINARI_PREFIX
 from dtlab.data.formats.minari import read_minari
@@ -50,12 +50,17 @@ def is_file_source(path: str | Path) -> bool:
 
 
 def missing_file(path: str | Path) -> str | None:
-    """For a dataset file that is not there: how to name it in an error, its path and, for a
-    relative one, the directory it was looked for from ("d.hdf5 (from /home/u)"); None when it
-    is there, or is not a file (``minari:<id>``, ``dqn-replay:...``)."""
-    if not is_file_source(path) or Path(path).exists():
+    """For a dataset file, or a ``dqn-replay:`` source's directory, that is not there: how to
+    name it in an error, its path and, for a relative one, the directory it was looked for from
+    ("d.hdf5 (from /home/u)"); None when it is there, or is not local (``minari:<id>``)."""
+    text = str(path)
+    if text.startswith(DQN_REPLAY_PREFIX):
+        text = split_replay_source(text)[0]
+    elif not is_file_source(text):
         return None
-    return str(path) if Path(path).is_absolute() else f"{path} (from {Path.cwd()})"
+    if Path(text).exists():
+        return None
+    return text if Path(text).is_absolute() else f"{text} (from {Path.cwd()})"
 
 
 def absolute_source(path: str | Path) -> str:
@@ -64,8 +69,7 @@ def absolute_source(path: str | Path) -> str:
     else (Minari ids, missing files) as given."""
     text = str(path)
     if text.startswith(DQN_REPLAY_PREFIX):
-        directory = str(parse_replay_source(text).directory)
-        rest = text[len(DQN_REPLAY_PREFIX) + len(directory):]  # its options, as given
+        directory, rest = split_replay_source(text)  # the directory and its options, as given
         if Path(directory).is_dir():
             return f"{DQN_REPLAY_PREFIX}{os.path.abspath(directory)}{rest}"
         return text

@@ -76,17 +76,28 @@ class ReplaySource:
     stack: int = _DOPAMINE_STACK
 
 
+def split_source(text: str) -> tuple[str, str]:
+    """``dqn-replay:DIR[:OPTIONS]`` -> (DIR, ":OPTIONS" or ""), both as written (DIR is not
+    normalized, so DIR + OPTIONS is the text after the prefix). Options are the trailing
+    ``:key=value`` parts, so DIR may itself contain ':'."""
+    rest = text[len(PREFIX):] if text.startswith(PREFIX) else text
+    parts = rest.split(":")
+    n = 0
+    while len(parts) - n > 1 and "=" in parts[-1 - n]:
+        n += 1
+    directory = ":".join(parts[:len(parts) - n])
+    return directory, rest[len(directory):]
+
+
 def parse_source(text: str) -> ReplaySource:
     """``dqn-replay:DIR[:buffers=A-B|A,B,...][:transitions=N][:stack=S]`` -> ReplaySource.
     Options are taken from the end, so DIR may itself contain ':'. DatasetError naming the
     option when one is malformed."""
-    rest = text[len(PREFIX):] if text.startswith(PREFIX) else text
-    parts = rest.split(":")
+    directory, tail = split_source(text)
     options: dict[str, str] = {}
-    while len(parts) > 1 and "=" in parts[-1]:
-        key, _, value = parts.pop().partition("=")
+    for item in tail[1:].split(":") if tail else ():
+        key, _, value = item.partition("=")
         options[key] = value
-    directory = ":".join(parts)
     unknown = sorted(set(options) - {"buffers", "transitions", "stack"})
     if unknown or not directory:
         raise DatasetError(f"{text}: expected dqn-replay:DIR[:buffers=A-B][:transitions=N]"
