@@ -169,8 +169,9 @@ def _flag_value(args: list[str], flag: str) -> tuple[str | None, list[str]]:
 
 
 def _check_saved_dataset(dataset: str | None, config_file: Path) -> None:
-    """ConfigError when the dataset file (or replay directory) a run's settings name is not there (moved, or named
-    relative to another directory, as runs before absolute paths were): --dataset says where."""
+    """ConfigError when the dataset file (or replay directory) a run's settings name is not
+    there (moved, or named relative to another directory, as runs before absolute paths were):
+    --dataset says where."""
     from dtlab.data.formats import missing_file
 
     if dataset is None or (missing := missing_file(dataset)) is None:

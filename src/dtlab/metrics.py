@@ -198,7 +198,7 @@ class MetricsLog:
 
 def on_terminal() -> bool:
     """Whether stdout shows a live progress bar: a terminal or a Jupyter notebook, as rich
-    decides it (FORCE_TERMINAL and TTY_COMPATIBLE respected). In a log file or a pipe a bar is
+    decides it (FORCE_TERMINAL respected). In a log file or a pipe a bar is
     cut to 80 columns ("1500/1..."), so callers print plain lines there instead."""
     from rich.console import Console
 
