@@ -69,7 +69,9 @@ def test_evaluate_table_names_the_step_and_the_mean_episode_length(tmp_path, cap
     assert code == 0, stderr
     assert "run step 4" in stdout  # the tiny checkpoint: run directory "run", 4 training steps
     assert "mean length (steps)" in stdout
-    row = next(line for line in stdout.splitlines() if "-200" in line)
+    # The table's row: the title names the checkpoint's path, which may hold "-200" too
+    # (pytest's basetemp /tmp/pytest-of-root/pytest-200).
+    row = next(line for line in stdout.splitlines() if line.startswith("│") and "-200" in line)
     assert row.split("│")[-2].strip() == "7.0"  # both episodes cut at --max-steps 7
     assert json.loads(out.read_text())["checkpoint_step"] == 4
 
