@@ -29,13 +29,13 @@ from pathlib import Path
 import torch
 from torch.optim.swa_utils import AveragedModel
 
-from dtlab import checkpoint
 from dtlab.errors import DtlabError
 from dtlab.policy import DTPolicy
 from dtlab.rollout import Evaluator
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from stability import KEYS, Refused, at_evaluations, average_curve, scores, summary  # noqa: E402
+from stability import (KEYS, Refused, at_evaluations, average_curve,  # noqa: E402
+                       cached_evaluations, raw_model, scores, summary)
 
 
 def eval_steps(settings: dict, from_step: int) -> list[int]:
@@ -54,28 +54,25 @@ def averaged(run: Path, steps: list[int]):
         if not path.is_dir():
             raise Refused(f"{path}: missing; the average needs the checkpoint of every evaluation"
                           f" step from --from-step {steps[0]}")
-        model, info = checkpoint.load(path)
-        model.load_state_dict(checkpoint.load_trainer_state(path)["raw_weights"])
+        model, info = raw_model(path)
         if average is None:  # a copy; its first update_parameters sets it to the model
             average = AveragedModel(model)
         average.update_parameters(model)  # the running mean of the models it is given
         yield step, average.module.eval(), info
 
 
-def swa_curve(run: Path, from_step: int) -> dict[int, dict[str, float]]:
+def swa_curve(run: Path, settings: dict, raw: dict[int, dict[str, float]],
+              from_step: int) -> dict[int, dict[str, float]]:
     """The equal-weight average of the raw weights at the evaluation steps from ``from_step``
-    to t, evaluated at each such t (cached in RUN/swa_from<from_step>_evaluations.json)."""
-    settings = json.loads((run / "train_config.json").read_text())
+    to t, evaluated at each such t (cached in RUN/swa_from<from_step>_evaluations.json); at
+    ``from_step`` itself, the average of one, the raw weights' evaluation ``raw``."""
     cache_file = run / f"swa_from{from_step}_evaluations.json"
-    cache = {int(k): v for k, v in json.loads(cache_file.read_text()).items()} \
-        if cache_file.exists() else {}
+    cache = cached_evaluations(cache_file)
+    if from_step not in cache and from_step in raw:
+        cache[from_step] = raw[from_step]
     ev = settings["evaluation"]
     evaluator = Evaluator(settings["data"]["env"], tuple(ev["eval_targets"]),
                           ev["eval_episodes"], seed=settings["optim"]["seed"])
-    raw_file = run / "raw_evaluations.json"
-    if from_step not in cache and raw_file.exists():  # the average of one: the raw weights
-        cache.update({int(k): v for k, v in json.loads(raw_file.read_text()).items()
-                      if int(k) == from_step})
     for step, model, info in averaged(run, eval_steps(settings, from_step)):
         if step not in cache:
             cache[step] = scores(evaluator(DTPolicy(model, info)))
@@ -92,10 +89,9 @@ def curves(run: Path, from_step: int) -> dict[str, dict[int, dict[str, float]]]:
     raw_file = run / "raw_evaluations.json"
     if not raw_file.exists():
         raise Refused(f"{raw_file}: missing; run benchmarks/stability.py on this run first")
-    raw = at_evaluations({int(k): v for k, v in json.loads(raw_file.read_text()).items()},
-                         every, steps)
+    raw = at_evaluations(cached_evaluations(raw_file), every, steps)
     ema = at_evaluations(average_curve(run), every, steps)
-    swa = swa_curve(run, from_step)
+    swa = swa_curve(run, settings, raw, from_step)
     if set(raw) != set(ema) or not set(swa) <= set(raw):
         raise Refused(f"{run}: the raw weights were evaluated at {sorted(raw)}, the average at "
                       f"{sorted(ema)}; finish the run with benchmarks/stability.py first")

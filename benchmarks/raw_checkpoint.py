@@ -21,6 +21,9 @@ from pathlib import Path
 from dtlab import checkpoint
 from dtlab.errors import CheckpointError, DtlabError
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from stability import raw_model  # noqa: E402
+
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -40,14 +43,8 @@ def write_raw(source: str, out: Path) -> Path:
     DtlabError (CheckpointError) for a checkpoint without raw weights or an existing ``out``."""
     if out.exists():
         raise CheckpointError(f"{out}: exists; name a new directory")
-    path, info = checkpoint.load_info(source)
-    state = checkpoint.load_trainer_state(path)
-    if "raw_weights" not in state:
-        raise CheckpointError(
-            f"{path}: no raw weights in its trainer state (a run trained without --ema-decay: "
-            "its model is its raw weights already)")
-    model = checkpoint.load_weights(path, info)
-    model.load_state_dict(state["raw_weights"])
+    path = checkpoint.resolve(source)
+    model, info = raw_model(path)
     return checkpoint.save(out, path.name, model, info)
 
 

@@ -35,6 +35,7 @@ import torch
 
 from dtlab import checkpoint
 from dtlab.benchmark.report import iqm_with_ci
+from dtlab.errors import CheckpointError
 from dtlab.config import DataConfig, EvalDuringTraining, OptimConfig, RunConfig, TrainConfig
 from dtlab.policy import DTPolicy
 from dtlab.rollout import Evaluator
@@ -83,22 +84,40 @@ def at_evaluations(curve: dict[int, dict[str, float]], every: int, last: int
     return {s: v for s, v in curve.items() if s % every == 0 or s == last}
 
 
+def raw_model(path: Path):
+    """(model, PolicyInfo) of checkpoint ``path`` with its raw weights (the trainer state's
+    ``raw_weights``) in place of their average. CheckpointError for a checkpoint without them
+    (a run trained without --ema-decay, whose model is its raw weights already)."""
+    model, info = checkpoint.load(path)
+    state = checkpoint.load_trainer_state(path)
+    if "raw_weights" not in state:
+        raise CheckpointError(
+            f"{path}: no raw weights in its trainer state (a run trained without --ema-decay: "
+            "its model is its raw weights already)")
+    model.load_state_dict(state["raw_weights"])
+    return model, info
+
+
+def cached_evaluations(file: Path) -> dict[int, dict[str, float]]:
+    """An evaluation cache (step -> target -> normalized score), empty when the file is not
+    there."""
+    if not file.exists():
+        return {}
+    return {int(k): v for k, v in json.loads(file.read_text()).items()}
+
+
 def raw_curve(run: Path, cfg: TrainConfig) -> dict[int, dict[str, float]]:
     """Every checkpoint's raw weights evaluated as training evaluates (same targets, episodes and
     env seeds); cached in raw_evaluations.json."""
     cache_file = run / "raw_evaluations.json"
-    cache = {int(k): v for k, v in json.loads(cache_file.read_text()).items()} \
-        if cache_file.exists() else {}
+    cache = cached_evaluations(cache_file)
     evaluator = Evaluator(cfg.data.env, cfg.evaluation.eval_targets, cfg.evaluation.eval_episodes,
                           seed=cfg.optim.seed)
     for path in sorted(run.glob("step_*")):
         step = int(path.name[5:])
         if step in cache or (step % cfg.evaluation.eval_every and step != cfg.run.steps):
             continue
-        model, info = checkpoint.load(path)
-        state = checkpoint.load_trainer_state(path)
-        model.load_state_dict(state["raw_weights"])
-        cache[step] = scores(evaluator(DTPolicy(model, info)))
+        cache[step] = scores(evaluator(DTPolicy(*raw_model(path))))
         cache_file.write_text(json.dumps(cache, indent=1))
     return cache
 
@@ -232,9 +251,8 @@ def _main(argv=None) -> int:
         if not args.report_only:
             raw_curve(run, dataclasses.replace(cfg))
         ema_curve = at_evaluations(average_curve(run), args.eval_every, args.steps)
-        raw_file = run / "raw_evaluations.json"
-        raw_c = at_evaluations({int(k): v for k, v in json.loads(raw_file.read_text()).items()},
-                               args.eval_every, args.steps) if raw_file.exists() else {}
+        raw_c = at_evaluations(cached_evaluations(run / "raw_evaluations.json"),
+                               args.eval_every, args.steps)
         if not ema_curve or set(raw_c) != set(ema_curve):  # the same evaluations, or it waits
             print(f"seed {seed}: raw weights evaluated at {len(raw_c)} of the average's "
                   f"{len(ema_curve)} evaluations; left out (run without --report-only to "
