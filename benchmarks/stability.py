@@ -46,8 +46,9 @@ def run_config(args, seed: int) -> TrainConfig:
     out = Path(args.out) / f"seed{seed}"
     return TrainConfig(
         data=DataConfig(args.dataset, env=args.env),
-        optim=OptimConfig(warmup_steps=args.warmup_steps, seed=seed, ema_decay=args.ema_decay,
-                          schedule=args.schedule),
+        optim=OptimConfig(lr=args.lr, warmup_steps=args.warmup_steps, seed=seed,
+                          ema_decay=args.ema_decay, schedule=args.schedule,
+                          precision=args.precision),
         run=RunConfig(out=str(out), steps=args.steps, resume=(out / "train_config.json").exists(),
                       checkpoint_every=args.eval_every, keep_checkpoints=10_000,
                       threads=args.threads, progress=False, tensorboard=False),
@@ -156,7 +157,9 @@ def _swing(values: list[float]) -> float | None:
 
 # The settings that must agree for seeds from two reports to be summarized together.
 SAME = ("env", "steps", "warmup_steps", "eval_every", "eval_episodes", "ema_decay", "schedule",
-        "targets")
+        "targets", "lr")
+# Settings added to the script later, with the value that reports written before them ran with.
+ADDED_LATER = {"lr": OptimConfig.lr}
 
 
 class Refused(Exception):
@@ -177,8 +180,8 @@ def included(path: str, settings: dict) -> tuple[list[int], list[dict], list[dic
         raise Refused(f"--include {path}: not a stability.json report ({e})") from None
     mine = dict(settings, dataset=Path(settings["dataset"]).name,
                 targets=[float(t) for t in settings["targets"]])
-    theirs = dict(theirs, dataset=Path(str(theirs.get("dataset"))).name,
-                  targets=[float(t) for t in theirs.get("targets", [])])
+    theirs = {**ADDED_LATER, **theirs, "dataset": Path(str(theirs.get("dataset"))).name,
+              "targets": [float(t) for t in theirs.get("targets", [])]}
     for key in ("dataset",) + SAME + ("dataset_fingerprint",) * bool(
             mine.get("dataset_fingerprint") and theirs.get("dataset_fingerprint")):
         if mine.get(key) != theirs.get(key):
@@ -231,6 +234,9 @@ def _main(argv=None) -> int:
     p.add_argument("--eval-episodes", type=int, default=10)
     p.add_argument("--ema-decay", type=float, default=0.999)
     p.add_argument("--schedule", default="constant", choices=("constant", "cosine"))
+    p.add_argument("--lr", type=float, default=OptimConfig.lr, help="peak learning rate")
+    p.add_argument("--precision", default="auto", choices=("auto", "fp32", "bf16"),
+                   help="matmul precision of training (dtlab train --precision)")
     p.add_argument("--targets", type=float, nargs="+", default=[3600, 1800])
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--reps", type=int, default=2000)

@@ -83,7 +83,8 @@ def test_stability_include_joins_earlier_seeds_and_refuses_other_settings(tmp_pa
                                                                          capsys):
     """--include: an earlier report's seeds join the summary (by hand: two seeds' last scores
     10 and 30 at target 1, IQM of two = their mean 20); a report run at other targets, or one
-    holding a seed reported twice, is refused in one line with exit code 2."""
+    holding a seed reported twice, or one run at another learning rate, is refused in one line
+    with exit code 2."""
     monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))
     from stability import main
 
@@ -136,6 +137,10 @@ def test_stability_include_joins_earlier_seeds_and_refuses_other_settings(tmp_pa
         assert main(base + ["--seeds", "9", "--include", a, bad]) == 2
         err = capsys.readouterr().err
         assert message in err and len(err.strip().splitlines()) == 1, err
+    # a report from before --lr existed ran at dtlab's default 1e-4: refused beside another lr
+    assert main(base + ["--seeds", "9", "--lr", "3e-4", "--include", a]) == 2
+    err = capsys.readouterr().err
+    assert "its lr is 0.0001, this report's is 0.0003" in err, err
 
 
 def test_odt_control_copies_the_offline_run_and_redoes_a_cut_copy(tmp_path, monkeypatch):
