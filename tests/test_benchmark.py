@@ -357,6 +357,28 @@ def test_progress_estimate_counts_rounds_of_jobs():
     assert progress.eta() == "0:03:20"
 
 
+def test_progress_estimate_counts_the_running_cells_elapsed_time():
+    """By hand, jobs 2, cells of 4,000 s: with one of two cells done and the other 3,990 s in,
+    10 s are left (the estimate before counted a whole cell, 1:06:40). Two cells more: one
+    takes the free slot (4,000 s), the other b's after its 10 s (4,010 s)."""
+    from dtlab.benchmark.runner import RunProgress
+
+    now = [0.0]
+    progress = RunProgress(total=2, done=0, enabled=False, jobs=2, clock=lambda: now[0])
+    progress.start("a")
+    progress.start("b")
+    now[0] = 3990.0
+    progress.finish("a", 4000.0)
+    assert progress.running == ["b"]
+    assert progress.eta() == "0:00:10"
+    progress.total = 4
+    assert progress.eta() == "1:06:50"
+    progress.start("c")  # c running beside b, d waiting for b's slot: the same end
+    assert progress.eta() == "1:06:50"
+    now[0] = 5000.0  # b overdue counts as ending now: d 4,000 s from now, c has 2,990 s left
+    assert progress.eta() == "1:06:40"
+
+
 # ---- stopping, continuing, calibrating, refusing (processes: slow) -------------------------------
 @pytest.mark.slow
 def test_benchmark_stops_on_sigint_and_a_rerun_continues_bit_for_bit(tmp_path, capsys,

@@ -162,15 +162,21 @@ class _CellProcess:
 
 
 class RunProgress:
-    """Cells done / total and an estimate of the time left (the mean time of the cells run in
-    this call, times the rounds of ``jobs`` cells left); a rich bar on a terminal, else (or when
-    disabled) one printed line per cell."""
+    """Cells done / total and an estimate of the time left; a rich bar on a terminal, else (or
+    when disabled) one printed line per cell.
 
-    def __init__(self, total: int, done: int, enabled: bool, jobs: int = 1) -> None:
+    The estimate takes each cell to last the mean time of the cells finished in this call: a
+    running cell has that less its elapsed time left (at least 0), and the cells not started
+    go, in order, to whichever of the ``jobs`` slots frees first; the estimate is when the last
+    slot frees. ``clock`` gives the time in seconds (time.perf_counter)."""
+
+    def __init__(self, total: int, done: int, enabled: bool, jobs: int = 1,
+                 clock: Callable[[], float] = time.perf_counter) -> None:
         enabled = enabled and on_terminal()
         self.total, self.done, self.enabled, self.jobs = total, done, enabled, jobs
         self.seconds: list[float] = []
-        self.running: list[str] = []
+        self.started: dict[str, float] = {}  # running cells: their start on ``clock``
+        self.clock = clock
         self._bar = None
         if enabled:
             from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
@@ -181,22 +187,30 @@ class RunProgress:
             self._task = self._bar.add_task("cells", total=total, completed=done, eta="-",
                                             run="")
 
+    @property
+    def running(self) -> list[str]:
+        return list(self.started)
+
     def eta(self) -> str:
         if not self.seconds:
             return "-"
-        rounds = -(-(self.total - self.done) // self.jobs)  # cells left, run jobs at a time
-        left = round(rounds * sum(self.seconds) / len(self.seconds))
+        mean, now = sum(self.seconds) / len(self.seconds), self.clock()
+        slots = sorted(max(0.0, mean - (now - t)) for t in self.started.values())
+        slots += [0.0] * max(0, self.jobs - len(slots))
+        for _ in range(self.total - self.done - len(self.started)):  # cells not started
+            slots[0] += mean
+            slots.sort()
+        left = round(max(slots))
         return f"{left // 3600}:{left // 60 % 60:02d}:{left % 60:02d}"
 
     def start(self, label: str) -> None:
-        self.running.append(label)
+        self.started[label] = self.clock()
         if self._bar is not None:
             self._bar.update(self._task, run=", ".join(self.running))
 
     def finish(self, label: str, seconds: float | None) -> None:
         """``seconds`` None: the cell stopped unfinished (not counted)."""
-        if label in self.running:
-            self.running.remove(label)
+        self.started.pop(label, None)
         if seconds is None:
             if self._bar is not None:
                 self._bar.update(self._task, run=", ".join(self.running))
