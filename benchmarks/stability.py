@@ -88,14 +88,20 @@ def at_evaluations(curve: dict[int, dict[str, float]], every: int, last: int
 def raw_model(path: Path):
     """(model, PolicyInfo) of checkpoint ``path`` with its raw weights (the trainer state's
     ``raw_weights``) in place of their average. CheckpointError for a checkpoint without them
-    (a run trained without --ema-decay, whose model is its raw weights already)."""
+    (a run trained without --ema-decay, whose model is its raw weights already) or whose raw
+    weights do not fit its model (names or shapes)."""
     model, info = checkpoint.load(path)
     state = checkpoint.load_trainer_state(path)
     if "raw_weights" not in state:
         raise CheckpointError(
             f"{path}: no raw weights in its trainer state (a run trained without --ema-decay: "
             "its model is its raw weights already)")
-    model.load_state_dict(state["raw_weights"])
+    try:
+        model.load_state_dict(state["raw_weights"])
+    except RuntimeError as e:  # torch lists every mismatch over several lines: keep the first
+        first = next((line.strip() for line in str(e).splitlines()[1:] if line.strip()), str(e))
+        raise CheckpointError(f"{path}: its trainer state's raw weights do not fit its model "
+                              f"({first}); was the checkpoint written by another dtlab?") from None
     return model, info
 
 

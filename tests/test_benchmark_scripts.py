@@ -204,6 +204,13 @@ def test_raw_checkpoint_holds_the_weights_a_run_without_the_average_trains(tmp_p
         err = capsys.readouterr().err
         assert words in err and len(err.strip().splitlines()) == 1, err
     assert not (tmp_path / "other").exists()
+    state = checkpoint.load_trainer_state(checkpoint.resolve(tmp_path / "ema"))
+    del state["raw_weights"]["predict_action.weight"]  # raw weights another model's
+    monkeypatch.setattr(checkpoint, "load_trainer_state", lambda path: state)
+    assert main([str(tmp_path / "ema"), str(tmp_path / "other")]) == 2
+    err = capsys.readouterr().err
+    assert "raw weights do not fit its model" in err and "predict_action.weight" in err, err
+    assert len(err.strip().splitlines()) == 1 and not (tmp_path / "other").exists(), err
 
 
 def test_checkpoint_average_is_the_mean_of_the_raw_weights_so_far(tmp_path, monkeypatch):
