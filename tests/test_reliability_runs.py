@@ -4,6 +4,7 @@ first checkpoint, unavailable devices, resume without a checkpoint, wall-clock c
 
 import json
 import math
+import shutil
 import warnings
 
 import gymnasium as gym
@@ -180,6 +181,29 @@ def test_resume_without_a_checkpoint_starts_from_step_zero(tmp_path, capsys):
     # Different settings are still refused, naming what differs.
     with pytest.raises(ConfigError, match=r"optim.lr: 0.0001 -> 0.001"):
         train(cfg(tmp_path, resume=True, lr=1e-3), data)
+
+
+def test_resume_without_a_checkpoint_names_the_dataset_as_given(tmp_path, monkeypatch):
+    """The note for settings without a checkpoint names the dataset as the user typed it (a
+    relative path), not the absolute one the run records, beside the file the settings name;
+    a run saved in the flat format of before issue 9 (data fields at the top level) too."""
+    monkeypatch.chdir(tmp_path)
+    save_episodes(pendulum_data(), tmp_path / "now.hdf5")
+    run = tmp_path / "run"
+    train(cfg(tmp_path, "full", dataset="now.hdf5"))
+    settings = json.loads((tmp_path / "full" / "train_config.json").read_text())
+    settings["data"]["dataset"] = "/elsewhere/then.hdf5"
+    flat = {**settings["data"], **settings["optim"], "model": settings["model"],
+            "steps": settings["run"]["steps"]}
+    for recorded in (settings, flat):
+        run.mkdir()
+        (run / "train_config.json").write_text(json.dumps(recorded))
+        with pytest.warns(DtlabWarning) as caught:
+            train(cfg(tmp_path, resume=True, dataset="now.hdf5"))
+        said = [str(w.message) for w in caught if "no checkpoint yet" in str(w.message)]
+        assert len(said) == 1 and said[0].endswith(
+            "starting from step 0, on now.hdf5 (the run's settings name /elsewhere/then.hdf5)"), said
+        shutil.rmtree(run)  # the next round starts from settings only again
 
 
 def test_wall_clock_checkpoints_keep_resume_bit_exact(tmp_path):

@@ -254,8 +254,11 @@ def test_the_start_line_and_the_best_checkpoint(tmp_path, capsys):
     assert train(data, run, "--steps", "10", "--eval-every", "5", "--eval-episodes", "1",
                  "--eval-targets", "-400", "--checkpoint-every", "5") == 0
     out = capsys.readouterr().out
+    from dtlab.runtime import resolve_precision  # bf16 on a CPU with native bf16, else fp32
+
+    auto = resolve_precision("auto", torch.device("cpu"))
     assert re.search(r"^train decision-transformer: 0\.0\dM parameters \(embed 16, 1 layer, K 5\) "
-                     r"on cpu, 1 thread, precision fp32 \(auto\); data data\.hdf5: 3 episodes, "
+                     rf"on cpu, 1 thread, precision {auto} \(auto\); data data\.hdf5: 3 episodes, "
                      r"600 transitions, .* 10 steps, from step 0$", out, re.M), out
     scores = {e.step: e.mean_score() for e in RunDirectory(run).evaluations()}
     best_step = max(scores, key=scores.get)

@@ -149,13 +149,14 @@ class RunDirectory:
             locks.release(fd)
 
     # ---- resuming --------------------------------------------------------------------------------
-    def resume_point(self, cfg: TrainConfig) -> Path | None:
+    def resume_point(self, cfg: TrainConfig, source: str | None = None) -> Path | None:
         """The checkpoint a run continues from, or None to start at step 0.
 
         Without ``resume`` the directory must not hold a checkpoint. With it: a directory with a
         checkpoint resumes from it; one with this run's settings but no checkpoint yet (a job
-        killed before its first save) starts from step 0 with a one-line note; anything else is
-        an error."""
+        killed before its first save) starts from step 0 with a one-line note, which names the
+        dataset as ``source`` (the name the user gave; default ``cfg.data.dataset``) where it is
+        not the file the settings recorded; anything else is an error."""
         out = self.path
         if out.exists() and not out.is_dir():
             raise ConfigError(f"{out}: is a file; --out must be a run directory")
@@ -172,8 +173,10 @@ class RunDirectory:
             return checkpoint.resolve(out)
         if self.is_run():
             self.check_resume_config(cfg)
-            saved = (self.saved_config_json().get("data") or {}).get("dataset")
-            other = (f", on {cfg.data.dataset} (the run's settings name {saved})"
+            settings = self.saved_config_json()  # runs before issue 9: data at the top level
+            saved = (settings.get("data") if isinstance(settings.get("data"), dict)
+                     else settings).get("dataset")
+            other = (f", on {source or cfg.data.dataset} (the run's settings name {saved})"
                      if saved and os.path.abspath(str(saved)) != os.path.abspath(
                          str(cfg.data.dataset)) else "")
             warnings.warn(f"{out}: --resume found the run's settings but no checkpoint yet; "

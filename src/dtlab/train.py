@@ -133,7 +133,7 @@ def _train(cfg: TrainConfig, episodes: EpisodeSet, info: PolicyInfo, device: tor
            auto_precision: bool = False) -> TrainResult:
     run = RunDirectory(cfg.run.out, main=world.is_main)
     with run.hold():  # what the directory holds is read under the lock
-        start_from = run.resume_point(cfg)
+        start_from = run.resume_point(cfg, str(episodes.source))
         if start_from is not None:
             info = check_same_data(start_from, info)
         trainer = Trainer.create(cfg, episodes, info, device, world)
