@@ -28,9 +28,9 @@ import torch
 from dtlab import checkpoint, distributed, runtime
 from dtlab.checkpoint import PolicyInfo
 from dtlab.config import TrainConfig
+from dtlab.data.diagnostics import return_scale_is_fitted
 from dtlab.data.episodes import EpisodeSet
 from dtlab.distributed import World
-from dtlab.envs import env_info
 from dtlab.errors import ConfigError, DtlabWarning, TrainingError
 from dtlab.metrics import METRICS_FILE, Evaluation, Progress, on_terminal, training_record
 from dtlab.policy import DTPolicy
@@ -201,7 +201,7 @@ def _start_line(cfg: TrainConfig, trainer: "Trainer", episodes: EpisodeSet, info
              else "from step 0")
     ema = f", weight average {cfg.optim.ema_decay:g}" if cfg.optim.ema_decay else ""
     scale = ""
-    if cfg.data.return_scale is None and env_info(cfg.data.env).return_scale is None:
+    if cfg.data.return_scale is None and return_scale_is_fitted(cfg.data.env):
         scale = (f"; return scale {info.normalizer.return_scale:g} (fitted to the data: "
                  f"dtlab knows none for {cfg.data.env}; --return-scale sets it)")
     return (f"train {m.architecture}: {params / 1e6:.2f}M parameters (embed {m.embed_dim}, "

@@ -205,11 +205,16 @@ def _odd_actions(episodes: EpisodeSet) -> Finding | None:
                    "discrete action indices, store them as integers of shape (N,)")
 
 
+def return_scale_is_fitted(env_id: str | None) -> bool:
+    """Whether training without --return-scale fits the return scale to the data: for an env
+    with none registered (``EnvInfo.return_scale``), or no env."""
+    return env_info(env_id or "").return_scale is None
+
+
 def default_return_scale(env_id: str | None, episodes: EpisodeSet) -> tuple[float, bool]:
     """The return scale training uses without --return-scale, and whether it was fitted: the env
     registry's (``EnvInfo.return_scale``), else, for an env with none registered (or no env),
     ``fitted_return_scale`` of the data's returns-to-go."""
-    scale = env_info(env_id or "").return_scale
-    if scale is not None:
-        return float(scale), False
-    return fitted_return_scale(episodes.returns_to_go), True
+    if return_scale_is_fitted(env_id):
+        return fitted_return_scale(episodes.returns_to_go), True
+    return float(env_info(env_id or "").return_scale), False
