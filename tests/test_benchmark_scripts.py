@@ -8,6 +8,8 @@ import sys
 from dataclasses import replace
 from pathlib import Path
 
+import numpy as np
+import pytest
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -241,3 +243,32 @@ def test_checkpoint_average_is_the_mean_of_the_raw_weights_so_far(tmp_path, monk
     assert eval_steps(settings, 7500) == [7500, 10000, 12500, 15000]
     settings["run"]["steps"] = 14000
     assert eval_steps(settings, 7500) == [7500, 10000, 12500, 14000]
+
+
+def test_eval_noise_floor_by_hand_by_simulation_and_on_a_run(tmp_path, monkeypatch, capsys):
+    """benchmarks/eval_noise.py: the predicted floor 2 s / sqrt(pi n) (s = 1, n = 10: 0.35682),
+    agreeing with a simulation of normal evaluations; the measured floor of hand-made scores
+    (means 1, 4, 2: |3| and |2|, 2.5; variances 1, 0, 1 pooled: sqrt(2/3)); and on a trained
+    Pendulum run, a JSON report with one mean per repeat at each target."""
+    monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))
+    from eval_noise import floor_of, main, predicted_floor
+
+    from dtlab.train import train
+    from tests.configs import pendulum_like
+    from tests.test_train import config
+
+    assert predicted_floor(1.0, 10) == pytest.approx(0.356825, abs=1e-6)
+    draws = np.random.default_rng(0).normal(5.0, 3.0, size=(20_000, 10)).mean(axis=1)
+    assert np.mean(np.abs(np.diff(draws))) == pytest.approx(predicted_floor(3.0, 10), rel=0.02)
+    row = floor_of([[0.0, 2.0], [4.0, 4.0], [1.0, 3.0]])
+    assert row["means"] == [1.0, 4.0, 2.0] and row["measured"] == 2.5
+    assert row["episode_std"] == pytest.approx((2 / 3) ** 0.5)
+    assert row["predicted"] == pytest.approx(2 * (2 / 3) ** 0.5 / np.sqrt(2 * np.pi))
+    train(config(tmp_path, "run", steps=4, checkpoint_every=4, eval_targets=(-300.0,)),
+          pendulum_like())
+    out = tmp_path / "noise.json"
+    assert main([str(tmp_path / "run"), "--episodes", "2", "--repeats", "3", "--out",
+                 str(out)]) == 0
+    report = json.loads(out.read_text())
+    assert list(report["targets"]) == ["-300"] and len(report["targets"]["-300"]["means"]) == 3
+    assert "target -300: means " in capsys.readouterr().out

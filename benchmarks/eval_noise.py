@@ -1,0 +1,106 @@
+"""The swing between evaluations that the evaluation itself makes: one checkpoint, not trained
+between evaluations, evaluated ``--repeats`` times at the same targets, each time on other env
+seeds, and the mean absolute difference between consecutive evaluations of it measured.
+
+    python benchmarks/eval_noise.py RUN/step_00015000 --episodes 10 --repeats 6 \
+        --out docs/results/NAME-eval-noise.json
+
+docs/results.md's "Stable scores" compares training's swing (benchmarks/stability.py: the mean
+absolute difference of consecutive evaluations, 2,500 steps apart) with this floor. A policy
+that does not change still scores differently on other episodes: with n episodes per
+evaluation of per-episode standard deviation s (normalized points), two independent evaluations
+differ by 2 s / sqrt(pi n) on average (the mean absolute value of a normal difference of
+variance 2 s^2 / n), 0.357 s at n = 10. Training's swing cannot be pushed much below it by
+anything but more episodes per evaluation. The script reports the measured floor and that
+prediction from the pooled per-episode deviation.
+
+Training evaluates every checkpoint on the same env seeds; here repeat r uses seed
+``--seed + r``. For MuJoCo's chaotic dynamics the weights of a later evaluation act as other
+episodes would (their initial states differ by at most the env's reset noise), which is the
+assumption behind comparing the two.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+from pathlib import Path
+
+import numpy as np
+
+from dtlab import checkpoint
+from dtlab.data.records import ReturnStats
+from dtlab.data.returns import normalized_score
+from dtlab.envs import reference_scores
+from dtlab.errors import DtlabError
+from dtlab.policy import DTPolicy
+from dtlab.rollout import Evaluator, default_targets
+
+
+def predicted_floor(episode_std: float, episodes: int) -> float:
+    """Mean absolute difference of two independent means of ``episodes`` draws with standard
+    deviation ``episode_std``: 2 s / sqrt(pi n) (E|Z| = sqrt(2 / pi) for a standard normal Z,
+    times the difference's standard deviation s sqrt(2 / n))."""
+    return 2.0 * episode_std / math.sqrt(math.pi * episodes)
+
+
+def floor_of(scores: list[list[float]]) -> dict:
+    """Per repeat the episodes' normalized scores -> the repeats' means, the measured floor (mean
+    absolute difference of consecutive means) and the predicted one from the pooled std (the
+    root mean of the repeats' population variances)."""
+    means = [float(np.mean(s)) for s in scores]
+    pooled = math.sqrt(float(np.mean([np.var(s) for s in scores])))
+    return {"means": means, "episode_std": pooled,
+            "measured": float(np.mean(np.abs(np.diff(means)))) if len(means) > 1 else None,
+            "predicted": predicted_floor(pooled, len(scores[0]))}
+
+
+def measure(source: str, targets: list[float] | None, episodes: int, repeats: int,
+            seed: int) -> dict:
+    """The floor at each target (default: those training evaluated at, as it chose them)."""
+    path = checkpoint.resolve(source)
+    model, info = checkpoint.load(path)
+    settings = json.loads((path.parent / "train_config.json").read_text())
+    env = settings["data"]["env"]
+    targets = targets or settings["evaluation"]["eval_targets"] or list(default_targets(
+        env, ReturnStats.from_json(info.dataset.get("episode_return")))[0])
+    references = reference_scores(env, info.ref_min_score, info.ref_max_score)
+    if None in references:
+        raise DtlabError(f"{source}: {env} has no D4RL reference scores; nothing to normalize by")
+    per_target: dict[str, list[list[float]]] = {f"{t:g}": [] for t in targets}
+    for r in range(repeats):
+        report = Evaluator(env, tuple(targets), episodes, seed=seed + r)(DTPolicy(model, info))
+        for result in report.results:
+            per_target[f"{result.target:g}"].append(
+                [float(normalized_score(x, *references)) for x in result.returns])
+    return {"checkpoint": str(path), "env": env, "episodes": episodes, "repeats": repeats,
+            "seed": seed, "targets": {t: floor_of(s) for t, s in per_target.items()}}
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("checkpoint", help="a checkpoint directory, or a run (its latest checkpoint)")
+    p.add_argument("--targets", type=float, nargs="+", default=None)
+    p.add_argument("--episodes", type=int, default=10)
+    p.add_argument("--repeats", type=int, default=6)
+    p.add_argument("--seed", type=int, default=1000)
+    p.add_argument("--out", default=None, help="write the report here (JSON)")
+    args = p.parse_args(argv)
+    try:
+        report = measure(args.checkpoint, args.targets, args.episodes, args.repeats, args.seed)
+    except DtlabError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    for target, row in report["targets"].items():
+        print(f"target {target}: means {', '.join(f'{m:.1f}' for m in row['means'])}; episode std "
+              f"{row['episode_std']:.1f}; floor measured {row['measured']:.2f}, predicted "
+              f"{row['predicted']:.2f}")
+    if args.out:
+        Path(args.out).write_text(json.dumps(report, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
