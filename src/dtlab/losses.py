@@ -54,8 +54,9 @@ def stochastic_action_loss(head: StochasticActionHead, out: torch.Tensor, action
     return nll_mean - alpha * entropy_mean, entropy_mean
 
 
-# The ODT's temperature (Zheng et al. 2022, section 3.2; the values as recalled from its appendix,
-# not yet checked against it, docs/results.md): initial value 0.1,
+# The ODT's temperature (Zheng et al. 2022, section 3.2; the values as its authors' code sets
+# them, facebookresearch/online-dt main.py: init_temperature, log_temperature_optimizer,
+# target_entropy): initial value 0.1,
 # optimized in log space by Adam at learning rate 1e-4, betas (0.9, 0.999), toward the target
 # entropy -act_dim (SAC's heuristic, Haarnoja et al. 2018, "Soft Actor-Critic Algorithms and
 # Applications", section 5). Discrete actions (not in the paper): half the uniform policy's

@@ -111,8 +111,10 @@ class ActionHead(nn.Linear):
 
 
 # The log standard deviation of the stochastic head is clamped to this range: the common SAC
-# actors' bounds, which the ODT (Zheng, Zhang and Grover 2022, "Online Decision Transformer") is
-# recalled to use; not yet checked against the paper's appendix (docs/results.md says so).
+# actors' bounds, and those of the ODT (Zheng, Zhang and Grover 2022, "Online Decision
+# Transformer") as its authors' code sets them (facebookresearch/online-dt, DiagGaussianActor's
+# log_std_bounds). That code maps the head's output into the range through tanh where dtlab
+# clamps it (docs/results.md, "Online finetuning").
 LOG_STD_MIN, LOG_STD_MAX = -5.0, 2.0
 # Data actions at the bounds +-1 have no tanh preimage; the likelihood reads them this far inside.
 ACTION_EPS = 1e-6
