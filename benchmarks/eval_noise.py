@@ -14,10 +14,15 @@ variance 2 s^2 / n), 0.357 s at n = 10. Training's swing cannot be pushed much b
 anything but more episodes per evaluation. The script reports the measured floor and that
 prediction from the pooled per-episode deviation.
 
-Training evaluates every checkpoint on the same env seeds; here repeat r uses seed
-``--seed + r``. For MuJoCo's chaotic dynamics the weights of a later evaluation act as other
-episodes would (their initial states differ by at most the env's reset noise), which is the
-assumption behind comparing the two.
+Episode i of an evaluation starts from env seed ``seed + i`` (dtlab.rollout), so repeat r uses
+seeds ``--seed + r n`` to ``--seed + r n + n - 1``: no episode is shared between repeats.
+Training evaluates every checkpoint on the same seeds; for MuJoCo's chaotic dynamics the weights
+of a later evaluation act as other episodes would (their initial states differ by at most the
+env's reset noise), which is the assumption behind comparing the two.
+
+The evaluations run at the precision the run trained at (its train_config.json), as training's
+did; the targets default to those training evaluated at. Bad input (fewer than 2 repeats, no
+targets known, an env without D4RL reference scores) is refused in one line, exit code 2.
 """
 
 from __future__ import annotations
@@ -37,6 +42,7 @@ from dtlab.envs import reference_scores
 from dtlab.errors import DtlabError
 from dtlab.policy import DTPolicy
 from dtlab.rollout import Evaluator, default_targets
+from dtlab.rundir import RunDirectory
 
 
 def predicted_floor(episode_std: float, episodes: int) -> float:
@@ -47,36 +53,48 @@ def predicted_floor(episode_std: float, episodes: int) -> float:
 
 
 def floor_of(scores: list[list[float]]) -> dict:
-    """Per repeat the episodes' normalized scores -> the repeats' means, the measured floor (mean
-    absolute difference of consecutive means) and the predicted one from the pooled std (the
-    root mean of the repeats' population variances)."""
+    """Per repeat the episodes' normalized scores (at least 2 repeats of at least 2 episodes) ->
+    the repeats' means, the measured floor (mean absolute difference of consecutive means) and
+    the predicted one from the pooled std (the root mean of the repeats' sample variances)."""
     means = [float(np.mean(s)) for s in scores]
-    pooled = math.sqrt(float(np.mean([np.var(s) for s in scores])))
+    pooled = math.sqrt(float(np.mean([np.var(s, ddof=1) for s in scores])))
     return {"means": means, "episode_std": pooled,
-            "measured": float(np.mean(np.abs(np.diff(means)))) if len(means) > 1 else None,
+            "measured": float(np.mean(np.abs(np.diff(means)))),
             "predicted": predicted_floor(pooled, len(scores[0]))}
 
 
 def measure(source: str, targets: list[float] | None, episodes: int, repeats: int,
             seed: int) -> dict:
-    """The floor at each target (default: those training evaluated at, as it chose them)."""
+    """The floor at each target (default: those training evaluated at, as it chose them).
+    DtlabError for fewer than 2 repeats or episodes, no targets, or no reference scores."""
+    if repeats < 2 or episodes < 2:
+        raise DtlabError(f"--repeats {repeats} --episodes {episodes}: a floor needs at least 2 "
+                         "of each")
     path = checkpoint.resolve(source)
     model, info = checkpoint.load(path)
-    settings = json.loads((path.parent / "train_config.json").read_text())
-    env = settings["data"]["env"]
-    targets = targets or settings["evaluation"]["eval_targets"] or list(default_targets(
-        env, ReturnStats.from_json(info.dataset.get("episode_return")))[0])
-    references = reference_scores(env, info.ref_min_score, info.ref_max_score)
+    run = RunDirectory(path.parent)
+    settings = run.saved_config_json() if run.is_run() else {}
+    recorded = (settings.get("evaluation") or settings).get("eval_targets")  # flat: before issue 9
+    targets = targets or recorded or list(
+        default_targets(info.env_id, ReturnStats.from_json(
+            info.dataset.get("episode_return")))[0])
+    if not targets:
+        raise DtlabError(f"{source}: no evaluation targets recorded or known for "
+                         f"{info.env_id}; give --targets")
+    references = reference_scores(info.env_id, info.ref_min_score, info.ref_max_score)
     if None in references:
-        raise DtlabError(f"{source}: {env} has no D4RL reference scores; nothing to normalize by")
+        raise DtlabError(f"{source}: {info.env_id} has no D4RL reference scores; nothing to "
+                         "normalize by")
+    policy = DTPolicy(model, info, precision=run.saved_precision() or "fp32")
     per_target: dict[str, list[list[float]]] = {f"{t:g}": [] for t in targets}
     for r in range(repeats):
-        report = Evaluator(env, tuple(targets), episodes, seed=seed + r)(DTPolicy(model, info))
+        report = Evaluator(info.env_id, tuple(targets), episodes, seed=seed + r * episodes)(policy)
         for result in report.results:
             per_target[f"{result.target:g}"].append(
                 [float(normalized_score(x, *references)) for x in result.returns])
-    return {"checkpoint": str(path), "env": env, "episodes": episodes, "repeats": repeats,
-            "seed": seed, "targets": {t: floor_of(s) for t, s in per_target.items()}}
+    return {"checkpoint": str(path), "env": info.env_id, "episodes": episodes,
+            "repeats": repeats, "seed": seed, "precision": policy.precision,
+            "targets": {t: floor_of(s) for t, s in per_target.items()}}
 
 
 def main(argv=None) -> int:

@@ -248,11 +248,14 @@ def test_checkpoint_average_is_the_mean_of_the_raw_weights_so_far(tmp_path, monk
 def test_eval_noise_floor_by_hand_by_simulation_and_on_a_run(tmp_path, monkeypatch, capsys):
     """benchmarks/eval_noise.py: the predicted floor 2 s / sqrt(pi n) (s = 1, n = 10: 0.35682),
     agreeing with a simulation of normal evaluations; the measured floor of hand-made scores
-    (means 1, 4, 2: |3| and |2|, 2.5; variances 1, 0, 1 pooled: sqrt(2/3)); and on a trained
-    Pendulum run, a JSON report with one mean per repeat at each target."""
+    (means 1, 4, 2: |3| and |2|, 2.5; sample variances 2, 0, 2 pooled: sqrt(4/3)); on a trained
+    Pendulum run, a JSON report with one mean per repeat at each target, the repeats on disjoint
+    env seeds at the run's precision; fewer than 2 repeats refused in one line, exit code 2."""
     monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))
+    import eval_noise
     from eval_noise import floor_of, main, predicted_floor
 
+    from dtlab.rundir import RunDirectory
     from dtlab.train import train
     from tests.configs import pendulum_like
     from tests.test_train import config
@@ -262,13 +265,26 @@ def test_eval_noise_floor_by_hand_by_simulation_and_on_a_run(tmp_path, monkeypat
     assert np.mean(np.abs(np.diff(draws))) == pytest.approx(predicted_floor(3.0, 10), rel=0.02)
     row = floor_of([[0.0, 2.0], [4.0, 4.0], [1.0, 3.0]])
     assert row["means"] == [1.0, 4.0, 2.0] and row["measured"] == 2.5
-    assert row["episode_std"] == pytest.approx((2 / 3) ** 0.5)
-    assert row["predicted"] == pytest.approx(2 * (2 / 3) ** 0.5 / np.sqrt(2 * np.pi))
+    assert row["episode_std"] == pytest.approx((4 / 3) ** 0.5)
+    assert row["predicted"] == pytest.approx(2 * (4 / 3) ** 0.5 / np.sqrt(2 * np.pi))
     train(config(tmp_path, "run", steps=4, checkpoint_every=4, eval_targets=(-300.0,)),
           pendulum_like())
+    seeds, real = [], eval_noise.Evaluator
+
+    def recording(env, targets, episodes, seed):
+        seeds.append(range(seed, seed + episodes))
+        return real(env, targets, episodes, seed=seed)
+
+    monkeypatch.setattr(eval_noise, "Evaluator", recording)
     out = tmp_path / "noise.json"
     assert main([str(tmp_path / "run"), "--episodes", "2", "--repeats", "3", "--out",
                  str(out)]) == 0
+    assert [list(r) for r in seeds] == [[1000, 1001], [1002, 1003], [1004, 1005]]
     report = json.loads(out.read_text())
     assert list(report["targets"]) == ["-300"] and len(report["targets"]["-300"]["means"]) == 3
+    assert report["precision"] == RunDirectory(tmp_path / "run").saved_precision()
     assert "target -300: means " in capsys.readouterr().out
+    assert main([str(tmp_path / "run"), "--repeats", "1"]) == 2
+    err = capsys.readouterr().err
+    assert "--repeats 1 --episodes 10: a floor needs at least 2" in err
+    assert len(err.strip().splitlines()) == 1
