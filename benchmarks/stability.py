@@ -35,10 +35,11 @@ import torch
 
 from dtlab import checkpoint
 from dtlab.benchmark.report import iqm_with_ci
-from dtlab.errors import CheckpointError
+from dtlab.errors import CheckpointError, DtlabError
 from dtlab.config import DataConfig, EvalDuringTraining, OptimConfig, RunConfig, TrainConfig
 from dtlab.policy import DTPolicy
 from dtlab.rollout import Evaluator
+from dtlab.rundir import RunDirectory
 from dtlab.train import train
 
 
@@ -63,8 +64,6 @@ def scores(report) -> dict[str, float]:
 def average_curve(run: Path) -> dict[int, dict[str, float]]:
     """The evaluations during training (of the average): evaluations.jsonl, or the
     eval/normalized_<target> lines of metrics.jsonl that dtlab wrote before it."""
-    from dtlab.rundir import RunDirectory
-
     curve = {e.step: {f"{r.target:g}": r.normalized_mean for r in e.results}
              for e in RunDirectory(run).evaluations()}
     if curve:
@@ -98,7 +97,7 @@ def raw_model(path: Path):
             "its model is its raw weights already)")
     try:
         model.load_state_dict(state["raw_weights"])
-    except RuntimeError as e:  # torch lists every mismatch over several lines: keep the first
+    except (RuntimeError, TypeError, AttributeError) as e:  # not this model's, or not a mapping  # torch lists every mismatch over several lines: keep the first
         first = next((line.strip() for line in str(e).splitlines()[1:] if line.strip()), str(e))
         raise CheckpointError(f"{path}: its trainer state's raw weights do not fit its model "
                               f"({first}); was the checkpoint written by another dtlab?") from None
@@ -115,16 +114,17 @@ def cached_evaluations(file: Path) -> dict[int, dict[str, float]]:
 
 def raw_curve(run: Path, cfg: TrainConfig) -> dict[int, dict[str, float]]:
     """Every checkpoint's raw weights evaluated as training evaluates (same targets, episodes and
-    env seeds); cached in raw_evaluations.json."""
+    env seeds, at the run's precision); cached in raw_evaluations.json."""
     cache_file = run / "raw_evaluations.json"
     cache = cached_evaluations(cache_file)
+    precision = RunDirectory(run).saved_precision() or "fp32"  # as training evaluated
     evaluator = Evaluator(cfg.data.env, cfg.evaluation.eval_targets, cfg.evaluation.eval_episodes,
                           seed=cfg.optim.seed)
     for path in sorted(run.glob("step_*")):
         step = int(path.name[5:])
         if step in cache or (step % cfg.evaluation.eval_every and step != cfg.run.steps):
             continue
-        cache[step] = scores(evaluator(DTPolicy(*raw_model(path))))
+        cache[step] = scores(evaluator(DTPolicy(*raw_model(path), precision=precision)))
         cache_file.write_text(json.dumps(cache, indent=1))
     return cache
 
@@ -163,9 +163,11 @@ def _swing(values: list[float]) -> float | None:
 
 # The settings that must agree for seeds from two reports to be summarized together.
 SAME = ("env", "steps", "warmup_steps", "eval_every", "eval_episodes", "ema_decay", "schedule",
-        "targets", "lr")
-# Settings added to the script later, with the value that reports written before them ran with.
-ADDED_LATER = {"lr": OptimConfig.lr}
+        "targets", "lr", "precision")
+# Settings added to the script later, with the values the reports written before them ran with
+# (dtlab's default learning rate; fp32, on machines without native bf16). The precision is the
+# one the runs resolved; "auto" (no run here to read it from) matches any.
+ADDED_LATER = {"lr": 1e-4, "precision": "fp32"}
 
 
 class Refused(Exception):
@@ -190,7 +192,7 @@ def included(path: str, settings: dict) -> tuple[list[int], list[dict], list[dic
               "targets": [float(t) for t in theirs.get("targets", [])]}
     for key in ("dataset",) + SAME + ("dataset_fingerprint",) * bool(
             mine.get("dataset_fingerprint") and theirs.get("dataset_fingerprint")):
-        if mine.get(key) != theirs.get(key):
+        if mine.get(key) != theirs.get(key) and not (key == "precision" and mine[key] == "auto"):
             raise Refused(f"--include {path}: its {key} is {theirs.get(key)!r}, this report's "
                           f"is {mine.get(key)!r}; include only reports run with the same "
                           "settings on the same data")
@@ -223,7 +225,7 @@ def _merge(targets: dict, which: str, i: int) -> dict[int, dict[str, float]]:
 def main(argv=None) -> int:
     try:
         return _main(argv)
-    except Refused as e:
+    except (Refused, DtlabError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
 
@@ -252,10 +254,13 @@ def _main(argv=None) -> int:
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
     averaged, raw, reported = [], [], []
-    fingerprint = None
+    fingerprint, precisions = None, set()
     for seed in args.seeds:
         cfg = run_config(args, seed)
         run = Path(cfg.run.out)
+        if RunDirectory(run).is_run():  # ConfigError naming what differs (another --lr, ...)
+            RunDirectory(run).check_resume_config(cfg)
+            precisions.add(RunDirectory(run).saved_precision() or "fp32")
         if not args.report_only and not _finished(run, args.steps):
             train(cfg)
         if not (run / "metrics.jsonl").exists():
@@ -274,7 +279,11 @@ def _main(argv=None) -> int:
         reported.append(seed)
         averaged.append(ema_curve)
         raw.append(raw_c)
-    settings = dict(vars(args), seeds=reported, dataset_fingerprint=fingerprint)
+    if len(precisions) > 1:
+        raise Refused(f"--out {args.out}: its runs trained at precisions {sorted(precisions)}; "
+                      "report runs of one precision")
+    settings = dict(vars(args), seeds=reported, dataset_fingerprint=fingerprint,
+                    precision=next(iter(precisions), args.precision))
     for path in args.include:
         seeds, ema, raw_curves = included(path, settings)
         if set(seeds) & set(settings["seeds"]):

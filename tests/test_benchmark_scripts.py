@@ -139,10 +139,14 @@ def test_stability_include_joins_earlier_seeds_and_refuses_other_settings(tmp_pa
         assert main(base + ["--seeds", "9", "--include", a, bad]) == 2
         err = capsys.readouterr().err
         assert message in err and len(err.strip().splitlines()) == 1, err
-    # a report from before --lr existed ran at dtlab's default 1e-4: refused beside another lr
+    # a report from before --lr existed ran at dtlab's default 1e-4: refused beside another lr;
+    # one from before --precision ran at fp32: refused beside bf16
     assert main(base + ["--seeds", "9", "--lr", "3e-4", "--include", a]) == 2
     err = capsys.readouterr().err
     assert "its lr is 0.0001, this report's is 0.0003" in err, err
+    assert main(base + ["--seeds", "9", "--precision", "bf16", "--include", a]) == 2
+    err = capsys.readouterr().err
+    assert "its precision is 'fp32', this report's is 'bf16'" in err, err
 
 
 def test_odt_control_copies_the_offline_run_and_redoes_a_cut_copy(tmp_path, monkeypatch):
@@ -174,6 +178,54 @@ def test_odt_control_copies_the_offline_run_and_redoes_a_cut_copy(tmp_path, monk
     (out / "step_00000020").mkdir()  # trained on since: continued as it is
     odt.control(offline, out, 30)
     assert (out / "step_00000020").exists() and len(calls) == 2
+
+
+def test_stability_refuses_a_run_trained_with_other_settings_in_one_line(tmp_path, monkeypatch,
+                                                                        capsys):
+    """A run in --out/seedN trained with another learning rate (here 1e-3 against --lr's 1e-4)
+    is refused in one line naming the setting, exit code 2, not reported under this --lr."""
+    from tests.configs import pendulum_like
+    from tests.test_train import config
+
+    from dtlab.train import train
+
+    monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))
+    from stability import main
+
+    train(config(tmp_path / "out", "seed9", steps=2, lr=1e-3), pendulum_like())
+    assert main(["--dataset", "data.hdf5", "--env", "Pendulum-v1", "--out", str(tmp_path / "out"),
+                 "--seeds", "9", "--report-only", "--reps", "10"]) == 2
+    err = capsys.readouterr().err
+    assert "optim.lr: 0.001 -> 0.0001" in err and len(err.strip().splitlines()) == 1, err
+
+
+def test_stability_evaluates_raw_weights_at_the_runs_precision(tmp_path, monkeypatch):
+    """The raw weights are evaluated at the precision the run trained (and evaluated its average)
+    at: a bf16 run's raw weights act under bf16, as its average did during training."""
+    from types import SimpleNamespace
+
+    from tests.configs import pendulum_like
+    from tests.test_train import config
+
+    from dtlab.train import train
+
+    monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))
+    import stability
+
+    cfg = config(tmp_path, "run", steps=2, checkpoint_every=2, ema_decay=0.5, precision="bf16",
+                 eval_every=2, eval_episodes=1, eval_targets=(-300.0,))
+    train(cfg, pendulum_like())
+    acted = []
+
+    def evaluator(*args, **kwargs):
+        def evaluate(policy):
+            acted.append(policy.precision)
+            return SimpleNamespace(results=[SimpleNamespace(target=-300.0, normalized_mean=1.0)])
+        return evaluate
+
+    monkeypatch.setattr(stability, "Evaluator", evaluator)
+    assert stability.raw_curve(tmp_path / "run", cfg) == {2: {"-300": 1.0}}
+    assert acted == ["bf16"]
 
 
 def test_raw_checkpoint_holds_the_weights_a_run_without_the_average_trains(tmp_path, monkeypatch,
