@@ -97,7 +97,8 @@ def raw_model(path: Path):
             "its model is its raw weights already)")
     try:
         model.load_state_dict(state["raw_weights"])
-    except (RuntimeError, TypeError, AttributeError) as e:  # not this model's, or not a mapping  # torch lists every mismatch over several lines: keep the first
+    except (RuntimeError, TypeError, AttributeError) as e:  # not this model's, or no mapping
+        # torch lists every mismatch over several lines: keep the first
         first = next((line.strip() for line in str(e).splitlines()[1:] if line.strip()), str(e))
         raise CheckpointError(f"{path}: its trainer state's raw weights do not fit its model "
                               f"({first}); was the checkpoint written by another dtlab?") from None

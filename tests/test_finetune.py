@@ -255,11 +255,11 @@ def test_finetune_of_an_averaged_run_evaluates_the_average_not_the_raw_weights(
     first = RunDirectory(tmp_path / "ft").evaluations()[0]
     assert first.step == 0 and first.weights == "average"
     # Reference: the offline checkpoint (whose model is the average), evaluated by hand with
-    # the finetuning's evaluator settings and the precision the run resolved (auto: bf16 on a
-    # CPU with native bf16); the raw weights would act otherwise.
+    # the finetuning's evaluator settings and precision (auto: bf16 on a CPU with native bf16);
+    # the raw weights would act otherwise.
     at, _ = checkpoint.load_info(tmp_path / "off")
     weights, info = checkpoint.load(at, "cpu")
-    precision = RunDirectory(tmp_path / "off").saved_precision()
+    precision = RunDirectory(tmp_path / "ft").saved_precision()
     report = Evaluator("Pendulum-v1", (-100.0,), 1, seed=0, max_steps=100)(
         DTPolicy(weights, info, "cpu", precision=precision))
     assert [r.returns for r in first.results] == [list(r.returns) for r in report.results]

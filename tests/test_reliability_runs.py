@@ -201,8 +201,8 @@ def test_resume_without_a_checkpoint_names_the_dataset_as_given(tmp_path, monkey
         with pytest.warns(DtlabWarning) as caught:
             train(cfg(tmp_path, resume=True, dataset="now.hdf5"))
         said = [str(w.message) for w in caught if "no checkpoint yet" in str(w.message)]
-        assert len(said) == 1 and said[0].endswith(
-            "starting from step 0, on now.hdf5 (the run's settings name /elsewhere/then.hdf5)"), said
+        assert len(said) == 1 and said[0].endswith("starting from step 0, on now.hdf5 (the run's "
+                                                   "settings name /elsewhere/then.hdf5)"), said
         shutil.rmtree(run)  # the next round starts from settings only again
 
 

@@ -242,7 +242,7 @@ def test_offline_evaluation_defaults_to_the_training_file(tmp_path, capsys):
     assert json.loads(out.read_text())["dataset"].endswith("data.hdf5")
 
 
-def test_the_start_line_and_the_best_checkpoint(tmp_path, capsys):
+def test_the_start_line_and_the_best_checkpoint(tmp_path, capsys, monkeypatch):
     """Item 14: a run says what it starts with (model size, device, precision, data, resume
     point); the weights of the best evaluation so far are kept in RUN/best beside the latest."""
     import torch
@@ -250,16 +250,18 @@ def test_the_start_line_and_the_best_checkpoint(tmp_path, capsys):
 
     from dtlab.rundir import RunDirectory
 
-    data, run = data_file(tmp_path), tmp_path / "run"
-    assert train(data, run, "--steps", "10", "--eval-every", "5", "--eval-episodes", "1",
-                 "--eval-targets", "-400", "--checkpoint-every", "5") == 0
-    out = capsys.readouterr().out
-    from dtlab.runtime import resolve_precision  # bf16 on a CPU with native bf16, else fp32
+    from dtlab import runtime
 
-    auto = resolve_precision("auto", torch.device("cpu"))
-    assert re.search(r"^train decision-transformer: 0\.0\dM parameters \(embed 16, 1 layer, K 5\) "
-                     rf"on cpu, 1 thread, precision {auto} \(auto\); data data\.hdf5: 3 episodes, "
-                     r"600 transitions, .* 10 steps, from step 0$", out, re.M), out
+    data, run = data_file(tmp_path), tmp_path / "run"
+    # auto picks by the CPU's flags: fp32 without native bf16, bf16 with it (faked both ways)
+    for flags, auto, where in ((set(), "fp32", run), ({"avx512_bf16"}, "bf16", tmp_path / "b")):
+        monkeypatch.setattr(runtime, "cpu_flags", lambda: frozenset(flags))
+        assert train(data, where, "--steps", "10", "--eval-every", "5", "--eval-episodes", "1",
+                     "--eval-targets", "-400", "--checkpoint-every", "5") == 0
+        out = capsys.readouterr().out
+        assert re.search(r"^train decision-transformer: 0\.0\dM parameters \(embed 16, 1 layer, "
+                         rf"K 5\) on cpu, 1 thread, precision {auto} \(auto\); data data\.hdf5: 3 "
+                         r"episodes, 600 transitions, .* 10 steps, from step 0$", out, re.M), out
     scores = {e.step: e.mean_score() for e in RunDirectory(run).evaluations()}
     best_step = max(scores, key=scores.get)
     best = load_file(str(run / "best" / "model.safetensors"))

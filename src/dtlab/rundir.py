@@ -173,9 +173,7 @@ class RunDirectory:
             return checkpoint.resolve(out)
         if self.is_run():
             self.check_resume_config(cfg)
-            settings = self.saved_config_json()  # runs before issue 9: data at the top level
-            saved = (settings.get("data") if isinstance(settings.get("data"), dict)
-                     else settings).get("dataset")
+            saved = (_recorded_groups(self.saved_config_json())["data"] or {}).get("dataset")
             other = (f", on {source or cfg.data.dataset} (the run's settings name {saved})"
                      if saved and os.path.abspath(str(saved)) != os.path.abspath(
                          str(cfg.data.dataset)) else "")
@@ -187,14 +185,8 @@ class RunDirectory:
     def check_resume_config(self, cfg: TrainConfig) -> None:
         """Refuse to resume with settings that change the sequence of updates
         (``TrainConfig.resume_groups``: data, model, optim, and steps for a cosine schedule)."""
-        saved = self.saved_config_json()
+        recorded = _recorded_groups(self.saved_config_json())
         groups = cfg.resume_groups()
-        if isinstance(saved.get("optim"), dict):
-            run = saved.get("run") if isinstance(saved.get("run"), dict) else {}
-            recorded = {**saved, "steps": run.get("steps")}
-        else:  # runs before issue 9 saved the data and optim fields (and steps) at the top level
-            recorded = {"data": saved, "model": saved.get("model"), "optim": saved,
-                        "steps": saved.get("steps")}
         saved_precision = self.saved_precision()
         if groups["optim"].precision == "auto" and saved_precision is not None:
             # auto resumes at the precision the run resolved it to (train() does the same).
@@ -318,6 +310,15 @@ def read_train_config(path: Path, *, flag: str) -> TrainConfig:
         return from_dict(TrainConfig, saved)
     except (TypeError, ValueError, AttributeError) as exc:
         raise ConfigError(f"{path}: {flag}: not a training configuration: {exc}") from None
+
+
+def _recorded_groups(saved: dict) -> dict:
+    """A saved train_config.json's ``data``, ``model`` and ``optim`` groups and ``steps``: runs
+    before issue 9 saved the data and optim fields (and steps) at the top level."""
+    if isinstance(saved.get("optim"), dict):
+        run = saved.get("run") if isinstance(saved.get("run"), dict) else {}
+        return {**saved, "data": saved.get("data"), "steps": run.get("steps")}
+    return {"data": saved, "model": saved.get("model"), "optim": saved, "steps": saved.get("steps")}
 
 
 def _jsonable(value: Any) -> Any:
