@@ -305,7 +305,7 @@ def test_eval_noise_floor_by_hand_by_simulation_and_on_a_run(tmp_path, monkeypat
     env seeds at the run's precision; fewer than 2 repeats refused in one line, exit code 2."""
     monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))
     import eval_noise
-    from eval_noise import floor_of, main, predicted_floor
+    from eval_noise import expected_max_of_normals, floor_of, main, predicted_floor
 
     from dtlab.rundir import RunDirectory
     from dtlab.train import train
@@ -319,6 +319,12 @@ def test_eval_noise_floor_by_hand_by_simulation_and_on_a_run(tmp_path, monkeypat
     assert row["means"] == [1.0, 4.0, 2.0] and row["measured"] == 2.5
     assert row["episode_std"] == pytest.approx((4 / 3) ** 0.5)
     assert row["predicted"] == pytest.approx(2 * (4 / 3) ** 0.5 / np.sqrt(2 * np.pi))
+    # the gap: E[max of 2 normals] = 1 / sqrt(pi) by hand; of 6, against a simulation
+    assert expected_max_of_normals(2) == pytest.approx(1 / np.sqrt(np.pi), abs=1e-9)
+    six = np.random.default_rng(1).normal(size=(200_000, 6)).max(axis=1).mean()
+    assert expected_max_of_normals(6) == pytest.approx(six, rel=0.01)
+    assert row["gap_measured"] == 2.0  # best 4, last 2
+    assert row["gap_predicted"] == pytest.approx(expected_max_of_normals(6) * (4 / 3 / 2) ** 0.5)
     train(config(tmp_path, "run", steps=4, checkpoint_every=4, eval_targets=(-300.0,)),
           pendulum_like())
     seeds, real = [], eval_noise.Evaluator
