@@ -313,6 +313,20 @@ def test_out_that_is_a_file_is_a_one_line_error(tmp_path, capsys):
     assert code == 2 and "no benchmark here" in err and not (tmp_path / "nothing").exists()
 
 
+def test_an_average_too_slow_for_the_run_is_warned(tmp_path):
+    """--ema-decay 0.99 over 8 steps: the average gives 0.99^7 = 93% of its weight to the first
+    step's weights, warned with a decay that fits (1 - 5/8 = 0.375); 0.5 over 8 steps (0.8%)
+    is not."""
+    with pytest.warns(DtlabWarning, match=r"--ema-decay 0.99 over --steps 8: the average that "
+                                          r"is evaluated and saved still gives 93% of its weight "
+                                          r"to the first step's weights at the end; use "
+                                          r"--ema-decay 0.375 or lower"):
+        train(cfg(tmp_path, ema_decay=0.99), pendulum_data())
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", DtlabWarning)
+        train(cfg(tmp_path / "fits", ema_decay=0.5), pendulum_data())
+
+
 def test_a_warm_up_longer_than_the_run_is_warned(tmp_path):
     """Warned when the rate never arrives (the last step applies lr x steps / warm-up); not when
     the warm-up ends exactly at the last step, which applies lr itself."""

@@ -56,6 +56,25 @@ def check_action_bounds(episodes: EpisodeSet, env, *, strict: bool) -> None:
         warnings.warn(msg + "; they are clipped for training", DtlabWarning, stacklevel=3)
 
 
+# A run's average should have forgotten its first steps' (near-random) weights: warned when they
+# keep more than this share of it at the end (dtlab's choice; decay^(steps-1) = 1% at 0.999
+# and 4,604 steps).
+AVERAGE_START_SHARE = 0.01
+
+
+def _warn_short_average(cfg: TrainConfig) -> None:
+    """One warning when ``--ema-decay`` is too close to 1 for ``--steps``: the average (what is
+    evaluated and saved) gives the first step's weights decay^(steps-1) of its mass at the end."""
+    decay, steps = cfg.optim.ema_decay, cfg.run.steps
+    share = decay ** max(steps - 1, 0) if decay else 0.0
+    if share > AVERAGE_START_SHARE:
+        warnings.warn(f"--ema-decay {decay:g} over --steps {steps}: the average that is evaluated "
+                      f"and saved still gives {share:.0%} of its weight to the first step's "
+                      f"weights at the end; use --ema-decay {1 - 5 / steps:.4g} or lower "
+                      "(1 - 5/steps), 0 for no average, or more --steps", DtlabWarning,
+                      stacklevel=4)
+
+
 def _return_scale(cfg: TrainConfig, episodes: EpisodeSet) -> float:
     """The configured return scale, else the env registry's (1000 for MuJoCo locomotion), else
     (an env dtlab knows no scale for) one fitted to the data (``fitted_return_scale``)."""
@@ -137,6 +156,7 @@ def prepare(cfg: TrainConfig, episodes: EpisodeSet | None = None) -> tuple[Episo
                       f"learning rate never reaches lr ({cfg.optim.lr:g}); it ends at "
                       f"{cfg.optim.lr * cfg.run.steps / max(cfg.optim.warmup_steps, 1):.3g}",
                       DtlabWarning, stacklevel=3)
+    _warn_short_average(cfg)
     if cfg.evaluation.eval_episodes:  # refuse now what the first evaluation would refuse
         episode_limit(env, cfg.data.env, None, cfg.model.max_ep_len)
     info = policy_info_for(cfg, episodes, env, return_scale)
