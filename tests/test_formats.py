@@ -218,6 +218,19 @@ def _unknown_layout(path):
         f["obs"] = np.zeros((3, 2))
 
 
+def _dones_not_terminals(path):  # Gymnasium-style names another tool wrote
+    arrays = valid_d4rl_arrays()
+    arrays["dones"] = arrays.pop("terminals")
+    arrays.pop("timeouts", None)
+    write_raw_d4rl(path, **arrays)
+
+
+def _singular_observation(path):
+    arrays = valid_d4rl_arrays()
+    arrays["observation"] = arrays.pop("observations")
+    write_raw_d4rl(path, **arrays)
+
+
 def _newer_native(path):
     write_native(make_episodes(), path)
     with h5py.File(path, "r+") as f:
@@ -236,7 +249,14 @@ BAD_FILES = {
     "truncated hdf5": (_truncated_hdf5, "truncated"),
     "missing key": (_missing_rewards, r"missing key 'rewards' \(D4RL layout needs observations, "
                                       r"actions, rewards, terminals \(timeouts and "
-                                      r"next_observations are optional\)\)"),
+                                      r"next_observations are optional\); top-level keys: "
+                                      r"'actions', 'observations', 'terminals'.*\)$"),
+    "renamed key": (_singular_observation, r"missing key 'observations' .*top-level keys: "
+                                           r"'actions', 'observation', .*\); rename "
+                                           r"'observation' to 'observations'$"),
+    "gymnasium names": (_dones_not_terminals, r"unrecognized HDF5 layout: .* top-level keys: "
+                                              r"'actions', 'dones', .*; rename 'dones' to "
+                                              r"'terminals'$"),
     "length mismatch": (_length_mismatch, "'rewards' has 5 entries but 'observations' has 6"),
     "nan observation": (_nan_observation, r"'observations' contains NaN or inf \(first at "
                                           r"transition 3\)"),

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from dtlab.data.episodes import EpisodeSet
-from dtlab.data.formats._hdf5 import open_hdf5
+from dtlab.data.formats._hdf5 import open_hdf5, renaming_hint, top_level_keys
 from dtlab.data.formats.d4rl import episodes_from_d4rl, read_d4rl, write_d4rl
 from dtlab.data.formats.dqn_replay import PREFIX as DQN_REPLAY_PREFIX
 from dtlab.data.formats.dqn_replay import split_source as split_replay_source
@@ -84,11 +84,10 @@ def _load_hdf5(path: Path) -> EpisodeSet:
             return episodes_from_native(f, path)
         if "terminals" in f or "timeouts" in f:
             return episodes_from_d4rl(f, path)
-        keys = sorted(f.keys())
-        shown = ", ".join(repr(k) for k in keys[:10]) + (", ..." if len(keys) > 10 else "") or "none"
         raise DatasetError(
             f"{path}: unrecognized HDF5 layout: missing root attribute '{FORMAT_ATTR}' (dtlab "
-            f"native) and datasets 'terminals'/'timeouts' (D4RL); top-level keys: {shown}")
+            f"native) and datasets 'terminals'/'timeouts' (D4RL); top-level keys: "
+            f"{top_level_keys(f)}{renaming_hint(f, 'terminals') or renaming_hint(f, 'timeouts')}")
 
 
 def save_episodes(episodes: EpisodeSet, dest: str | Path, format: Format | None = None,

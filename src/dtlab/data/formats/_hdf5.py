@@ -77,10 +77,35 @@ def _raised_in_h5py(exc: BaseException) -> bool:
     return "h5py" in Path(tb.tb_frame.f_code.co_filename).parts
 
 
+# Names other tools give the arrays a layout needs (Gymnasium's step API, singulars, short forms):
+# a file holding one of them but not the name asked for gets a hint to rename it.
+_OTHER_NAMES = {"observations": ("observation", "obs", "states", "state"),
+                "actions": ("action", "acts"), "rewards": ("reward", "rews"),
+                "terminals": ("dones", "done", "terminated", "terminations"),
+                "timeouts": ("truncated", "truncations"),
+                "terminations": ("terminals", "terminated", "dones", "done"),
+                "truncations": ("timeouts", "truncated")}
+
+
+def renaming_hint(f: h5py.File, key: str) -> str:
+    """``"; rename 'X' to 'key'"`` when the file holds another common name ``X`` for the array
+    ``key`` (``_OTHER_NAMES``), else ``""``."""
+    other = next((name for name in _OTHER_NAMES.get(key, ()) if name in f), None)
+    return f"; rename '{other}' to '{key}'" if other else ""
+
+
+def top_level_keys(f: h5py.File) -> str:
+    """The file's top-level keys, the first 10 quoted, for messages ("none" when empty)."""
+    keys = sorted(f.keys())
+    return ", ".join(repr(k) for k in keys[:10]) + (", ..." if len(keys) > 10 else "") or "none"
+
+
 def read_array(f: h5py.File, key: str, path: str | Path, layout: str) -> np.ndarray:
-    """The whole numeric dataset ``key``; missing or non-numeric -> DatasetError."""
+    """The whole numeric dataset ``key``; missing or non-numeric -> DatasetError (a missing one
+    listing the keys the file has, and a renaming hint where one fits)."""
     if key not in f:
-        raise DatasetError(f"{path}: missing key '{key}' ({layout})")
+        raise DatasetError(f"{path}: missing key '{key}' ({layout}; top-level keys: "
+                           f"{top_level_keys(f)}){renaming_hint(f, key)}")
     try:
         dset = f[key]
     except KeyError as e:  # a dangling link, a damaged object header, ...
