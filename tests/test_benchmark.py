@@ -118,7 +118,7 @@ def test_data_fitted_target_where_the_paper_targets_lie_far_beyond_the_data():
     targets, kinds, why = datasets.choose_targets("Hopper-v5", (), returns)
     assert targets == (3600.0, 1800.0, 980.0)
     assert kinds == (datasets.PAPER, datasets.PAPER, datasets.DATA_FITTED)
-    assert "data-fitted" in why and "3.7x" in why
+    assert "data-fitted" in why and "3.7x" in why and "(the DT paper's for Hopper-v5)" in why
     targets, kinds, why = datasets.choose_targets("Hopper-v5", (900.0, 450.0), returns)
     assert targets == (900.0, 450.0) and kinds == (datasets.GIVEN,) * 2 and "--eval-targets" in why
 
@@ -177,7 +177,8 @@ def test_plan_run_by_a_bash_loop_gives_the_same_report_as_the_benchmark(tmp_path
     assert proc.returncode == 0, proc.stderr
     warned = [line for line in proc.stderr.splitlines() if "outside the action bounds" in line]
     assert len(warned) == 1 and warned[0].startswith("dtlab: warning: "), proc.stderr
-    assert "decision-transformer targets -150, -500, -900 (the env's paper targets" in proc.stderr
+    assert ("decision-transformer targets -150, -500, -900 (dtlab's defaults for Pendulum-v1; "
+            "the data's best return is") in proc.stderr
 
     lines = subprocess.run(["dtlab", *bench_args(path, planned, "--plan", seeds=("0",))],
                            env=env, capture_output=True, text=True, check=True).stdout

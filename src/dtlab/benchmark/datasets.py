@@ -64,18 +64,19 @@ def choose_targets(env: str, given: tuple[float, ...], episode_returns: np.ndarr
     if given:
         return (tuple(map(float, given)), (GIVEN,) * len(given),
                 f"{_targets_text(given)} (--eval-targets; the data's best return is {best:.4g})")
-    paper = tuple(map(float, env_info(env).targets))
+    info = env_info(env)
+    paper, whose = tuple(map(float, info.targets)), f"{info.targets_from} for {env}"
     if not paper:
         raise ConfigError(f"dtlab knows no target returns for {env} (env registry, dtlab/envs.py); "
                           "give them with --eval-targets")
     fitted = data_fitted_target(paper, episode_returns)
     if fitted is None or fitted in paper:
         return (paper, (PAPER,) * len(paper),
-                f"{_targets_text(paper)} (the env's paper targets; the data's best return is "
+                f"{_targets_text(paper)} ({whose}; the data's best return is "
                 f"{best:.4g})")
     beyond = max(paper)
     return (paper + (fitted,), (PAPER,) * len(paper) + (DATA_FITTED,),
-            f"{_targets_text(paper)} (the env's paper targets) and {fitted:g} (data-fitted: the "
+            f"{_targets_text(paper)} ({whose}) and {fitted:g} (data-fitted: the "
             f"data's best return {best:.4g}, rounded; the paper's {beyond:g} is "
             f"{_times(beyond, best)} beyond the data)")
 
