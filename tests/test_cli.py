@@ -56,7 +56,8 @@ def bad_inputs(tmp):
         "NaN": (d4rl_file(tmp / "nan.hdf5", observations=nan_obs), "Hopper-v5", "NaN or inf"),
         "unknown env": (d4rl_file(tmp / "ok.hdf5"), "NoSuchEnv-v0", "unknown environment 'NoSuchEnv-v0'"),
         "shape mismatch": (d4rl_file(tmp / "ok2.hdf5", obs_dim=5), "Hopper-v5",
-                           "observations (5,) and actions (3,); pass --env the env the data was "
+                           "ok2.hdf5 has observations (5,) and actions (3,), but Hopper-v5 has "
+                           "observations (11,) and actions (3,); pass --env the env the data was "
                            "recorded in"),
     }
 
@@ -103,7 +104,7 @@ def test_evaluate_bad_input(tmp_path, capsys, tiny_checkpoint):
     cases = [
         ((tmp_path / "missing",), "checkpoint directory not found"),
         ((tiny_checkpoint, "--env", "NoSuchEnv-v0"), "unknown environment"),
-        ((tiny_checkpoint, "--env", "Hopper-v5"), "Hopper-v5 has observations (11,)",
+        ((tiny_checkpoint, "--env", "Hopper-v5"), "but Hopper-v5 has observations (11,)",
          "; pass --env Pendulum-v1"),
     ]
     for args, *messages in cases:

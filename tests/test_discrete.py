@@ -142,7 +142,7 @@ def test_cartpole_train_policy_and_rollout(tmp_path):
     assert [r.target for r in results] == [500.0, 100.0]
     assert all(len(r.returns) == 3 and min(r.returns) >= 1 for r in results)
     # A discrete checkpoint on a continuous env (and vice versa) is refused.
-    with pytest.raises(EnvError, match="discrete actions but the env's action space is Box"):
+    with pytest.raises(EnvError, match="discrete actions but Pendulum-v1's action space is Box"):
         rollout(DTPolicy(model, info), "Pendulum-v1", (0.0,), 1)
 
 
@@ -220,7 +220,7 @@ def test_cli_collect_train_evaluate_cartpole(tmp_path, capsys):
     assert main(["train", "--dataset", str(data), "--env", "Pendulum-v1", "--out",
                  str(tmp_path / "bad"), "--steps", "2", "--no-progress"]) == 2
     err = capsys.readouterr().err
-    assert "has discrete actions but the env's action space is Box" in err
+    assert "cartpole.hdf5 has discrete actions but Pendulum-v1's action space is Box" in err
     assert not (tmp_path / "bad").exists()
 
 
@@ -265,8 +265,8 @@ def test_space_mismatches_are_one_line_errors(tmp_path):
     cfg = train_config(dataset="<memory>", env="CartPole-v1", out=str(tmp_path / "run"), steps=2,
                       batch_size=4, warmup_steps=1, progress=False, tensorboard=False, model=TINY)
     model, info = checkpoint.load(train(cfg, cartpole_random(3)).checkpoint)
-    with pytest.raises(EnvError, match=r"has observations \(4,\) and 3 actions, but the "
-                                       r"checkpoint has observations \(4,\) and 2 actions"):
+    with pytest.raises(EnvError, match=r"the checkpoint has observations \(4,\) and 2 actions, "
+                                       r"but .* has observations \(4,\) and 3 actions"):
         rollout(DTPolicy(model, info), "dtlab-test/ThreeActions-v0", (1.0,), 1)
     # ... while a dataset that uses only some of an env's actions is fine for training.
     few = EpisodeSet.from_flags(np.zeros((4, 4)), np.array([0, 1, 1, 0]), np.ones(4),
@@ -276,9 +276,9 @@ def test_space_mismatches_are_one_line_errors(tmp_path):
     assert checkpoint.load(train(cfg3, few).checkpoint)[1].action_space == DiscreteActions(3)
     beyond = EpisodeSet.from_flags(np.zeros((4, 4)), np.array([0, 7, 1, 0]), np.ones(4),
                                    np.array([0, 0, 0, 1]), np.zeros(4), source="seven.hdf5")
-    with pytest.raises(EnvError, match=r"CartPole-v1 has observations \(4,\) and 2 actions, but "
-                                       r"dataset seven.hdf5 has observations \(4,\) and actions "
-                                       r"up to index 7"):
+    with pytest.raises(EnvError, match=r"dataset seven.hdf5 has observations \(4,\) and actions "
+                                       r"up to index 7, but CartPole-v1 has observations \(4,\) "
+                                       r"and 2 actions"):
         train(train_config(**{**flat_fields(cfg), "out": str(tmp_path / "seven")}), beyond)
     assert not (tmp_path / "seven").exists()
     # Spaces in messages are one line, whatever their bounds.

@@ -184,9 +184,9 @@ def test_check_against_env_names_frame_shape_and_stack_depth():
     env.observation_space = gym.spaces.Box(0, 255, (4, 84, 84), np.uint8)
     check_against_env(env, ImageObservations((84, 84), 4), DiscreteActions(2), what="c",
                       exact_n=True, advice="A")
-    with pytest.raises(EnvError, match=r"^CartPole-v1 has observations \(4, 84, 84\) and 2 "
-                                       r"actions, but the checkpoint has observations \(3, 84, 84\)"
-                                       r" uint8 frame stacks and 2 actions; A$"):
+    with pytest.raises(EnvError, match=r"^the checkpoint has observations \(3, 84, 84\) uint8 "
+                                       r"frame stacks and 2 actions, but CartPole-v1 has "
+                                       r"observations \(4, 84, 84\) and 2 actions; A$"):
         check_against_env(env, ImageObservations((84, 84), 3), DiscreteActions(2),
                           what="the checkpoint", exact_n=True, advice="A")
     with pytest.raises(EnvError, match=r"observations \(4, 64, 64\) uint8 frame stacks"):

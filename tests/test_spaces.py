@@ -60,19 +60,20 @@ def test_check_against_env_messages():
     env = gym.make("Pendulum-v1")
     check_against_env(env, VectorObservations(3), ContinuousActions(1), what="x", exact_n=True,
                       advice="A")
-    with pytest.raises(EnvError, match=r"^Pendulum-v1 has observations \(3,\) and actions \(1,\), "
-                                       r"but dataset d has observations \(4,\) .*; A$") as err:
+    with pytest.raises(EnvError, match=r"^dataset d has observations \(4,\) and actions \(1,\), "
+                                       r"but Pendulum-v1 has observations \(3,\) .*; A$") as err:
         check_against_env(env, VectorObservations(4), ContinuousActions(1), what="dataset d",
                           exact_n=False, advice="A")
     assert "\n" not in str(err.value)
     cartpole = gym.make("CartPole-v1")
     check_against_env(cartpole, VectorObservations(4), DiscreteActions(1), what="d", exact_n=False,
                       advice="A")
-    with pytest.raises(EnvError, match=r"2 actions, but the checkpoint .* 1 actions; B$"):
+    with pytest.raises(EnvError, match=r"^the checkpoint .* 1 actions, but CartPole-v1 .* 2 "
+                                       r"actions; B$"):
         check_against_env(cartpole, VectorObservations(4), DiscreteActions(1),
                           what="the checkpoint", exact_n=True, advice="B")
-    with pytest.raises(EnvError, match="has continuous actions but the env's action space is "
-                                       r"Discrete\(2\); C$"):
+    with pytest.raises(EnvError, match=r"^d has continuous actions but CartPole-v1's action space "
+                                       r"is Discrete\(2\); C$"):
         check_against_env(cartpole, VectorObservations(4), ContinuousActions(1), what="d",
                           exact_n=True, advice="C")
 

@@ -388,17 +388,17 @@ def check_against_env(env: Any, observations: ObservationSpec, actions: ActionSp
     space = env.action_space
     if isinstance(actions, DiscreteActions):
         if not isinstance(space, gym.spaces.Discrete) or int(space.start) != 0:
-            raise EnvError(f"{env_id}: {what} has discrete actions but the env's action space is "
+            raise EnvError(f"{what} has discrete actions but {env_id}'s action space is "
                            f"{describe_space(space)} (need Discrete(n) starting at 0); {advice}")
         fits = actions.n == int(space.n) if exact_n else actions.n <= int(space.n)
         if not obs_ok or not fits:
             n_ours = f"{actions.n} actions" if exact_n else f"actions up to index {actions.n - 1}"
-            raise EnvError(f"{env_id} has observations {env_obs} and {int(space.n)} actions, but "
-                           f"{what} has observations {ours} and {n_ours}; {advice}")
+            raise EnvError(f"{what} has observations {ours} and {n_ours}, but {env_id} has "
+                           f"observations {env_obs} and {int(space.n)} actions; {advice}")
         return
     if not isinstance(space, gym.spaces.Box):
-        raise EnvError(f"{env_id}: {what} has continuous actions but the env's action space is "
+        raise EnvError(f"{what} has continuous actions but {env_id}'s action space is "
                        f"{describe_space(space)}; {advice}")
     if not obs_ok or space.shape != (actions.dim,):
-        raise EnvError(f"{env_id} has observations {env_obs} and actions {space.shape}, but "
-                       f"{what} has observations {ours} and actions ({actions.dim},); {advice}")
+        raise EnvError(f"{what} has observations {ours} and actions ({actions.dim},), but {env_id} "
+                       f"has observations {env_obs} and actions {space.shape}; {advice}")
