@@ -331,7 +331,8 @@ def test_validate_lists_every_finding_on_one_line_and_exits_0(tmp_path, capsys):
     code, out, _ = run(capsys, "data", "info", path)
     assert code == 0 and re.search(r"findings\s+│ 2 \(listed by dtlab data validate\)", out)
     code, _, err = run(capsys, "data", "validate", path, "--env", "CartPole-v1")
-    assert code == 2 and err.startswith("dtlab: error: CartPole-v1: dataset ")  # still an error
+    assert code == 2 and err.startswith("dtlab: error: dataset ")  # still an error
+    assert "has continuous actions but CartPole-v1's action space is Discrete(2)" in err
 
 
 def test_validate_uses_env_for_the_time_limit_and_reports_read_warnings(tmp_path, capsys):
