@@ -112,7 +112,7 @@ def measure(source: str, targets: list[float] | None, episodes: int, repeats: in
         report = Evaluator(info.env_id, tuple(targets), episodes, seed=seed + r * episodes)(policy)
         for result in report.results:
             per_target[f"{result.target:g}"].append(
-                [float(normalized_score(x, *references)) for x in result.returns])
+                normalized_score(np.asarray(result.returns), *references).tolist())
     return {"checkpoint": str(path), "env": info.env_id, "episodes": episodes,
             "repeats": repeats, "seed": seed, "precision": policy.precision,
             "evaluations": evaluations,

@@ -259,9 +259,10 @@ def _main(argv=None) -> int:
     for seed in args.seeds:
         cfg = run_config(args, seed)
         run = Path(cfg.run.out)
-        if RunDirectory(run).is_run():  # ConfigError naming what differs (another --lr, ...)
-            RunDirectory(run).check_resume_config(cfg)
-            precisions.add(RunDirectory(run).saved_precision() or "fp32")
+        rundir = RunDirectory(run)
+        if rundir.is_run():  # ConfigError naming what differs (another --lr, ...)
+            rundir.check_resume_config(cfg)
+            precisions.add(rundir.saved_precision() or "fp32")
         if not args.report_only and not _finished(run, args.steps):
             train(cfg)
         if not (run / "metrics.jsonl").exists():
